@@ -1,0 +1,236 @@
+//! relayq's in-process backend.
+//!
+//! [`MemoryBackend`] keeps every job in one mutex-guarded state and obeys the
+//! whole contract — unique keys, priorities, delays, lease expiry, fencing,
+//! `Dead` on an abandoned last attempt, stats, cursors, cleaning — so it is
+//! both a product feature (unit tests, embedded single-process queues) and
+//! the reference model the SQL backends are tested against.
+//!
+//! ```
+//! use relayq_core::{NewJob, PullRequest, Puller, Pusher};
+//! use relayq_memory::MemoryBackend;
+//! use serde_json::json;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), relayq_core::Error> {
+//! let queue = MemoryBackend::new();
+//! queue.push(NewJob::new("greet", &json!({"name": "Ada"}))).await?;
+//! let leased = queue.pull(&PullRequest::queue("default")).await?;
+//! queue.complete(&leased[0].lease, None).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod state;
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use relayq_core::{
+    Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
+    Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller, PushOutcome, Pusher,
+    Result, Stats, SystemClock, check_lease, check_result, check_retry, check_text, validate_batch,
+};
+use serde_json::Value;
+use time::{Duration, OffsetDateTime};
+use tokio::sync::Notify;
+
+use state::State;
+
+/// An in-process job store. Clones share the same jobs.
+#[derive(Clone)]
+pub struct MemoryBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    clock: Arc<dyn Clock>,
+    pushed: Notify,
+}
+
+impl fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("jobs", &self.lock().job_count())
+            .field("clock", &self.shared.clock)
+            .finish()
+    }
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryBackend {
+    /// An empty store on the system clock.
+    pub fn new() -> Self {
+        Self::with_clock(Arc::new(SystemClock))
+    }
+
+    /// An empty store reading `now` from `clock` (e.g. a
+    /// [`ManualClock`](relayq_core::ManualClock) in tests).
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                clock,
+                pushed: Notify::new(),
+            }),
+        }
+    }
+
+    /// The clock this store reads.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.shared.clock
+    }
+
+    /// Resolves after the next push through any clone of this store.
+    pub async fn pushed(&self) {
+        self.shared.pushed.notified().await;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every mutation of the state completes before the guard drops, so a
+        // panic elsewhere cannot leave it half-written: recover the guard.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        self.shared.clock.now()
+    }
+}
+
+#[async_trait]
+impl Pusher for MemoryBackend {
+    async fn push(&self, job: NewJob) -> Result<PushOutcome> {
+        let mut outcomes = self.push_batch(vec![job]).await?;
+        Ok(outcomes.remove(0))
+    }
+
+    async fn push_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<PushOutcome>> {
+        let jobs = validate_batch(jobs)?;
+        let now = self.now();
+        let run_ats = jobs
+            .iter()
+            .map(|job| job.run_at(now))
+            .collect::<Result<Vec<_>>>()?;
+        let outcomes = {
+            let mut state = self.lock();
+            jobs.into_iter()
+                .zip(run_ats)
+                .map(|(job, run_at)| state.insert(job, run_at, now))
+                .collect::<Vec<_>>()
+        };
+        if outcomes.iter().any(|o| !o.is_duplicate()) {
+            self.shared.pushed.notify_waiters();
+        }
+        Ok(outcomes)
+    }
+}
+
+#[async_trait]
+impl Puller for MemoryBackend {
+    async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>> {
+        request.validate()?;
+        let now = self.now();
+        let until = now
+            .checked_add(request.lease)
+            .ok_or_else(|| Error::invalid("lease", "puts locked_until out of range"))?;
+        Ok(self.lock().pull(request, now, until))
+    }
+
+    async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {
+        check_result(result.as_ref())?;
+        let now = self.now();
+        self.lock().complete(lease, result, now)
+    }
+
+    async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<Lease>> {
+        for c in &completions {
+            check_result(c.result.as_ref())?;
+        }
+        let now = self.now();
+        let mut state = self.lock();
+        Ok(completions
+            .into_iter()
+            .filter_map(|c| {
+                state
+                    .complete(&c.lease, c.result, now)
+                    .err()
+                    .map(|_| c.lease)
+            })
+            .collect())
+    }
+
+    async fn retry(&self, lease: &Lease, delay: Duration, error: &str) -> Result<JobStatus> {
+        check_retry(delay, error)?;
+        let now = self.now();
+        let run_at = now
+            .checked_add(delay)
+            .ok_or_else(|| Error::invalid("delay", "puts run_at out of range"))?;
+        self.lock().retry(lease, run_at, error, now)
+    }
+
+    async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
+        check_text("error", error)?;
+        let now = self.now();
+        self.lock().kill(lease, error, now)
+    }
+
+    async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
+        check_lease("by", by)?;
+        let now = self.now();
+        let until = now
+            .checked_add(by)
+            .ok_or_else(|| Error::invalid("by", "puts locked_until out of range"))?;
+        self.lock().extend(lease, until, now)?;
+        Ok(until)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let now = self.now();
+        self.lock().release(lease, now)
+    }
+}
+
+#[async_trait]
+impl Observer for MemoryBackend {
+    async fn get(&self, id: JobId) -> Result<Option<Job>> {
+        Ok(self.lock().get(id).cloned())
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<JobPage> {
+        filter.validate()?;
+        Ok(self.lock().list(filter))
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        Ok(self.lock().stats())
+    }
+}
+
+#[async_trait]
+impl Cleaner for MemoryBackend {
+    async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64> {
+        if !status.is_terminal() {
+            return Err(Error::invalid(
+                "status",
+                format!("only terminal jobs can be cleaned, not {status}"),
+            ));
+        }
+        Ok(self.lock().clean(status, before))
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none().in_process_wakeups(true)
+    }
+}

@@ -1,0 +1,331 @@
+//! The store's state and its transitions. Every method runs under the
+//! backend's one lock, so each is atomic.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use relayq_core::{
+    Job, JobId, JobPage, JobStatus, LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, PullRequest,
+    PushOutcome, Result, Stats, ValidJob,
+};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+/// Pull order: priority, then run_at, then id.
+type ReadyKey = (i16, OffsetDateTime, JobId);
+
+/// The indexes of one queue. A job is in at most one of them: `scheduled`
+/// or `ready` while `Pending`, `leased` while `Processing`.
+#[derive(Debug, Default)]
+struct QueueIndex {
+    /// Pending jobs not yet seen due, by (run_at, id).
+    scheduled: BTreeSet<(OffsetDateTime, JobId)>,
+    /// Pending jobs seen due, in pull order.
+    ready: BTreeSet<ReadyKey>,
+    /// Processing jobs by (locked_until, id).
+    leased: BTreeSet<(OffsetDateTime, JobId)>,
+}
+
+impl QueueIndex {
+    /// Moves every scheduled job due at `now` into `ready`.
+    fn promote(&mut self, now: OffsetDateTime, jobs: &BTreeMap<JobId, Job>) {
+        while let Some(&(run_at, id)) = self.scheduled.first() {
+            if run_at > now {
+                break;
+            }
+            self.scheduled.pop_first();
+            self.ready.insert((jobs[&id].priority, run_at, id));
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    last_id: JobId,
+    jobs: BTreeMap<JobId, Job>,
+    queues: HashMap<String, QueueIndex>,
+    /// (queue, unique_key) of every active job that has a key.
+    unique: HashMap<(String, String), JobId>,
+}
+
+impl State {
+    pub(crate) fn job_count(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub(crate) fn get(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    pub(crate) fn insert(
+        &mut self,
+        job: ValidJob,
+        run_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> PushOutcome {
+        if let Some(key) = &job.unique_key
+            && let Some(&id) = self.unique.get(&(job.queue.clone(), key.clone()))
+        {
+            return PushOutcome::Duplicate(id);
+        }
+        self.last_id += 1;
+        let id = self.last_id;
+        if let Some(key) = &job.unique_key {
+            self.unique.insert((job.queue.clone(), key.clone()), id);
+        }
+        self.queues
+            .entry(job.queue.clone())
+            .or_default()
+            .scheduled
+            .insert((run_at, id));
+        self.jobs.insert(
+            id,
+            Job {
+                id,
+                queue: job.queue,
+                kind: job.kind,
+                payload: job.payload,
+                priority: job.priority,
+                status: JobStatus::Pending,
+                attempts: 0,
+                max_attempts: job.max_attempts,
+                lease_token: 0,
+                run_at,
+                locked_until: None,
+                unique_key: job.unique_key,
+                last_error: None,
+                result: None,
+                created_at: now,
+                updated_at: now,
+            },
+        );
+        PushOutcome::Created(id)
+    }
+
+    pub(crate) fn pull(
+        &mut self,
+        request: &PullRequest,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Vec<LeasedJob> {
+        let batch = request.batch as usize;
+        let queues: BTreeSet<&String> = request.queues.iter().collect();
+        let mut candidates: Vec<ReadyKey> = Vec::new();
+        // Expired leases taken out of `leased`; those not chosen go back.
+        let mut expired: Vec<(OffsetDateTime, JobId)> = Vec::new();
+        let mut died: Vec<JobId> = Vec::new();
+        for queue in queues {
+            let Some(index) = self.queues.get_mut(queue) else {
+                continue;
+            };
+            while let Some(&(locked_until, id)) = index.leased.first() {
+                if locked_until >= now {
+                    break;
+                }
+                index.leased.pop_first();
+                let job = &self.jobs[&id];
+                if job.attempts >= job.max_attempts {
+                    died.push(id);
+                } else {
+                    expired.push((locked_until, id));
+                    candidates.push((job.priority, job.run_at, id));
+                }
+            }
+            index.promote(now, &self.jobs);
+            candidates.extend(index.ready.iter().take(batch).copied());
+        }
+        for id in died {
+            self.finish(id, JobStatus::Dead, now, |job| {
+                job.last_error = Some(LEASE_EXPIRED_ERROR.to_owned());
+            });
+        }
+        candidates.sort_unstable();
+        candidates.truncate(batch);
+
+        let mut leased = Vec::with_capacity(candidates.len());
+        for key @ (_, _, id) in candidates {
+            let job = self.jobs.get_mut(&id).expect("indexed job exists");
+            let index = self.queues.get_mut(&job.queue).expect("queue indexed");
+            if job.status == JobStatus::Pending {
+                index.ready.remove(&key);
+            } else {
+                expired.retain(|&(_, e)| e != id);
+            }
+            job.status = JobStatus::Processing;
+            job.attempts += 1;
+            job.lease_token += 1;
+            job.locked_until = Some(until);
+            job.updated_at = now;
+            index.leased.insert((until, id));
+            leased.push(LeasedJob {
+                lease: Lease {
+                    job_id: id,
+                    token: job.lease_token,
+                },
+                job: job.clone(),
+            });
+        }
+        for (locked_until, id) in expired {
+            let queue = &self.jobs[&id].queue;
+            let index = self.queues.get_mut(queue).expect("queue indexed");
+            index.leased.insert((locked_until, id));
+        }
+        leased
+    }
+
+    /// Checks `lease` is held and takes the job out of the lease index.
+    /// The caller must then move the job to another status.
+    fn take_lease(&mut self, lease: &Lease) -> Result<&mut Job> {
+        let job = self
+            .jobs
+            .get_mut(&lease.job_id)
+            .filter(|job| job.status == JobStatus::Processing && job.lease_token == lease.token)
+            .ok_or_else(|| lease.lost())?;
+        let locked_until = job.locked_until.expect("processing job has a lease");
+        self.queues
+            .get_mut(&job.queue)
+            .expect("queue indexed")
+            .leased
+            .remove(&(locked_until, job.id));
+        job.locked_until = None;
+        Ok(job)
+    }
+
+    /// Moves a job out of the active set into terminal `status`.
+    fn finish(
+        &mut self,
+        id: JobId,
+        status: JobStatus,
+        now: OffsetDateTime,
+        update: impl FnOnce(&mut Job),
+    ) {
+        let job = self.jobs.get_mut(&id).expect("job exists");
+        job.status = status;
+        job.locked_until = None;
+        job.updated_at = now;
+        update(job);
+        if let Some(key) = &job.unique_key {
+            self.unique.remove(&(job.queue.clone(), key.clone()));
+        }
+    }
+
+    /// Puts a taken job back in its queue as `Pending`.
+    fn reschedule(&mut self, id: JobId, run_at: OffsetDateTime, now: OffsetDateTime) {
+        let job = self.jobs.get_mut(&id).expect("job exists");
+        job.status = JobStatus::Pending;
+        job.run_at = run_at;
+        job.updated_at = now;
+        self.queues
+            .get_mut(&job.queue)
+            .expect("queue indexed")
+            .scheduled
+            .insert((run_at, id));
+    }
+
+    pub(crate) fn complete(
+        &mut self,
+        lease: &Lease,
+        result: Option<Value>,
+        now: OffsetDateTime,
+    ) -> Result<()> {
+        let id = self.take_lease(lease)?.id;
+        self.finish(id, JobStatus::Done, now, |job| job.result = result);
+        Ok(())
+    }
+
+    pub(crate) fn retry(
+        &mut self,
+        lease: &Lease,
+        run_at: OffsetDateTime,
+        error: &str,
+        now: OffsetDateTime,
+    ) -> Result<JobStatus> {
+        let job = self.take_lease(lease)?;
+        job.last_error = Some(error.to_owned());
+        let (id, exhausted) = (job.id, job.attempts >= job.max_attempts);
+        if exhausted {
+            self.finish(id, JobStatus::Dead, now, |_| {});
+            Ok(JobStatus::Dead)
+        } else {
+            self.reschedule(id, run_at, now);
+            Ok(JobStatus::Pending)
+        }
+    }
+
+    pub(crate) fn kill(&mut self, lease: &Lease, error: &str, now: OffsetDateTime) -> Result<()> {
+        let id = self.take_lease(lease)?.id;
+        self.finish(id, JobStatus::Dead, now, |job| {
+            job.last_error = Some(error.to_owned());
+        });
+        Ok(())
+    }
+
+    pub(crate) fn extend(
+        &mut self,
+        lease: &Lease,
+        until: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<()> {
+        let job = self.take_lease(lease)?;
+        job.locked_until = Some(until);
+        job.updated_at = now;
+        let id = job.id;
+        let queue = job.queue.clone();
+        self.queues
+            .get_mut(&queue)
+            .expect("queue indexed")
+            .leased
+            .insert((until, id));
+        Ok(())
+    }
+
+    pub(crate) fn release(&mut self, lease: &Lease, now: OffsetDateTime) -> Result<()> {
+        let job = self.take_lease(lease)?;
+        job.attempts -= 1;
+        let (id, run_at) = (job.id, job.run_at);
+        self.reschedule(id, run_at, now);
+        Ok(())
+    }
+
+    pub(crate) fn list(&self, filter: &ListFilter) -> JobPage {
+        let start = filter
+            .after
+            .map_or(JobId::MIN, |after| after.saturating_add(1));
+        let limit = filter.limit as usize;
+        let mut jobs: Vec<Job> = self
+            .jobs
+            .range(start..)
+            .map(|(_, job)| job)
+            .filter(|job| filter.status.is_none_or(|s| job.status == s))
+            .filter(|job| filter.queue.as_ref().is_none_or(|q| &job.queue == q))
+            .filter(|job| filter.kind.as_ref().is_none_or(|k| &job.kind == k))
+            .take(limit + 1)
+            .cloned()
+            .collect();
+        let next = if jobs.len() > limit {
+            jobs.truncate(limit);
+            jobs.last().map(|job| job.id)
+        } else {
+            None
+        };
+        JobPage { jobs, next }
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let mut stats = Stats::default();
+        for job in self.jobs.values() {
+            stats
+                .queues
+                .entry(job.queue.clone())
+                .or_default()
+                .add(job.status, 1);
+        }
+        stats
+    }
+
+    pub(crate) fn clean(&mut self, status: JobStatus, before: OffsetDateTime) -> u64 {
+        let before_len = self.jobs.len();
+        self.jobs
+            .retain(|_, job| !(job.status == status && job.updated_at < before));
+        (before_len - self.jobs.len()) as u64
+    }
+}

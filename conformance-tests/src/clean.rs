@@ -1,0 +1,89 @@
+//! Deleting finished jobs.
+
+use relayq_core::{Error, JobStatus};
+use time::Duration;
+
+use crate::harness::{Harness, job};
+
+/// `clean` deletes jobs of the given terminal status last updated before
+/// `before`, and nothing else.
+pub async fn clean_deletes_only_old_terminal_jobs(h: Harness) {
+    let t0 = h.now();
+    let done_old = h.push(job("k", 1)).await;
+    let dead_old = h.push(job("k", 2)).await;
+    let pending = h.push(job("k", 3).delay(Duration::days(1))).await;
+    let leased = h.pull("default", 2).await;
+    h.backend
+        .complete(&leased[0].lease, None)
+        .await
+        .expect("complete");
+    h.backend.kill(&leased[1].lease, "x").await.expect("kill");
+    h.advance(Duration::hours(1));
+    let done_new = h.push(job("k", 4)).await;
+    let leased = h.pull_one("default").await;
+    h.backend
+        .complete(&leased.lease, None)
+        .await
+        .expect("complete");
+
+    let before = t0 + Duration::minutes(1);
+    assert_eq!(
+        h.backend
+            .clean(JobStatus::Done, before)
+            .await
+            .expect("clean"),
+        1
+    );
+    assert_eq!(h.backend.get(done_old).await.expect("get"), None);
+    for id in [dead_old, pending, done_new] {
+        assert!(
+            h.backend.get(id).await.expect("get").is_some(),
+            "job {id} kept"
+        );
+    }
+    assert_eq!(
+        h.backend
+            .clean(JobStatus::Cancelled, h.now())
+            .await
+            .expect("clean"),
+        0
+    );
+    assert_eq!(
+        h.backend.clean(JobStatus::Dead, t0).await.expect("clean"),
+        0,
+        "before is exclusive"
+    );
+    assert_eq!(
+        h.backend
+            .clean(JobStatus::Dead, before)
+            .await
+            .expect("clean"),
+        1
+    );
+    assert_eq!(h.backend.get(dead_old).await.expect("get"), None);
+    h.advance(Duration::seconds(1));
+    assert_eq!(
+        h.backend
+            .clean(JobStatus::Done, h.now())
+            .await
+            .expect("clean"),
+        1
+    );
+    assert_eq!(h.job(pending).await.status, JobStatus::Pending);
+}
+
+/// Asking to clean `Pending` or `Processing` jobs is `InvalidInput` naming
+/// `status`, and deletes nothing.
+pub async fn clean_rejects_active_statuses(h: Harness) {
+    let id = h.push(job("k", 1)).await;
+    h.advance(Duration::hours(1));
+    for status in [JobStatus::Pending, JobStatus::Processing] {
+        match h.backend.clean(status, h.now()).await {
+            Err(Error::InvalidInput {
+                field: "status", ..
+            }) => {}
+            other => panic!("expected InvalidInput naming status, got {other:?}"),
+        }
+    }
+    assert_eq!(h.job(id).await.status, JobStatus::Pending);
+}

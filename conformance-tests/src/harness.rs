@@ -1,0 +1,75 @@
+//! What every case is handed: a fresh store and the clock it reads.
+
+use std::sync::Arc;
+
+use relayq_core::{
+    Backend, Clock, Job, JobId, LeasedJob, ManualClock, NewJob, PullRequest, PushOutcome,
+};
+use time::{Duration, OffsetDateTime, macros::datetime};
+
+/// Where every harness clock starts: a fixed instant, so runs repeat exactly.
+pub const EPOCH: OffsetDateTime = datetime!(2030-01-01 00:00 UTC);
+
+/// A fresh, isolated store and the manual clock it reads. Cases move time
+/// with [`Harness::advance`], never by sleeping.
+#[derive(Debug, Clone)]
+pub struct Harness {
+    /// The store under test, used only through the core traits.
+    pub backend: Arc<dyn Backend>,
+    /// The clock injected into `backend`.
+    pub clock: ManualClock,
+}
+
+impl Harness {
+    /// Wraps a store that reads `clock`.
+    pub fn new(backend: Arc<dyn Backend>, clock: ManualClock) -> Self {
+        Self { backend, clock }
+    }
+
+    /// The store's current time.
+    pub fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+
+    /// Moves the store's time forward.
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+
+    /// Pushes a job that must be created, returning its id.
+    pub async fn push(&self, job: NewJob) -> JobId {
+        match self.backend.push(job).await.expect("push") {
+            PushOutcome::Created(id) => id,
+            other => panic!("expected a new job, got {other:?}"),
+        }
+    }
+
+    /// Pulls up to `batch` jobs from `queue` with a 30 s lease.
+    pub async fn pull(&self, queue: &str, batch: u32) -> Vec<LeasedJob> {
+        self.backend
+            .pull(&PullRequest::queue(queue).batch(batch))
+            .await
+            .expect("pull")
+    }
+
+    /// Pulls exactly one job from `queue`.
+    pub async fn pull_one(&self, queue: &str) -> LeasedJob {
+        let mut jobs = self.pull(queue, 1).await;
+        assert_eq!(jobs.len(), 1, "expected one job from {queue:?}");
+        jobs.remove(0)
+    }
+
+    /// The job with `id`, which must exist.
+    pub async fn job(&self, id: JobId) -> Job {
+        self.backend
+            .get(id)
+            .await
+            .expect("get")
+            .unwrap_or_else(|| panic!("job {id} should exist"))
+    }
+}
+
+/// A job of `kind` with a small payload naming `n`.
+pub(crate) fn job(kind: &str, n: i64) -> NewJob {
+    NewJob::new(kind, &serde_json::json!({ "n": n }))
+}

@@ -1,0 +1,293 @@
+//! Leases and fencing: expiry, stale holders, extend, retry, kill, release,
+//! complete.
+
+use relayq_core::{Completion, Error, JobStatus, LEASE_EXPIRED_ERROR, Lease, PullRequest};
+use serde_json::json;
+use time::Duration;
+
+use crate::harness::{Harness, job};
+
+fn assert_lost<T: std::fmt::Debug>(result: Result<T, Error>, lease: Lease) {
+    match result {
+        Err(Error::LeaseLost { lease: l }) if l == lease => {}
+        other => panic!("expected LeaseLost for {lease:?}, got {other:?}"),
+    }
+}
+
+/// A lease is live through `locked_until` and expires after it; the job is
+/// then pulled again with attempts + 1 and a larger token.
+pub async fn expired_lease_is_pulled_again_with_a_new_token(h: Harness) {
+    let id = h.push(job("k", 1)).await;
+    let first = h.pull_one("default").await;
+    h.advance(Duration::seconds(30));
+    assert!(
+        h.pull("default", 1).await.is_empty(),
+        "live until locked_until"
+    );
+    assert_eq!(h.job(id).await.status, JobStatus::Processing);
+    h.advance(Duration::seconds(1));
+    let second = h.pull_one("default").await;
+    assert_eq!(second.job.id, id);
+    assert_eq!(second.job.attempts, 2);
+    assert!(second.lease.token > first.lease.token);
+    assert_eq!(
+        second.job.locked_until,
+        Some(h.now() + Duration::seconds(30))
+    );
+}
+
+/// With a stale lease (expired and re-leased), complete, retry, kill, extend
+/// and release all fail with `LeaseLost` and leave the job untouched; the
+/// current holder still completes it, after which its lease is void too.
+pub async fn stale_lease_acknowledgements_fail_and_change_nothing(h: Harness) {
+    let id = h.push(job("k", 1)).await;
+    let stale = h.pull_one("default").await.lease;
+    h.advance(Duration::seconds(31));
+    let current = h.pull_one("default").await.lease;
+    let snapshot = h.job(id).await;
+    let b = &h.backend;
+    assert_lost(b.complete(&stale, Some(json!("late"))).await, stale);
+    assert_lost(b.retry(&stale, Duration::ZERO, "late").await, stale);
+    assert_lost(b.kill(&stale, "late").await, stale);
+    assert_lost(b.extend(&stale, Duration::minutes(5)).await, stale);
+    assert_lost(b.release(&stale).await, stale);
+    let lost = b
+        .complete_batch(vec![Completion {
+            lease: stale,
+            result: None,
+        }])
+        .await
+        .expect("complete_batch");
+    assert_eq!(lost, vec![stale]);
+    assert_eq!(
+        h.job(id).await,
+        snapshot,
+        "stale acknowledgements change nothing"
+    );
+
+    let forged = Lease {
+        job_id: id,
+        token: current.token + 1,
+    };
+    assert_lost(b.complete(&forged, None).await, forged);
+    let missing = Lease {
+        job_id: id + 1_000_000,
+        token: 1,
+    };
+    assert_lost(b.complete(&missing, None).await, missing);
+
+    b.complete(&current, None)
+        .await
+        .expect("current holder completes");
+    assert_lost(b.complete(&current, None).await, current);
+    assert_lost(b.retry(&current, Duration::ZERO, "again").await, current);
+    assert_eq!(h.job(id).await.status, JobStatus::Done);
+}
+
+/// `extend` moves `locked_until` to `now + by`, so the job stays leased past
+/// its first lease, and becomes pullable only after the extension ends.
+pub async fn extend_keeps_the_job_invisible_past_its_first_lease(h: Harness) {
+    let id = h.push(job("k", 1)).await;
+    let leased = h.pull_one("default").await;
+    h.advance(Duration::seconds(20));
+    let until = h
+        .backend
+        .extend(&leased.lease, Duration::seconds(60))
+        .await
+        .expect("extend");
+    assert_eq!(until, h.now() + Duration::seconds(60));
+    let job = h.job(id).await;
+    assert_eq!(job.locked_until, Some(until));
+    assert_eq!((job.attempts, job.lease_token), (1, leased.lease.token));
+
+    h.advance(Duration::seconds(40));
+    assert!(
+        h.pull("default", 1).await.is_empty(),
+        "extended past the first lease"
+    );
+    h.advance(Duration::seconds(20));
+    assert!(
+        h.pull("default", 1).await.is_empty(),
+        "live through the new locked_until"
+    );
+    h.advance(Duration::seconds(1));
+    assert_eq!(h.pull_one("default").await.job.id, id);
+}
+
+/// `retry` puts the job back to `Pending` at `now + delay` with the error
+/// recorded; it runs again once due.
+pub async fn retry_reschedules_after_the_delay(h: Harness) {
+    let id = h.push(job("k", 1)).await;
+    let first = h.pull_one("default").await;
+    let status = h
+        .backend
+        .retry(&first.lease, Duration::seconds(10), "boom")
+        .await
+        .expect("retry");
+    assert_eq!(status, JobStatus::Pending);
+    let job = h.job(id).await;
+    assert_eq!(job.status, JobStatus::Pending);
+    assert_eq!(job.run_at, h.now() + Duration::seconds(10));
+    assert_eq!(job.last_error.as_deref(), Some("boom"));
+    assert_eq!(job.attempts, 1);
+    assert_eq!(job.locked_until, None);
+    assert_lost(h.backend.complete(&first.lease, None).await, first.lease);
+
+    h.advance(Duration::seconds(9));
+    assert!(h.pull("default", 1).await.is_empty());
+    h.advance(Duration::seconds(1));
+    let second = h.pull_one("default").await;
+    assert_eq!(second.job.attempts, 2);
+    assert!(second.lease.token > first.lease.token);
+    assert_eq!(second.job.last_error.as_deref(), Some("boom"));
+}
+
+/// `retry` on the last allowed attempt makes the job `Dead`.
+pub async fn retry_on_the_last_attempt_is_dead(h: Harness) {
+    let id = h.push(job("k", 1).max_attempts(2)).await;
+    let first = h.pull_one("default").await;
+    let status = h.backend.retry(&first.lease, Duration::ZERO, "one").await;
+    assert_eq!(status.expect("retry"), JobStatus::Pending);
+    let second = h.pull_one("default").await;
+    let status = h.backend.retry(&second.lease, Duration::ZERO, "two").await;
+    assert_eq!(status.expect("retry"), JobStatus::Dead);
+    let job = h.job(id).await;
+    assert_eq!(job.status, JobStatus::Dead);
+    assert_eq!(job.attempts, 2);
+    assert_eq!(job.last_error.as_deref(), Some("two"));
+    assert_eq!(job.locked_until, None);
+    h.advance(Duration::hours(1));
+    assert!(h.pull("default", 1).await.is_empty());
+}
+
+/// An expired lease on the last allowed attempt is not re-leased: the next
+/// pull of its queue marks it `Dead`, saying the lease expired.
+pub async fn abandoned_last_attempt_is_dead_with_a_reason(h: Harness) {
+    let id = h.push(job("k", 1).max_attempts(1)).await;
+    let other = h.push(job("k", 2).queue("other").max_attempts(1)).await;
+    let lease = h.pull_one("default").await.lease;
+    h.pull_one("other").await;
+    h.advance(Duration::seconds(31));
+    assert!(h.pull("default", 10).await.is_empty());
+    let job = h.job(id).await;
+    assert_eq!(job.status, JobStatus::Dead);
+    assert_eq!(job.last_error.as_deref(), Some(LEASE_EXPIRED_ERROR));
+    assert_eq!(job.attempts, 1);
+    assert_eq!(job.locked_until, None);
+    assert_lost(h.backend.complete(&lease, None).await, lease);
+    assert_eq!(
+        h.job(other).await.status,
+        JobStatus::Processing,
+        "only the pulled queue is swept"
+    );
+}
+
+/// `kill` makes the job `Dead` at once, whatever attempts remain.
+pub async fn kill_is_dead_at_once(h: Harness) {
+    let id = h.push(job("k", 1)).await;
+    let leased = h.pull_one("default").await;
+    h.backend
+        .kill(&leased.lease, "unprocessable")
+        .await
+        .expect("kill");
+    let job = h.job(id).await;
+    assert_eq!(job.status, JobStatus::Dead);
+    assert_eq!(job.attempts, 1);
+    assert_eq!(job.last_error.as_deref(), Some("unprocessable"));
+    assert_eq!((job.locked_until, job.updated_at), (None, h.now()));
+    assert!(h.pull("default", 1).await.is_empty());
+}
+
+/// `release` returns the job to `Pending` without spending the attempt, and
+/// the released lease stays void after the job is leased again.
+pub async fn release_gives_back_the_attempt_and_voids_the_lease(h: Harness) {
+    let id = h.push(job("k", 1).max_attempts(1)).await;
+    let first = h.pull_one("default").await;
+    h.backend.release(&first.lease).await.expect("release");
+    let job = h.job(id).await;
+    assert_eq!(job.status, JobStatus::Pending);
+    assert_eq!(job.attempts, 0);
+    assert_eq!(job.locked_until, None);
+    assert!(job.run_at <= h.now(), "eligible at once");
+    assert_lost(h.backend.release(&first.lease).await, first.lease);
+
+    let second = h.pull_one("default").await;
+    assert_eq!(
+        second.job.attempts, 1,
+        "the released attempt was given back"
+    );
+    assert!(
+        second.lease.token > first.lease.token,
+        "tokens are never reused"
+    );
+    assert_lost(h.backend.complete(&first.lease, None).await, first.lease);
+    assert_lost(h.backend.release(&first.lease).await, first.lease);
+    h.backend
+        .complete(&second.lease, None)
+        .await
+        .expect("complete");
+    assert_eq!(h.job(id).await.status, JobStatus::Done);
+}
+
+/// `complete` stores the result and ends the lease.
+pub async fn complete_stores_the_result(h: Harness) {
+    let id = h.push(job("k", 1)).await;
+    let leased = h.pull_one("default").await;
+    h.advance(Duration::seconds(2));
+    let result = json!({"sent": true, "ids": [1, 2, 3], "note": "ünïcode"});
+    h.backend
+        .complete(&leased.lease, Some(result.clone()))
+        .await
+        .expect("complete");
+    let job = h.job(id).await;
+    assert_eq!(job.status, JobStatus::Done);
+    assert_eq!(job.result, Some(result));
+    assert_eq!(job.locked_until, None);
+    assert_eq!(job.updated_at, h.now());
+    assert_eq!(job.attempts, 1);
+    h.advance(Duration::hours(1));
+    assert!(h.pull("default", 1).await.is_empty());
+}
+
+/// `complete_batch` completes every held lease and reports exactly the lost ones.
+pub async fn complete_batch_is_fenced_per_lease(h: Harness) {
+    for n in 0..3 {
+        h.push(job("k", n)).await;
+    }
+    let leased = h
+        .backend
+        .pull(&PullRequest::queue("default").batch(3))
+        .await
+        .expect("pull");
+    assert_eq!(leased.len(), 3);
+    let released = leased[1].lease;
+    h.backend.release(&released).await.expect("release");
+    let again = h.pull_one("default").await;
+    assert_eq!(again.job.id, released.job_id);
+
+    let completions = leased
+        .iter()
+        .map(|l| Completion {
+            lease: l.lease,
+            result: Some(json!(l.job.id)),
+        })
+        .collect();
+    let lost = h
+        .backend
+        .complete_batch(completions)
+        .await
+        .expect("complete_batch");
+    assert_eq!(lost, vec![released]);
+    for l in [&leased[0], &leased[2]] {
+        let job = h.job(l.job.id).await;
+        assert_eq!(job.status, JobStatus::Done);
+        assert_eq!(job.result, Some(json!(l.job.id)));
+    }
+    let still = h.job(released.job_id).await;
+    assert_eq!(still.status, JobStatus::Processing);
+    assert_eq!(still.lease_token, again.lease.token);
+    assert_eq!(
+        h.backend.complete_batch(Vec::new()).await.expect("empty"),
+        vec![]
+    );
+}

@@ -1,0 +1,116 @@
+//! relayq's conformance suite: the executable form of the contract every
+//! backend obeys.
+//!
+//! A backend's test file makes a [`Harness`] factory and expands
+//! [`conformance_tests!`] once; that yields one `#[tokio::test]` per case,
+//! so a failure names its case and cases run in parallel. A case added here
+//! reaches every backend without touching their test files.
+//!
+//! ```ignore
+//! async fn fresh() -> relayq_conformance::Harness {
+//!     let clock = relayq_core::ManualClock::new(relayq_conformance::EPOCH);
+//!     let backend = MyBackend::with_clock(std::sync::Arc::new(clock.clone()));
+//!     relayq_conformance::Harness::new(std::sync::Arc::new(backend), clock)
+//! }
+//! relayq_conformance::conformance_tests!(fresh);
+//! ```
+//!
+//! The per-area modules ([`push`], [`pull`], [`lease`], [`unique`],
+//! [`observe`], [`clean`]) expose each case as a public async fn taking a
+//! fresh [`Harness`], and [`run_all`] runs every case in sequence.
+
+mod harness;
+
+pub mod clean;
+pub mod lease;
+pub mod observe;
+pub mod pull;
+pub mod push;
+pub mod unique;
+
+pub use harness::{EPOCH, Harness};
+
+/// Names every case once, as `area::case`, and hands the list to `$callback`.
+/// [`conformance_tests!`] and [`run_all`] both expand from it, so neither can
+/// miss a case.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __for_each_case {
+    ($callback:ident ! ($($args:tt)*)) => {
+        $crate::$callback! { ($($args)*)
+            push::push_then_get_round_trips_every_field,
+            push::push_applies_defaults,
+            push::push_batch_is_all_or_nothing,
+            push::invalid_job_fields_are_named_and_nothing_is_written,
+            push::invalid_arguments_are_named,
+            push::hostile_strings_round_trip,
+            pull::pull_orders_by_priority_then_run_at_then_id,
+            pull::pull_sets_the_lease_fields,
+            pull::delayed_job_stays_invisible_until_due,
+            pull::pull_honours_batch_size_and_queues,
+            pull::concurrent_pullers_receive_each_job_exactly_once,
+            lease::expired_lease_is_pulled_again_with_a_new_token,
+            lease::stale_lease_acknowledgements_fail_and_change_nothing,
+            lease::extend_keeps_the_job_invisible_past_its_first_lease,
+            lease::retry_reschedules_after_the_delay,
+            lease::retry_on_the_last_attempt_is_dead,
+            lease::abandoned_last_attempt_is_dead_with_a_reason,
+            lease::kill_is_dead_at_once,
+            lease::release_gives_back_the_attempt_and_voids_the_lease,
+            lease::complete_stores_the_result,
+            lease::complete_batch_is_fenced_per_lease,
+            unique::unique_key_dedupes_while_active,
+            unique::unique_key_is_free_once_terminal,
+            unique::unique_key_dedupes_within_a_batch,
+            observe::get_of_a_missing_job_is_none,
+            observe::stats_count_per_queue_and_status,
+            observe::list_filters_by_status_queue_and_kind,
+            observe::list_pages_have_no_gaps_or_repeats,
+            clean::clean_deletes_only_old_terminal_jobs,
+            clean::clean_rejects_active_statuses,
+        }
+    };
+}
+
+/// Expands into one `#[tokio::test]` per conformance case, each calling
+/// `$factory().await` for a fresh [`Harness`]. The calling crate needs
+/// `tokio` (with `macros` and `rt-multi-thread`) as a dev-dependency.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:expr) => {
+        $crate::__for_each_case!(__emit_tests!($factory));
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __emit_tests {
+    (($factory:expr) $($area:ident :: $case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                $crate::$area::$case(($factory)().await).await;
+            }
+        )*
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __run_in_sequence {
+    (($factory:expr) $($area:ident :: $case:ident),* $(,)?) => {
+        $(
+            $crate::$area::$case(($factory)().await).await;
+        )*
+    };
+}
+
+/// Runs every case in sequence, each on a fresh harness from `factory`.
+/// Prefer [`conformance_tests!`], which names a failing case.
+pub async fn run_all<F, Fut>(factory: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Harness>,
+{
+    __for_each_case!(__run_in_sequence!(factory));
+}

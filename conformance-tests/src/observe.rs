@@ -1,0 +1,142 @@
+//! Reading: get, stats, list with filters and cursors.
+
+use std::collections::BTreeSet;
+
+use relayq_core::{JobId, JobStatus, ListFilter, StatusCounts};
+use time::Duration;
+
+use crate::harness::{Harness, job};
+
+/// `get` of an id that was never stored is `None`, not an error.
+pub async fn get_of_a_missing_job_is_none(h: Harness) {
+    assert_eq!(h.backend.get(1).await.expect("get"), None);
+    let id = h.push(job("k", 1)).await;
+    assert_eq!(h.backend.get(id + 1_000).await.expect("get"), None);
+    assert_eq!(h.backend.get(-1).await.expect("get"), None);
+}
+
+/// `stats` counts every job by queue and status; empty queues are absent.
+pub async fn stats_count_per_queue_and_status(h: Harness) {
+    assert!(h.backend.stats().await.expect("stats").queues.is_empty());
+    for n in 0..4 {
+        h.push(job("k", n).queue("a")).await;
+    }
+    h.push(job("k", 9).queue("b")).await;
+    h.push(job("k", 10).queue("b").delay(Duration::hours(1)))
+        .await;
+    let a = h.pull("a", 2).await;
+    h.backend
+        .complete(&a[0].lease, None)
+        .await
+        .expect("complete");
+    let b = h.pull_one("b").await;
+    h.backend.kill(&b.lease, "x").await.expect("kill");
+
+    let stats = h.backend.stats().await.expect("stats");
+    assert_eq!(stats.queues.len(), 2);
+    let expect_a = StatusCounts {
+        pending: 2,
+        processing: 1,
+        done: 1,
+        ..StatusCounts::default()
+    };
+    let expect_b = StatusCounts {
+        pending: 1,
+        dead: 1,
+        ..StatusCounts::default()
+    };
+    assert_eq!(stats.queue("a"), expect_a);
+    assert_eq!(stats.queue("b"), expect_b);
+    assert_eq!(stats.queue("none"), StatusCounts::default());
+}
+
+async fn ids(h: &Harness, filter: ListFilter) -> Vec<JobId> {
+    let page = h.backend.list(&filter).await.expect("list");
+    page.jobs.iter().map(|j| j.id).collect()
+}
+
+/// Each filter narrows the list to exactly the matching jobs, by ascending id.
+pub async fn list_filters_by_status_queue_and_kind(h: Harness) {
+    let mut mail = Vec::new();
+    let mut sms = Vec::new();
+    for n in 0..6 {
+        let kind = if n % 2 == 0 { "email" } else { "sms" };
+        let queue = if n < 3 { "q1" } else { "q2" };
+        let id = h.push(job(kind, n).queue(queue)).await;
+        if kind == "email" { &mut mail } else { &mut sms }.push(id);
+    }
+    let leased = h.pull("q1", 1).await;
+    let processing = leased[0].job.id;
+
+    assert_eq!(ids(&h, ListFilter::new().kind("email")).await, mail);
+    assert_eq!(ids(&h, ListFilter::new().kind("sms")).await, sms);
+    assert_eq!(
+        ids(&h, ListFilter::new().status(JobStatus::Processing)).await,
+        vec![processing]
+    );
+    let q2 = ids(&h, ListFilter::new().queue("q2")).await;
+    assert_eq!(q2.len(), 3);
+    let q2_email = ids(&h, ListFilter::new().queue("q2").kind("email")).await;
+    assert_eq!(q2_email, vec![mail[2]]);
+    let pending_q1 = ids(&h, ListFilter::new().queue("q1").status(JobStatus::Pending)).await;
+    assert_eq!(pending_q1.len(), 2);
+    assert!(!pending_q1.contains(&processing));
+    assert!(
+        ids(&h, ListFilter::new().status(JobStatus::Done))
+            .await
+            .is_empty()
+    );
+    assert!(ids(&h, ListFilter::new().kind("nope")).await.is_empty());
+}
+
+/// Walking pages by cursor yields every job once, in id order, with `next`
+/// `None` exactly on the last page — even when jobs change status meanwhile.
+pub async fn list_pages_have_no_gaps_or_repeats(h: Harness) {
+    let mut all = Vec::new();
+    for n in 0..25 {
+        all.push(h.push(job("k", n)).await);
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = h
+            .backend
+            .list(&ListFilter::new().after(after).limit(10))
+            .await
+            .expect("list");
+        pages += 1;
+        seen.extend(page.jobs.iter().map(|j| j.id));
+        if pages == 1 {
+            // Changing jobs between pages must not disturb the walk.
+            h.pull("default", 5).await;
+        }
+        match page.next {
+            Some(next) => {
+                assert_eq!(Some(next), page.jobs.last().map(|j| j.id));
+                after = Some(next);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, all);
+    assert_eq!(seen.iter().collect::<BTreeSet<_>>().len(), 25);
+
+    let exact = h
+        .backend
+        .list(&ListFilter::new().limit(25))
+        .await
+        .expect("list");
+    assert_eq!(
+        (exact.jobs.len(), exact.next),
+        (25, None),
+        "a full last page has no next"
+    );
+    let tail = h
+        .backend
+        .list(&ListFilter::new().after(Some(all[24])))
+        .await
+        .expect("list");
+    assert_eq!((tail.jobs.len(), tail.next), (0, None));
+}

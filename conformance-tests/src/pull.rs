@@ -1,0 +1,156 @@
+//! Leasing: order, visibility, batch and queue selection, concurrency.
+
+use std::collections::HashMap;
+
+use relayq_core::{Completion, JobStatus, NewJob, PullRequest};
+use time::Duration;
+
+use crate::harness::{Harness, job};
+
+/// Lower priority first, then earlier `run_at`, then lower id — both in one
+/// batch (which comes back in that order) and one job at a time.
+pub async fn pull_orders_by_priority_then_run_at_then_id(h: Harness) {
+    let now = h.now();
+    for one_at_a_time in [false, true] {
+        let queue = if one_at_a_time { "single" } else { "batch" };
+        let j1 = h.push(job("j1", 1).queue(queue)).await;
+        let j2 = h
+            .push(
+                job("j2", 2)
+                    .queue(queue)
+                    .run_at(now - Duration::seconds(10)),
+            )
+            .await;
+        let j3 = h.push(job("j3", 3).queue(queue).priority(-1)).await;
+        let j4 = h.push(job("j4", 4).queue(queue)).await;
+        let j5 = h
+            .push(
+                job("j5", 5)
+                    .queue(queue)
+                    .priority(10)
+                    .run_at(now - Duration::hours(1)),
+            )
+            .await;
+        let j6 = h
+            .push(job("j6", 6).queue(queue).priority(i16::MIN).run_at(now))
+            .await;
+        let expected = vec![j6, j3, j2, j1, j4, j5];
+        let got: Vec<_> = if one_at_a_time {
+            let mut got = Vec::new();
+            for _ in 0..6 {
+                got.push(h.pull_one(queue).await.job.id);
+            }
+            got
+        } else {
+            h.pull(queue, 10).await.iter().map(|l| l.job.id).collect()
+        };
+        assert_eq!(got, expected, "pull order ({queue})");
+        assert!(h.pull(queue, 10).await.is_empty());
+    }
+}
+
+/// A pulled job is `Processing` with attempts + 1, a fresh token and
+/// `locked_until = now + lease`, and `get` agrees with what pull returned.
+pub async fn pull_sets_the_lease_fields(h: Harness) {
+    let id = h.push(job("k", 1)).await;
+    h.advance(Duration::seconds(3));
+    let leased = h
+        .backend
+        .pull(&PullRequest::queue("default").lease(Duration::seconds(45)))
+        .await
+        .expect("pull");
+    assert_eq!(leased.len(), 1);
+    let leased = &leased[0];
+    assert_eq!(leased.lease.job_id, id);
+    assert_eq!(leased.lease.token, leased.job.lease_token);
+    assert!(leased.lease.token > 0);
+    let job = &leased.job;
+    assert_eq!(job.status, JobStatus::Processing);
+    assert_eq!(job.attempts, 1);
+    assert_eq!(job.locked_until, Some(h.now() + Duration::seconds(45)));
+    assert_eq!(job.updated_at, h.now());
+    assert_eq!(&h.job(id).await, job);
+}
+
+/// A delayed job is not eligible until `run_at <= now`.
+pub async fn delayed_job_stays_invisible_until_due(h: Harness) {
+    let id = h.push(job("later", 1).delay(Duration::seconds(60))).await;
+    assert!(h.pull("default", 10).await.is_empty());
+    h.advance(Duration::seconds(59));
+    assert!(h.pull("default", 10).await.is_empty());
+    h.advance(Duration::seconds(1));
+    assert_eq!(h.pull_one("default").await.job.id, id);
+}
+
+/// At most `batch` jobs come back, only from the named queues.
+pub async fn pull_honours_batch_size_and_queues(h: Harness) {
+    for n in 0..5 {
+        h.push(job("k", n).queue("a")).await;
+    }
+    for n in 0..3 {
+        h.push(job("k", n).queue("b")).await;
+    }
+    h.push(job("k", 0).queue("c")).await;
+
+    let two = h.pull("a", 2).await;
+    assert_eq!(two.len(), 2);
+    assert!(two.iter().all(|l| l.job.queue == "a"));
+    assert!(h.pull("nowhere", 10).await.is_empty());
+
+    let rest = h
+        .backend
+        .pull(&PullRequest::queues(["a", "b", "a"]).batch(100))
+        .await
+        .expect("pull");
+    assert_eq!(rest.len(), 6, "3 left in a, 3 in b, each once");
+    assert_eq!(rest.iter().filter(|l| l.job.queue == "a").count(), 3);
+    assert!(h.pull("a", 10).await.is_empty());
+    assert!(h.pull("b", 10).await.is_empty());
+    assert_eq!(h.pull("c", 10).await.len(), 1);
+}
+
+/// 16 concurrent pullers over 2,000 jobs: every job delivered exactly once.
+pub async fn concurrent_pullers_receive_each_job_exactly_once(h: Harness) {
+    const JOBS: i64 = 2_000;
+    const PULLERS: usize = 16;
+    for chunk in (0..JOBS).collect::<Vec<_>>().chunks(500) {
+        let batch: Vec<NewJob> = chunk.iter().map(|n| job("k", *n)).collect();
+        h.backend.push_batch(batch).await.expect("push_batch");
+    }
+    let mut tasks = Vec::new();
+    for worker in 0..PULLERS {
+        let backend = h.backend.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let request = PullRequest::queue("default").batch(1 + (worker as u32 % 7));
+            loop {
+                let leased = backend.pull(&request).await.expect("pull");
+                if leased.is_empty() {
+                    return seen;
+                }
+                let completions = leased
+                    .iter()
+                    .map(|l| Completion {
+                        lease: l.lease,
+                        result: None,
+                    })
+                    .collect();
+                let lost = backend.complete_batch(completions).await.expect("complete");
+                assert!(lost.is_empty(), "no lease can be lost here: {lost:?}");
+                seen.extend(leased.iter().map(|l| l.job.id));
+            }
+        }));
+    }
+    let mut deliveries: HashMap<i64, usize> = HashMap::new();
+    for task in tasks {
+        for id in task.await.expect("puller task") {
+            *deliveries.entry(id).or_default() += 1;
+        }
+    }
+    assert_eq!(deliveries.len(), JOBS as usize, "every job delivered");
+    let repeated: Vec<_> = deliveries.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "jobs delivered twice: {repeated:?}");
+    let stats = h.backend.stats().await.expect("stats").queue("default");
+    assert_eq!(stats.done, JOBS as u64);
+    assert_eq!(stats.total(), JOBS as u64);
+}

@@ -1,0 +1,241 @@
+//! Enqueueing: round trips, defaults, batches, and rejected input.
+
+use std::collections::BTreeMap;
+
+use relayq_core::{
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Error, JobStatus, ListFilter, MAX_DELAY, MAX_NAME_LEN,
+    NewJob, PullRequest, PushOutcome,
+};
+use serde::{Serialize, Serializer};
+use serde_json::json;
+use time::Duration;
+
+use crate::harness::{Harness, job};
+
+fn assert_invalid<T: std::fmt::Debug>(result: Result<T, Error>, field: &str) {
+    match result {
+        Err(Error::InvalidInput { field: f, .. }) if f == field => {}
+        other => panic!("expected InvalidInput naming {field:?}, got {other:?}"),
+    }
+}
+
+async fn assert_store_empty(h: &Harness) {
+    let page = h.backend.list(&ListFilter::new()).await.expect("list");
+    assert!(
+        page.jobs.is_empty(),
+        "nothing should have been written: {page:?}"
+    );
+}
+
+/// Every field pushed comes back from `get` exactly, with the stored
+/// defaults of a new job.
+pub async fn push_then_get_round_trips_every_field(h: Harness) {
+    let payload =
+        json!({"to": "ada@example.com", "n": 42, "tags": ["a", "β"], "nested": {"ok": true}});
+    let id = h
+        .push(
+            NewJob::new("send_email", &payload)
+                .queue("mail")
+                .priority(-3)
+                .max_attempts(7)
+                .unique_key("welcome:ada")
+                .delay(Duration::seconds(5)),
+        )
+        .await;
+    let job = h.job(id).await;
+    assert_eq!(job.id, id);
+    assert_eq!(job.queue, "mail");
+    assert_eq!(job.kind, "send_email");
+    assert_eq!(job.payload, payload);
+    assert_eq!(job.priority, -3);
+    assert_eq!(job.status, JobStatus::Pending);
+    assert_eq!(job.attempts, 0);
+    assert_eq!(job.max_attempts, 7);
+    assert_eq!(job.lease_token, 0);
+    assert_eq!(job.run_at, h.now() + Duration::seconds(5));
+    assert_eq!(job.locked_until, None);
+    assert_eq!(job.unique_key.as_deref(), Some("welcome:ada"));
+    assert_eq!(job.last_error, None);
+    assert_eq!(job.result, None);
+    assert_eq!(job.created_at, h.now());
+    assert_eq!(job.updated_at, h.now());
+
+    let at = h.now() + Duration::hours(3);
+    let id = h.push(job_at("later", at)).await;
+    assert_eq!(h.job(id).await.run_at, at);
+}
+
+fn job_at(kind: &str, at: time::OffsetDateTime) -> NewJob {
+    job(kind, 0).run_at(at)
+}
+
+/// A job with nothing but a kind and payload gets the documented defaults.
+pub async fn push_applies_defaults(h: Harness) {
+    let id = h.push(job("plain", 1)).await;
+    let job = h.job(id).await;
+    assert_eq!(job.queue, DEFAULT_QUEUE);
+    assert_eq!(job.priority, 0);
+    assert_eq!(job.max_attempts, DEFAULT_MAX_ATTEMPTS);
+    assert_eq!(job.run_at, h.now());
+    assert_eq!(job.unique_key, None);
+}
+
+/// One invalid job rejects the whole batch and writes nothing; a valid batch
+/// is stored in order with increasing ids.
+pub async fn push_batch_is_all_or_nothing(h: Harness) {
+    let batch = vec![
+        job("a", 1),
+        job("b", 2),
+        NewJob::new("", &json!({})),
+        job("c", 3),
+    ];
+    assert_invalid(h.backend.push_batch(batch).await, "kind");
+    assert_store_empty(&h).await;
+
+    let outcomes = h
+        .backend
+        .push_batch(vec![job("a", 1), job("b", 2), job("c", 3)])
+        .await
+        .expect("push_batch");
+    assert_eq!(outcomes.len(), 3);
+    let ids: Vec<_> = outcomes
+        .iter()
+        .map(|o| match o {
+            PushOutcome::Created(id) => *id,
+            other => panic!("expected Created, got {other:?}"),
+        })
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids grow in input order: {ids:?}"
+    );
+    for (id, kind) in ids.iter().zip(["a", "b", "c"]) {
+        assert_eq!(h.job(*id).await.kind, kind);
+    }
+    assert_eq!(
+        h.backend.push_batch(Vec::new()).await.expect("empty batch"),
+        vec![]
+    );
+}
+
+/// A payload whose serialization fails.
+struct Unserializable;
+
+impl Serialize for Unserializable {
+    fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("refuses to serialize"))
+    }
+}
+
+/// Each invalid field of a job is an `InvalidInput` naming it, from `push`
+/// and from `push_batch`, and nothing is written.
+pub async fn invalid_job_fields_are_named_and_nothing_is_written(h: Harness) {
+    let long = "q".repeat(MAX_NAME_LEN + 1);
+    let non_string_keys: BTreeMap<(i32, i32), i32> = [((1, 2), 3)].into();
+    let cases: Vec<(NewJob, &str)> = vec![
+        (NewJob::new("", &json!({})), "kind"),
+        (NewJob::new("k\0nul", &json!({})), "kind"),
+        (
+            NewJob::new("k".repeat(MAX_NAME_LEN + 1), &json!({})),
+            "kind",
+        ),
+        (job("k", 1).queue(""), "queue"),
+        (job("k", 1).queue(long.as_str()), "queue"),
+        (job("k", 1).queue("a\0b"), "queue"),
+        (NewJob::new("k", &Unserializable), "payload"),
+        (NewJob::new("k", &non_string_keys), "payload"),
+        (NewJob::new("k", &json!({"s": "nul\0inside"})), "payload"),
+        (NewJob::new("k", &json!({"nul\0key": 1})), "payload"),
+        (job("k", 1).delay(Duration::seconds(-1)), "delay"),
+        (job("k", 1).delay(MAX_DELAY + Duration::seconds(1)), "delay"),
+        (job("k", 1).max_attempts(0), "max_attempts"),
+        (job("k", 1).max_attempts(-5), "max_attempts"),
+        (job("k", 1).unique_key(""), "unique_key"),
+        (job("k", 1).unique_key("u\0"), "unique_key"),
+    ];
+    for (bad, field) in cases {
+        assert_invalid(h.backend.push(bad.clone()).await, field);
+        assert_invalid(h.backend.push_batch(vec![job("ok", 1), bad]).await, field);
+    }
+    assert_store_empty(&h).await;
+    // The maximum lengths themselves are fine.
+    h.push(NewJob::new("k".repeat(MAX_NAME_LEN), &json!({})).queue("q".repeat(MAX_NAME_LEN)))
+        .await;
+}
+
+/// Invalid arguments to the other operations are named too, and change nothing.
+pub async fn invalid_arguments_are_named(h: Harness) {
+    let id = h.push(job("k", 1)).await;
+    let b = &h.backend;
+    assert_invalid(
+        b.pull(&PullRequest::queue("default").batch(0)).await,
+        "batch",
+    );
+    assert_invalid(
+        b.pull(&PullRequest::queue("default").lease(Duration::ZERO))
+            .await,
+        "lease",
+    );
+    assert_invalid(
+        b.pull(&PullRequest::queue("default").lease(Duration::seconds(-1)))
+            .await,
+        "lease",
+    );
+    assert_invalid(
+        b.pull(&PullRequest::queues(Vec::<String>::new())).await,
+        "queues",
+    );
+    assert_invalid(b.pull(&PullRequest::queue("")).await, "queue");
+    assert_invalid(b.list(&ListFilter::new().limit(0)).await, "limit");
+    assert_eq!(
+        h.job(id).await.status,
+        JobStatus::Pending,
+        "failed pulls lease nothing"
+    );
+
+    let leased = h.pull_one("default").await;
+    let before = h.job(id).await;
+    let lease = &leased.lease;
+    assert_invalid(b.retry(lease, Duration::seconds(-1), "e").await, "delay");
+    assert_invalid(b.retry(lease, Duration::ZERO, "nul\0").await, "error");
+    assert_invalid(b.kill(lease, "nul\0").await, "error");
+    assert_invalid(b.extend(lease, Duration::ZERO).await, "by");
+    assert_invalid(b.complete(lease, Some(json!("nul\0"))).await, "result");
+    assert_eq!(
+        h.job(id).await,
+        before,
+        "rejected acknowledgements change nothing"
+    );
+}
+
+/// Strings that look like SQL, or use any Unicode, are stored verbatim.
+pub async fn hostile_strings_round_trip(h: Harness) {
+    let names = [
+        "'; DROP TABLE jobs; --",
+        "Robert'); DELETE FROM jobs WHERE ('1'='1",
+        "$1 ? :name %s",
+        "日本語 ✓ émoji 🦀",
+        "back\\slash \"quoted\" \n newline \t tab",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let payload = json!({"text": name, "deep": [[[[{"k": name}]]]], "n": i});
+        let id = h
+            .push(NewJob::new(*name, &payload).queue(*name).unique_key(*name))
+            .await;
+        let job = h.job(id).await;
+        assert_eq!((job.kind.as_str(), job.queue.as_str()), (*name, *name));
+        assert_eq!(job.unique_key.as_deref(), Some(*name));
+        assert_eq!(job.payload, payload);
+        let leased = h.pull_one(name).await;
+        assert_eq!(leased.job.id, id);
+        h.backend
+            .kill(&leased.lease, name)
+            .await
+            .expect("kill with a hostile reason");
+        assert_eq!(h.job(id).await.last_error.as_deref(), Some(*name));
+    }
+    assert_eq!(
+        h.backend.stats().await.expect("stats").queues.len(),
+        names.len()
+    );
+}

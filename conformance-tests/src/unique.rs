@@ -1,0 +1,87 @@
+//! Deduplication by `unique_key`.
+
+use relayq_core::{JobStatus, PushOutcome};
+use time::Duration;
+
+use crate::harness::{Harness, job};
+
+/// While a job with a key is `Pending` or `Processing`, pushing the same key
+/// to the same queue stores nothing and reports that job; other queues are
+/// independent.
+pub async fn unique_key_dedupes_while_active(h: Harness) {
+    let first = h.push(job("k", 1).unique_key("report:7")).await;
+    let again = h.backend.push(job("k", 2).unique_key("report:7")).await;
+    assert_eq!(again.expect("push"), PushOutcome::Duplicate(first));
+    let elsewhere = h
+        .push(job("k", 3).queue("other").unique_key("report:7"))
+        .await;
+    assert_ne!(elsewhere, first);
+
+    let leased = h.pull_one("default").await;
+    assert_eq!(leased.job.id, first);
+    let while_processing = h.backend.push(job("k", 4).unique_key("report:7")).await;
+    assert_eq!(
+        while_processing.expect("push"),
+        PushOutcome::Duplicate(first)
+    );
+
+    h.backend
+        .retry(&leased.lease, Duration::seconds(5), "again")
+        .await
+        .expect("retry");
+    let while_retrying = h.backend.push(job("k", 5).unique_key("report:7")).await;
+    assert_eq!(while_retrying.expect("push"), PushOutcome::Duplicate(first));
+    assert_eq!(
+        h.job(first).await.payload,
+        serde_json::json!({"n": 1}),
+        "duplicate changes nothing"
+    );
+    let stats = h.backend.stats().await.expect("stats");
+    assert_eq!(stats.queue("default").total(), 1);
+}
+
+/// Once the job holding a key is `Done` or `Dead`, the key is free again.
+pub async fn unique_key_is_free_once_terminal(h: Harness) {
+    let first = h.push(job("k", 1).unique_key("once")).await;
+    let leased = h.pull_one("default").await;
+    h.backend
+        .complete(&leased.lease, None)
+        .await
+        .expect("complete");
+    let second = h.push(job("k", 2).unique_key("once")).await;
+    assert!(second > first);
+
+    let leased = h.pull_one("default").await;
+    assert_eq!(leased.job.id, second);
+    h.backend.kill(&leased.lease, "dead").await.expect("kill");
+    let third = h.push(job("k", 3).unique_key("once")).await;
+    assert!(third > second);
+    assert_eq!(h.job(third).await.status, JobStatus::Pending);
+}
+
+/// In one batch, a repeated key (same queue) is a duplicate of the earlier
+/// job of that batch; an existing active job wins over both.
+pub async fn unique_key_dedupes_within_a_batch(h: Harness) {
+    let existing = h.push(job("k", 0).unique_key("old")).await;
+    let outcomes = h
+        .backend
+        .push_batch(vec![
+            job("k", 1).unique_key("new"),
+            job("k", 2).unique_key("new"),
+            job("k", 3).unique_key("old"),
+            job("k", 4).unique_key("new").queue("q2"),
+            job("k", 5),
+        ])
+        .await
+        .expect("push_batch");
+    let created = outcomes[0].id();
+    assert_eq!(outcomes[0], PushOutcome::Created(created));
+    assert_eq!(outcomes[1], PushOutcome::Duplicate(created));
+    assert_eq!(outcomes[2], PushOutcome::Duplicate(existing));
+    assert!(!outcomes[3].is_duplicate());
+    assert!(!outcomes[4].is_duplicate());
+    assert_eq!(h.job(created).await.payload, serde_json::json!({"n": 1}));
+    let stats = h.backend.stats().await.expect("stats");
+    assert_eq!(stats.queue("default").total(), 3);
+    assert_eq!(stats.queue("q2").total(), 1);
+}

@@ -1,0 +1,421 @@
+//! The job model: what is stored ([`Job`]), what is enqueued ([`NewJob`]) and
+//! the lifecycle ([`JobStatus`]).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::{Duration, OffsetDateTime};
+
+use crate::error::{Error, Result};
+
+/// A job's id, assigned by the backend on insert. Ids grow with insertion order.
+pub type JobId = i64;
+
+/// The queue a job goes to when none is named.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// How many attempts a job gets when none is set.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 25;
+
+/// The longest `kind`, `queue` or `unique_key`, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// The longest delay a job may be scheduled with (about 100 years).
+pub const MAX_DELAY: Duration = Duration::days(36_525);
+
+/// Where a job is in its life.
+///
+/// `Pending` and `Processing` are active; `Done`, `Dead` and `Cancelled` are
+/// terminal and never change again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Waiting to run: new, delayed, or waiting to be retried.
+    Pending,
+    /// Leased to one worker until its `locked_until`.
+    Processing,
+    /// Finished successfully.
+    Done,
+    /// Will not run again: attempts used up, killed, or unprocessable.
+    Dead,
+    /// Withdrawn by an administrator.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [JobStatus; 5] = [
+        Self::Pending,
+        Self::Processing,
+        Self::Done,
+        Self::Dead,
+        Self::Cancelled,
+    ];
+
+    /// The lowercase name stored in SQL backends (`"pending"`, …).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processing => "processing",
+            Self::Done => "done",
+            Self::Dead => "dead",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// True for `Done`, `Dead` and `Cancelled`.
+    pub const fn is_terminal(self) -> bool {
+        matches!(self, Self::Done | Self::Dead | Self::Cancelled)
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| Error::invalid("status", format!("unknown job status {s:?}")))
+    }
+}
+
+/// A stored job, as the backend sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Backend-assigned id.
+    pub id: JobId,
+    /// The queue it waits in.
+    pub queue: String,
+    /// Names the handler that runs it.
+    pub kind: String,
+    /// The handler's input.
+    pub payload: Value,
+    /// Lower runs first.
+    pub priority: i16,
+    /// Where it is in its life.
+    pub status: JobStatus,
+    /// Leases spent so far (a released lease is given back).
+    pub attempts: i32,
+    /// Attempts allowed before it becomes `Dead`.
+    pub max_attempts: i32,
+    /// The fencing token of the newest lease granted; 0 before the first.
+    pub lease_token: i64,
+    /// Not eligible before this time.
+    pub run_at: OffsetDateTime,
+    /// While `Processing`: when the lease expires.
+    pub locked_until: Option<OffsetDateTime>,
+    /// Deduplication key, unique among active jobs of its queue.
+    pub unique_key: Option<String>,
+    /// The error of the latest failed attempt.
+    pub last_error: Option<String>,
+    /// What the handler returned, once `Done`.
+    pub result: Option<Value>,
+    /// When it was enqueued.
+    pub created_at: OffsetDateTime,
+    /// When its row last changed.
+    pub updated_at: OffsetDateTime,
+}
+
+/// When a new job becomes eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Schedule {
+    /// At once.
+    #[default]
+    Now,
+    /// This long after the store's `now` at insert time.
+    After(Duration),
+    /// At this instant.
+    At(OffsetDateTime),
+}
+
+/// A job to enqueue. Build it with [`NewJob::new`] and the chained setters.
+///
+/// Nothing is checked until it is pushed; then every field is validated
+/// and a bad one yields [`Error::InvalidInput`] naming it, with nothing
+/// written.
+///
+/// ```
+/// use relayq_core::NewJob;
+/// use serde_json::json;
+/// use time::Duration;
+///
+/// let job = NewJob::new("send_email", &json!({"to": "ada@example.com"}))
+///     .queue("mail")
+///     .priority(-5)
+///     .delay(Duration::minutes(10))
+///     .max_attempts(3)
+///     .unique_key("welcome:ada");
+/// assert_eq!(job.validate().unwrap().queue, "mail");
+/// ```
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    kind: String,
+    payload: std::result::Result<Value, String>,
+    queue: String,
+    priority: i16,
+    schedule: Schedule,
+    max_attempts: i32,
+    unique_key: Option<String>,
+}
+
+impl NewJob {
+    /// A job of `kind` carrying `payload` serialized to JSON, on the
+    /// default queue, priority 0, due now, with 25 attempts.
+    pub fn new(kind: impl Into<String>, payload: &impl Serialize) -> Self {
+        Self {
+            kind: kind.into(),
+            payload: serde_json::to_value(payload).map_err(|e| e.to_string()),
+            queue: DEFAULT_QUEUE.to_owned(),
+            priority: 0,
+            schedule: Schedule::Now,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            unique_key: None,
+        }
+    }
+
+    /// The queue to enqueue into.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// Lower runs first; the default is 0.
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Eligible `delay` after it is stored. Negative delays are rejected.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.schedule = Schedule::After(delay);
+        self
+    }
+
+    /// Eligible at `at` (immediately, if `at` is in the past).
+    pub fn run_at(mut self, at: OffsetDateTime) -> Self {
+        self.schedule = Schedule::At(at);
+        self
+    }
+
+    /// Attempts allowed before the job is `Dead`; at least 1.
+    pub fn max_attempts(mut self, max_attempts: i32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// While a `Pending` or `Processing` job of the same queue has this key,
+    /// pushing this job inserts nothing and reports that job's id.
+    pub fn unique_key(mut self, key: impl Into<String>) -> Self {
+        self.unique_key = Some(key.into());
+        self
+    }
+
+    /// Checks every field and returns the job in the form backends store.
+    pub fn validate(self) -> Result<ValidJob> {
+        check_name("kind", &self.kind)?;
+        check_name("queue", &self.queue)?;
+        if let Some(key) = &self.unique_key {
+            check_name("unique_key", key)?;
+        }
+        let payload = self
+            .payload
+            .map_err(|e| Error::invalid("payload", format!("does not serialize to JSON: {e}")))?;
+        check_json("payload", &payload)?;
+        if self.max_attempts < 1 {
+            return Err(Error::invalid(
+                "max_attempts",
+                format!("must be at least 1, got {}", self.max_attempts),
+            ));
+        }
+        match self.schedule {
+            Schedule::After(d) => check_delay("delay", d)?,
+            Schedule::At(at) => check_instant("run_at", at)?,
+            Schedule::Now => {}
+        }
+        Ok(ValidJob {
+            kind: self.kind,
+            payload,
+            queue: self.queue,
+            priority: self.priority,
+            schedule: self.schedule,
+            max_attempts: self.max_attempts,
+            unique_key: self.unique_key,
+        })
+    }
+}
+
+/// A [`NewJob`] whose fields passed validation. Backends store exactly this.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ValidJob {
+    /// Names the handler.
+    pub kind: String,
+    /// The handler's input.
+    pub payload: Value,
+    /// The queue.
+    pub queue: String,
+    /// Lower runs first.
+    pub priority: i16,
+    /// When it becomes eligible.
+    pub schedule: Schedule,
+    /// At least 1.
+    pub max_attempts: i32,
+    /// Deduplication key.
+    pub unique_key: Option<String>,
+}
+
+impl ValidJob {
+    /// The instant it becomes eligible, given the store's `now`.
+    pub fn run_at(&self, now: OffsetDateTime) -> Result<OffsetDateTime> {
+        match self.schedule {
+            Schedule::Now => Ok(now),
+            Schedule::At(at) => Ok(at),
+            Schedule::After(d) => now
+                .checked_add(d)
+                .ok_or_else(|| Error::invalid("delay", "puts run_at out of range")),
+        }
+    }
+}
+
+/// Validates a whole batch; an error names the field and the job's index.
+pub fn validate_batch(jobs: Vec<NewJob>) -> Result<Vec<ValidJob>> {
+    jobs.into_iter()
+        .enumerate()
+        .map(|(i, job)| {
+            job.validate().map_err(|e| match e {
+                Error::InvalidInput { field, reason } => Error::InvalidInput {
+                    field,
+                    reason: format!("job {i} of the batch: {reason}"),
+                },
+                other => other,
+            })
+        })
+        .collect()
+}
+
+/// Checks a name-like string: `kind`, `queue`, `unique_key`.
+pub fn check_name(field: &'static str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes long, the limit is {MAX_NAME_LEN}", value.len()),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(Error::invalid(field, "must not contain NUL characters"));
+    }
+    Ok(())
+}
+
+/// Checks free text such as a retry's error message: no NUL characters
+/// (PostgreSQL's `text` cannot store them).
+pub fn check_text(field: &'static str, value: &str) -> Result<()> {
+    if value.contains('\0') {
+        return Err(Error::invalid(field, "must not contain NUL characters"));
+    }
+    Ok(())
+}
+
+/// Checks JSON for what every store can hold: no NUL character in any
+/// string or key (PostgreSQL's `jsonb` cannot store `\u0000`).
+pub fn check_json(field: &'static str, value: &Value) -> Result<()> {
+    // Iterative, so a deeply nested document cannot overflow the stack here.
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::String(s) if s.contains('\0') => {
+                return Err(Error::invalid(
+                    field,
+                    "strings must not contain NUL characters",
+                ));
+            }
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) => {
+                if map.keys().any(|k| k.contains('\0')) {
+                    return Err(Error::invalid(
+                        field,
+                        "keys must not contain NUL characters",
+                    ));
+                }
+                stack.extend(map.values());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks a delay: not negative, at most [`MAX_DELAY`].
+pub fn check_delay(field: &'static str, delay: Duration) -> Result<()> {
+    if delay.is_negative() {
+        return Err(Error::invalid(
+            field,
+            format!("must not be negative, got {delay}"),
+        ));
+    }
+    if delay > MAX_DELAY {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {MAX_DELAY}, got {delay}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an instant lies in the range every store can hold (years 1–9999).
+pub fn check_instant(field: &'static str, at: OffsetDateTime) -> Result<()> {
+    let year = at.to_offset(time::UtcOffset::UTC).year();
+    if !(1..=9999).contains(&year) {
+        return Err(Error::invalid(
+            field,
+            format!("year {year} is outside 1..=9999"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults() {
+        let job = NewJob::new("k", &json!({})).validate().unwrap();
+        assert_eq!(job.queue, DEFAULT_QUEUE);
+        assert_eq!(job.priority, 0);
+        assert_eq!(job.max_attempts, DEFAULT_MAX_ATTEMPTS);
+        assert_eq!(job.schedule, Schedule::Now);
+    }
+
+    #[test]
+    fn status_round_trips_through_str() {
+        for s in JobStatus::ALL {
+            assert_eq!(s.as_str().parse::<JobStatus>().unwrap(), s);
+        }
+        assert_eq!(
+            "nope".parse::<JobStatus>().unwrap_err().invalid_field(),
+            Some("status")
+        );
+    }
+
+    #[test]
+    fn nul_in_nested_payload_is_rejected() {
+        let err = NewJob::new("k", &json!({"a": [{"b": "x\u{0}y"}]}))
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.invalid_field(), Some("payload"));
+    }
+}

@@ -1,0 +1,39 @@
+//! relayq's storage-agnostic core.
+//!
+//! - [`NewJob`] and [`Job`]: what is enqueued and what is stored;
+//! - [`Pusher`], [`Puller`], [`Observer`], [`Cleaner`], bundled as
+//!   [`Backend`]: the object-safe traits every store implements;
+//! - [`Lease`]: the right to finish a job, fenced by a token that no later
+//!   lease reuses;
+//! - [`Clock`]: injectable time, with [`ManualClock`] for tests;
+//! - [`Error`]: the one error type.
+//!
+//! Backends live in their own crates (`relayq-postgres`, `relayq-sqlite`,
+//! `relayq-memory`); the `relayq` crate re-exports this one with them.
+
+mod capabilities;
+mod clock;
+mod error;
+mod job;
+mod lease;
+mod request;
+mod store;
+
+pub use capabilities::Capabilities;
+pub use clock::{Clock, ManualClock, SystemClock, truncate_to_micros};
+pub use error::{BoxError, Error, Result};
+pub use job::{
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobId, JobStatus, MAX_DELAY, MAX_NAME_LEN, NewJob,
+    Schedule, ValidJob, check_delay, check_instant, check_json, check_name, check_text,
+    validate_batch,
+};
+pub use lease::{Lease, LeasedJob, MAX_LEASE, check_lease, check_result, check_retry};
+pub use request::{
+    Completion, JobPage, ListFilter, MAX_LIST_LIMIT, MAX_PULL_BATCH, MAX_PULL_QUEUES, PullRequest,
+    PushOutcome, Stats, StatusCounts,
+};
+pub use store::{Backend, Cleaner, Observer, Puller, Pusher};
+
+/// The reason stored in `last_error` when a job's lease expired on its last
+/// allowed attempt and it was marked `Dead` instead of being leased again.
+pub const LEASE_EXPIRED_ERROR: &str = "lease expired on the last allowed attempt";

@@ -1,0 +1,102 @@
+//! The four traits every backend implements, and [`Backend`], which bundles them.
+//!
+//! All are object-safe: a worker or an application holds an
+//! `Arc<dyn Backend>` (or just the `Arc<dyn Pusher>` it needs) and never
+//! names the storage it runs on.
+
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use time::{Duration, OffsetDateTime};
+
+use crate::capabilities::Capabilities;
+use crate::error::Result;
+use crate::job::{Job, JobId, JobStatus, NewJob};
+use crate::lease::{Lease, LeasedJob};
+use crate::request::{Completion, JobPage, ListFilter, PullRequest, PushOutcome, Stats};
+
+/// Enqueues jobs.
+#[async_trait]
+pub trait Pusher: Send + Sync {
+    /// Stores one job, or reports the active job that already holds its
+    /// `unique_key`. Invalid input is [`Error::InvalidInput`](crate::Error::InvalidInput)
+    /// and nothing is written.
+    async fn push(&self, job: NewJob) -> Result<PushOutcome>;
+
+    /// Stores every job or none: one invalid job rejects the whole batch.
+    /// Outcomes are in input order; a job whose `unique_key` repeats an
+    /// earlier one of the batch (same queue) is a duplicate of that job.
+    async fn push_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<PushOutcome>>;
+}
+
+/// Leases jobs and acknowledges them, fenced by the lease's token.
+///
+/// Every acknowledgement succeeds only while the job is still `Processing`
+/// under the presented lease's token; otherwise it is
+/// [`Error::LeaseLost`](crate::Error::LeaseLost) and nothing changes.
+#[async_trait]
+pub trait Puller: Send + Sync {
+    /// Leases up to `request.batch` eligible jobs from the named queues, in
+    /// one atomic step, ordered by priority (lower first), then `run_at`,
+    /// then id.
+    ///
+    /// Eligible: `Pending` with `run_at <= now`, or `Processing` whose
+    /// lease expired (`locked_until < now`). Each leased job becomes
+    /// `Processing` with `attempts + 1`, a new fencing token and
+    /// `locked_until = now + request.lease`. An expired lease on the job's
+    /// last allowed attempt is not re-leased: the job becomes `Dead` with
+    /// `last_error` saying the lease expired.
+    async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>>;
+
+    /// Marks the job `Done`, storing the handler's result.
+    async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()>;
+
+    /// Completes many jobs in one step, each still fenced by its own lease.
+    /// Returns the leases that were no longer held (and so changed nothing);
+    /// an empty vector means every job is now `Done`.
+    async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<Lease>>;
+
+    /// Records a failed attempt: back to `Pending` at `now + delay`, or
+    /// `Dead` when the attempts are used up. Returns the new status.
+    async fn retry(&self, lease: &Lease, delay: Duration, error: &str) -> Result<JobStatus>;
+
+    /// Marks the job `Dead` at once, whatever attempts remain.
+    async fn kill(&self, lease: &Lease, error: &str) -> Result<()>;
+
+    /// Keeps the lease alive: it now expires at `now + by`, which is returned.
+    async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime>;
+
+    /// Gives the job back: `Pending`, eligible now, without spending the
+    /// attempt. The released lease never becomes valid again. Used at shutdown.
+    async fn release(&self, lease: &Lease) -> Result<()>;
+}
+
+/// Reads jobs without changing them.
+#[async_trait]
+pub trait Observer: Send + Sync {
+    /// The job with this id, or `None`.
+    async fn get(&self, id: JobId) -> Result<Option<Job>>;
+
+    /// One page of jobs matching `filter`, by ascending id.
+    async fn list(&self, filter: &ListFilter) -> Result<JobPage>;
+
+    /// Counts of jobs per queue and status.
+    async fn stats(&self) -> Result<Stats>;
+}
+
+/// Deletes finished jobs.
+#[async_trait]
+pub trait Cleaner: Send + Sync {
+    /// Deletes jobs in the terminal `status` last updated before `before`,
+    /// returning how many. A non-terminal status is
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput).
+    async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64>;
+}
+
+/// A complete store: all four traits plus what it can do.
+pub trait Backend: Pusher + Puller + Observer + Cleaner + Debug + Send + Sync {
+    /// What this backend supports, so callers branch on abilities rather
+    /// than on which backend it is.
+    fn capabilities(&self) -> Capabilities;
+}
