@@ -30,11 +30,12 @@ use async_trait::async_trait;
 use relayq_core::{
     Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
     Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller, PushOutcome, Pusher,
-    Result, Stats, SystemClock, check_lease, check_result, check_retry, check_text, validate_batch,
+    Result, Stats, SystemClock, Wakeups, check_lease, check_result, check_retry, check_text,
+    validate_batch,
 };
 use serde_json::Value;
 use time::{Duration, OffsetDateTime};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use state::State;
 
@@ -47,7 +48,8 @@ pub struct MemoryBackend {
 struct Shared {
     state: Mutex<State>,
     clock: Arc<dyn Clock>,
-    pushed: Notify,
+    /// Bumped after every push that stored a job; subscribers watch it.
+    pushed: watch::Sender<u64>,
 }
 
 impl fmt::Debug for MemoryBackend {
@@ -78,7 +80,7 @@ impl MemoryBackend {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 clock,
-                pushed: Notify::new(),
+                pushed: watch::Sender::new(0),
             }),
         }
     }
@@ -86,11 +88,6 @@ impl MemoryBackend {
     /// The clock this store reads.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.shared.clock
-    }
-
-    /// Resolves after the next push through any clone of this store.
-    pub async fn pushed(&self) {
-        self.shared.pushed.notified().await;
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -129,7 +126,7 @@ impl Pusher for MemoryBackend {
                 .collect::<Vec<_>>()
         };
         if outcomes.iter().any(|o| !o.is_duplicate()) {
-            self.shared.pushed.notify_waiters();
+            self.shared.pushed.send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok(outcomes)
     }
@@ -229,8 +226,22 @@ impl Cleaner for MemoryBackend {
     }
 }
 
+#[async_trait]
 impl Backend for MemoryBackend {
     fn capabilities(&self) -> Capabilities {
         Capabilities::none().in_process_wakeups(true)
+    }
+
+    async fn subscribe(&self, _queues: &[String]) -> Result<Option<Wakeups>> {
+        // A watch channel cannot lose a signal between two waits: a push
+        // that lands while the worker is busy is seen by its next `changed`.
+        let rx = self.shared.pushed.subscribe();
+        Ok(Some(Wakeups::from_stream(futures::stream::unfold(
+            rx,
+            |mut rx| async move {
+                rx.changed().await.ok()?;
+                Some(((), rx))
+            },
+        ))))
     }
 }

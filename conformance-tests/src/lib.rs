@@ -16,7 +16,7 @@
 //! ```
 //!
 //! The per-area modules ([`push`], [`pull`], [`lease`], [`unique`],
-//! [`observe`], [`clean`]) expose each case as a public async fn taking a
+//! [`observe`], [`clean`], [`wakeups`]) expose each case as a public async fn taking a
 //! fresh [`Harness`], and [`run_all`] runs every case in sequence.
 
 mod harness;
@@ -27,6 +27,7 @@ pub mod observe;
 pub mod pull;
 pub mod push;
 pub mod unique;
+pub mod wakeups;
 
 pub use harness::{EPOCH, Harness};
 
@@ -68,6 +69,7 @@ macro_rules! __for_each_case {
             observe::list_pages_have_no_gaps_or_repeats,
             clean::clean_deletes_only_old_terminal_jobs,
             clean::clean_rejects_active_statuses,
+            wakeups::push_wakes_a_subscriber,
         }
     };
 }

@@ -18,6 +18,7 @@ mod job;
 mod lease;
 mod request;
 mod store;
+mod wakeups;
 
 pub use capabilities::Capabilities;
 pub use clock::{Clock, ManualClock, SystemClock, truncate_to_micros};
@@ -33,6 +34,7 @@ pub use request::{
     PushOutcome, Stats, StatusCounts,
 };
 pub use store::{Backend, Cleaner, Observer, Puller, Pusher};
+pub use wakeups::Wakeups;
 
 /// The reason stored in `last_error` when a job's lease expired on its last
 /// allowed attempt and it was marked `Dead` instead of being leased again.

@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::job::{Job, JobId, JobStatus, NewJob};
 use crate::lease::{Lease, LeasedJob};
 use crate::request::{Completion, JobPage, ListFilter, PullRequest, PushOutcome, Stats};
+use crate::wakeups::Wakeups;
 
 /// Enqueues jobs.
 #[async_trait]
@@ -95,8 +96,15 @@ pub trait Cleaner: Send + Sync {
 }
 
 /// A complete store: all four traits plus what it can do.
+#[async_trait]
 pub trait Backend: Pusher + Puller + Observer + Cleaner + Debug + Send + Sync {
     /// What this backend supports, so callers branch on abilities rather
     /// than on which backend it is.
     fn capabilities(&self) -> Capabilities;
+
+    /// Signals pushes to any of `queues`, so a worker can pull at once
+    /// instead of waiting for its next poll. `None` when the backend has no
+    /// push notifications (callers then poll). Signals are hints: one may be
+    /// spurious, and several pushes may yield one signal.
+    async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>>;
 }
