@@ -1,0 +1,83 @@
+//! relayq-bench: runs one workload of the standard workload
+//! (`shared/WORKLOAD.md`) against one backend, on a fresh store, and prints
+//! one line: `<label> <workload> jobs_per_s=.. p50_ms=.. p99_ms=.. [k=v ...]`.
+//!
+//! `bench/run` runs every workload, each in its own process, next to the
+//! raw-SQL baseline, and prints relayq ÷ baseline.
+
+mod report;
+mod store;
+mod workloads;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// One workload of WORKLOAD.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Workload {
+    /// N jobs, one per call, from 8 concurrent tasks.
+    Enqueue,
+    /// N jobs in calls of 1,000.
+    EnqueueBatch,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "relayq's standard workload, one workload per process")]
+struct Args {
+    /// Backend to measure.
+    #[arg(long, value_enum)]
+    backend: store::Kind,
+    /// Workload to run.
+    #[arg(long, value_enum)]
+    workload: Workload,
+    /// Number of jobs (WORKLOAD.md: 50,000).
+    #[arg(long, default_value_t = 50_000)]
+    jobs: u64,
+    /// PostgreSQL server for the postgres backend.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    url: String,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("relayq-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: &Args) -> Result<bool, String> {
+    let label = args.backend.label();
+    let store = store::open(args.backend, &args.url).await?;
+    let backend = store.backend.clone();
+    let work = async {
+        match args.workload {
+            Workload::Enqueue => workloads::enqueue(label, backend, args.jobs, 8).await,
+            Workload::EnqueueBatch => {
+                workloads::enqueue_batch(label, backend, args.jobs, 1_000).await
+            }
+        }
+    };
+    let outcome = tokio::time::timeout(workloads::WORKLOAD_DEADLINE, work)
+        .await
+        .map_err(|_| {
+            format!(
+                "workload did not finish within {:?}",
+                workloads::WORKLOAD_DEADLINE
+            )
+        });
+    store.close().await;
+    let mut line = outcome??;
+    println!("{}", line.render());
+    Ok(line.passed())
+}
