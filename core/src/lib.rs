@@ -6,7 +6,11 @@
 //! - [`Lease`]: the right to finish a job, fenced by a token that no later
 //!   lease reuses;
 //! - [`Clock`]: injectable time, with [`ManualClock`] for tests;
-//! - [`Error`]: the one error type.
+//! - [`Error`]: the one error type;
+//! - [`Worker`]: the runtime that runs typed handlers ([`JobType`],
+//!   [`Handler`]) for jobs of any backend, with retries ([`RetryPolicy`]),
+//!   lease renewal, wake-ups, graceful shutdown, events, and a
+//!   deterministic test mode ([`Worker::run_until_idle`]).
 //!
 //! Backends live in their own crates (`relayq-postgres`, `relayq-sqlite`,
 //! `relayq-memory`); the `relayq` crate re-exports this one with them.
@@ -17,8 +21,10 @@ mod error;
 mod job;
 mod lease;
 mod request;
+mod retry;
 mod store;
 mod wakeups;
+pub mod worker;
 
 pub use capabilities::Capabilities;
 pub use clock::{Clock, ManualClock, SystemClock, truncate_to_micros};
@@ -33,7 +39,12 @@ pub use request::{
     Completion, JobPage, ListFilter, MAX_LIST_LIMIT, MAX_PULL_BATCH, MAX_PULL_QUEUES, PullRequest,
     PushOutcome, Stats, StatusCounts,
 };
+pub use retry::{Jitter, RetryPolicy};
 pub use store::{Backend, Cleaner, Observer, Puller, Pusher};
+pub use worker::{
+    Event, EventStream, Handler, HandlerError, IdleReport, JobContext, JobInfo, JobType, Outcome,
+    ShutdownReport, Worker, WorkerBuilder, WorkerHandle,
+};
 pub use wakeups::Wakeups;
 
 /// The reason stored in `last_error` when a job's lease expired on its last

@@ -1,0 +1,163 @@
+//! What a worker reports as it runs jobs: [`Event`]s, each naming a job
+//! ([`JobInfo`]) and, once an attempt ends, its [`Outcome`].
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::job::{Job, JobId};
+
+/// The job an [`Event`] is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JobInfo {
+    /// The job's id.
+    pub id: JobId,
+    /// Its kind.
+    pub kind: String,
+    /// Its queue.
+    pub queue: String,
+    /// The attempt this event is about (1 for the first).
+    pub attempt: i32,
+    /// The attempts it is allowed.
+    pub max_attempts: i32,
+}
+
+impl From<&Job> for JobInfo {
+    fn from(job: &Job) -> Self {
+        Self {
+            id: job.id,
+            kind: job.kind.clone(),
+            queue: job.queue.clone(),
+            attempt: job.attempts,
+            max_attempts: job.max_attempts,
+        }
+    }
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The handler succeeded; the job is `Done` with this result.
+    Completed {
+        /// What the handler returned (`None` for `null` or `()`).
+        result: Option<Value>,
+    },
+    /// The attempt failed (an error, a panic, a timeout); the job waits
+    /// `delay` for its next attempt.
+    Retrying {
+        /// The error stored as `last_error`.
+        error: String,
+        /// The wait before the next attempt.
+        delay: Duration,
+    },
+    /// The job is `Dead`: attempts used up, a permanent error, a payload
+    /// that does not deserialize, or a kind with no handler.
+    Dead {
+        /// The error stored as `last_error`.
+        error: String,
+    },
+    /// Shutdown's deadline passed before the handler finished: the job was
+    /// given back, eligible at once, without spending the attempt.
+    Released,
+    /// The lease was lost (it expired and another worker took the job, or
+    /// an extension found it gone): the handler was stopped and its outcome
+    /// discarded, as the new holder owns the job now.
+    LeaseLost,
+    /// The backend failed to record the outcome; the job comes back when its
+    /// lease expires.
+    Unrecorded {
+        /// The backend's error.
+        error: String,
+    },
+}
+
+impl Outcome {
+    /// True when the job reached a terminal status (`Done` or `Dead`).
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Completed { .. } | Self::Dead { .. })
+    }
+}
+
+/// Something a worker did.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// An attempt began.
+    Started {
+        /// The job.
+        job: JobInfo,
+    },
+    /// An attempt ended.
+    Finished {
+        /// The job.
+        job: JobInfo,
+        /// How it ended.
+        outcome: Outcome,
+    },
+}
+
+impl Event {
+    /// The job the event is about.
+    pub fn job(&self) -> &JobInfo {
+        match self {
+            Self::Started { job } | Self::Finished { job, .. } => job,
+        }
+    }
+
+    /// The outcome, for [`Event::Finished`].
+    pub fn outcome(&self) -> Option<&Outcome> {
+        match self {
+            Self::Finished { outcome, .. } => Some(outcome),
+            Self::Started { .. } => None,
+        }
+    }
+}
+
+/// A subscription to a worker's events, from
+/// [`Worker::events`](crate::Worker::events).
+///
+/// Events sent before subscribing are not seen. A subscriber that falls
+/// more than [`EventStream::CAPACITY`] events behind skips the oldest
+/// (with a warning in the log) rather than slowing the worker down.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: broadcast::Receiver<Event>,
+}
+
+impl EventStream {
+    /// How many events a slow subscriber may fall behind.
+    pub const CAPACITY: usize = 1024;
+
+    pub(crate) fn new(rx: broadcast::Receiver<Event>) -> Self {
+        Self { rx }
+    }
+
+    /// The next event; `None` once the worker and every handle to it are gone.
+    pub async fn recv(&mut self) -> Option<Event> {
+        loop {
+            match self.rx.recv().await {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(skipped = n, "event subscriber fell behind");
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// The next event if one is already waiting, without blocking.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    tracing::warn!(skipped = n, "event subscriber fell behind");
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}

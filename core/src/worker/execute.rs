@@ -1,0 +1,479 @@
+//! Running one leased job: dispatch, the handler under a timeout and a lease
+//! keeper, and recording the outcome with the lease.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::FutureExt;
+use serde_json::Value;
+use time::OffsetDateTime;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use super::events::{Event, JobInfo, Outcome};
+use super::handler::{Entry, HandlerError, JobContext, Phase, RunFuture};
+use crate::error::Error;
+use crate::job::MAX_DELAY;
+use crate::lease::{Lease, LeasedJob, check_result};
+use crate::request::Completion;
+use crate::retry::RetryPolicy;
+use crate::store::Backend;
+
+/// A callback run on every event.
+pub(crate) type Hook = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// The longest error message stored; longer ones are cut.
+pub(crate) const MAX_ERROR_LEN: usize = 8 * 1024;
+
+/// The most completions sent in one `complete_batch`.
+const MAX_ACK_BATCH: usize = 256;
+
+/// The worker's settings, checked by the builder.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) queues: Vec<String>,
+    pub(crate) concurrency: u32,
+    pub(crate) lease: Duration,
+    pub(crate) backend_lease: time::Duration,
+    pub(crate) poll_interval: Duration,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) shutdown_timeout: Duration,
+}
+
+/// Everything the worker's tasks share.
+pub(crate) struct Shared<S> {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) handlers: HashMap<String, Entry<S>>,
+    pub(crate) state: Arc<S>,
+    pub(crate) config: Config,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) hooks: Vec<Hook>,
+}
+
+impl<S> fmt::Debug for Shared<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut kinds: Vec<&String> = self.handlers.keys().collect();
+        kinds.sort();
+        f.debug_struct("Worker")
+            .field("backend", &self.backend)
+            .field("kinds", &kinds)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Shared<S> {
+    pub(crate) fn emit(&self, event: Event) {
+        for hook in &self.hooks {
+            if std::panic::catch_unwind(AssertUnwindSafe(|| hook(&event))).is_err() {
+                tracing::error!("an event hook panicked; the worker goes on");
+            }
+        }
+        // No subscriber is not an error.
+        let _ = self.events.send(event);
+    }
+}
+
+/// How an outcome reaches the backend.
+pub(crate) enum Mode {
+    /// In the calling task, one call per acknowledgement, no timers but the
+    /// handler's timeout.
+    Inline,
+    /// In a spawned task: the handler in its own task, its lease kept alive,
+    /// completions batched.
+    Spawned {
+        phase: watch::Receiver<Phase>,
+        acks: mpsc::UnboundedSender<Ack>,
+    },
+}
+
+/// What one handler run came to, before it is recorded.
+enum Attempt {
+    Succeeded(Option<Value>),
+    Failed(HandlerError),
+    Panicked(String),
+    TimedOut(Duration),
+    LeaseLost,
+    Abandoned,
+}
+
+/// Runs one leased job to an outcome and reports it.
+pub(crate) async fn execute<S: Send + Sync + 'static>(
+    shared: &Arc<Shared<S>>,
+    leased: LeasedJob,
+    mode: Mode,
+) -> Outcome {
+    let info = JobInfo::from(&leased.job);
+    let span = tracing::info_span!(
+        "job",
+        id = info.id,
+        kind = %info.kind,
+        queue = %info.queue,
+        attempt = info.attempt
+    );
+    async move {
+        shared.emit(Event::Started { job: info.clone() });
+        tracing::debug!("started");
+        let outcome = run_and_record(shared, leased, mode).await;
+        match &outcome {
+            Outcome::Completed { .. } => tracing::debug!("completed"),
+            Outcome::Retrying { error, delay } => {
+                tracing::warn!(%error, ?delay, "failed; will retry");
+            }
+            Outcome::Dead { error } => tracing::error!(%error, "dead"),
+            Outcome::Released => tracing::info!("released at shutdown"),
+            Outcome::LeaseLost => tracing::warn!("lease lost; outcome discarded"),
+            Outcome::Unrecorded { error } => {
+                tracing::error!(%error, "could not record the outcome");
+            }
+        }
+        shared.emit(Event::Finished {
+            job: info,
+            outcome: outcome.clone(),
+        });
+        outcome
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run_and_record<S: Send + Sync + 'static>(
+    shared: &Arc<Shared<S>>,
+    leased: LeasedJob,
+    mode: Mode,
+) -> Outcome {
+    let backend = &*shared.backend;
+    let lease = leased.lease;
+    let Some(entry) = shared.handlers.get(&leased.job.kind) else {
+        let mut kinds: Vec<&str> = shared.handlers.keys().map(String::as_str).collect();
+        kinds.sort_unstable();
+        let error = format!(
+            "no handler is registered for kind {:?} (this worker handles {kinds:?})",
+            leased.job.kind
+        );
+        return record_kill(backend, &lease, error).await;
+    };
+
+    let deadline = Arc::new(Mutex::new(
+        leased.job.locked_until.unwrap_or(OffsetDateTime::UNIX_EPOCH),
+    ));
+    let phase = match &mode {
+        Mode::Spawned { phase, .. } => phase.clone(),
+        // Nothing shuts an inline run down.
+        Mode::Inline => watch::channel(Phase::Running).1,
+    };
+    let job = Arc::new(leased.job);
+    let ctx = JobContext::new(
+        Arc::clone(&job),
+        lease,
+        Arc::clone(&deadline),
+        Arc::clone(&shared.state),
+        phase,
+    );
+    // Decoding the payload and building the handler run user code too.
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| (entry.run)(&job.payload, ctx)));
+    let timeout = entry.timeout.or(shared.config.timeout);
+    let attempt = match started {
+        Err(panic) => Attempt::Panicked(panic_message(&*panic)),
+        Ok(Err(unusable)) => return record_kill(backend, &lease, unusable).await,
+        Ok(Ok(fut)) => match &mode {
+            Mode::Inline => run_inline(fut, timeout).await,
+            Mode::Spawned { phase, .. } => {
+                run_spawned(shared, fut, timeout, lease, &deadline, phase.clone()).await
+            }
+        },
+    };
+
+    match attempt {
+        Attempt::Succeeded(result) => match check_result(result.as_ref()) {
+            Ok(()) => complete(backend, lease, result, &mode).await,
+            Err(e) => {
+                let error = HandlerError::new(format!("the handler's result cannot be stored: {e}"));
+                record_failure(shared, entry, &job, lease, error).await
+            }
+        },
+        Attempt::Failed(error) => record_failure(shared, entry, &job, lease, error).await,
+        Attempt::Panicked(message) => {
+            let error = HandlerError::new(format!("the handler panicked: {message}"));
+            record_failure(shared, entry, &job, lease, error).await
+        }
+        Attempt::TimedOut(after) => {
+            let error = HandlerError::new(format!("the handler timed out after {after:?}"));
+            record_failure(shared, entry, &job, lease, error).await
+        }
+        Attempt::LeaseLost => Outcome::LeaseLost,
+        Attempt::Abandoned => match backend.release(&lease).await {
+            Ok(()) => Outcome::Released,
+            Err(e) => unrecorded(e),
+        },
+    }
+}
+
+async fn run_inline(fut: RunFuture, timeout: Option<Duration>) -> Attempt {
+    let run = AssertUnwindSafe(fut).catch_unwind();
+    let finished = match timeout {
+        None => run.await,
+        Some(limit) => match tokio::time::timeout(limit, run).await {
+            Ok(finished) => finished,
+            Err(_) => return Attempt::TimedOut(limit),
+        },
+    };
+    match finished {
+        Ok(Ok(result)) => Attempt::Succeeded(result),
+        Ok(Err(error)) => Attempt::Failed(error),
+        Err(panic) => Attempt::Panicked(panic_message(&*panic)),
+    }
+}
+
+/// Aborts the task when dropped, so a handler never outlives its attempt.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn run_spawned<S>(
+    shared: &Shared<S>,
+    fut: RunFuture,
+    timeout: Option<Duration>,
+    lease: Lease,
+    deadline: &Mutex<OffsetDateTime>,
+    mut phase: watch::Receiver<Phase>,
+) -> Attempt {
+    // Its own task, so a handler that blocks its thread cannot starve the
+    // lease keeper, and a panic stays inside it.
+    let mut task = AbortOnDrop(tokio::spawn(fut));
+    let expiry = async {
+        match timeout {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    let abandoned = async {
+        if phase.wait_for(|p| *p == Phase::Abandoning).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        joined = &mut task.0 => match joined {
+            Ok(Ok(result)) => Attempt::Succeeded(result),
+            Ok(Err(error)) => Attempt::Failed(error),
+            Err(e) if e.is_panic() => Attempt::Panicked(panic_message(&*e.into_panic())),
+            Err(_) => Attempt::Failed(HandlerError::new("the handler's task was cancelled")),
+        },
+        () = keep_alive(shared, lease, deadline) => Attempt::LeaseLost,
+        () = expiry => Attempt::TimedOut(timeout.unwrap_or_default()),
+        () = abandoned => Attempt::Abandoned,
+    }
+}
+
+/// Extends the lease every third of its length; returns only once the lease
+/// is lost. Other errors are logged and tried again at the next tick.
+async fn keep_alive<S>(shared: &Shared<S>, lease: Lease, deadline: &Mutex<OffsetDateTime>) {
+    let every = shared.config.lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match shared
+            .backend
+            .extend(&lease, shared.config.backend_lease)
+            .await
+        {
+            Ok(until) => *deadline.lock().unwrap_or_else(PoisonError::into_inner) = until,
+            Err(e) if e.is_lease_lost() => return,
+            Err(e) => tracing::warn!(error = %e, "could not extend the lease; will try again"),
+        }
+    }
+}
+
+async fn record_failure<S>(
+    shared: &Shared<S>,
+    entry: &Entry<S>,
+    job: &crate::job::Job,
+    lease: Lease,
+    failure: HandlerError,
+) -> Outcome {
+    let error = sanitize(failure.message());
+    if failure.is_permanent() {
+        return record_kill(&*shared.backend, &lease, error).await;
+    }
+    let delay = failure.retry_delay().unwrap_or_else(|| {
+        entry
+            .retry
+            .as_ref()
+            .unwrap_or(&shared.config.retry)
+            .delay(job, job.attempts)
+    });
+    let backend_delay = time::Duration::try_from(delay)
+        .unwrap_or(MAX_DELAY)
+        .min(MAX_DELAY);
+    match shared.backend.retry(&lease, backend_delay, &error).await {
+        Ok(crate::job::JobStatus::Dead) => Outcome::Dead { error },
+        Ok(_) => Outcome::Retrying { error, delay },
+        Err(e) => unrecorded(e),
+    }
+}
+
+async fn record_kill(backend: &dyn Backend, lease: &Lease, error: String) -> Outcome {
+    let error = sanitize(&error);
+    match backend.kill(lease, &error).await {
+        Ok(()) => Outcome::Dead { error },
+        Err(e) => unrecorded(e),
+    }
+}
+
+async fn complete(
+    backend: &dyn Backend,
+    lease: Lease,
+    result: Option<Value>,
+    mode: &Mode,
+) -> Outcome {
+    if let Mode::Spawned { acks, .. } = mode {
+        let (reply, replied) = oneshot::channel();
+        let ack = Ack {
+            completion: Completion {
+                lease,
+                result: result.clone(),
+            },
+            reply,
+        };
+        if acks.send(ack).is_ok() {
+            return match replied.await {
+                Ok(AckReply::Done) => Outcome::Completed { result },
+                Ok(AckReply::Lost) => Outcome::LeaseLost,
+                Ok(AckReply::Failed(error)) => Outcome::Unrecorded { error },
+                Err(_) => Outcome::Unrecorded {
+                    error: "the completion batcher stopped".to_owned(),
+                },
+            };
+        }
+    }
+    match backend.complete(&lease, result.clone()).await {
+        Ok(()) => Outcome::Completed { result },
+        Err(e) => unrecorded(e),
+    }
+}
+
+fn unrecorded(e: Error) -> Outcome {
+    if e.is_lease_lost() {
+        Outcome::LeaseLost
+    } else {
+        Outcome::Unrecorded {
+            error: e.to_string(),
+        }
+    }
+}
+
+/// One completion waiting to be batched.
+pub(crate) struct Ack {
+    completion: Completion,
+    reply: oneshot::Sender<AckReply>,
+}
+
+enum AckReply {
+    Done,
+    Lost,
+    Failed(String),
+}
+
+/// Records completions with `complete_batch`: whatever is queued when the
+/// previous batch returns goes in the next one, so an idle worker acks at
+/// once and a busy one in bulk. Ends when every sender is gone.
+pub(crate) async fn batch_completions(
+    backend: Arc<dyn Backend>,
+    mut acks: mpsc::UnboundedReceiver<Ack>,
+) {
+    while let Some(first) = acks.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_ACK_BATCH {
+            match acks.try_recv() {
+                Ok(ack) => batch.push(ack),
+                Err(_) => break,
+            }
+        }
+        let (completions, replies): (Vec<Completion>, Vec<(Lease, oneshot::Sender<AckReply>)>) =
+            batch
+                .into_iter()
+                .map(|a| {
+                    let lease = a.completion.lease;
+                    (a.completion, (lease, a.reply))
+                })
+                .unzip();
+        match backend.complete_batch(completions).await {
+            Ok(lost) => {
+                for (lease, reply) in replies {
+                    let answer = if lost.contains(&lease) {
+                        AckReply::Lost
+                    } else {
+                        AckReply::Done
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(e) => {
+                let error = e.to_string();
+                for (_, reply) in replies {
+                    let _ = reply.send(AckReply::Failed(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Makes a message storable: NUL (which PostgreSQL's `text` rejects) becomes
+/// U+FFFD, and the length is capped at [`MAX_ERROR_LEN`] bytes.
+pub(crate) fn sanitize(message: &str) -> String {
+    let mut clean = message.replace('\0', "\u{FFFD}");
+    if clean.len() > MAX_ERROR_LEN {
+        let mut cut = MAX_ERROR_LEN - '…'.len_utf8();
+        while !clean.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        clean.truncate(cut);
+        clean.push('…');
+    }
+    clean
+}
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic payload".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_replaces_nul_and_caps_length() {
+        assert_eq!(sanitize("a\0b"), "a\u{FFFD}b");
+        let long = "é".repeat(MAX_ERROR_LEN);
+        let cut = sanitize(&long);
+        assert!(cut.len() <= MAX_ERROR_LEN);
+        assert!(cut.ends_with('…'));
+        assert!(crate::job::check_text("error", &cut).is_ok());
+        assert_eq!(sanitize("fine"), "fine");
+    }
+
+    #[test]
+    fn panic_messages() {
+        let p = std::panic::catch_unwind(|| panic!("boom {}", 7)).unwrap_err();
+        assert_eq!(panic_message(&*p), "boom 7");
+        let p = std::panic::catch_unwind(|| panic!("static")).unwrap_err();
+        assert_eq!(panic_message(&*p), "static");
+        let p = std::panic::catch_unwind(|| std::panic::panic_any(5_u8)).unwrap_err();
+        assert_eq!(panic_message(&*p), "a non-string panic payload");
+    }
+}

@@ -1,0 +1,666 @@
+//! The worker runtime: typed handlers registered by kind, run with bounded
+//! concurrency on any [`Backend`].
+//!
+//! - [`JobType`] names a payload type's kind; [`Handler`] (or a closure)
+//!   runs it, made fresh for every job, with the worker's shared state in
+//!   its [`JobContext`].
+//! - [`WorkerBuilder`] sets queues, concurrency, lease length, poll
+//!   interval, timeouts and the [`RetryPolicy`](crate::RetryPolicy), per
+//!   kind where it matters.
+//! - [`Worker::start`] runs it in the background until
+//!   [`WorkerHandle::shutdown`]: batch pulls sized to the free slots, leases
+//!   kept alive while handlers run, wake-ups from
+//!   [`Backend::subscribe`] with polling as the fallback, completions
+//!   batched.
+//! - [`Worker::run_until_idle`] runs every due job in the calling task,
+//!   deterministically: the test mode.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use relayq_core::{Backend, HandlerError, JobType, Worker};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct SendEmail { to: String }
+//! impl JobType for SendEmail { const KIND: &'static str = "send_email"; }
+//!
+//! struct App { sender: String }
+//!
+//! # async fn example(backend: Arc<dyn Backend>) -> relayq_core::Result<()> {
+//! let worker = Worker::builder(backend.clone())
+//!     .state(App { sender: "noreply@example.com".into() })
+//!     .concurrency(16)
+//!     .handle(|email: SendEmail, ctx| async move {
+//!         if email.to.is_empty() {
+//!             return Err(HandlerError::permanent("no recipient"));
+//!         }
+//!         Ok(format!("{} -> {}", ctx.state().sender, email.to))
+//!     })
+//!     .build()?;
+//!
+//! let id = backend.push(SendEmail { to: "ada@example.com".into() }.to_job()).await?.id();
+//! let running = worker.start();
+//! let job = running.wait_for(id).await?;
+//! println!("{id}: {:?} {:?}", job.status, job.result);
+//! running.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+
+mod events;
+mod execute;
+mod handler;
+mod runner;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use events::{Event, EventStream, JobInfo, Outcome};
+pub use handler::{Handler, HandlerError, JobContext, JobType};
+pub use runner::ShutdownReport;
+
+use execute::{Config, Hook, Mode, Shared, execute};
+use handler::Entry;
+
+use crate::error::{Error, Result};
+use crate::job::{Job, JobId, check_name};
+use crate::lease::check_lease;
+use crate::request::{MAX_PULL_BATCH, MAX_PULL_QUEUES, PullRequest};
+use crate::retry::RetryPolicy;
+use crate::store::Backend;
+
+/// Runs typed handlers for jobs of a [`Backend`]. Cheap to clone: clones
+/// share handlers, state and events.
+///
+/// Build one with [`Worker::builder`]; then either [`start`](Self::start)
+/// it in the background, or drive it with
+/// [`run_until_idle`](Self::run_until_idle) in tests.
+pub struct Worker<S = ()> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S> Clone for Worker<S> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S> fmt::Debug for Worker<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.shared.fmt(f)
+    }
+}
+
+impl Worker<()> {
+    /// A builder for a worker on `backend`, with no shared state yet (set
+    /// one with [`WorkerBuilder::state`]).
+    pub fn builder(backend: Arc<dyn Backend>) -> WorkerBuilder<()> {
+        WorkerBuilder::new(backend, Arc::new(()))
+    }
+}
+
+impl<S: Send + Sync + 'static> Worker<S> {
+    /// The backend it runs jobs of.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.shared.backend
+    }
+
+    /// The queues it pulls from.
+    pub fn queues(&self) -> &[String] {
+        &self.shared.config.queues
+    }
+
+    /// The kinds it has handlers for, sorted.
+    pub fn kinds(&self) -> Vec<&str> {
+        let mut kinds: Vec<&str> = self.shared.handlers.keys().map(String::as_str).collect();
+        kinds.sort_unstable();
+        kinds
+    }
+
+    /// The state shared by its handlers.
+    pub fn state(&self) -> &S {
+        &self.shared.state
+    }
+
+    /// Subscribes to its events from now on (see also
+    /// [`WorkerBuilder::on_event`]).
+    pub fn events(&self) -> EventStream {
+        EventStream::new(self.shared.events.subscribe())
+    }
+
+    /// Starts pulling and running jobs in a background task, until the
+    /// returned handle is shut down (or dropped). Needs a Tokio runtime.
+    ///
+    /// Each call starts an independent runner with its own concurrency
+    /// budget; one is the norm.
+    #[must_use = "dropping the handle shuts the worker down at once"]
+    pub fn start(&self) -> WorkerHandle<S> {
+        let (stop, stopped) = watch::channel(None);
+        let task = tokio::spawn(runner::run(Arc::clone(&self.shared), stopped));
+        WorkerHandle {
+            worker: self.clone(),
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Runs until `signal` resolves (e.g. `tokio::signal::ctrl_c()`), then
+    /// shuts down gracefully within the configured
+    /// [`shutdown_timeout`](WorkerBuilder::shutdown_timeout).
+    pub async fn run_until(&self, signal: impl Future<Output = ()>) -> ShutdownReport {
+        let handle = self.start();
+        signal.await;
+        handle.shutdown().await
+    }
+
+    /// Test mode: runs every due job, one at a time, in the calling task,
+    /// until a pull finds none; returns what each attempt came to.
+    ///
+    /// Deterministic: jobs run in pull order (priority, `run_at`, id); no
+    /// timer runs but a configured handler timeout; a job retried with a
+    /// delay is not due again until the backend's clock (a
+    /// [`ManualClock`](crate::ManualClock) in tests) has moved past it; jobs
+    /// pushed by handlers run in the same call when due. Leases are not
+    /// extended. Works on any backend.
+    pub async fn run_until_idle(&self) -> Result<IdleReport> {
+        let request = PullRequest::queues(self.shared.config.queues.clone())
+            .lease(self.shared.config.backend_lease)
+            .batch(1);
+        let mut report = IdleReport::default();
+        loop {
+            let Some(leased) = self.shared.backend.pull(&request).await?.pop() else {
+                return Ok(report);
+            };
+            let info = JobInfo::from(&leased.job);
+            let outcome = execute(&self.shared, leased, Mode::Inline).await;
+            report.outcomes.push((info, outcome));
+        }
+    }
+
+    /// Waits until job `id` is terminal (`Done`, `Dead` or `Cancelled`),
+    /// whoever runs it, and returns it with its result or last error.
+    /// [`Error::NotFound`] if there is no such job. Wrap it in
+    /// `tokio::time::timeout` to bound the wait.
+    pub async fn wait_for(&self, id: JobId) -> Result<Job> {
+        let mut events = self.shared.events.subscribe();
+        loop {
+            let job = self
+                .shared
+                .backend
+                .get(id)
+                .await?
+                .ok_or(Error::NotFound { id })?;
+            if job.status.is_terminal() {
+                return Ok(job);
+            }
+            // Until this worker reports the job finished, or the next poll
+            // (another worker may run it).
+            let poll = tokio::time::sleep(self.shared.config.poll_interval);
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    event = events.recv() => match event {
+                        Ok(Event::Finished { job, outcome })
+                            if job.id == id && outcome.is_terminal() => break,
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            (&mut poll).await;
+                            break;
+                        }
+                    },
+                    () = &mut poll => break,
+                }
+            }
+        }
+    }
+}
+
+/// What [`Worker::run_until_idle`] ran: one entry per attempt, in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct IdleReport {
+    /// Each attempt's job and outcome, in the order they ran.
+    pub outcomes: Vec<(JobInfo, Outcome)>,
+}
+
+impl IdleReport {
+    /// How many attempts ran.
+    pub fn ran(&self) -> usize {
+        self.outcomes.len()
+    }
+
+    /// How many ended `Done`.
+    pub fn completed(&self) -> usize {
+        self.count(|o| matches!(o, Outcome::Completed { .. }))
+    }
+
+    /// How many failed and wait for another attempt.
+    pub fn retrying(&self) -> usize {
+        self.count(|o| matches!(o, Outcome::Retrying { .. }))
+    }
+
+    /// How many ended `Dead`.
+    pub fn dead(&self) -> usize {
+        self.count(|o| matches!(o, Outcome::Dead { .. }))
+    }
+
+    fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
+        self.outcomes.iter().filter(|(_, o)| f(o)).count()
+    }
+}
+
+/// A started worker. Shut it down with [`shutdown`](Self::shutdown);
+/// dropping it starts the same graceful shutdown without waiting for it.
+#[must_use = "dropping the handle shuts the worker down at once"]
+pub struct WorkerHandle<S = ()> {
+    worker: Worker<S>,
+    stop: watch::Sender<Option<Instant>>,
+    task: Option<JoinHandle<ShutdownReport>>,
+}
+
+impl<S> fmt::Debug for WorkerHandle<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerHandle")
+            .field("worker", &self.worker)
+            .field("stopping", &self.stop.borrow().is_some())
+            .finish()
+    }
+}
+
+impl<S: Send + Sync + 'static> WorkerHandle<S> {
+    /// The worker it runs.
+    pub fn worker(&self) -> &Worker<S> {
+        &self.worker
+    }
+
+    /// Subscribes to the worker's events from now on.
+    pub fn events(&self) -> EventStream {
+        self.worker.events()
+    }
+
+    /// See [`Worker::wait_for`].
+    pub async fn wait_for(&self, id: JobId) -> Result<Job> {
+        self.worker.wait_for(id).await
+    }
+
+    /// Stops pulling, lets in-flight jobs finish within the configured
+    /// [`shutdown_timeout`](WorkerBuilder::shutdown_timeout), releases the
+    /// rest so another worker takes them at once, and returns what happened.
+    pub async fn shutdown(self) -> ShutdownReport {
+        let grace = self.worker.shared.config.shutdown_timeout;
+        self.shutdown_within(grace).await
+    }
+
+    /// [`shutdown`](Self::shutdown) with this grace period instead.
+    pub async fn shutdown_within(mut self, grace: Duration) -> ShutdownReport {
+        self.request_stop(grace);
+        let Some(task) = self.task.take() else {
+            return ShutdownReport::default();
+        };
+        match task.await {
+            Ok(report) => report,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down under us.
+            Err(_) => ShutdownReport::default(),
+        }
+    }
+}
+
+impl<S> WorkerHandle<S> {
+    fn request_stop(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        self.stop.send_if_modified(|stop| {
+            if stop.is_none() {
+                *stop = Some(deadline);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+impl<S> Drop for WorkerHandle<S> {
+    fn drop(&mut self) {
+        if self.task.is_some() {
+            self.request_stop(self.worker.shared.config.shutdown_timeout);
+        }
+    }
+}
+
+/// Configures a [`Worker`]: handlers, queues, concurrency, leases, polling,
+/// retries, timeouts, shutdown and event hooks.
+///
+/// Defaults: the queues of the registered kinds' [`JobType::QUEUE`]s,
+/// concurrency 10, lease 30 s, poll every 1 s, [`RetryPolicy::default`], no
+/// timeout, 30 s to shut down.
+pub struct WorkerBuilder<S = ()> {
+    backend: Arc<dyn Backend>,
+    state: Arc<S>,
+    handlers: Vec<(&'static str, Entry<S>)>,
+    queues: Option<Vec<String>>,
+    concurrency: u32,
+    lease: Duration,
+    poll_interval: Duration,
+    retry: RetryPolicy,
+    retry_for: HashMap<&'static str, RetryPolicy>,
+    timeout: Option<Duration>,
+    timeout_for: HashMap<&'static str, Duration>,
+    shutdown_timeout: Duration,
+    hooks: Vec<Hook>,
+}
+
+impl<S> fmt::Debug for WorkerBuilder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kinds: Vec<&str> = self.handlers.iter().map(|(k, _)| *k).collect();
+        f.debug_struct("WorkerBuilder")
+            .field("backend", &self.backend)
+            .field("kinds", &kinds)
+            .field("queues", &self.queues)
+            .field("concurrency", &self.concurrency)
+            .field("lease", &self.lease)
+            .field("poll_interval", &self.poll_interval)
+            .field("retry", &self.retry)
+            .field("timeout", &self.timeout)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Send + Sync + 'static> WorkerBuilder<S> {
+    /// The default number of jobs run at once.
+    pub const DEFAULT_CONCURRENCY: u32 = 10;
+    /// The default lease length.
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+    /// The shortest lease a worker accepts: it renews every third of it.
+    pub const MIN_LEASE: Duration = Duration::from_millis(100);
+    /// The default poll interval.
+    pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+    /// The default time in-flight jobs get to finish at shutdown.
+    pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+    fn new(backend: Arc<dyn Backend>, state: Arc<S>) -> Self {
+        Self {
+            backend,
+            state,
+            handlers: Vec::new(),
+            queues: None,
+            concurrency: Self::DEFAULT_CONCURRENCY,
+            lease: Self::DEFAULT_LEASE,
+            poll_interval: Self::DEFAULT_POLL_INTERVAL,
+            retry: RetryPolicy::default(),
+            retry_for: HashMap::new(),
+            timeout: None,
+            timeout_for: HashMap::new(),
+            shutdown_timeout: Self::DEFAULT_SHUTDOWN_TIMEOUT,
+            hooks: Vec::new(),
+        }
+    }
+
+    /// Shares `state` (a pool, a client, configuration) with every handler
+    /// registered after this call, through [`JobContext::state`]. Handlers
+    /// registered before keep the state they were registered with.
+    pub fn state<T: Send + Sync + 'static>(self, state: T) -> WorkerBuilder<T> {
+        let old = self.state;
+        WorkerBuilder {
+            backend: self.backend,
+            state: Arc::new(state),
+            handlers: self
+                .handlers
+                .into_iter()
+                .map(|(kind, entry)| (kind, entry.adapt(Arc::clone(&old))))
+                .collect(),
+            queues: self.queues,
+            concurrency: self.concurrency,
+            lease: self.lease,
+            poll_interval: self.poll_interval,
+            retry: self.retry,
+            retry_for: self.retry_for,
+            timeout: self.timeout,
+            timeout_for: self.timeout_for,
+            shutdown_timeout: self.shutdown_timeout,
+            hooks: self.hooks,
+        }
+    }
+
+    /// Registers a closure for the job type named by its first argument's
+    /// type. It is called once per job, so each run gets its own future
+    /// and state is shared only through the context. Returning a value
+    /// stores it as the job's result; `Err` (or a panic) fails the attempt.
+    ///
+    /// ```
+    /// # use relayq_core::{HandlerError, JobType, Worker};
+    /// # use serde::{Deserialize, Serialize};
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Add { a: i64, b: i64 }
+    /// impl JobType for Add { const KIND: &'static str = "add"; }
+    ///
+    /// # fn f(backend: std::sync::Arc<dyn relayq_core::Backend>) {
+    /// let builder = Worker::builder(backend)
+    ///     .handle(|job: Add, _ctx| async move { Ok::<_, HandlerError>(job.a + job.b) });
+    /// # let _ = builder;
+    /// # }
+    /// ```
+    pub fn handle<J, F, Fut, R>(mut self, f: F) -> Self
+    where
+        J: JobType,
+        F: Fn(J, JobContext<S>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, HandlerError>> + Send + 'static,
+        R: Serialize,
+    {
+        self.handlers.push((J::KIND, Entry::from_fn(f)));
+        self
+    }
+
+    /// Registers a [`Handler`] type; `make` builds a fresh value of it for
+    /// every job, from the shared state (`|_| MyHandler::default()` when it
+    /// needs none).
+    pub fn handler<H, F>(mut self, make: F) -> Self
+    where
+        H: Handler<S>,
+        F: Fn(&S) -> H + Send + Sync + 'static,
+    {
+        self.handlers
+            .push((H::Job::KIND, Entry::from_handler::<H, F>(make)));
+        self
+    }
+
+    /// Pulls from `queue` too. Naming any queue replaces the default (the
+    /// registered kinds' queues).
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queues.get_or_insert_with(Vec::new).push(queue.into());
+        self
+    }
+
+    /// Pulls from exactly these queues.
+    pub fn queues<Q: Into<String>>(mut self, queues: impl IntoIterator<Item = Q>) -> Self {
+        self.queues = Some(queues.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The most jobs run at once (1 to [`MAX_PULL_BATCH`]). Each pull asks
+    /// for as many jobs as there are free slots.
+    pub fn concurrency(mut self, concurrency: u32) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// How long each lease lasts (at least [`Self::MIN_LEASE`]); while a
+    /// handler runs the lease is renewed every third of this, so a job that
+    /// runs longer is never leased to another worker. Shorter leases bring
+    /// a crashed worker's jobs back sooner.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How often to look for due jobs when no wake-up came (delayed jobs and
+    /// retries become due silently; backends without wake-ups rely on it).
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll_interval = every;
+        self
+    }
+
+    /// The retry policy for kinds without their own.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// The retry policy for jobs of type `J`.
+    pub fn retry_for<J: JobType>(mut self, policy: RetryPolicy) -> Self {
+        self.retry_for.insert(J::KIND, policy);
+        self
+    }
+
+    /// The longest a handler may run before its attempt fails, for kinds
+    /// without their own. None by default.
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// The longest a handler for `J` may run before its attempt fails.
+    pub fn timeout_for<J: JobType>(mut self, limit: Duration) -> Self {
+        self.timeout_for.insert(J::KIND, limit);
+        self
+    }
+
+    /// How long [`WorkerHandle::shutdown`] lets in-flight jobs finish before
+    /// releasing them.
+    pub fn shutdown_timeout(mut self, grace: Duration) -> Self {
+        self.shutdown_timeout = grace;
+        self
+    }
+
+    /// Calls `hook` on every event, in the task that runs the job. Keep it
+    /// quick; a panic in it is logged and ignored.
+    pub fn on_event(mut self, hook: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// Checks the configuration and builds the worker. Every mistake is an
+    /// [`Error::InvalidInput`] naming the setting: no handler, two handlers
+    /// for one kind, a per-kind setting for a kind with no handler, bad
+    /// queue names, concurrency out of range, a lease out of range, a zero
+    /// poll interval or timeout.
+    pub fn build(self) -> Result<Worker<S>> {
+        if self.handlers.is_empty() {
+            return Err(Error::invalid(
+                "handlers",
+                "register at least one with handle() or handler()",
+            ));
+        }
+        let mut handlers: HashMap<String, Entry<S>> = HashMap::new();
+        for (kind, entry) in self.handlers {
+            check_name("kind", kind)?;
+            if handlers.insert(kind.to_owned(), entry).is_some() {
+                return Err(Error::invalid(
+                    "kind",
+                    format!("two handlers are registered for kind {kind:?}"),
+                ));
+            }
+        }
+        for (kind, policy) in self.retry_for {
+            handlers
+                .get_mut(kind)
+                .ok_or_else(|| no_handler("retry_for", kind))?
+                .retry = Some(policy);
+        }
+        for (kind, limit) in self.timeout_for {
+            check_positive("timeout_for", limit)?;
+            handlers
+                .get_mut(kind)
+                .ok_or_else(|| no_handler("timeout_for", kind))?
+                .timeout = Some(limit);
+        }
+        let queues = match self.queues {
+            Some(queues) => queues,
+            None => {
+                let mut queues: Vec<String> =
+                    handlers.values().map(|e| e.queue.to_owned()).collect();
+                queues.sort();
+                queues.dedup();
+                queues
+            }
+        };
+        if queues.is_empty() || queues.len() > MAX_PULL_QUEUES {
+            return Err(Error::invalid(
+                "queues",
+                format!("name 1 to {MAX_PULL_QUEUES} queues, got {}", queues.len()),
+            ));
+        }
+        for queue in &queues {
+            check_name("queue", queue)?;
+        }
+        if !(1..=MAX_PULL_BATCH).contains(&self.concurrency) {
+            return Err(Error::invalid(
+                "concurrency",
+                format!("must be 1 to {MAX_PULL_BATCH}, got {}", self.concurrency),
+            ));
+        }
+        if self.lease < Self::MIN_LEASE {
+            return Err(Error::invalid(
+                "lease",
+                format!(
+                    "must be at least {:?}, got {:?}",
+                    Self::MIN_LEASE,
+                    self.lease
+                ),
+            ));
+        }
+        let backend_lease = time::Duration::try_from(self.lease)
+            .map_err(|e| Error::invalid("lease", e.to_string()))?;
+        check_lease("lease", backend_lease)?;
+        check_positive("poll_interval", self.poll_interval)?;
+        if let Some(limit) = self.timeout {
+            check_positive("timeout", limit)?;
+        }
+        let (events, _) = broadcast::channel(EventStream::CAPACITY);
+        Ok(Worker {
+            shared: Arc::new(Shared {
+                backend: self.backend,
+                handlers,
+                state: self.state,
+                config: Config {
+                    queues,
+                    concurrency: self.concurrency,
+                    lease: self.lease,
+                    backend_lease,
+                    poll_interval: self.poll_interval,
+                    retry: self.retry,
+                    timeout: self.timeout,
+                    shutdown_timeout: self.shutdown_timeout,
+                },
+                events,
+                hooks: self.hooks,
+            }),
+        })
+    }
+}
+
+fn no_handler(field: &'static str, kind: &str) -> Error {
+    Error::invalid(
+        field,
+        format!("no handler is registered for kind {kind:?}"),
+    )
+}
+
+fn check_positive(field: &'static str, value: Duration) -> Result<()> {
+    if value.is_zero() {
+        return Err(Error::invalid(field, "must be more than zero"));
+    }
+    Ok(())
+}

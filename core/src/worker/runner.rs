@@ -1,0 +1,173 @@
+//! The pull loop of a started worker, and its graceful shutdown.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinError, JoinSet};
+use tokio::time::Instant;
+
+use super::events::Outcome;
+use super::execute::{Mode, Shared, batch_completions, execute};
+use super::handler::Phase;
+use crate::request::PullRequest;
+use crate::wakeups::Wakeups;
+
+/// What a graceful shutdown did with the jobs in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Jobs whose attempt ended on its own during the grace period (done,
+    /// failed or dead alike).
+    pub finished: usize,
+    /// Jobs still running at the deadline, stopped and given back: they are
+    /// `Pending` and eligible at once for another worker, the attempt not
+    /// spent.
+    pub released: usize,
+}
+
+impl ShutdownReport {
+    fn count(&mut self, joined: Result<Outcome, JoinError>) {
+        match joined {
+            Ok(Outcome::Released) => self.released += 1,
+            Ok(_) => self.finished += 1,
+            Err(e) => log_join_error(&e),
+        }
+    }
+}
+
+fn log_join_error(e: &JoinError) {
+    // `execute` contains handler panics, so this is a bug in relayq itself.
+    tracing::error!(error = %e, "a job task of the worker failed");
+}
+
+/// Subscribes to the backend's push signals; `None` means poll only.
+async fn subscribe<S>(shared: &Shared<S>) -> Option<Wakeups> {
+    match shared.backend.subscribe(&shared.config.queues).await {
+        Ok(wakeups) => wakeups,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not subscribe to wake-ups; polling instead");
+            None
+        }
+    }
+}
+
+async fn next_signal(wakeups: &mut Option<Wakeups>) -> Option<()> {
+    match wakeups {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Pulls and runs jobs until `stop` carries a deadline (or its sender is
+/// gone), then drains: no more pulls, in-flight jobs get until the deadline,
+/// the rest are released.
+pub(crate) async fn run<S: Send + Sync + 'static>(
+    shared: Arc<Shared<S>>,
+    mut stop: watch::Receiver<Option<Instant>>,
+) -> ShutdownReport {
+    let config = &shared.config;
+    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let completer = tokio::spawn(batch_completions(Arc::clone(&shared.backend), ack_rx));
+    let caps = shared.backend.capabilities();
+    let declares_wakeups = caps.in_process_wakeups || caps.cross_process_wakeups;
+    let mut wakeups = subscribe(&shared).await;
+    let request = PullRequest::queues(config.queues.clone()).lease(config.backend_lease);
+    let mut tasks: JoinSet<Outcome> = JoinSet::new();
+    // True while the queues may hold due jobs: after a full batch, a
+    // wake-up or a poll tick; false after a short batch.
+    let mut more = true;
+    let mut next_poll = Instant::now() + config.poll_interval;
+    tracing::info!(queues = ?config.queues, concurrency = config.concurrency, "worker started");
+
+    let deadline = loop {
+        while let Some(joined) = tasks.try_join_next() {
+            if let Err(e) = joined {
+                log_join_error(&e);
+            }
+        }
+        if let Some(deadline) = *stop.borrow_and_update() {
+            break deadline;
+        }
+        let busy = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
+        let free = config.concurrency.saturating_sub(busy);
+        if free > 0 && more {
+            next_poll = Instant::now() + config.poll_interval;
+            match shared.backend.pull(&request.clone().batch(free)).await {
+                Ok(jobs) => {
+                    more = jobs.len() >= free as usize;
+                    for leased in jobs {
+                        let shared = Arc::clone(&shared);
+                        let mode = Mode::Spawned {
+                            phase: phase_rx.clone(),
+                            acks: ack_tx.clone(),
+                        };
+                        tasks.spawn(async move { execute(&shared, leased, mode).await });
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "pull failed; trying again at the next poll");
+                    more = false;
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    // Every handle is gone without a shutdown call.
+                    break Instant::now() + config.shutdown_timeout;
+                }
+            }
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = joined {
+                    log_join_error(&e);
+                }
+            }
+            signal = next_signal(&mut wakeups), if wakeups.is_some() => {
+                more = true;
+                if signal.is_none() {
+                    tracing::warn!("wake-up subscription closed; polling until it is back");
+                    wakeups = None;
+                }
+            }
+            () = tokio::time::sleep_until(next_poll) => {
+                more = true;
+                next_poll = Instant::now() + config.poll_interval;
+                if wakeups.is_none() && declares_wakeups {
+                    wakeups = subscribe(&shared).await;
+                }
+            }
+        }
+    };
+
+    tracing::info!(in_flight = tasks.len(), "worker shutting down");
+    drop(wakeups);
+    // Tell handlers (`JobContext::is_shutting_down`), then give them until
+    // the deadline.
+    let _ = phase_tx.send(Phase::Stopping);
+    let mut report = ShutdownReport::default();
+    let drained = tokio::time::timeout_at(deadline, async {
+        while let Some(joined) = tasks.join_next().await {
+            report.count(joined);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        let _ = phase_tx.send(Phase::Abandoning);
+        while let Some(joined) = tasks.join_next().await {
+            report.count(joined);
+        }
+    }
+    drop(ack_tx);
+    if let Err(e) = completer.await {
+        log_join_error(&e);
+    }
+    tracing::info!(
+        finished = report.finished,
+        released = report.released,
+        "worker stopped"
+    );
+    report
+}
