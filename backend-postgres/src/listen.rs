@@ -1,0 +1,265 @@
+//! LISTEN/NOTIFY wake-ups on one dedicated, self-healing connection.
+//!
+//! A backend (and all its clones) has at most one listener connection, run
+//! by one task. Each subscription registers its queues with the task, which
+//! LISTENs on their channels (see `notify_channel` in the migration) before
+//! the subscription is handed out, so no later push can be missed. A
+//! notification's payload is its queue name; subscribers of that queue get
+//! a signal. Signals coalesce: a subscriber that has not consumed its last
+//! signal gets no second one.
+//!
+//! The connection is an sqlx [`PgListener`] over a private one-connection
+//! pool built from the backend's connect options (never a connection of the
+//! backend's pool). When it drops — server restart, `pg_terminate_backend`,
+//! network failure — the task reconnects with backoff, LISTENs again, and
+//! signals every subscriber once, since pushes made meanwhile were not
+//! notified to it.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use relayq_core::{Error, Result, Wakeups};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{Row, SqlStr};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::db_err;
+
+/// The longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The first wait after a connection is lost.
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The handle a backend keeps; dropping it (with the last backend clone)
+/// ends the task and closes the connection.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    commands: mpsc::UnboundedSender<Subscribe>,
+}
+
+struct Subscribe {
+    queues: Vec<String>,
+    signal: mpsc::Sender<()>,
+    reply: oneshot::Sender<Result<()>>,
+}
+
+struct Subscriber {
+    queues: HashSet<String>,
+    signal: mpsc::Sender<()>,
+}
+
+impl Subscriber {
+    /// Signals, unless a signal is already pending. False once the
+    /// subscription was dropped.
+    fn wake(&self) -> bool {
+        !matches!(
+            self.signal.try_send(()),
+            Err(mpsc::error::TrySendError::Closed(()))
+        )
+    }
+}
+
+impl Hub {
+    /// Starts the task. It connects on the first subscription.
+    pub(crate) fn start(connect: PgConnectOptions, channels_sql: SqlStr) -> Self {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let task = Task {
+            connect,
+            channels_sql,
+            listener: None,
+            channels: HashMap::new(),
+            subscribers: Vec::new(),
+        };
+        tokio::spawn(task.run(rx));
+        Self { commands }
+    }
+
+    /// A subscription to pushes to `queues`, live once this returns.
+    pub(crate) async fn subscribe(&self, queues: &[String]) -> Result<Wakeups> {
+        let (signal, mut signals) = mpsc::channel(1);
+        let (reply, replied) = oneshot::channel();
+        let closed = || Error::backend("relayq-postgres: the listener task has stopped");
+        self.commands
+            .send(Subscribe {
+                queues: queues.to_vec(),
+                signal,
+                reply,
+            })
+            .map_err(|_| closed())?;
+        replied.await.map_err(|_| closed())??;
+        Ok(Wakeups::from_stream(futures::stream::poll_fn(move |cx| {
+            signals.poll_recv(cx)
+        })))
+    }
+}
+
+enum State {
+    /// No subscription yet, or reconnecting at the given instant.
+    Waiting(Option<Instant>, Duration),
+    Connected,
+}
+
+struct Task {
+    connect: PgConnectOptions,
+    channels_sql: SqlStr,
+    listener: Option<PgListener>,
+    /// queue -> channel, for every queue LISTENed.
+    channels: HashMap<String, String>,
+    subscribers: Vec<Subscriber>,
+}
+
+impl Task {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Subscribe>) {
+        let mut state = State::Waiting(None, MIN_BACKOFF);
+        loop {
+            let retry_at = match state {
+                State::Waiting(at, _) => at,
+                State::Connected => None,
+            };
+            tokio::select! {
+                command = commands.recv() => {
+                    let Some(command) = command else { return };
+                    let result = self.subscribe(command.queues, command.signal).await;
+                    if let Err(e) = &result {
+                        tracing::warn!(error = %e, "relayq-postgres: LISTEN failed");
+                        self.listener = None;
+                        if matches!(state, State::Connected) {
+                            state = State::Waiting(Some(Instant::now() + MIN_BACKOFF), MIN_BACKOFF);
+                        }
+                    } else {
+                        state = State::Connected;
+                    }
+                    // The caller may have gone; nothing to do then.
+                    let _ = command.reply.send(result);
+                }
+                received = recv(self.listener.as_mut()), if matches!(state, State::Connected) => {
+                    match received {
+                        Ok(Some(notification)) => self.wake(Some(notification.payload())),
+                        // sqlx reconnected and re-LISTENed by itself; pushes
+                        // in between were not notified to us.
+                        Ok(None) => self.wake(None),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "relayq-postgres: listener connection lost");
+                            self.listener = None;
+                            state = State::Waiting(Some(Instant::now() + MIN_BACKOFF), MIN_BACKOFF);
+                        }
+                    }
+                }
+                () = sleep_until(retry_at), if retry_at.is_some() => {
+                    let State::Waiting(_, backoff) = state else { continue };
+                    match self.reconnect().await {
+                        Ok(()) => {
+                            tracing::info!("relayq-postgres: listener reconnected");
+                            state = State::Connected;
+                            self.wake(None);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "relayq-postgres: listener reconnect failed");
+                            let backoff = (backoff * 2).min(MAX_BACKOFF);
+                            state = State::Waiting(Some(Instant::now() + backoff), backoff);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Signals the subscribers of `queue`, or all of them; forgets dropped ones.
+    fn wake(&mut self, queue: Option<&str>) {
+        self.subscribers.retain(|s| match queue {
+            Some(q) if !s.queues.contains(q) => !s.signal.is_closed(),
+            _ => s.wake(),
+        });
+    }
+
+    /// Connects if not connected, LISTENing on every known channel. True
+    /// when this replaced a lost connection (so pushes may have been missed).
+    async fn ensure_connected(&mut self) -> Result<bool> {
+        if self.listener.is_some() {
+            return Ok(false);
+        }
+        // A private pool of one: PgListener reconnects through it.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(self.connect.clone())
+            .await
+            .map_err(db_err)?;
+        let mut listener = PgListener::connect_with(&pool).await.map_err(db_err)?;
+        if !self.channels.is_empty() {
+            listener
+                .listen_all(self.channels.values().map(String::as_str))
+                .await
+                .map_err(db_err)?;
+        }
+        self.listener = Some(listener);
+        Ok(!self.channels.is_empty())
+    }
+
+    async fn reconnect(&mut self) -> Result<()> {
+        self.listener = None;
+        self.ensure_connected().await.map(drop)
+    }
+
+    async fn subscribe(&mut self, queues: Vec<String>, signal: mpsc::Sender<()>) -> Result<()> {
+        let new: Vec<String> = queues
+            .iter()
+            .filter(|q| !self.channels.contains_key(*q))
+            .cloned()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let sql = self.channels_sql.clone();
+        let reconnected = self.ensure_connected().await?;
+        if reconnected {
+            self.wake(None);
+        }
+        let listener = self
+            .listener
+            .as_mut()
+            .ok_or_else(|| Error::backend("relayq-postgres: listener not connected"))?;
+        if !new.is_empty() {
+            let rows = sqlx::query(sql)
+                .bind(&new)
+                .fetch_all(&mut *listener)
+                .await
+                .map_err(db_err)?;
+            let mut named = Vec::with_capacity(rows.len());
+            for row in rows {
+                let queue: String = row.try_get("queue").map_err(db_err)?;
+                let channel: String = row.try_get("channel").map_err(db_err)?;
+                named.push((queue, channel));
+            }
+            listener
+                .listen_all(named.iter().map(|(_, c)| c.as_str()))
+                .await
+                .map_err(db_err)?;
+            self.channels.extend(named);
+        }
+        self.subscribers.push(Subscriber {
+            queues: queues.into_iter().collect(),
+            signal,
+        });
+        Ok(())
+    }
+}
+
+async fn recv(
+    listener: Option<&mut PgListener>,
+) -> Result<Option<sqlx::postgres::PgNotification>, sqlx::Error> {
+    match listener {
+        Some(listener) => listener.try_recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,349 @@
+//! Connection options: URL, schema, pool settings and clock.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use relayq_core::{Clock, Error, Result};
+use sqlx::postgres::PgConnectOptions;
+
+/// The schema relayq's tables live in when none is configured.
+pub const DEFAULT_SCHEMA: &str = "relayq";
+
+/// The `application_name` relayq's connections report when none is configured.
+pub const DEFAULT_APPLICATION_NAME: &str = "relayq";
+
+/// The pool size when none is configured.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+
+/// The longest `application_name` accepted. PostgreSQL keeps 63 bytes; the
+/// listener connection appends [`LISTENER_SUFFIX`], which must still fit.
+const MAX_APPLICATION_NAME_LEN: usize = 63 - LISTENER_SUFFIX.len();
+
+/// Appended to the `application_name` of the one LISTEN connection, so it
+/// can be told apart from pool connections in `pg_stat_activity`.
+pub const LISTENER_SUFFIX: &str = "-listener";
+
+/// How to reach PostgreSQL and how to use it: the URL, the schema relayq's
+/// tables live in, pool settings and the clock.
+///
+/// Nothing is checked until [`PgBackend::connect_with`](crate::PgBackend::connect_with);
+/// then a bad URL, schema name or pool setting is an
+/// [`Error::Config`](relayq_core::Error::Config) saying which.
+///
+/// ```
+/// use relayq_postgres::PgOptions;
+/// use std::time::Duration;
+///
+/// let options = PgOptions::new("postgres://app:secret@db.internal/jobs")
+///     .schema("queue")
+///     .max_connections(20)
+///     .acquire_timeout(Duration::from_secs(5));
+/// // Debug output never shows the password.
+/// assert!(!format!("{options:?}").contains("secret"));
+/// ```
+#[derive(Clone)]
+pub struct PgOptions {
+    pub(crate) url: String,
+    pub(crate) schema: String,
+    pub(crate) max_connections: u32,
+    pub(crate) min_connections: u32,
+    pub(crate) acquire_timeout: StdDuration,
+    pub(crate) idle_timeout: Option<StdDuration>,
+    pub(crate) max_lifetime: Option<StdDuration>,
+    pub(crate) application_name: String,
+    pub(crate) clock: Option<Arc<dyn Clock>>,
+    pub(crate) migrate: bool,
+}
+
+impl fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("url", &redact_url(&self.url))
+            .field("schema", &self.schema)
+            .field("max_connections", &self.max_connections)
+            .field("min_connections", &self.min_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_lifetime", &self.max_lifetime)
+            .field("application_name", &self.application_name)
+            .field("clock", &self.clock)
+            .field("migrate", &self.migrate)
+            .finish()
+    }
+}
+
+impl PgOptions {
+    /// Options for the database at `url` (`postgres://user:password@host:port/db?…`),
+    /// with the defaults: schema [`DEFAULT_SCHEMA`], at most
+    /// [`DEFAULT_MAX_CONNECTIONS`] pooled connections (plus one for LISTEN),
+    /// a 30 s acquire timeout, idle connections closed after 10 minutes,
+    /// connections recycled after 30 minutes, the server's clock, and
+    /// migrations applied on connect.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            schema: DEFAULT_SCHEMA.to_owned(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            min_connections: 0,
+            acquire_timeout: StdDuration::from_secs(30),
+            idle_timeout: Some(StdDuration::from_secs(600)),
+            max_lifetime: Some(StdDuration::from_secs(1800)),
+            application_name: DEFAULT_APPLICATION_NAME.to_owned(),
+            clock: None,
+            migrate: true,
+        }
+    }
+
+    /// The PostgreSQL schema holding relayq's tables. It must match
+    /// `^[a-z_][a-z0-9_]{0,62}$` and not start with `pg_`.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The most pooled connections (at least 1). The backend never holds
+    /// more than this plus one dedicated LISTEN connection.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Connections the pool keeps open even when idle (at most
+    /// `max_connections`).
+    pub fn min_connections(mut self, n: u32) -> Self {
+        self.min_connections = n;
+        self
+    }
+
+    /// How long an operation waits for a free pooled connection (and for the
+    /// first connection at startup) before failing.
+    pub fn acquire_timeout(mut self, timeout: StdDuration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Idle pooled connections above `min_connections` are closed after
+    /// this long; `None` keeps them.
+    pub fn idle_timeout(mut self, timeout: Option<StdDuration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Pooled connections are replaced after this long; `None` keeps them.
+    pub fn max_lifetime(mut self, lifetime: Option<StdDuration>) -> Self {
+        self.max_lifetime = lifetime;
+        self
+    }
+
+    /// The `application_name` the pooled connections report to the server
+    /// (the LISTEN connection appends [`LISTENER_SUFFIX`]). Printable ASCII,
+    /// at most 54 bytes.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
+        self
+    }
+
+    /// Reads `now` from `clock` instead of the server (e.g. a
+    /// [`ManualClock`](relayq_core::ManualClock) in tests). Every statement
+    /// then binds `now` as a parameter.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Whether [`PgBackend::connect_with`](crate::PgBackend::connect_with)
+    /// applies pending migrations (the default) or leaves the schema alone,
+    /// for deployments that run [`PgBackend::migrate`](crate::PgBackend::migrate)
+    /// as a separate step.
+    pub fn migrate(mut self, yes: bool) -> Self {
+        self.migrate = yes;
+        self
+    }
+
+    /// The URL with any password replaced by `***`, fit for logs.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// Checks every setting and parses the URL.
+    pub(crate) fn validate(&self) -> Result<PgConnectOptions> {
+        check_schema(&self.schema)?;
+        if self.max_connections == 0 {
+            return Err(config("max_connections must be at least 1"));
+        }
+        if self.min_connections > self.max_connections {
+            return Err(config(format!(
+                "min_connections ({}) exceeds max_connections ({})",
+                self.min_connections, self.max_connections
+            )));
+        }
+        if self.acquire_timeout.is_zero() {
+            return Err(config("acquire_timeout must be positive"));
+        }
+        let name = &self.application_name;
+        if name.is_empty()
+            || name.len() > MAX_APPLICATION_NAME_LEN
+            || !name.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        {
+            return Err(config(format!(
+                "application_name must be 1 to {MAX_APPLICATION_NAME_LEN} printable ASCII characters, got {name:?}"
+            )));
+        }
+        parse_url(&self.url)
+    }
+}
+
+fn config(reason: impl Into<String>) -> Error {
+    Error::Config {
+        reason: reason.into(),
+    }
+}
+
+/// Checks a schema name: `^[a-z_][a-z0-9_]{0,62}$`, not `pg_…` (reserved
+/// by PostgreSQL). Such a name never needs quoting, but is quoted anyway.
+pub(crate) fn check_schema(schema: &str) -> Result<()> {
+    let bytes = schema.as_bytes();
+    let valid = !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_lowercase() || bytes[0] == b'_')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_');
+    if !valid {
+        return Err(config(format!(
+            "schema name {schema:?} must match ^[a-z_][a-z0-9_]{{0,62}}$"
+        )));
+    }
+    if schema.starts_with("pg_") {
+        return Err(config(format!(
+            "schema name {schema:?} is reserved: names starting with pg_ belong to PostgreSQL"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses a `postgres://` or `postgresql://` URL. The error names what is
+/// wrong with the URL, which it shows with the password replaced.
+fn parse_url(url: &str) -> Result<PgConnectOptions> {
+    let redacted = redact_url(url);
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    if !scheme.is_some_and(|s| crate::URL_SCHEMES.contains(&s)) {
+        return Err(config(format!(
+            "{redacted:?} is not a PostgreSQL URL: it must start with postgres:// or postgresql://"
+        )));
+    }
+    PgConnectOptions::from_str(url).map_err(|e| {
+        let mut reason = e.to_string();
+        if let Some(password) = password_of(url) {
+            reason = reason.replace(password, "***");
+        }
+        config(format!("invalid PostgreSQL URL {redacted:?}: {reason}"))
+    })
+}
+
+/// The password in a URL's user info, if any.
+fn password_of(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    let (_, password) = userinfo.split_once(':')?;
+    (!password.is_empty()).then_some(password)
+}
+
+/// The URL with the password of its user info, and any `password=` query
+/// parameter, replaced by `***`.
+pub(crate) fn redact_url(url: &str) -> String {
+    let mut out = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(end);
+            let authority = match authority.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{user}:***@{host}"),
+                    None => format!("{userinfo}@{host}"),
+                },
+                None => authority.to_owned(),
+            };
+            format!("{scheme}://{authority}{tail}")
+        }
+        // Not a URL at all: echoing it could echo a secret.
+        None => return "<not a URL>".to_owned(),
+    };
+    if let Some(q) = out.find('?') {
+        let (base, query) = out.split_at(q + 1);
+        let query = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        out = format!("{base}{query}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        for ok in ["relayq", "_x", "a1_b2", &"a".repeat(63)] {
+            assert!(check_schema(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "Relayq",
+            "a-b",
+            "a b",
+            "a\"b",
+            "pg_catalog",
+            "x;drop",
+            &"a".repeat(64),
+            "é",
+        ] {
+            assert!(
+                matches!(check_schema(bad), Err(Error::Config { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(
+            redact_url("postgres://u:s3cret@h:5432/db?sslmode=disable"),
+            "postgres://u:***@h:5432/db?sslmode=disable"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://h/db?user=u&password=s3cret"),
+            "postgres://h/db?user=u&password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(password_of("postgres://u:p@ss@h/db"), Some("p@ss"));
+    }
+
+    #[test]
+    fn bad_urls_are_config_errors_without_the_password() {
+        for url in [
+            "mysql://u:s3cret@h/db",
+            "s3cret",
+            "postgres://u:s3cret@h:notaport/db",
+            "postgres://u:s3cret@h/db?sslmode=bogus",
+        ] {
+            let err = PgOptions::new(url).validate().unwrap_err();
+            let text = format!("{err} {err:?}");
+            assert!(matches!(err, Error::Config { .. }), "{url}: {text}");
+            assert!(!text.contains("s3cret"), "{url}: {text}");
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The statements, built once per backend for its schema.
+//!
+//! Every value is a bind parameter. `$1` is always `now`: the injected
+//! clock's time, or NULL to use the server's `statement_timestamp()` (one
+//! instant for the whole statement, so `created_at = updated_at`).
+
+use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
+
+/// `now` in every statement.
+const NOW: &str = "COALESCE($1::timestamptz, statement_timestamp())";
+
+/// The columns of a job, in the order [`crate::row::job`] reads them.
+pub(crate) const JOB_COLUMNS: &str = "id, queue, kind, payload, priority, status, attempts, \
+     max_attempts, lease_token, run_at, locked_until, unique_key, last_error, result, \
+     created_at, updated_at";
+
+/// The statements of one schema.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    pub(crate) push: SqlStr,
+    pub(crate) find_key_holder: SqlStr,
+    pub(crate) pull_one_queue: SqlStr,
+    pub(crate) pull_many_queues: SqlStr,
+    pub(crate) complete: SqlStr,
+    pub(crate) complete_batch: SqlStr,
+    pub(crate) retry: SqlStr,
+    pub(crate) kill: SqlStr,
+    pub(crate) extend: SqlStr,
+    pub(crate) release: SqlStr,
+    pub(crate) get: SqlStr,
+    pub(crate) stats: SqlStr,
+    pub(crate) clean: SqlStr,
+    pub(crate) channels: SqlStr,
+}
+
+fn build(template: &str, quoted_schema: &str) -> SqlStr {
+    AssertSqlSafe(
+        template
+            .replace("{now}", NOW)
+            .replace("{cols}", JOB_COLUMNS)
+            .replace("{s}", quoted_schema),
+    )
+    .into_sql_str()
+}
+
+/// Pushes a batch in one statement. Ids are drawn from the sequence in
+/// input order before inserting, so each input row knows its id whether or
+/// not it is inserted; `ON CONFLICT … DO NOTHING` on the partial unique
+/// index skips rows whose key is held by an active job (or by an earlier
+/// row of the batch). For a skipped row, `holder` is the active job that
+/// held the key when the statement began, if any.
+const PUSH: &str = r#"
+WITH input AS (
+    SELECT *
+    FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[], $7::text[],
+                $8::timestamptz[], $9::int8[])
+         WITH ORDINALITY AS t(queue, kind, payload, priority, max_attempts, unique_key,
+                              run_at, delay_us, ord)
+), numbered AS MATERIALIZED (
+    SELECT input.*, nextval('{s}.jobs_id_seq') AS id FROM input
+), inserted AS (
+    INSERT INTO {s}.jobs (id, queue, kind, payload, priority, status, attempts, max_attempts,
+                          lease_token, run_at, unique_key, created_at, updated_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT id, queue, kind, payload, priority, 'pending', 0, max_attempts, 0,
+           COALESCE(run_at, {now} + delay_us * interval '1 microsecond'),
+           unique_key, {now}, {now}
+    FROM numbered
+    ORDER BY ord
+    ON CONFLICT (queue, unique_key)
+        WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing')
+        DO NOTHING
+    RETURNING id
+)
+SELECT n.id, i.id IS NOT NULL AS created,
+       CASE WHEN i.id IS NULL AND n.unique_key IS NOT NULL THEN (
+           SELECT j.id FROM {s}.jobs j
+           WHERE j.queue = n.queue AND j.unique_key = n.unique_key
+             AND j.status IN ('pending', 'processing')
+       ) END AS holder
+FROM numbered n LEFT JOIN inserted i ON i.id = n.id
+ORDER BY n.ord
+"#;
+
+/// The job holding a key, for the rare push that conflicted with a job
+/// committed after the push statement's snapshot was taken.
+const FIND_KEY_HOLDER: &str = r#"
+SELECT id FROM {s}.jobs
+WHERE queue = $1 AND unique_key = $2
+ORDER BY status IN ('pending', 'processing') DESC, id DESC
+LIMIT 1
+"#;
+
+/// Claims in one statement. First, expired leases on their last attempt in
+/// the named queues become `dead` (all of them, whatever the batch size).
+/// Then up to `$3` eligible jobs — due `pending` ones and expired leases
+/// with attempts left — are chosen in pull order through the partial claim
+/// index, locked with `FOR UPDATE SKIP LOCKED` so concurrent pullers pass
+/// each other by, and leased by the `UPDATE … RETURNING`. The two sets are
+/// disjoint, so one statement may update both.
+///
+/// `{queue}` is `queue = $2` for one queue (an index scan in pull order
+/// that stops after `$3` rows) or `queue = ANY($2)` for several.
+const PULL: &str = r#"
+WITH expired_last AS (
+    SELECT id FROM {s}.jobs
+    WHERE {queue} AND status = 'processing'
+      AND locked_until < {now} AND attempts >= max_attempts
+    FOR UPDATE SKIP LOCKED
+), killed AS (
+    UPDATE {s}.jobs j
+    SET status = 'dead', last_error = $4, locked_until = NULL, updated_at = {now}
+    FROM expired_last e
+    WHERE j.id = e.id
+    RETURNING j.id
+), claimable AS (
+    SELECT id FROM {s}.jobs
+    WHERE {queue} AND status IN ('pending', 'processing')
+      AND ((status = 'pending' AND run_at <= {now})
+        OR (status = 'processing' AND locked_until < {now} AND attempts < max_attempts))
+    ORDER BY priority, run_at, id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE {s}.jobs j
+    SET status = 'processing', attempts = j.attempts + 1, lease_token = j.lease_token + 1,
+        locked_until = {now} + $5 * interval '1 microsecond', updated_at = {now}
+    FROM claimable c
+    WHERE j.id = c.id
+    RETURNING j.*
+)
+SELECT {cols} FROM claimed ORDER BY priority, run_at, id
+"#;
+
+/// Every acknowledgement matches id, `processing` and the fencing token;
+/// zero rows means the lease is lost and nothing changed.
+const COMPLETE: &str = r#"
+UPDATE {s}.jobs
+SET status = 'done', result = $4, locked_until = NULL, updated_at = {now}
+WHERE id = $2 AND lease_token = $3 AND status = 'processing'
+"#;
+
+/// Completes a batch in one statement, each row fenced by its own token.
+/// Of several entries for one job, the first whose token holds wins (as if
+/// they were applied in order). Returns the input positions completed.
+const COMPLETE_BATCH: &str = r#"
+WITH input AS (
+    SELECT * FROM unnest($2::int8[], $3::int8[], $4::jsonb[])
+        WITH ORDINALITY AS t(id, token, result, ord)
+), chosen AS (
+    SELECT DISTINCT ON (i.id) i.id, i.token, i.result, i.ord
+    FROM input i JOIN {s}.jobs j ON j.id = i.id
+    WHERE j.lease_token = i.token AND j.status = 'processing'
+    ORDER BY i.id, i.ord
+), done AS (
+    UPDATE {s}.jobs j
+    SET status = 'done', result = c.result, locked_until = NULL, updated_at = {now}
+    FROM chosen c
+    WHERE j.id = c.id AND j.lease_token = c.token AND j.status = 'processing'
+    RETURNING c.ord
+)
+SELECT ord FROM done
+"#;
+
+const RETRY: &str = r#"
+UPDATE {s}.jobs
+SET last_error = $5, locked_until = NULL, updated_at = {now},
+    status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'pending' END,
+    run_at = CASE WHEN attempts >= max_attempts THEN run_at
+                  ELSE {now} + $4 * interval '1 microsecond' END
+WHERE id = $2 AND lease_token = $3 AND status = 'processing'
+RETURNING status
+"#;
+
+const KILL: &str = r#"
+UPDATE {s}.jobs
+SET status = 'dead', last_error = $4, locked_until = NULL, updated_at = {now}
+WHERE id = $2 AND lease_token = $3 AND status = 'processing'
+"#;
+
+const EXTEND: &str = r#"
+UPDATE {s}.jobs
+SET locked_until = {now} + $4 * interval '1 microsecond', updated_at = {now}
+WHERE id = $2 AND lease_token = $3 AND status = 'processing'
+RETURNING locked_until
+"#;
+
+const RELEASE: &str = r#"
+UPDATE {s}.jobs
+SET status = 'pending', attempts = attempts - 1, locked_until = NULL, updated_at = {now}
+WHERE id = $2 AND lease_token = $3 AND status = 'processing'
+"#;
+
+const GET: &str = "SELECT {cols} FROM {s}.jobs WHERE id = $1";
+
+const STATS: &str = "SELECT queue, status, count(*) AS n FROM {s}.jobs GROUP BY queue, status";
+
+const CLEAN: &str = "DELETE FROM {s}.jobs WHERE status = $1 AND updated_at < $2";
+
+/// The LISTEN channels of some queues.
+const CHANNELS: &str =
+    "SELECT q AS queue, {s}.notify_channel(q) AS channel FROM unnest($1::text[]) AS q";
+
+impl Statements {
+    /// The statements for `schema` (already validated).
+    pub(crate) fn new(schema: &str) -> Self {
+        let s = format!("\"{schema}\"");
+        Self {
+            push: build(PUSH, &s),
+            find_key_holder: build(FIND_KEY_HOLDER, &s),
+            pull_one_queue: build(&PULL.replace("{queue}", "queue = $2::text"), &s),
+            pull_many_queues: build(&PULL.replace("{queue}", "queue = ANY($2::text[])"), &s),
+            complete: build(COMPLETE, &s),
+            complete_batch: build(COMPLETE_BATCH, &s),
+            retry: build(RETRY, &s),
+            kill: build(KILL, &s),
+            extend: build(EXTEND, &s),
+            release: build(RELEASE, &s),
+            get: build(GET, &s),
+            stats: build(STATS, &s),
+            clean: build(CLEAN, &s),
+            channels: build(CHANNELS, &s),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Shared by the Postgres test binaries: where the test database is, and a
+//! fresh schema per test.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use relayq_postgres::{PgBackend, PgOptions};
+use sqlx::{Connection, PgConnection};
+
+/// Test schemas are named `relayq_test_<unix seconds>_<pid>_<counter>`;
+/// ones older than this are dropped by the first test of a run.
+const STALE_AFTER: Duration = Duration::from_secs(3600);
+
+const HOW_TO: &str = "The relayq-postgres tests need a PostgreSQL server they may create \
+schemas in. Set RELAYQ_TEST_DATABASE_URL (or DATABASE_URL), e.g. \
+postgres://postgres@127.0.0.1:5432/postgres, or run scripts/test, which finds \
+a server (or starts a throwaway one) by itself.";
+
+/// The database the tests use: `RELAYQ_TEST_DATABASE_URL`, else
+/// `DATABASE_URL`, else the local default.
+pub fn database_url() -> String {
+    std::env::var("RELAYQ_TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A schema name no other test (in this or another process) uses.
+pub fn unique_schema() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "relayq_test_{}_{}_{}_{:04x}",
+        now.as_secs(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        now.subsec_nanos() & 0xffff
+    )
+}
+
+/// A direct connection to the test database; fails the test, saying how
+/// to provide one, when none is reachable.
+pub async fn admin() -> PgConnection {
+    let url = database_url();
+    match PgConnection::connect(&url).await {
+        Ok(conn) => conn,
+        Err(e) => panic!("cannot connect to the test database ({e}). {HOW_TO}"),
+    }
+}
+
+/// Drops test schemas left by runs that ended over an hour ago, once per process.
+pub async fn sweep_stale_schemas() {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            let mut conn = admin().await;
+            let names: Vec<String> = sqlx::query_scalar(
+                "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'relayq\\_test\\_%'",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .expect("list test schemas");
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            for name in names {
+                let born = name
+                    .split('_')
+                    .nth(2)
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0);
+                if now.as_secs().saturating_sub(born) > STALE_AFTER.as_secs() {
+                    // Another process may be sweeping too: ignore failures.
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                }
+            }
+        })
+        .await;
+}
+
+/// Options for a fresh schema with a small pool, so parallel tests stay
+/// well under the server's max_connections.
+pub fn options() -> PgOptions {
+    PgOptions::new(database_url())
+        .schema(unique_schema())
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(60))
+}
+
+/// Connects (and migrates) with `options`; fails the test, saying how to
+/// provide a database, when none is reachable.
+pub async fn connect(options: PgOptions) -> PgBackend {
+    sweep_stale_schemas().await;
+    match PgBackend::connect_with(options).await {
+        Ok(backend) => backend,
+        Err(e) => panic!("cannot set up a relayq schema in the test database ({e}). {HOW_TO}"),
+    }
+}
+
+/// Drops a test's schema.
+pub async fn drop_schema(schema: &str) {
+    let mut conn = admin().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("drop schema");
+}

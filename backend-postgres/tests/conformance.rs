@@ -1,0 +1,17 @@
+//! The whole conformance suite against PostgreSQL, each case in its own
+//! schema, with an injected manual clock, used only through `Arc<dyn Backend>`.
+
+mod common;
+
+use std::sync::Arc;
+
+use relayq_conformance::{EPOCH, Harness};
+use relayq_core::ManualClock;
+
+async fn fresh() -> Harness {
+    let clock = ManualClock::new(EPOCH);
+    let backend = common::connect(common::options().clock(Arc::new(clock.clone()))).await;
+    Harness::new(Arc::new(backend), clock)
+}
+
+relayq_conformance::conformance_tests!(fresh);
