@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use relayq_core::{
-    Backend, Clock, Job, JobId, LeasedJob, ManualClock, NewJob, PullRequest, PushOutcome,
+    Backend, Clock, Job, JobId, LeasedJob, ManualClock, NewJob, PullRequest, PushOutcome, Worker,
+    WorkerBuilder,
 };
 use time::{Duration, OffsetDateTime, macros::datetime};
 
@@ -34,6 +35,12 @@ impl Harness {
     /// Moves the store's time forward.
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
+    }
+
+    /// A worker builder on this store whose handlers get the harness as
+    /// their state (to move the clock or inspect the store mid-run).
+    pub fn worker(&self) -> WorkerBuilder<Harness> {
+        Worker::builder(Arc::clone(&self.backend)).state(self.clone())
     }
 
     /// Pushes a job that must be created, returning its id.

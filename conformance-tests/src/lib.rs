@@ -16,7 +16,7 @@
 //! ```
 //!
 //! The per-area modules ([`push`], [`pull`], [`lease`], [`unique`],
-//! [`observe`], [`clean`], [`wakeups`]) expose each case as a public async fn taking a
+//! [`observe`], [`clean`], [`wakeups`], [`worker`]) expose each case as a public async fn taking a
 //! fresh [`Harness`], and [`run_all`] runs every case in sequence.
 
 mod harness;
@@ -28,6 +28,7 @@ pub mod pull;
 pub mod push;
 pub mod unique;
 pub mod wakeups;
+pub mod worker;
 
 pub use harness::{EPOCH, Harness};
 
@@ -70,6 +71,16 @@ macro_rules! __for_each_case {
             clean::clean_deletes_only_old_terminal_jobs,
             clean::clean_rejects_active_statuses,
             wakeups::push_wakes_a_subscriber,
+            worker::worker_retries_follow_the_backoff_schedule,
+            worker::worker_retry_overrides_apply,
+            worker::worker_marks_dead_after_max_attempts,
+            worker::worker_kills_unusable_jobs_once,
+            worker::worker_times_out_a_slow_handler,
+            worker::worker_contains_a_panic,
+            worker::worker_renews_the_lease_of_a_long_job,
+            worker::worker_runs_up_to_concurrency_jobs_at_once,
+            worker::worker_wakes_up_on_push,
+            worker::worker_shutdown_finishes_in_flight_then_releases,
         }
     };
 }

@@ -82,8 +82,10 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
 
     let deadline = loop {
         while let Some(joined) = tasks.try_join_next() {
-            if let Err(e) = joined {
-                log_join_error(&e);
+            match joined {
+                Ok(Outcome::Retrying { delay, .. }) if delay.is_zero() => more = true,
+                Ok(_) => {}
+                Err(e) => log_join_error(&e),
             }
         }
         if let Some(deadline) = *stop.borrow_and_update() {
@@ -120,11 +122,12 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                     break Instant::now() + config.shutdown_timeout;
                 }
             }
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(e) = joined {
-                    log_join_error(&e);
-                }
-            }
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => match joined {
+                // A job given back due now needs no poll to be seen again.
+                Ok(Outcome::Retrying { delay, .. }) if delay.is_zero() => more = true,
+                Ok(_) => {}
+                Err(e) => log_join_error(&e),
+            },
             signal = next_signal(&mut wakeups), if wakeups.is_some() => {
                 more = true;
                 if signal.is_none() {

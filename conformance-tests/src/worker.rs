@@ -1,0 +1,513 @@
+//! The worker runtime on this backend: retries on the backoff schedule,
+//! `Dead` after the last attempt, unusable jobs killed once, panics and
+//! timeouts contained, leases renewed, concurrency bounded, wake-ups used,
+//! graceful shutdown.
+//!
+//! Cases that need the deterministic path use
+//! [`Worker::run_until_idle`](relayq_core::Worker::run_until_idle) with the
+//! harness's manual clock. Cases about the background runner use real time,
+//! but only through liveness bounds ([`LIVENESS`]) that a correct worker
+//! meets with a wide margin; none measures speed.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration as StdDuration;
+
+use relayq_core::{
+    Event, HandlerError, Jitter, JobContext, JobId, JobStatus, JobType, NewJob, Outcome,
+    RetryPolicy,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use time::Duration;
+
+use crate::harness::Harness;
+
+/// The longest any wait in these cases may take before the case fails: a
+/// bound on liveness, not a performance target.
+pub const LIVENESS: StdDuration = StdDuration::from_secs(20);
+
+/// The typed job every worker case runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Tells the handler what to do.
+    pub n: i64,
+}
+
+impl JobType for Task {
+    const KIND: &'static str = "conformance.task";
+}
+
+/// Awaits `fut`, failing the case if it takes longer than [`LIVENESS`].
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIVENESS, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+fn std_to_time(d: StdDuration) -> Duration {
+    Duration::try_from(d).expect("duration in range")
+}
+
+/// With an exact exponential policy (no jitter), each failed attempt is
+/// retried after base · factor^(attempt−1), capped: the job is not due a
+/// microsecond before, and runs as soon as it is.
+pub async fn worker_retries_follow_the_backoff_schedule(h: Harness) {
+    let policy = RetryPolicy::exponential()
+        .base(StdDuration::from_secs(10))
+        .factor(2.0)
+        .cap(StdDuration::from_secs(60))
+        .jitter(Jitter::None);
+    let worker = h
+        .worker()
+        .retry(policy)
+        .handle(|task: Task, ctx: JobContext<Harness>| async move {
+            Err::<(), _>(HandlerError::new(format!(
+                "failure {} of task {}",
+                ctx.attempt(),
+                task.n
+            )))
+        })
+        .build()
+        .expect("build");
+    let id = h.push(Task { n: 7 }.to_job().max_attempts(5)).await;
+    let schedule = [10, 20, 40, 60];
+    for (i, secs) in schedule.into_iter().enumerate() {
+        let attempt = i + 1;
+        let report = worker.run_until_idle().await.expect("run");
+        assert_eq!(report.ran(), 1, "attempt {attempt} runs once");
+        assert_eq!(report.retrying(), 1, "attempt {attempt} is retried");
+        let job = h.job(id).await;
+        assert_eq!(job.status, JobStatus::Pending);
+        assert_eq!(job.attempts, i32::try_from(attempt).expect("small"));
+        assert_eq!(job.run_at, h.now() + Duration::seconds(secs));
+        assert_eq!(
+            job.last_error.as_deref(),
+            Some(format!("failure {attempt} of task 7").as_str())
+        );
+        h.advance(Duration::seconds(secs) - Duration::microseconds(1));
+        assert_eq!(
+            worker.run_until_idle().await.expect("run").ran(),
+            0,
+            "not due before the delay after attempt {attempt}"
+        );
+        h.advance(Duration::microseconds(1));
+    }
+    let report = worker.run_until_idle().await.expect("run");
+    assert_eq!((report.ran(), report.dead()), (1, 1), "the fifth attempt is the last");
+    let job = h.job(id).await;
+    assert_eq!(job.status, JobStatus::Dead);
+    assert_eq!(job.attempts, 5);
+    assert_eq!(job.last_error.as_deref(), Some("failure 5 of task 7"));
+}
+
+/// A per-kind policy replaces the worker's, and a handler's
+/// `retry_after` replaces both.
+pub async fn worker_retry_overrides_apply(h: Harness) {
+    let worker = h
+        .worker()
+        .retry(RetryPolicy::fixed(StdDuration::from_secs(1000)))
+        .retry_for::<Task>(RetryPolicy::fixed(StdDuration::from_secs(5)))
+        .handle(|task: Task, _ctx: JobContext<Harness>| async move {
+            let error = HandlerError::new("try later");
+            Err::<(), _>(if task.n == 2 {
+                error.retry_after(StdDuration::from_secs(42))
+            } else {
+                error
+            })
+        })
+        .build()
+        .expect("build");
+    let by_kind = h.push(Task { n: 1 }.to_job()).await;
+    let by_handler = h.push(Task { n: 2 }.to_job()).await;
+    assert_eq!(worker.run_until_idle().await.expect("run").retrying(), 2);
+    assert_eq!(h.job(by_kind).await.run_at, h.now() + Duration::seconds(5));
+    assert_eq!(
+        h.job(by_handler).await.run_at,
+        h.now() + Duration::seconds(42)
+    );
+}
+
+/// A job that fails on every attempt is `Dead` after `max_attempts`, with
+/// the last error; a permanent error makes it `Dead` at once. Every attempt
+/// is reported as an event.
+pub async fn worker_marks_dead_after_max_attempts(h: Harness) {
+    let outcomes: Arc<Mutex<Vec<(JobId, Outcome)>>> = Arc::default();
+    let seen = Arc::clone(&outcomes);
+    let worker = h
+        .worker()
+        .retry(RetryPolicy::fixed(StdDuration::ZERO))
+        .on_event(move |event| {
+            if let Event::Finished { job, outcome } = event {
+                seen.lock()
+                    .expect("lock")
+                    .push((job.id, outcome.clone()));
+            }
+        })
+        .handle(|task: Task, _ctx: JobContext<Harness>| async move {
+            Err::<(), _>(if task.n == 0 {
+                HandlerError::permanent("cannot ever work")
+            } else {
+                HandlerError::new("flaky")
+            })
+        })
+        .build()
+        .expect("build");
+    let flaky = h.push(Task { n: 1 }.to_job().max_attempts(3)).await;
+    let hopeless = h.push(Task { n: 0 }.to_job().max_attempts(3)).await;
+    let report = worker.run_until_idle().await.expect("run");
+    assert_eq!(report.ran(), 4, "three attempts and one");
+    assert_eq!(report.dead(), 2);
+
+    let job = h.job(flaky).await;
+    assert_eq!(
+        (job.status, job.attempts, job.last_error.as_deref()),
+        (JobStatus::Dead, 3, Some("flaky"))
+    );
+    let job = h.job(hopeless).await;
+    assert_eq!(
+        (job.status, job.attempts, job.last_error.as_deref()),
+        (JobStatus::Dead, 1, Some("cannot ever work"))
+    );
+    let outcomes = outcomes.lock().expect("lock").clone();
+    let flaky_outcomes: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|(id, _)| *id == flaky)
+        .map(|(_, o)| o)
+        .collect();
+    assert!(matches!(flaky_outcomes[..], [
+        Outcome::Retrying { .. },
+        Outcome::Retrying { .. },
+        Outcome::Dead { .. }
+    ]), "{flaky_outcomes:?}");
+    assert_eq!(worker.run_until_idle().await.expect("run").ran(), 0);
+}
+
+/// A payload that does not deserialize, and a kind with no handler, are
+/// `Dead` after one attempt with an error saying why; the handler never
+/// runs for them and nothing is retried. Good jobs around them complete.
+pub async fn worker_kills_unusable_jobs_once(h: Harness) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let worker = h
+        .worker()
+        .handle(move |task: Task, _ctx: JobContext<Harness>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move { Ok::<_, HandlerError>(task.n * 10) }
+        })
+        .build()
+        .expect("build");
+    let bad_payload = h
+        .push(NewJob::new(Task::KIND, &json!({ "n": "seven" })))
+        .await;
+    let unknown = h
+        .push(NewJob::new("conformance.nobody_handles_this", &json!({})))
+        .await;
+    let good = h.push(Task { n: 4 }.to_job()).await;
+
+    let report = worker.run_until_idle().await.expect("run");
+    assert_eq!((report.ran(), report.dead(), report.completed()), (3, 2, 1));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "only the good job ran");
+
+    let job = h.job(bad_payload).await;
+    assert_eq!((job.status, job.attempts), (JobStatus::Dead, 1));
+    let error = job.last_error.expect("an error");
+    assert!(error.contains("does not deserialize"), "{error}");
+    assert!(error.contains(Task::KIND), "{error}");
+
+    let job = h.job(unknown).await;
+    assert_eq!((job.status, job.attempts), (JobStatus::Dead, 1));
+    let error = job.last_error.expect("an error");
+    assert!(error.contains("no handler"), "{error}");
+    assert!(error.contains("conformance.nobody_handles_this"), "{error}");
+
+    let job = h.job(good).await;
+    assert_eq!((job.status, job.result), (JobStatus::Done, Some(json!(40))));
+
+    h.advance(Duration::days(1));
+    assert_eq!(worker.run_until_idle().await.expect("run").ran(), 0);
+}
+
+/// A handler that overruns its kind's timeout fails the attempt with an
+/// error saying so.
+pub async fn worker_times_out_a_slow_handler(h: Harness) {
+    let worker = h
+        .worker()
+        .timeout_for::<Task>(StdDuration::from_millis(50))
+        .handle(|_task: Task, _ctx: JobContext<Harness>| async move {
+            tokio::time::sleep(LIVENESS * 2).await;
+            Ok::<_, HandlerError>(())
+        })
+        .build()
+        .expect("build");
+    let id = h.push(Task { n: 1 }.to_job().max_attempts(1)).await;
+    let report = within("the timed-out attempt", worker.run_until_idle())
+        .await
+        .expect("run");
+    assert_eq!(report.dead(), 1);
+    let job = h.job(id).await;
+    assert_eq!(job.status, JobStatus::Dead);
+    let error = job.last_error.expect("an error");
+    assert!(error.contains("timed out"), "{error}");
+}
+
+/// A panicking handler is a failed attempt (retried, then `Dead` with the
+/// panic's message), in the background runner as in test mode; the worker
+/// goes on running other jobs and stores their results.
+pub async fn worker_contains_a_panic(h: Harness) {
+    let worker = h
+        .worker()
+        .retry(RetryPolicy::fixed(StdDuration::ZERO))
+        .poll_interval(StdDuration::from_millis(50))
+        .handle(|task: Task, _ctx: JobContext<Harness>| async move {
+            if task.n == 1 {
+                panic!("boom in task {}", task.n);
+            }
+            Ok::<_, HandlerError>(json!({ "doubled": task.n * 2 }))
+        })
+        .build()
+        .expect("build");
+    let panicky = h.push(Task { n: 1 }.to_job().max_attempts(2)).await;
+    let fine = h.push(Task { n: 2 }.to_job()).await;
+    let running = worker.start();
+    let job = within("the panicking job", running.wait_for(panicky))
+        .await
+        .expect("wait_for");
+    assert_eq!((job.status, job.attempts), (JobStatus::Dead, 2));
+    let error = job.last_error.expect("an error");
+    assert!(error.contains("panicked"), "{error}");
+    assert!(error.contains("boom in task 1"), "{error}");
+    let job = within("the other job", running.wait_for(fine))
+        .await
+        .expect("wait_for");
+    assert_eq!(job.status, JobStatus::Done);
+    assert_eq!(job.result, Some(json!({ "doubled": 4 })));
+
+    // Still alive after the panics.
+    let later = h.push(Task { n: 3 }.to_job()).await;
+    let job = within("a job after the panics", running.wait_for(later))
+        .await
+        .expect("wait_for");
+    assert_eq!(job.status, JobStatus::Done);
+    running.shutdown_within(LIVENESS).await;
+
+    // Test mode contains it too.
+    let inline = h.push(Task { n: 1 }.to_job().max_attempts(1)).await;
+    let report = worker.run_until_idle().await.expect("run");
+    assert_eq!(report.dead(), 1);
+    let job = h.job(inline).await;
+    assert!(
+        job.last_error.as_deref().is_some_and(|e| e.contains("boom")),
+        "{job:?}"
+    );
+}
+
+/// While a handler runs, the worker renews its lease, so a job running for
+/// three lease lengths (on the store's clock) is never handed to another
+/// puller, and completes on its first attempt.
+pub async fn worker_renews_the_lease_of_a_long_job(h: Harness) {
+    const LEASE: StdDuration = StdDuration::from_millis(600);
+    let lease = std_to_time(LEASE);
+    let problems: Arc<Mutex<Vec<String>>> = Arc::default();
+    let report = Arc::clone(&problems);
+    let worker = h
+        .worker()
+        .lease(LEASE)
+        .handle(move |_task: Task, ctx: JobContext<Harness>| {
+            let problems = Arc::clone(&report);
+            async move {
+                let h = ctx.state();
+                for step in 1..=6 {
+                    // Half a lease passes on the store's clock...
+                    h.advance(lease / 2);
+                    // ...and the worker renews the lease from the new `now`
+                    // (within a third of a lease of real time).
+                    let renewed = tokio::time::timeout(LIVENESS / 4, async {
+                        loop {
+                            let job = h.job(ctx.id()).await;
+                            if job.locked_until == Some(h.now() + lease) {
+                                return;
+                            }
+                            tokio::time::sleep(StdDuration::from_millis(10)).await;
+                        }
+                    })
+                    .await;
+                    if renewed.is_err() {
+                        problems
+                            .lock()
+                            .expect("lock")
+                            .push(format!("step {step}: the lease was not renewed"));
+                        break;
+                    }
+                    if !h.pull(&ctx.job().queue, 1).await.is_empty() {
+                        problems
+                            .lock()
+                            .expect("lock")
+                            .push(format!("step {step}: another puller got the job"));
+                        break;
+                    }
+                }
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .build()
+        .expect("build");
+    let mut events = worker.events();
+    let id = h.push(Task { n: 1 }.to_job()).await;
+    let running = worker.start();
+    let outcome = within("the long job", async {
+        loop {
+            if let Some(Event::Finished { job, outcome }) = events.recv().await
+                && job.id == id
+            {
+                return outcome;
+            }
+        }
+    })
+    .await;
+    running.shutdown_within(LIVENESS).await;
+    assert_eq!(*problems.lock().expect("lock"), Vec::<String>::new());
+    assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
+    let job = h.job(id).await;
+    assert_eq!((job.status, job.attempts), (JobStatus::Done, 1));
+    assert!(h.now() - job.created_at >= lease * 3);
+}
+
+/// The worker runs up to `concurrency` jobs at once, and no more.
+pub async fn worker_runs_up_to_concurrency_jobs_at_once(h: Harness) {
+    const CONCURRENCY: usize = 3;
+    let barrier = Arc::new(tokio::sync::Barrier::new(CONCURRENCY));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (b, f, p) = (Arc::clone(&barrier), Arc::clone(&in_flight), Arc::clone(&peak));
+    let worker = h
+        .worker()
+        .concurrency(u32::try_from(CONCURRENCY).expect("small"))
+        .poll_interval(StdDuration::from_millis(50))
+        .handle(move |task: Task, _ctx: JobContext<Harness>| {
+            let (barrier, in_flight, peak) = (Arc::clone(&b), Arc::clone(&f), Arc::clone(&p));
+            async move {
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                // Only passes once CONCURRENCY jobs run together.
+                barrier.wait().await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(task.n)
+            }
+        })
+        .build()
+        .expect("build");
+    let mut ids = Vec::new();
+    for n in 0..2 * CONCURRENCY {
+        ids.push(h.push(Task { n: n as i64 }.to_job()).await);
+    }
+    let running = worker.start();
+    for (n, id) in ids.into_iter().enumerate() {
+        let job = within("a job behind the barrier", running.wait_for(id))
+            .await
+            .expect("wait_for");
+        assert_eq!(job.status, JobStatus::Done);
+        assert_eq!(job.result, Some(json!(n)));
+    }
+    running.shutdown_within(LIVENESS).await;
+    assert_eq!(peak.load(Ordering::SeqCst), CONCURRENCY);
+}
+
+/// On a backend that declares wake-ups, an idle worker runs a job pushed
+/// later at once, without waiting for its (hour-long) poll.
+pub async fn worker_wakes_up_on_push(h: Harness) {
+    let caps = h.backend.capabilities();
+    if !caps.in_process_wakeups && !caps.cross_process_wakeups {
+        return;
+    }
+    let worker = h
+        .worker()
+        .poll_interval(StdDuration::from_secs(3600))
+        .handle(|task: Task, _ctx: JobContext<Harness>| async move {
+            Ok::<_, HandlerError>(task.n)
+        })
+        .build()
+        .expect("build");
+    let running = worker.start();
+    let first = h.push(Task { n: 1 }.to_job()).await;
+    within("the first job", running.wait_for(first))
+        .await
+        .expect("wait_for");
+    // The worker is idle now: only a wake-up can start this one in time.
+    let second = h.push(Task { n: 2 }.to_job()).await;
+    let job = within("a job pushed to an idle worker", running.wait_for(second))
+        .await
+        .expect("wait_for");
+    assert_eq!(job.status, JobStatus::Done);
+    running.shutdown_within(LIVENESS).await;
+}
+
+/// Shutdown stops pulling at once, lets in-flight jobs finish within the
+/// deadline, then releases the rest: `Pending`, the attempt given back,
+/// eligible for another worker without waiting for the lease to expire.
+pub async fn worker_shutdown_finishes_in_flight_then_releases(h: Harness) {
+    let worker = h
+        .worker()
+        .concurrency(4)
+        .handle(|task: Task, ctx: JobContext<Harness>| async move {
+            match task.n {
+                // Finishes once shutdown begins, enqueueing a job that no
+                // one may pull any more.
+                1 => {
+                    ctx.shutdown_requested().await;
+                    ctx.state().push(Task { n: 3 }.to_job()).await;
+                    Ok::<_, HandlerError>(())
+                }
+                // Never finishes by itself.
+                _ => std::future::pending().await,
+            }
+        })
+        .build()
+        .expect("build");
+    let mut events = worker.events();
+    let finishing = h.push(Task { n: 1 }.to_job()).await;
+    let stuck = h.push(Task { n: 2 }.to_job()).await;
+    let running = worker.start();
+    let mut started = 0;
+    within("both jobs to start", async {
+        while started < 2 {
+            if let Some(Event::Started { .. }) = events.recv().await {
+                started += 1;
+            }
+        }
+    })
+    .await;
+
+    let report = within(
+        "shutdown",
+        running.shutdown_within(StdDuration::from_secs(1)),
+    )
+    .await;
+    assert_eq!(
+        (report.finished, report.released),
+        (1, 1),
+        "one finished in the grace period, one released: {report:?}"
+    );
+
+    assert_eq!(h.job(finishing).await.status, JobStatus::Done);
+    let job = h.job(stuck).await;
+    assert_eq!(
+        (job.status, job.attempts, job.locked_until),
+        (JobStatus::Pending, 0, None),
+        "released with the attempt given back"
+    );
+    // Another worker gets both the released job and the one pushed during
+    // shutdown, at once.
+    let leased = h.pull("default", 10).await;
+    let mut ids: Vec<JobId> = leased.iter().map(|l| l.job.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], stuck);
+    let third = leased
+        .iter()
+        .find(|l| l.job.id != stuck)
+        .expect("the job pushed during shutdown");
+    assert_eq!(third.job.payload, json!({ "n": 3 }));
+    assert_eq!(third.job.attempts, 1, "never started before");
+}
