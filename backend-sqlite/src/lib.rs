@@ -1,4 +1,879 @@
-//! relayq's SQLite backend.
+//! relayq's SQLite backend, for development and single-host applications.
+//!
+//! [`SqliteBackend`] stores jobs in one SQLite file (or an in-memory
+//! database) and obeys the same contract as the PostgreSQL and memory
+//! backends, so an application moves to PostgreSQL by changing its URL.
+//!
+//! ```no_run
+//! use relayq_core::{NewJob, PullRequest, Puller, Pusher};
+//! use relayq_sqlite::SqliteBackend;
+//! use serde_json::json;
+//!
+//! # async fn run() -> relayq_core::Result<()> {
+//! let queue = SqliteBackend::connect("sqlite://jobs.db").await?;
+//! queue.push(NewJob::new("greet", &json!({"name": "Ada"}))).await?;
+//! let leased = queue.pull(&PullRequest::queue("default")).await?;
+//! queue.complete(&leased[0].lease, None).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How it uses SQLite
+//!
+//! - **SQLite 3.37 or newer** ([`MIN_SQLITE_VERSION`]): claims use
+//!   `UPDATE … RETURNING` (3.35) and the table is `STRICT` (3.37). sqlx's
+//!   `sqlite` feature compiles in its own copy of SQLite (3.51.x with
+//!   sqlx 0.9.0 / libsqlite3-sys 0.37), and connecting checks the version.
+//! - **WAL**, `synchronous = NORMAL`, `foreign_keys = ON` and a busy timeout
+//!   on every connection: readers never block the writer or each other.
+//! - **Every write is one `BEGIN IMMEDIATE` transaction.** It takes the write
+//!   lock up front, so a transaction never has to upgrade a read lock
+//!   midway — the deadlock-shaped `SQLITE_BUSY` that no busy timeout can
+//!   cure. Writers of one process queue on an async mutex instead of
+//!   spinning in SQLite's busy handler; writers of other processes wait in
+//!   the busy handler. Should `SQLITE_BUSY` or `SQLITE_LOCKED` still come
+//!   back (another process held the lock past the busy timeout), the whole
+//!   transaction is retried with backoff until the
+//!   [lock timeout](SqliteOptions::lock_timeout): it never reaches the caller
+//!   as such.
+//! - **A claim is one `UPDATE … WHERE id IN (SELECT … ORDER BY priority,
+//!   run_at, id LIMIT ?) RETURNING …`**, in the same transaction as the
+//!   statement that marks abandoned last-attempt jobs `Dead`. Each queue's
+//!   candidates come from partial indexes in pull order, so a claim reads
+//!   about `batch` index entries per queue however long the backlog is.
+//! - Timestamps are `INTEGER` microseconds since the Unix epoch (exact,
+//!   sortable, relayq's precision); payloads and results are JSON text.
+//!   `now` comes from the host clock ([`relayq_core::SystemClock`]) unless
+//!   another [`Clock`] is injected: SQLite has no server clock.
+//! - Ids come from `AUTOINCREMENT`, so an id is never reused after `clean`
+//!   deletes the newest job, and a stale lease can never match a new job.
+//!
+//! # In-memory databases
+//!
+//! `sqlite::memory:` (also `sqlite://:memory:`, `sqlite://?mode=memory`)
+//! opens a private in-memory database on a pool of **exactly one
+//! connection** that is never closed while the backend lives. An in-memory
+//! database lives as long as the connection that opened it, and a second
+//! connection would see an empty database of its own; SQLite's shared-cache
+//! mode could share it, but it is discouraged by SQLite, uses table-level
+//! locks whose `SQLITE_LOCKED` errors ignore the busy timeout, and loses the
+//! data whenever the pool closes its last idle connection. With one
+//! connection every operation is serialized — which SQLite does for writes
+//! anyway — and nothing can be lost. Do not hold a transaction from
+//! [`SqliteBackend::pool`] open while awaiting another operation of the same
+//! in-memory backend: that operation waits for the one connection.
+//!
+//! # Transactional enqueue
+//!
+//! [`SqliteBackend::push_in`] and [`SqliteBackend::push_batch_in`] insert jobs
+//! inside the caller's own transaction, so the jobs exist exactly if the
+//! caller's other writes commit. Start that transaction with
+//! `BEGIN IMMEDIATE` (see [`SqliteBackend::begin`]) so it cannot fail midway
+//! with `SQLITE_BUSY_SNAPSHOT`.
+//!
+//! # Wake-ups
+//!
+//! [`Backend::subscribe`] signals pushes made through the same backend value
+//! (or its clones) at once, through a watch channel that never loses a
+//! signal between waits. For a file database it also polls
+//! `PRAGMA data_version` on a dedicated connection every
+//! [poll interval](SqliteOptions::poll_interval) and signals when another
+//! connection or process stored a new job, so workers in other processes
+//! wake within one interval.
+//!
+//! # Throughput
+//!
+//! Figures for the standard workload will be published here once the
+//! workspace's benchmark program exists.
+
+mod options;
+mod retry;
+mod rows;
+mod schema;
+mod wakeups;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration as StdDuration;
+
+use async_trait::async_trait;
+use relayq_core::{
+    Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
+    LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller,
+    PushOutcome, Pusher, Result, Stats, ValidJob, Wakeups, check_lease, check_result, check_retry,
+    check_text, validate_batch,
+};
+use sea_query::{Expr, ExprTrait, Iden, Order, Query, SqliteQueryBuilder};
+use sea_query_sqlx::SqlxBinder;
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use sqlx::{AssertSqlSafe, Row, Sqlite, SqliteConnection, Transaction};
+use time::{Duration, OffsetDateTime};
+use tokio::sync::watch;
+
+pub use options::SqliteOptions;
+
+use retry::{Backoff, Fail};
+use rows::{COLUMNS, TABLE, job_from_row, micros};
 
 /// URL schemes this backend accepts in a connection URL.
 pub const URL_SCHEMES: &[&str] = &["sqlite"];
+
+/// The oldest SQLite this backend runs on: `RETURNING` needs 3.35 and
+/// `STRICT` tables 3.37.
+pub const MIN_SQLITE_VERSION: &str = "3.37.0";
+
+/// A job store in one SQLite database. Clones share the pool, the write
+/// lock and the wake-up channel.
+///
+/// Open it with [`SqliteBackend::connect`] or [`SqliteBackend::connect_with`];
+/// use it through the core traits ([`Pusher`], [`Puller`], [`Observer`],
+/// [`Cleaner`], [`Backend`]).
+#[derive(Clone)]
+pub struct SqliteBackend {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pool: SqlitePool,
+    /// How the pool connects; the wake-up poller opens its own connection.
+    connect: SqliteConnectOptions,
+    clock: Arc<dyn Clock>,
+    in_memory: bool,
+    /// Serializes this process's write transactions.
+    writer: tokio::sync::Mutex<()>,
+    lock_timeout: StdDuration,
+    poll_interval: StdDuration,
+    /// Bumped after every push that stored a job; subscribers watch it.
+    pushed: watch::Sender<u64>,
+    /// Whether the cross-process poller task runs.
+    poller: Mutex<bool>,
+    lock_retries: AtomicU64,
+}
+
+impl fmt::Debug for SqliteBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.shared;
+        let mut d = f.debug_struct("SqliteBackend");
+        if s.in_memory {
+            d.field("database", &":memory:");
+        } else {
+            d.field("database", &s.connect.get_filename());
+        }
+        d.field("connections", &s.pool.size())
+            .field("clock", &s.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs `$body` in a `BEGIN IMMEDIATE` transaction on a pooled connection,
+/// under this process's write lock, with `$now` read once the lock is held.
+/// `?` inside `$body` converts driver and relayq errors; a relayq error ends
+/// the operation, a lock error retries the whole transaction with backoff.
+macro_rules! write_tx {
+    ($backend:expr, |$tx:ident, $now:ident| $body:block) => {{
+        let shared = &$backend.shared;
+        let mut backoff = Backoff::new(shared.lock_timeout);
+        loop {
+            let attempt: std::result::Result<_, Fail> = async {
+                let _writer = shared.writer.lock().await;
+                let mut $tx: Transaction<'static, Sqlite> =
+                    shared.pool.begin_with("BEGIN IMMEDIATE").await?;
+                let $now: OffsetDateTime = shared.clock.now();
+                let outcome: std::result::Result<_, Fail> = async { Ok($body) }.await;
+                match outcome {
+                    Ok(out) => {
+                        $tx.commit().await?;
+                        Ok(out)
+                    }
+                    Err(fail) => {
+                        // Roll back before the write lock is released.
+                        let _ = $tx.rollback().await;
+                        Err(fail)
+                    }
+                }
+            }
+            .await;
+            match attempt {
+                Ok(out) => break Ok(out),
+                Err(fail) => {
+                    if let Err(e) = backoff.after(fail, &shared.lock_retries).await {
+                        break Err(e);
+                    }
+                }
+            }
+        }
+    }};
+}
+
+/// Runs the read `$body` (which uses `$pool`), retrying lock errors.
+macro_rules! read {
+    ($backend:expr, |$pool:ident| $body:block) => {{
+        let shared = &$backend.shared;
+        let mut backoff = Backoff::new(shared.lock_timeout);
+        loop {
+            let $pool = &shared.pool;
+            let attempt: std::result::Result<_, Fail> = async { Ok($body) }.await;
+            match attempt {
+                Ok(out) => break Ok(out),
+                Err(fail) => {
+                    if let Err(e) = backoff.after(fail, &shared.lock_retries).await {
+                        break Err(e);
+                    }
+                }
+            }
+        }
+    }};
+}
+
+impl SqliteBackend {
+    /// Opens the database at `url` with default [`SqliteOptions`] and runs
+    /// [`Self::migrate`]. A file database is created if missing.
+    ///
+    /// A URL this backend cannot use is [`Error::Config`]; a database that
+    /// cannot be opened (missing directory, permissions, not a database) is
+    /// [`Error::Backend`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(SqliteOptions::new(url)).await
+    }
+
+    /// Opens the database described by `options`, then runs
+    /// [`Self::migrate`] unless [`SqliteOptions::run_migrations`] is off.
+    pub async fn connect_with(options: SqliteOptions) -> Result<Self> {
+        let resolved = options.resolve()?;
+        let pool_options = if resolved.in_memory {
+            // The one connection holds the database: never let it go.
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+        } else {
+            SqlitePoolOptions::new().max_connections(options.max_connections)
+        };
+        let pool = pool_options
+            .connect_with(resolved.connect.clone())
+            .await
+            .map_err(retry::map_sqlx)?;
+        let backend = Self {
+            shared: Arc::new(Shared {
+                pool,
+                connect: resolved.connect,
+                clock: options.clock,
+                in_memory: resolved.in_memory,
+                writer: tokio::sync::Mutex::new(()),
+                lock_timeout: options.lock_timeout,
+                poll_interval: options.poll_interval,
+                pushed: watch::Sender::new(0),
+                poller: Mutex::new(false),
+                lock_retries: AtomicU64::new(0),
+            }),
+        };
+        backend.check_version().await?;
+        if options.migrate {
+            backend.migrate().await?;
+        }
+        Ok(backend)
+    }
+
+    async fn check_version(&self) -> Result<()> {
+        let version: String = read!(self, |pool| {
+            sqlx::query_scalar("SELECT sqlite_version()")
+                .fetch_one(pool)
+                .await?
+        })?;
+        if parse_version(&version) < parse_version(MIN_SQLITE_VERSION) {
+            return Err(Error::Config {
+                reason: format!(
+                    "SQLite {version} is too old: relayq-sqlite needs {MIN_SQLITE_VERSION} or newer"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Brings the schema up to date: applies every embedded migration newer
+    /// than the database's recorded version, in one `BEGIN IMMEDIATE`
+    /// transaction. Idempotent, and safe when several processes migrate the
+    /// same file at once. A database whose schema is newer than this build
+    /// knows is [`Error::Config`]. Returns the versions applied (empty when
+    /// already current).
+    pub async fn migrate(&self) -> Result<Vec<i64>> {
+        write_tx!(self, |tx, now| { schema::migrate(&mut tx, now).await? })
+    }
+
+    /// The connection pool, e.g. to begin a transaction for
+    /// [`Self::push_in`]. Prefer [`Self::begin`], which starts it with
+    /// `BEGIN IMMEDIATE`.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.shared.pool
+    }
+
+    /// Begins a `BEGIN IMMEDIATE` transaction on a pooled connection, for the
+    /// caller's own writes plus [`Self::push_in`]. It holds the database's
+    /// write lock until it commits or rolls back, so keep it short. Lock
+    /// errors while beginning are retried like any other write.
+    pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
+        read!(self, |pool| { pool.begin_with("BEGIN IMMEDIATE").await? })
+    }
+
+    /// Enqueues `job` inside the caller's open transaction on `conn`: the
+    /// job is stored if and only if that transaction commits. Validation,
+    /// defaults and unique keys work as in [`Pusher::push`]. Start the
+    /// transaction with `BEGIN IMMEDIATE` ([`Self::begin`]); a lock error
+    /// here is returned as [`Error::Backend`] since only the caller can
+    /// retry its transaction.
+    pub async fn push_in(&self, conn: &mut SqliteConnection, job: NewJob) -> Result<PushOutcome> {
+        let mut outcomes = self.push_batch_in(conn, vec![job]).await?;
+        outcomes
+            .pop()
+            .ok_or_else(|| Error::backend("a one-job push returned no outcome"))
+    }
+
+    /// Enqueues `jobs` inside the caller's open transaction on `conn`, like
+    /// [`Pusher::push_batch`]: one invalid job rejects them all before
+    /// anything is written.
+    pub async fn push_batch_in(
+        &self,
+        conn: &mut SqliteConnection,
+        jobs: Vec<NewJob>,
+    ) -> Result<Vec<PushOutcome>> {
+        let jobs = prepare(jobs)?;
+        let now = self.shared.clock.now();
+        let outcomes = insert_jobs(conn, &jobs, now)
+            .await
+            .map_err(|fail| match fail {
+                Fail::Core(e) => e,
+                Fail::Db(e) => retry::map_sqlx(e),
+            })?;
+        // The insert holds the write lock until the caller's transaction
+        // ends, so a woken worker's pull waits for the commit and sees the job.
+        self.notify_pushed(&outcomes);
+        Ok(outcomes)
+    }
+
+    /// How many times an operation was retried because the database was
+    /// locked, since this backend was opened (shared by its clones). For
+    /// monitoring lock contention between processes.
+    pub fn lock_retries(&self) -> u64 {
+        self.shared.lock_retries.load(Ordering::Relaxed)
+    }
+
+    /// Closes every pooled connection; later operations fail.
+    pub async fn close(&self) {
+        self.shared.pool.close().await;
+    }
+
+    fn notify_pushed(&self, outcomes: &[PushOutcome]) {
+        if outcomes.iter().any(|o| !o.is_duplicate()) {
+            self.shared.pushed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
+/// "3.51.3" as (3, 51, 3); missing or bad parts count as 0.
+fn parse_version(v: &str) -> (u32, u32, u32) {
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let mut next = || parts.next().unwrap_or(0);
+    (next(), next(), next())
+}
+
+/// A validated job with its payload already serialized.
+struct Prepared {
+    job: ValidJob,
+    payload: String,
+}
+
+fn prepare(jobs: Vec<NewJob>) -> Result<Vec<Prepared>> {
+    Ok(validate_batch(jobs)?
+        .into_iter()
+        .map(|job| Prepared {
+            payload: job.payload.to_string(),
+            job,
+        })
+        .collect())
+}
+
+/// Inserts `jobs` in order on `conn`, inside whatever transaction it holds.
+async fn insert_jobs(
+    conn: &mut SqliteConnection,
+    jobs: &[Prepared],
+    now: OffsetDateTime,
+) -> Result<Vec<PushOutcome>, Fail> {
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for Prepared { job, payload } in jobs {
+        let run_at = job.run_at(now)?;
+        // `ON CONFLICT DO NOTHING` covers the partial unique index on
+        // (queue, unique_key) of active jobs: a duplicate inserts nothing.
+        let id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO relayq_jobs (queue, kind, payload, priority, status, attempts, \
+             max_attempts, lease_token, run_at, unique_key, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, 'pending', 0, ?, 0, ?, ?, ?, ?) \
+             ON CONFLICT DO NOTHING RETURNING id",
+        )
+        .bind(&job.queue)
+        .bind(&job.kind)
+        .bind(payload)
+        .bind(i64::from(job.priority))
+        .bind(job.max_attempts)
+        .bind(micros(run_at))
+        .bind(&job.unique_key)
+        .bind(micros(now))
+        .bind(micros(now))
+        .fetch_optional(&mut *conn)
+        .await?;
+        let outcome = match (id, &job.unique_key) {
+            (Some(id), _) => PushOutcome::Created(id),
+            (None, Some(key)) => {
+                let existing: i64 = sqlx::query_scalar(
+                    "SELECT id FROM relayq_jobs WHERE queue = ? AND unique_key = ? \
+                     AND status IN ('pending', 'processing')",
+                )
+                .bind(&job.queue)
+                .bind(key)
+                .fetch_one(&mut *conn)
+                .await?;
+                PushOutcome::Duplicate(existing)
+            }
+            (None, None) => {
+                return Err(Fail::Core(Error::backend(
+                    "an insert without a unique key stored nothing",
+                )));
+            }
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// Marks `Dead` every expired lease on its last attempt in the named queues.
+fn sweep_sql(queues: usize) -> String {
+    let marks = vec!["?"; queues].join(", ");
+    format!(
+        "UPDATE {TABLE} SET status = 'dead', last_error = ?, locked_until = NULL, updated_at = ? \
+         WHERE status = 'processing' AND queue IN ({marks}) AND locked_until < ? \
+         AND attempts >= max_attempts"
+    )
+}
+
+/// Leases up to `batch` eligible jobs of the named queues in pull order.
+/// Each queue contributes its first `batch` due pending jobs (from the claim
+/// index, already in order) and its first `batch` expired leases.
+fn claim_sql(queues: usize) -> String {
+    let branch = format!(
+        "SELECT id, priority, run_at FROM (SELECT id, priority, run_at FROM {TABLE} \
+         WHERE status = 'pending' AND queue = ? AND run_at <= ? \
+         ORDER BY priority, run_at, id LIMIT ?) \
+         UNION ALL \
+         SELECT id, priority, run_at FROM (SELECT id, priority, run_at FROM {TABLE} \
+         WHERE status = 'processing' AND queue = ? AND locked_until < ? \
+         AND attempts < max_attempts ORDER BY priority, run_at, id LIMIT ?)"
+    );
+    let branches = vec![branch; queues].join(" UNION ALL ");
+    format!(
+        "UPDATE {TABLE} SET status = 'processing', attempts = attempts + 1, \
+         lease_token = lease_token + 1, locked_until = ?, updated_at = ? \
+         WHERE id IN (SELECT id FROM ({branches}) ORDER BY priority, run_at, id LIMIT ?) \
+         RETURNING {COLUMNS}"
+    )
+}
+
+/// `at + by`, or `InvalidInput` naming `field` when out of range.
+fn later(at: OffsetDateTime, by: Duration, field: &'static str) -> Result<OffsetDateTime> {
+    at.checked_add(by)
+        .ok_or_else(|| Error::invalid(field, "puts the time out of range"))
+}
+
+#[async_trait]
+impl Pusher for SqliteBackend {
+    async fn push(&self, job: NewJob) -> Result<PushOutcome> {
+        let mut outcomes = self.push_batch(vec![job]).await?;
+        outcomes
+            .pop()
+            .ok_or_else(|| Error::backend("a one-job push returned no outcome"))
+    }
+
+    async fn push_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<PushOutcome>> {
+        let jobs = prepare(jobs)?;
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let outcomes = write_tx!(self, |tx, now| { insert_jobs(&mut tx, &jobs, now).await? })?;
+        self.notify_pushed(&outcomes);
+        Ok(outcomes)
+    }
+}
+
+#[async_trait]
+impl Puller for SqliteBackend {
+    async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>> {
+        request.validate()?;
+        let queues: Vec<&str> = request
+            .queues
+            .iter()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let batch = i64::from(request.batch);
+        let sweep = sweep_sql(queues.len());
+        let claim = claim_sql(queues.len());
+        let mut leased = write_tx!(self, |tx, now| {
+            let until = later(now, request.lease, "lease")?;
+            let mut query = sqlx::query(AssertSqlSafe(sweep.as_str()))
+                .bind(LEASE_EXPIRED_ERROR)
+                .bind(micros(now));
+            for queue in &queues {
+                query = query.bind(*queue);
+            }
+            query.bind(micros(now)).execute(&mut *tx).await?;
+
+            let mut query = sqlx::query(AssertSqlSafe(claim.as_str()))
+                .bind(micros(until))
+                .bind(micros(now));
+            for queue in &queues {
+                query = query
+                    .bind(*queue)
+                    .bind(micros(now))
+                    .bind(batch)
+                    .bind(*queue)
+                    .bind(micros(now))
+                    .bind(batch);
+            }
+            let rows = query.bind(batch).fetch_all(&mut *tx).await?;
+            rows.iter()
+                .map(|row| {
+                    let job = job_from_row(row)?;
+                    Ok(LeasedJob {
+                        lease: Lease {
+                            job_id: job.id,
+                            token: job.lease_token,
+                        },
+                        job,
+                    })
+                })
+                .collect::<std::result::Result<Vec<_>, Fail>>()?
+        })?;
+        // RETURNING yields rows in no promised order.
+        leased.sort_unstable_by_key(|l| (l.job.priority, l.job.run_at, l.job.id));
+        Ok(leased)
+    }
+
+    async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {
+        check_result(result.as_ref())?;
+        let result = result.map(|r| r.to_string());
+        let lost = write_tx!(self, |tx, now| {
+            complete_one(&mut tx, lease, result.as_deref(), now).await?
+        })?;
+        if lost { Err(lease.lost()) } else { Ok(()) }
+    }
+
+    async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<Lease>> {
+        for c in &completions {
+            check_result(c.result.as_ref())?;
+        }
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let completions: Vec<(Lease, Option<String>)> = completions
+            .into_iter()
+            .map(|c| (c.lease, c.result.map(|r| r.to_string())))
+            .collect();
+        write_tx!(self, |tx, now| {
+            let mut lost = Vec::new();
+            for (lease, result) in &completions {
+                if complete_one(&mut tx, lease, result.as_deref(), now).await? {
+                    lost.push(*lease);
+                }
+            }
+            lost
+        })
+    }
+
+    async fn retry(&self, lease: &Lease, delay: Duration, error: &str) -> Result<JobStatus> {
+        check_retry(delay, error)?;
+        let status: Option<String> = write_tx!(self, |tx, now| {
+            let run_at = later(now, delay, "delay")?;
+            sqlx::query_scalar(
+                "UPDATE relayq_jobs SET \
+                 status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'pending' END, \
+                 run_at = CASE WHEN attempts >= max_attempts THEN run_at ELSE ? END, \
+                 last_error = ?, locked_until = NULL, updated_at = ? \
+                 WHERE id = ? AND status = 'processing' AND lease_token = ? \
+                 RETURNING status",
+            )
+            .bind(micros(run_at))
+            .bind(error)
+            .bind(micros(now))
+            .bind(lease.job_id)
+            .bind(lease.token)
+            .fetch_optional(&mut *tx)
+            .await?
+        })?;
+        match status {
+            Some(status) => status
+                .parse()
+                .map_err(|_| Error::backend(format!("retry stored an unknown status {status:?}"))),
+            None => Err(lease.lost()),
+        }
+    }
+
+    async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
+        check_text("error", error)?;
+        fenced(
+            self,
+            lease,
+            "UPDATE relayq_jobs SET status = 'dead', last_error = ?, locked_until = NULL, \
+             updated_at = ? WHERE id = ? AND status = 'processing' AND lease_token = ?",
+            Some(error),
+        )
+        .await
+    }
+
+    async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
+        check_lease("by", by)?;
+        let until = write_tx!(self, |tx, now| {
+            let until = later(now, by, "by")?;
+            let done = sqlx::query(
+                "UPDATE relayq_jobs SET locked_until = ?, updated_at = ? \
+                 WHERE id = ? AND status = 'processing' AND lease_token = ?",
+            )
+            .bind(micros(until))
+            .bind(micros(now))
+            .bind(lease.job_id)
+            .bind(lease.token)
+            .execute(&mut *tx)
+            .await?;
+            (done.rows_affected() == 1).then_some(until)
+        })?;
+        until.ok_or_else(|| lease.lost())
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        fenced(
+            self,
+            lease,
+            "UPDATE relayq_jobs SET status = 'pending', attempts = attempts - 1, \
+             locked_until = NULL, updated_at = ? \
+             WHERE id = ? AND status = 'processing' AND lease_token = ?",
+            None,
+        )
+        .await
+    }
+}
+
+/// Completes one job; returns whether its lease was lost.
+async fn complete_one(
+    conn: &mut SqliteConnection,
+    lease: &Lease,
+    result: Option<&str>,
+    now: OffsetDateTime,
+) -> Result<bool, Fail> {
+    let done = sqlx::query(
+        "UPDATE relayq_jobs SET status = 'done', result = ?, locked_until = NULL, updated_at = ? \
+         WHERE id = ? AND status = 'processing' AND lease_token = ?",
+    )
+    .bind(result)
+    .bind(micros(now))
+    .bind(lease.job_id)
+    .bind(lease.token)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 0)
+}
+
+/// Runs a fenced `UPDATE` whose parameters are `[first,] updated_at, id,
+/// token`: `LeaseLost` when it matched no row.
+async fn fenced(
+    backend: &SqliteBackend,
+    lease: &Lease,
+    sql: &'static str,
+    first: Option<&str>,
+) -> Result<()> {
+    let changed = write_tx!(backend, |tx, now| {
+        let mut query = sqlx::query(sql);
+        if let Some(first) = first {
+            query = query.bind(first);
+        }
+        query
+            .bind(micros(now))
+            .bind(lease.job_id)
+            .bind(lease.token)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+    })?;
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(lease.lost())
+    }
+}
+
+/// The jobs table and its columns, for sea-query.
+#[derive(Iden, Clone, Copy)]
+enum Jobs {
+    #[iden = "relayq_jobs"]
+    Table,
+    Id,
+    Queue,
+    Kind,
+    Payload,
+    Priority,
+    Status,
+    Attempts,
+    MaxAttempts,
+    LeaseToken,
+    RunAt,
+    LockedUntil,
+    UniqueKey,
+    LastError,
+    Result,
+    CreatedAt,
+    UpdatedAt,
+}
+
+const ALL_COLUMNS: [Jobs; 16] = [
+    Jobs::Id,
+    Jobs::Queue,
+    Jobs::Kind,
+    Jobs::Payload,
+    Jobs::Priority,
+    Jobs::Status,
+    Jobs::Attempts,
+    Jobs::MaxAttempts,
+    Jobs::LeaseToken,
+    Jobs::RunAt,
+    Jobs::LockedUntil,
+    Jobs::UniqueKey,
+    Jobs::LastError,
+    Jobs::Result,
+    Jobs::CreatedAt,
+    Jobs::UpdatedAt,
+];
+
+#[async_trait]
+impl Observer for SqliteBackend {
+    async fn get(&self, id: JobId) -> Result<Option<Job>> {
+        read!(self, |pool| {
+            let row = sqlx::query(AssertSqlSafe(GET_SQL.as_str()))
+                .bind(id)
+                .fetch_optional(pool)
+                .await?;
+            row.as_ref().map(job_from_row).transpose()?
+        })
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<JobPage> {
+        filter.validate()?;
+        let limit = filter.limit as usize;
+        let (sql, values) = Query::select()
+            .columns(ALL_COLUMNS)
+            .from(Jobs::Table)
+            .and_where_option(
+                filter
+                    .status
+                    .map(|s| Expr::col(Jobs::Status).eq(s.as_str())),
+            )
+            .and_where_option(
+                filter
+                    .queue
+                    .as_deref()
+                    .map(|q| Expr::col(Jobs::Queue).eq(q)),
+            )
+            .and_where_option(filter.kind.as_deref().map(|k| Expr::col(Jobs::Kind).eq(k)))
+            .and_where_option(filter.after.map(|after| Expr::col(Jobs::Id).gt(after)))
+            .order_by(Jobs::Id, Order::Asc)
+            .limit(filter.limit as u64 + 1)
+            .build_sqlx(SqliteQueryBuilder);
+        let mut jobs = read!(self, |pool| {
+            let rows = sqlx::query_with(AssertSqlSafe(sql.as_str()), values.clone())
+                .fetch_all(pool)
+                .await?;
+            rows.iter()
+                .map(job_from_row)
+                .collect::<std::result::Result<Vec<_>, Fail>>()?
+        })?;
+        let next = if jobs.len() > limit {
+            jobs.truncate(limit);
+            jobs.last().map(|job| job.id)
+        } else {
+            None
+        };
+        Ok(JobPage { jobs, next })
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let rows = read!(self, |pool| {
+            sqlx::query(
+                "SELECT queue, status, COUNT(*) AS n FROM relayq_jobs GROUP BY queue, status",
+            )
+            .fetch_all(pool)
+            .await?
+        })?;
+        let mut stats = Stats::default();
+        for row in rows {
+            let queue: String = row.try_get("queue").map_err(Error::backend)?;
+            let status: String = row.try_get("status").map_err(Error::backend)?;
+            let n: i64 = row.try_get("n").map_err(Error::backend)?;
+            let status: JobStatus = status
+                .parse()
+                .map_err(|_| Error::backend(format!("unknown status {status:?} in the table")))?;
+            stats
+                .queues
+                .entry(queue)
+                .or_default()
+                .add(status, n.unsigned_abs());
+        }
+        Ok(stats)
+    }
+}
+
+/// `get`'s query, built once.
+static GET_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {COLUMNS} FROM {TABLE} WHERE id = ?"));
+
+#[async_trait]
+impl Cleaner for SqliteBackend {
+    async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64> {
+        if !status.is_terminal() {
+            return Err(Error::invalid(
+                "status",
+                format!("only terminal jobs can be cleaned, not {status}"),
+            ));
+        }
+        write_tx!(self, |tx, _now| {
+            // The literal IN list lets SQLite use the partial index on
+            // finished jobs; the bound status picks one of them.
+            sqlx::query(
+                "DELETE FROM relayq_jobs WHERE status IN ('done', 'dead', 'cancelled') \
+                 AND status = ? AND updated_at < ?",
+            )
+            .bind(status.as_str())
+            .bind(micros(before))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        })
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    fn capabilities(&self) -> Capabilities {
+        let file = !self.shared.in_memory;
+        Capabilities::none()
+            .durable(file)
+            .multi_process(file)
+            .server_clock(false)
+            .transactional_enqueue(true)
+            .cross_process_wakeups(file)
+            .in_process_wakeups(true)
+    }
+
+    async fn subscribe(&self, _queues: &[String]) -> Result<Option<Wakeups>> {
+        wakeups::subscribe(&self.shared).await.map(Some)
+    }
+}

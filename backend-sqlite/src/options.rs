@@ -1,0 +1,222 @@
+//! [`SqliteOptions`]: the URL and the knobs of a [`SqliteBackend`](crate::SqliteBackend).
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use relayq_core::{Clock, Error, Result, SystemClock};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+
+/// How to open a [`SqliteBackend`](crate::SqliteBackend): the URL plus pool,
+/// locking, wake-up and clock settings. Every setter has a sensible default.
+///
+/// URLs:
+/// - `sqlite://path/to/jobs.db` or `sqlite:jobs.db` — a file, created if
+///   missing, opened in WAL mode;
+/// - `sqlite::memory:`, `sqlite://:memory:` or `sqlite://?mode=memory` — a
+///   private in-memory database (see [`SqliteBackend`](crate::SqliteBackend)
+///   for how it is shared by the backend's clones).
+///
+/// ```
+/// use std::time::Duration;
+/// use relayq_sqlite::SqliteOptions;
+///
+/// let options = SqliteOptions::new("sqlite://jobs.db")
+///     .max_connections(4)
+///     .busy_timeout(Duration::from_secs(10));
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    pub(crate) url: String,
+    pub(crate) max_connections: u32,
+    pub(crate) busy_timeout: Duration,
+    pub(crate) lock_timeout: Duration,
+    pub(crate) poll_interval: Duration,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) migrate: bool,
+}
+
+impl SqliteOptions {
+    /// Default [`Self::max_connections`] for a file database.
+    pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
+    /// Default [`Self::busy_timeout`].
+    pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default [`Self::lock_timeout`].
+    pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Default [`Self::poll_interval`].
+    pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+    /// Options for `url` with every default: 8 connections, a 5 s busy
+    /// timeout, a 60 s lock timeout, a 200 ms wake-up poll, the system clock,
+    /// and migrations run on connect.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            busy_timeout: Self::DEFAULT_BUSY_TIMEOUT,
+            lock_timeout: Self::DEFAULT_LOCK_TIMEOUT,
+            poll_interval: Self::DEFAULT_POLL_INTERVAL,
+            clock: Arc::new(SystemClock),
+            migrate: true,
+        }
+    }
+
+    /// The most pooled connections (at least 1). Writes are serialized
+    /// anyway; extra connections serve concurrent reads. Ignored for
+    /// in-memory databases, which always use exactly one connection.
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// How long SQLite itself waits for a lock held by another connection
+    /// or process before giving up one attempt (`PRAGMA busy_timeout`).
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// How long an operation keeps retrying, with backoff, when the database
+    /// stays locked past [`Self::busy_timeout`]. `SQLITE_BUSY` never reaches
+    /// the caller before this much time has passed; after it, the operation
+    /// fails with [`Error::Backend`] saying the write lock was not obtained.
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    /// How often a subscription checks the file for jobs pushed by other
+    /// processes (`PRAGMA data_version` on a dedicated connection).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// The clock `now` is read from (a [`relayq_core::ManualClock`] in tests).
+    /// The default is the host's [`SystemClock`]: SQLite runs on one host, so
+    /// there is no server clock to prefer.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Whether [`SqliteBackend::connect_with`](crate::SqliteBackend::connect_with)
+    /// runs [`SqliteBackend::migrate`](crate::SqliteBackend::migrate); the
+    /// default is `true`.
+    pub fn run_migrations(mut self, yes: bool) -> Self {
+        self.migrate = yes;
+        self
+    }
+
+    /// Checks every setting and turns the URL into sqlx connect options.
+    pub(crate) fn resolve(&self) -> Result<Resolved> {
+        if self.max_connections == 0 {
+            return Err(config("max_connections must be at least 1"));
+        }
+        if i32::try_from(self.busy_timeout.as_millis()).is_err() {
+            return Err(config("busy_timeout is too long"));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(config("poll_interval must be positive"));
+        }
+        let rest = strip_scheme(&self.url).ok_or_else(|| {
+            config(
+                "the URL must start with `sqlite:` (e.g. `sqlite://jobs.db` or `sqlite::memory:`)",
+            )
+        })?;
+        let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
+        let in_memory = database == ":memory:" || params.split('&').any(|p| p == "mode=memory");
+
+        // Let sqlx validate the URL (unknown parameters, bad values).
+        let parsed = SqliteConnectOptions::from_str(&self.url)
+            .map_err(|e| config(format!("bad SQLite URL: {e}")))?;
+        let connect = if in_memory {
+            // One private in-memory database, held by the pool's single
+            // connection for the pool's whole life.
+            SqliteConnectOptions::new()
+                .in_memory(true)
+                .shared_cache(false)
+        } else {
+            if database.is_empty() {
+                return Err(config(
+                    "the URL names no database file (use `sqlite::memory:` for an in-memory one)",
+                ));
+            }
+            parsed
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+        }
+        .foreign_keys(true)
+        .busy_timeout(self.busy_timeout);
+        Ok(Resolved { connect, in_memory })
+    }
+}
+
+/// What [`SqliteOptions::resolve`] yields.
+pub(crate) struct Resolved {
+    pub(crate) connect: SqliteConnectOptions,
+    pub(crate) in_memory: bool,
+}
+
+fn strip_scheme(url: &str) -> Option<&str> {
+    let (scheme, rest) = url.split_once(':')?;
+    if !scheme.eq_ignore_ascii_case("sqlite") {
+        return None;
+    }
+    Some(rest.strip_prefix("//").unwrap_or(rest))
+}
+
+fn config(reason: impl Into<String>) -> Error {
+    Error::Config {
+        reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(url: &str) -> Result<Resolved> {
+        SqliteOptions::new(url).resolve()
+    }
+
+    #[test]
+    fn recognises_in_memory_urls() {
+        for url in [
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite://?mode=memory",
+        ] {
+            assert!(resolve(url).map(|r| r.in_memory).unwrap_or(false), "{url}");
+        }
+        for url in ["sqlite://jobs.db", "sqlite:jobs.db", "SQLITE://dir/jobs.db"] {
+            assert!(!resolve(url).map(|r| r.in_memory).unwrap_or(true), "{url}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_urls_and_settings_as_config_errors() {
+        for url in [
+            "postgres://localhost/db",
+            "jobs.db",
+            "sqlite://",
+            "sqlite://jobs.db?mode=bogus",
+            "sqlite://jobs.db?nope=1",
+        ] {
+            assert!(
+                matches!(resolve(url), Err(Error::Config { .. })),
+                "{url} should be a config error"
+            );
+        }
+        let bad = [
+            SqliteOptions::new("sqlite::memory:").max_connections(0),
+            SqliteOptions::new("sqlite::memory:").poll_interval(Duration::ZERO),
+            SqliteOptions::new("sqlite::memory:").busy_timeout(Duration::from_secs(u64::MAX / 2)),
+        ];
+        for options in bad {
+            assert!(matches!(options.resolve(), Err(Error::Config { .. })));
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! How jobs are stored: timestamps as INTEGER microseconds since the Unix
+//! epoch, JSON as text, the status as its lowercase name.
+
+use relayq_core::{Error, Job, JobStatus};
+use serde_json::Value;
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+use time::OffsetDateTime;
+
+use crate::retry::Fail;
+
+/// The jobs table.
+pub(crate) const TABLE: &str = "relayq_jobs";
+
+/// Every column of a job, in the order [`job_from_row`] reads them.
+pub(crate) const COLUMNS: &str = "id, queue, kind, payload, priority, status, attempts, \
+     max_attempts, lease_token, run_at, locked_until, unique_key, last_error, result, \
+     created_at, updated_at";
+
+/// Microseconds since the Unix epoch, rounded down (relayq's precision).
+pub(crate) fn micros(t: OffsetDateTime) -> i64 {
+    let m = t.unix_timestamp_nanos().div_euclid(1_000);
+    // `OffsetDateTime` spans at most ±999,999 years: always within i64.
+    i64::try_from(m).unwrap_or(if m < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// The instant `m` microseconds after the Unix epoch, in UTC.
+pub(crate) fn from_micros(m: i64) -> Result<OffsetDateTime, Fail> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(m) * 1_000)
+        .map_err(|e| corrupt(format!("timestamp {m} out of range: {e}")))
+}
+
+fn corrupt(what: String) -> Fail {
+    Fail::Core(Error::backend(format!("unreadable job row: {what}")))
+}
+
+fn json(column: &str, text: &str) -> Result<Value, Fail> {
+    serde_json::from_str(text).map_err(|e| corrupt(format!("{column} is not JSON: {e}")))
+}
+
+/// Decodes a row selected with [`COLUMNS`].
+pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Fail> {
+    let priority: i64 = row.try_get("priority")?;
+    let status: String = row.try_get("status")?;
+    let payload: String = row.try_get("payload")?;
+    let result: Option<String> = row.try_get("result")?;
+    let locked_until: Option<i64> = row.try_get("locked_until")?;
+    Ok(Job {
+        id: row.try_get("id")?,
+        queue: row.try_get("queue")?,
+        kind: row.try_get("kind")?,
+        payload: json("payload", &payload)?,
+        priority: i16::try_from(priority)
+            .map_err(|_| corrupt(format!("priority {priority} out of range")))?,
+        status: status
+            .parse::<JobStatus>()
+            .map_err(|_| corrupt(format!("unknown status {status:?}")))?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        lease_token: row.try_get("lease_token")?,
+        run_at: from_micros(row.try_get("run_at")?)?,
+        locked_until: locked_until.map(from_micros).transpose()?,
+        unique_key: row.try_get("unique_key")?,
+        last_error: row.try_get("last_error")?,
+        result: result.as_deref().map(|r| json("result", r)).transpose()?,
+        created_at: from_micros(row.try_get("created_at")?)?,
+        updated_at: from_micros(row.try_get("updated_at")?)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn micros_round_trip_and_round_down() {
+        for t in [
+            datetime!(2030-01-01 00:00:00.123456 UTC),
+            datetime!(1969-12-31 23:59:59.999999 UTC),
+            datetime!(0001-01-01 00:00 UTC),
+            datetime!(9999-12-31 23:59:59.999999 UTC),
+        ] {
+            assert_eq!(from_micros(micros(t)).unwrap(), t);
+        }
+        assert_eq!(micros(datetime!(1970-01-01 00:00:00.000001999 UTC)), 1);
+        assert_eq!(micros(datetime!(1969-12-31 23:59:59.999999001 UTC)), -1);
+    }
+}
