@@ -20,8 +20,19 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Test mode
+//!
+//! With a [`ManualClock`](relayq_core::ManualClock) injected,
+//! [`Worker::run_until_idle`](relayq_core::Worker::run_until_idle) runs
+//! every due job in the calling task, deterministically, and retries wait
+//! until the test moves the clock. The [`testing`] module adds typed
+//! assertions on what was enqueued ([`MemoryBackend::assert_enqueued`]) and
+//! an inline mode where a push runs its handler at once
+//! ([`testing::Inline`]).
 
 mod state;
+pub mod testing;
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

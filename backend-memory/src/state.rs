@@ -52,6 +52,10 @@ impl State {
         self.jobs.len()
     }
 
+    pub(crate) fn all_jobs(&self) -> Vec<Job> {
+        self.jobs.values().cloned().collect()
+    }
+
     pub(crate) fn get(&self, id: JobId) -> Option<&Job> {
         self.jobs.get(&id)
     }

@@ -95,7 +95,11 @@ pub async fn worker_retries_follow_the_backoff_schedule(h: Harness) {
         h.advance(Duration::microseconds(1));
     }
     let report = worker.run_until_idle().await.expect("run");
-    assert_eq!((report.ran(), report.dead()), (1, 1), "the fifth attempt is the last");
+    assert_eq!(
+        (report.ran(), report.dead()),
+        (1, 1),
+        "the fifth attempt is the last"
+    );
     let job = h.job(id).await;
     assert_eq!(job.status, JobStatus::Dead);
     assert_eq!(job.attempts, 5);
@@ -140,9 +144,7 @@ pub async fn worker_marks_dead_after_max_attempts(h: Harness) {
         .retry(RetryPolicy::fixed(StdDuration::ZERO))
         .on_event(move |event| {
             if let Event::Finished { job, outcome } = event {
-                seen.lock()
-                    .expect("lock")
-                    .push((job.id, outcome.clone()));
+                seen.lock().expect("lock").push((job.id, outcome.clone()));
             }
         })
         .handle(|task: Task, _ctx: JobContext<Harness>| async move {
@@ -176,11 +178,17 @@ pub async fn worker_marks_dead_after_max_attempts(h: Harness) {
         .filter(|(id, _)| *id == flaky)
         .map(|(_, o)| o)
         .collect();
-    assert!(matches!(flaky_outcomes[..], [
-        Outcome::Retrying { .. },
-        Outcome::Retrying { .. },
-        Outcome::Dead { .. }
-    ]), "{flaky_outcomes:?}");
+    assert!(
+        matches!(
+            flaky_outcomes[..],
+            [
+                Outcome::Retrying { .. },
+                Outcome::Retrying { .. },
+                Outcome::Dead { .. }
+            ]
+        ),
+        "{flaky_outcomes:?}"
+    );
     assert_eq!(worker.run_until_idle().await.expect("run").ran(), 0);
 }
 
@@ -298,7 +306,9 @@ pub async fn worker_contains_a_panic(h: Harness) {
     assert_eq!(report.dead(), 1);
     let job = h.job(inline).await;
     assert!(
-        job.last_error.as_deref().is_some_and(|e| e.contains("boom")),
+        job.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("boom")),
         "{job:?}"
     );
 }
@@ -380,7 +390,11 @@ pub async fn worker_runs_up_to_concurrency_jobs_at_once(h: Harness) {
     let barrier = Arc::new(tokio::sync::Barrier::new(CONCURRENCY));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
-    let (b, f, p) = (Arc::clone(&barrier), Arc::clone(&in_flight), Arc::clone(&peak));
+    let (b, f, p) = (
+        Arc::clone(&barrier),
+        Arc::clone(&in_flight),
+        Arc::clone(&peak),
+    );
     let worker = h
         .worker()
         .concurrency(u32::try_from(CONCURRENCY).expect("small"))
@@ -424,9 +438,9 @@ pub async fn worker_wakes_up_on_push(h: Harness) {
     let worker = h
         .worker()
         .poll_interval(StdDuration::from_secs(3600))
-        .handle(|task: Task, _ctx: JobContext<Harness>| async move {
-            Ok::<_, HandlerError>(task.n)
-        })
+        .handle(
+            |task: Task, _ctx: JobContext<Harness>| async move { Ok::<_, HandlerError>(task.n) },
+        )
         .build()
         .expect("build");
     let running = worker.start();

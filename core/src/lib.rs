@@ -41,11 +41,11 @@ pub use request::{
 };
 pub use retry::{Jitter, RetryPolicy};
 pub use store::{Backend, Cleaner, Observer, Puller, Pusher};
+pub use wakeups::Wakeups;
 pub use worker::{
     Event, EventStream, Handler, HandlerError, IdleReport, JobContext, JobInfo, JobType, Outcome,
     ShutdownReport, Worker, WorkerBuilder, WorkerHandle,
 };
-pub use wakeups::Wakeups;
 
 /// The reason stored in `last_error` when a job's lease expired on its last
 /// allowed attempt and it was marked `Dead` instead of being leased again.

@@ -203,7 +203,9 @@ impl RetryPolicy {
                 if !scaled.is_finite() || scaled >= cap.as_secs_f64() {
                     *cap
                 } else {
-                    Duration::try_from_secs_f64(scaled).unwrap_or(*cap).min(*cap)
+                    Duration::try_from_secs_f64(scaled)
+                        .unwrap_or(*cap)
+                        .min(*cap)
                 }
             }
             Rule::Custom(_) => Duration::ZERO,
@@ -272,10 +274,16 @@ mod tests {
         let secs: Vec<u64> = (1..=14).map(|a| p.ceiling(a).as_secs()).collect();
         assert_eq!(
             secs,
-            [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 3600, 3600]
+            [
+                1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 3600, 3600
+            ]
         );
         assert_eq!(p.ceiling(i32::MAX), RetryPolicy::DEFAULT_CAP);
-        assert_eq!(p.ceiling(0), RetryPolicy::DEFAULT_BASE, "attempt 0 acts as 1");
+        assert_eq!(
+            p.ceiling(0),
+            RetryPolicy::DEFAULT_BASE,
+            "attempt 0 acts as 1"
+        );
     }
 
     #[test]

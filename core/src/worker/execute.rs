@@ -160,7 +160,10 @@ async fn run_and_record<S: Send + Sync + 'static>(
     };
 
     let deadline = Arc::new(Mutex::new(
-        leased.job.locked_until.unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        leased
+            .job
+            .locked_until
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH),
     ));
     let phase = match &mode {
         Mode::Spawned { phase, .. } => phase.clone(),
@@ -193,7 +196,8 @@ async fn run_and_record<S: Send + Sync + 'static>(
         Attempt::Succeeded(result) => match check_result(result.as_ref()) {
             Ok(()) => complete(backend, lease, result, &mode).await,
             Err(e) => {
-                let error = HandlerError::new(format!("the handler's result cannot be stored: {e}"));
+                let error =
+                    HandlerError::new(format!("the handler's result cannot be stored: {e}"));
                 record_failure(shared, entry, &job, lease, error).await
             }
         },

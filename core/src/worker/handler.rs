@@ -340,7 +340,8 @@ pub trait Handler<S = ()>: Send + 'static {
 }
 
 /// A handler's run, boxed.
-pub(crate) type RunFuture = Pin<Box<dyn Future<Output = Result<Option<Value>, HandlerError>> + Send>>;
+pub(crate) type RunFuture =
+    Pin<Box<dyn Future<Output = Result<Option<Value>, HandlerError>> + Send>>;
 
 /// Decodes a payload and starts a handler; `Err` says why the payload is
 /// unusable.

@@ -652,10 +652,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
 }
 
 fn no_handler(field: &'static str, kind: &str) -> Error {
-    Error::invalid(
-        field,
-        format!("no handler is registered for kind {kind:?}"),
-    )
+    Error::invalid(field, format!("no handler is registered for kind {kind:?}"))
 }
 
 fn check_positive(field: &'static str, value: Duration) -> Result<()> {

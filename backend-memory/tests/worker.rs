@@ -1,0 +1,450 @@
+//! The worker's API on the memory backend: builder checks, handler styles,
+//! state, test mode, inline mode, typed assertions, events and wait_for.
+//! (The behaviour every backend shares is in the conformance suite.)
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration as StdDuration;
+
+use relayq_conformance::EPOCH;
+use relayq_core::{
+    Backend, Error, Event, Handler, HandlerError, JobContext, JobStatus, JobType, ManualClock,
+    NewJob, Outcome, Pusher, Worker,
+};
+use relayq_memory::MemoryBackend;
+use relayq_memory::testing::Inline;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Email {
+    to: String,
+}
+impl JobType for Email {
+    const KIND: &'static str = "email";
+    const QUEUE: &'static str = "mail";
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Report {
+    id: u32,
+}
+impl JobType for Report {
+    const KIND: &'static str = "report";
+}
+
+fn store() -> (MemoryBackend, ManualClock) {
+    let clock = ManualClock::new(EPOCH);
+    (MemoryBackend::with_clock(Arc::new(clock.clone())), clock)
+}
+
+fn dyn_backend(b: &MemoryBackend) -> Arc<dyn Backend> {
+    Arc::new(b.clone())
+}
+
+fn ok_email() -> impl Fn(Email, JobContext<()>) -> std::future::Ready<Result<String, HandlerError>>
++ Send
++ Sync
++ 'static {
+    |e: Email, _ctx| std::future::ready(Ok(e.to))
+}
+
+#[test]
+fn build_names_each_mistake() {
+    let (b, _) = store();
+    let field = |r: relayq_core::Result<Worker<()>>| r.expect_err("must fail").invalid_field();
+
+    assert_eq!(
+        field(Worker::builder(dyn_backend(&b)).build()),
+        Some("handlers")
+    );
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
+                .handle(ok_email())
+                .build()
+        ),
+        Some("kind")
+    );
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
+                .retry_for::<Report>(relayq_core::RetryPolicy::default())
+                .build()
+        ),
+        Some("retry_for")
+    );
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
+                .timeout_for::<Report>(StdDuration::from_secs(1))
+                .build()
+        ),
+        Some("timeout_for")
+    );
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
+                .concurrency(0)
+                .build()
+        ),
+        Some("concurrency")
+    );
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
+                .lease(StdDuration::from_millis(10))
+                .build()
+        ),
+        Some("lease")
+    );
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
+                .lease(StdDuration::from_secs(2 * 86_400))
+                .build()
+        ),
+        Some("lease")
+    );
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
+                .poll_interval(StdDuration::ZERO)
+                .build()
+        ),
+        Some("poll_interval")
+    );
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
+                .queue("")
+                .build()
+        ),
+        Some("queue")
+    );
+}
+
+#[test]
+fn queues_default_to_the_registered_kinds() {
+    let (b, _) = store();
+    let worker = Worker::builder(dyn_backend(&b))
+        .handle(ok_email())
+        .handle(|r: Report, _ctx| async move { Ok::<_, HandlerError>(r.id) })
+        .build()
+        .expect("build");
+    assert_eq!(worker.queues(), ["default", "mail"]);
+    assert_eq!(worker.kinds(), ["email", "report"]);
+    let worker = Worker::builder(dyn_backend(&b))
+        .handle(ok_email())
+        .queue("a")
+        .queue("b")
+        .build()
+        .expect("build");
+    assert_eq!(worker.queues(), ["a", "b"]);
+}
+
+/// A `Handler` type gets a fresh value per job from the factory, built
+/// from the shared state; closures registered before `state()` keep working.
+#[tokio::test]
+async fn handler_types_are_made_fresh_per_job_with_the_state() {
+    struct App {
+        greeting: String,
+        made: AtomicUsize,
+    }
+    struct Greeter {
+        greeting: String,
+        seen: Vec<String>,
+    }
+    impl Handler<App> for Greeter {
+        type Job = Email;
+        type Output = Vec<String>;
+        async fn run(
+            mut self,
+            job: Email,
+            ctx: JobContext<App>,
+        ) -> Result<Vec<String>, HandlerError> {
+            // A fresh value: nothing from an earlier job is here.
+            assert!(self.seen.is_empty());
+            self.seen.push(format!(
+                "{} {} (attempt {})",
+                self.greeting,
+                job.to,
+                ctx.attempt()
+            ));
+            Ok(self.seen)
+        }
+    }
+
+    let (b, _) = store();
+    let worker = Worker::builder(dyn_backend(&b))
+        .handle(|r: Report, _ctx| async move { Ok::<_, HandlerError>(r.id * 2) })
+        .state(App {
+            greeting: "hello".into(),
+            made: AtomicUsize::new(0),
+        })
+        .handler(|app: &App| {
+            app.made.fetch_add(1, Ordering::SeqCst);
+            Greeter {
+                greeting: app.greeting.clone(),
+                seen: Vec::new(),
+            }
+        })
+        .build()
+        .expect("build");
+    let a = b
+        .push(Email { to: "ada".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    let g = b
+        .push(Email { to: "grace".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    let r = b.push(Report { id: 21 }.to_job()).await.expect("push").id();
+    let report = worker.run_until_idle().await.expect("run");
+    assert_eq!(report.completed(), 3);
+    assert_eq!(worker.state().made.load(Ordering::SeqCst), 2);
+    let result = |id| {
+        b.jobs()
+            .into_iter()
+            .find(|j| j.id == id)
+            .and_then(|j| j.result)
+    };
+    assert_eq!(result(a), Some(json!(["hello ada (attempt 1)"])));
+    assert_eq!(result(g), Some(json!(["hello grace (attempt 1)"])));
+    assert_eq!(result(r), Some(json!(42)));
+}
+
+/// Test mode runs jobs in pull order, including jobs that handlers push,
+/// and only what is due.
+#[tokio::test]
+async fn run_until_idle_is_deterministic() {
+    let (b, clock) = store();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&order);
+    let worker = Worker::builder(dyn_backend(&b))
+        .state(b.clone())
+        .handle(move |r: Report, ctx: JobContext<MemoryBackend>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().expect("lock").push(r.id);
+                if r.id == 1 {
+                    // Pushed mid-run with a higher priority: runs next.
+                    ctx.state()
+                        .push(Report { id: 100 }.to_job().priority(-1))
+                        .await?;
+                    ctx.state()
+                        .push(Report { id: 200 }.to_job().delay(Duration::minutes(5)))
+                        .await?;
+                }
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .build()
+        .expect("build");
+    for id in [1, 2, 3] {
+        b.push(Report { id }.to_job()).await.expect("push");
+    }
+    b.push(Report { id: 0 }.to_job().priority(5))
+        .await
+        .expect("push");
+    assert_eq!(worker.run_until_idle().await.expect("run").ran(), 5);
+    assert_eq!(*order.lock().expect("lock"), [1, 100, 2, 3, 0]);
+    assert_eq!(
+        b.enqueued::<Report>(),
+        [Report { id: 200 }],
+        "delayed one waits"
+    );
+    clock.advance(Duration::minutes(5));
+    assert_eq!(worker.run_until_idle().await.expect("run").ran(), 1);
+    assert_eq!(order.lock().expect("lock").last(), Some(&200));
+    b.assert_not_enqueued::<Report>();
+}
+
+#[tokio::test]
+async fn inline_push_runs_the_handler_at_once() {
+    let (b, clock) = store();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&runs);
+    let worker = Worker::builder(dyn_backend(&b))
+        .handle(move |e: Email, _ctx| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move { Ok::<_, HandlerError>(e.to) }
+        })
+        .build()
+        .expect("build");
+    let pusher: Arc<dyn Pusher> = Arc::new(Inline::new(worker));
+    let id = pusher
+        .push(Email { to: "ada".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let job = b.jobs().into_iter().find(|j| j.id == id).expect("job");
+    assert_eq!(
+        (job.status, job.result),
+        (JobStatus::Done, Some(json!("ada")))
+    );
+
+    // A delayed job is not due: stored, not run, until time moves.
+    pusher
+        .push(
+            Email { to: "later".into() }
+                .to_job()
+                .delay(Duration::hours(1)),
+        )
+        .await
+        .expect("push");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    b.assert_enqueued(|e: &Email| e.to == "later");
+    clock.advance(Duration::hours(1));
+    pusher
+        .push_batch(vec![Email { to: "now".into() }.to_job()])
+        .await
+        .expect("push_batch");
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    b.assert_not_enqueued::<Email>();
+}
+
+#[test]
+#[should_panic(expected = "no pending \"email\" job matches; enqueued: #1 {\"to\":\"ada\"}")]
+fn assert_enqueued_lists_what_is_there() {
+    let (b, _) = store();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(b.push(Email { to: "ada".into() }.to_job()))
+        .expect("push");
+    b.assert_enqueued(|e: &Email| e.to == "grace");
+}
+
+#[test]
+#[should_panic(expected = "does not decode as")]
+fn enqueued_refuses_to_hide_undecodable_jobs() {
+    let (b, _) = store();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(b.push(NewJob::new(Email::KIND, &json!({"wrong": 1}))))
+        .expect("push");
+    let _ = b.enqueued::<Email>();
+}
+
+#[tokio::test]
+async fn events_and_wait_for() {
+    let (b, _) = store();
+    let worker = Worker::builder(dyn_backend(&b))
+        .handle(|e: Email, _ctx| async move {
+            if e.to.is_empty() {
+                return Err(HandlerError::permanent("no recipient"));
+            }
+            Ok(e.to)
+        })
+        .build()
+        .expect("build");
+    let mut events = worker.events();
+    let ok = b
+        .push(Email { to: "ada".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    let bad = b
+        .push(Email { to: String::new() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    worker.run_until_idle().await.expect("run");
+
+    let mut seen = Vec::new();
+    while let Some(event) = events.try_recv() {
+        seen.push(event);
+    }
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(matches!(&seen[0], Event::Started { job } if job.id == ok && job.attempt == 1));
+    assert_eq!(
+        seen[1].outcome(),
+        Some(&Outcome::Completed {
+            result: Some(json!("ada"))
+        })
+    );
+    assert_eq!(seen[3].job().id, bad);
+    assert_eq!(
+        seen[3].outcome(),
+        Some(&Outcome::Dead {
+            error: "no recipient".into()
+        })
+    );
+
+    let job = worker.wait_for(ok).await.expect("wait_for");
+    assert_eq!(job.result, Some(json!("ada")));
+    assert_eq!(
+        worker.wait_for(bad).await.expect("wait_for").status,
+        JobStatus::Dead
+    );
+    assert!(matches!(
+        worker.wait_for(999).await,
+        Err(Error::NotFound { id: 999 })
+    ));
+}
+
+/// Handler error messages are made storable: NUL becomes U+FFFD.
+#[tokio::test]
+async fn error_messages_with_nul_are_sanitized() {
+    let (b, _) = store();
+    let worker = Worker::builder(dyn_backend(&b))
+        .handle(|_e: Email, _ctx| async move { Err::<(), _>(HandlerError::permanent("bad\0byte")) })
+        .build()
+        .expect("build");
+    let id = b
+        .push(Email { to: "x".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    worker.run_until_idle().await.expect("run");
+    let job = worker.wait_for(id).await.expect("wait_for");
+    assert_eq!(job.last_error.as_deref(), Some("bad\u{FFFD}byte"));
+}
+
+/// Dropping the handle shuts the worker down: it stops pulling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_handle_stops_the_worker() {
+    let (b, _) = store();
+    let worker = Worker::builder(dyn_backend(&b))
+        .poll_interval(StdDuration::from_millis(20))
+        .handle(ok_email())
+        .build()
+        .expect("build");
+    let first = b
+        .push(Email { to: "a".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    let handle = worker.start();
+    tokio::time::timeout(StdDuration::from_secs(20), handle.wait_for(first))
+        .await
+        .expect("in time")
+        .expect("wait_for");
+    let mut events = worker.events();
+    drop(handle);
+    // Wait until the runner is surely gone: poll ticks would have pulled.
+    tokio::time::sleep(StdDuration::from_millis(200)).await;
+    let later = b
+        .push(Email { to: "b".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    tokio::time::sleep(StdDuration::from_millis(200)).await;
+    assert!(events.try_recv().is_none(), "nothing ran after the drop");
+    let job = b.jobs().into_iter().find(|j| j.id == later).expect("job");
+    assert_eq!(job.status, JobStatus::Pending);
+}
