@@ -1,56 +1,112 @@
-//! Enqueue a few jobs, lease them, acknowledge each, and print the outcome.
+//! Enqueue a few typed jobs, run a worker until each one is finished, print
+//! every outcome, and exit.
 //!
-//! Run with `cargo run --example quickstart`.
+//! Run with `cargo run --example quickstart`. It uses the embedded default
+//! store, or the one `DATABASE_URL` names (e.g. `postgres://…` with the
+//! `postgres` feature enabled).
 
-use relayq::memory::MemoryBackend;
-use relayq::{Backend, JobStatus, NewJob, PullRequest};
-use serde_json::json;
-use time::Duration;
+use std::time::Duration;
+
+use relayq::{Event, HandlerError, JobContext, JobType, Outcome, RetryPolicy, Worker};
+use serde::{Deserialize, Serialize};
+
+/// The store used when `DATABASE_URL` is not set.
+const DEFAULT_URL: &str = "memory://";
+
+/// A typed job: its fields are the payload, `KIND` names its handler.
+#[derive(Debug, Serialize, Deserialize)]
+struct SendEmail {
+    to: String,
+    subject: String,
+}
+
+impl JobType for SendEmail {
+    const KIND: &'static str = "send_email";
+    const MAX_ATTEMPTS: i32 = 3;
+}
+
+/// State every handler shares (a mail client, a pool, …).
+struct Mailer {
+    from: String,
+}
 
 #[tokio::main]
 async fn main() -> relayq::Result<()> {
-    let queue = MemoryBackend::new();
-    let backend: &dyn Backend = &queue;
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    let backend = relayq::connect(&url).await?;
 
-    for (n, to) in ["ada@example.com", "grace@example.com", "edsger@example.com"]
-        .into_iter()
-        .enumerate()
-    {
-        let outcome = backend
-            .push(NewJob::new("send_email", &json!({ "to": to, "n": n })).max_attempts(2))
-            .await?;
-        println!("enqueued job {}", outcome.id());
+    let mut ids = Vec::new();
+    for (to, subject) in [
+        ("ada@example.com", "Welcome"),
+        ("edsger@example.com", "Your weekly digest"),
+        ("", "Nobody to send to"),
+    ] {
+        let email = SendEmail {
+            to: to.to_owned(),
+            subject: subject.to_owned(),
+        };
+        let id = backend.push(email.to_job()).await?.id();
+        println!("enqueued job {id}: {subject:?} to {to:?}");
+        ids.push(id);
     }
 
-    let request = PullRequest::queue("default")
-        .batch(10)
-        .lease(Duration::seconds(30));
-    loop {
-        let leased = backend.pull(&request).await?;
-        if leased.is_empty() {
-            break;
-        }
-        for item in leased {
-            let to = item.job.payload["to"].as_str().unwrap_or_default();
-            if to.starts_with("edsger") && item.job.attempts == 1 {
-                let status = backend
-                    .retry(&item.lease, Duration::ZERO, "mailbox busy")
-                    .await?;
-                println!("job {} failed once, now {status}", item.job.id);
-            } else {
-                backend
-                    .complete(&item.lease, Some(json!({ "sent_to": to })))
-                    .await?;
-                println!("job {} sent to {to}", item.job.id);
+    let worker = Worker::builder(backend)
+        .state(Mailer {
+            from: "noreply@example.com".to_owned(),
+        })
+        .concurrency(4)
+        .poll_interval(Duration::from_millis(100))
+        .retry(RetryPolicy::exponential().base(Duration::from_millis(200)))
+        .on_event(|event| {
+            if let Event::Finished { job, outcome } = event {
+                let what = match outcome {
+                    Outcome::Completed { .. } => "done".to_owned(),
+                    Outcome::Retrying { error, delay } => {
+                        format!("failed ({error}), retrying in {delay:?}")
+                    }
+                    Outcome::Dead { error } => format!("dead ({error})"),
+                    other => format!("{other:?}"),
+                };
+                println!("  job {} attempt {}: {what}", job.id, job.attempt);
             }
+        })
+        .handle(send_email)
+        .build()?;
+
+    let running = worker.start();
+    for id in ids {
+        let job = running.wait_for(id).await?;
+        match job.result {
+            Some(result) => println!("job {id} is {}: {result}", job.status),
+            None => println!(
+                "job {id} is {}: {}",
+                job.status,
+                job.last_error.unwrap_or_default()
+            ),
         }
     }
-
-    let stats = backend.stats().await?.queue("default");
+    let report = running.shutdown().await;
     println!(
-        "done: {}, dead: {}, pending: {}",
-        stats.done, stats.dead, stats.pending
+        "worker stopped ({} finished during shutdown, {} released)",
+        report.finished, report.released
     );
-    assert_eq!(stats.get(JobStatus::Done), 3);
     Ok(())
+}
+
+/// The handler: a fresh future per job, with the shared state in `ctx`.
+async fn send_email(email: SendEmail, ctx: JobContext<Mailer>) -> Result<String, HandlerError> {
+    if email.to.is_empty() {
+        // No retry can fix this one.
+        return Err(HandlerError::permanent("no recipient"));
+    }
+    if email.to.starts_with("edsger") && ctx.attempt() == 1 {
+        // A transient failure: retried after the policy's backoff.
+        return Err(HandlerError::new("mailbox busy"));
+    }
+    Ok(format!(
+        "sent {:?} from {} to {}",
+        email.subject,
+        ctx.state().from,
+        email.to
+    ))
 }

@@ -29,6 +29,190 @@
 
 pub use relayq_core::*;
 
+use std::sync::Arc;
+
+/// Opens the backend that `url` names, chosen by its scheme among the
+/// backends enabled by cargo features:
+///
+/// | scheme | feature | backend |
+/// |---|---|---|
+/// | `memory://` | `memory` (default) | a new, empty in-process store (each call gets its own) |
+/// | `sqlite://…`, `sqlite:…` | `sqlite` | SQLite |
+/// | `postgres://…`, `postgresql://…` | `postgres` | PostgreSQL |
+///
+/// A scheme whose feature is off, or an unknown one, is an
+/// [`Error::Config`] that says which feature to enable or which schemes
+/// exist. Error messages never repeat the URL, so a password in it stays
+/// out of logs.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> relayq::Result<()> {
+/// let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "memory://".into());
+/// # let url = "memory://";
+/// let backend = relayq::connect(&url).await?;
+/// backend.push(relayq::NewJob::new("hello", &"world")).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
+    match Scheme::of(url)? {
+        Scheme::Memory => open_memory(url),
+        Scheme::Sqlite => open_sqlite(url).await,
+        Scheme::Postgres => open_postgres(url).await,
+    }
+}
+
+/// The backends `connect` knows, by URL scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Memory,
+    Sqlite,
+    Postgres,
+}
+
+impl Scheme {
+    fn of(url: &str) -> Result<Self> {
+        let scheme = url
+            .split_once(':')
+            .map(|(scheme, _)| scheme)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::Config {
+                reason: format!("expected a URL with a scheme, such as {}", Self::KNOWN),
+            })?;
+        match scheme.to_ascii_lowercase().as_str() {
+            "memory" => Ok(Self::Memory),
+            "sqlite" => Ok(Self::Sqlite),
+            "postgres" | "postgresql" => Ok(Self::Postgres),
+            _ => Err(Error::Config {
+                // The scheme only: the rest of the URL may hold a password.
+                reason: format!(
+                    "unknown URL scheme {:?}; relayq connects to {}",
+                    scheme.chars().take(32).collect::<String>(),
+                    Self::KNOWN
+                ),
+            }),
+        }
+    }
+
+    const KNOWN: &str = "postgres://, postgresql://, sqlite:// and memory:// URLs";
+}
+
+/// The error for a scheme whose backend is compiled out.
+#[cfg(not(all(feature = "memory", feature = "sqlite", feature = "postgres")))]
+fn feature_off(scheme: &str, feature: &str) -> Error {
+    Error::Config {
+        reason: format!(
+            "{scheme} URLs need relayq's `{feature}` cargo feature, which is not enabled \
+             (relayq = {{ features = [\"{feature}\"] }})"
+        ),
+    }
+}
+
+#[cfg(feature = "memory")]
+fn open_memory(url: &str) -> Result<Arc<dyn Backend>> {
+    let rest = url.split_once(':').map_or("", |(_, rest)| rest);
+    if !matches!(rest, "" | "//") {
+        return Err(Error::Config {
+            reason: "memory:// URLs take no host, path or options".to_owned(),
+        });
+    }
+    Ok(Arc::new(relayq_memory::MemoryBackend::new()))
+}
+
+#[cfg(not(feature = "memory"))]
+fn open_memory(_url: &str) -> Result<Arc<dyn Backend>> {
+    Err(feature_off("memory://", "memory"))
+}
+
+#[cfg(feature = "sqlite")]
+async fn open_sqlite(_url: &str) -> Result<Arc<dyn Backend>> {
+    // Wired once the SQLite crate's API settles:
+    // Ok(Arc::new(relayq_sqlite::SqliteBackend::connect(url).await?))
+    Err(Error::Unsupported {
+        what: "connect() for sqlite URLs (use relayq::sqlite directly for now)",
+    })
+}
+
+#[cfg(not(feature = "sqlite"))]
+async fn open_sqlite(_url: &str) -> Result<Arc<dyn Backend>> {
+    Err(feature_off("sqlite://", "sqlite"))
+}
+
+#[cfg(feature = "postgres")]
+async fn open_postgres(_url: &str) -> Result<Arc<dyn Backend>> {
+    // Wired once the PostgreSQL crate's API settles:
+    // Ok(Arc::new(relayq_postgres::PgBackend::connect(url).await?))
+    Err(Error::Unsupported {
+        what: "connect() for postgres URLs (use relayq::postgres directly for now)",
+    })
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_url: &str) -> Result<Arc<dyn Backend>> {
+    Err(feature_off("postgres://", "postgres"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_reason(result: Result<Arc<dyn Backend>>) -> String {
+        match result {
+            Err(Error::Config { reason }) => reason,
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn schemes_are_recognised_case_insensitively() {
+        assert_eq!(Scheme::of("memory://").ok(), Some(Scheme::Memory));
+        assert_eq!(Scheme::of("SQLite://x.db").ok(), Some(Scheme::Sqlite));
+        assert_eq!(Scheme::of("sqlite::memory:").ok(), Some(Scheme::Sqlite));
+        assert_eq!(Scheme::of("postgresql://h/db").ok(), Some(Scheme::Postgres));
+        assert_eq!(Scheme::of("postgres://h/db").ok(), Some(Scheme::Postgres));
+    }
+
+    #[tokio::test]
+    async fn unknown_or_missing_schemes_say_what_exists_without_echoing_the_url() {
+        let reason = config_reason(connect("redis://user:hunter2@host/0").await);
+        assert!(reason.contains("\"redis\""), "{reason}");
+        assert!(reason.contains("postgres://"), "{reason}");
+        assert!(!reason.contains("hunter2"), "{reason}");
+        let reason = config_reason(connect("just-a-path").await);
+        assert!(reason.contains("scheme"), "{reason}");
+        let reason = config_reason(connect(":nothing").await);
+        assert!(reason.contains("scheme"), "{reason}");
+    }
+
+    #[cfg(feature = "memory")]
+    #[tokio::test]
+    async fn memory_urls_open_a_fresh_store() {
+        let a = connect("memory://").await.expect("memory://");
+        let b = connect("memory:").await.expect("memory:");
+        a.push(NewJob::new("k", &1)).await.expect("push");
+        assert_eq!(a.stats().await.expect("stats").queue("default").pending, 1);
+        assert_eq!(b.stats().await.expect("stats").queue("default").pending, 0);
+        let reason = config_reason(connect("memory://somewhere").await);
+        assert!(reason.contains("memory://"), "{reason}");
+    }
+
+    #[cfg(not(feature = "sqlite"))]
+    #[tokio::test]
+    async fn a_disabled_backend_names_its_feature() {
+        let reason = config_reason(connect("sqlite://jobs.db").await);
+        assert!(reason.contains("`sqlite` cargo feature"), "{reason}");
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    #[tokio::test]
+    async fn a_disabled_postgres_names_its_feature() {
+        let reason = config_reason(connect("postgres://u:secret@h/db").await);
+        assert!(reason.contains("`postgres` cargo feature"), "{reason}");
+        assert!(!reason.contains("secret"), "{reason}");
+    }
+}
+
 /// The in-process backend (feature `memory`).
 #[cfg(feature = "memory")]
 pub mod memory {
