@@ -5,7 +5,7 @@
 //!   runs it, made fresh for every job, with the worker's shared state in
 //!   its [`JobContext`].
 //! - [`WorkerBuilder`] sets queues, concurrency, lease length, poll
-//!   interval, timeouts and the [`RetryPolicy`](crate::RetryPolicy), per
+//!   interval, timeouts and the [`RetryPolicy`], per
 //!   kind where it matters.
 //! - [`Worker::start`] runs it in the background until
 //!   [`WorkerHandle::shutdown`]: batch pulls sized to the free slots, leases
