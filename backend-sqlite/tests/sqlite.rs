@@ -1,0 +1,702 @@
+//! SQLite-specific behaviour: in-memory databases, transactional enqueue,
+//! lock contention between connections and between processes, migrations,
+//! wake-ups across connections, and typed configuration errors.
+//!
+//! `multi_process_exactly_once` re-executes this test binary as child
+//! processes; a child is selected by the `RELAYQ_SQLITE_CHILD` variable.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use relayq_core::{
+    Backend, Cleaner, Completion, Error, JobStatus, ListFilter, ManualClock, NewJob, Observer,
+    PullRequest, Puller, PushOutcome, Pusher,
+};
+use relayq_sqlite::{MIN_SQLITE_VERSION, SqliteBackend, SqliteOptions};
+use serde_json::json;
+use sqlx::Row;
+use tempfile::TempDir;
+use time::Duration;
+use time::macros::datetime;
+
+fn file_url(dir: &TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("jobs.db").display())
+}
+
+fn job(n: i64) -> NewJob {
+    NewJob::new("k", &json!({ "n": n }))
+}
+
+/// Pulls and completes until the queue has nothing left to lease; returns
+/// the ids completed, in order. Half the batches complete one by one, half
+/// with `complete_batch`.
+async fn drain(backend: &SqliteBackend, batch: u32) -> Vec<i64> {
+    let request = PullRequest::queue("default")
+        .batch(batch)
+        .lease(Duration::minutes(10));
+    let mut done = Vec::new();
+    let mut round = 0u64;
+    loop {
+        let leased = backend.pull(&request).await.expect("pull");
+        if leased.is_empty() {
+            return done;
+        }
+        round += 1;
+        if round.is_multiple_of(2) {
+            let completions = leased
+                .iter()
+                .map(|l| Completion {
+                    lease: l.lease,
+                    result: Some(json!(l.job.id)),
+                })
+                .collect();
+            let lost = backend
+                .complete_batch(completions)
+                .await
+                .expect("complete_batch");
+            assert!(lost.is_empty(), "no lease may be lost: {lost:?}");
+        } else {
+            for l in &leased {
+                backend
+                    .complete(&l.lease, Some(json!(l.job.id)))
+                    .await
+                    .expect("complete");
+            }
+        }
+        done.extend(leased.iter().map(|l| l.job.id));
+    }
+}
+
+// ---------------------------------------------------------------- in-memory
+
+/// Both in-memory URL spellings give one database that every operation of
+/// the backend and its clones sees, from many concurrent tasks; two
+/// backends never share one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_database_is_shared_by_the_pool_and_private_to_the_backend() {
+    for url in [
+        "sqlite::memory:",
+        "sqlite://:memory:",
+        "sqlite://?mode=memory",
+    ] {
+        let backend = SqliteBackend::connect(url).await.expect(url);
+        let caps = backend.capabilities();
+        assert!(!caps.durable && !caps.multi_process && !caps.cross_process_wakeups);
+        assert!(caps.transactional_enqueue && caps.in_process_wakeups);
+
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let b = backend.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..25 {
+                    b.push(job(t * 100 + n)).await.expect("push");
+                    // Reads interleave with writes on the same database.
+                    b.stats().await.expect("stats");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("task");
+        }
+        let page = backend
+            .list(&ListFilter::new().limit(1_000))
+            .await
+            .expect("list");
+        assert_eq!(page.jobs.len(), 200, "{url}: every push is visible");
+        let done = drain(&backend, 7).await;
+        assert_eq!(done.len(), 200);
+
+        let other = SqliteBackend::connect(url).await.expect(url);
+        assert!(
+            other.stats().await.expect("stats").queues.is_empty(),
+            "{url}: a second backend has its own database"
+        );
+    }
+}
+
+// ------------------------------------------------------ transactional enqueue
+
+/// Jobs pushed inside the caller's transaction exist exactly when it
+/// commits, together with the caller's own writes, and are invisible to
+/// other connections until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_in_the_callers_transaction_commits_and_rolls_back_with_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = SqliteBackend::connect(&file_url(&dir))
+        .await
+        .expect("connect");
+    sqlx::query("CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT NOT NULL)")
+        .execute(backend.pool())
+        .await
+        .expect("create orders");
+
+    // Rolled back: neither the order nor the jobs exist.
+    let mut tx = backend.begin().await.expect("begin");
+    sqlx::query("INSERT INTO orders (id, item) VALUES (1, 'book')")
+        .execute(&mut *tx)
+        .await
+        .expect("insert order");
+    let one = backend
+        .push_in(&mut tx, job(1).unique_key("order:1"))
+        .await
+        .expect("push_in");
+    let batch = backend
+        .push_batch_in(&mut tx, vec![job(2), job(3).unique_key("order:1"), job(4)])
+        .await
+        .expect("push_batch_in");
+    assert_eq!(
+        batch[1],
+        PushOutcome::Duplicate(one.id()),
+        "dedupes inside the transaction"
+    );
+    assert!(
+        backend.get(one.id()).await.expect("get").is_none(),
+        "uncommitted jobs are invisible to other connections"
+    );
+    tx.rollback().await.expect("rollback");
+    assert!(backend.get(one.id()).await.expect("get").is_none());
+    assert!(backend.stats().await.expect("stats").queues.is_empty());
+    let orders: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders")
+        .fetch_one(backend.pool())
+        .await
+        .expect("count");
+    assert_eq!(orders, 0);
+
+    // Invalid input is rejected before anything is written.
+    let mut tx = backend.begin().await.expect("begin");
+    let err = backend
+        .push_batch_in(&mut tx, vec![job(5), NewJob::new("", &json!({}))])
+        .await
+        .expect_err("invalid kind");
+    assert_eq!(err.invalid_field(), Some("kind"));
+
+    // Committed: the order and the jobs exist, and the jobs run.
+    sqlx::query("INSERT INTO orders (id, item) VALUES (2, 'pen')")
+        .execute(&mut *tx)
+        .await
+        .expect("insert order");
+    let created = backend
+        .push_batch_in(&mut tx, vec![job(6).unique_key("order:2"), job(7)])
+        .await
+        .expect("push_batch_in");
+    tx.commit().await.expect("commit");
+    for outcome in &created {
+        let stored = backend
+            .get(outcome.id())
+            .await
+            .expect("get")
+            .expect("exists");
+        assert_eq!(stored.status, JobStatus::Pending);
+    }
+    assert_eq!(
+        backend
+            .push(job(8).unique_key("order:2"))
+            .await
+            .expect("push"),
+        PushOutcome::Duplicate(created[0].id()),
+        "a committed key is active for later pushes"
+    );
+    let mut done = drain(&backend, 10).await;
+    done.sort_unstable();
+    assert_eq!(done, created.iter().map(|o| o.id()).collect::<Vec<_>>());
+    let orders: Vec<String> = sqlx::query("SELECT item FROM orders")
+        .fetch_all(backend.pool())
+        .await
+        .expect("orders")
+        .iter()
+        .map(|r| r.get("item"))
+        .collect();
+    assert_eq!(orders, vec!["pen".to_owned()]);
+}
+
+/// The same on an in-memory database, whose one connection the caller's
+/// transaction borrows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_in_works_on_an_in_memory_database() {
+    let backend = SqliteBackend::connect("sqlite::memory:")
+        .await
+        .expect("connect");
+    let mut tx = backend.begin().await.expect("begin");
+    let rolled_back = backend.push_in(&mut tx, job(1)).await.expect("push_in");
+    tx.rollback().await.expect("rollback");
+    assert!(backend.get(rolled_back.id()).await.expect("get").is_none());
+
+    let mut tx = backend.begin().await.expect("begin");
+    let kept = backend.push_in(&mut tx, job(2)).await.expect("push_in");
+    tx.commit().await.expect("commit");
+    assert_eq!(drain(&backend, 1).await, vec![kept.id()]);
+}
+
+// ----------------------------------------------------------- lock contention
+
+/// Three backends on one file — separate pools, separate in-process write
+/// locks, so they contend exactly like processes do — with a 1 ms busy
+/// timeout, pushing and draining from 24 tasks at once: SQLite reports
+/// "database is locked" constantly, yet no operation fails and every job is
+/// completed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contended_writers_never_see_busy() {
+    const PUSHERS: i64 = 12;
+    const PER_PUSHER: i64 = 100;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = file_url(&dir);
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        let options = SqliteOptions::new(&url).busy_timeout(StdDuration::from_millis(1));
+        backends.push(SqliteBackend::connect_with(options).await.expect("connect"));
+    }
+    let mut pushers = Vec::new();
+    for p in 0..PUSHERS {
+        let b = backends[p as usize % 3].clone();
+        pushers.push(tokio::spawn(async move {
+            for n in 0..PER_PUSHER {
+                if n % 10 == 0 {
+                    let batch = (0..5).map(|i| job(p * 1_000 + n * 10 + i)).collect();
+                    b.push_batch(batch).await.expect("push_batch");
+                } else {
+                    b.push(job(p * 1_000 + n)).await.expect("push");
+                }
+            }
+        }));
+    }
+    let mut pullers = Vec::new();
+    for w in 0..12u32 {
+        let b = backends[w as usize % 3].clone();
+        pullers.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            // Keep draining while pushes are still arriving.
+            for _ in 0..50 {
+                done.extend(drain(&b, 1 + w % 5).await);
+                tokio::task::yield_now().await;
+            }
+            done
+        }));
+    }
+    for p in pushers {
+        p.await.expect("pusher");
+    }
+    let mut deliveries: HashMap<i64, usize> = HashMap::new();
+    for p in pullers {
+        for id in p.await.expect("puller") {
+            *deliveries.entry(id).or_default() += 1;
+        }
+    }
+    for id in drain(&backends[0], 100).await {
+        *deliveries.entry(id).or_default() += 1;
+    }
+    let expected = (PUSHERS * (PER_PUSHER - PER_PUSHER / 10 + PER_PUSHER / 10 * 5)) as usize;
+    assert_eq!(deliveries.len(), expected, "every job completed");
+    assert!(
+        deliveries.values().all(|n| *n == 1),
+        "no job completed twice"
+    );
+    let stats = backends[0].stats().await.expect("stats").queue("default");
+    assert_eq!(stats.done, expected as u64);
+    let retries: u64 = backends.iter().map(SqliteBackend::lock_retries).sum();
+    assert!(
+        retries > 0,
+        "with a 1 ms busy timeout the lock must have been contended (and retried)"
+    );
+}
+
+// -------------------------------------------------------------- processes
+
+const CHILD_ENV: &str = "RELAYQ_SQLITE_CHILD";
+const PROCESS_JOBS: i64 = 3_000;
+const CHILDREN: usize = 3;
+
+/// Three child processes plus this one pull and complete from one file at
+/// the same time, each with a 1 ms busy timeout. Every job is completed
+/// exactly once, no process sees an error, and the processes' completion
+/// times overlap (they really ran at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_process_exactly_once() {
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        return child(&spec).await;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = file_url(&dir);
+    let backend = SqliteBackend::connect_with(
+        SqliteOptions::new(&url).busy_timeout(StdDuration::from_millis(1)),
+    )
+    .await
+    .expect("connect");
+    for chunk in (0..PROCESS_JOBS).collect::<Vec<_>>().chunks(500) {
+        backend
+            .push_batch(chunk.iter().map(|n| job(*n)).collect())
+            .await
+            .expect("push_batch");
+    }
+
+    let exe = std::env::current_exe().expect("current exe");
+    let mut children = Vec::new();
+    for i in 0..CHILDREN {
+        let spec = format!("{i}|{}|{}", url, dir.path().display());
+        let child = Command::new(&exe)
+            .args([
+                "--exact",
+                "multi_process_exactly_once",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, spec)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn child");
+        children.push(child);
+    }
+    // Start everyone together.
+    wait_for_files(dir.path(), (0..CHILDREN).map(|i| format!("ready-{i}"))).await;
+    std::fs::write(dir.path().join("go"), b"").expect("go");
+    let mine = drain(&backend, 3).await;
+
+    let mut per_process: Vec<Vec<i64>> = vec![mine];
+    for (i, child) in children.into_iter().enumerate() {
+        let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .expect("join")
+            .expect("child output");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "child {i} failed ({}):\n{stdout}\n{stderr}",
+            output.status
+        );
+        assert!(
+            !stdout.contains("database is locked") && !stderr.contains("database is locked"),
+            "child {i} saw a lock error:\n{stdout}\n{stderr}"
+        );
+        for line in stdout.lines().filter(|l| l.contains("lock retries")) {
+            println!("{line}");
+        }
+        let ids = std::fs::read_to_string(dir.path().join(format!("done-{i}")))
+            .expect("child's ids")
+            .lines()
+            .map(|l| l.parse::<i64>().expect("id"))
+            .collect();
+        per_process.push(ids);
+    }
+
+    let mut deliveries: HashMap<i64, usize> = HashMap::new();
+    for ids in &per_process {
+        for id in ids {
+            *deliveries.entry(*id).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        deliveries.len(),
+        PROCESS_JOBS as usize,
+        "every job completed"
+    );
+    let twice: Vec<_> = deliveries.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "jobs completed twice: {twice:?}");
+    let stats = backend.stats().await.expect("stats").queue("default");
+    assert_eq!(
+        (stats.done, stats.total()),
+        (PROCESS_JOBS as u64, PROCESS_JOBS as u64)
+    );
+
+    // When did each process complete its jobs? `updated_at` is the
+    // completion time (system clock) of every Done job.
+    let mut spans = Vec::new();
+    for ids in per_process.iter().filter(|ids| !ids.is_empty()) {
+        let mut first = None;
+        let mut last = None;
+        for id in ids {
+            let at = backend
+                .get(*id)
+                .await
+                .expect("get")
+                .expect("job")
+                .updated_at;
+            first = Some(first.map_or(at, |f: time::OffsetDateTime| f.min(at)));
+            last = Some(last.map_or(at, |l: time::OffsetDateTime| l.max(at)));
+        }
+        spans.push((first.expect("first"), last.expect("last")));
+    }
+    let counts: Vec<usize> = per_process.iter().map(Vec::len).collect();
+    println!(
+        "jobs completed per process (this one first): {counts:?}; lock retries here: {}",
+        backend.lock_retries()
+    );
+    assert!(
+        spans.len() >= 2,
+        "at least two processes completed jobs: {counts:?}"
+    );
+    let overlapping = spans
+        .iter()
+        .enumerate()
+        .any(|(i, a)| spans[i + 1..].iter().any(|b| a.0 <= b.1 && b.0 <= a.1));
+    assert!(
+        overlapping,
+        "processes completed jobs at the same time: {counts:?} {spans:?}"
+    );
+}
+
+/// A child process: waits for the start signal, drains the queue, and
+/// writes the ids it completed to `done-<i>`.
+async fn child(spec: &str) {
+    let mut parts = spec.splitn(3, '|');
+    let (Some(i), Some(url), Some(dir)) = (parts.next(), parts.next(), parts.next()) else {
+        panic!("bad child spec {spec:?}");
+    };
+    let i: u32 = i.parse().expect("child index");
+    let dir = PathBuf::from(dir);
+    // `connect` migrates too: a no-op here, serialized by BEGIN IMMEDIATE.
+    let backend = SqliteBackend::connect_with(
+        SqliteOptions::new(url).busy_timeout(StdDuration::from_millis(1)),
+    )
+    .await
+    .expect("child connect");
+    std::fs::write(dir.join(format!("ready-{i}")), b"").expect("ready");
+    wait_for_files(&dir, ["go".to_owned()]).await;
+    let done = drain(&backend, 1 + i).await;
+    let lines: String = done.iter().map(|id| format!("{id}\n")).collect();
+    std::fs::write(dir.join(format!("done-{i}")), lines).expect("write ids");
+    println!(
+        "child {i}: completed {} jobs, {} lock retries",
+        done.len(),
+        backend.lock_retries()
+    );
+}
+
+async fn wait_for_files(dir: &Path, names: impl IntoIterator<Item = String>) {
+    let names: Vec<String> = names.into_iter().collect();
+    let deadline = tokio::time::Instant::now() + StdDuration::from_secs(60);
+    while !names.iter().all(|n| dir.join(n).exists()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {names:?}"
+        );
+        tokio::time::sleep(StdDuration::from_millis(2)).await;
+    }
+}
+
+// ------------------------------------------------------------- migrations
+
+/// `migrate` is idempotent, records its versions, refuses a newer schema,
+/// and many connections migrating a fresh file at once all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_versioned_idempotent_and_safe_concurrently() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = file_url(&dir);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            SqliteBackend::connect(&url)
+                .await
+                .expect("connect and migrate")
+        }));
+    }
+    let mut backends = Vec::new();
+    for task in tasks {
+        backends.push(task.await.expect("task"));
+    }
+    let backend = &backends[0];
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM relayq_schema_versions ORDER BY version")
+            .fetch_all(backend.pool())
+            .await
+            .expect("versions");
+    assert_eq!(versions, vec![1], "each version applied once");
+    assert_eq!(backend.migrate().await.expect("migrate"), Vec::<i64>::new());
+
+    sqlx::query("INSERT INTO relayq_schema_versions VALUES (99, 'from the future', 0)")
+        .execute(backend.pool())
+        .await
+        .expect("insert");
+    match backend.migrate().await {
+        Err(Error::Config { reason }) => assert!(reason.contains("99"), "{reason}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    match SqliteBackend::connect(&url).await {
+        Err(Error::Config { .. }) => {}
+        other => panic!("connect should refuse a newer schema, got {other:?}"),
+    }
+    // Without migrating, connecting still works.
+    SqliteBackend::connect_with(SqliteOptions::new(&url).run_migrations(false))
+        .await
+        .expect("connect without migrating");
+}
+
+/// A file database is in WAL mode, runs on a new enough SQLite, and keeps
+/// its jobs across backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_database_is_wal_and_durable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = file_url(&dir);
+    let clock = ManualClock::new(datetime!(2030-01-01 00:00 UTC));
+    let backend =
+        SqliteBackend::connect_with(SqliteOptions::new(&url).clock(Arc::new(clock.clone())))
+            .await
+            .expect("connect");
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(backend.pool())
+        .await
+        .expect("journal_mode");
+    assert_eq!(mode, "wal");
+    let version: String = sqlx::query_scalar("SELECT sqlite_version()")
+        .fetch_one(backend.pool())
+        .await
+        .expect("version");
+    let parse = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap_or(0)).collect() };
+    assert!(
+        parse(&version) >= parse(MIN_SQLITE_VERSION),
+        "SQLite {version}"
+    );
+    let caps = backend.capabilities();
+    assert!(caps.durable && caps.multi_process && !caps.server_clock);
+
+    let id = backend.push(job(1)).await.expect("push").id();
+    let before = backend.get(id).await.expect("get").expect("job");
+    backend.close().await;
+    drop(backend);
+
+    let reopened =
+        SqliteBackend::connect_with(SqliteOptions::new(&url).clock(Arc::new(clock.clone())))
+            .await
+            .expect("reopen");
+    assert_eq!(reopened.get(id).await.expect("get"), Some(before));
+    // Deleting the newest job does not free its id.
+    let leased = reopened
+        .pull(&PullRequest::queue("default"))
+        .await
+        .expect("pull");
+    reopened
+        .complete(&leased[0].lease, None)
+        .await
+        .expect("complete");
+    assert_eq!(
+        reopened
+            .clean(JobStatus::Done, datetime!(9999-01-01 00:00 UTC))
+            .await
+            .expect("clean"),
+        1
+    );
+    let next = reopened.push(job(2)).await.expect("push").id();
+    assert!(next > id, "ids are never reused ({next} after {id})");
+}
+
+// --------------------------------------------------------------- wake-ups
+
+/// A subscriber is woken by a push through another backend on the same
+/// file (another connection, as another process would be), by a push in the
+/// caller's transaction, and not by other writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_cross_connections_and_ignore_other_writes() {
+    const DEADLINE: StdDuration = StdDuration::from_secs(10);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = file_url(&dir);
+    let options = SqliteOptions::new(&url).poll_interval(StdDuration::from_millis(20));
+    let worker_side = SqliteBackend::connect_with(options.clone())
+        .await
+        .expect("connect");
+    let other = SqliteBackend::connect_with(options).await.expect("connect");
+    let mut wakeups = worker_side
+        .subscribe(&["default".to_owned()])
+        .await
+        .expect("subscribe")
+        .expect("wake-ups declared");
+
+    other.push(job(1)).await.expect("push");
+    tokio::time::timeout(DEADLINE, wakeups.next())
+        .await
+        .expect("a push by another connection wakes the subscriber")
+        .expect("open");
+
+    // Completing it is a write but stores no job: no signal.
+    let leased = other
+        .pull(&PullRequest::queue("default"))
+        .await
+        .expect("pull");
+    other
+        .complete(&leased[0].lease, None)
+        .await
+        .expect("complete");
+    assert!(
+        tokio::time::timeout(StdDuration::from_millis(300), wakeups.next())
+            .await
+            .is_err(),
+        "completions do not wake workers"
+    );
+
+    let mut tx = other.begin().await.expect("begin");
+    other.push_in(&mut tx, job(2)).await.expect("push_in");
+    tx.commit().await.expect("commit");
+    tokio::time::timeout(DEADLINE, wakeups.next())
+        .await
+        .expect("a committed push_in by another connection wakes the subscriber")
+        .expect("open");
+
+    // Dropping every backend ends the subscription.
+    drop(worker_side);
+    drop(other);
+    let end =
+        tokio::time::timeout(DEADLINE, async { while wakeups.next().await.is_some() {} }).await;
+    assert!(end.is_ok(), "the subscription ends with its backend");
+}
+
+// ------------------------------------------------------------------ errors
+
+/// Bad URLs and options are `Error::Config`; a database that cannot be
+/// opened is `Error::Backend`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_and_unopenable_paths_are_typed_errors() {
+    for url in [
+        "postgres://localhost/jobs",
+        "jobs.db",
+        "sqlite://",
+        "sqlite://jobs.db?mode=sideways",
+        "sqlite://jobs.db?unknown=1",
+    ] {
+        match SqliteBackend::connect(url).await {
+            Err(Error::Config { .. }) => {}
+            other => panic!("{url}: expected Error::Config, got {other:?}"),
+        }
+    }
+    match SqliteBackend::connect_with(SqliteOptions::new("sqlite::memory:").max_connections(0))
+        .await
+    {
+        Err(Error::Config { .. }) => {}
+        other => panic!("expected Error::Config, got {other:?}"),
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let not_a_dir = dir.path().join("plain-file");
+    std::fs::write(&not_a_dir, b"x").expect("write");
+    let not_a_db = dir.path().join("garbage.db");
+    std::fs::write(&not_a_db, vec![0x5a; 8192]).expect("write");
+    for path in [
+        not_a_dir.join("jobs.db"),
+        dir.path().join("missing").join("dir").join("jobs.db"),
+        dir.path().to_path_buf(),
+        not_a_db,
+    ] {
+        let url = format!("sqlite://{}", path.display());
+        match SqliteBackend::connect(&url).await {
+            Err(Error::Backend { .. }) => {}
+            other => panic!("{url}: expected Error::Backend, got {other:?}"),
+        }
+    }
+}
+
+/// Debug output names the database and never panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_names_the_database() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = SqliteBackend::connect(&file_url(&dir))
+        .await
+        .expect("connect");
+    let shown = format!("{backend:?}");
+    assert!(shown.contains("jobs.db"), "{shown}");
+    let memory = SqliteBackend::connect("sqlite::memory:")
+        .await
+        .expect("connect");
+    assert!(format!("{memory:?}").contains(":memory:"));
+}
