@@ -486,19 +486,25 @@ impl PgBackend {
         }
     }
 
+    /// The listener hub, started on first use. A hub whose task has ended
+    /// (its runtime shut down) is replaced.
     fn hub(&self) -> Arc<listen::Hub> {
         let mut hub = self
             .inner
             .hub
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        hub.get_or_insert_with(|| {
-            Arc::new(listen::Hub::start(
-                self.inner.listen_options.clone(),
-                self.inner.sql.channels.clone(),
-            ))
-        })
-        .clone()
+        match hub.as_ref() {
+            Some(running) if !running.is_closed() => running.clone(),
+            _ => {
+                let started = Arc::new(listen::Hub::start(
+                    self.inner.listen_options.clone(),
+                    self.inner.sql.channels.clone(),
+                ));
+                *hub = Some(started.clone());
+                started
+            }
+        }
     }
 }
 

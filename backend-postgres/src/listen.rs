@@ -75,6 +75,11 @@ impl Hub {
         Self { commands }
     }
 
+    /// True once the task has ended (e.g. its runtime shut down).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+
     /// A subscription to pushes to `queues`, live once this returns.
     pub(crate) async fn subscribe(&self, queues: &[String]) -> Result<Wakeups> {
         let (signal, mut signals) = mpsc::channel(1);

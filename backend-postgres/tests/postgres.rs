@@ -439,9 +439,20 @@ async fn connections_never_exceed_the_pool_plus_one_listener() {
     for w in workers {
         w.await.expect("worker");
     }
-    let (pool, listener) = connections(&app).await;
-    assert_eq!((pool, listener), (3, 1), "the pool filled up; one listener");
     assert!(max_seen.0 <= 3 && max_seen.1 <= 1, "{max_seen:?}");
+    // Hold the whole pool: a fourth connection is not opened, it waits.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(backend.pool().acquire().await.expect("acquire"));
+    }
+    let fourth = tokio::time::timeout(StdDuration::from_millis(300), backend.pool().acquire());
+    assert!(
+        fourth.await.is_err(),
+        "a fourth pooled connection was opened"
+    );
+    let (pool, listener) = connections(&app).await;
+    assert_eq!((pool, listener), (3, 1), "the full pool plus one listener");
+    drop(held);
     drop(subscriptions);
     common::drop_schema(backend.schema()).await;
 }
@@ -796,5 +807,38 @@ async fn claim_plan_with_a_million_finished_jobs() {
     println!("{plan}");
     assert!(plan.contains("jobs_claim_idx"), "{plan}");
     assert!(claim_buffers(&plan) < 100, "{plan}");
+    common::drop_schema(backend.schema()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_again_after_the_listener_runtime_ended() {
+    let backend = common::connect(common::options()).await;
+    // Subscribe from a runtime that then shuts down, taking the listener
+    // task with it.
+    let elsewhere = backend.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut wakeups = elsewhere
+                .subscribe(&["default".to_owned()])
+                .await
+                .expect("subscribe")
+                .expect("subscription");
+            elsewhere.push(job(1)).await.expect("push");
+            expect_signal(&mut wakeups, "in the first runtime").await;
+        });
+    })
+    .join()
+    .expect("thread");
+    let mut wakeups = backend
+        .subscribe(&["default".to_owned()])
+        .await
+        .expect("subscribe after the first runtime ended")
+        .expect("subscription");
+    backend.push(job(2)).await.expect("push");
+    expect_signal(&mut wakeups, "through a new listener task").await;
     common::drop_schema(backend.schema()).await;
 }
