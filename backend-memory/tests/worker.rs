@@ -448,3 +448,129 @@ async fn dropping_the_handle_stops_the_worker() {
     let job = b.jobs().into_iter().find(|j| j.id == later).expect("job");
     assert_eq!(job.status, JobStatus::Pending);
 }
+
+/// A store whose wake-up subscription closes at once: the worker falls
+/// back to polling, and tries to subscribe again at its poll ticks.
+#[derive(Debug)]
+struct ClosingWakeups {
+    inner: MemoryBackend,
+    subscribes: Arc<AtomicUsize>,
+}
+
+mod delegate {
+    use super::ClosingWakeups;
+    use async_trait::async_trait;
+    use relayq_core::{
+        Backend, Capabilities, Cleaner, Completion, Job, JobId, JobPage, JobStatus, Lease,
+        LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller, PushOutcome, Pusher, Result,
+        Stats, Wakeups,
+    };
+    use serde_json::Value;
+    use std::sync::atomic::Ordering;
+    use time::{Duration, OffsetDateTime};
+
+    #[async_trait]
+    impl Pusher for ClosingWakeups {
+        async fn push(&self, job: NewJob) -> Result<PushOutcome> {
+            self.inner.push(job).await
+        }
+        async fn push_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<PushOutcome>> {
+            self.inner.push_batch(jobs).await
+        }
+    }
+
+    #[async_trait]
+    impl Puller for ClosingWakeups {
+        async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>> {
+            self.inner.pull(request).await
+        }
+        async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {
+            self.inner.complete(lease, result).await
+        }
+        async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<Lease>> {
+            self.inner.complete_batch(completions).await
+        }
+        async fn retry(&self, lease: &Lease, delay: Duration, error: &str) -> Result<JobStatus> {
+            self.inner.retry(lease, delay, error).await
+        }
+        async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
+            self.inner.kill(lease, error).await
+        }
+        async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
+            self.inner.extend(lease, by).await
+        }
+        async fn release(&self, lease: &Lease) -> Result<()> {
+            self.inner.release(lease).await
+        }
+    }
+
+    #[async_trait]
+    impl Observer for ClosingWakeups {
+        async fn get(&self, id: JobId) -> Result<Option<Job>> {
+            self.inner.get(id).await
+        }
+        async fn list(&self, filter: &ListFilter) -> Result<JobPage> {
+            self.inner.list(filter).await
+        }
+        async fn stats(&self) -> Result<Stats> {
+            self.inner.stats().await
+        }
+    }
+
+    #[async_trait]
+    impl Cleaner for ClosingWakeups {
+        async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64> {
+            self.inner.clean(status, before).await
+        }
+    }
+
+    #[async_trait]
+    impl Backend for ClosingWakeups {
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::none().in_process_wakeups(true)
+        }
+        async fn subscribe(&self, _queues: &[String]) -> Result<Option<Wakeups>> {
+            self.subscribes.fetch_add(1, Ordering::SeqCst);
+            Ok(Some(Wakeups::from_stream(futures::stream::empty())))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_subscription_falls_back_to_polling() {
+    let (inner, _) = store();
+    let subscribes = Arc::new(AtomicUsize::new(0));
+    let backend = Arc::new(ClosingWakeups {
+        inner,
+        subscribes: Arc::clone(&subscribes),
+    });
+    let worker = Worker::builder(backend.clone())
+        .poll_interval(StdDuration::from_millis(20))
+        .handle(ok_email())
+        .build()
+        .expect("build");
+    let running = worker.start();
+    let mut ids = Vec::new();
+    for to in ["a", "b", "c"] {
+        ids.push(
+            backend
+                .push(Email { to: to.into() }.to_job())
+                .await
+                .expect("push")
+                .id(),
+        );
+        tokio::time::sleep(StdDuration::from_millis(30)).await;
+    }
+    for id in ids {
+        let job = tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id))
+            .await
+            .expect("polling finds it in time")
+            .expect("wait_for");
+        assert_eq!(job.status, JobStatus::Done);
+    }
+    running.shutdown_within(StdDuration::from_secs(20)).await;
+    assert!(
+        subscribes.load(Ordering::SeqCst) >= 2,
+        "the worker subscribes again after the subscription closed"
+    );
+}

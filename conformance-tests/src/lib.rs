@@ -78,6 +78,8 @@ macro_rules! __for_each_case {
             worker::worker_times_out_a_slow_handler,
             worker::worker_contains_a_panic,
             worker::worker_renews_the_lease_of_a_long_job,
+            worker::worker_discards_the_result_of_a_lost_lease,
+            worker::worker_stops_a_handler_whose_lease_was_taken,
             worker::worker_runs_up_to_concurrency_jobs_at_once,
             worker::worker_wakes_up_on_push,
             worker::worker_shutdown_finishes_in_flight_then_releases,

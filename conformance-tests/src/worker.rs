@@ -525,3 +525,78 @@ pub async fn worker_shutdown_finishes_in_flight_then_releases(h: Harness) {
     assert_eq!(third.job.payload, json!({ "n": 3 }));
     assert_eq!(third.job.attempts, 1, "never started before");
 }
+
+/// Waits for the outcome of job `id`'s next finished attempt.
+async fn outcome_of(events: &mut relayq_core::EventStream, id: JobId) -> Outcome {
+    within("the job's outcome", async {
+        loop {
+            match events.recv().await {
+                Some(Event::Finished { job, outcome }) if job.id == id => return outcome,
+                Some(_) => {}
+                None => panic!("the worker is gone"),
+            }
+        }
+    })
+    .await
+}
+
+/// A handler that finishes after its lease was lost (expired and taken by
+/// another puller) has its result discarded: the batched completion is
+/// still fenced, and the new holder keeps the job.
+pub async fn worker_discards_the_result_of_a_lost_lease(h: Harness) {
+    let worker = h
+        .worker()
+        .handle(|_task: Task, ctx: JobContext<Harness>| async move {
+            let h = ctx.state();
+            // Long before the first renewal (a third of the 30 s lease), the
+            // lease expires on the store's clock and another puller takes it.
+            h.advance(Duration::seconds(31));
+            let stolen = h.pull(&ctx.job().queue, 1).await;
+            assert_eq!(stolen.len(), 1, "the expired job is pulled again");
+            Ok::<_, HandlerError>("too late")
+        })
+        .build()
+        .expect("build");
+    let mut events = worker.events();
+    let id = h.push(Task { n: 1 }.to_job()).await;
+    let running = worker.start();
+    let outcome = outcome_of(&mut events, id).await;
+    running.shutdown_within(LIVENESS).await;
+    assert_eq!(outcome, Outcome::LeaseLost);
+    let job = h.job(id).await;
+    assert_eq!(
+        (job.status, job.attempts, job.result),
+        (JobStatus::Processing, 2, None),
+        "the second holder owns it"
+    );
+}
+
+/// When renewing finds the lease gone, the worker stops the handler and
+/// records nothing: the new holder's lease stays intact.
+pub async fn worker_stops_a_handler_whose_lease_was_taken(h: Harness) {
+    const LEASE: StdDuration = StdDuration::from_millis(300);
+    let worker = h
+        .worker()
+        .lease(LEASE)
+        .handle(|_task: Task, ctx: JobContext<Harness>| async move {
+            let h = ctx.state();
+            h.advance(std_to_time(LEASE) + Duration::seconds(1));
+            let stolen = h.pull(&ctx.job().queue, 1).await;
+            assert_eq!(stolen.len(), 1, "the expired job is pulled again");
+            // Would run forever: only the worker can stop it.
+            std::future::pending::<()>().await;
+            Ok::<_, HandlerError>(())
+        })
+        .build()
+        .expect("build");
+    let mut events = worker.events();
+    let id = h.push(Task { n: 1 }.to_job()).await;
+    let running = worker.start();
+    let outcome = outcome_of(&mut events, id).await;
+    assert_eq!(outcome, Outcome::LeaseLost);
+    let report = running.shutdown_within(LIVENESS).await;
+    assert_eq!(report.released, 0, "nothing left to release");
+    let job = h.job(id).await;
+    assert_eq!((job.status, job.attempts), (JobStatus::Processing, 2));
+    assert_eq!(job.locked_until, Some(h.now() + Duration::seconds(30)));
+}
