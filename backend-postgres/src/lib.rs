@@ -1,6 +1,6 @@
 //! relayq's PostgreSQL backend.
 //!
-//! [`PgBackend`] implements every relayq trait on PostgreSQL (11 or newer):
+//! [`PgBackend`] implements every relayq trait on PostgreSQL (12 or newer):
 //!
 //! - **Claims in one statement.** `pull` is one `WITH … UPDATE … RETURNING`:
 //!   a CTE selects eligible ids `ORDER BY priority, run_at, id LIMIT n FOR
@@ -151,6 +151,10 @@ pub use migrate::SCHEMA_VERSION;
 pub use options::{
     DEFAULT_APPLICATION_NAME, DEFAULT_MAX_CONNECTIONS, DEFAULT_SCHEMA, LISTENER_SUFFIX, PgOptions,
 };
+
+/// The sqlx this crate is built on, so callers of [`PgBackend::push_in`]
+/// and [`PgBackend::pool`] use the same version.
+pub use sqlx;
 
 /// URL schemes this backend accepts in a connection URL.
 pub const URL_SCHEMES: &[&str] = &["postgres", "postgresql"];
