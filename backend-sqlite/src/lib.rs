@@ -149,7 +149,7 @@ pub(crate) struct Shared {
     /// Bumped after every push that stored a job; subscribers watch it.
     pushed: watch::Sender<u64>,
     /// Whether the cross-process poller task runs.
-    poller: Mutex<bool>,
+    poller: Mutex<wakeups::PollerState>,
     lock_retries: AtomicU64,
 }
 
@@ -253,10 +253,20 @@ impl SqliteBackend {
         } else {
             SqlitePoolOptions::new().max_connections(options.max_connections)
         };
-        let pool = pool_options
-            .connect_with(resolved.connect.clone())
-            .await
-            .map_err(retry::map_sqlx)?;
+        // Opening a new file, or switching it to WAL, takes locks that
+        // other processes may hold: retry those like any other operation.
+        let lock_retries = AtomicU64::new(0);
+        let mut backoff = Backoff::new(options.lock_timeout);
+        let pool = loop {
+            match pool_options
+                .clone()
+                .connect_with(resolved.connect.clone())
+                .await
+            {
+                Ok(pool) => break pool,
+                Err(e) => backoff.after(Fail::Db(e), &lock_retries).await?,
+            }
+        };
         let backend = Self {
             shared: Arc::new(Shared {
                 pool,
@@ -267,8 +277,8 @@ impl SqliteBackend {
                 lock_timeout: options.lock_timeout,
                 poll_interval: options.poll_interval,
                 pushed: watch::Sender::new(0),
-                poller: Mutex::new(false),
-                lock_retries: AtomicU64::new(0),
+                poller: Mutex::new(wakeups::PollerState::default()),
+                lock_retries,
             }),
         };
         backend.check_version().await?;

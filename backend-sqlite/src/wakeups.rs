@@ -17,9 +17,37 @@ use tokio::time::MissedTickBehavior;
 use crate::Shared;
 use crate::retry::map_sqlx;
 
-fn lock(running: &Mutex<bool>) -> MutexGuard<'_, bool> {
-    // Only a bool is guarded; it is always consistent.
-    running.lock().unwrap_or_else(PoisonError::into_inner)
+/// Whether a poller runs, and which one.
+#[derive(Debug, Default)]
+pub(crate) struct PollerState {
+    /// The generation of the running poller, if one runs.
+    running: Option<u64>,
+    /// Generations handed out so far.
+    started: u64,
+}
+
+fn lock(state: &Mutex<PollerState>) -> MutexGuard<'_, PollerState> {
+    // Every update of the state is a single assignment: always consistent.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Marks its poller stopped however the task ends — returning, or being
+/// dropped with the runtime it was spawned on — so a later subscriber
+/// starts a new one.
+struct Running {
+    shared: Weak<Shared>,
+    generation: u64,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            let mut state = lock(&shared.poller);
+            if state.running == Some(self.generation) {
+                state.running = None;
+            }
+        }
+    }
 }
 
 /// The newest id ever assigned (ids come from `AUTOINCREMENT`).
@@ -42,13 +70,18 @@ pub(crate) async fn subscribe(shared: &Arc<Shared>) -> Result<Wakeups> {
         last_id(&shared.pool).await.map_err(map_sqlx)?
     };
     let rx = {
-        let mut running = lock(&shared.poller);
+        let mut state = lock(&shared.poller);
         // Subscribe and check the poller under one lock, so the poller
         // cannot decide it has no subscribers in between and stop.
         let rx = shared.pushed.subscribe();
-        if !shared.in_memory && !*running {
-            *running = true;
-            tokio::spawn(poll(Arc::downgrade(shared), baseline));
+        if !shared.in_memory && state.running.is_none() {
+            state.started += 1;
+            state.running = Some(state.started);
+            let running = Running {
+                shared: Arc::downgrade(shared),
+                generation: state.started,
+            };
+            tokio::spawn(poll(running, baseline));
         }
         rx
     };
@@ -63,7 +96,8 @@ pub(crate) async fn subscribe(shared: &Arc<Shared>) -> Result<Wakeups> {
     )))
 }
 
-async fn poll(shared: Weak<Shared>, mut last_seq: i64) {
+async fn poll(running: Running, mut last_seq: i64) {
+    let shared = running.shared.clone();
     let Some((options, interval)) = shared
         .upgrade()
         .map(|s| (s.connect.clone(), s.poll_interval))
@@ -80,9 +114,9 @@ async fn poll(shared: Weak<Shared>, mut last_seq: i64) {
             return;
         };
         {
-            let mut running = lock(&shared.poller);
+            let mut state = lock(&shared.poller);
             if shared.pushed.receiver_count() == 0 {
-                *running = false;
+                state.running = None;
                 return;
             }
         }

@@ -487,9 +487,11 @@ async fn migrations_are_versioned_idempotent_and_safe_concurrently() {
     let url = file_url(&dir);
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let url = url.clone();
+        // A 1 ms busy timeout: creating the file, switching it to WAL and
+        // migrating all contend, and must all be retried, not reported.
+        let options = SqliteOptions::new(&url).busy_timeout(StdDuration::from_millis(1));
         tasks.push(tokio::spawn(async move {
-            SqliteBackend::connect(&url)
+            SqliteBackend::connect_with(options)
                 .await
                 .expect("connect and migrate")
         }));
@@ -699,4 +701,45 @@ async fn debug_names_the_database() {
         .await
         .expect("connect");
     assert!(format!("{memory:?}").contains(":memory:"));
+}
+
+/// The cross-process poller belongs to the runtime that started it; when
+/// that runtime is gone, the next subscription (on another runtime) starts
+/// a new one and still hears pushes from other connections.
+#[test]
+fn wakeups_survive_the_runtime_that_started_the_poller() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = file_url(&dir);
+    let options = SqliteOptions::new(&url).poll_interval(StdDuration::from_millis(20));
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let first = runtime();
+    let (worker_side, old_subscription) = first.block_on(async {
+        let backend = SqliteBackend::connect_with(options.clone())
+            .await
+            .expect("connect");
+        let wakeups = backend.subscribe(&[]).await.expect("subscribe");
+        (backend, wakeups)
+    });
+    drop(first);
+    drop(old_subscription);
+
+    runtime().block_on(async {
+        let mut wakeups = worker_side
+            .subscribe(&[])
+            .await
+            .expect("subscribe")
+            .expect("wake-ups");
+        let other = SqliteBackend::connect_with(options).await.expect("connect");
+        other.push(job(1)).await.expect("push");
+        tokio::time::timeout(StdDuration::from_secs(10), wakeups.next())
+            .await
+            .expect("a push by another connection wakes the new subscriber")
+            .expect("open");
+    });
 }
