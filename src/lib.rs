@@ -3,26 +3,35 @@
 //!
 //! This facade re-exports [`relayq_core`] (the job model, the
 //! [`Pusher`]/[`Puller`]/[`Observer`]/[`Cleaner`] traits, leases, clocks,
-//! errors) and the backends enabled by cargo features:
+//! errors, and the [`Worker`] runtime with typed handlers) and the backends
+//! enabled by cargo features; [`connect`] picks one from a URL:
 //!
-//! | feature | module | backend |
-//! |---|---|---|
-//! | `memory` (default) | [`memory`] | in-process store, for tests and embedded use |
-//! | `sqlite` | `sqlite` | SQLite, for development and single-host apps |
-//! | `postgres` | `postgres` | PostgreSQL, for production |
+//! | feature | module | backend | URL |
+//! |---|---|---|---|
+//! | `memory` (default) | [`memory`] | in-process store, for tests and embedded use | `memory://` |
+//! | `sqlite` | `sqlite` | SQLite, for development and single-host apps | `sqlite://…` |
+//! | `postgres` | `postgres` | PostgreSQL, for production | `postgres://…` |
 //!
 //! ```
-//! use relayq::{NewJob, PullRequest, Puller, Pusher};
-//! use serde_json::json;
+//! use relayq::{HandlerError, JobType, Worker};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct SendEmail { to: String }
+//! impl JobType for SendEmail { const KIND: &'static str = "send_email"; }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> relayq::Result<()> {
-//! let queue = relayq::memory::MemoryBackend::new();
-//! queue.push(NewJob::new("send_email", &json!({"to": "ada@example.com"}))).await?;
-//! for leased in queue.pull(&PullRequest::queue("default").batch(10)).await? {
-//!     println!("running {} #{}", leased.job.kind, leased.job.id);
-//!     queue.complete(&leased.lease, None).await?;
-//! }
+//! let backend = relayq::connect("memory://").await?;
+//! let id = backend.push(SendEmail { to: "ada@example.com".into() }.to_job()).await?.id();
+//!
+//! let worker = Worker::builder(backend)
+//!     .handle(|email: SendEmail, _ctx| async move {
+//!         Ok::<_, HandlerError>(format!("sent to {}", email.to))
+//!     })
+//!     .build()?;
+//! worker.run_until_idle().await?; // or worker.start() in a service
+//! assert_eq!(worker.wait_for(id).await?.result, Some("sent to ada@example.com".into()));
 //! # Ok(())
 //! # }
 //! ```

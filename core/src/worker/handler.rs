@@ -246,8 +246,9 @@ impl<S> JobContext<S> {
         self.lease
     }
 
-    /// When the lease currently expires, on the backend's clock. The worker
-    /// moves it forward while the handler runs.
+    /// When the lease currently expires, on the backend's clock. A started
+    /// worker moves it forward while the handler runs (test mode,
+    /// [`Worker::run_until_idle`](crate::Worker::run_until_idle), does not).
     pub fn lease_deadline(&self) -> OffsetDateTime {
         *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
     }
