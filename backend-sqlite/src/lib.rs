@@ -114,6 +114,10 @@ use time::{Duration, OffsetDateTime};
 use tokio::sync::watch;
 
 pub use options::SqliteOptions;
+pub use schema::SCHEMA_VERSION;
+/// The sqlx this crate is built on, for naming its types
+/// ([`sqlx::SqliteConnection`], [`sqlx::Transaction`]) at the same version.
+pub use sqlx;
 
 use retry::{Backoff, Fail};
 use rows::{COLUMNS, TABLE, job_from_row, micros};
@@ -240,7 +244,7 @@ impl SqliteBackend {
     }
 
     /// Opens the database described by `options`, then runs
-    /// [`Self::migrate`] unless [`SqliteOptions::run_migrations`] is off.
+    /// [`Self::migrate`] unless [`SqliteOptions::migrate`] is off.
     pub async fn connect_with(options: SqliteOptions) -> Result<Self> {
         let resolved = options.resolve()?;
         let pool_options = if resolved.in_memory {
@@ -304,14 +308,24 @@ impl SqliteBackend {
         Ok(())
     }
 
-    /// Brings the schema up to date: applies every embedded migration newer
-    /// than the database's recorded version, in one `BEGIN IMMEDIATE`
-    /// transaction. Idempotent, and safe when several processes migrate the
-    /// same file at once. A database whose schema is newer than this build
-    /// knows is [`Error::Config`]. Returns the versions applied (empty when
-    /// already current).
-    pub async fn migrate(&self) -> Result<Vec<i64>> {
-        write_tx!(self, |tx, now| { schema::migrate(&mut tx, now).await? })
+    /// Applies every pending migration, idempotently: creates the tables
+    /// on first use, does nothing when up to date. Runs in one
+    /// `BEGIN IMMEDIATE` transaction, which holds the write lock from the
+    /// start, so concurrent callers in any number of processes are safe. A
+    /// schema newer than this crate knows is [`Error::Config`].
+    pub async fn migrate(&self) -> Result<()> {
+        write_tx!(self, |tx, now| { schema::migrate(&mut tx, now).await? }).map(drop)
+    }
+
+    /// The schema version recorded in `relayq_schema_versions` (0 before
+    /// the first migration); [`SCHEMA_VERSION`] once migrated.
+    pub async fn schema_version(&self) -> Result<i32> {
+        let version = read!(self, |pool| {
+            let mut conn = pool.acquire().await?;
+            schema::current_version(&mut conn).await?
+        })?;
+        i32::try_from(version)
+            .map_err(|_| Error::backend(format!("schema version {version} out of range")))
     }
 
     /// The connection pool, e.g. to begin a transaction for

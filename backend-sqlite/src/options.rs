@@ -102,9 +102,11 @@ impl SqliteOptions {
     }
 
     /// Whether [`SqliteBackend::connect_with`](crate::SqliteBackend::connect_with)
-    /// runs [`SqliteBackend::migrate`](crate::SqliteBackend::migrate); the
-    /// default is `true`.
-    pub fn run_migrations(mut self, yes: bool) -> Self {
+    /// applies pending migrations (the default) or leaves the schema alone,
+    /// for deployments that run
+    /// [`SqliteBackend::migrate`](crate::SqliteBackend::migrate) as a
+    /// separate step.
+    pub fn migrate(mut self, yes: bool) -> Self {
         self.migrate = yes;
         self
     }

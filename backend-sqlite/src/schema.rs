@@ -11,6 +11,9 @@ use time::OffsetDateTime;
 use crate::retry::Fail;
 use crate::rows::micros;
 
+/// The schema version this crate creates and expects.
+pub const SCHEMA_VERSION: i32 = 1;
+
 /// One schema change.
 struct Migration {
     version: i64,
@@ -26,8 +29,27 @@ const MIGRATIONS: &[Migration] = &[Migration {
 }];
 
 /// The newest schema version this build knows.
-pub(crate) fn latest_version() -> i64 {
+fn latest_version() -> i64 {
     MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// The schema version recorded in the database (0 before the first
+/// migration).
+pub(crate) async fn current_version(conn: &mut SqliteConnection) -> Result<i64, Fail> {
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema \
+         WHERE type = 'table' AND name = 'relayq_schema_versions')",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !exists {
+        return Ok(0);
+    }
+    Ok(
+        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM relayq_schema_versions")
+            .fetch_one(&mut *conn)
+            .await?,
+    )
 }
 
 /// Applies every migration newer than the database's version, inside the
@@ -45,10 +67,7 @@ pub(crate) async fn migrate(
     )
     .execute(&mut *conn)
     .await?;
-    let current: i64 =
-        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM relayq_schema_versions")
-            .fetch_one(&mut *conn)
-            .await?;
+    let current = current_version(conn).await?;
     let latest = latest_version();
     if current > latest {
         return Err(Fail::Core(relayq_core::Error::Config {
@@ -73,4 +92,15 @@ pub(crate) async fn migrate(
         applied.push(migration.version);
     }
     Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_in_order_and_end_at_the_schema_version() {
+        assert!(MIGRATIONS.windows(2).all(|w| w[0].version < w[1].version));
+        assert_eq!(latest_version(), i64::from(SCHEMA_VERSION));
+    }
 }

@@ -15,7 +15,7 @@ use relayq_core::{
     Backend, Cleaner, Completion, Error, JobStatus, ListFilter, ManualClock, NewJob, Observer,
     PullRequest, Puller, PushOutcome, Pusher,
 };
-use relayq_sqlite::{MIN_SQLITE_VERSION, SqliteBackend, SqliteOptions};
+use relayq_sqlite::{MIN_SQLITE_VERSION, SCHEMA_VERSION, SqliteBackend, SqliteOptions};
 use serde_json::json;
 use sqlx::Row;
 use tempfile::TempDir;
@@ -507,7 +507,16 @@ async fn migrations_are_versioned_idempotent_and_safe_concurrently() {
             .await
             .expect("versions");
     assert_eq!(versions, vec![1], "each version applied once");
-    assert_eq!(backend.migrate().await.expect("migrate"), Vec::<i64>::new());
+    backend.migrate().await.expect("migrating again is a no-op");
+    assert_eq!(
+        backend.schema_version().await.expect("version"),
+        SCHEMA_VERSION
+    );
+    let versions: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM relayq_schema_versions")
+        .fetch_one(backend.pool())
+        .await
+        .expect("versions");
+    assert_eq!(versions, 1);
 
     sqlx::query("INSERT INTO relayq_schema_versions VALUES (99, 'from the future', 0)")
         .execute(backend.pool())
@@ -521,10 +530,27 @@ async fn migrations_are_versioned_idempotent_and_safe_concurrently() {
         Err(Error::Config { .. }) => {}
         other => panic!("connect should refuse a newer schema, got {other:?}"),
     }
-    // Without migrating, connecting still works.
-    SqliteBackend::connect_with(SqliteOptions::new(&url).run_migrations(false))
+    // Without migrating, connecting still works, and a fresh file stays
+    // empty until migrated.
+    SqliteBackend::connect_with(SqliteOptions::new(&url).migrate(false))
         .await
         .expect("connect without migrating");
+    let fresh = SqliteBackend::connect_with(
+        SqliteOptions::new(format!(
+            "sqlite://{}",
+            dir.path().join("fresh.db").display()
+        ))
+        .migrate(false),
+    )
+    .await
+    .expect("connect");
+    assert_eq!(fresh.schema_version().await.expect("version"), 0);
+    fresh.migrate().await.expect("migrate");
+    assert_eq!(
+        fresh.schema_version().await.expect("version"),
+        SCHEMA_VERSION
+    );
+    fresh.push(job(1)).await.expect("push after migrating");
 }
 
 /// A file database is in WAL mode, runs on a new enough SQLite, and keeps
