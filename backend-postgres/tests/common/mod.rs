@@ -9,8 +9,9 @@ use relayq_postgres::{PgBackend, PgOptions};
 use sqlx::{Connection, PgConnection};
 
 /// Test schemas are named `relayq_test_<unix seconds>_<pid>_<counter>`;
-/// ones older than this are dropped by the first test of a run.
-const STALE_AFTER: Duration = Duration::from_secs(3600);
+/// ones older than this (far longer than a whole test run) are dropped by
+/// the first test of a later run.
+const STALE_AFTER: Duration = Duration::from_secs(900);
 
 const HOW_TO: &str = "The relayq-postgres tests need a PostgreSQL server they may create \
 schemas in. Set RELAYQ_TEST_DATABASE_URL (or DATABASE_URL), e.g. \
@@ -50,7 +51,7 @@ pub async fn admin() -> PgConnection {
     }
 }
 
-/// Drops test schemas left by runs that ended over an hour ago, once per process.
+/// Drops test schemas left by earlier runs, once per process.
 pub async fn sweep_stale_schemas() {
     static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     SWEPT
@@ -66,11 +67,15 @@ pub async fn sweep_stale_schemas() {
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
             for name in names {
-                let born = name
-                    .split('_')
-                    .nth(2)
+                // Only names this module made: relayq_test_<secs>_<pid>_<n>_<hex>.
+                let parts: Vec<&str> = name.split('_').collect();
+                let Some(born) = parts
+                    .get(2)
+                    .filter(|_| parts.len() == 6)
                     .and_then(|s| s.parse::<u64>().ok())
-                    .unwrap_or(0);
+                else {
+                    continue;
+                };
                 if now.as_secs().saturating_sub(born) > STALE_AFTER.as_secs() {
                     // Another process may be sweeping too: ignore failures.
                     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
