@@ -295,6 +295,21 @@ impl PgBackend {
         .map_err(db_err)
     }
 
+    /// Closes every connection: stops the listener (open subscriptions
+    /// end) and closes the pool, waiting for connections in use to be
+    /// returned. Later operations on this backend or its clones fail with
+    /// [`Error::Backend`].
+    pub async fn close(&self) {
+        let hub = self
+            .inner
+            .hub
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(hub);
+        self.inner.pool.close().await;
+    }
+
     /// The connection pool, e.g. to begin a transaction for
     /// [`Self::push_in`].
     pub fn pool(&self) -> &PgPool {
@@ -492,21 +507,24 @@ impl PgBackend {
 
     /// The listener hub, started on first use. A hub whose task has ended
     /// (its runtime shut down) is replaced.
-    fn hub(&self) -> Arc<listen::Hub> {
+    fn hub(&self) -> Result<Arc<listen::Hub>> {
         let mut hub = self
             .inner
             .hub
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         match hub.as_ref() {
-            Some(running) if !running.is_closed() => running.clone(),
+            Some(running) if !running.is_closed() => Ok(running.clone()),
+            _ if self.inner.pool.is_closed() => {
+                return Err(Error::backend("relayq-postgres: the backend was closed"));
+            }
             _ => {
                 let started = Arc::new(listen::Hub::start(
                     self.inner.listen_options.clone(),
                     self.inner.sql.channels.clone(),
                 ));
                 *hub = Some(started.clone());
-                started
+                Ok(started)
             }
         }
     }
@@ -777,6 +795,6 @@ impl Backend for PgBackend {
         for queue in queues {
             relayq_core::check_name("queue", queue)?;
         }
-        self.hub().subscribe(queues).await.map(Some)
+        self.hub()?.subscribe(queues).await.map(Some)
     }
 }

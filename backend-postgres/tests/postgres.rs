@@ -453,7 +453,26 @@ async fn connections_never_exceed_the_pool_plus_one_listener() {
     let (pool, listener) = connections(&app).await;
     assert_eq!((pool, listener), (3, 1), "the full pool plus one listener");
     drop(held);
-    drop(subscriptions);
+    // close() closes the pool and the listener, and ends subscriptions.
+    backend.close().await;
+    let mut left = connections(&app).await;
+    for _ in 0..100 {
+        if left == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(StdDuration::from_millis(50)).await;
+        left = connections(&app).await;
+    }
+    assert_eq!(left, (0, 0), "close() leaves no connection open");
+    for subscription in &mut subscriptions {
+        let wakeups = subscription.as_mut().expect("subscription");
+        let end = tokio::time::timeout(SIGNAL_DEADLINE, async {
+            while wakeups.next().await.is_some() {}
+        });
+        end.await.expect("subscriptions end after close()");
+    }
+    assert!(backend.push(job(0)).await.is_err());
+    assert!(backend.subscribe(&[]).await.is_err());
     common::drop_schema(backend.schema()).await;
 }
 
