@@ -516,7 +516,7 @@ impl PgBackend {
         match hub.as_ref() {
             Some(running) if !running.is_closed() => Ok(running.clone()),
             _ if self.inner.pool.is_closed() => {
-                return Err(Error::backend("relayq-postgres: the backend was closed"));
+                Err(Error::backend("relayq-postgres: the backend was closed"))
             }
             _ => {
                 let started = Arc::new(listen::Hub::start(
