@@ -2,6 +2,7 @@
 //! epoch, JSON as text, the status as its lowercase name.
 
 use relayq_core::{Error, Job, JobStatus};
+use serde::Deserialize;
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
@@ -34,8 +35,15 @@ fn corrupt(what: String) -> Fail {
     Fail::Core(Error::backend(format!("unreadable job row: {what}")))
 }
 
+/// Parses stored JSON. Without serde_json's default limit of 128 nesting
+/// levels: every payload and result that was accepted must read back, or
+/// one deeply nested job would fail every `pull` of its queue.
 fn json(column: &str, text: &str) -> Result<Value, Fail> {
-    serde_json::from_str(text).map_err(|e| corrupt(format!("{column} is not JSON: {e}")))
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    Value::deserialize(&mut de)
+        .and_then(|value| de.end().map(|()| value))
+        .map_err(|e| corrupt(format!("{column} is not JSON: {e}")))
 }
 
 /// Decodes a row selected with [`COLUMNS`].
