@@ -5,6 +5,7 @@
 //! `bench/run` runs every workload, each in its own process, next to the
 //! raw-SQL baseline, and prints relayq ÷ baseline.
 
+mod processing;
 mod report;
 mod store;
 mod workloads;
@@ -20,6 +21,12 @@ enum Workload {
     Enqueue,
     /// N jobs in calls of 1,000.
     EnqueueBatch,
+    /// N jobs enqueued beforehand, drained by a worker with concurrency 16.
+    Process,
+    /// 200 jobs pushed 50 ms apart to an idle worker; enqueue-to-start latency.
+    Latency,
+    /// N jobs (WORKLOAD.md: 1,000,000) processed while more are enqueued.
+    Sustained,
 }
 
 #[derive(Debug, Parser)]
@@ -66,6 +73,14 @@ async fn run(args: &Args) -> Result<bool, String> {
             Workload::EnqueueBatch => {
                 workloads::enqueue_batch(label, backend, args.jobs, 1_000).await
             }
+            Workload::Process => {
+                processing::process(label, backend, args.jobs, store.settle()).await
+            }
+            Workload::Latency => {
+                let n = args.jobs.min(200);
+                processing::latency(label, backend, n, std::time::Duration::from_millis(50)).await
+            }
+            Workload::Sustained => processing::sustained(label, backend, args.jobs).await,
         }
     };
     let outcome = tokio::time::timeout(workloads::WORKLOAD_DEADLINE, work)

