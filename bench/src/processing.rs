@@ -71,7 +71,7 @@ impl Ledger {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
         }
         let handled = self.handled.fetch_add(1, Ordering::AcqRel) + 1;
-        if handled % self.slice == 0 {
+        if handled.is_multiple_of(self.slice) {
             self.slice_ends
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
