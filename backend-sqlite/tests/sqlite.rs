@@ -807,3 +807,55 @@ async fn deeply_nested_json_round_trips() {
         Some(deep)
     );
 }
+
+/// With 100,000 finished jobs in the table, the sweep and the claim read
+/// only the partial indexes of active jobs — never a full scan — for one
+/// queue and for several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_walk_the_partial_indexes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = SqliteBackend::connect(&file_url(&dir))
+        .await
+        .expect("connect");
+    sqlx::query(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) \
+         INSERT INTO relayq_jobs (queue, kind, payload, priority, status, attempts, \
+         max_attempts, lease_token, run_at, created_at, updated_at) \
+         SELECT CASE WHEN i % 2 = 0 THEN 'default' ELSE 'other' END, 'k', '{}', 0, \
+         CASE WHEN i % 10 = 0 THEN 'dead' ELSE 'done' END, 1, 25, 1, 0, 0, 0 FROM n",
+    )
+    .execute(backend.pool())
+    .await
+    .expect("fill");
+    for queue in ["default", "other", "third"] {
+        backend
+            .push_batch((0..200).map(|n| job(n).queue(queue)).collect())
+            .await
+            .expect("push_batch");
+    }
+    for request in [
+        PullRequest::queue("default").batch(10),
+        PullRequest::queues(["default", "other", "third"]).batch(10),
+    ] {
+        let plan = backend.explain_pull(&request).await.expect("explain");
+        println!("{:?}:\n{plan}", request.queues);
+        assert!(
+            !plan.lines().any(|l| l.contains("SCAN relayq_jobs")),
+            "no full scan of the jobs table:\n{plan}"
+        );
+        let (sweep, claim) = plan.split_once("claim:").expect("two plans");
+        assert!(sweep.contains("INDEX relayq_jobs_lease"), "{plan}");
+        assert!(claim.contains("INDEX relayq_jobs_claim"), "{plan}");
+        assert!(claim.contains("INDEX relayq_jobs_lease"), "{plan}");
+        let lines: Vec<&str> = claim.lines().collect();
+        assert!(
+            lines
+                .windows(2)
+                .all(|w| !(w[0].contains("INDEX relayq_jobs_claim")
+                    && w[1].contains("USE TEMP B-TREE"))),
+            "due jobs are read in pull order, not sorted:\n{plan}"
+        );
+        let leased = backend.pull(&request).await.expect("pull");
+        assert_eq!(leased.len(), 10);
+    }
+}
