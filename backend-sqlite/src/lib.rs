@@ -24,7 +24,8 @@
 //!   `UPDATE … RETURNING` (3.35) and the table is `STRICT` (3.37). sqlx's
 //!   `sqlite` feature compiles in its own copy of SQLite (3.51.x with
 //!   sqlx 0.9.0 / libsqlite3-sys 0.37), and connecting checks the version.
-//! - **WAL**, `synchronous = NORMAL`, `foreign_keys = ON` and a busy timeout
+//! - **WAL**, `synchronous = NORMAL` (or `FULL`, see
+//!   [`SqliteOptions::full_sync`]), `foreign_keys = ON` and a busy timeout
 //!   on every connection: readers never block the writer or each other.
 //! - **Every write is one `BEGIN IMMEDIATE` transaction.** It takes the write
 //!   lock up front, so a transaction never has to upgrade a read lock

@@ -569,6 +569,19 @@ async fn file_database_is_wal_and_durable() {
         .await
         .expect("journal_mode");
     assert_eq!(mode, "wal");
+    let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(backend.pool())
+        .await
+        .expect("synchronous");
+    assert_eq!(synchronous, 1, "NORMAL by default");
+    let full = SqliteBackend::connect_with(SqliteOptions::new(&url).full_sync(true))
+        .await
+        .expect("connect");
+    let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(full.pool())
+        .await
+        .expect("synchronous");
+    assert_eq!(synchronous, 2, "FULL when asked");
     let version: String = sqlx::query_scalar("SELECT sqlite_version()")
         .fetch_one(backend.pool())
         .await
