@@ -201,6 +201,8 @@ struct Inner {
     target: String,
     /// Options for the listener connection.
     listen_options: PgConnectOptions,
+    /// How long one listener (re)connection attempt may take.
+    listen_timeout: std::time::Duration,
     hub: Mutex<Option<Arc<listen::Hub>>>,
 }
 
@@ -255,6 +257,7 @@ impl PgBackend {
                 clock: options.clock,
                 target,
                 listen_options,
+                listen_timeout: options.acquire_timeout,
                 hub: Mutex::new(None),
             }),
         };
@@ -521,6 +524,7 @@ impl PgBackend {
             _ => {
                 let started = Arc::new(listen::Hub::start(
                     self.inner.listen_options.clone(),
+                    self.inner.listen_timeout,
                     self.inner.sql.channels.clone(),
                 ));
                 *hub = Some(started.clone());

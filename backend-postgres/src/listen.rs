@@ -62,10 +62,17 @@ impl Subscriber {
 
 impl Hub {
     /// Starts the task. It connects on the first subscription.
-    pub(crate) fn start(connect: PgConnectOptions, channels_sql: SqlStr) -> Self {
+    /// `connect_timeout` bounds each (re)connection attempt, including
+    /// the retries sqlx makes within one.
+    pub(crate) fn start(
+        connect: PgConnectOptions,
+        connect_timeout: Duration,
+        channels_sql: SqlStr,
+    ) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         let task = Task {
             connect,
+            connect_timeout,
             channels_sql,
             listener: None,
             channels: HashMap::new(),
@@ -107,6 +114,7 @@ enum State {
 
 struct Task {
     connect: PgConnectOptions,
+    connect_timeout: Duration,
     channels_sql: SqlStr,
     listener: Option<PgListener>,
     /// queue -> channel, for every queue LISTENed.
@@ -190,7 +198,7 @@ impl Task {
             .min_connections(0)
             .idle_timeout(None)
             .max_lifetime(None)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(self.connect_timeout)
             .connect_with(self.connect.clone())
             .await
             .map_err(db_err)?;

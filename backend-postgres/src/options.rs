@@ -118,7 +118,9 @@ impl PgOptions {
     }
 
     /// How long an operation waits for a free pooled connection (and for the
-    /// first connection at startup) before failing.
+    /// first connection at startup) before failing; also how long one
+    /// attempt to (re)connect the LISTEN connection may take before the
+    /// listener backs off and tries again.
     pub fn acquire_timeout(mut self, timeout: StdDuration) -> Self {
         self.acquire_timeout = timeout;
         self

@@ -861,3 +861,177 @@ async fn subscribing_again_after_the_listener_runtime_ended() {
     expect_signal(&mut wakeups, "through a new listener task").await;
     common::drop_schema(backend.schema()).await;
 }
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Double {
+    n: i64,
+}
+
+impl relayq_core::JobType for Double {
+    const KIND: &'static str = "double";
+    const QUEUE: &'static str = "work";
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_runtime_runs_jobs_woken_by_notify() {
+    use relayq_core::JobType;
+    let backend = Arc::new(common::connect(common::options()).await);
+    // Polling once a minute: jobs pushed later can only start promptly
+    // because a NOTIFY woke the worker.
+    let worker = relayq_core::Worker::builder(backend.clone())
+        .concurrency(4)
+        .poll_interval(StdDuration::from_secs(60))
+        .handle(|job: Double, _ctx| async move { Ok(job.n * 2) })
+        .build()
+        .expect("worker");
+    let running = worker.start();
+    tokio::time::sleep(StdDuration::from_millis(300)).await;
+    for round in 0..3 {
+        let outcomes = backend
+            .push_batch(
+                (0..10)
+                    .map(|n| Double { n: round * 10 + n }.to_job())
+                    .collect(),
+            )
+            .await
+            .expect("push");
+        for (n, outcome) in outcomes.into_iter().enumerate() {
+            let done = tokio::time::timeout(SIGNAL_DEADLINE, running.wait_for(outcome.id()))
+                .await
+                .expect("run within the deadline, not the next poll")
+                .expect("wait_for");
+            assert_eq!(done.status, JobStatus::Done);
+            assert_eq!(done.result, Some(json!((round * 10 + n as i64) * 2)));
+        }
+    }
+    running.shutdown().await;
+    common::drop_schema(backend.schema()).await;
+}
+
+/// A TCP proxy to the test server that can drop every connection and
+/// refuse new ones for a while, like a server restart or a network cut.
+struct Proxy {
+    port: u16,
+    upstream: String,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let proxy = Self {
+            port,
+            upstream,
+            tasks: Arc::default(),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let upstream = self.upstream.clone();
+        let tasks = self.tasks.clone();
+        let acceptor = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let pipe = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                tasks.lock().expect("tasks").push(pipe.abort_handle());
+            }
+        });
+        self.tasks
+            .lock()
+            .expect("tasks")
+            .push(acceptor.abort_handle());
+    }
+
+    /// Drops every connection and stops listening.
+    fn cut(&self) {
+        for task in self.tasks.lock().expect("tasks").drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Listens again on the same port.
+    async fn restore(&self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("rebind");
+        self.serve(listener);
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    fn url(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").expect("a URL");
+        let (userinfo, hostpath) = match rest.rsplit_once('@') {
+            Some((userinfo, hostpath)) => (format!("{userinfo}@"), hostpath),
+            None => (String::new(), rest),
+        };
+        let path = hostpath.find(['/', '?']).map_or("", |i| &hostpath[i..]);
+        format!("{scheme}://{userinfo}127.0.0.1:{}{path}", self.port)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_reconnects_after_the_server_was_unreachable() {
+    let url = common::database_url();
+    let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
+    let proxy = Proxy::start(format!("{}:{}", target.get_host(), target.get_port())).await;
+    let backend = common::connect(
+        common::options()
+            .max_connections(2)
+            .acquire_timeout(StdDuration::from_secs(20)),
+    )
+    .await;
+    // The same schema, reached through the proxy.
+    let through = PgBackend::connect_with(
+        PgOptions::new(proxy.url(&url))
+            .schema(backend.schema())
+            .max_connections(2)
+            .acquire_timeout(StdDuration::from_millis(500)),
+    )
+    .await
+    .expect("connect through the proxy");
+    let mut wakeups = through
+        .subscribe(&["default".to_owned()])
+        .await
+        .expect("subscribe")
+        .expect("subscription");
+    backend.push(job(1)).await.expect("push");
+    expect_signal(&mut wakeups, "before the cut").await;
+
+    // Every connection drops and reconnecting fails for longer than one
+    // attempt may take: sqlx's own reconnect gives up, so the backend's
+    // backoff loop takes over.
+    proxy.cut();
+    tokio::time::sleep(StdDuration::from_millis(2500)).await;
+    backend.push(job(2)).await.expect("push while cut off");
+    proxy.restore().await;
+    expect_signal(
+        &mut wakeups,
+        "the reconnect signals (pushes may have been missed)",
+    )
+    .await;
+    while tokio::time::timeout(StdDuration::from_millis(200), wakeups.next())
+        .await
+        .is_ok()
+    {}
+    backend.push(job(3)).await.expect("push");
+    expect_signal(&mut wakeups, "a push after the outage").await;
+    assert_eq!(
+        through
+            .pull(&PullRequest::queue("default").batch(10))
+            .await
+            .expect("the pool reconnects too")
+            .len(),
+        3
+    );
+    proxy.cut();
+    common::drop_schema(backend.schema()).await;
+}
