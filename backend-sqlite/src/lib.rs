@@ -436,6 +436,35 @@ impl SqliteBackend {
         ))
     }
 
+    /// Settles the database after a bulk load or a large `clean`: refreshes
+    /// the query planner's statistics (`PRAGMA optimize`) and copies the
+    /// write-ahead log into the database file, truncating it
+    /// (`PRAGMA wal_checkpoint(TRUNCATE)`; readers still open in other
+    /// processes may keep part of the log, which SQLite checkpoints later).
+    /// Safe at any time; nothing changes for readers.
+    pub async fn checkpoint(&self) -> Result<()> {
+        let shared = &self.shared;
+        let mut backoff = Backoff::new(shared.lock_timeout);
+        loop {
+            let attempt: std::result::Result<(), Fail> = async {
+                let _writer = shared.writer.lock().await;
+                let mut conn = shared.pool.acquire().await?;
+                sqlx::query("PRAGMA optimize").execute(&mut *conn).await?;
+                if !shared.in_memory {
+                    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            }
+            .await;
+            match attempt {
+                Ok(()) => return Ok(()),
+                Err(fail) => backoff.after(fail, &shared.lock_retries).await?,
+            }
+        }
+    }
+
     /// How many times an operation was retried because the database was
     /// locked, since this backend was opened (shared by its clones). For
     /// monitoring lock contention between processes.

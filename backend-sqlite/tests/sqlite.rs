@@ -108,6 +108,11 @@ async fn in_memory_database_is_shared_by_the_pool_and_private_to_the_backend() {
         assert_eq!(page.jobs.len(), 200, "{url}: every push is visible");
         let done = drain(&backend, 7).await;
         assert_eq!(done.len(), 200);
+        backend.checkpoint().await.expect("checkpoint in memory");
+        assert_eq!(
+            backend.stats().await.expect("stats").queue("default").done,
+            200
+        );
 
         let other = SqliteBackend::connect(url).await.expect(url);
         assert!(
@@ -596,6 +601,14 @@ async fn file_database_is_wal_and_durable() {
 
     let id = backend.push(job(1)).await.expect("push").id();
     let before = backend.get(id).await.expect("get").expect("job");
+    let wal = dir.path().join("jobs.db-wal");
+    assert!(std::fs::metadata(&wal).expect("wal").len() > 0);
+    backend.checkpoint().await.expect("checkpoint");
+    assert_eq!(
+        std::fs::metadata(&wal).expect("wal").len(),
+        0,
+        "the log was copied into the database and truncated"
+    );
     backend.close().await;
     drop(backend);
 
