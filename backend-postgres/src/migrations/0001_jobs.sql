@@ -44,10 +44,11 @@ CREATE INDEX jobs_finished_idx ON {s}.jobs (status, updated_at)
 
 -- The LISTEN/NOTIFY channel of a queue. Queue names may be long and hold
 -- any character, channel names may not: hash them, with the schema, so
--- two relayq schemas in one database never wake each other.
+-- two relayq schemas in one database never wake each other. Built-ins are
+-- schema-qualified so no search_path can shadow them.
 CREATE FUNCTION {s}.notify_channel(queue text) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS $$ SELECT 'relayq_' || md5({lit} || '.' || queue) $$;
+    AS $$ SELECT 'relayq_' || pg_catalog.md5({lit} || '.' || queue) $$;
 
 -- Every INSERT statement notifies each queue it added jobs to, once, with
 -- the queue name as payload. NOTIFY is transactional: delivered on commit,
@@ -56,7 +57,7 @@ CREATE FUNCTION {s}.notify_channel(queue text) RETURNS text
 CREATE FUNCTION {s}.notify_pushed() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify({s}.notify_channel(q.queue), q.queue)
+    PERFORM pg_catalog.pg_notify({s}.notify_channel(q.queue), q.queue)
         FROM (SELECT DISTINCT queue FROM pushed) AS q;
     RETURN NULL;
 END
