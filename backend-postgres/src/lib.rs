@@ -114,7 +114,20 @@
 //! A backend and its clones share one pool ([`PgOptions::max_connections`],
 //! default 10) plus, once [`Backend::subscribe`] is first called, exactly
 //! one LISTEN connection, whose `application_name` ends in
-//! [`LISTENER_SUFFIX`]. Nothing else is ever opened.
+//! [`LISTENER_SUFFIX`]. Nothing else is ever opened. When that connection
+//! drops, sqlx reconnects it (retrying for up to
+//! [`PgOptions::acquire_timeout`]); if that fails the listener keeps
+//! retrying with backoff (up to 5 s apart). After any reconnection every
+//! subscriber gets one signal, since pushes in between were not heard.
+//! [`PgBackend::close`] closes the pool and the listener.
+//!
+//! # Testing
+//!
+//! The crate's tests need a server they may create schemas in:
+//! `RELAYQ_TEST_DATABASE_URL`, else `DATABASE_URL`, else
+//! `postgres://postgres@127.0.0.1:5432/postgres`. Without one they fail,
+//! saying how to provide one. The workspace's `scripts/test` finds or
+//! starts a server by itself (see `scripts/postgres-env`).
 //!
 //! # Errors
 //!
