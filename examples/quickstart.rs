@@ -1,17 +1,20 @@
 //! Enqueue a few typed jobs, run a worker until each one is finished, print
 //! every outcome, and exit.
 //!
-//! Run with `cargo run --example quickstart`. It uses the embedded default
-//! store, or the one `DATABASE_URL` names (e.g. `postgres://…` with the
-//! `postgres` feature enabled).
+//! Run with `cargo run --example quickstart --features sqlite`. It uses
+//! SQLite on a temporary file, or the store `DATABASE_URL` names (e.g.
+//! `postgres://…`, with `--features sqlite,postgres`).
 
 use std::time::Duration;
 
 use relayq::{Event, HandlerError, JobContext, JobType, Outcome, RetryPolicy, Worker};
 use serde::{Deserialize, Serialize};
 
-/// The store used when `DATABASE_URL` is not set.
-const DEFAULT_URL: &str = "memory://";
+/// The store used when `DATABASE_URL` is not set: SQLite on a fresh file.
+fn default_url() -> (String, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("relayq-quickstart-{}.db", std::process::id()));
+    (format!("sqlite://{}", path.display()), path)
+}
 
 /// A typed job: its fields are the payload, `KIND` names its handler.
 #[derive(Debug, Serialize, Deserialize)]
@@ -32,7 +35,14 @@ struct Mailer {
 
 #[tokio::main]
 async fn main() -> relayq::Result<()> {
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    let (url, temp_file) = match std::env::var("DATABASE_URL") {
+        Ok(url) => (url, None),
+        Err(_) => {
+            let (url, path) = default_url();
+            (url, Some(path))
+        }
+    };
+    println!("store: {}", url.split('@').next_back().unwrap_or_default());
     let backend = relayq::connect(&url).await?;
 
     let mut ids = Vec::new();
@@ -90,6 +100,11 @@ async fn main() -> relayq::Result<()> {
         "worker stopped ({} finished during shutdown, {} released)",
         report.finished, report.released
     );
+    if let Some(path) = temp_file {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
     Ok(())
 }
 

@@ -135,12 +135,8 @@ fn open_memory(_url: &str) -> Result<Arc<dyn Backend>> {
 }
 
 #[cfg(feature = "sqlite")]
-async fn open_sqlite(_url: &str) -> Result<Arc<dyn Backend>> {
-    // Wired once the SQLite crate's API settles:
-    // Ok(Arc::new(relayq_sqlite::SqliteBackend::connect(url).await?))
-    Err(Error::Unsupported {
-        what: "connect() for sqlite URLs (use relayq::sqlite directly for now)",
-    })
+async fn open_sqlite(url: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(relayq_sqlite::SqliteBackend::connect(url).await?))
 }
 
 #[cfg(not(feature = "sqlite"))]
@@ -149,12 +145,8 @@ async fn open_sqlite(_url: &str) -> Result<Arc<dyn Backend>> {
 }
 
 #[cfg(feature = "postgres")]
-async fn open_postgres(_url: &str) -> Result<Arc<dyn Backend>> {
-    // Wired once the PostgreSQL crate's API settles:
-    // Ok(Arc::new(relayq_postgres::PgBackend::connect(url).await?))
-    Err(Error::Unsupported {
-        what: "connect() for postgres URLs (use relayq::postgres directly for now)",
-    })
+async fn open_postgres(url: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(relayq_postgres::PgBackend::connect(url).await?))
 }
 
 #[cfg(not(feature = "postgres"))]
@@ -204,6 +196,30 @@ mod tests {
         assert_eq!(b.stats().await.expect("stats").queue("default").pending, 0);
         let reason = config_reason(connect("memory://somewhere").await);
         assert!(reason.contains("memory://"), "{reason}");
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn sqlite_urls_open_a_migrated_file_store() {
+        let dir = std::env::temp_dir().join(format!("relayq-connect-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let url = format!("sqlite://{}", dir.join("jobs.db").display());
+        let backend = connect(&url).await.expect("sqlite://");
+        let id = backend.push(NewJob::new("k", &1)).await.expect("push").id();
+        assert!(backend.get(id).await.expect("get").is_some());
+        assert!(backend.capabilities().durable);
+        drop(backend);
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn postgres_errors_never_echo_the_password() {
+        // Nothing listens on port 1: the error must still not repeat the URL.
+        let result = connect("postgres://relayq:hunter2@127.0.0.1:1/nowhere").await;
+        let error = result.expect_err("nothing listens on port 1");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        assert!(!format!("{error:?}").contains("hunter2"), "{error:?}");
     }
 
     #[cfg(not(feature = "sqlite"))]

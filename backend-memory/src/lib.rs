@@ -42,7 +42,7 @@ use relayq_core::{
     Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
     Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller, PushOutcome, Pusher,
     Result, Stats, SystemClock, Wakeups, check_lease, check_result, check_retry, check_text,
-    validate_batch,
+    truncate_to_micros, validate_batch,
 };
 use serde_json::Value;
 use time::{Duration, OffsetDateTime};
@@ -150,6 +150,7 @@ impl Puller for MemoryBackend {
         let now = self.now();
         let until = now
             .checked_add(request.lease)
+            .map(truncate_to_micros)
             .ok_or_else(|| Error::invalid("lease", "puts locked_until out of range"))?;
         Ok(self.lock().pull(request, now, until))
     }
@@ -182,6 +183,7 @@ impl Puller for MemoryBackend {
         let now = self.now();
         let run_at = now
             .checked_add(delay)
+            .map(truncate_to_micros)
             .ok_or_else(|| Error::invalid("delay", "puts run_at out of range"))?;
         self.lock().retry(lease, run_at, error, now)
     }
@@ -197,6 +199,7 @@ impl Puller for MemoryBackend {
         let now = self.now();
         let until = now
             .checked_add(by)
+            .map(truncate_to_micros)
             .ok_or_else(|| Error::invalid("by", "puts locked_until out of range"))?;
         self.lock().extend(lease, until, now)?;
         Ok(until)

@@ -2,7 +2,6 @@
 //! epoch, JSON as text, the status as its lowercase name.
 
 use relayq_core::{Error, Job, JobStatus};
-use serde::Deserialize;
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
@@ -35,15 +34,10 @@ fn corrupt(what: String) -> Fail {
     Fail::Core(Error::backend(format!("unreadable job row: {what}")))
 }
 
-/// Parses stored JSON. Without serde_json's default limit of 128 nesting
-/// levels: every payload and result that was accepted must read back, or
-/// one deeply nested job would fail every `pull` of its queue.
+/// Parses stored JSON. The core caps nesting at `MAX_JSON_DEPTH`, below
+/// serde_json's own limit, so everything accepted reads back.
 fn json(column: &str, text: &str) -> Result<Value, Fail> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    de.disable_recursion_limit();
-    Value::deserialize(&mut de)
-        .and_then(|value| de.end().map(|()| value))
-        .map_err(|e| corrupt(format!("{column} is not JSON: {e}")))
+    serde_json::from_str(text).map_err(|e| corrupt(format!("{column} is not JSON: {e}")))
 }
 
 /// Decodes a row selected with [`COLUMNS`].

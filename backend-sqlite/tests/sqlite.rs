@@ -796,44 +796,6 @@ fn wakeups_survive_the_runtime_that_started_the_poller() {
     });
 }
 
-/// A deeply nested payload and result (past serde_json's default limit of
-/// 128 levels) are stored and read back exactly; the job does not block its
-/// queue.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deeply_nested_json_round_trips() {
-    let backend = SqliteBackend::connect("sqlite::memory:")
-        .await
-        .expect("connect");
-    let mut deep = json!("bottom");
-    for i in 0..500 {
-        deep = if i % 2 == 0 {
-            json!([deep])
-        } else {
-            json!({ "k": deep })
-        };
-    }
-    let id = backend
-        .push(NewJob::new("k", &deep))
-        .await
-        .expect("push")
-        .id();
-    let stored = backend.get(id).await.expect("get").expect("job");
-    assert_eq!(stored.payload, deep);
-    let leased = backend
-        .pull(&PullRequest::queue("default"))
-        .await
-        .expect("pull");
-    assert_eq!(leased[0].job.payload, deep);
-    backend
-        .complete(&leased[0].lease, Some(deep.clone()))
-        .await
-        .expect("complete");
-    assert_eq!(
-        backend.get(id).await.expect("get").expect("job").result,
-        Some(deep)
-    );
-}
-
 /// With 100,000 finished jobs in the table, the sweep and the claim read
 /// only the partial indexes of active jobs — never a full scan — for one
 /// queue and for several.

@@ -46,6 +46,8 @@ macro_rules! __for_each_case {
             push::invalid_job_fields_are_named_and_nothing_is_written,
             push::invalid_arguments_are_named,
             push::hostile_strings_round_trip,
+            push::run_at_is_stored_in_utc_microseconds,
+            push::deep_json_round_trips_up_to_the_limit,
             pull::pull_orders_by_priority_then_run_at_then_id,
             pull::pull_sets_the_lease_fields,
             pull::delayed_job_stays_invisible_until_due,

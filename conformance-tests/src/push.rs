@@ -239,3 +239,51 @@ pub async fn hostile_strings_round_trip(h: Harness) {
         names.len()
     );
 }
+
+/// `run_at` is kept in UTC at whole microseconds, whatever offset and
+/// precision it was given with, and orders pulls by that instant.
+pub async fn run_at_is_stored_in_utc_microseconds(h: Harness) {
+    let given = (h.now() - Duration::seconds(5) + Duration::nanoseconds(123_456_789))
+        .to_offset(time::macros::offset!(+02:00));
+    let id = h.push(job("k", 1).run_at(given)).await;
+    let stored = h.job(id).await.run_at;
+    assert_eq!(stored.offset(), time::UtcOffset::UTC);
+    assert_eq!(stored, relayq_core::truncate_to_micros(given));
+    assert_eq!(stored.nanosecond() % 1_000, 0);
+    let leased = h.pull_one("default").await;
+    assert_eq!(leased.job.run_at, stored);
+}
+
+/// JSON `levels` arrays deep around a string.
+fn nested(levels: usize) -> serde_json::Value {
+    (0..levels).fold(json!("core"), |inner, _| json!([inner]))
+}
+
+/// Payloads and results nested up to `MAX_JSON_DEPTH` levels round trip;
+/// deeper ones are `InvalidInput` and nothing is written — so no accepted
+/// job can fail to be read back.
+pub async fn deep_json_round_trips_up_to_the_limit(h: Harness) {
+    let deepest = nested(relayq_core::MAX_JSON_DEPTH);
+    assert_invalid(
+        h.backend
+            .push(NewJob::new("k", &nested(relayq_core::MAX_JSON_DEPTH + 1)))
+            .await,
+        "payload",
+    );
+    assert_store_empty(&h).await;
+    let id = h.push(NewJob::new("k", &deepest)).await;
+    let leased = h.pull_one("default").await;
+    assert_eq!(leased.job.payload, deepest);
+    assert_invalid(
+        h.backend
+            .complete(&leased.lease, Some(nested(relayq_core::MAX_JSON_DEPTH + 1)))
+            .await,
+        "result",
+    );
+    h.backend
+        .complete(&leased.lease, Some(deepest.clone()))
+        .await
+        .expect("complete with the deepest result");
+    let job = h.job(id).await;
+    assert_eq!((job.payload, job.result), (deepest.clone(), Some(deepest)));
+}

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::{Duration, OffsetDateTime};
 
+use crate::clock::truncate_to_micros;
 use crate::error::{Error, Result};
 
 /// A job's id, assigned by the backend on insert. Ids grow with insertion order.
@@ -21,6 +22,9 @@ pub const DEFAULT_MAX_ATTEMPTS: i32 = 25;
 
 /// The longest `kind`, `queue` or `unique_key`, in bytes.
 pub const MAX_NAME_LEN: usize = 255;
+
+/// The deepest nesting of arrays and objects a payload or result may have.
+pub const MAX_JSON_DEPTH: usize = 100;
 
 /// The longest delay a job may be scheduled with (about 100 years).
 pub const MAX_DELAY: Duration = Duration::days(36_525);
@@ -275,14 +279,16 @@ pub struct ValidJob {
 
 impl ValidJob {
     /// The instant it becomes eligible, given the store's `now`.
+    /// It is in UTC and whole microseconds, as every store keeps it.
     pub fn run_at(&self, now: OffsetDateTime) -> Result<OffsetDateTime> {
-        match self.schedule {
-            Schedule::Now => Ok(now),
-            Schedule::At(at) => Ok(at),
+        let at = match self.schedule {
+            Schedule::Now => now,
+            Schedule::At(at) => at,
             Schedule::After(d) => now
                 .checked_add(d)
-                .ok_or_else(|| Error::invalid("delay", "puts run_at out of range")),
-        }
+                .ok_or_else(|| Error::invalid("delay", "puts run_at out of range"))?,
+        };
+        Ok(truncate_to_micros(at.to_offset(time::UtcOffset::UTC)))
     }
 }
 
@@ -328,12 +334,21 @@ pub fn check_text(field: &'static str, value: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks JSON for what every store can hold: no NUL character in any
-/// string or key (PostgreSQL's `jsonb` cannot store `\u0000`).
+/// Checks JSON for what every store can hold and read back: no NUL
+/// character in any string or key (PostgreSQL's `jsonb` cannot store
+/// `\u0000`), and at most [`MAX_JSON_DEPTH`] levels of nesting (JSON
+/// readers such as serde_json refuse deeper documents, so a deeper job
+/// could be stored but never read back).
 pub fn check_json(field: &'static str, value: &Value) -> Result<()> {
     // Iterative, so a deeply nested document cannot overflow the stack here.
-    let mut stack = vec![value];
-    while let Some(v) = stack.pop() {
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        if depth > MAX_JSON_DEPTH {
+            return Err(Error::invalid(
+                field,
+                format!("nests deeper than {MAX_JSON_DEPTH} levels"),
+            ));
+        }
         match v {
             Value::String(s) if s.contains('\0') => {
                 return Err(Error::invalid(
@@ -341,7 +356,7 @@ pub fn check_json(field: &'static str, value: &Value) -> Result<()> {
                     "strings must not contain NUL characters",
                 ));
             }
-            Value::Array(items) => stack.extend(items),
+            Value::Array(items) => stack.extend(items.iter().map(|i| (i, depth + 1))),
             Value::Object(map) => {
                 if map.keys().any(|k| k.contains('\0')) {
                     return Err(Error::invalid(
@@ -349,7 +364,7 @@ pub fn check_json(field: &'static str, value: &Value) -> Result<()> {
                         "keys must not contain NUL characters",
                     ));
                 }
-                stack.extend(map.values());
+                stack.extend(map.values().map(|i| (i, depth + 1)));
             }
             _ => {}
         }

@@ -30,9 +30,9 @@ pub use capabilities::Capabilities;
 pub use clock::{Clock, ManualClock, SystemClock, truncate_to_micros};
 pub use error::{BoxError, Error, Result};
 pub use job::{
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobId, JobStatus, MAX_DELAY, MAX_NAME_LEN, NewJob,
-    Schedule, ValidJob, check_delay, check_instant, check_json, check_name, check_text,
-    validate_batch,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobId, JobStatus, MAX_DELAY, MAX_JSON_DEPTH,
+    MAX_NAME_LEN, NewJob, Schedule, ValidJob, check_delay, check_instant, check_json, check_name,
+    check_text, validate_batch,
 };
 pub use lease::{Lease, LeasedJob, MAX_LEASE, check_lease, check_result, check_retry};
 pub use request::{

@@ -54,8 +54,9 @@ pub trait Puller: Send + Sync {
     async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()>;
 
     /// Completes many jobs in one step, each still fenced by its own lease.
-    /// Returns the leases that were no longer held (and so changed nothing);
-    /// an empty vector means every job is now `Done`.
+    /// Returns the leases that were no longer held (and so changed nothing),
+    /// in input order; an empty vector means every job is now `Done`. A
+    /// lease named twice completes once and is reported lost the second time.
     async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<Lease>>;
 
     /// Records a failed attempt: back to `Pending` at `now + delay`, or
