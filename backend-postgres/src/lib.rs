@@ -141,6 +141,8 @@ mod migrate;
 mod options;
 mod row;
 mod sql;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::collections::HashMap;
 use std::fmt;

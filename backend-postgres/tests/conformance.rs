@@ -1,7 +1,7 @@
 //! The whole conformance suite against PostgreSQL, each case in its own
 //! schema, with an injected manual clock, used only through `Arc<dyn Backend>`.
 
-mod common;
+use relayq_postgres::testing;
 
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use relayq_core::ManualClock;
 
 async fn fresh() -> Harness {
     let clock = ManualClock::new(EPOCH);
-    let backend = common::connect(common::options().clock(Arc::new(clock.clone()))).await;
+    let backend = testing::connect(testing::options().clock(Arc::new(clock.clone()))).await;
     Harness::new(Arc::new(backend), clock)
 }
 

@@ -3,7 +3,7 @@
 //! the connection budget, configuration errors, the server clock, and the
 //! claim plan.
 
-mod common;
+use relayq_postgres::testing;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -48,7 +48,7 @@ fn app_name(tag: &str) -> String {
 /// Pool and listener connections of `app` (pool connections report `app`,
 /// the listener `app` + LISTENER_SUFFIX).
 async fn connections(app: &str) -> (i64, i64) {
-    let mut conn = common::admin().await;
+    let mut conn = testing::admin().await;
     let row = sqlx::query(
         "SELECT count(*) FILTER (WHERE application_name = $1) AS pool,
                 count(*) FILTER (WHERE application_name = $2) AS listener
@@ -64,9 +64,9 @@ async fn connections(app: &str) -> (i64, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_migrations_apply_each_version_once() {
-    let schema = common::unique_schema();
-    common::sweep_stale_schemas().await;
-    let url = common::database_url();
+    let schema = testing::unique_schema();
+    testing::sweep_stale_schemas().await;
+    let url = testing::database_url();
     // Six backends, each with its own pool, migrating one new schema at once.
     let tasks: Vec<_> = (0..6)
         .map(|_| {
@@ -103,13 +103,13 @@ async fn concurrent_migrations_apply_each_version_once() {
             .len(),
         1
     );
-    common::drop_schema(&schema).await;
+    testing::drop_schema(&schema).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_newer_than_the_crate_is_a_config_error() {
-    let options = common::options();
-    let backend = common::connect(options.clone()).await;
+    let options = testing::options();
+    let backend = testing::connect(options.clone()).await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO \"{}\".schema_version (version, description) VALUES ($1, 'future')",
         backend.schema()
@@ -122,12 +122,12 @@ async fn a_schema_newer_than_the_crate_is_a_config_error() {
         Err(Error::Config { reason }) => assert!(reason.contains("newer"), "{reason}"),
         other => panic!("expected Config, got {other:?}"),
     }
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_in_the_callers_transaction() {
-    let backend = common::connect(common::options()).await;
+    let backend = testing::connect(testing::options()).await;
     let schema = backend.schema().to_owned();
     let queues = vec!["tx".to_owned()];
     let mut wakeups = backend
@@ -226,13 +226,13 @@ async fn enqueue_in_the_callers_transaction() {
         other => panic!("expected InvalidInput, got {other:?}"),
     }
     drop(conn);
-    common::drop_schema(&schema).await;
+    testing::drop_schema(&schema).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_notification_per_queue_per_transaction() {
-    let backend = common::connect(common::options()).await;
-    let mut listener = sqlx::postgres::PgListener::connect(&common::database_url())
+    let backend = testing::connect(testing::options()).await;
+    let mut listener = sqlx::postgres::PgListener::connect(&testing::database_url())
         .await
         .expect("listener");
     let channels: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -297,12 +297,12 @@ async fn one_notification_per_queue_per_transaction() {
             .is_err(),
         "a duplicate notifies nobody"
     );
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_are_per_queue() {
-    let backend = common::connect(common::options()).await;
+    let backend = testing::connect(testing::options()).await;
     let mut only_a = backend
         .subscribe(&["a".to_owned()])
         .await
@@ -320,8 +320,8 @@ async fn subscriptions_are_per_queue() {
     expect_signal(&mut only_a, "a wakes the a subscriber").await;
     expect_signal(&mut a_and_b, "a wakes the a+b subscriber").await;
     // A clone shares the backend's listener and sees pushes from anywhere.
-    let other = common::connect(
-        PgOptions::new(common::database_url())
+    let other = testing::connect(
+        PgOptions::new(testing::database_url())
             .schema(backend.schema())
             .max_connections(1),
     )
@@ -331,13 +331,13 @@ async fn subscriptions_are_per_queue() {
         .await
         .expect("push from another pool");
     expect_signal(&mut only_a, "a push through another pool wakes too").await;
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_reconnects_after_pg_terminate_backend() {
     let app = app_name("reconnect");
-    let backend = common::connect(common::options().application_name(&app)).await;
+    let backend = testing::connect(testing::options().application_name(&app)).await;
     let mut wakeups = backend
         .subscribe(&["default".to_owned()])
         .await
@@ -346,7 +346,7 @@ async fn listener_reconnects_after_pg_terminate_backend() {
     backend.push(job(1)).await.expect("push");
     expect_signal(&mut wakeups, "before the connection is killed").await;
 
-    let mut admin = common::admin().await;
+    let mut admin = testing::admin().await;
     let listener = format!("{app}{LISTENER_SUFFIX}");
     // Two steps: in one statement the planner may call
     // pg_terminate_backend before filtering by application_name.
@@ -391,14 +391,14 @@ async fn listener_reconnects_after_pg_terminate_backend() {
     // …and the next push wakes the subscriber through the new connection.
     backend.push(job(2)).await.expect("push");
     expect_signal(&mut wakeups, "a push after the reconnect").await;
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_never_exceed_the_pool_plus_one_listener() {
     let app = app_name("budget");
     let backend =
-        common::connect(common::options().application_name(&app).max_connections(3)).await;
+        testing::connect(testing::options().application_name(&app).max_connections(3)).await;
     for n in 0..200 {
         backend.push(job(n)).await.expect("push");
     }
@@ -473,7 +473,7 @@ async fn connections_never_exceed_the_pool_plus_one_listener() {
     }
     assert!(backend.push(job(0)).await.is_err());
     assert!(backend.subscribe(&[]).await.is_err());
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,7 +501,7 @@ async fn bad_configuration_is_a_typed_error_without_the_password() {
         }
     }
 
-    let url = common::database_url();
+    let url = testing::database_url();
     for (options, what) in [
         (
             PgOptions::new(&url).schema("Robert'); DROP TABLE x; --"),
@@ -556,7 +556,7 @@ async fn bad_configuration_is_a_typed_error_without_the_password() {
     if with_password.contains(secret) {
         let backend = PgBackend::connect_with(
             PgOptions::new(&with_password)
-                .schema(common::unique_schema())
+                .schema(testing::unique_schema())
                 .max_connections(1),
         )
         .await
@@ -564,13 +564,13 @@ async fn bad_configuration_is_a_typed_error_without_the_password() {
         let debug = format!("{backend:?}");
         assert!(!debug.contains(secret), "{debug}");
         assert!(debug.contains("***"), "{debug}");
-        common::drop_schema(backend.schema()).await;
+        testing::drop_schema(backend.schema()).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_clock_by_default() {
-    let backend = common::connect(common::options()).await;
+    let backend = testing::connect(testing::options()).await;
     assert!(backend.capabilities().server_clock);
     let server_now: time::OffsetDateTime = sqlx::query_scalar("SELECT now()")
         .fetch_one(backend.pool())
@@ -623,13 +623,13 @@ async fn server_clock_by_default() {
     );
     let retried = backend.get(id).await.expect("get").expect("job");
     assert_eq!(retried.run_at, retried.updated_at + Duration::seconds(30));
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_batch_fences_each_lease_in_one_statement() {
     let clock = ManualClock::new(relayq_conformance::EPOCH);
-    let backend = common::connect(common::options().clock(Arc::new(clock.clone()))).await;
+    let backend = testing::connect(testing::options().clock(Arc::new(clock.clone()))).await;
     backend
         .push_batch((0..300).map(job).collect())
         .await
@@ -708,12 +708,12 @@ async fn complete_batch_fences_each_lease_in_one_statement() {
         backend.complete_batch(Vec::new()).await.expect("empty"),
         Vec::<Lease>::new()
     );
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_pushes_of_one_unique_key_create_one_job() {
-    let backend = common::connect(common::options().max_connections(5)).await;
+    let backend = testing::connect(testing::options().max_connections(5)).await;
     for round in 0..5 {
         let key = format!("race:{round}");
         let tasks: Vec<_> = (0..10)
@@ -738,7 +738,7 @@ async fn racing_pushes_of_one_unique_key_create_one_job() {
             "every duplicate names the holder: {outcomes:?}"
         );
     }
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }
 
 /// Fills a schema with `finished` done/dead jobs and `pending` due jobs.
@@ -784,7 +784,7 @@ fn claim_buffers(plan: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_walk_the_partial_index_not_finished_rows() {
-    let backend = common::connect(common::options()).await;
+    let backend = testing::connect(testing::options()).await;
     fill(&backend, 100_000, 200).await;
     let request = PullRequest::queue("default").batch(10);
     // Warm up, so the plan is the one a busy worker gets.
@@ -808,7 +808,7 @@ async fn claims_walk_the_partial_index_not_finished_rows() {
     // EXPLAIN ANALYZE ran in a rolled-back transaction: nothing was leased.
     let stats = backend.stats().await.expect("stats").queue("default");
     assert_eq!((stats.pending, stats.processing), (200, 0));
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }
 
 /// The measurement quoted in the crate docs: 1,000,000 finished jobs.
@@ -816,7 +816,7 @@ async fn claims_walk_the_partial_index_not_finished_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: fills a table with a million rows"]
 async fn claim_plan_with_a_million_finished_jobs() {
-    let backend = common::connect(common::options()).await;
+    let backend = testing::connect(testing::options()).await;
     fill(&backend, 1_000_000, 1_000).await;
     let request = PullRequest::queue("default").batch(10);
     for _ in 0..6 {
@@ -826,12 +826,12 @@ async fn claim_plan_with_a_million_finished_jobs() {
     println!("{plan}");
     assert!(plan.contains("jobs_claim_idx"), "{plan}");
     assert!(claim_buffers(&plan) < 100, "{plan}");
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribing_again_after_the_listener_runtime_ended() {
-    let backend = common::connect(common::options()).await;
+    let backend = testing::connect(testing::options()).await;
     // Subscribe from a runtime that then shuts down, taking the listener
     // task with it.
     let elsewhere = backend.clone();
@@ -859,7 +859,7 @@ async fn subscribing_again_after_the_listener_runtime_ended() {
         .expect("subscription");
     backend.push(job(2)).await.expect("push");
     expect_signal(&mut wakeups, "through a new listener task").await;
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -875,7 +875,7 @@ impl relayq_core::JobType for Double {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_runtime_runs_jobs_woken_by_notify() {
     use relayq_core::JobType;
-    let backend = Arc::new(common::connect(common::options()).await);
+    let backend = Arc::new(testing::connect(testing::options()).await);
     // Polling once a minute: jobs pushed later can only start promptly
     // because a NOTIFY woke the worker.
     let worker = relayq_core::Worker::builder(backend.clone())
@@ -905,7 +905,7 @@ async fn the_worker_runtime_runs_jobs_woken_by_notify() {
         }
     }
     running.shutdown().await;
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }
 
 /// A TCP proxy to the test server that can drop every connection and
@@ -980,11 +980,11 @@ impl Proxy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_reconnects_after_the_server_was_unreachable() {
-    let url = common::database_url();
+    let url = testing::database_url();
     let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
     let proxy = Proxy::start(format!("{}:{}", target.get_host(), target.get_port())).await;
-    let backend = common::connect(
-        common::options()
+    let backend = testing::connect(
+        testing::options()
             .max_connections(2)
             .acquire_timeout(StdDuration::from_secs(20)),
     )
@@ -1033,5 +1033,5 @@ async fn listener_reconnects_after_the_server_was_unreachable() {
         3
     );
     proxy.cut();
-    common::drop_schema(backend.schema()).await;
+    testing::drop_schema(backend.schema()).await;
 }

@@ -1,19 +1,21 @@
-//! Shared by the Postgres test binaries: where the test database is, and a
-//! fresh schema per test.
-#![allow(dead_code, unreachable_pub)]
+//! Test support for code that runs against a real PostgreSQL (feature
+//! `testing`): where the test database is, a fresh schema per test, and a
+//! clear failure — never a silent pass — when no server is reachable.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use relayq_postgres::{PgBackend, PgOptions};
 use sqlx::{Connection, PgConnection};
+
+use crate::{PgBackend, PgOptions};
 
 /// Test schemas are named `relayq_test_<unix seconds>_<pid>_<counter>`;
 /// ones older than this (far longer than a whole test run) are dropped by
 /// the first test of a later run.
 const STALE_AFTER: Duration = Duration::from_secs(900);
 
-const HOW_TO: &str = "The relayq-postgres tests need a PostgreSQL server they may create \
+/// How to give the tests a server; part of every connection failure.
+pub const HOW_TO: &str = "The PostgreSQL tests need a PostgreSQL server they may create \
 schemas in. Set RELAYQ_TEST_DATABASE_URL (or DATABASE_URL), e.g. \
 postgres://postgres@127.0.0.1:5432/postgres, or run scripts/test, which finds \
 a server (or starts a throwaway one) by itself.";
