@@ -30,15 +30,59 @@ impl Kind {
 #[derive(Debug)]
 pub(crate) struct Store {
     pub(crate) backend: Arc<dyn Backend>,
+    owned: Owned,
 }
 
+/// What `open` created, to settle and remove.
+#[derive(Debug)]
+enum Owned {
+    Nothing,
+    #[cfg(feature = "sqlite")]
+    Sqlite(relayq_sqlite::SqliteBackend, std::path::PathBuf),
+    #[cfg(feature = "postgres")]
+    Postgres(relayq_postgres::PgBackend),
+}
+
+/// WORKLOAD.md: a pool of at most 20 connections.
+#[cfg(feature = "postgres")]
+const PG_POOL: u32 = 20;
+
 /// Opens a fresh store of `kind`. `url` is the Postgres server to use.
-pub(crate) async fn open(kind: Kind, _url: &str) -> Result<Store, String> {
+pub(crate) async fn open(kind: Kind, url: &str) -> Result<Store, String> {
+    let _ = url;
     match kind {
         #[cfg(feature = "memory")]
         Kind::Memory => Ok(Store {
             backend: Arc::new(relayq::memory::MemoryBackend::new()),
+            owned: Owned::Nothing,
         }),
+        #[cfg(feature = "sqlite")]
+        Kind::Sqlite => {
+            let path = std::env::temp_dir().join(format!("relayq-bench-{}.db", std::process::id()));
+            let backend =
+                relayq_sqlite::SqliteBackend::connect(&format!("sqlite://{}", path.display()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            Ok(Store {
+                backend: Arc::new(backend.clone()),
+                owned: Owned::Sqlite(backend, path),
+            })
+        }
+        #[cfg(feature = "postgres")]
+        Kind::Postgres => {
+            let schema = format!("relayq_bench_{}", std::process::id());
+            let options = relayq_postgres::PgOptions::new(url)
+                .schema(schema)
+                .max_connections(PG_POOL);
+            let backend = relayq_postgres::PgBackend::connect_with(options)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Store {
+                backend: Arc::new(backend.clone()),
+                owned: Owned::Postgres(backend),
+            })
+        }
+        #[allow(unreachable_patterns)]
         other => Err(format!(
             "{} is not built in; enable the bench crate's `{}` feature",
             other.label(),
@@ -51,9 +95,44 @@ impl Store {
     /// Brings the store to a steady state after a bulk load (WORKLOAD.md:
     /// VACUUM ANALYZE and CHECKPOINT on PostgreSQL).
     pub(crate) async fn settle(&self) -> Result<(), String> {
-        Ok(())
+        match &self.owned {
+            Owned::Nothing => Ok(()),
+            #[cfg(feature = "sqlite")]
+            Owned::Sqlite(backend, _) => backend.checkpoint().await.map_err(|e| e.to_string()),
+            #[cfg(feature = "postgres")]
+            Owned::Postgres(backend) => {
+                let table = format!("\"{}\".jobs", backend.schema());
+                for statement in [format!("VACUUM ANALYZE {table}"), "CHECKPOINT".to_owned()] {
+                    relayq_postgres::sqlx::query(relayq_postgres::sqlx::AssertSqlSafe(statement))
+                        .execute(backend.pool())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Removes what `open` created.
-    pub(crate) async fn close(self) {}
+    pub(crate) async fn close(self) {
+        drop(self.backend);
+        match self.owned {
+            Owned::Nothing => {}
+            #[cfg(feature = "sqlite")]
+            Owned::Sqlite(backend, path) => {
+                backend.close().await;
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            }
+            #[cfg(feature = "postgres")]
+            Owned::Postgres(backend) => {
+                let drop = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", backend.schema());
+                let _ = relayq_postgres::sqlx::query(relayq_postgres::sqlx::AssertSqlSafe(drop))
+                    .execute(backend.pool())
+                    .await;
+                backend.close().await;
+            }
+        }
+    }
 }
