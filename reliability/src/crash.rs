@@ -1,0 +1,1026 @@
+//! Crash, fault and load harness: real worker OS processes
+//! (`relayq-crash-worker`, built from `src/bin/`) running relayq's worker
+//! runtime against PostgreSQL or a SQLite file, and the tools a test
+//! needs around them.
+//!
+//! - [`WorkerArgs`] describes one worker process (store, worker id,
+//!   concurrency, lease, handler sleep, what the handler writes) and turns
+//!   into / back from its command line; [`run_worker`] is the process's
+//!   body.
+//! - [`Ledger`]: the table the handler writes to, in the same database as
+//!   the jobs — one row per handler run (`crash_ledger`: job id, attempt,
+//!   worker id, pid, fencing token) or one counter per job
+//!   (`load_counter`).
+//! - [`Fleet`] starts, SIGKILLs, pauses (SIGSTOP/SIGCONT), samples and
+//!   stops worker processes, remembering which were interrupted.
+//! - [`check_outcome`] holds a finished run to the queue's promises: every
+//!   job `Done`, none lost; a job ran again only after its holder was
+//!   interrupted; the accepted completion came from the newest lease.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relayq_core::{
+    Backend, HandlerError, Job, JobContext, JobId, JobStatus, JobType, ListFilter, NewJob,
+    RetryPolicy, StatusCounts, Worker,
+};
+use relayq_postgres::sqlx::{self, AssertSqlSafe, PgPool, Row};
+use relayq_postgres::{PgBackend, PgOptions};
+use relayq_sqlite::sqlx::SqlitePool;
+use relayq_sqlite::{SqliteBackend, SqliteOptions};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// The job every harness run pushes: `seq` numbers it within the run.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CrashJob {
+    /// The job's number in its run, from 0.
+    pub seq: i64,
+}
+
+impl JobType for CrashJob {
+    const KIND: &'static str = "crash";
+    const QUEUE: &'static str = "crash";
+}
+
+impl CrashJob {
+    /// `n` jobs numbered `from..from + n`.
+    pub fn batch(from: i64, n: i64) -> Vec<NewJob> {
+        (from..from + n)
+            .map(|seq| CrashJob { seq }.to_job())
+            .collect()
+    }
+}
+
+/// Where a worker process keeps its jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Store {
+    /// A PostgreSQL schema.
+    Postgres {
+        /// Server URL.
+        url: String,
+        /// Schema holding the jobs and the ledger.
+        schema: String,
+        /// `application_name` of the worker's pool (its listener appends
+        /// `-listener`); unique per worker so tests can find its sessions.
+        app: String,
+    },
+    /// A SQLite file.
+    Sqlite {
+        /// `sqlite://…` URL of the file.
+        url: String,
+    },
+}
+
+/// What the handler writes for each run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One `crash_ledger` row per handler run, written between two halves
+    /// of the handler's sleep; the job's result names the worker and token.
+    Ledger,
+    /// `load_counter[seq] += 1` (PostgreSQL only), no sleep, no result.
+    Count,
+}
+
+/// One worker process's configuration, as passed on its command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerArgs {
+    /// The store.
+    pub store: Store,
+    /// The harness's number for this process (never reused in a run).
+    pub worker_id: u32,
+    /// Jobs run at once.
+    pub concurrency: u32,
+    /// Lease length.
+    pub lease: Duration,
+    /// Poll interval.
+    pub poll: Duration,
+    /// Pool size.
+    pub pool: u32,
+    /// Shortest handler sleep.
+    pub sleep_min: Duration,
+    /// Longest handler sleep.
+    pub sleep_max: Duration,
+    /// What the handler writes.
+    pub mode: Mode,
+}
+
+impl WorkerArgs {
+    /// Defaults for `store`: worker 0, concurrency 8, 1 s lease, 500 ms
+    /// poll, pool of 4, sleeps of 5–40 ms, ledger mode.
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            worker_id: 0,
+            concurrency: 8,
+            lease: Duration::from_secs(1),
+            poll: Duration::from_millis(500),
+            pool: 4,
+            sleep_min: Duration::from_millis(5),
+            sleep_max: Duration::from_millis(40),
+            mode: Mode::Ledger,
+        }
+    }
+
+    /// The command line that [`Self::parse`] reads back.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        let mut put = |k: &str, v: String| {
+            args.push(format!("--{k}"));
+            args.push(v);
+        };
+        match &self.store {
+            Store::Postgres { url, schema, app } => {
+                put("postgres", url.clone());
+                put("schema", schema.clone());
+                put("app", app.clone());
+            }
+            Store::Sqlite { url } => put("sqlite", url.clone()),
+        }
+        put("worker-id", self.worker_id.to_string());
+        put("concurrency", self.concurrency.to_string());
+        put("lease-ms", self.lease.as_millis().to_string());
+        put("poll-ms", self.poll.as_millis().to_string());
+        put("pool", self.pool.to_string());
+        put("sleep-min-ms", self.sleep_min.as_millis().to_string());
+        put("sleep-max-ms", self.sleep_max.as_millis().to_string());
+        put(
+            "mode",
+            match self.mode {
+                Mode::Ledger => "ledger",
+                Mode::Count => "count",
+            }
+            .to_owned(),
+        );
+        args
+    }
+
+    /// Reads the arguments written by [`Self::to_args`].
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Self, String> {
+        let mut map = BTreeMap::new();
+        let mut args = args.into_iter();
+        while let Some(key) = args.next() {
+            let key = key
+                .strip_prefix("--")
+                .ok_or_else(|| format!("expected --key, got {key:?}"))?
+                .to_owned();
+            let value = args
+                .next()
+                .ok_or_else(|| format!("--{key} needs a value"))?;
+            map.insert(key, value);
+        }
+        let mut take = |k: &str| map.remove(k);
+        let num = |k: &str, v: Option<String>| -> Result<u64, String> {
+            v.ok_or_else(|| format!("--{k} is required"))?
+                .parse()
+                .map_err(|e| format!("--{k}: {e}"))
+        };
+        let store = match (take("postgres"), take("sqlite")) {
+            (Some(url), None) => Store::Postgres {
+                url,
+                schema: take("schema").ok_or("--schema is required with --postgres")?,
+                app: take("app").ok_or("--app is required with --postgres")?,
+            },
+            (None, Some(url)) => Store::Sqlite { url },
+            _ => return Err("give exactly one of --postgres URL and --sqlite URL".into()),
+        };
+        let ms = |k: &str, v| num(k, v).map(Duration::from_millis);
+        let small = |k: &str, v| {
+            num(k, v).and_then(|n| u32::try_from(n).map_err(|e| format!("--{k}: {e}")))
+        };
+        let parsed = Self {
+            store,
+            worker_id: small("worker-id", take("worker-id"))?,
+            concurrency: small("concurrency", take("concurrency"))?,
+            lease: ms("lease-ms", take("lease-ms"))?,
+            poll: ms("poll-ms", take("poll-ms"))?,
+            pool: small("pool", take("pool"))?,
+            sleep_min: ms("sleep-min-ms", take("sleep-min-ms"))?,
+            sleep_max: ms("sleep-max-ms", take("sleep-max-ms"))?,
+            mode: match take("mode").as_deref() {
+                Some("ledger") => Mode::Ledger,
+                Some("count") => Mode::Count,
+                other => return Err(format!("--mode must be ledger or count, got {other:?}")),
+            },
+        };
+        if let Some(k) = map.keys().next() {
+            return Err(format!("unknown argument --{k}"));
+        }
+        Ok(parsed)
+    }
+}
+
+/// One handler run, as the ledger records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerEntry {
+    /// The job.
+    pub job_id: JobId,
+    /// `JobContext::attempt` of the run.
+    pub attempt: i32,
+    /// The harness's number of the worker process.
+    pub worker_id: u32,
+    /// Its OS process id.
+    pub pid: u32,
+    /// The fencing token of the lease the run held.
+    pub token: i64,
+}
+
+/// The table(s) handlers write to, in the jobs' own database.
+#[derive(Debug, Clone)]
+pub enum Ledger {
+    /// In a PostgreSQL schema.
+    Postgres {
+        /// The backend's pool.
+        pool: PgPool,
+        /// The schema (validated by the backend).
+        schema: String,
+    },
+    /// In the SQLite file of the jobs.
+    Sqlite {
+        /// The backend's pool.
+        pool: SqlitePool,
+    },
+}
+
+impl Ledger {
+    /// The ledger next to `backend`'s jobs.
+    pub fn postgres(backend: &PgBackend) -> Self {
+        Self::Postgres {
+            pool: backend.pool().clone(),
+            schema: backend.schema().to_owned(),
+        }
+    }
+
+    /// The ledger in `backend`'s file.
+    pub fn sqlite(backend: &SqliteBackend) -> Self {
+        Self::Sqlite {
+            pool: backend.pool().clone(),
+        }
+    }
+
+    /// Creates the tables if missing.
+    pub async fn create(&self) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Postgres { pool, schema } => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "CREATE TABLE IF NOT EXISTS \"{schema}\".crash_ledger (
+                         id bigserial PRIMARY KEY, job_id bigint NOT NULL,
+                         attempt int NOT NULL, worker_id int NOT NULL, pid int NOT NULL,
+                         token bigint NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+                )))
+                .execute(pool)
+                .await?;
+                sqlx::query(AssertSqlSafe(format!(
+                    "CREATE TABLE IF NOT EXISTS \"{schema}\".load_counter (
+                         seq bigint PRIMARY KEY, n int NOT NULL)"
+                )))
+                .execute(pool)
+                .await?;
+            }
+            Self::Sqlite { pool } => {
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS crash_ledger (
+                         id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL,
+                         attempt INTEGER NOT NULL, worker_id INTEGER NOT NULL,
+                         pid INTEGER NOT NULL, token INTEGER NOT NULL)",
+                )
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records one handler run.
+    pub async fn record(&self, e: &LedgerEntry) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Postgres { pool, schema } => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO \"{schema}\".crash_ledger (job_id, attempt, worker_id, pid, token)
+                     VALUES ($1, $2, $3, $4, $5)"
+                )))
+                .bind(e.job_id)
+                .bind(e.attempt)
+                .bind(i64::from(e.worker_id))
+                .bind(i64::from(e.pid))
+                .bind(e.token)
+                .execute(pool)
+                .await?;
+            }
+            Self::Sqlite { pool } => {
+                sqlx::query(
+                    "INSERT INTO crash_ledger (job_id, attempt, worker_id, pid, token)
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(e.job_id)
+                .bind(e.attempt)
+                .bind(i64::from(e.worker_id))
+                .bind(i64::from(e.pid))
+                .bind(e.token)
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts one run of job number `seq` (PostgreSQL only).
+    pub async fn count(&self, seq: i64) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Postgres { pool, schema } => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO \"{schema}\".load_counter AS c (seq, n) VALUES ($1, 1)
+                     ON CONFLICT (seq) DO UPDATE SET n = c.n + 1"
+                )))
+                .bind(seq)
+                .execute(pool)
+                .await?;
+                Ok(())
+            }
+            Self::Sqlite { .. } => Err(sqlx::Error::Protocol(
+                "count mode is PostgreSQL only".into(),
+            )),
+        }
+    }
+
+    /// Every ledger row, in the order written.
+    pub async fn entries(&self) -> Result<Vec<LedgerEntry>, sqlx::Error> {
+        let sql = "SELECT job_id, attempt, CAST(worker_id AS bigint), CAST(pid AS bigint), token \
+                   FROM {t} ORDER BY id";
+        let rows: Vec<(i64, i32, i64, i64, i64)> = match self {
+            Self::Postgres { pool, schema } => {
+                let table = format!("\"{schema}\".crash_ledger");
+                sqlx::query_as(AssertSqlSafe(sql.replace("{t}", &table)))
+                    .fetch_all(pool)
+                    .await?
+            }
+            Self::Sqlite { pool } => {
+                sqlx::query_as(AssertSqlSafe(sql.replace("{t}", "crash_ledger")))
+                    .fetch_all(pool)
+                    .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(job_id, attempt, worker_id, pid, token)| LedgerEntry {
+                job_id,
+                attempt,
+                worker_id: u32::try_from(worker_id).unwrap_or(u32::MAX),
+                pid: u32::try_from(pid).unwrap_or(u32::MAX),
+                token,
+            })
+            .collect())
+    }
+
+    /// The highest ledger row id so far (0 when empty): entries written
+    /// later have higher ids (PostgreSQL only).
+    pub async fn high_water(&self) -> Result<i64, sqlx::Error> {
+        match self {
+            Self::Postgres { pool, schema } => {
+                sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT coalesce(max(id), 0) FROM \"{schema}\".crash_ledger"
+                )))
+                .fetch_one(pool)
+                .await
+            }
+            Self::Sqlite { pool } => {
+                sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM crash_ledger")
+                    .fetch_one(pool)
+                    .await
+            }
+        }
+    }
+
+    /// The workers that wrote ledger rows with an id above `after`.
+    pub async fn workers_since(&self, after: i64) -> Result<BTreeSet<u32>, sqlx::Error> {
+        let ids: Vec<i64> =
+            match self {
+                Self::Postgres { pool, schema } => sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT DISTINCT worker_id::int8 FROM \"{schema}\".crash_ledger WHERE id > $1"
+                )))
+                .bind(after)
+                .fetch_all(pool)
+                .await?,
+                Self::Sqlite { pool } => {
+                    sqlx::query_scalar("SELECT DISTINCT worker_id FROM crash_ledger WHERE id > ?")
+                        .bind(after)
+                        .fetch_all(pool)
+                        .await?
+                }
+            };
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| u32::try_from(id).ok())
+            .collect())
+    }
+
+    /// `(rows, sum of n, max n, rows with n <> 1)` of `load_counter`
+    /// (PostgreSQL only).
+    pub async fn counter_summary(&self) -> Result<(i64, i64, i32, i64), sqlx::Error> {
+        match self {
+            Self::Postgres { pool, schema } => {
+                let row = sqlx::query(AssertSqlSafe(format!(
+                    "SELECT count(*)::int8 AS rows, coalesce(sum(n), 0)::int8 AS total,
+                            coalesce(max(n), 0)::int4 AS most,
+                            count(*) FILTER (WHERE n <> 1)::int8 AS odd
+                     FROM \"{schema}\".load_counter"
+                )))
+                .fetch_one(pool)
+                .await?;
+                Ok((
+                    row.try_get("rows")?,
+                    row.try_get("total")?,
+                    row.try_get("most")?,
+                    row.try_get("odd")?,
+                ))
+            }
+            Self::Sqlite { .. } => Err(sqlx::Error::Protocol(
+                "count mode is PostgreSQL only".into(),
+            )),
+        }
+    }
+}
+
+/// What a worker process's handlers share.
+#[derive(Debug)]
+struct WorkerState {
+    ledger: Ledger,
+    worker_id: u32,
+    pid: u32,
+    sleep_min: Duration,
+    sleep_max: Duration,
+    mode: Mode,
+}
+
+/// The handler's sleep for a job: spread over `[min, max]` by the job id,
+/// so runs of one job sleep alike and different jobs differ.
+fn sleep_for(state: &WorkerState, id: JobId) -> Duration {
+    let spread = state.sleep_max.saturating_sub(state.sleep_min).as_millis() as u64;
+    let hash = (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
+    state.sleep_min + Duration::from_millis(if spread == 0 { 0 } else { hash % (spread + 1) })
+}
+
+async fn handle(
+    job: CrashJob,
+    ctx: JobContext<WorkerState>,
+) -> Result<Option<serde_json::Value>, HandlerError> {
+    let state = ctx.state();
+    match state.mode {
+        Mode::Count => {
+            state.ledger.count(job.seq).await?;
+            Ok(None)
+        }
+        Mode::Ledger => {
+            let lease = ctx.lease();
+            let half = sleep_for(state, ctx.id()) / 2;
+            tokio::time::sleep(half).await;
+            state
+                .ledger
+                .record(&LedgerEntry {
+                    job_id: ctx.id(),
+                    attempt: ctx.attempt(),
+                    worker_id: state.worker_id,
+                    pid: state.pid,
+                    token: lease.token,
+                })
+                .await?;
+            tokio::time::sleep(half).await;
+            Ok(Some(
+                json!({ "worker": state.worker_id, "token": lease.token }),
+            ))
+        }
+    }
+}
+
+/// The body of a worker process: connects (retrying for up to 30 s),
+/// runs a worker for [`CrashJob`]s until SIGTERM, then shuts it down
+/// gracefully and closes the store. Prints `ready` once it pulls.
+pub async fn run_worker(args: WorkerArgs) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let started = Instant::now();
+    let (backend, ledger, close): (Arc<dyn Backend>, Ledger, Closer) = loop {
+        let attempt = connect(&args).await;
+        match attempt {
+            Ok(connected) => break connected,
+            Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                eprintln!("worker {}: connect failed, retrying: {e}", args.worker_id);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(format!("connect: {e}")),
+        }
+    };
+    let state = WorkerState {
+        ledger,
+        worker_id: args.worker_id,
+        pid: std::process::id(),
+        sleep_min: args.sleep_min,
+        sleep_max: args.sleep_max,
+        mode: args.mode,
+    };
+    let worker = Worker::builder(backend)
+        .state(state)
+        .concurrency(args.concurrency)
+        .lease(args.lease)
+        .poll_interval(args.poll)
+        .retry(
+            RetryPolicy::exponential()
+                .base(Duration::from_millis(50))
+                .cap(Duration::from_millis(500)),
+        )
+        .shutdown_timeout(Duration::from_secs(5))
+        .handle(handle)
+        .build()
+        .map_err(|e| format!("build: {e}"))?;
+    let running = worker.start();
+    println!("ready");
+    term.recv().await;
+    let report = running.shutdown().await;
+    eprintln!("worker {}: stopped: {report:?}", args.worker_id);
+    close.close().await;
+    Ok(())
+}
+
+enum Closer {
+    Postgres(PgBackend),
+    Sqlite(SqliteBackend),
+}
+
+impl Closer {
+    async fn close(self) {
+        match self {
+            Self::Postgres(b) => b.close().await,
+            Self::Sqlite(b) => b.close().await,
+        }
+    }
+}
+
+async fn connect(args: &WorkerArgs) -> Result<(Arc<dyn Backend>, Ledger, Closer), String> {
+    match &args.store {
+        Store::Postgres { url, schema, app } => {
+            let backend = PgBackend::connect_with(
+                PgOptions::new(url.clone())
+                    .schema(schema.clone())
+                    .application_name(app.clone())
+                    .max_connections(args.pool)
+                    .acquire_timeout(Duration::from_secs(10)),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let ledger = Ledger::postgres(&backend);
+            Ok((Arc::new(backend.clone()), ledger, Closer::Postgres(backend)))
+        }
+        Store::Sqlite { url } => {
+            let backend = SqliteBackend::connect_with(
+                SqliteOptions::new(url.clone()).max_connections(args.pool),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let ledger = Ledger::sqlite(&backend);
+            Ok((Arc::new(backend.clone()), ledger, Closer::Sqlite(backend)))
+        }
+    }
+}
+
+/// A small xorshift generator: the harness's randomness, seeded per run
+/// and printed so a failing schedule can be told apart.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from the clock and process id.
+    pub fn from_time() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Self::new(nanos ^ (u64::from(std::process::id()) << 32))
+    }
+
+    /// Seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    /// The seed-derived state, for printing.
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+
+    /// A duration in `[lo, hi]`.
+    pub fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+        let spread = hi.saturating_sub(lo).as_millis() as u64;
+        lo + Duration::from_millis(self.below(spread + 1))
+    }
+}
+
+/// A started worker process.
+#[derive(Debug)]
+struct Proc {
+    child: Child,
+    pid: u32,
+    log: PathBuf,
+}
+
+/// A set of worker processes started from one template.
+#[derive(Debug)]
+pub struct Fleet {
+    exe: PathBuf,
+    template: WorkerArgs,
+    logs: PathBuf,
+    procs: BTreeMap<u32, Proc>,
+    next_id: u32,
+    killed: BTreeSet<u32>,
+    paused: BTreeSet<u32>,
+    pids: BTreeMap<u32, u32>,
+}
+
+impl Fleet {
+    /// Workers run `exe` with `template`'s arguments (each its own worker
+    /// id, and for PostgreSQL the application name `<app>-w<id>`); their
+    /// output goes to files in `logs`.
+    pub fn new(exe: impl Into<PathBuf>, template: WorkerArgs, logs: &Path) -> Self {
+        Self {
+            exe: exe.into(),
+            template,
+            logs: logs.to_owned(),
+            procs: BTreeMap::new(),
+            next_id: 1,
+            killed: BTreeSet::new(),
+            paused: BTreeSet::new(),
+            pids: BTreeMap::new(),
+        }
+    }
+
+    /// The `application_name` of worker `id`'s pool (PostgreSQL).
+    pub fn app_name(&self, id: u32) -> Option<String> {
+        match &self.template.store {
+            Store::Postgres { app, .. } => Some(format!("{app}-w{id}")),
+            Store::Sqlite { .. } => None,
+        }
+    }
+
+    /// Starts one more worker; returns its id.
+    pub fn spawn(&mut self) -> std::io::Result<u32> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut args = self.template.clone();
+        args.worker_id = id;
+        if let Store::Postgres { app, .. } = &mut args.store {
+            *app = format!("{app}-w{id}");
+        }
+        let log = self.logs.join(format!("worker-{id}.log"));
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(&self.exe)
+            .args(args.to_args())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()?;
+        let pid = child.id();
+        self.pids.insert(id, pid);
+        self.procs.insert(id, Proc { child, pid, log });
+        Ok(id)
+    }
+
+    /// Workers still running (not killed or stopped by the harness).
+    pub fn live(&self) -> Vec<u32> {
+        self.procs.keys().copied().collect()
+    }
+
+    /// OS pid of worker `id`, while it runs.
+    pub fn pid(&self, id: u32) -> Option<u32> {
+        self.procs.get(&id).map(|p| p.pid)
+    }
+
+    /// SIGKILLs worker `id` and reaps it.
+    pub fn kill(&mut self, id: u32) -> std::io::Result<()> {
+        if let Some(mut p) = self.procs.remove(&id) {
+            p.child.kill()?;
+            p.child.wait()?;
+            self.killed.insert(id);
+        }
+        Ok(())
+    }
+
+    /// Stops worker `id` with SIGSTOP for `pause`, then resumes it
+    /// (SIGCONT): a process frozen past its leases, like a long GC pause
+    /// or a VM migration, whose late completions must be refused.
+    pub async fn pause(&mut self, id: u32, pause: Duration) -> std::io::Result<()> {
+        let Some(pid) = self.pid(id) else {
+            return Ok(());
+        };
+        self.paused.insert(id);
+        signal(pid, "STOP")?;
+        tokio::time::sleep(pause).await;
+        signal(pid, "CONT")
+    }
+
+    /// Counts workers `ids` as interrupted: on SQLite a frozen process may
+    /// hold the file's write lock, which stalls every other worker's lease
+    /// renewals too, so their leases may lapse as if they had been frozen.
+    pub fn mark_interrupted(&mut self, ids: impl IntoIterator<Item = u32>) {
+        self.paused.extend(ids);
+    }
+
+    /// Workers SIGKILLed so far.
+    pub fn killed(&self) -> &BTreeSet<u32> {
+        &self.killed
+    }
+
+    /// Workers killed or paused so far: the only ones allowed to have run
+    /// a job without completing it.
+    pub fn interrupted(&self) -> BTreeSet<u32> {
+        self.killed.union(&self.paused).copied().collect()
+    }
+
+    /// Worker id of every pid ever started.
+    pub fn worker_of_pid(&self) -> BTreeMap<u32, u32> {
+        self.pids.iter().map(|(&id, &pid)| (pid, id)).collect()
+    }
+
+    /// Fails, naming them with their output, if running workers exited
+    /// by themselves.
+    pub fn check_running(&mut self) -> Result<(), String> {
+        let mut dead = String::new();
+        for (id, p) in &mut self.procs {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let _ = writeln!(
+                    dead,
+                    "worker {id} (pid {}) exited by itself: {status}\n{}",
+                    p.pid,
+                    tail(&p.log)
+                );
+            }
+        }
+        if dead.is_empty() { Ok(()) } else { Err(dead) }
+    }
+
+    /// VmRSS of worker `id` in KiB, from `/proc/<pid>/status`.
+    pub fn rss_kib(&self, id: u32) -> Option<u64> {
+        let pid = self.pid(id)?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// The end of worker `id`'s output.
+    pub fn log_tail(&self, id: u32) -> String {
+        tail(&self.logs.join(format!("worker-{id}.log")))
+    }
+
+    /// True once worker `id` has printed `ready` (it is connected, its
+    /// worker started and its SIGTERM handler installed).
+    pub fn is_ready(&self, id: u32) -> bool {
+        std::fs::read_to_string(self.logs.join(format!("worker-{id}.log")))
+            .is_ok_and(|log| log.lines().any(|l| l == "ready"))
+    }
+
+    /// Waits up to `limit` for every running worker to be ready.
+    pub fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.check_running()?;
+            let waiting: Vec<u32> = self
+                .procs
+                .keys()
+                .copied()
+                .filter(|&id| !self.is_ready(id))
+                .collect();
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("workers {waiting:?} not ready after {limit:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for every running worker to be ready (a worker signalled
+    /// before it installed its handler would just die), SIGTERMs them and
+    /// waits up to `limit` for each to exit; fails unless all exit
+    /// successfully (graceful shutdown works).
+    pub fn shutdown(&mut self, limit: Duration) -> Result<(), String> {
+        self.wait_ready(limit)?;
+        for p in self.procs.values() {
+            signal(p.pid, "TERM").map_err(|e| format!("SIGTERM {}: {e}", p.pid))?;
+        }
+        let deadline = Instant::now() + limit;
+        let mut problems = String::new();
+        for (id, mut p) in std::mem::take(&mut self.procs) {
+            loop {
+                match p.child.try_wait() {
+                    Ok(Some(status)) if status.success() => break,
+                    Ok(Some(status)) => {
+                        let _ = writeln!(
+                            problems,
+                            "worker {id} exited with {status}:\n{}",
+                            tail(&p.log)
+                        );
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    _ => {
+                        let _ = p.child.kill();
+                        let _ = p.child.wait();
+                        let _ = writeln!(
+                            problems,
+                            "worker {id} did not stop within {limit:?} of SIGTERM:\n{}",
+                            tail(&p.log)
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for p in self.procs.values_mut() {
+            let _ = signal(p.pid, "CONT");
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, name: &str) -> std::io::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "kill -{name} {pid}: {status}"
+        )))
+    }
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Every job of `backend`, by id.
+pub async fn all_jobs(backend: &dyn Backend) -> relayq_core::Result<Vec<Job>> {
+    let mut jobs = Vec::new();
+    let mut after = None;
+    loop {
+        let page = backend
+            .list(&ListFilter::new().after(after).limit(1000))
+            .await?;
+        jobs.extend(page.jobs);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(jobs),
+        }
+    }
+}
+
+/// What a checked run came to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Jobs checked.
+    pub jobs: usize,
+    /// Ledger rows (handler runs).
+    pub runs: usize,
+    /// Jobs that ran more than once.
+    pub rerun_jobs: usize,
+    /// Handler runs under a lease other than the completing one.
+    pub superseded_runs: usize,
+}
+
+/// Checks a finished run: `jobs` (every job of the store) against the
+/// ids pushed and the `ledger`.
+///
+/// - Every pushed job exists and is `Done`; there are no other jobs.
+/// - Each has ledger runs; the run with the highest token holds the token
+///   the job was completed under (`lease_token`), and the stored result
+///   names that run's worker and token: the accepted completion came from
+///   the newest lease, never a stale one.
+/// - No token appears twice for a job (one run per lease) or above the
+///   job's `lease_token`.
+/// - With `interrupted = Some(set)`, every other (superseded) run came from
+///   a worker in the set: a job ran again only where its holder was killed
+///   or frozen. With `None` (database faults, where a completion can be
+///   lost with its connection) superseded runs are allowed.
+pub fn check_outcome(
+    pushed: &BTreeSet<JobId>,
+    jobs: &[Job],
+    ledger: &[LedgerEntry],
+    interrupted: Option<&BTreeSet<u32>>,
+) -> Result<Summary, String> {
+    let mut problems: Vec<String> = Vec::new();
+    let mut by_job: BTreeMap<JobId, Vec<&LedgerEntry>> = BTreeMap::new();
+    for e in ledger {
+        by_job.entry(e.job_id).or_default().push(e);
+    }
+    let present: BTreeSet<JobId> = jobs.iter().map(|j| j.id).collect();
+    for id in pushed.difference(&present) {
+        problems.push(format!("job {id} was pushed but is gone"));
+    }
+    for id in present.difference(pushed) {
+        problems.push(format!("job {id} exists but was never pushed"));
+    }
+    let mut summary = Summary {
+        jobs: jobs.len(),
+        runs: ledger.len(),
+        ..Summary::default()
+    };
+    for job in jobs {
+        if job.status != JobStatus::Done {
+            problems.push(format!(
+                "job {} is {:?}, not Done (attempts {}, last_error {:?})",
+                job.id, job.status, job.attempts, job.last_error
+            ));
+            continue;
+        }
+        let Some(runs) = by_job.get(&job.id) else {
+            problems.push(format!(
+                "job {} is Done but no handler run was recorded",
+                job.id
+            ));
+            continue;
+        };
+        if runs.len() > 1 {
+            summary.rerun_jobs += 1;
+        }
+        let mut tokens = BTreeSet::new();
+        for r in runs {
+            if !tokens.insert(r.token) {
+                problems.push(format!("job {}: token {} ran twice", job.id, r.token));
+            }
+        }
+        let Some(last) = runs.iter().max_by_key(|r| r.token) else {
+            continue;
+        };
+        if last.token != job.lease_token {
+            problems.push(format!(
+                "job {}: completed under token {} but the newest run held token {}",
+                job.id, job.lease_token, last.token
+            ));
+        }
+        let expected = json!({ "worker": last.worker_id, "token": last.token });
+        if job.result.as_ref() != Some(&expected) {
+            problems.push(format!(
+                "job {}: result {:?} is not the newest run's {expected} (a stale completion was accepted)",
+                job.id, job.result
+            ));
+        }
+        for r in runs.iter().filter(|r| r.token != last.token) {
+            summary.superseded_runs += 1;
+            if let Some(interrupted) = interrupted
+                && !interrupted.contains(&r.worker_id)
+            {
+                problems.push(format!(
+                    "job {}: worker {} ran it under token {} and was never interrupted, \
+                     yet it ran again (token {}, worker {})",
+                    job.id, r.worker_id, r.token, last.token, last.worker_id
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(summary)
+    } else {
+        let n = problems.len();
+        problems.truncate(30);
+        Err(format!(
+            "{n} problem(s) in the run's outcome:\n{}",
+            problems.join("\n")
+        ))
+    }
+}
+
+/// Counts of the harness's jobs (queue `crash`) per status.
+pub async fn status_counts(backend: &dyn Backend) -> relayq_core::Result<StatusCounts> {
+    Ok(backend.stats().await?.queue(CrashJob::QUEUE))
+}

@@ -1,0 +1,173 @@
+//! Crash test (issue #7, item 1): worker OS processes are SIGKILLed (and
+//! sometimes frozen with SIGSTOP past their leases) at random mid-job while
+//! they work through a few thousand jobs, on PostgreSQL and on a SQLite
+//! file; replacements are started. Each handler run writes (job, attempt,
+//! worker, pid, fencing token) to a ledger table in the same database.
+//!
+//! At the end every job must be `Done` and none lost; a job may have run
+//! more than once only where a worker holding it was interrupted; and the
+//! completion the store accepted must come from the newest lease (the job's
+//! token and result match its newest ledger run), never from a stale one.
+//! See `relayq_reliability::crash::check_outcome`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relayq_core::Backend;
+use relayq_postgres::testing;
+use relayq_reliability::crash::{
+    CrashJob, Fleet, Ledger, Rng, Store, WorkerArgs, all_jobs, check_outcome, status_counts,
+};
+use relayq_sqlite::SqliteBackend;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_relayq-crash-worker");
+
+/// How long a run may take before the test fails: a liveness limit only.
+const LIVENESS: Duration = Duration::from_secs(90);
+
+struct Run {
+    backend: Arc<dyn Backend>,
+    ledger: Ledger,
+    template: WorkerArgs,
+    jobs: i64,
+    workers: usize,
+    /// Every this many faults, freeze a worker instead of killing one.
+    pause_every: u32,
+    /// Whether a frozen worker stalls every worker (SQLite: it may hold
+    /// the file's write lock, so no one can renew a lease meanwhile).
+    pause_stalls_all: bool,
+}
+
+async fn crash_run(run: Run) {
+    let mut rng = Rng::from_time();
+    eprintln!("rng seed state {}", rng.state());
+    let logs = tempfile::tempdir().expect("log dir");
+    run.ledger.create().await.expect("create ledger");
+
+    let mut pushed = BTreeSet::new();
+    for from in (0..run.jobs).step_by(500) {
+        let n = (run.jobs - from).min(500);
+        for outcome in run
+            .backend
+            .push_batch(CrashJob::batch(from, n))
+            .await
+            .expect("push")
+        {
+            pushed.insert(outcome.id());
+        }
+    }
+    let total = pushed.len() as u64;
+
+    let mut fleet = Fleet::new(WORKER, run.template.clone(), logs.path());
+    for _ in 0..run.workers {
+        fleet.spawn().expect("spawn worker");
+    }
+
+    // Chaos while the jobs run: every 100–300 ms kill a random worker and
+    // start a replacement, or (now and then) freeze one with SIGSTOP past
+    // its lease and let it go on: its late completions must be refused.
+    let started = Instant::now();
+    let mut kills = 0u32;
+    let mut pauses = 0u32;
+    loop {
+        if let Err(e) = fleet.check_running() {
+            panic!("{e}");
+        }
+        let counts = status_counts(&*run.backend).await.expect("stats");
+        if counts.done >= total {
+            break;
+        }
+        assert!(
+            started.elapsed() < LIVENESS,
+            "only {counts:?} of {total} jobs finished after {LIVENESS:?} ({kills} kills, {pauses} pauses)"
+        );
+        tokio::time::sleep(rng.between(Duration::from_millis(100), Duration::from_millis(300)))
+            .await;
+        let live = fleet.live();
+        let victim = live[rng.below(live.len() as u64) as usize];
+        if (kills + pauses) % run.pause_every == run.pause_every - 1 {
+            let freeze = run.template.lease
+                + rng.between(Duration::from_millis(300), Duration::from_millis(800));
+            fleet.pause(victim, freeze).await.expect("pause");
+            if run.pause_stalls_all {
+                fleet.mark_interrupted(live);
+            }
+            pauses += 1;
+        } else {
+            fleet.kill(victim).expect("kill");
+            fleet.spawn().expect("spawn replacement");
+            kills += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    fleet
+        .shutdown(Duration::from_secs(20))
+        .expect("graceful shutdown of the survivors");
+
+    let jobs = all_jobs(&*run.backend).await.expect("list jobs");
+    let ledger = run.ledger.entries().await.expect("read ledger");
+    let interrupted = fleet.interrupted();
+    let summary = check_outcome(&pushed, &jobs, &ledger, Some(&interrupted))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{total} jobs in {elapsed:?}: {kills} kills, {pauses} pauses; {summary:?}");
+    // The faults must have landed mid-job, or the run proved nothing.
+    assert!(
+        kills >= 5 && pauses >= 1,
+        "only {kills} kills and {pauses} pauses happened before the jobs ran out"
+    );
+    assert!(
+        summary.superseded_runs > 0,
+        "no handler run was interrupted: the kills never landed mid-job ({summary:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_workers_killed_mid_job_lose_nothing() {
+    let options = testing::options();
+    let backend = testing::connect(options).await;
+    let schema = backend.schema().to_owned();
+    let app = format!("rq-crash-{}", std::process::id());
+    let mut template = WorkerArgs::new(Store::Postgres {
+        url: testing::database_url(),
+        schema: schema.clone(),
+        app,
+    });
+    template.concurrency = 8;
+    template.pool = 3;
+    crash_run(Run {
+        ledger: Ledger::postgres(&backend),
+        backend: Arc::new(backend.clone()),
+        template,
+        jobs: 3000,
+        workers: 4,
+        pause_every: 5,
+        pause_stalls_all: false,
+    })
+    .await;
+    backend.close().await;
+    testing::drop_schema(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_workers_killed_mid_job_lose_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("crash.db").display());
+    let backend = SqliteBackend::connect(&url)
+        .await
+        .expect("open SQLite file");
+    let mut template = WorkerArgs::new(Store::Sqlite { url });
+    template.concurrency = 8;
+    template.pool = 4;
+    crash_run(Run {
+        ledger: Ledger::sqlite(&backend),
+        backend: Arc::new(backend.clone()),
+        template,
+        jobs: 2000,
+        workers: 4,
+        pause_every: 10,
+        pause_stalls_all: true,
+    })
+    .await;
+    backend.close().await;
+}

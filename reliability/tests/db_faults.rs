@@ -1,0 +1,333 @@
+//! Database faults (issue #7, item 2), on PostgreSQL, with worker OS
+//! processes running through a few thousand jobs:
+//!
+//! - the server restarts mid-run (`pg_ctl restart -m fast`), and later
+//!   goes down for 3 s and comes back (a throwaway cluster of the test's
+//!   own: the shared server is never restarted);
+//! - separately, every session of the workers — pool connections and the
+//!   LISTEN connection alike — is killed with `pg_terminate_backend`,
+//!   three times (only sessions whose `application_name` is the test's).
+//!
+//! The workers must recover by themselves: none exits, each runs jobs
+//! again after the fault, each gets its LISTEN connection back, no job
+//! stays `Processing` long past its lease, and every job ends `Done` with
+//! its completion accepted from its newest lease.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use relayq_core::{Backend, JobId, Pusher};
+use relayq_postgres::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
+use relayq_postgres::{PgBackend, PgOptions, testing};
+use relayq_reliability::crash::{
+    CrashJob, Fleet, Ledger, Store, WorkerArgs, all_jobs, check_outcome, status_counts,
+};
+use relayq_reliability::pg_cluster::TempCluster;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_relayq-crash-worker");
+
+/// Liveness limit for each phase of a run.
+const LIVENESS: Duration = Duration::from_secs(60);
+
+/// The longest a job may stay `Processing` past its lease's end before it
+/// counts as stuck (leases are 1 s; workers poll every 500 ms).
+const STUCK_AFTER: Duration = Duration::from_secs(10);
+
+const WORKERS: usize = 3;
+
+fn template(url: &str, schema: &str, app: &str) -> WorkerArgs {
+    let mut args = WorkerArgs::new(Store::Postgres {
+        url: url.to_owned(),
+        schema: schema.to_owned(),
+        app: app.to_owned(),
+    });
+    args.concurrency = 8;
+    args.pool = 3;
+    args.sleep_min = Duration::from_millis(10);
+    args.sleep_max = Duration::from_millis(40);
+    args
+}
+
+/// Pushes `n` jobs numbered from `from`, retrying while the server is
+/// unreachable (the test's own pool recovers like the workers').
+async fn push(backend: &PgBackend, from: i64, n: i64, pushed: &mut BTreeSet<JobId>) {
+    let started = Instant::now();
+    for chunk in (from..from + n).step_by(500) {
+        let count = (from + n - chunk).min(500);
+        loop {
+            match backend.push_batch(CrashJob::batch(chunk, count)).await {
+                Ok(outcomes) => {
+                    pushed.extend(outcomes.iter().map(|o| o.id()));
+                    break;
+                }
+                Err(e) if started.elapsed() < LIVENESS => {
+                    eprintln!("push failed, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("could not push for {LIVENESS:?}: {e}"),
+            }
+        }
+    }
+}
+
+/// Sessions of the test's workers: (pid, application_name).
+async fn sessions(admin: &mut PgConnection, prefix: &str) -> Vec<(i32, String)> {
+    sqlx::query_as(
+        "SELECT pid, application_name FROM pg_stat_activity WHERE application_name LIKE $1",
+    )
+    .bind(format!("{prefix}-w%"))
+    .fetch_all(admin)
+    .await
+    .expect("read pg_stat_activity")
+}
+
+/// Seconds the most overdue `Processing` job is past its lease (0 if none).
+async fn most_overdue(backend: &PgBackend) -> Option<f64> {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT coalesce(extract(epoch FROM max(now() - locked_until)), 0)::float8
+         FROM \"{}\".jobs WHERE status = 'processing'",
+        backend.schema()
+    )))
+    .fetch_one(backend.pool())
+    .await
+    .ok()
+}
+
+/// Waits until every job is `Done`, failing on a worker that exited, a job
+/// stuck past its lease, or the liveness limit.
+async fn wait_all_done(backend: &PgBackend, fleet: &mut Fleet, total: u64, phase: &str) {
+    let started = Instant::now();
+    loop {
+        fleet
+            .check_running()
+            .unwrap_or_else(|e| panic!("{phase}: {e}"));
+        if let Some(overdue) = most_overdue(backend).await {
+            assert!(
+                overdue < STUCK_AFTER.as_secs_f64(),
+                "{phase}: a job is Processing {overdue:.1} s past its lease"
+            );
+        }
+        match status_counts(backend).await {
+            Ok(counts) if counts.done >= total => return,
+            Ok(counts) => assert!(
+                started.elapsed() < LIVENESS,
+                "{phase}: only {counts:?} of {total} jobs after {LIVENESS:?}"
+            ),
+            Err(e) => assert!(
+                started.elapsed() < LIVENESS,
+                "{phase}: store unreachable for {LIVENESS:?}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until at least `n` jobs are `Done`.
+async fn wait_done_at_least(backend: &PgBackend, fleet: &mut Fleet, n: u64) {
+    let started = Instant::now();
+    loop {
+        fleet.check_running().unwrap_or_else(|e| panic!("{e}"));
+        if status_counts(backend).await.is_ok_and(|c| c.done >= n) {
+            return;
+        }
+        assert!(
+            started.elapsed() < LIVENESS,
+            "fewer than {n} jobs done after {LIVENESS:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until each running worker has exactly one LISTEN session again.
+async fn wait_listeners(url: &str, prefix: &str, fleet: &Fleet) {
+    let started = Instant::now();
+    let expected: BTreeSet<String> = fleet
+        .live()
+        .into_iter()
+        .filter_map(|id| fleet.app_name(id))
+        .map(|app| format!("{app}-listener"))
+        .collect();
+    loop {
+        let mut found = Vec::new();
+        if let Ok(mut admin) = PgConnection::connect(url).await {
+            found = sessions(&mut admin, prefix)
+                .await
+                .into_iter()
+                .map(|(_, app)| app)
+                .filter(|app| app.ends_with("-listener"))
+                .collect();
+            let _ = admin.close().await;
+        }
+        found.sort();
+        let unique: BTreeSet<String> = found.iter().cloned().collect();
+        if unique == expected && found.len() == expected.len() {
+            return;
+        }
+        assert!(
+            started.elapsed() < LIVENESS,
+            "LISTEN sessions not back after {LIVENESS:?}: expected {expected:?}, found {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Fails unless every running worker wrote ledger rows after `mark`: each
+/// recovered by itself, not just some of them.
+async fn assert_all_worked_since(ledger: &Ledger, fleet: &Fleet, mark: i64) {
+    let since = ledger.workers_since(mark).await.expect("ledger");
+    let live: BTreeSet<u32> = fleet.live().into_iter().collect();
+    assert!(
+        live.is_subset(&since),
+        "workers {:?} ran no job after the fault (only {since:?} did)",
+        live.difference(&since).collect::<Vec<_>>()
+    );
+}
+
+/// Checks the end of a fault run and stops the workers.
+async fn finish(
+    backend: &PgBackend,
+    ledger: &Ledger,
+    fleet: &mut Fleet,
+    pushed: &BTreeSet<JobId>,
+    after_fault: i64,
+) {
+    assert_all_worked_since(ledger, fleet, after_fault).await;
+    fleet
+        .shutdown(Duration::from_secs(20))
+        .expect("graceful shutdown after the fault");
+    let jobs = all_jobs(backend as &dyn Backend).await.expect("list jobs");
+    let entries = ledger.entries().await.expect("ledger");
+    // Completions lost with a connection make legitimate reruns, so reruns
+    // are not limited to interrupted workers here.
+    let summary = check_outcome(pushed, &jobs, &entries, None).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{summary:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_survive_a_postgres_restart() {
+    let Some(cluster) = TempCluster::start_or_opt_out() else {
+        return;
+    };
+    let url = cluster.url();
+    let schema = "relayq_restart";
+    let backend = PgBackend::connect_with(
+        PgOptions::new(url.clone())
+            .schema(schema)
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10)),
+    )
+    .await
+    .expect("connect to the throwaway cluster");
+    let ledger = Ledger::postgres(&backend);
+    ledger.create().await.expect("ledger");
+    let mut pushed = BTreeSet::new();
+    push(&backend, 0, 1500, &mut pushed).await;
+
+    let logs = tempfile::tempdir().expect("logs");
+    let prefix = format!("rq-restart-{}", std::process::id());
+    let mut fleet = Fleet::new(WORKER, template(&url, schema, &prefix), logs.path());
+    for _ in 0..WORKERS {
+        fleet.spawn().expect("spawn");
+    }
+    fleet.wait_ready(LIVENESS).expect("workers ready");
+    wait_listeners(&url, &prefix, &fleet).await;
+    wait_done_at_least(&backend, &mut fleet, 300).await;
+
+    let mark = ledger.high_water().await.expect("ledger");
+    let restarted = Instant::now();
+    tokio::task::block_in_place(|| cluster.restart()).expect("restart the throwaway cluster");
+    eprintln!("restarted in {:?}", restarted.elapsed());
+    push(&backend, 1500, 500, &mut pushed).await;
+
+    wait_done_at_least(&backend, &mut fleet, 1200).await;
+    wait_listeners(&url, &prefix, &fleet).await;
+    assert_all_worked_since(&ledger, &fleet, mark).await;
+    eprintln!("working again {:?} after the restart", restarted.elapsed());
+
+    // Then a real outage: the server is down for 3 s (connections are
+    // refused, the listener backs off), then comes back.
+    let mark = ledger.high_water().await.expect("ledger");
+    tokio::task::block_in_place(|| cluster.stop()).expect("stop the throwaway cluster");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::task::block_in_place(|| cluster.start_again()).expect("start it again");
+    let back = Instant::now();
+    push(&backend, 2000, 500, &mut pushed).await;
+
+    wait_all_done(
+        &backend,
+        &mut fleet,
+        pushed.len() as u64,
+        "after the outage",
+    )
+    .await;
+    wait_listeners(&url, &prefix, &fleet).await;
+    eprintln!("all done {:?} after the server came back", back.elapsed());
+    finish(&backend, &ledger, &mut fleet, &pushed, mark).await;
+    backend.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_survive_terminated_connections() {
+    let backend = testing::connect(testing::options()).await;
+    let url = testing::database_url();
+    let ledger = Ledger::postgres(&backend);
+    ledger.create().await.expect("ledger");
+    let mut pushed = BTreeSet::new();
+    push(&backend, 0, 2000, &mut pushed).await;
+
+    let logs = tempfile::tempdir().expect("logs");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let prefix = format!("rq-term-{}-{nanos:x}", std::process::id());
+    let mut fleet = Fleet::new(
+        WORKER,
+        template(&url, backend.schema(), &prefix),
+        logs.path(),
+    );
+    for _ in 0..WORKERS {
+        fleet.spawn().expect("spawn");
+    }
+    fleet.wait_ready(LIVENESS).expect("workers ready");
+    wait_listeners(&url, &prefix, &fleet).await;
+
+    let mut admin = testing::admin().await;
+    let mut mark = 0;
+    for round in 1..=3u64 {
+        wait_done_at_least(&backend, &mut fleet, round * 400).await;
+        mark = ledger.high_water().await.expect("ledger");
+        // Read the pids first, then terminate them one by one: never a
+        // filter and a terminate in one statement, never another session.
+        let victims = sessions(&mut admin, &prefix).await;
+        let listeners = victims
+            .iter()
+            .filter(|(_, app)| app.ends_with("-listener"))
+            .count();
+        assert_eq!(
+            listeners, WORKERS,
+            "round {round}: every worker's LISTEN session should be among the victims: {victims:?}"
+        );
+        for (pid, _) in &victims {
+            sqlx::query("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .execute(&mut admin)
+                .await
+                .expect("terminate");
+        }
+        eprintln!("round {round}: terminated {} sessions", victims.len());
+        wait_listeners(&url, &prefix, &fleet).await;
+    }
+    wait_all_done(
+        &backend,
+        &mut fleet,
+        pushed.len() as u64,
+        "after the terminations",
+    )
+    .await;
+    finish(&backend, &ledger, &mut fleet, &pushed, mark).await;
+    let _ = admin.close().await;
+    let schema = backend.schema().to_owned();
+    backend.close().await;
+    testing::drop_schema(&schema).await;
+}
