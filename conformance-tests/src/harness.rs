@@ -13,18 +13,41 @@ pub const EPOCH: OffsetDateTime = datetime!(2030-01-01 00:00 UTC);
 
 /// A fresh, isolated store and the manual clock it reads. Cases move time
 /// with [`Harness::advance`], never by sleeping.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Harness {
     /// The store under test, used only through the core traits.
     pub backend: Arc<dyn Backend>,
     /// The clock injected into `backend`.
     pub clock: ManualClock,
+    /// Whatever the store needs alive until the case ends (a temporary
+    /// directory, say); dropped with the last clone of the harness.
+    keep_alive: Option<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Harness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Harness")
+            .field("backend", &self.backend)
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Harness {
     /// Wraps a store that reads `clock`.
     pub fn new(backend: Arc<dyn Backend>, clock: ManualClock) -> Self {
-        Self { backend, clock }
+        Self {
+            backend,
+            clock,
+            keep_alive: None,
+        }
+    }
+
+    /// Keeps `guard` (e.g. the `TempDir` a database file lives in) alive as
+    /// long as the harness, so the store outlives every use in the case.
+    pub fn keep_alive(mut self, guard: impl std::any::Any + Send + Sync) -> Self {
+        self.keep_alive = Some(Arc::new(guard));
+        self
     }
 
     /// The store's current time.

@@ -287,3 +287,50 @@ pub async fn deep_json_round_trips_up_to_the_limit(h: Harness) {
     let job = h.job(id).await;
     assert_eq!((job.payload, job.result), (deepest.clone(), Some(deepest)));
 }
+
+/// A 2.5 MB payload and result round trip exactly, and hostile or
+/// invalid pushes around them leave every other job untouched.
+pub async fn huge_payloads_round_trip_and_rejections_touch_no_other_row(h: Harness) {
+    let bystander = h.push(job("bystander", 0).unique_key("mine")).await;
+    let before = h.job(bystander).await;
+
+    let big = json!({
+        "text": "ü€𝄞x".repeat(1 << 18),
+        "items": (0..50_000).collect::<Vec<u32>>(),
+    });
+    let id = h.push(NewJob::new("huge", &big).queue("big")).await;
+    assert_eq!(h.job(id).await.payload, big);
+    let leased = h.pull_one("big").await;
+    assert_eq!(leased.job.payload, big);
+    h.backend
+        .complete(&leased.lease, Some(big.clone()))
+        .await
+        .expect("complete with a huge result");
+    assert_eq!(h.job(id).await.result, Some(big));
+
+    for bad in [
+        NewJob::new("k", &json!({"s": "\0"})),
+        job("k", 1).queue("q".repeat(MAX_NAME_LEN + 1)),
+        job("k", 1).delay(Duration::days(365 * 10_000)),
+        job("k", 1).max_attempts(0),
+        job("'; DELETE FROM jobs; --", 1).unique_key(""),
+    ] {
+        assert!(h.backend.push(bad.clone()).await.is_err());
+        assert!(h.backend.push_batch(vec![job("ok", 1), bad]).await.is_err());
+    }
+    assert_eq!(
+        h.job(bystander).await,
+        before,
+        "rejected pushes change no other job"
+    );
+    let dup = h.backend.push(job("again", 1).unique_key("mine")).await;
+    assert_eq!(dup.expect("push"), PushOutcome::Duplicate(bystander));
+    assert_eq!(
+        h.job(bystander).await,
+        before,
+        "a duplicate changes nothing"
+    );
+    let stats = h.backend.stats().await.expect("stats");
+    assert_eq!(stats.queue("default").total(), 1);
+    assert_eq!(stats.queue("big").total(), 1);
+}
