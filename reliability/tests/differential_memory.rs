@@ -18,7 +18,7 @@ fn memory() -> Harness {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
     #[test]
     fn memory_agrees_with_itself(ops in operations(60)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
