@@ -17,16 +17,16 @@
 //!   job `Done`, none lost; a job ran again only after its holder was
 //!   interrupted; the accepted completion came from the newest lease.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use relayq_core::{
-    Backend, HandlerError, Job, JobContext, JobId, JobStatus, JobType, ListFilter, NewJob,
-    RetryPolicy, StatusCounts, Worker,
+    Backend, Event, HandlerError, Job, JobContext, JobId, JobStatus, JobType, ListFilter, NewJob,
+    Outcome, RetryPolicy, StatusCounts, Worker,
 };
 use relayq_postgres::sqlx::{self, AssertSqlSafe, PgPool, Row};
 use relayq_postgres::{PgBackend, PgOptions};
@@ -105,6 +105,13 @@ pub struct WorkerArgs {
     pub sleep_min: Duration,
     /// Longest handler sleep.
     pub sleep_max: Duration,
+    /// One job in this many (by id; 0 for none) is long: it sleeps
+    /// `long_min..=long_max` instead, long enough to outlive a lease.
+    pub long_one_in: u32,
+    /// Shortest sleep of a long job.
+    pub long_min: Duration,
+    /// Longest sleep of a long job.
+    pub long_max: Duration,
     /// What the handler writes.
     pub mode: Mode,
 }
@@ -122,6 +129,9 @@ impl WorkerArgs {
             pool: 4,
             sleep_min: Duration::from_millis(5),
             sleep_max: Duration::from_millis(40),
+            long_one_in: 0,
+            long_min: Duration::ZERO,
+            long_max: Duration::ZERO,
             mode: Mode::Ledger,
         }
     }
@@ -148,6 +158,9 @@ impl WorkerArgs {
         put("pool", self.pool.to_string());
         put("sleep-min-ms", self.sleep_min.as_millis().to_string());
         put("sleep-max-ms", self.sleep_max.as_millis().to_string());
+        put("long-one-in", self.long_one_in.to_string());
+        put("long-min-ms", self.long_min.as_millis().to_string());
+        put("long-max-ms", self.long_max.as_millis().to_string());
         put(
             "mode",
             match self.mode {
@@ -201,6 +214,9 @@ impl WorkerArgs {
             pool: small("pool", take("pool"))?,
             sleep_min: ms("sleep-min-ms", take("sleep-min-ms"))?,
             sleep_max: ms("sleep-max-ms", take("sleep-max-ms"))?,
+            long_one_in: small("long-one-in", take("long-one-in"))?,
+            long_min: ms("long-min-ms", take("long-min-ms"))?,
+            long_max: ms("long-max-ms", take("long-max-ms"))?,
             mode: match take("mode").as_deref() {
                 Some("ledger") => Mode::Ledger,
                 Some("count") => Mode::Count,
@@ -453,15 +469,28 @@ struct WorkerState {
     pid: u32,
     sleep_min: Duration,
     sleep_max: Duration,
+    long_one_in: u32,
+    long_min: Duration,
+    long_max: Duration,
     mode: Mode,
+    /// Runs whose handler returned, by job id and attempt: a lease lost
+    /// after that is a completion the store refused.
+    finished: Arc<Mutex<HashSet<(JobId, i32)>>>,
 }
 
-/// The handler's sleep for a job: spread over `[min, max]` by the job id,
-/// so runs of one job sleep alike and different jobs differ.
+/// The handler's sleep for a job: spread over `[min, max]` (or the long
+/// range, for one job in `long_one_in`) by the job id, so runs of one job
+/// sleep alike and different jobs differ.
 fn sleep_for(state: &WorkerState, id: JobId) -> Duration {
-    let spread = state.sleep_max.saturating_sub(state.sleep_min).as_millis() as u64;
     let hash = (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
-    state.sleep_min + Duration::from_millis(if spread == 0 { 0 } else { hash % (spread + 1) })
+    let long = state.long_one_in > 0 && (hash >> 16).is_multiple_of(u64::from(state.long_one_in));
+    let (min, max) = if long {
+        (state.long_min, state.long_max)
+    } else {
+        (state.sleep_min, state.sleep_max)
+    };
+    let spread = max.saturating_sub(min).as_millis() as u64;
+    min + Duration::from_millis(hash % (spread + 1))
 }
 
 async fn handle(
@@ -489,12 +518,25 @@ async fn handle(
                 })
                 .await?;
             tokio::time::sleep(half).await;
+            state
+                .finished
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert((ctx.id(), ctx.attempt()));
             Ok(Some(
                 json!({ "worker": state.worker_id, "token": lease.token }),
             ))
         }
     }
 }
+
+/// Printed by a worker (with the job id) when the store refused its
+/// completion of a job: its lease had been taken over.
+pub const REFUSED_COMPLETION: &str = "refused-completion";
+
+/// Printed by a worker (with the job id) when the store refused to extend
+/// a running job's lease: it had been taken over, the handler was stopped.
+pub const REFUSED_EXTENSION: &str = "refused-extension";
 
 /// The body of a worker process: connects (retrying for up to 30 s),
 /// runs a worker for [`CrashJob`]s until SIGTERM, then shuts it down
@@ -521,8 +563,13 @@ pub async fn run_worker(args: WorkerArgs) -> Result<(), String> {
         pid: std::process::id(),
         sleep_min: args.sleep_min,
         sleep_max: args.sleep_max,
+        long_one_in: args.long_one_in,
+        long_min: args.long_min,
+        long_max: args.long_max,
         mode: args.mode,
+        finished: Arc::default(),
     };
+    let finished = Arc::clone(&state.finished);
     let worker = Worker::builder(backend)
         .state(state)
         .concurrency(args.concurrency)
@@ -535,6 +582,22 @@ pub async fn run_worker(args: WorkerArgs) -> Result<(), String> {
         )
         .shutdown_timeout(Duration::from_secs(5))
         .handle(handle)
+        .on_event(move |event| {
+            let Event::Finished { job, outcome } = event else {
+                return;
+            };
+            let mut finished = finished.lock().unwrap_or_else(PoisonError::into_inner);
+            let ran = finished.remove(&(job.id, job.attempt));
+            if *outcome == Outcome::LeaseLost {
+                // The store refused this lease: a completion after the
+                // handler returned, or an extension while it ran.
+                if ran {
+                    println!("{REFUSED_COMPLETION} {}", job.id);
+                } else {
+                    println!("{REFUSED_EXTENSION} {}", job.id);
+                }
+            }
+        })
         .build()
         .map_err(|e| format!("build: {e}"))?;
     let running = worker.start();
@@ -777,6 +840,21 @@ impl Fleet {
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// Lines of every worker's output, killed ones included, that start
+    /// with `word` (e.g. [`REFUSED_COMPLETION`]).
+    pub fn count_in_logs(&self, word: &str) -> usize {
+        (1..self.next_id)
+            .filter_map(|id| {
+                std::fs::read_to_string(self.logs.join(format!("worker-{id}.log"))).ok()
+            })
+            .map(|log| {
+                log.lines()
+                    .filter(|l| l.split(' ').next() == Some(word))
+                    .count()
+            })
+            .sum()
     }
 
     /// The end of worker `id`'s output.

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use relayq_core::Backend;
 use relayq_postgres::testing;
 use relayq_reliability::crash::{
-    CrashJob, Fleet, Ledger, Rng, Store, WorkerArgs, all_jobs, check_outcome, status_counts,
+    CrashJob, Fleet, Ledger, REFUSED_COMPLETION, REFUSED_EXTENSION, Rng, Store, WorkerArgs,
+    all_jobs, check_outcome, status_counts,
 };
 use relayq_sqlite::SqliteBackend;
 
@@ -37,6 +38,8 @@ struct Run {
     /// Whether a frozen worker stalls every worker (SQLite: it may hold
     /// the file's write lock, so no one can renew a lease meanwhile).
     pause_stalls_all: bool,
+    /// Whether the run must have seen the store refuse a stale completion.
+    expect_refused_completion: bool,
 }
 
 async fn crash_run(run: Run) {
@@ -110,7 +113,12 @@ async fn crash_run(run: Run) {
     let interrupted = fleet.interrupted();
     let summary = check_outcome(&pushed, &jobs, &ledger, Some(&interrupted))
         .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("{total} jobs in {elapsed:?}: {kills} kills, {pauses} pauses; {summary:?}");
+    let refused_completions = fleet.count_in_logs(REFUSED_COMPLETION);
+    let refused_extensions = fleet.count_in_logs(REFUSED_EXTENSION);
+    eprintln!(
+        "{total} jobs in {elapsed:?}: {kills} kills, {pauses} pauses; {summary:?}; \
+         stale leases refused: {refused_completions} completions, {refused_extensions} extensions"
+    );
     // The faults must have landed mid-job, or the run proved nothing.
     assert!(
         kills >= 5 && pauses >= 1,
@@ -119,6 +127,12 @@ async fn crash_run(run: Run) {
     assert!(
         summary.superseded_runs > 0,
         "no handler run was interrupted: the kills never landed mid-job ({summary:?})"
+    );
+    // And a frozen worker must have come back with a finished handler and
+    // a stale lease, or the fencing of completions went untested.
+    assert!(
+        !run.expect_refused_completion || refused_completions > 0,
+        "no stale completion was attempted: the pauses never hit a finished handler"
     );
 }
 
@@ -135,6 +149,12 @@ async fn postgres_workers_killed_mid_job_lose_nothing() {
     });
     template.concurrency = 8;
     template.pool = 3;
+    // One job in 25 outlives the lease (and is extended): a frozen worker
+    // holding one often finds, when it wakes, its handler done and the job
+    // running elsewhere, and tries to complete it with its stale lease.
+    template.long_one_in = 25;
+    template.long_min = Duration::from_millis(600);
+    template.long_max = Duration::from_millis(1500);
     crash_run(Run {
         ledger: Ledger::postgres(&backend),
         backend: Arc::new(backend.clone()),
@@ -143,6 +163,7 @@ async fn postgres_workers_killed_mid_job_lose_nothing() {
         workers: 4,
         pause_every: 5,
         pause_stalls_all: false,
+        expect_refused_completion: true,
     })
     .await;
     backend.close().await;
@@ -159,6 +180,9 @@ async fn sqlite_workers_killed_mid_job_lose_nothing() {
     let mut template = WorkerArgs::new(Store::Sqlite { url });
     template.concurrency = 8;
     template.pool = 4;
+    template.long_one_in = 25;
+    template.long_min = Duration::from_millis(600);
+    template.long_max = Duration::from_millis(1500);
     crash_run(Run {
         ledger: Ledger::sqlite(&backend),
         backend: Arc::new(backend.clone()),
@@ -167,6 +191,7 @@ async fn sqlite_workers_killed_mid_job_lose_nothing() {
         workers: 4,
         pause_every: 10,
         pause_stalls_all: true,
+        expect_refused_completion: true,
     })
     .await;
     backend.close().await;

@@ -18,9 +18,10 @@
 //! default:
 //!
 //! ```text
-//! RELAYQ_TEST_DATABASE_URL=postgres://… \
-//!   cargo test -p relayq-reliability --release --test load -- --ignored --nocapture
+//! cargo test -p relayq-reliability --release --test load -- --ignored --nocapture
 //! ```
+//!
+//! It starts a throwaway cluster of its own, like the restart test.
 //!
 //! `RELAYQ_LOAD_JOBS=n` overrides the size of either test.
 
@@ -30,9 +31,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use relayq_core::Pusher;
-use relayq_postgres::sqlx::{self, AssertSqlSafe};
-use relayq_postgres::{PgBackend, testing};
+use relayq_postgres::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
+use relayq_postgres::{PgBackend, PgOptions, testing};
 use relayq_reliability::crash::{CrashJob, Fleet, Ledger, Mode, Store, WorkerArgs};
+use relayq_reliability::pg_cluster::TempCluster;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_relayq-crash-worker");
 
@@ -64,10 +66,9 @@ async fn active(backend: &PgBackend) -> Result<i64, sqlx::Error> {
     .await
 }
 
-async fn load_run(backend: PgBackend, total: i64, liveness: Duration) {
+async fn load_run(url: String, backend: PgBackend, total: i64, liveness: Duration) {
     let ledger = Ledger::postgres(&backend);
     ledger.create().await.expect("create counter table");
-    let url = testing::database_url();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -127,7 +128,7 @@ async fn load_run(backend: PgBackend, total: i64, liveness: Duration) {
     let started = Instant::now();
     let mut rss: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     let mut max_sessions: BTreeMap<u32, i64> = BTreeMap::new();
-    let mut admin = testing::admin().await;
+    let mut admin = PgConnection::connect(&url).await.expect("admin connection");
     let mut last_report = Instant::now();
     loop {
         fleet.check_running().unwrap_or_else(|e| panic!("{e}"));
@@ -258,6 +259,7 @@ async fn twenty_thousand_jobs_through_four_workers() {
     let backend = testing::connect(testing::options()).await;
     let schema = backend.schema().to_owned();
     load_run(
+        testing::database_url(),
         backend.clone(),
         jobs_from_env(20_000),
         Duration::from_secs(120),
@@ -267,27 +269,27 @@ async fn twenty_thousand_jobs_through_four_workers() {
     testing::drop_schema(&schema).await;
 }
 
-/// The full-size run; see the module docs for the command.
+/// The full-size run; see the module docs for the command. It runs on a
+/// throwaway cluster of its own (autovacuum on, as in production; fsync
+/// off), so its long churn neither loads the shared test server nor
+/// depends on that server's settings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a million jobs take minutes; run with --ignored --release"]
 async fn one_million_jobs_through_four_workers() {
-    // A schema name the test sweeper (which drops `relayq_test_…` schemas
-    // older than 15 minutes) leaves alone while this long run goes on.
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let schema = format!("relayq_load_{secs}_{}", std::process::id());
-    let backend = testing::connect(testing::options().schema(schema.clone())).await;
-    let result = tokio::spawn(load_run(
+    let cluster = TempCluster::start().unwrap_or_else(|e| panic!("throwaway cluster: {e}"));
+    let backend = PgBackend::connect_with(
+        PgOptions::new(cluster.url())
+            .schema("relayq_load")
+            .max_connections(4),
+    )
+    .await
+    .expect("connect to the throwaway cluster");
+    load_run(
+        cluster.url(),
         backend.clone(),
         jobs_from_env(1_000_000),
         Duration::from_secs(3600),
-    ))
+    )
     .await;
     backend.close().await;
-    testing::drop_schema(&schema).await;
-    if let Err(e) = result {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
