@@ -792,10 +792,10 @@ impl Fleet {
         signal(pid, "CONT")
     }
 
-    /// Counts workers `ids` as interrupted: on SQLite a frozen process may
-    /// hold the file's write lock, which stalls every other worker's lease
+    /// Counts workers `ids` as frozen: on SQLite a frozen process may hold
+    /// the file's write lock, which stalls every other worker's lease
     /// renewals too, so their leases may lapse as if they had been frozen.
-    pub fn mark_interrupted(&mut self, ids: impl IntoIterator<Item = u32>) {
+    pub fn mark_frozen(&mut self, ids: impl IntoIterator<Item = u32>) {
         self.paused.extend(ids);
     }
 
@@ -804,10 +804,28 @@ impl Fleet {
         &self.killed
     }
 
-    /// Workers killed or paused so far: the only ones allowed to have run
-    /// a job without completing it.
-    pub fn interrupted(&self) -> BTreeSet<u32> {
-        self.killed.union(&self.paused).copied().collect()
+    /// Who was interrupted, and which stale leases the store refused to
+    /// which worker (from every worker's output, killed ones included).
+    pub fn interruptions(&self) -> Interruptions {
+        let mut refused = BTreeSet::new();
+        for id in 1..self.next_id {
+            let log = std::fs::read_to_string(self.logs.join(format!("worker-{id}.log")))
+                .unwrap_or_default();
+            for line in log.lines() {
+                let mut words = line.split(' ');
+                if let (Some(REFUSED_COMPLETION | REFUSED_EXTENSION), Some(job)) =
+                    (words.next(), words.next())
+                    && let Ok(job) = job.parse()
+                {
+                    refused.insert((id, job));
+                }
+            }
+        }
+        Interruptions {
+            killed: self.killed.clone(),
+            frozen: self.paused.clone(),
+            refused,
+        }
     }
 
     /// Worker id of every pid ever started.
@@ -996,6 +1014,18 @@ pub struct Summary {
     pub superseded_runs: usize,
 }
 
+/// What happened to the workers of a run, for [`check_outcome`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Interruptions {
+    /// Workers SIGKILLed.
+    pub killed: BTreeSet<u32>,
+    /// Workers frozen past their leases (or stalled by a frozen one).
+    pub frozen: BTreeSet<u32>,
+    /// (worker, job) pairs where the store refused the worker's stale
+    /// lease: a late completion or extension.
+    pub refused: BTreeSet<(u32, JobId)>,
+}
+
 /// Checks a finished run: `jobs` (every job of the store) against the
 /// ids pushed and the `ledger`.
 ///
@@ -1006,15 +1036,17 @@ pub struct Summary {
 ///   the newest lease, never a stale one.
 /// - No token appears twice for a job (one run per lease) or above the
 ///   job's `lease_token`.
-/// - With `interrupted = Some(set)`, every other (superseded) run came from
-///   a worker in the set: a job ran again only where its holder was killed
-///   or frozen. With `None` (database faults, where a completion can be
-///   lost with its connection) superseded runs are allowed.
+/// - With `interruptions`, every other (superseded) run is explained: its
+///   worker was frozen past its lease, or was killed while holding the job
+///   (it never came back to it: the store never refused it that job's
+///   lease — a worker killed later does not excuse a lease lost earlier).
+///   With `None` (database faults, where a completion can be lost with its
+///   connection) superseded runs are allowed.
 pub fn check_outcome(
     pushed: &BTreeSet<JobId>,
     jobs: &[Job],
     ledger: &[LedgerEntry],
-    interrupted: Option<&BTreeSet<u32>>,
+    interruptions: Option<&Interruptions>,
 ) -> Result<Summary, String> {
     let mut problems: Vec<String> = Vec::new();
     let mut by_job: BTreeMap<JobId, Vec<&LedgerEntry>> = BTreeMap::new();
@@ -1075,13 +1107,30 @@ pub fn check_outcome(
         }
         for r in runs.iter().filter(|r| r.token != last.token) {
             summary.superseded_runs += 1;
-            if let Some(interrupted) = interrupted
-                && !interrupted.contains(&r.worker_id)
-            {
+            if r.token > job.lease_token {
                 problems.push(format!(
-                    "job {}: worker {} ran it under token {} and was never interrupted, \
-                     yet it ran again (token {}, worker {})",
-                    job.id, r.worker_id, r.token, last.token, last.worker_id
+                    "job {}: worker {} ran it under token {}, above the job's {}",
+                    job.id, r.worker_id, r.token, job.lease_token
+                ));
+            }
+            let Some(i) = interruptions else { continue };
+            let frozen = i.frozen.contains(&r.worker_id);
+            let died_holding =
+                i.killed.contains(&r.worker_id) && !i.refused.contains(&(r.worker_id, job.id));
+            if !frozen && !died_holding {
+                problems.push(format!(
+                    "job {}: worker {} ran it under token {}, was neither frozen nor killed \
+                     holding it{}, yet it ran again (token {}, worker {})",
+                    job.id,
+                    r.worker_id,
+                    r.token,
+                    if i.refused.contains(&(r.worker_id, job.id)) {
+                        " (the store refused it that lease)"
+                    } else {
+                        ""
+                    },
+                    last.token,
+                    last.worker_id
                 ));
             }
         }

@@ -78,6 +78,8 @@ async fn crash_run(run: Run) {
             panic!("{e}");
         }
         let counts = status_counts(&*run.backend).await.expect("stats");
+        // Jobs allow 25 attempts: a Dead one is lost work.
+        assert_eq!(counts.dead, 0, "jobs died: {counts:?}");
         if counts.done >= total {
             break;
         }
@@ -94,7 +96,7 @@ async fn crash_run(run: Run) {
                 + rng.between(Duration::from_millis(300), Duration::from_millis(800));
             fleet.pause(victim, freeze).await.expect("pause");
             if run.pause_stalls_all {
-                fleet.mark_interrupted(live);
+                fleet.mark_frozen(live);
             }
             pauses += 1;
         } else {
@@ -110,8 +112,8 @@ async fn crash_run(run: Run) {
 
     let jobs = all_jobs(&*run.backend).await.expect("list jobs");
     let ledger = run.ledger.entries().await.expect("read ledger");
-    let interrupted = fleet.interrupted();
-    let summary = check_outcome(&pushed, &jobs, &ledger, Some(&interrupted))
+    let interruptions = fleet.interruptions();
+    let summary = check_outcome(&pushed, &jobs, &ledger, Some(&interruptions))
         .unwrap_or_else(|e| panic!("{e}"));
     let refused_completions = fleet.count_in_logs(REFUSED_COMPLETION);
     let refused_extensions = fleet.count_in_logs(REFUSED_EXTENSION);
@@ -180,16 +182,21 @@ async fn sqlite_workers_killed_mid_job_lose_nothing() {
     let mut template = WorkerArgs::new(Store::Sqlite { url });
     template.concurrency = 8;
     template.pool = 4;
+    // Every write of every process queues for the one write lock, so a
+    // lease renewal can wait far longer than on PostgreSQL: a 2 s lease
+    // (renewed every 667 ms) keeps uninterrupted workers' leases alive on
+    // a loaded machine.
+    template.lease = Duration::from_secs(2);
     template.long_one_in = 25;
-    template.long_min = Duration::from_millis(600);
-    template.long_max = Duration::from_millis(1500);
+    template.long_min = Duration::from_millis(1000);
+    template.long_max = Duration::from_millis(2500);
     crash_run(Run {
         ledger: Ledger::sqlite(&backend),
         backend: Arc::new(backend.clone()),
         template,
         jobs: 2000,
         workers: 4,
-        pause_every: 10,
+        pause_every: 6,
         pause_stalls_all: true,
         expect_refused_completion: true,
     })
