@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use serde_json::Value;
 use time::OffsetDateTime;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -68,6 +68,11 @@ impl<S> fmt::Debug for Shared<S> {
 }
 
 impl<S> Shared<S> {
+    /// Whether an event would reach anyone: a hook or a subscriber.
+    pub(crate) fn is_observed(&self) -> bool {
+        !self.hooks.is_empty() || self.events.receiver_count() > 0
+    }
+
     pub(crate) fn emit(&self, event: Event) {
         for hook in &self.hooks {
             if std::panic::catch_unwind(AssertUnwindSafe(|| hook(&event))).is_err() {
@@ -89,6 +94,10 @@ pub(crate) enum Mode {
     Spawned {
         phase: watch::Receiver<Phase>,
         acks: mpsc::UnboundedSender<Ack>,
+        /// The worker's concurrency slot, given back once the handler has
+        /// returned: recording the outcome does not count against the
+        /// concurrency, so the next pull need not wait for it.
+        slot: Option<OwnedSemaphorePermit>,
     },
 }
 
@@ -117,7 +126,12 @@ pub(crate) async fn execute<S: Send + Sync + 'static>(
         attempt = info.attempt
     );
     async move {
-        shared.emit(Event::Started { job: info.clone() });
+        // Building events costs allocations per job: skip them when nobody
+        // is listening (no hook, no subscriber) when the attempt starts.
+        let observed = shared.is_observed();
+        if observed {
+            shared.emit(Event::Started { job: info.clone() });
+        }
         tracing::debug!("started");
         let outcome = run_and_record(shared, leased, mode).await;
         match &outcome {
@@ -132,10 +146,12 @@ pub(crate) async fn execute<S: Send + Sync + 'static>(
                 tracing::error!(%error, "could not record the outcome");
             }
         }
-        shared.emit(Event::Finished {
-            job: info,
-            outcome: outcome.clone(),
-        });
+        if observed || shared.is_observed() {
+            shared.emit(Event::Finished {
+                job: info,
+                outcome: outcome.clone(),
+            });
+        }
         outcome
     }
     .instrument(span)
@@ -145,8 +161,12 @@ pub(crate) async fn execute<S: Send + Sync + 'static>(
 async fn run_and_record<S: Send + Sync + 'static>(
     shared: &Arc<Shared<S>>,
     leased: LeasedJob,
-    mode: Mode,
+    mut mode: Mode,
 ) -> Outcome {
+    let slot = match &mut mode {
+        Mode::Spawned { slot, .. } => slot.take(),
+        Mode::Inline => None,
+    };
     let backend = &*shared.backend;
     let lease = leased.lease;
     let Some(entry) = shared.handlers.get(&leased.job.kind) else {
@@ -191,6 +211,8 @@ async fn run_and_record<S: Send + Sync + 'static>(
             }
         },
     };
+    // The handler is done; only the acknowledgement is left.
+    drop(slot);
 
     match attempt {
         Attempt::Succeeded(result) => match check_result(result.as_ref()) {

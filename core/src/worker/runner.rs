@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
@@ -51,6 +51,14 @@ async fn subscribe<S>(shared: &Shared<S>) -> Option<Wakeups> {
     }
 }
 
+/// How many times the pull loop yields to let other handlers finish before
+/// it pulls for the slots free so far.
+const COALESCE_YIELDS: usize = 4;
+
+fn free_slots(slots: &Semaphore) -> u32 {
+    u32::try_from(slots.available_permits()).unwrap_or(u32::MAX)
+}
+
 async fn next_signal(wakeups: &mut Option<Wakeups>) -> Option<()> {
     match wakeups {
         Some(w) => w.next().await,
@@ -74,6 +82,13 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     let mut wakeups = subscribe(&shared).await;
     let request = PullRequest::queues(config.queues.clone()).lease(config.backend_lease);
     let mut tasks: JoinSet<Outcome> = JoinSet::new();
+    // One permit per handler allowed to run. A job task gives its permit
+    // back as soon as its handler returns, before the outcome is recorded,
+    // so the next pull overlaps with the (batched) acknowledgements instead
+    // of waiting for them: at full load a pull leases a whole batch, never
+    // one job per round trip.
+    let slots = Arc::new(Semaphore::new(config.concurrency as usize));
+
     // True while the queues may hold due jobs: after a full batch, a
     // wake-up or a poll tick; false after a short batch.
     let mut more = true;
@@ -91,18 +106,35 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
         if let Some(deadline) = *stop.borrow_and_update() {
             break deadline;
         }
-        let busy = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
-        let free = config.concurrency.saturating_sub(busy);
+        // Only this loop takes permits, so the free count can only grow
+        // until the pulled jobs take theirs below.
+        let mut free = free_slots(&slots);
         if free > 0 && more {
+            // Handlers started together tend to finish together: let the
+            // others that are about to return do so, so that one pull fills
+            // all their slots instead of one round trip (and one commit)
+            // per slot. Costs microseconds; a slow handler's slot is still
+            // refilled at once.
+            for _ in 0..COALESCE_YIELDS {
+                if free >= config.concurrency {
+                    break;
+                }
+                tokio::task::yield_now().await;
+                free = free_slots(&slots);
+            }
             next_poll = Instant::now() + config.poll_interval;
             match shared.backend.pull(&request.clone().batch(free)).await {
                 Ok(jobs) => {
                     more = jobs.len() >= free as usize;
                     for leased in jobs {
+                        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                            unreachable!("a pull never leases more jobs than free slots");
+                        };
                         let shared = Arc::clone(&shared);
                         let mode = Mode::Spawned {
                             phase: phase_rx.clone(),
                             acks: ack_tx.clone(),
+                            slot: Some(slot),
                         };
                         tasks.spawn(async move { execute(&shared, leased, mode).await });
                     }
@@ -128,6 +160,8 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                 Ok(_) => {}
                 Err(e) => log_join_error(&e),
             },
+            // Another handler finished while more jobs may be waiting.
+            _ = slots.acquire_many(free + 1), if more && free < config.concurrency => {}
             signal = next_signal(&mut wakeups), if wakeups.is_some() => {
                 more = true;
                 if signal.is_none() {
