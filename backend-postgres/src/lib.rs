@@ -20,11 +20,16 @@
 //!   [`PgBackend::push_batch_in`] take the caller's connection or
 //!   transaction, so a job is enqueued if and only if the caller's
 //!   transaction commits.
-//! - **LISTEN/NOTIFY wake-ups.** Each insert statement notifies every queue
-//!   it added jobs to (a statement trigger calling `pg_notify`, delivered
-//!   on commit, folded by PostgreSQL to once per queue per transaction).
-//!   [`Backend::subscribe`] listens on one dedicated connection (an sqlx
-//!   `PgListener`, not a pool connection) that reconnects when it drops.
+//! - **LISTEN/NOTIFY wake-ups.** Every push notifies each queue it added
+//!   jobs to, once it has committed: a pool push hands its queues to one
+//!   background task that notifies them, folding concurrent pushes into
+//!   one statement, without waiting for a WAL flush (a notifying commit
+//!   holds a database-wide lock, so notifying inside each push would make
+//!   concurrent pushes commit one at a time); [`PgBackend::push_in`]
+//!   notifies inside the caller's transaction, so only a commit wakes
+//!   anyone. [`Backend::subscribe`] listens on one dedicated connection (an
+//!   sqlx `PgListener`, not a pool connection) that reconnects when it
+//!   drops.
 //! - **Server time.** `now` is the server's `statement_timestamp()` unless
 //!   a [`Clock`] is injected with [`PgOptions::clock`]; then it is bound as
 //!   a parameter, which is how the conformance suite moves time.
@@ -138,6 +143,7 @@
 
 mod listen;
 mod migrate;
+mod notify;
 mod options;
 mod row;
 mod sql;
@@ -219,6 +225,8 @@ struct Inner {
     /// How long one listener (re)connection attempt may take.
     listen_timeout: std::time::Duration,
     hub: Mutex<Option<Arc<listen::Hub>>>,
+    /// Notifies the queues of pool pushes after they commit.
+    notifier: notify::Notifier,
 }
 
 impl fmt::Debug for PgBackend {
@@ -264,10 +272,13 @@ impl PgBackend {
                     source,
                 })
             })?;
+        let sql = sql::Statements::new(&options.schema);
+        let notifier = notify::Notifier::new(pool.clone(), sql.notify_async.clone());
         let backend = Self {
             inner: Arc::new(Inner {
                 pool,
-                sql: sql::Statements::new(&options.schema),
+                sql,
+                notifier,
                 schema: options.schema,
                 clock: options.clock,
                 target,
@@ -358,14 +369,24 @@ impl PgBackend {
         jobs: Vec<NewJob>,
     ) -> Result<Vec<PushOutcome>> {
         let jobs = validate_batch(jobs)?;
-        self.push_valid(conn, jobs).await
+        let outcomes = self.push_valid(conn, &jobs).await?;
+        // In the caller's transaction: delivered if and only if it commits.
+        let queues = created_queues(&jobs, &outcomes);
+        if !queues.is_empty() {
+            sqlx::query(self.inner.sql.notify.clone())
+                .bind(&queues)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_err)?;
+        }
+        Ok(outcomes)
     }
 
     /// Stores validated jobs in one statement.
     async fn push_valid(
         &self,
         conn: &mut PgConnection,
-        jobs: Vec<ValidJob>,
+        jobs: &[ValidJob],
     ) -> Result<Vec<PushOutcome>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
@@ -380,7 +401,7 @@ impl PgBackend {
         let mut keys = Vec::with_capacity(n);
         let mut run_ats: Vec<Option<OffsetDateTime>> = Vec::with_capacity(n);
         let mut delays = Vec::with_capacity(n);
-        for job in &jobs {
+        for job in jobs {
             let (run_at, delay) = match now {
                 // The injected clock's time: computed here, like the
                 // reference backend (including its range errors).
@@ -549,6 +570,17 @@ impl PgBackend {
     }
 }
 
+/// The distinct queues that `outcomes` added a job to.
+fn created_queues(jobs: &[ValidJob], outcomes: &[PushOutcome]) -> Vec<String> {
+    let mut queues: Vec<String> = Vec::new();
+    for (job, outcome) in jobs.iter().zip(outcomes) {
+        if !outcome.is_duplicate() && !queues.contains(&job.queue) {
+            queues.push(job.queue.clone());
+        }
+    }
+    queues
+}
+
 /// A duration in whole microseconds (the precision PostgreSQL stores),
 /// rounded toward zero. Callers have bounded it (at most ~100 years).
 fn micros(d: Duration) -> i64 {
@@ -571,7 +603,11 @@ impl Pusher for PgBackend {
             return Ok(Vec::new());
         }
         let mut conn = self.inner.pool.acquire().await.map_err(db_err)?;
-        self.push_valid(&mut conn, jobs).await
+        let outcomes = self.push_valid(&mut conn, &jobs).await?;
+        drop(conn);
+        // Committed (autocommit): wake the listeners, off this call's path.
+        self.inner.notifier.notify(created_queues(&jobs, &outcomes));
+        Ok(outcomes)
     }
 }
 

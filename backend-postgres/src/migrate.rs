@@ -14,14 +14,21 @@ struct Migration {
 }
 
 /// Every migration, in order. Append only: an applied migration never changes.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "jobs table, claim and unique indexes, push notifications",
-    sql: include_str!("migrations/0001_jobs.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "jobs table, claim and unique indexes, push notifications",
+        sql: include_str!("migrations/0001_jobs.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "notify after the push commits, not from a trigger",
+        sql: include_str!("migrations/0002_notify_after_commit.sql"),
+    },
+];
 
 /// The schema version this build of relayq-postgres creates.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Namespace of the advisory lock serializing migrations (the second key is
 /// `hashtext(schema)`): "rq" in ASCII.

@@ -31,6 +31,8 @@ pub(crate) struct Statements {
     pub(crate) stats: SqlStr,
     pub(crate) clean: SqlStr,
     pub(crate) channels: SqlStr,
+    pub(crate) notify: SqlStr,
+    pub(crate) notify_async: SqlStr,
 }
 
 fn build(template: &str, quoted_schema: &str) -> SqlStr {
@@ -197,6 +199,18 @@ const STATS: &str = "SELECT queue, status, count(*) AS n FROM {s}.jobs GROUP BY 
 
 const CLEAN: &str = "DELETE FROM {s}.jobs WHERE status = $1 AND updated_at < $2";
 
+/// Notifies the channel of each queue in `$1`, with the queue as payload.
+/// PostgreSQL folds identical notifications of one transaction into one.
+const NOTIFY: &str = "SELECT pg_catalog.pg_notify({s}.notify_channel(q), q) \
+     FROM unnest($1::text[]) AS q";
+
+/// [`NOTIFY`] in its own transaction, committed without waiting for a WAL
+/// flush (`set_config(…, true)` lasts until that commit): a notification is
+/// not durable data, and the commit of a notifying transaction holds a
+/// database-wide lock until it is done.
+const NOTIFY_ASYNC: &str = "SELECT pg_catalog.set_config('synchronous_commit', 'off', true), \
+     pg_catalog.pg_notify({s}.notify_channel(q), q) FROM unnest($1::text[]) AS q";
+
 /// The LISTEN channels of some queues.
 const CHANNELS: &str =
     "SELECT q AS queue, {s}.notify_channel(q) AS channel FROM unnest($1::text[]) AS q";
@@ -220,6 +234,8 @@ impl Statements {
             stats: build(STATS, &s),
             clean: build(CLEAN, &s),
             channels: build(CHANNELS, &s),
+            notify: build(NOTIFY, &s),
+            notify_async: build(NOTIFY_ASYNC, &s),
         }
     }
 }
