@@ -513,6 +513,9 @@ async fn insert_jobs(
     jobs: &[Prepared],
     now: OffsetDateTime,
 ) -> Result<Vec<PushOutcome>, Fail> {
+    if jobs.len() > 1 && jobs.iter().all(|p| p.job.unique_key.is_none()) {
+        return insert_keyless(conn, jobs, now).await;
+    }
     let mut outcomes = Vec::with_capacity(jobs.len());
     for Prepared { job, payload } in jobs {
         let run_at = job.run_at(now)?;
@@ -555,6 +558,54 @@ async fn insert_jobs(
             }
         };
         outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// The most rows in one multi-row `INSERT` (8 parameters each, well under
+/// SQLite's 32,766-parameter limit).
+const INSERT_CHUNK: usize = 500;
+
+/// Inserts jobs without unique keys (nothing can conflict) with multi-row
+/// `INSERT`s, a statement per [`INSERT_CHUNK`] jobs instead of one per job.
+async fn insert_keyless(
+    conn: &mut SqliteConnection,
+    jobs: &[Prepared],
+    now: OffsetDateTime,
+) -> Result<Vec<PushOutcome>, Fail> {
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for chunk in jobs.chunks(INSERT_CHUNK) {
+        let values =
+            vec!["(?, ?, ?, ?, 'pending', 0, ?, 0, ?, NULL, ?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO {TABLE} (queue, kind, payload, priority, status, attempts, \
+             max_attempts, lease_token, run_at, unique_key, created_at, updated_at) \
+             VALUES {values} RETURNING id"
+        );
+        let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
+        for Prepared { job, payload } in chunk {
+            query = query
+                .bind(&job.queue)
+                .bind(&job.kind)
+                .bind(payload)
+                .bind(i64::from(job.priority))
+                .bind(job.max_attempts)
+                .bind(micros(job.run_at(now)?))
+                .bind(micros(now))
+                .bind(micros(now));
+        }
+        let mut ids = query.fetch_all(&mut *conn).await?;
+        if ids.len() != chunk.len() {
+            return Err(Fail::Core(Error::backend(format!(
+                "a multi-row insert stored {} of {} jobs",
+                ids.len(),
+                chunk.len()
+            ))));
+        }
+        // RETURNING promises no order, but AUTOINCREMENT gives the rows of
+        // one statement increasing ids in VALUES order.
+        ids.sort_unstable();
+        outcomes.extend(ids.into_iter().map(PushOutcome::Created));
     }
     Ok(outcomes)
 }
@@ -747,19 +798,29 @@ impl Puller for SqliteBackend {
         if completions.is_empty() {
             return Ok(Vec::new());
         }
-        let completions: Vec<(Lease, Option<String>)> = completions
+        let leases: Vec<Lease> = completions.iter().map(|c| c.lease).collect();
+        // One JSON array of [id, token, result text] rows, bound once: one
+        // statement for the whole batch instead of one per job.
+        let rows: Vec<Value> = completions
             .into_iter()
-            .map(|c| (c.lease, c.result.map(|r| r.to_string())))
+            .map(|c| {
+                let result = c.result.map(|r| Value::String(r.to_string()));
+                Value::Array(vec![
+                    c.lease.job_id.into(),
+                    c.lease.token.into(),
+                    result.unwrap_or(Value::Null),
+                ])
+            })
             .collect();
-        write_tx!(self, |tx, now| {
-            let mut lost = Vec::new();
-            for (lease, result) in &completions {
-                if complete_one(&mut tx, lease, result.as_deref(), now).await? {
-                    lost.push(*lease);
-                }
-            }
-            lost
-        })
+        let rows = Value::Array(rows).to_string();
+        let done: Vec<(i64, i64)> = write_tx!(self, |tx, now| {
+            sqlx::query_as(COMPLETE_BATCH_SQL)
+                .bind(micros(now))
+                .bind(&rows)
+                .fetch_all(&mut *tx)
+                .await?
+        })?;
+        Ok(lost_leases(&leases, &done))
     }
 
     async fn retry(&self, lease: &Lease, delay: Duration, error: &str) -> Result<JobStatus> {
@@ -832,6 +893,30 @@ impl Puller for SqliteBackend {
         )
         .await
     }
+}
+
+/// Completes every `[id, token, result]` of the JSON array `?2` whose lease
+/// holds, in one statement; returns the (id, token) of each job completed.
+/// Within one batch, entries for one job with the same token write the same
+/// row once (SQLite uses one of them: the worker never sends two).
+const COMPLETE_BATCH_SQL: &str = "UPDATE relayq_jobs SET status = 'done', result = c.result, \
+     locked_until = NULL, updated_at = ?1 \
+     FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS token, \
+           json_extract(value, '$[2]') AS result FROM json_each(?2)) AS c \
+     WHERE relayq_jobs.id = c.id AND relayq_jobs.lease_token = c.token \
+     AND relayq_jobs.status = 'processing' \
+     RETURNING relayq_jobs.id, relayq_jobs.lease_token";
+
+/// The leases of a batch that were not completed, given the (id, token) of
+/// the jobs that were: of several entries for one completed job, only the
+/// first holding its token counts, as if they were applied in order.
+fn lost_leases(leases: &[Lease], done: &[(i64, i64)]) -> Vec<Lease> {
+    let mut done: std::collections::HashSet<(i64, i64)> = done.iter().copied().collect();
+    leases
+        .iter()
+        .filter(|lease| !done.remove(&(lease.job_id, lease.token)))
+        .copied()
+        .collect()
 }
 
 /// Completes one job; returns whether its lease was lost.
