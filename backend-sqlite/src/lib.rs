@@ -28,7 +28,8 @@
 //!   [`SqliteOptions::full_sync`]), `foreign_keys = ON` and a busy timeout
 //!   on every connection: readers never block the writer or each other.
 //! - **Every multi-statement write is one `BEGIN IMMEDIATE` transaction**
-//!   (`pull`'s two statements and `complete_batch`'s one are each atomic
+//!   (`pull`'s two statements, `complete_batch`'s one and the one `INSERT`
+//!   of a push of at most 500 jobs without unique keys are each atomic
 //!   alone and run in autocommit mode, saving two round trips). It takes the write
 //!   lock up front, so a transaction never has to upgrade a read lock
 //!   midway — the deadlock-shaped `SQLITE_BUSY` that no busy timeout can
@@ -782,7 +783,17 @@ impl Pusher for SqliteBackend {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let outcomes = write_tx!(self, |tx, now| { insert_jobs(&mut tx, &jobs, now).await? })?;
+        // Keyless jobs that fit one INSERT are one atomic statement: no
+        // transaction needed (saves the BEGIN and COMMIT round trips).
+        let one_statement =
+            jobs.len() <= INSERT_CHUNK && jobs.iter().all(|p| p.job.unique_key.is_none());
+        let outcomes = if one_statement {
+            write_each!(self, |conn, now| {
+                insert_jobs(&mut conn, &jobs, now).await?
+            })?
+        } else {
+            write_tx!(self, |tx, now| { insert_jobs(&mut tx, &jobs, now).await? })?
+        };
         self.notify_pushed(&outcomes);
         Ok(outcomes)
     }
