@@ -588,6 +588,11 @@ pub async fn run_worker(args: WorkerArgs) -> Result<(), String> {
             };
             let mut finished = finished.lock().unwrap_or_else(PoisonError::into_inner);
             let ran = finished.remove(&(job.id, job.attempt));
+            match outcome {
+                Outcome::Unrecorded { error } => println!("unrecorded {} {error}", job.id),
+                Outcome::Retrying { error, .. } => println!("retrying {} {error}", job.id),
+                _ => {}
+            }
             if *outcome == Outcome::LeaseLost {
                 // The store refused this lease: a completion after the
                 // handler returned, or an extension while it ran.

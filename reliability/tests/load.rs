@@ -85,8 +85,17 @@ async fn load_run(url: String, backend: PgBackend, total: i64, liveness: Duratio
     template.lease = Duration::from_secs(10);
     template.sleep_min = Duration::ZERO;
     template.sleep_max = Duration::ZERO;
-    let logs = tempfile::tempdir().expect("logs");
-    let mut fleet = Fleet::new(WORKER, template, logs.path());
+    let tmp = tempfile::tempdir().expect("logs");
+    // RELAYQ_KEEP_LOGS=1 keeps the workers' output for a post-mortem.
+    let logs = if std::env::var("RELAYQ_KEEP_LOGS").as_deref() == Ok("1") {
+        let kept = std::env::temp_dir().join(format!("relayq-load-logs-{}", std::process::id()));
+        std::fs::create_dir_all(&kept).expect("logs");
+        eprintln!("worker logs kept in {}", kept.display());
+        kept
+    } else {
+        tmp.path().to_owned()
+    };
+    let mut fleet = Fleet::new(WORKER, template, &logs);
     for _ in 0..WORKERS {
         fleet.spawn().expect("spawn");
     }
@@ -277,6 +286,7 @@ async fn twenty_thousand_jobs_through_four_workers() {
 #[ignore = "a million jobs take minutes; run with --ignored --release"]
 async fn one_million_jobs_through_four_workers() {
     let cluster = TempCluster::start().unwrap_or_else(|e| panic!("throwaway cluster: {e}"));
+    eprintln!("throwaway cluster at {}", cluster.url());
     let backend = PgBackend::connect_with(
         PgOptions::new(cluster.url())
             .schema("relayq_load")
