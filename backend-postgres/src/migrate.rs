@@ -25,10 +25,15 @@ const MIGRATIONS: &[Migration] = &[
         description: "notify after the push commits, not from a trigger",
         sql: include_str!("migrations/0002_notify_after_commit.sql"),
     },
+    Migration {
+        version: 3,
+        description: "claim index on pending rows only",
+        sql: include_str!("migrations/0003_pending_claim_index.sql"),
+    },
 ];
 
 /// The schema version this build of relayq-postgres creates.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Namespace of the advisory lock serializing migrations (the second key is
 /// `hashtext(schema)`): "rq" in ASCII.

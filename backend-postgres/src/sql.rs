@@ -95,11 +95,15 @@ LIMIT 1
 
 /// Claims in one statement. First, expired leases on their last attempt in
 /// the named queues become `dead` (all of them, whatever the batch size).
-/// Then up to `$3` eligible jobs — due `pending` ones and expired leases
-/// with attempts left — are chosen in pull order through the partial claim
-/// index, locked with `FOR UPDATE SKIP LOCKED` so concurrent pullers pass
-/// each other by, and leased by the `UPDATE … RETURNING`. The two sets are
-/// disjoint, so one statement may update both.
+/// Then up to `$3` eligible jobs are chosen in pull order from two
+/// candidate lists, each locked with `FOR UPDATE SKIP LOCKED` so concurrent
+/// pullers pass each other by: `claimable`, the first `$3` due `pending`
+/// jobs from the pending-only claim index, and `reclaimable`, the first
+/// `$3` expired leases with attempts left, from the lease index (two CTEs:
+/// PostgreSQL allows no `FOR UPDATE` in a `UNION`). The `UPDATE …
+/// RETURNING` leases them. The killed and chosen sets are disjoint, so one
+/// statement may update both. Candidates locked but not chosen stay
+/// pending and are unlocked at commit.
 ///
 /// `{queue}` is `queue = $2` for one queue (an index scan in pull order
 /// that stops after `$3` rows) or `queue = ANY($2)` for several.
@@ -116,18 +120,31 @@ WITH expired_last AS (
     WHERE j.id = e.id
     RETURNING j.id
 ), claimable AS (
-    SELECT id FROM {s}.jobs
-    WHERE {queue} AND status IN ('pending', 'processing')
-      AND ((status = 'pending' AND run_at <= {now})
-        OR (status = 'processing' AND locked_until < {now} AND attempts < max_attempts))
+    SELECT id, priority, run_at FROM {s}.jobs
+    WHERE {queue} AND status = 'pending' AND run_at <= {now}
     ORDER BY priority, run_at, id
     LIMIT $3
     FOR UPDATE SKIP LOCKED
+), reclaimable AS (
+    SELECT id, priority, run_at FROM {s}.jobs
+    WHERE {queue} AND status = 'processing' AND locked_until < {now}
+      AND attempts < max_attempts
+    ORDER BY priority, run_at, id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), chosen AS (
+    SELECT id FROM (
+        SELECT * FROM claimable
+        UNION ALL
+        SELECT * FROM reclaimable
+    ) AS candidates
+    ORDER BY priority, run_at, id
+    LIMIT $3
 ), claimed AS (
     UPDATE {s}.jobs j
     SET status = 'processing', attempts = j.attempts + 1, lease_token = j.lease_token + 1,
         locked_until = {now} + $5 * interval '1 microsecond', updated_at = {now}
-    FROM claimable c
+    FROM chosen c
     WHERE j.id = c.id
     RETURNING j.*
 )
