@@ -59,6 +59,18 @@ fn free_slots(slots: &Semaphore) -> u32 {
     u32::try_from(slots.available_permits()).unwrap_or(u32::MAX)
 }
 
+/// Free slots that may be filled now: also bounded so that at most
+/// `concurrency` finished jobs wait for their acknowledgement. A finished
+/// job's lease is no longer renewed, so were acknowledgements slower than
+/// pulls (a database slowed by a vacuum, say), an unbounded backlog would
+/// wait past its leases: the jobs would run again elsewhere and their
+/// completions be refused, while the backlog grew in memory.
+fn fillable(slots: &Semaphore, tasks: usize, concurrency: u32) -> u32 {
+    let cap = 2 * concurrency as usize;
+    let room = u32::try_from(cap.saturating_sub(tasks)).unwrap_or(u32::MAX);
+    free_slots(slots).min(room)
+}
+
 async fn next_signal(wakeups: &mut Option<Wakeups>) -> Option<()> {
     match wakeups {
         Some(w) => w.next().await,
@@ -108,7 +120,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
         }
         // Only this loop takes permits, so the free count can only grow
         // until the pulled jobs take theirs below.
-        let mut free = free_slots(&slots);
+        let mut free = fillable(&slots, tasks.len(), config.concurrency);
         if free > 0 && more {
             // Handlers started together tend to finish together: let the
             // others that are about to return do so, so that one pull fills
@@ -120,7 +132,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                     break;
                 }
                 tokio::task::yield_now().await;
-                free = free_slots(&slots);
+                free = fillable(&slots, tasks.len(), config.concurrency);
             }
             next_poll = Instant::now() + config.poll_interval;
             match shared.backend.pull(&request.clone().batch(free)).await {
