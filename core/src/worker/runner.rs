@@ -158,6 +158,9 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                 }
             }
         }
+        // When the acknowledgement bound (not the slots) limits `free`, a
+        // freed slot changes nothing until a task ends (`join_next`).
+        let slot_bound = free >= free_slots(&slots);
         tokio::select! {
             biased;
             changed = stop.changed() => {
@@ -173,7 +176,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                 Err(e) => log_join_error(&e),
             },
             // Another handler finished while more jobs may be waiting.
-            _ = slots.acquire_many(free + 1), if more && free < config.concurrency => {}
+            _ = slots.acquire_many(free + 1), if more && slot_bound && free < config.concurrency => {}
             signal = next_signal(&mut wakeups), if wakeups.is_some() => {
                 more = true;
                 if signal.is_none() {
