@@ -534,6 +534,33 @@ impl PgBackend {
             .bind(micros(request.lease))
     }
 
+    /// A fenced acknowledgement: `sql` with `$1`–`$3` bound to `now`, the
+    /// lease's job id and its token; the caller binds the rest.
+    fn fenced<'q>(
+        &self,
+        sql: &sqlx::SqlStr,
+        lease: &Lease,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(sql.clone())
+            .bind(self.now())
+            .bind(lease.job_id)
+            .bind(lease.token)
+    }
+
+    /// Runs a [`Self::fenced`] statement: no row changed means the lease
+    /// is no longer held, and nothing changed.
+    async fn acknowledge(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        lease: &Lease,
+    ) -> Result<()> {
+        let done = query.execute(&self.inner.pool).await.map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Err(lease.lost());
+        }
+        Ok(())
+    }
+
     /// The injected clock's time, or `None` for the server's.
     fn now(&self) -> Option<OffsetDateTime> {
         self.inner.clock.as_ref().map(|clock| clock.now())
@@ -643,18 +670,8 @@ impl Puller for PgBackend {
 
     async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {
         check_result(result.as_ref())?;
-        let done = sqlx::query(self.inner.sql.complete.clone())
-            .bind(self.now())
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .bind(result)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(db_err)?;
-        if done.rows_affected() == 0 {
-            return Err(lease.lost());
-        }
-        Ok(())
+        let query = self.fenced(&self.inner.sql.complete, lease).bind(result);
+        self.acknowledge(query, lease).await
     }
 
     async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<Lease>> {
@@ -710,18 +727,8 @@ impl Puller for PgBackend {
 
     async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
         check_text("error", error)?;
-        let done = sqlx::query(self.inner.sql.kill.clone())
-            .bind(self.now())
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .bind(error)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(db_err)?;
-        if done.rows_affected() == 0 {
-            return Err(lease.lost());
-        }
-        Ok(())
+        let query = self.fenced(&self.inner.sql.kill, lease).bind(error);
+        self.acknowledge(query, lease).await
     }
 
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
@@ -739,17 +746,8 @@ impl Puller for PgBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let done = sqlx::query(self.inner.sql.release.clone())
-            .bind(self.now())
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(db_err)?;
-        if done.rows_affected() == 0 {
-            return Err(lease.lost());
-        }
-        Ok(())
+        let query = self.fenced(&self.inner.sql.release, lease);
+        self.acknowledge(query, lease).await
     }
 }
 
