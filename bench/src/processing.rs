@@ -82,6 +82,18 @@ impl Ledger {
         }
     }
 
+    /// `line` with WORKLOAD.md's checks: every job handled, none twice.
+    fn verdict(&self, line: Line) -> Line {
+        let n = self.target;
+        let handled = self.handled.load(Ordering::Acquire);
+        let duplicates = self.duplicates.load(Ordering::Acquire);
+        line.check(handled == n, format!("handled {handled} of {n}"))
+            .check(
+                duplicates == 0,
+                format!("{duplicates} duplicate executions"),
+            )
+    }
+
     async fn wait(&self) {
         // notify_one stores a permit, so a target reached before we wait is not missed.
         self.reached.notified().await;
@@ -139,7 +151,7 @@ pub(crate) async fn process(
     running.shutdown().await;
     let handled = ledger.handled.load(Ordering::Acquire);
     let duplicates = ledger.duplicates.load(Ordering::Acquire);
-    Ok(Line::new(label, "process")
+    let line = Line::new(label, "process")
         .rate(n as usize, handled_in)
         .with(
             "stored_jobs_per_s",
@@ -147,12 +159,8 @@ pub(crate) async fn process(
         )
         .with("handled", handled)
         .with("duplicates", duplicates)
-        .with("n", n)
-        .check(handled == n, format!("handled {handled} of {n}"))
-        .check(
-            duplicates == 0,
-            format!("{duplicates} duplicate executions"),
-        ))
+        .with("n", n);
+    Ok(ledger.verdict(line))
 }
 
 /// An idle worker, then `n` jobs enqueued one at a time, `gap` apart.
@@ -172,8 +180,6 @@ pub(crate) async fn latency(
     }
     ledger.wait().await;
     running.shutdown().await;
-    let handled = ledger.handled.load(Ordering::Acquire);
-    let duplicates = ledger.duplicates.load(Ordering::Acquire);
     let latencies = std::mem::take(
         &mut *ledger
             .latencies
@@ -182,13 +188,9 @@ pub(crate) async fn latency(
     );
     let mut line = Line::new(label, "latency")
         .with("n", n)
-        .with("gap_ms", gap.as_millis())
-        .check(handled == n, format!("handled {handled} of {n}"))
-        .check(
-            duplicates == 0,
-            format!("{duplicates} duplicate executions"),
-        );
+        .with("gap_ms", gap.as_millis());
     line.latencies = latencies;
+    let line = ledger.verdict(line);
     Ok(line)
 }
 
@@ -243,7 +245,6 @@ pub(crate) async fn sustained(
             format!("{rate:.0}")
         })
         .collect();
-    let handled = ledger.handled.load(Ordering::Acquire);
     let duplicates = ledger.duplicates.load(Ordering::Acquire);
     let (first, last) = (slices.first().cloned(), slices.last().cloned());
     let ratio = match (
@@ -253,15 +254,11 @@ pub(crate) async fn sustained(
         (Some(f), Some(l)) if f > 0.0 => format!("{:.2}", l / f),
         _ => "NA".to_owned(),
     };
-    Ok(Line::new(label, "sustained")
+    let line = Line::new(label, "sustained")
         .rate(n as usize, took)
         .with("n", n)
         .with("slices", slices.join(","))
         .with("last_over_first", ratio)
-        .with("duplicates", duplicates)
-        .check(handled == n, format!("handled {handled} of {n}"))
-        .check(
-            duplicates == 0,
-            format!("{duplicates} duplicate executions"),
-        ))
+        .with("duplicates", duplicates);
+    Ok(ledger.verdict(line))
 }
