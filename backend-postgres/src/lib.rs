@@ -33,6 +33,11 @@
 //! - **Server time.** `now` is the server's `statement_timestamp()` unless
 //!   a [`Clock`] is injected with [`PgOptions::clock`]; then it is bound as
 //!   a parameter, which is how the conformance suite moves time.
+//! - **Vacuums its own churn.** Claims leave dead entries at the head of
+//!   the claim index, where every claim reads; after
+//!   [`PgOptions::vacuum_threshold`] changed rows the backend runs
+//!   `VACUUM (SKIP_LOCKED)` on the jobs table in the background, instead of
+//!   waiting up to a minute (or forever) for autovacuum.
 //! - **Versioned migrations** applied by [`PgBackend::migrate`] (and on
 //!   connect) in one transaction under an advisory lock, recorded in
 //!   `<schema>.schema_version`.
@@ -155,6 +160,7 @@ mod row;
 mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod vacuum;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -176,7 +182,8 @@ use time::{Duration, OffsetDateTime};
 
 pub use migrate::SCHEMA_VERSION;
 pub use options::{
-    DEFAULT_APPLICATION_NAME, DEFAULT_MAX_CONNECTIONS, DEFAULT_SCHEMA, LISTENER_SUFFIX, PgOptions,
+    DEFAULT_APPLICATION_NAME, DEFAULT_MAX_CONNECTIONS, DEFAULT_SCHEMA, DEFAULT_VACUUM_THRESHOLD,
+    LISTENER_SUFFIX, PgOptions,
 };
 
 /// The sqlx this crate is built on, so callers of [`PgBackend::push_in`]
@@ -233,6 +240,8 @@ struct Inner {
     hub: Mutex<Option<Arc<listen::Hub>>>,
     /// Notifies the queues of pool pushes after they commit.
     notifier: notify::Notifier,
+    /// Counts the rows this backend changes and vacuums the jobs table.
+    vacuum: vacuum::Vacuum,
 }
 
 impl fmt::Debug for PgBackend {
@@ -280,11 +289,14 @@ impl PgBackend {
             })?;
         let sql = sql::Statements::new(&options.schema);
         let notifier = notify::Notifier::new(pool.clone(), sql.notify_async.clone());
+        let vacuum =
+            vacuum::Vacuum::new(pool.clone(), sql.vacuum.clone(), options.vacuum_threshold);
         let backend = Self {
             inner: Arc::new(Inner {
                 pool,
                 sql,
                 notifier,
+                vacuum,
                 schema: options.schema,
                 clock: options.clock,
                 target,
@@ -558,6 +570,7 @@ impl PgBackend {
         if done.rows_affected() == 0 {
             return Err(lease.lost());
         }
+        self.inner.vacuum.record(1);
         Ok(())
     }
 
@@ -654,6 +667,7 @@ impl Puller for PgBackend {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(db_err)?;
+        self.inner.vacuum.record(rows.len() as u64);
         rows.iter()
             .map(|row| {
                 let job = row::job(row)?;
@@ -692,6 +706,7 @@ impl Puller for PgBackend {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(db_err)?;
+        self.inner.vacuum.record(done.len() as u64);
         let mut completed = vec![false; completions.len()];
         for ord in done {
             // Ordinals are 1-based positions in the input.
@@ -722,7 +737,9 @@ impl Puller for PgBackend {
             .fetch_optional(&self.inner.pool)
             .await
             .map_err(db_err)?;
-        row::status(&status.ok_or_else(|| lease.lost())?)
+        let status = row::status(&status.ok_or_else(|| lease.lost())?)?;
+        self.inner.vacuum.record(1);
+        Ok(status)
     }
 
     async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
@@ -742,7 +759,9 @@ impl Puller for PgBackend {
             .fetch_optional(&self.inner.pool)
             .await
             .map_err(db_err)?;
-        until.ok_or_else(|| lease.lost())
+        let until = until.ok_or_else(|| lease.lost())?;
+        self.inner.vacuum.record(1);
+        Ok(until)
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
@@ -834,6 +853,7 @@ impl Cleaner for PgBackend {
             .execute(&self.inner.pool)
             .await
             .map_err(db_err)?;
+        self.inner.vacuum.record(done.rows_affected());
         Ok(done.rows_affected())
     }
 }

@@ -33,6 +33,7 @@ pub(crate) struct Statements {
     pub(crate) channels: SqlStr,
     pub(crate) notify: SqlStr,
     pub(crate) notify_async: SqlStr,
+    pub(crate) vacuum: SqlStr,
 }
 
 fn build(template: &str, quoted_schema: &str) -> SqlStr {
@@ -228,6 +229,10 @@ const NOTIFY: &str = "SELECT pg_catalog.pg_notify({s}.notify_channel(q), q) \
 const NOTIFY_ASYNC: &str = "SELECT pg_catalog.set_config('synchronous_commit', 'off', true), \
      pg_catalog.pg_notify({s}.notify_channel(q), q) FROM unnest($1::text[]) AS q";
 
+/// Vacuums the jobs table unless another VACUUM (of another backend, or
+/// autovacuum) holds it: see [`crate::vacuum`].
+const VACUUM: &str = "VACUUM (SKIP_LOCKED) {s}.jobs";
+
 /// The LISTEN channels of some queues.
 const CHANNELS: &str =
     "SELECT q AS queue, {s}.notify_channel(q) AS channel FROM unnest($1::text[]) AS q";
@@ -253,6 +258,7 @@ impl Statements {
             channels: build(CHANNELS, &s),
             notify: build(NOTIFY, &s),
             notify_async: build(NOTIFY_ASYNC, &s),
+            vacuum: build(VACUUM, &s),
         }
     }
 }

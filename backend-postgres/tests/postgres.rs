@@ -511,6 +511,10 @@ async fn bad_configuration_is_a_typed_error_without_the_password() {
         (PgOptions::new(&url).schema(""), "schema"),
         (PgOptions::new(&url).max_connections(0), "max_connections"),
         (
+            PgOptions::new(&url).vacuum_threshold(Some(0)),
+            "vacuum_threshold",
+        ),
+        (
             PgOptions::new(&url).max_connections(2).min_connections(3),
             "min_connections",
         ),
