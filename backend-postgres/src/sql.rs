@@ -167,19 +167,12 @@ const COMPLETE_BATCH: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($2::int8[], $3::int8[], $4::jsonb[])
         WITH ORDINALITY AS t(id, token, result, ord)
-), chosen AS (
-    SELECT DISTINCT ON (i.id) i.id, i.token, i.result, i.ord
-    FROM input i JOIN {s}.jobs j ON j.id = i.id
-    WHERE j.lease_token = i.token AND j.status = 'processing'
-    ORDER BY i.id, i.ord
-), done AS (
-    UPDATE {s}.jobs j
-    SET status = 'done', result = c.result, locked_until = NULL, updated_at = {now}
-    FROM chosen c
-    WHERE j.id = c.id AND j.lease_token = c.token AND j.status = 'processing'
-    RETURNING c.ord
 )
-SELECT ord FROM done
+UPDATE {s}.jobs j
+SET status = 'done', result = i.result, locked_until = NULL, updated_at = {now}
+FROM input i
+WHERE j.id = i.id AND j.lease_token = i.token AND j.status = 'processing'
+RETURNING i.ord
 "#;
 
 const RETRY: &str = r#"
