@@ -86,6 +86,8 @@ macro_rules! __for_each_case {
             worker::worker_runs_up_to_concurrency_jobs_at_once,
             worker::worker_wakes_up_on_push,
             worker::worker_shutdown_finishes_in_flight_then_releases,
+            worker::worker_pair_runs_every_job_exactly_once,
+            worker::worker_shutdown_releases_prefetched_jobs,
         }
     };
 }

@@ -600,3 +600,101 @@ pub async fn worker_stops_a_handler_whose_lease_was_taken(h: Harness) {
     assert_eq!((job.status, job.attempts), (JobStatus::Processing, 2));
     assert_eq!(job.locked_until, Some(h.now() + Duration::seconds(30)));
 }
+
+/// Two workers draining one queue of quick jobs (so each keeps a prefetch
+/// buffer of leased jobs) run every job exactly once, and both get work.
+pub async fn worker_pair_runs_every_job_exactly_once(h: Harness) {
+    const JOBS: usize = 1_000;
+    let runs: Arc<Vec<AtomicUsize>> = Arc::new((0..JOBS).map(|_| AtomicUsize::new(0)).collect());
+    let build = |runs: Arc<Vec<AtomicUsize>>| {
+        h.worker()
+            .concurrency(4)
+            .handle(move |task: Task, _ctx: JobContext<Harness>| {
+                let runs = Arc::clone(&runs);
+                async move {
+                    let n = usize::try_from(task.n).expect("n");
+                    runs[n].fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, HandlerError>(())
+                }
+            })
+            .build()
+            .expect("build")
+    };
+    let (first, second) = (build(Arc::clone(&runs)), build(Arc::clone(&runs)));
+    let jobs: Vec<NewJob> = (0..JOBS).map(|n| Task { n: n as i64 }.to_job()).collect();
+    h.backend.push_batch(jobs).await.expect("push_batch");
+    let (a, b) = (first.start(), second.start());
+    within("every job to be done", async {
+        loop {
+            let stats = h.backend.stats().await.expect("stats");
+            if stats.queue("default").done == JOBS as u64 {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (ra, rb) = (
+        a.shutdown_within(LIVENESS).await,
+        b.shutdown_within(LIVENESS).await,
+    );
+    assert_eq!(
+        (ra.released, rb.released),
+        (0, 0),
+        "nothing left to give back"
+    );
+    let twice: Vec<usize> = (0..JOBS)
+        .filter(|&n| runs[n].load(Ordering::SeqCst) != 1)
+        .collect();
+    assert!(twice.is_empty(), "jobs not run exactly once: {twice:?}");
+}
+
+/// Jobs a worker leased ahead of a free slot (its prefetch buffer) are
+/// given back at once on shutdown, the attempt not spent, while the running
+/// job finishes.
+pub async fn worker_shutdown_releases_prefetched_jobs(h: Harness) {
+    let worker = h
+        .worker()
+        .concurrency(1)
+        .handle(|task: Task, ctx: JobContext<Harness>| async move {
+            if task.n == 0 {
+                ctx.shutdown_requested().await;
+                return Ok::<_, HandlerError>(());
+            }
+            std::future::pending().await
+        })
+        .build()
+        .expect("build");
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(h.push(Task { n }.to_job()).await);
+    }
+    let running = worker.start();
+    // The first job runs on the only slot; the pull that filled it came back
+    // full with the slot waiting, so the worker leases one more ahead.
+    within("a job leased ahead of the busy slot", async {
+        loop {
+            if h.job(ids[1]).await.status == JobStatus::Processing {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let report = within(
+        "shutdown",
+        running.shutdown_within(StdDuration::from_secs(5)),
+    )
+    .await;
+    assert_eq!(report.finished, 1, "{report:?}");
+    assert!(report.released >= 1, "{report:?}");
+    assert_eq!(h.job(ids[0]).await.status, JobStatus::Done);
+    for &id in &ids[1..] {
+        let job = h.job(id).await;
+        assert_eq!(
+            (job.status, job.attempts, job.locked_until),
+            (JobStatus::Pending, 0, None),
+            "job {id} is back, its attempt not spent"
+        );
+    }
+}

@@ -4,18 +4,18 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
 use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::events::{Event, JobInfo, Outcome};
 use super::handler::{Entry, HandlerError, JobContext, Phase, RunFuture};
+use super::keeper::Hold;
 use crate::error::Error;
 use crate::job::MAX_DELAY;
 use crate::lease::{Lease, LeasedJob, check_result};
@@ -37,6 +37,7 @@ const MAX_ACK_BATCH: usize = 256;
 pub(crate) struct Config {
     pub(crate) queues: Vec<String>,
     pub(crate) concurrency: u32,
+    pub(crate) prefetch: u32,
     pub(crate) lease: Duration,
     pub(crate) backend_lease: time::Duration,
     pub(crate) poll_interval: Duration,
@@ -98,6 +99,9 @@ pub(crate) enum Mode {
         /// returned: recording the outcome does not count against the
         /// concurrency, so the next pull need not wait for it.
         slot: Option<OwnedSemaphorePermit>,
+        /// The lease's registration with the worker's keeper, which renews
+        /// it until the outcome is recorded.
+        hold: Option<Hold>,
     },
 }
 
@@ -163,9 +167,9 @@ async fn run_and_record<S: Send + Sync + 'static>(
     leased: LeasedJob,
     mut mode: Mode,
 ) -> Outcome {
-    let slot = match &mut mode {
-        Mode::Spawned { slot, .. } => slot.take(),
-        Mode::Inline => None,
+    let (slot, mut hold) = match &mut mode {
+        Mode::Spawned { slot, hold, .. } => (slot.take(), hold.take()),
+        Mode::Inline => (None, None),
     };
     let backend = &*shared.backend;
     let lease = leased.lease;
@@ -179,12 +183,15 @@ async fn run_and_record<S: Send + Sync + 'static>(
         return record_kill(backend, &lease, error).await;
     };
 
-    let deadline = Arc::new(Mutex::new(
-        leased
-            .job
-            .locked_until
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH),
-    ));
+    let deadline = match &hold {
+        Some(hold) => Arc::clone(&hold.deadline),
+        None => Arc::new(Mutex::new(
+            leased
+                .job
+                .locked_until
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        )),
+    };
     let phase = match &mode {
         Mode::Spawned { phase, .. } => phase.clone(),
         // Nothing shuts an inline run down.
@@ -204,11 +211,11 @@ async fn run_and_record<S: Send + Sync + 'static>(
     let attempt = match started {
         Err(panic) => Attempt::Panicked(panic_message(&*panic)),
         Ok(Err(unusable)) => return record_kill(backend, &lease, unusable).await,
-        Ok(Ok(fut)) => match &mode {
-            Mode::Inline => run_inline(fut, timeout).await,
-            Mode::Spawned { phase, .. } => {
-                run_spawned(shared, fut, timeout, lease, &deadline, phase.clone()).await
+        Ok(Ok(fut)) => match (&mode, &mut hold) {
+            (Mode::Spawned { phase, .. }, Some(hold)) => {
+                run_spawned(fut, timeout, &mut hold.lost, phase.clone()).await
             }
+            _ => run_inline(fut, timeout).await,
         },
     };
     // The handler is done; only the acknowledgement is left.
@@ -256,26 +263,19 @@ async fn run_inline(fut: RunFuture, timeout: Option<Duration>) -> Attempt {
     }
 }
 
-/// Aborts the task when dropped, so a handler never outlives its attempt.
-struct AbortOnDrop<T>(JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-async fn run_spawned<S>(
-    shared: &Shared<S>,
+/// Runs a handler until it returns, times out, loses its lease (the
+/// keeper found it taken) or is abandoned at the shutdown deadline; the
+/// last three drop the handler's future, stopping it.
+async fn run_spawned(
     fut: RunFuture,
     timeout: Option<Duration>,
-    lease: Lease,
-    deadline: &Mutex<OffsetDateTime>,
+    lost: &mut oneshot::Receiver<()>,
     mut phase: watch::Receiver<Phase>,
 ) -> Attempt {
-    // Its own task, so a handler that blocks its thread cannot starve the
-    // lease keeper, and a panic stays inside it.
-    let mut task = AbortOnDrop(tokio::spawn(fut));
+    // The job's task is already its own: a panic is caught here, and a
+    // handler that blocks its thread delays no other lease's renewal (the
+    // keeper renews them from its own task).
+    let run = AssertUnwindSafe(fut).catch_unwind();
     let expiry = async {
         match timeout {
             Some(limit) => tokio::time::sleep(limit).await,
@@ -288,33 +288,14 @@ async fn run_spawned<S>(
         }
     };
     tokio::select! {
-        joined = &mut task.0 => match joined {
+        finished = run => match finished {
             Ok(Ok(result)) => Attempt::Succeeded(result),
             Ok(Err(error)) => Attempt::Failed(error),
-            Err(e) if e.is_panic() => Attempt::Panicked(panic_message(&*e.into_panic())),
-            Err(_) => Attempt::Failed(HandlerError::new("the handler's task was cancelled")),
+            Err(panic) => Attempt::Panicked(panic_message(&*panic)),
         },
-        () = keep_alive(shared, lease, deadline) => Attempt::LeaseLost,
+        _ = lost => Attempt::LeaseLost,
         () = expiry => Attempt::TimedOut(timeout.unwrap_or_default()),
         () = abandoned => Attempt::Abandoned,
-    }
-}
-
-/// Extends the lease every third of its length; returns only once the lease
-/// is lost. Other errors are logged and tried again at the next tick.
-async fn keep_alive<S>(shared: &Shared<S>, lease: Lease, deadline: &Mutex<OffsetDateTime>) {
-    let every = shared.config.lease / 3;
-    loop {
-        tokio::time::sleep(every).await;
-        match shared
-            .backend
-            .extend(&lease, shared.config.backend_lease)
-            .await
-        {
-            Ok(until) => *deadline.lock().unwrap_or_else(PoisonError::into_inner) = until,
-            Err(e) if e.is_lease_lost() => return,
-            Err(e) => tracing::warn!(error = %e, "could not extend the lease; will try again"),
-        }
     }
 }
 

@@ -8,8 +8,9 @@
 //!   interval, timeouts and the [`RetryPolicy`], per
 //!   kind where it matters.
 //! - [`Worker::start`] runs it in the background until
-//!   [`WorkerHandle::shutdown`]: batch pulls sized to the free slots, leases
-//!   kept alive while handlers run, wake-ups from
+//!   [`WorkerHandle::shutdown`]: batch pulls sized to the free slots plus an
+//!   adaptive prefetch buffer ([`WorkerBuilder::prefetch`]), every held
+//!   lease kept alive by one keeper task, wake-ups from
 //!   [`Backend::subscribe`] with polling as the fallback, completions
 //!   batched.
 //! - [`Worker::run_until_idle`] runs every due job in the calling task,
@@ -50,6 +51,8 @@
 mod events;
 mod execute;
 mod handler;
+mod keeper;
+mod prefetch;
 mod runner;
 
 use std::collections::HashMap;
@@ -343,7 +346,7 @@ impl<S> Drop for WorkerHandle<S> {
 /// retries, timeouts, shutdown and event hooks.
 ///
 /// Defaults: the queues of the registered kinds' [`JobType::QUEUE`]s,
-/// concurrency 10, lease 30 s, poll every 1 s, [`RetryPolicy::default`], no
+/// concurrency 10, an adaptive prefetch buffer of at most 256 jobs, lease 30 s, poll every 1 s, [`RetryPolicy::default`], no
 /// timeout, 30 s to shut down.
 pub struct WorkerBuilder<S = ()> {
     backend: Arc<dyn Backend>,
@@ -351,6 +354,7 @@ pub struct WorkerBuilder<S = ()> {
     handlers: Vec<(&'static str, Entry<S>)>,
     queues: Option<Vec<String>>,
     concurrency: u32,
+    prefetch: u32,
     lease: Duration,
     poll_interval: Duration,
     retry: RetryPolicy,
@@ -369,6 +373,7 @@ impl<S> fmt::Debug for WorkerBuilder<S> {
             .field("kinds", &kinds)
             .field("queues", &self.queues)
             .field("concurrency", &self.concurrency)
+            .field("prefetch", &self.prefetch)
             .field("lease", &self.lease)
             .field("poll_interval", &self.poll_interval)
             .field("retry", &self.retry)
@@ -381,6 +386,13 @@ impl<S> fmt::Debug for WorkerBuilder<S> {
 impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     /// The default number of jobs run at once.
     pub const DEFAULT_CONCURRENCY: u32 = 10;
+    /// The default bound of the prefetch buffer.
+    pub const DEFAULT_PREFETCH: u32 = 256;
+    /// The most finished jobs that wait for their outcome to be recorded
+    /// (completions are batched). Their leases are renewed while they wait;
+    /// while this many wait, the worker pulls no more. So a started worker
+    /// holds at most `concurrency + prefetch + MAX_AWAITING_ACK` leases.
+    pub const MAX_AWAITING_ACK: u32 = 512;
     /// The default lease length.
     pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
     /// The shortest lease a worker accepts: it renews every third of it.
@@ -397,6 +409,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
             handlers: Vec::new(),
             queues: None,
             concurrency: Self::DEFAULT_CONCURRENCY,
+            prefetch: Self::DEFAULT_PREFETCH,
             lease: Self::DEFAULT_LEASE,
             poll_interval: Self::DEFAULT_POLL_INTERVAL,
             retry: RetryPolicy::default(),
@@ -423,6 +436,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
                 .collect(),
             queues: self.queues,
             concurrency: self.concurrency,
+            prefetch: self.prefetch,
             lease: self.lease,
             poll_interval: self.poll_interval,
             retry: self.retry,
@@ -490,9 +504,26 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     }
 
     /// The most jobs run at once (1 to [`MAX_PULL_BATCH`]). Each pull asks
-    /// for as many jobs as there are free slots.
+    /// for as many jobs as there are free slots, plus what the prefetch
+    /// buffer lacks ([`prefetch`](Self::prefetch)).
     pub fn concurrency(mut self, concurrency: u32) -> Self {
         self.concurrency = concurrency;
+        self
+    }
+
+    /// The most leased jobs kept waiting for a free slot (0 to
+    /// [`MAX_PULL_BATCH`]; [`Self::DEFAULT_PREFETCH`] by default).
+    ///
+    /// A pull costs a round trip, so a worker whose handlers are quick
+    /// keeps a buffer of leased jobs to start while its next pull is under
+    /// way, instead of leaving its slots idle. The buffer's depth adapts:
+    /// the jobs the handlers start during about two pulls' round trips, up
+    /// to this bound. Handlers much slower than a round trip get no buffer,
+    /// so one worker never hoards slow jobs while another idles. Buffered
+    /// leases are renewed like running ones, and given back at once on
+    /// shutdown. 0 pulls only for free slots.
+    pub fn prefetch(mut self, limit: u32) -> Self {
+        self.prefetch = limit;
         self
     }
 
@@ -611,6 +642,12 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
                 format!("must be 1 to {MAX_PULL_BATCH}, got {}", self.concurrency),
             ));
         }
+        if self.prefetch > MAX_PULL_BATCH {
+            return Err(Error::invalid(
+                "prefetch",
+                format!("must be 0 to {MAX_PULL_BATCH}, got {}", self.prefetch),
+            ));
+        }
         if self.lease < Self::MIN_LEASE {
             return Err(Error::invalid(
                 "lease",
@@ -637,6 +674,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
                 config: Config {
                     queues,
                     concurrency: self.concurrency,
+                    prefetch: self.prefetch,
                     lease: self.lease,
                     backend_lease,
                     poll_interval: self.poll_interval,
