@@ -34,7 +34,9 @@
 //!   lock up front, so a transaction never has to upgrade a read lock
 //!   midway — the deadlock-shaped `SQLITE_BUSY` that no busy timeout can
 //!   cure. Writers of one process queue on an async mutex instead of
-//!   spinning in SQLite's busy handler; writers of other processes wait in
+//!   spinning in SQLite's busy handler, and run on one dedicated connection
+//!   it guards (its page cache and prepared statements stay warm, and no
+//!   pool checkout costs a round trip); writers of other processes wait in
 //!   the busy handler. Should `SQLITE_BUSY` or `SQLITE_LOCKED` still come
 //!   back (another process held the lock past the busy timeout), the whole
 //!   transaction is retried with backoff until the
@@ -134,6 +136,7 @@ mod retry;
 mod rows;
 mod schema;
 mod wakeups;
+mod writer;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -152,7 +155,7 @@ use sea_query::{Expr, ExprTrait, Iden, Order, Query, SqliteQueryBuilder};
 use sea_query_sqlx::SqlxBinder;
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
-use sqlx::{AssertSqlSafe, Row, Sqlite, SqliteConnection, Transaction};
+use sqlx::{AssertSqlSafe, Connection as _, Row, Sqlite, SqliteConnection, Transaction};
 use time::{Duration, OffsetDateTime};
 use tokio::sync::watch;
 
@@ -164,6 +167,7 @@ pub use sqlx;
 
 use retry::{Backoff, Fail};
 use rows::{COLUMNS, TABLE, job_from_row, micros};
+use writer::Writer;
 
 /// URL schemes this backend accepts in a connection URL.
 pub const URL_SCHEMES: &[&str] = &["sqlite"];
@@ -189,8 +193,9 @@ pub(crate) struct Shared {
     connect: SqliteConnectOptions,
     clock: Arc<dyn Clock>,
     in_memory: bool,
-    /// Serializes this process's write transactions.
-    writer: tokio::sync::Mutex<()>,
+    /// Serializes this process's writes, and holds the connection they run
+    /// on (see `writer.rs`).
+    writer: tokio::sync::Mutex<Writer>,
     lock_timeout: StdDuration,
     poll_interval: StdDuration,
     /// Bumped after every push that stored a job; subscribers watch it.
@@ -225,22 +230,27 @@ macro_rules! write_tx {
         let mut backoff = Backoff::new(shared.lock_timeout);
         loop {
             let attempt: std::result::Result<_, Fail> = async {
-                let _writer = shared.writer.lock().await;
-                let mut $tx: Transaction<'static, Sqlite> =
-                    shared.pool.begin_with("BEGIN IMMEDIATE").await?;
-                let $now: OffsetDateTime = shared.clock.now();
-                let outcome: std::result::Result<_, Fail> = async { Ok($body) }.await;
-                match outcome {
-                    Ok(out) => {
-                        $tx.commit().await?;
-                        Ok(out)
-                    }
-                    Err(fail) => {
-                        // Roll back before the write lock is released.
-                        let _ = $tx.rollback().await;
-                        Err(fail)
+                let mut writer = shared.writer.lock().await;
+                let attempt: std::result::Result<_, Fail> = async {
+                    let mut conn = writer.conn(shared).await?;
+                    let mut $tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+                    let $now: OffsetDateTime = shared.clock.now();
+                    let outcome: std::result::Result<_, Fail> = async { Ok($body) }.await;
+                    match outcome {
+                        Ok(out) => {
+                            $tx.commit().await?;
+                            Ok(out)
+                        }
+                        Err(fail) => {
+                            // Roll back before the write lock is released.
+                            let _ = $tx.rollback().await;
+                            Err(fail)
+                        }
                     }
                 }
+                .await;
+                writer.after(&attempt);
+                attempt
             }
             .await;
             match attempt {
@@ -268,10 +278,15 @@ macro_rules! write_each {
         let mut backoff = Backoff::new(shared.lock_timeout);
         loop {
             let attempt: std::result::Result<_, Fail> = async {
-                let _writer = shared.writer.lock().await;
-                let mut $conn = shared.pool.acquire().await?;
-                let $now: OffsetDateTime = shared.clock.now();
-                Ok($body)
+                let mut writer = shared.writer.lock().await;
+                let attempt: std::result::Result<_, Fail> = async {
+                    let mut $conn = writer.conn(shared).await?;
+                    let $now: OffsetDateTime = shared.clock.now();
+                    Ok($body)
+                }
+                .await;
+                writer.after(&attempt);
+                attempt
             }
             .await;
             match attempt {
@@ -330,7 +345,12 @@ impl SqliteBackend {
                 .max_lifetime(None)
         } else {
             SqlitePoolOptions::new().max_connections(options.max_connections)
-        };
+        }
+        // The checkout ping only asks the connection's own thread whether it
+        // still runs (a SQLite connection has no peer to lose): a round trip
+        // per read for nothing. A connection whose thread died fails its
+        // query and is discarded when it returns to the pool.
+        .test_before_acquire(false);
         // Opening a new file, or switching it to WAL, takes locks that
         // other processes may hold: retry those like any other operation.
         let lock_retries = AtomicU64::new(0);
@@ -351,7 +371,7 @@ impl SqliteBackend {
                 connect: resolved.connect,
                 clock: options.clock,
                 in_memory: resolved.in_memory,
-                writer: tokio::sync::Mutex::new(()),
+                writer: tokio::sync::Mutex::new(Writer::default()),
                 lock_timeout: options.lock_timeout,
                 poll_interval: options.poll_interval,
                 pushed: watch::Sender::new(0),
@@ -490,15 +510,20 @@ impl SqliteBackend {
         let mut backoff = Backoff::new(shared.lock_timeout);
         loop {
             let attempt: std::result::Result<(), Fail> = async {
-                let _writer = shared.writer.lock().await;
-                let mut conn = shared.pool.acquire().await?;
-                sqlx::query("PRAGMA optimize").execute(&mut *conn).await?;
-                if !shared.in_memory {
-                    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                        .execute(&mut *conn)
-                        .await?;
+                let mut writer = shared.writer.lock().await;
+                let attempt: std::result::Result<(), Fail> = async {
+                    let mut conn = writer.conn(shared).await?;
+                    sqlx::query("PRAGMA optimize").execute(&mut *conn).await?;
+                    if !shared.in_memory {
+                        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
                 }
-                Ok(())
+                .await;
+                writer.after(&attempt);
+                attempt
             }
             .await;
             match attempt {
@@ -515,9 +540,15 @@ impl SqliteBackend {
         self.shared.lock_retries.load(Ordering::Relaxed)
     }
 
-    /// Closes every pooled connection; later operations fail.
+    /// Closes every connection; later operations fail.
     pub async fn close(&self) {
+        // Closing the pool first makes every later write fail instead of
+        // reopening the write connection.
         self.shared.pool.close().await;
+        let writer = self.shared.writer.lock().await.take();
+        if let Some(conn) = writer {
+            let _ = conn.close().await;
+        }
     }
 
     fn notify_pushed(&self, outcomes: &[PushOutcome]) {
@@ -666,21 +697,28 @@ fn sweep_sql(queues: usize) -> String {
 /// Leases up to `batch` eligible jobs of the named queues in pull order.
 /// Each queue contributes its first `batch` due pending jobs (from the claim
 /// index, already in order) and its first `batch` expired leases.
+///
+/// The limits are written `+?`, not `?`: SQLite (since 3.47) reads a bare
+/// bound `LIMIT ?` while planning, which marks the statement to be
+/// recompiled whenever that parameter is bound again — on every execution,
+/// since sqlx rebinds each time. Recompiling this statement was an eighth
+/// of the CPU a worker draining a queue used; `+?` is evaluated at run time
+/// like any other expression, so the prepared statement is reused.
 fn claim_sql(queues: usize) -> String {
     let branch = format!(
         "SELECT id, priority, run_at FROM (SELECT id, priority, run_at FROM {TABLE} \
          WHERE status = 'pending' AND queue = ? AND run_at <= ? \
-         ORDER BY priority, run_at, id LIMIT ?) \
+         ORDER BY priority, run_at, id LIMIT +?) \
          UNION ALL \
          SELECT id, priority, run_at FROM (SELECT id, priority, run_at FROM {TABLE} \
          WHERE status = 'processing' AND queue = ? AND locked_until < ? \
-         AND attempts < max_attempts ORDER BY priority, run_at, id LIMIT ?)"
+         AND attempts < max_attempts ORDER BY priority, run_at, id LIMIT +?)"
     );
     let branches = vec![branch; queues].join(" UNION ALL ");
     format!(
         "UPDATE {TABLE} SET status = 'processing', attempts = attempts + 1, \
          lease_token = lease_token + 1, locked_until = ?, updated_at = ? \
-         WHERE id IN (SELECT id FROM ({branches}) ORDER BY priority, run_at, id LIMIT ?) \
+         WHERE id IN (SELECT id FROM ({branches}) ORDER BY priority, run_at, id LIMIT +?) \
          RETURNING {COLUMNS}"
     )
 }
@@ -691,6 +729,9 @@ struct PullStatements<'r> {
     batch: i64,
     sweep: String,
     claim: String,
+    /// The sweep, then the claim, as one SQL text: sqlx runs both in one
+    /// request to the connection's worker thread, a round trip less.
+    both: String,
 }
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
@@ -704,33 +745,35 @@ impl<'r> PullStatements<'r> {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
+        let sweep = sweep_sql(queues.len());
+        let claim = claim_sql(queues.len());
         Self {
             batch: i64::from(request.batch),
-            sweep: sweep_sql(queues.len()),
-            claim: claim_sql(queues.len()),
+            both: format!("{sweep}; {claim}"),
+            sweep,
+            claim,
             queues,
         }
     }
 
-    /// Marks the abandoned last attempts of the queues `Dead`.
-    fn sweep(&self, now: OffsetDateTime) -> SqliteQuery<'_> {
-        self.sweep_with("", now)
+    /// Marks the abandoned last attempts of the queues `Dead`, then leases
+    /// the jobs, returning them: two statements, each atomic alone.
+    fn sweep_and_claim(&self, now: OffsetDateTime, until: OffsetDateTime) -> SqliteQuery<'_> {
+        let query = sqlx::query(AssertSqlSafe(self.both.as_str()));
+        self.bind_claim(self.bind_sweep(query, now), now, until)
     }
 
     fn sweep_with(&self, prefix: &str, now: OffsetDateTime) -> SqliteQuery<'_> {
         let sql = format!("{prefix}{}", self.sweep);
-        let mut query = sqlx::query(AssertSqlSafe(sql))
-            .bind(LEASE_EXPIRED_ERROR)
-            .bind(micros(now));
+        self.bind_sweep(sqlx::query(AssertSqlSafe(sql)), now)
+    }
+
+    fn bind_sweep<'q>(&'q self, query: SqliteQuery<'q>, now: OffsetDateTime) -> SqliteQuery<'q> {
+        let mut query = query.bind(LEASE_EXPIRED_ERROR).bind(micros(now));
         for queue in &self.queues {
             query = query.bind(*queue);
         }
         query.bind(micros(now))
-    }
-
-    /// Leases the jobs, returning them.
-    fn claim(&self, now: OffsetDateTime, until: OffsetDateTime) -> SqliteQuery<'_> {
-        self.claim_with("", now, until)
     }
 
     fn claim_with(
@@ -740,9 +783,16 @@ impl<'r> PullStatements<'r> {
         until: OffsetDateTime,
     ) -> SqliteQuery<'_> {
         let sql = format!("{prefix}{}", self.claim);
-        let mut query = sqlx::query(AssertSqlSafe(sql))
-            .bind(micros(until))
-            .bind(micros(now));
+        self.bind_claim(sqlx::query(AssertSqlSafe(sql)), now, until)
+    }
+
+    fn bind_claim<'q>(
+        &'q self,
+        query: SqliteQuery<'q>,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> SqliteQuery<'q> {
+        let mut query = query.bind(micros(until)).bind(micros(now));
         for queue in &self.queues {
             query = query
                 .bind(*queue)
@@ -817,8 +867,10 @@ impl Puller for SqliteBackend {
         // last attempts `Dead`, and the claim never leases one itself.
         let mut leased = write_each!(self, |conn, now| {
             let until = later(now, request.lease, "lease")?;
-            statements.sweep(now).execute(&mut *conn).await?;
-            let rows = statements.claim(now, until).fetch_all(&mut *conn).await?;
+            let rows = statements
+                .sweep_and_claim(now, until)
+                .fetch_all(&mut *conn)
+                .await?;
             rows.iter()
                 .map(|row| {
                     let job = job_from_row(row)?;
@@ -954,7 +1006,14 @@ impl Puller for SqliteBackend {
 /// holds, in one statement; returns the (id, token) of each job completed.
 /// Within one batch, entries for one job with the same token write the same
 /// row once (SQLite uses one of them: the worker never sends two).
-const COMPLETE_BATCH_SQL: &str = "UPDATE relayq_jobs SET status = 'done', result = c.result, \
+///
+/// `NOT INDEXED` leaves SQLite one good plan: walk the batch and look each
+/// job up by id. Otherwise statistics gathered while few jobs were leased
+/// (`checkpoint` after a bulk load runs `PRAGMA optimize`) make the lease
+/// index look free to scan, and SQLite walked every leased job and, for
+/// each, the whole batch: quadratic, most of a worker's CPU at 256-job batches.
+const COMPLETE_BATCH_SQL: &str = "UPDATE relayq_jobs NOT INDEXED SET status = 'done', \
+     result = c.result, \
      locked_until = NULL, updated_at = ?1 \
      FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS token, \
            json_extract(value, '$[2]') AS result FROM json_each(?2)) AS c \
@@ -1185,5 +1244,56 @@ impl Backend for SqliteBackend {
 
     async fn subscribe(&self, _queues: &[String]) -> Result<Option<Wakeups>> {
         wakeups::subscribe(&self.shared).await.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Planner statistics gathered while no job is leased (the lease index
+    /// then looks empty, e.g. `checkpoint` after a bulk load) must not turn
+    /// `complete_batch` into a scan of the leased jobs per completion: it
+    /// walks the batch and looks each job up by id.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn complete_batch_looks_jobs_up_by_id_whatever_the_statistics() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
+        let backend = SqliteBackend::connect(&url).await.expect("connect");
+        let jobs = (0..2_000)
+            .map(|n| NewJob::new("k", &serde_json::json!({ "n": n })))
+            .collect();
+        backend.push_batch(jobs).await.expect("push_batch");
+        backend.checkpoint().await.expect("checkpoint");
+        let leased = backend
+            .pull(&PullRequest::queue("default").batch(256))
+            .await
+            .expect("pull");
+        assert_eq!(leased.len(), 256);
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {COMPLETE_BATCH_SQL}"
+        )))
+        .bind(0_i64)
+        .bind("[]")
+        .fetch_all(backend.pool())
+        .await
+        .expect("explain");
+        let plan = render_plan(&rows).expect("plan");
+        println!("{plan}");
+        let lines: Vec<&str> = plan.lines().collect();
+        assert!(lines[0].contains("json_each"), "{plan}");
+        assert!(
+            lines[1].contains("SEARCH relayq_jobs USING INTEGER PRIMARY KEY"),
+            "{plan}"
+        );
+        let completions = leased
+            .iter()
+            .map(|l| Completion {
+                lease: l.lease,
+                result: None,
+            })
+            .collect();
+        let lost = backend.complete_batch(completions).await.expect("complete");
+        assert!(lost.is_empty());
     }
 }

@@ -65,8 +65,9 @@ impl SqliteOptions {
     }
 
     /// The most pooled connections (at least 1). Writes are serialized
-    /// anyway; extra connections serve concurrent reads. Ignored for
-    /// in-memory databases, which always use exactly one connection.
+    /// anyway and run on one more connection of their own; the pool serves
+    /// concurrent reads and [`SqliteBackend::begin`](crate::SqliteBackend::begin).
+    /// Ignored for in-memory databases, which always use exactly one connection.
     pub fn max_connections(mut self, max: u32) -> Self {
         self.max_connections = max;
         self
