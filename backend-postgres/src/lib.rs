@@ -434,6 +434,12 @@ impl PgBackend {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
+        if let [job] = jobs {
+            return self.push_one(conn, job).await.map(|outcome| vec![outcome]);
+        }
+        if jobs.iter().all(|job| job.unique_key.is_none()) {
+            return self.push_keyless(conn, jobs).await;
+        }
         let now = self.now();
         let n = jobs.len();
         let mut queues = Vec::with_capacity(n);
@@ -445,16 +451,7 @@ impl PgBackend {
         let mut run_ats: Vec<Option<OffsetDateTime>> = Vec::with_capacity(n);
         let mut delays = Vec::with_capacity(n);
         for job in jobs {
-            let (run_at, delay) = match now {
-                // The injected clock's time: computed here, like the
-                // reference backend (including its range errors).
-                Some(now) => (Some(truncate_to_micros(job.run_at(now)?)), 0),
-                None => match job.schedule {
-                    Schedule::Now => (None, 0),
-                    Schedule::At(at) => (Some(truncate_to_micros(at)), 0),
-                    Schedule::After(d) => (None, micros(d)),
-                },
-            };
+            let (run_at, delay) = schedule(job, now)?;
             queues.push(job.queue.as_str());
             kinds.push(job.kind.as_str());
             payloads.push(&job.payload);
@@ -517,6 +514,98 @@ impl PgBackend {
             outcomes.push(PushOutcome::Duplicate(holder));
         }
         Ok(outcomes)
+    }
+
+    /// Stores one validated job with a single-row `INSERT`.
+    async fn push_one(&self, conn: &mut PgConnection, job: &ValidJob) -> Result<PushOutcome> {
+        let now = self.now();
+        let (run_at, delay) = schedule(job, now)?;
+        let sql = &self.inner.sql;
+        let statement = match job.unique_key {
+            None => &sql.push_one,
+            Some(_) => &sql.push_one_keyed,
+        };
+        let query = sqlx::query_scalar(statement.clone())
+            .bind(now)
+            .bind(&job.queue)
+            .bind(&job.kind)
+            .bind(&job.payload)
+            .bind(job.priority)
+            .bind(job.max_attempts)
+            .bind(run_at)
+            .bind(delay);
+        let query = match &job.unique_key {
+            None => query,
+            Some(key) => query.bind(key),
+        };
+        let created: Option<JobId> = query.fetch_optional(&mut *conn).await.map_err(db_err)?;
+        if let Some(id) = created {
+            return Ok(PushOutcome::Created(id));
+        }
+        let key = job
+            .unique_key
+            .as_deref()
+            .ok_or_else(|| Error::backend("a job without unique_key was skipped"))?;
+        // The key is held by an active job, committed before the insert
+        // gave up (ON CONFLICT waits for an in-progress holder): a new
+        // snapshot sees it.
+        let holder: JobId = sqlx::query_scalar(sql.find_key_holder.clone())
+            .bind(&job.queue)
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::backend("the job holding a unique_key vanished during push"))?;
+        Ok(PushOutcome::Duplicate(holder))
+    }
+
+    /// Stores validated jobs, none with a unique key, in one plain
+    /// `INSERT … SELECT FROM unnest(…)`.
+    async fn push_keyless(
+        &self,
+        conn: &mut PgConnection,
+        jobs: &[ValidJob],
+    ) -> Result<Vec<PushOutcome>> {
+        let now = self.now();
+        let n = jobs.len();
+        let mut queues = Vec::with_capacity(n);
+        let mut kinds = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut priorities = Vec::with_capacity(n);
+        let mut max_attempts = Vec::with_capacity(n);
+        let mut run_ats: Vec<Option<OffsetDateTime>> = Vec::with_capacity(n);
+        let mut delays = Vec::with_capacity(n);
+        for job in jobs {
+            let (run_at, delay) = schedule(job, now)?;
+            queues.push(job.queue.as_str());
+            kinds.push(job.kind.as_str());
+            payloads.push(&job.payload);
+            priorities.push(job.priority);
+            max_attempts.push(job.max_attempts);
+            run_ats.push(run_at);
+            delays.push(delay);
+        }
+        let mut ids: Vec<JobId> = sqlx::query_scalar(self.inner.sql.push_keyless.clone())
+            .bind(now)
+            .bind(&queues)
+            .bind(&kinds)
+            .bind(&payloads)
+            .bind(&priorities)
+            .bind(&max_attempts)
+            .bind(&run_ats)
+            .bind(&delays)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        if ids.len() != n {
+            return Err(Error::backend(format!(
+                "push returned {} rows for {n} jobs",
+                ids.len()
+            )));
+        }
+        // Drawn in input order (see the statement): ascending is input order.
+        ids.sort_unstable();
+        Ok(ids.into_iter().map(PushOutcome::Created).collect())
     }
 
     /// Runs the claim statement for `request` under `EXPLAIN (ANALYZE,
@@ -650,6 +739,21 @@ fn created_queues(jobs: &[ValidJob], outcomes: &[PushOutcome]) -> Vec<String> {
         }
     }
     queues
+}
+
+/// A job's `run_at` and delay (µs) as the push statements take them:
+/// with an injected clock `now`, the time computed here, like the reference
+/// backend (including its range errors); with the server's clock, an
+/// explicit time, or a delay the server adds to its own `now`.
+fn schedule(job: &ValidJob, now: Option<OffsetDateTime>) -> Result<(Option<OffsetDateTime>, i64)> {
+    Ok(match now {
+        Some(now) => (Some(truncate_to_micros(job.run_at(now)?)), 0),
+        None => match job.schedule {
+            Schedule::Now => (None, 0),
+            Schedule::At(at) => (Some(truncate_to_micros(at)), 0),
+            Schedule::After(d) => (None, micros(d)),
+        },
+    })
 }
 
 /// A duration in whole microseconds (the precision PostgreSQL stores),

@@ -18,6 +18,9 @@ pub(crate) const JOB_COLUMNS: &str = "id, queue, kind, payload, priority, status
 #[derive(Debug)]
 pub(crate) struct Statements {
     pub(crate) push: SqlStr,
+    pub(crate) push_one: SqlStr,
+    pub(crate) push_one_keyed: SqlStr,
+    pub(crate) push_keyless: SqlStr,
     pub(crate) find_key_holder: SqlStr,
     pub(crate) pull_one_queue: SqlStr,
     pub(crate) pull_many_queues: SqlStr,
@@ -83,6 +86,53 @@ SELECT n.id, i.id IS NOT NULL AS created,
        ) END AS holder
 FROM numbered n LEFT JOIN inserted i ON i.id = n.id
 ORDER BY n.ord
+"#;
+
+/// Pushes one job without a unique key: a plain single-row `INSERT`, the
+/// cheapest statement PostgreSQL has for it (no arrays to unpack, no
+/// speculative insertion, nothing to join). `$2`–`$8`: queue, kind,
+/// payload, priority, max_attempts, run_at (or NULL), delay in µs.
+const PUSH_ONE: &str = r#"
+INSERT INTO {s}.jobs (queue, kind, payload, priority, status, attempts, max_attempts,
+                      lease_token, run_at, created_at, updated_at)
+VALUES ($2, $3, $4, $5, 'pending', 0, $6, 0,
+        COALESCE($7, {now} + $8 * interval '1 microsecond'), {now}, {now})
+RETURNING id
+"#;
+
+/// [`PUSH_ONE`] for a job with a unique key (`$9`): inserts nothing and
+/// returns no row when an active job of the queue holds the key (the
+/// caller then looks the holder up with [`FIND_KEY_HOLDER`]).
+const PUSH_ONE_KEYED: &str = r#"
+INSERT INTO {s}.jobs (queue, kind, payload, priority, status, attempts, max_attempts,
+                      lease_token, run_at, unique_key, created_at, updated_at)
+VALUES ($2, $3, $4, $5, 'pending', 0, $6, 0,
+        COALESCE($7, {now} + $8 * interval '1 microsecond'), $9, {now}, {now})
+ON CONFLICT (queue, unique_key)
+    WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing')
+    DO NOTHING
+RETURNING id
+"#;
+
+/// Pushes a batch in which no job has a unique key: nothing can conflict,
+/// so a plain `INSERT … SELECT FROM unnest(…)`, without [`PUSH`]'s
+/// speculative insertion, materialized CTE and join. The identity default
+/// (`nextval`) is evaluated above the `SELECT`, row by row in its order,
+/// which `ORDER BY ord` makes input order (free: the planner knows
+/// `WITH ORDINALITY` output is already in that order, and adds no sort).
+/// Each `nextval` is larger than the last, so the ids sorted ascending are
+/// the input's ids in order; the caller sorts them rather than rely on the
+/// order of `RETURNING`.
+const PUSH_KEYLESS: &str = r#"
+INSERT INTO {s}.jobs (queue, kind, payload, priority, status, attempts, max_attempts,
+                      lease_token, run_at, created_at, updated_at)
+SELECT queue, kind, payload, priority, 'pending', 0, max_attempts, 0,
+       COALESCE(run_at, {now} + delay_us * interval '1 microsecond'), {now}, {now}
+FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[],
+            $7::timestamptz[], $8::int8[])
+     WITH ORDINALITY AS t(queue, kind, payload, priority, max_attempts, run_at, delay_us, ord)
+ORDER BY ord
+RETURNING id
 "#;
 
 /// The job holding a key, for the rare push that conflicted with a job
@@ -236,6 +286,9 @@ impl Statements {
         let s = format!("\"{schema}\"");
         Self {
             push: build(PUSH, &s),
+            push_one: build(PUSH_ONE, &s),
+            push_one_keyed: build(PUSH_ONE_KEYED, &s),
+            push_keyless: build(PUSH_KEYLESS, &s),
             find_key_holder: build(FIND_KEY_HOLDER, &s),
             pull_one_queue: build(&PULL.replace("{queue}", "queue = $2::text"), &s),
             pull_many_queues: build(&PULL.replace("{queue}", "queue = ANY($2::text[])"), &s),

@@ -1039,3 +1039,63 @@ async fn listener_reconnects_after_the_server_was_unreachable() {
     proxy.cut();
     testing::drop_schema(backend.schema()).await;
 }
+
+/// A keyless batch (one plain `INSERT … unnest`) and a batch with keys
+/// (speculative insertion) both report ids in input order, each naming its
+/// own job, with ids growing in input order so pull order among equals is
+/// push order; a single push of each kind reports its own id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_ids_name_their_jobs_in_input_order() {
+    let backend = testing::connect(testing::options()).await;
+    for (numbers, keyed) in [(0..1000, false), (1000..1010, true)] {
+        let batch: Vec<NewJob> = numbers
+            .clone()
+            .map(|n| match keyed {
+                true => job(n).unique_key(format!("key-{n}")),
+                false => job(n),
+            })
+            .collect();
+        let expected: Vec<serde_json::Value> = numbers.map(|n| json!({ "n": n })).collect();
+        let outcomes = backend.push_batch(batch).await.expect("push_batch");
+        let ids: Vec<i64> = outcomes.iter().map(|o| o.id()).collect();
+        assert!(
+            outcomes.iter().all(|o| !o.is_duplicate()),
+            "all created: {outcomes:?}"
+        );
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids grow: {ids:?}");
+        for (id, payload) in ids.iter().zip(&expected) {
+            let stored = backend.get(*id).await.expect("get").expect("stored");
+            assert_eq!(&stored.payload, payload, "job {id}");
+        }
+    }
+    let one = backend.push(job(2000)).await.expect("push").id();
+    assert_eq!(
+        backend
+            .get(one)
+            .await
+            .expect("get")
+            .expect("stored")
+            .payload,
+        json!({ "n": 2000 })
+    );
+    let keyed = backend
+        .push(job(2001).unique_key("key-1000"))
+        .await
+        .expect("push keyed");
+    assert!(keyed.is_duplicate(), "key-1000 is held: {keyed:?}");
+    let fresh = backend
+        .push(job(2002).unique_key("key-2002"))
+        .await
+        .expect("push keyed")
+        .id();
+    assert_eq!(
+        backend
+            .get(fresh)
+            .await
+            .expect("get")
+            .expect("stored")
+            .payload,
+        json!({ "n": 2002 })
+    );
+    testing::drop_schema(backend.schema()).await;
+}
