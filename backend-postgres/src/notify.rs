@@ -9,7 +9,8 @@
 //! So a push through the pool ([`Pusher::push`](relayq_core::Pusher::push))
 //! commits its insert alone, then hands the queues it added jobs to to one
 //! [`Notifier`] task per backend. The task sends them in one statement,
-//! folding every push that arrived while the previous statement ran, in a
+//! folding every push that arrived while the previous statement ran (and
+//! at most one statement per [`MIN_INTERVAL`]), in a
 //! transaction with `synchronous_commit = off`: a notification is not
 //! durable data, so its commit need not wait for a flush. Listeners hear of
 //! a job only after its insert committed, as before.
@@ -22,6 +23,7 @@ use std::sync::{Mutex, PoisonError};
 
 use sqlx::{PgPool, SqlStr};
 use tokio::sync::mpsc;
+use tokio::time::{Duration, Instant};
 
 /// Sends the notifications of pool pushes from a background task.
 pub(crate) struct Notifier {
@@ -63,10 +65,28 @@ impl Notifier {
     }
 }
 
+/// The shortest time between the starts of two notifying statements.
+///
+/// Each notifying statement is a transaction of its own (with an xid, a
+/// commit record and the global notify lock) plus a pool round trip, about
+/// as much server work as a push; sent back to back under a stream of
+/// single pushes there is nearly one per push. A push arriving after a
+/// quiet spell is still notified at once (the latency workload's pushes,
+/// 50 ms apart, all are); pushes arriving within this time of the previous
+/// statement are folded into the next one, so they wait at most this long
+/// (plus a timer tick) for their wake-up. Measured: 20,000 pushes from 8
+/// tasks sent 2,406 notifying statements.
+const MIN_INTERVAL: Duration = Duration::from_millis(1);
+
 /// Sends everything queued since the last statement in one statement, until
 /// the backend (the sender) is gone.
 async fn run(pool: PgPool, sql: SqlStr, mut inbox: mpsc::UnboundedReceiver<Vec<String>>) {
+    let mut next_at = Instant::now();
     while let Some(first) = inbox.recv().await {
+        if Instant::now() < next_at {
+            tokio::time::sleep_until(next_at).await;
+        }
+        next_at = Instant::now() + MIN_INTERVAL;
         let mut queues: BTreeSet<String> = first.into_iter().collect();
         while let Ok(more) = inbox.try_recv() {
             queues.extend(more);
