@@ -120,16 +120,22 @@
 //! # Throughput
 //!
 //! The standard workload (`shared/WORKLOAD.md`) on a temporary file, 2 cores,
-//! default settings, measured with `bench/run` on 2026-11-22 (full table
-//! and the PostgreSQL baseline in the repository's `BENCHMARKS.md`):
+//! default settings, release build, measured on 2026-12-01 with
+//! `relayq-bench --backend sqlite --workload … --jobs 50000` while other
+//! builds kept the machine's load at 3.5–5 (so expect more on a quiet
+//! machine; the repository's `BENCHMARKS.md` has the full, quiet run of
+//! 2026-11-22, before the changes noted here):
 //!
 //! | workload | result |
 //! |---|---|
-//! | enqueue, one job per call from 8 tasks | 5,583 jobs/s, p50 1.32 ms |
-//! | enqueue_batch, calls of 1,000 | 126,032 jobs/s |
-//! | process, worker with concurrency 16 | 10,905 jobs/s |
-//! | latency, enqueue to handler start | p50 1.06 ms, p99 1.58 ms |
-//! | sustained, 1,000,000 jobs | 11,210 jobs/s, last 10% at 1.01 × the first |
+//! | enqueue, one job per call from 8 tasks | 5,200–9,500 jobs/s, p50 0.40–0.50 ms |
+//! | enqueue_batch, calls of 1,000 | 119,000–212,000 jobs/s (77,000–98,000 before, same load) |
+//! | process, prefetching worker, concurrency 16 | 23,800–30,600 jobs/s |
+//! | latency, enqueue to handler start | p50 0.47–0.67 ms |
+//!
+//! Single pushes include SQLite's automatic checkpoints (two `fsync`s per
+//! ~200 pushes); the 2026-11-22 enqueue figure skipped them, letting the
+//! write-ahead log grow without bound.
 
 mod options;
 mod retry;
