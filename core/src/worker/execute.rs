@@ -7,7 +7,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::FutureExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot, watch};
@@ -389,45 +390,66 @@ enum AckReply {
     Failed(String),
 }
 
-/// Records completions with `complete_batch`: whatever is queued when the
-/// previous batch returns goes in the next one, so an idle worker acks at
-/// once and a busy one in bulk. Ends when every sender is gone.
+/// How many `complete_batch` calls may be under way at once. On a durable
+/// store each waits for its commit to reach disk; overlapping a few lets
+/// the database flush them together instead of one after another.
+const ACK_BATCHES_AT_ONCE: usize = 4;
+
+/// Records completions with `complete_batch`: whatever is queued when a
+/// call may start goes in it (up to [`ACK_BATCHES_AT_ONCE`] calls at once),
+/// so an idle worker acks at once and a busy one in bulk. Ends when every
+/// sender is gone and every call has returned.
 pub(crate) async fn batch_completions(
     backend: Arc<dyn Backend>,
     mut acks: mpsc::UnboundedReceiver<Ack>,
 ) {
-    while let Some(first) = acks.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_ACK_BATCH {
-            match acks.try_recv() {
-                Ok(ack) => batch.push(ack),
-                Err(_) => break,
+    let mut sending = FuturesUnordered::new();
+    let mut open = true;
+    while open || !sending.is_empty() {
+        tokio::select! {
+            received = acks.recv(), if open && sending.len() < ACK_BATCHES_AT_ONCE => {
+                let Some(first) = received else {
+                    open = false;
+                    continue;
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_ACK_BATCH {
+                    match acks.try_recv() {
+                        Ok(ack) => batch.push(ack),
+                        Err(_) => break,
+                    }
+                }
+                sending.push(record_completions(&*backend, batch));
+            }
+            Some(()) = sending.next(), if !sending.is_empty() => {}
+        }
+    }
+}
+
+/// Records one batch of completions and answers each.
+async fn record_completions(backend: &dyn Backend, batch: Vec<Ack>) {
+    let (completions, replies): (Vec<Completion>, Vec<(Lease, oneshot::Sender<AckReply>)>) = batch
+        .into_iter()
+        .map(|a| {
+            let lease = a.completion.lease;
+            (a.completion, (lease, a.reply))
+        })
+        .unzip();
+    match backend.complete_batch(completions).await {
+        Ok(lost) => {
+            for (lease, reply) in replies {
+                let answer = if lost.contains(&lease) {
+                    AckReply::Lost
+                } else {
+                    AckReply::Done
+                };
+                let _ = reply.send(answer);
             }
         }
-        let (completions, replies): (Vec<Completion>, Vec<(Lease, oneshot::Sender<AckReply>)>) =
-            batch
-                .into_iter()
-                .map(|a| {
-                    let lease = a.completion.lease;
-                    (a.completion, (lease, a.reply))
-                })
-                .unzip();
-        match backend.complete_batch(completions).await {
-            Ok(lost) => {
-                for (lease, reply) in replies {
-                    let answer = if lost.contains(&lease) {
-                        AckReply::Lost
-                    } else {
-                        AckReply::Done
-                    };
-                    let _ = reply.send(answer);
-                }
-            }
-            Err(e) => {
-                let error = e.to_string();
-                for (_, reply) in replies {
-                    let _ = reply.send(AckReply::Failed(error.clone()));
-                }
+        Err(e) => {
+            let error = e.to_string();
+            for (_, reply) in replies {
+                let _ = reply.send(AckReply::Failed(error.clone()));
             }
         }
     }

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
@@ -64,6 +65,9 @@ async fn subscribe<S>(shared: &Shared<S>) -> Option<Wakeups> {
 /// it pulls for the slots free so far (when it keeps no buffer).
 const COALESCE_YIELDS: usize = 4;
 
+/// How many pulls may be under way at once.
+const PULLS_AT_ONCE: usize = 2;
+
 /// How many releases run at once when a shutdown gives back the buffer.
 const RELEASES_AT_ONCE: usize = 8;
 
@@ -78,7 +82,7 @@ async fn next_signal(wakeups: &mut Option<Wakeups>) -> Option<()> {
     }
 }
 
-/// A pull under way: its result, how many jobs it asked for, when it was sent.
+/// A pull under way.
 type Pulling = Pin<Box<dyn Future<Output = Pulled> + Send>>;
 
 /// What a pull came to.
@@ -127,7 +131,9 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     // Leased jobs waiting for a slot, their leases renewed by the keeper.
     let mut buffer: VecDeque<Buffered> = VecDeque::new();
     let mut prefetch = Prefetch::new(config.prefetch);
-    let mut pulling: Option<Pulling> = None;
+    let mut pulls: FuturesUnordered<Pulling> = FuturesUnordered::new();
+    // Jobs asked for by the pulls under way.
+    let mut asked = 0;
     // Every lease held (buffered, running, awaiting its record) or being
     // pulled stays within this.
     // A finished job's lease is renewed until its outcome is recorded, so
@@ -180,14 +186,17 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
             tasks.spawn(async move { execute(&shared, leased, mode).await });
         }
 
-        if pulling.is_none() && more {
+        // Pull for the free slots and what the buffer lacks, in up to
+        // PULLS_AT_ONCE overlapping pulls, each for the free slots and its
+        // share of the buffer, so that the store serves them side by side.
+        while more && pulls.len() < PULLS_AT_ONCE {
             let mut free = free_slots(&slots);
-            let target = prefetch.target();
+            let target = prefetch.target() as usize;
             // Without a buffer to start from, let the handlers that are
             // about to return do so, so that one pull fills all their slots
             // instead of one round trip (and one commit) per slot. Costs
             // microseconds; a slow handler's slot is still refilled at once.
-            if target == 0 && free > 0 {
+            if target == 0 && free > 0 && pulls.is_empty() {
                 for _ in 0..COALESCE_YIELDS {
                     if free >= config.concurrency {
                         break;
@@ -196,25 +205,30 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                     free = free_slots(&slots);
                 }
             }
-            let held = tasks.len() + buffer.len();
+            let held = tasks.len() + buffer.len() + asked;
             let room = max_held.saturating_sub(held);
-            let want = (free as usize + target as usize)
-                .saturating_sub(buffer.len())
-                .min(room)
-                .min(MAX_PULL_BATCH as usize);
-            // Refill once the buffer is down to half its depth (at once
-            // when it keeps none and a slot is free).
-            if want > 0 && buffer.len() * 2 <= target as usize {
-                let asked = u32::try_from(want).unwrap_or(MAX_PULL_BATCH);
-                let backend = Arc::clone(&shared.backend);
-                let request = request.clone().batch(asked);
-                next_poll = Instant::now() + config.poll_interval;
-                pulling = Some(Box::pin(async move {
-                    let sent = Instant::now();
-                    let jobs = backend.pull(&request).await;
-                    Pulled { jobs, asked, sent }
-                }));
+            let lacking = (free as usize + target).saturating_sub(buffer.len() + asked);
+            let share = free as usize + target.div_ceil(PULLS_AT_ONCE);
+            let want = lacking.min(share).min(room).min(MAX_PULL_BATCH as usize);
+            // Not for a sliver of the buffer: once a good part of a share
+            // is missing.
+            if want == 0 || want * 2 * PULLS_AT_ONCE < target {
+                break;
             }
+            let batch = u32::try_from(want).unwrap_or(MAX_PULL_BATCH);
+            let backend = Arc::clone(&shared.backend);
+            let request = request.clone().batch(batch);
+            next_poll = Instant::now() + config.poll_interval;
+            asked += want;
+            pulls.push(Box::pin(async move {
+                let sent = Instant::now();
+                let jobs = backend.pull(&request).await;
+                Pulled {
+                    jobs,
+                    asked: batch,
+                    sent,
+                }
+            }) as Pulling);
         }
 
         let all_busy = free_slots(&slots) == 0;
@@ -226,8 +240,8 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                     break Instant::now() + config.shutdown_timeout;
                 }
             }
-            pulled = async { pulling.as_mut().expect("guarded").await }, if pulling.is_some() => {
-                pulling = None;
+            Some(pulled) = pulls.next(), if !pulls.is_empty() => {
+                asked -= pulled.asked as usize;
                 match pulled.jobs {
                     Ok(jobs) => {
                         let now = Instant::now();
@@ -235,7 +249,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                         // Slots sat idle for this pull's round trip.
                         let starved = buffer.is_empty() && free_slots(&slots) > 0;
                         prefetch.pulled(now.duration_since(pulled.sent), full, starved);
-                        more = full;
+                        more &= full;
                         for leased in jobs {
                             let hold = keeper.hold(&leased, pulled.sent);
                             buffer.push_back(Buffered { leased, hold, buffered_at: now });
@@ -251,7 +265,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                 more |= gives_back_due_now(joined);
             }
             // A handler finished: a buffered job may start, or more be pulled.
-            permit = slots.acquire(), if all_busy && (!buffer.is_empty() || (more && pulling.is_none())) => {
+            permit = slots.acquire(), if all_busy && (!buffer.is_empty() || (more && pulls.len() < PULLS_AT_ONCE)) => {
                 drop(permit);
             }
             signal = next_signal(&mut wakeups), if wakeups.is_some() => {
@@ -282,8 +296,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     let _ = phase_tx.send(Phase::Stopping);
     let mut report = ShutdownReport::default();
     // Jobs leased but not started go back at once, for another worker.
-    if let Some(pulling) = pulling.take() {
-        let pulled = pulling.await;
+    while let Some(pulled) = pulls.next().await {
         for leased in pulled.jobs.unwrap_or_default() {
             let hold = keeper.hold(&leased, pulled.sent);
             buffer.push_back(Buffered {
