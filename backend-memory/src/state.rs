@@ -10,24 +10,33 @@ use relayq_core::{
 use serde_json::Value;
 use time::OffsetDateTime;
 
+/// An instant as index keys hold it: nanoseconds since the Unix epoch.
+/// Ordered as the `OffsetDateTime` it comes from, but compared far more
+/// cheaply (no offset to normalise), which counts in every index step.
+type Ts = i128;
+
+fn ts(at: OffsetDateTime) -> Ts {
+    at.unix_timestamp_nanos()
+}
+
 /// Pull order: priority, then run_at, then id.
-type ReadyKey = (i16, OffsetDateTime, JobId);
+type ReadyKey = (i16, Ts, JobId);
 
 /// The indexes of one queue. A job is in at most one of them: `scheduled`
 /// or `ready` while `Pending`, `leased` while `Processing`.
 #[derive(Debug, Default)]
 struct QueueIndex {
     /// Pending jobs not yet seen due, by (run_at, id).
-    scheduled: BTreeSet<(OffsetDateTime, JobId)>,
+    scheduled: BTreeSet<(Ts, JobId)>,
     /// Pending jobs seen due, in pull order.
     ready: BTreeSet<ReadyKey>,
     /// Processing jobs by (locked_until, id).
-    leased: BTreeSet<(OffsetDateTime, JobId)>,
+    leased: BTreeSet<(Ts, JobId)>,
 }
 
 impl QueueIndex {
     /// Moves every scheduled job due at `now` into `ready`.
-    fn promote(&mut self, now: OffsetDateTime, jobs: &BTreeMap<JobId, Job>) {
+    fn promote(&mut self, now: Ts, jobs: &BTreeMap<JobId, Job>) {
         while let Some(&(run_at, id)) = self.scheduled.first() {
             if run_at > now {
                 break;
@@ -80,7 +89,7 @@ impl State {
             .entry(job.queue.clone())
             .or_default()
             .scheduled
-            .insert((run_at, id));
+            .insert((ts(run_at), id));
         self.jobs.insert(
             id,
             Job {
@@ -115,14 +124,15 @@ impl State {
         let queues: BTreeSet<&String> = request.queues.iter().collect();
         let mut candidates: Vec<ReadyKey> = Vec::new();
         // Expired leases taken out of `leased`; those not chosen go back.
-        let mut expired: Vec<(OffsetDateTime, JobId)> = Vec::new();
+        let mut expired: Vec<(Ts, JobId)> = Vec::new();
+        let (now_ts, until_ts) = (ts(now), ts(until));
         let mut died: Vec<JobId> = Vec::new();
         for queue in queues {
             let Some(index) = self.queues.get_mut(queue) else {
                 continue;
             };
             while let Some(&(locked_until, id)) = index.leased.first() {
-                if locked_until >= now {
+                if locked_until >= now_ts {
                     break;
                 }
                 index.leased.pop_first();
@@ -131,10 +141,10 @@ impl State {
                     died.push(id);
                 } else {
                     expired.push((locked_until, id));
-                    candidates.push((job.priority, job.run_at, id));
+                    candidates.push((job.priority, ts(job.run_at), id));
                 }
             }
-            index.promote(now, &self.jobs);
+            index.promote(now_ts, &self.jobs);
             candidates.extend(index.ready.iter().take(batch).copied());
         }
         for id in died {
@@ -159,7 +169,7 @@ impl State {
             job.lease_token += 1;
             job.locked_until = Some(until);
             job.updated_at = now;
-            index.leased.insert((until, id));
+            index.leased.insert((until_ts, id));
             leased.push(LeasedJob {
                 lease: Lease {
                     job_id: id,
@@ -189,7 +199,7 @@ impl State {
             .get_mut(&job.queue)
             .expect("queue indexed")
             .leased
-            .remove(&(locked_until, job.id));
+            .remove(&(ts(locked_until), job.id));
         job.locked_until = None;
         Ok(job)
     }
@@ -222,7 +232,7 @@ impl State {
             .get_mut(&job.queue)
             .expect("queue indexed")
             .scheduled
-            .insert((run_at, id));
+            .insert((ts(run_at), id));
     }
 
     pub(crate) fn complete(
@@ -278,7 +288,7 @@ impl State {
             .get_mut(&queue)
             .expect("queue indexed")
             .leased
-            .insert((until, id));
+            .insert((ts(until), id));
         Ok(())
     }
 
