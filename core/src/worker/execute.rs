@@ -18,7 +18,7 @@ use super::events::{Event, JobInfo, Outcome};
 use super::handler::{Entry, HandlerError, JobContext, Phase, RunFuture};
 use super::keeper::Hold;
 use crate::error::Error;
-use crate::job::MAX_DELAY;
+use crate::job::{Job, MAX_DELAY};
 use crate::lease::{Lease, LeasedJob, check_result};
 use crate::request::Completion;
 use crate::retry::RetryPolicy;
@@ -91,8 +91,8 @@ pub(crate) enum Mode {
     /// In the calling task, one call per acknowledgement, no timers but the
     /// handler's timeout.
     Inline,
-    /// In a spawned task: the handler in its own task, its lease kept alive,
-    /// completions batched.
+    /// On one of a started worker's lanes, beside other jobs: its lease
+    /// kept alive, completions batched.
     Spawned {
         phase: watch::Receiver<Phase>,
         acks: mpsc::UnboundedSender<Ack>,
@@ -122,23 +122,27 @@ pub(crate) async fn execute<S: Send + Sync + 'static>(
     leased: LeasedJob,
     mode: Mode,
 ) -> Outcome {
-    let info = JobInfo::from(&leased.job);
+    let lease = leased.lease;
+    let job = Arc::new(leased.job);
     let span = tracing::info_span!(
         "job",
-        id = info.id,
-        kind = %info.kind,
-        queue = %info.queue,
-        attempt = info.attempt
+        id = job.id,
+        kind = %job.kind,
+        queue = %job.queue,
+        attempt = job.attempts
     );
     async move {
-        // Building events costs allocations per job: skip them when nobody
-        // is listening (no hook, no subscriber) when the attempt starts.
+        // Building events costs allocations per job (the `JobInfo` copies
+        // the kind and queue): skip them when nobody is listening (no hook,
+        // no subscriber) when the attempt starts.
         let observed = shared.is_observed();
         if observed {
-            shared.emit(Event::Started { job: info.clone() });
+            shared.emit(Event::Started {
+                job: JobInfo::from(&*job),
+            });
         }
         tracing::debug!("started");
-        let outcome = run_and_record(shared, leased, mode).await;
+        let outcome = run_and_record(shared, Arc::clone(&job), lease, mode).await;
         match &outcome {
             Outcome::Completed { .. } => tracing::debug!("completed"),
             Outcome::Retrying { error, delay } => {
@@ -153,7 +157,7 @@ pub(crate) async fn execute<S: Send + Sync + 'static>(
         }
         if observed || shared.is_observed() {
             shared.emit(Event::Finished {
-                job: info,
+                job: JobInfo::from(&*job),
                 outcome: outcome.clone(),
             });
         }
@@ -165,7 +169,8 @@ pub(crate) async fn execute<S: Send + Sync + 'static>(
 
 async fn run_and_record<S: Send + Sync + 'static>(
     shared: &Arc<Shared<S>>,
-    leased: LeasedJob,
+    job: Arc<Job>,
+    lease: Lease,
     mut mode: Mode,
 ) -> Outcome {
     let (slot, mut hold) = match &mut mode {
@@ -173,13 +178,12 @@ async fn run_and_record<S: Send + Sync + 'static>(
         Mode::Inline => (None, None),
     };
     let backend = &*shared.backend;
-    let lease = leased.lease;
-    let Some(entry) = shared.handlers.get(&leased.job.kind) else {
+    let Some(entry) = shared.handlers.get(&job.kind) else {
         let mut kinds: Vec<&str> = shared.handlers.keys().map(String::as_str).collect();
         kinds.sort_unstable();
         let error = format!(
             "no handler is registered for kind {:?} (this worker handles {kinds:?})",
-            leased.job.kind
+            job.kind
         );
         return record_kill(backend, &lease, error).await;
     };
@@ -187,10 +191,7 @@ async fn run_and_record<S: Send + Sync + 'static>(
     let deadline = match &hold {
         Some(hold) => Arc::clone(&hold.deadline),
         None => Arc::new(Mutex::new(
-            leased
-                .job
-                .locked_until
-                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            job.locked_until.unwrap_or(OffsetDateTime::UNIX_EPOCH),
         )),
     };
     let phase = match &mode {
@@ -198,7 +199,6 @@ async fn run_and_record<S: Send + Sync + 'static>(
         // Nothing shuts an inline run down.
         Mode::Inline => watch::channel(Phase::Running).1,
     };
-    let job = Arc::new(leased.job);
     let ctx = JobContext::new(
         Arc::clone(&job),
         lease,
@@ -273,9 +273,9 @@ async fn run_spawned(
     lost: &mut oneshot::Receiver<()>,
     mut phase: watch::Receiver<Phase>,
 ) -> Attempt {
-    // The job's task is already its own: a panic is caught here, and a
-    // handler that blocks its thread delays no other lease's renewal (the
-    // keeper renews them from its own task).
+    // A panic is caught here, so the lane's other jobs go on; a handler
+    // that blocks its thread delays no lease's renewal (the keeper renews
+    // them from its own task).
     let run = AssertUnwindSafe(fut).catch_unwind();
     let expiry = async {
         match timeout {
@@ -303,7 +303,7 @@ async fn run_spawned(
 async fn record_failure<S>(
     shared: &Shared<S>,
     entry: &Entry<S>,
-    job: &crate::job::Job,
+    job: &Job,
     lease: Lease,
     failure: HandlerError,
 ) -> Outcome {

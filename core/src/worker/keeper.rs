@@ -62,31 +62,45 @@ impl LeaseKeeper {
         Self { registry, task }
     }
 
-    /// Registers a job just leased (its pull was sent at `pulled_at`) and
-    /// returns the hold that keeps it registered.
-    pub(crate) fn hold(&self, leased: &LeasedJob, pulled_at: Instant) -> Hold {
-        let deadline = Arc::new(Mutex::new(
-            leased
-                .job
-                .locked_until
-                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
-        ));
-        let (lost_tx, lost) = oneshot::channel();
-        lock(&self.registry).insert(
-            leased.lease.job_id,
-            Held {
-                lease: leased.lease,
-                deadline: Arc::clone(&deadline),
-                renewed_at: pulled_at,
-                lost: lost_tx,
-            },
-        );
-        Hold {
-            lease: leased.lease,
-            registry: Arc::clone(&self.registry),
-            deadline,
-            lost,
-        }
+    /// Registers the jobs of one pull (sent at `pulled_at`), under one
+    /// lock, and returns each with the hold that keeps it registered.
+    pub(crate) fn hold_all(
+        &self,
+        jobs: Vec<LeasedJob>,
+        pulled_at: Instant,
+    ) -> impl Iterator<Item = (LeasedJob, Hold)> {
+        let mut registry = lock(&self.registry);
+        registry.reserve(jobs.len());
+        let held: Vec<(LeasedJob, Hold)> = jobs
+            .into_iter()
+            .map(|leased| {
+                let deadline = Arc::new(Mutex::new(
+                    leased
+                        .job
+                        .locked_until
+                        .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+                ));
+                let (lost_tx, lost) = oneshot::channel();
+                registry.insert(
+                    leased.lease.job_id,
+                    Held {
+                        lease: leased.lease,
+                        deadline: Arc::clone(&deadline),
+                        renewed_at: pulled_at,
+                        lost: lost_tx,
+                    },
+                );
+                let hold = Hold {
+                    lease: leased.lease,
+                    registry: Arc::clone(&self.registry),
+                    deadline,
+                    lost,
+                };
+                (leased, hold)
+            })
+            .collect();
+        drop(registry);
+        held.into_iter()
     }
 }
 

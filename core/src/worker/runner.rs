@@ -1,19 +1,32 @@
 //! The pull loop of a started worker, and its graceful shutdown.
+//!
+//! Started jobs run on a few long-lived lanes (one task each, about one
+//! per runtime thread) rather than in a task apiece: a spawn, its large
+//! future copied into a task cell, and a join per job cost more than a
+//! quick handler itself. Each lane polls its jobs' futures side by side,
+//! so handlers still run concurrently, on as many threads as there are
+//! lanes; a handler panic is caught by `execute`, its lease renewed by
+//! the keeper's own task, its timeout and lease loss watched in its own
+//! future. The price: a handler that blocks its thread (which async code
+//! must not do) holds up the other jobs of its lane, not just those
+//! queued on its thread.
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use tokio::sync::{Semaphore, mpsc, watch};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
 use super::WorkerBuilder;
 use super::events::Outcome;
-use super::execute::{Mode, Shared, batch_completions, execute};
+use super::execute::{Mode, Shared, batch_completions, execute, panic_message};
 use super::handler::Phase;
 use super::keeper::{Hold, LeaseKeeper};
 use super::prefetch::Prefetch;
@@ -36,18 +49,131 @@ pub struct ShutdownReport {
 }
 
 impl ShutdownReport {
-    fn count(&mut self, joined: Result<Outcome, JoinError>) {
+    fn count(&mut self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Released => self.released += 1,
+            _ => self.finished += 1,
+        }
+    }
+
+    fn add(&mut self, joined: Result<Self, JoinError>) {
         match joined {
-            Ok(Outcome::Released) => self.released += 1,
-            Ok(_) => self.finished += 1,
+            Ok(lane) => {
+                self.finished += lane.finished;
+                self.released += lane.released;
+            }
             Err(e) => log_join_error(&e),
         }
     }
 }
 
 fn log_join_error(e: &JoinError) {
-    // `execute` contains handler panics, so this is a bug in relayq itself.
-    tracing::error!(error = %e, "a job task of the worker failed");
+    // A lane catches every job's panic, so this is a bug in relayq itself.
+    tracing::error!(error = %e, "a lane of the worker failed");
+}
+
+/// What the lanes tell the pull loop, without waking it for every job.
+#[derive(Default)]
+struct Board {
+    /// Jobs started and not yet recorded, per lane.
+    in_flight: Vec<AtomicUsize>,
+    /// A job went back to the queue due at once (a retry with no delay):
+    /// the queues are worth pulling again.
+    due_now: AtomicBool,
+    /// The pull loop waits for started jobs to end (it holds as many
+    /// leases as it may): each end is to be signalled.
+    wants_ends: AtomicBool,
+    /// Signalled on `due_now`, and on job ends while `wants_ends`.
+    ended: Notify,
+}
+
+impl Board {
+    fn in_flight(&self) -> usize {
+        self.in_flight
+            .iter()
+            .map(|n| n.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// The lane with the fewest jobs, so that handlers spread over the
+    /// runtime's threads.
+    fn idlest_lane(&self) -> usize {
+        (0..self.in_flight.len())
+            .min_by_key(|&i| self.in_flight[i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    fn ended(&self, lane: usize, outcome: &Outcome) {
+        self.in_flight[lane].fetch_sub(1, Ordering::SeqCst);
+        let due = matches!(outcome, Outcome::Retrying { delay, .. } if delay.is_zero());
+        if due {
+            self.due_now.store(true, Ordering::SeqCst);
+        }
+        if due || self.wants_ends.load(Ordering::SeqCst) {
+            self.ended.notify_one();
+        }
+    }
+}
+
+/// A job handed to a lane.
+type Start = (LeasedJob, Mode);
+
+/// Runs the jobs sent to it, side by side, until its sender is gone and
+/// they have all ended; returns what they came to.
+async fn lane<S: Send + Sync + 'static>(
+    shared: Arc<Shared<S>>,
+    board: Arc<Board>,
+    index: usize,
+    mut starts: mpsc::UnboundedReceiver<Start>,
+) -> ShutdownReport {
+    let mut running = FuturesUnordered::new();
+    let mut report = ShutdownReport::default();
+    let mut open = true;
+    let mut batch = Vec::new();
+    while open || !running.is_empty() {
+        tokio::select! {
+            biased;
+            Some(ended) = running.next(), if !running.is_empty() => {
+                match ended {
+                    Ok(outcome) => {
+                        board.ended(index, &outcome);
+                        report.count(&outcome);
+                    }
+                    Err(panic) => {
+                        let panic: Box<dyn std::any::Any + Send> = panic;
+                        // `execute` contains handler panics, so this is a
+                        // bug in relayq itself; the lane and its other jobs
+                        // go on.
+                        board.ended(index, &Outcome::LeaseLost);
+                        tracing::error!(
+                            panic = %panic_message(&*panic),
+                            "a job of the worker failed"
+                        );
+                    }
+                }
+            }
+            received = starts.recv_many(&mut batch, 64), if open => {
+                if received == 0 {
+                    open = false;
+                }
+                for (leased, mode) in batch.drain(..) {
+                    let shared = Arc::clone(&shared);
+                    running.push(
+                        AssertUnwindSafe(async move { execute(&shared, leased, mode).await })
+                            .catch_unwind(),
+                    );
+                }
+            }
+        }
+    }
+    report
+}
+
+/// How many lanes run a worker's jobs: one per runtime thread, as a task
+/// per job would spread over them, but no more than jobs at once.
+fn lane_count(concurrency: u32) -> usize {
+    let threads = tokio::runtime::Handle::current().metrics().num_workers();
+    threads.clamp(1, concurrency.max(1) as usize)
 }
 
 /// Subscribes to the backend's push signals; `None` means poll only.
@@ -121,9 +247,20 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     let declares_wakeups = caps.in_process_wakeups || caps.cross_process_wakeups;
     let mut wakeups = subscribe(&shared).await;
     let request = PullRequest::queues(config.queues.clone()).lease(config.backend_lease);
-    // One task per started job, until its outcome is recorded.
-    let mut tasks: JoinSet<Outcome> = JoinSet::new();
-    // One permit per handler allowed to run. A job task gives its permit
+    // The lanes that run started jobs until their outcomes are recorded.
+    let lanes = lane_count(config.concurrency);
+    let board = Arc::new(Board {
+        in_flight: (0..lanes).map(|_| AtomicUsize::new(0)).collect(),
+        ..Board::default()
+    });
+    let mut lane_tasks: JoinSet<ShutdownReport> = JoinSet::new();
+    let mut starts = Vec::with_capacity(lanes);
+    for index in 0..lanes {
+        let (tx, rx) = mpsc::unbounded_channel();
+        starts.push(tx);
+        lane_tasks.spawn(lane(Arc::clone(&shared), Arc::clone(&board), index, rx));
+    }
+    // One permit per handler allowed to run. A job gives its permit
     // back as soon as its handler returns, before the outcome is recorded,
     // so the next job starts without waiting for the (batched)
     // acknowledgements.
@@ -146,20 +283,32 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     // True while the queues may hold due jobs: after a full batch, a
     // wake-up or a poll tick; false after a short batch.
     let mut more = true;
-    let mut next_poll = Instant::now() + config.poll_interval;
+    // When the last pull was sent; the poll timer fires a poll interval
+    // after it. Re-arming a timer costs more than a pull on a quick store,
+    // so the timer is only moved once it fires.
+    let mut last_pull = Instant::now();
+    let poll = tokio::time::sleep_until(last_pull + config.poll_interval);
+    tokio::pin!(poll);
     tracing::info!(queues = ?config.queues, concurrency = config.concurrency, "worker started");
 
     let deadline = loop {
-        while let Some(joined) = tasks.try_join_next() {
-            more |= gives_back_due_now(joined);
+        if board.due_now.swap(false, Ordering::SeqCst) {
+            more = true;
         }
         if let Some(deadline) = *stop.borrow_and_update() {
             break deadline;
         }
+        // The fewest free slots the decisions below saw: a slot freed
+        // after them wakes the loop (jobs end without waking it).
+        let mut seen_free = u32::MAX;
+        // The leases held when the pull loop last stopped short for lack of
+        // room under `max_held`, if it did.
+        let mut room_bound: Option<usize> = None;
         // Start buffered jobs on the free slots. Only this loop takes
         // permits, so the free count can only grow meanwhile.
         while !buffer.is_empty() {
             let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                seen_free = 0;
                 break;
             };
             let Some(Buffered {
@@ -176,14 +325,21 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                 // database was unreachable for a whole lease): not ours.
                 continue;
             }
-            let shared = Arc::clone(&shared);
             let mode = Mode::Spawned {
                 phase: phase_rx.clone(),
                 acks: ack_tx.clone(),
                 slot: Some(slot),
                 hold: Some(hold),
             };
-            tasks.spawn(async move { execute(&shared, leased, mode).await });
+            let lane = board.idlest_lane();
+            board.in_flight[lane].fetch_add(1, Ordering::SeqCst);
+            if let Err(mpsc::error::SendError((leased, _))) = starts[lane].send((leased, mode)) {
+                // Lanes end only once their sender is dropped, below.
+                unreachable!(
+                    "lane {lane} stopped before job {} could start",
+                    leased.lease.job_id
+                );
+            }
         }
 
         // Pull for the free slots and what the buffer lacks, in up to
@@ -205,20 +361,23 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                     free = free_slots(&slots);
                 }
             }
-            let held = tasks.len() + buffer.len() + asked;
+            seen_free = seen_free.min(free);
+            let held = board.in_flight() + buffer.len() + asked;
             let room = max_held.saturating_sub(held);
             let lacking = (free as usize + target).saturating_sub(buffer.len() + asked);
             let share = free as usize + target.div_ceil(PULLS_AT_ONCE);
-            let want = lacking.min(share).min(room).min(MAX_PULL_BATCH as usize);
+            let wanted = lacking.min(share).min(MAX_PULL_BATCH as usize);
+            let want = wanted.min(room);
             // Not for a sliver of the buffer: once a good part of a share
             // is missing.
             if want == 0 || want * 2 * PULLS_AT_ONCE < target {
+                room_bound = (room < wanted).then_some(held);
                 break;
             }
             let batch = u32::try_from(want).unwrap_or(MAX_PULL_BATCH);
             let backend = Arc::clone(&shared.backend);
             let request = request.clone().batch(batch);
-            next_poll = Instant::now() + config.poll_interval;
+            last_pull = Instant::now();
             asked += want;
             pulls.push(Box::pin(async move {
                 let sent = Instant::now();
@@ -231,7 +390,17 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
             }) as Pulling);
         }
 
-        let all_busy = free_slots(&slots) == 0;
+        // Too many leases held to pull: only the end of a started job makes
+        // room. Announced before counting again, so that an end between
+        // the count and the wait is not missed.
+        if let Some(held) = room_bound {
+            board.wants_ends.store(true, Ordering::SeqCst);
+            if board.in_flight() + buffer.len() + asked < held {
+                continue;
+            }
+        } else {
+            board.wants_ends.store(false, Ordering::Relaxed);
+        }
         tokio::select! {
             biased;
             changed = stop.changed() => {
@@ -250,8 +419,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                         let starved = buffer.is_empty() && free_slots(&slots) > 0;
                         prefetch.pulled(now.duration_since(pulled.sent), full, starved);
                         more &= full;
-                        for leased in jobs {
-                            let hold = keeper.hold(&leased, pulled.sent);
+                        for (leased, hold) in keeper.hold_all(jobs, pulled.sent) {
                             buffer.push_back(Buffered { leased, hold, buffered_at: now });
                         }
                     }
@@ -261,11 +429,14 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                     }
                 }
             }
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                more |= gives_back_due_now(joined);
-            }
-            // A handler finished: a buffered job may start, or more be pulled.
-            permit = slots.acquire(), if all_busy && (!buffer.is_empty() || (more && pulls.len() < PULLS_AT_ONCE)) => {
+            // A job went back due at once, or one ended while the held
+            // leases were at the bound.
+            () = board.ended.notified() => {}
+            // A handler finished since: a buffered job may start, or more
+            // be pulled.
+            permit = slots.acquire_many(seen_free.saturating_add(1)),
+                if seen_free < config.concurrency
+                    && (!buffer.is_empty() || (more && pulls.len() < PULLS_AT_ONCE)) => {
                 drop(permit);
             }
             signal = next_signal(&mut wakeups), if wakeups.is_some() => {
@@ -275,18 +446,23 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                     wakeups = None;
                 }
             }
-            () = tokio::time::sleep_until(next_poll) => {
-                more = true;
-                next_poll = Instant::now() + config.poll_interval;
-                if wakeups.is_none() && declares_wakeups {
-                    wakeups = subscribe(&shared).await;
+            () = &mut poll => {
+                let due = last_pull + config.poll_interval;
+                let now = Instant::now();
+                if due <= now {
+                    more = true;
+                    last_pull = now;
+                    if wakeups.is_none() && declares_wakeups {
+                        wakeups = subscribe(&shared).await;
+                    }
                 }
+                poll.as_mut().reset(last_pull + config.poll_interval);
             }
         }
     };
 
     tracing::info!(
-        in_flight = tasks.len(),
+        in_flight = board.in_flight(),
         buffered = buffer.len(),
         "worker shutting down"
     );
@@ -297,8 +473,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     let mut report = ShutdownReport::default();
     // Jobs leased but not started go back at once, for another worker.
     while let Some(pulled) = pulls.next().await {
-        for leased in pulled.jobs.unwrap_or_default() {
-            let hold = keeper.hold(&leased, pulled.sent);
+        for (leased, hold) in keeper.hold_all(pulled.jobs.unwrap_or_default(), pulled.sent) {
             buffer.push_back(Buffered {
                 leased,
                 hold,
@@ -307,16 +482,18 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
         }
     }
     report.released += release_all(&shared, buffer).await;
+    // Lanes end once their jobs have.
+    drop(starts);
     let drained = tokio::time::timeout_at(deadline, async {
-        while let Some(joined) = tasks.join_next().await {
-            report.count(joined);
+        while let Some(joined) = lane_tasks.join_next().await {
+            report.add(joined);
         }
     })
     .await;
     if drained.is_err() {
         let _ = phase_tx.send(Phase::Abandoning);
-        while let Some(joined) = tasks.join_next().await {
-            report.count(joined);
+        while let Some(joined) = lane_tasks.join_next().await {
+            report.add(joined);
         }
     }
     drop(ack_tx);
@@ -330,19 +507,6 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
         "worker stopped"
     );
     report
-}
-
-/// Whether a job task's end may have made a job due at once (one given
-/// back with no delay), so the queues are worth pulling again.
-fn gives_back_due_now(joined: std::result::Result<Outcome, JoinError>) -> bool {
-    match joined {
-        Ok(Outcome::Retrying { delay, .. }) => delay.is_zero(),
-        Ok(_) => false,
-        Err(e) => {
-            log_join_error(&e);
-            false
-        }
-    }
 }
 
 /// Releases buffered jobs; returns how many went back.
