@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -122,6 +123,18 @@ pub(crate) async fn execute<S: Send + Sync + 'static>(
     leased: LeasedJob,
     mode: Mode,
 ) -> Outcome {
+    start(Arc::clone(shared), leased, mode).await
+}
+
+/// [`execute`] as a future that owns what it needs. A plain function, so
+/// that the future holds the job behind an `Arc` rather than the leased job
+/// by value: a started worker keeps one such future per running job, and
+/// a smaller one is cheaper to allocate and move.
+pub(crate) fn start<S: Send + Sync + 'static>(
+    shared: Arc<Shared<S>>,
+    leased: LeasedJob,
+    mode: Mode,
+) -> impl Future<Output = Outcome> + Send {
     let lease = leased.lease;
     let job = Arc::new(leased.job);
     let span = tracing::info_span!(
@@ -142,7 +155,7 @@ pub(crate) async fn execute<S: Send + Sync + 'static>(
             });
         }
         tracing::debug!("started");
-        let outcome = run_and_record(shared, Arc::clone(&job), lease, mode).await;
+        let outcome = run_and_record(&shared, Arc::clone(&job), lease, mode).await;
         match &outcome {
             Outcome::Completed { .. } => tracing::debug!("completed"),
             Outcome::Retrying { error, delay } => {
@@ -164,7 +177,6 @@ pub(crate) async fn execute<S: Send + Sync + 'static>(
         outcome
     }
     .instrument(span)
-    .await
 }
 
 async fn run_and_record<S: Send + Sync + 'static>(
@@ -277,9 +289,10 @@ async fn run_spawned(
     // that blocks its thread delays no lease's renewal (the keeper renews
     // them from its own task).
     let run = AssertUnwindSafe(fut).catch_unwind();
+    // Boxed: a timer is large, and most jobs have no timeout.
     let expiry = async {
         match timeout {
-            Some(limit) => tokio::time::sleep(limit).await,
+            Some(limit) => Box::pin(tokio::time::sleep(limit)).await,
             None => std::future::pending().await,
         }
     };

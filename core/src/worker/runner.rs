@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::WorkerBuilder;
 use super::events::Outcome;
-use super::execute::{Mode, Shared, batch_completions, execute, panic_message};
+use super::execute::{Mode, Shared, batch_completions, panic_message, start};
 use super::handler::Phase;
 use super::keeper::{Hold, LeaseKeeper};
 use super::prefetch::Prefetch;
@@ -157,10 +157,8 @@ async fn lane<S: Send + Sync + 'static>(
                     open = false;
                 }
                 for (leased, mode) in batch.drain(..) {
-                    let shared = Arc::clone(&shared);
                     running.push(
-                        AssertUnwindSafe(async move { execute(&shared, leased, mode).await })
-                            .catch_unwind(),
+                        AssertUnwindSafe(start(Arc::clone(&shared), leased, mode)).catch_unwind(),
                     );
                 }
             }
