@@ -47,6 +47,22 @@ impl QueueIndex {
     }
 }
 
+/// Leases `job` until `until`; the caller indexes the lease.
+fn grant(job: &mut Job, now: OffsetDateTime, until: OffsetDateTime) -> LeasedJob {
+    job.status = JobStatus::Processing;
+    job.attempts += 1;
+    job.lease_token += 1;
+    job.locked_until = Some(until);
+    job.updated_at = now;
+    LeasedJob {
+        lease: Lease {
+            job_id: job.id,
+            token: job.lease_token,
+        },
+        job: job.clone(),
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct State {
     last_id: JobId,
@@ -127,8 +143,8 @@ impl State {
         let mut expired: Vec<(Ts, JobId)> = Vec::new();
         let (now_ts, until_ts) = (ts(now), ts(until));
         let mut died: Vec<JobId> = Vec::new();
-        for queue in queues {
-            let Some(index) = self.queues.get_mut(queue) else {
+        for queue in &queues {
+            let Some(index) = self.queues.get_mut(*queue) else {
                 continue;
             };
             while let Some(&(locked_until, id)) = index.leased.first() {
@@ -145,12 +161,34 @@ impl State {
                 }
             }
             index.promote(now_ts, &self.jobs);
-            candidates.extend(index.ready.iter().take(batch).copied());
         }
         for id in died {
             self.finish(id, JobStatus::Dead, now, |job| {
                 job.last_error = Some(LEASE_EXPIRED_ERROR.to_owned());
             });
+        }
+        if let (1, true) = (queues.len(), candidates.is_empty())
+            && let Some(index) = queues.first().and_then(|q| self.queues.get_mut(*q))
+        {
+            // The common case, one queue and no abandoned lease to take
+            // back: its ready index is already in pull order, so its first
+            // jobs are popped, without collecting, sorting and searching
+            // for them again.
+            let mut leased = Vec::with_capacity(batch.min(index.ready.len()));
+            while leased.len() < batch {
+                let Some((_, _, id)) = index.ready.pop_first() else {
+                    break;
+                };
+                let job = self.jobs.get_mut(&id).expect("indexed job exists");
+                index.leased.insert((until_ts, id));
+                leased.push(grant(job, now, until));
+            }
+            return leased;
+        }
+        for queue in &queues {
+            if let Some(index) = self.queues.get(*queue) {
+                candidates.extend(index.ready.iter().take(batch).copied());
+            }
         }
         candidates.sort_unstable();
         candidates.truncate(batch);
@@ -164,19 +202,8 @@ impl State {
             } else {
                 expired.retain(|&(_, e)| e != id);
             }
-            job.status = JobStatus::Processing;
-            job.attempts += 1;
-            job.lease_token += 1;
-            job.locked_until = Some(until);
-            job.updated_at = now;
             index.leased.insert((until_ts, id));
-            leased.push(LeasedJob {
-                lease: Lease {
-                    job_id: id,
-                    token: job.lease_token,
-                },
-                job: job.clone(),
-            });
+            leased.push(grant(job, now, until));
         }
         for (locked_until, id) in expired {
             let queue = &self.jobs[&id].queue;
