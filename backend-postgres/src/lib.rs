@@ -16,6 +16,15 @@
 //! - **Batch pushes in one round trip** (`UNNEST` of arrays), with
 //!   `unique_key` enforced by a partial unique index and `ON CONFLICT DO
 //!   NOTHING`, so a duplicate is reported instead of failing the batch.
+//! - **Group commit for single pushes.** Concurrent [`Pusher::push`]
+//!   calls on the pool (jobs without a `unique_key`) that arrive while
+//!   inserts are under way are folded into one multi-row `INSERT` and one
+//!   commit (at most 1,000 jobs, at most two such statements at once); a
+//!   push arriving when nothing is under way goes out at once. Each caller
+//!   still gets its own id, its own error and its queue's notification; a
+//!   job the database rejects fails only its own push. Keyed pushes,
+//!   [`Pusher::push_batch`] and [`PgBackend::push_in`] are their own
+//!   statements, as before.
 //! - **Transactional enqueue**: [`PgBackend::push_in`] and
 //!   [`PgBackend::push_batch_in`] take the caller's connection or
 //!   transaction, so a job is enqueued if and only if the caller's
@@ -152,6 +161,7 @@
 //! [`Error::Backend`]. Neither, nor `Debug` of [`PgBackend`] or
 //! [`PgOptions`], ever shows a password.
 
+mod fold;
 mod listen;
 mod migrate;
 mod notify;
@@ -245,6 +255,8 @@ struct Inner {
     notifier: notify::Notifier,
     /// Counts the rows this backend changes and vacuums the jobs table.
     vacuum: vacuum::Vacuum,
+    /// Folds concurrent single pool pushes into shared statements.
+    fold: fold::Folder,
 }
 
 impl fmt::Debug for PgBackend {
@@ -322,6 +334,7 @@ impl PgBackend {
                 sql,
                 notifier,
                 vacuum,
+                fold: fold::Folder::default(),
                 schema: options.schema,
                 clock: options.clock,
                 target,
@@ -559,6 +572,28 @@ impl PgBackend {
         Ok(PushOutcome::Duplicate(holder))
     }
 
+    /// Stores one validated job without a unique key, scheduled `at` (see
+    /// [`schedule`]), with the single-row `INSERT`; the driver's error as is.
+    async fn push_one_raw(
+        &self,
+        conn: &mut PgConnection,
+        now: Option<OffsetDateTime>,
+        job: &ValidJob,
+        (run_at, delay): (Option<OffsetDateTime>, i64),
+    ) -> sqlx::Result<JobId> {
+        sqlx::query_scalar(self.inner.sql.push_one.clone())
+            .bind(now)
+            .bind(&job.queue)
+            .bind(&job.kind)
+            .bind(&job.payload)
+            .bind(job.priority)
+            .bind(job.max_attempts)
+            .bind(run_at)
+            .bind(delay)
+            .fetch_one(&mut *conn)
+            .await
+    }
+
     /// Stores validated jobs, none with a unique key, in one plain
     /// `INSERT … SELECT FROM unnest(…)`.
     async fn push_keyless(
@@ -567,6 +602,33 @@ impl PgBackend {
         jobs: &[ValidJob],
     ) -> Result<Vec<PushOutcome>> {
         let now = self.now();
+        let schedules = jobs
+            .iter()
+            .map(|job| schedule(job, now))
+            .collect::<Result<Vec<_>>>()?;
+        let n = jobs.len();
+        let ids = self
+            .insert_keyless(conn, now, jobs, &schedules)
+            .await
+            .map_err(db_err)?;
+        if ids.len() != n {
+            return Err(Error::backend(format!(
+                "push returned {} rows for {n} jobs",
+                ids.len()
+            )));
+        }
+        Ok(ids.into_iter().map(PushOutcome::Created).collect())
+    }
+
+    /// The keyless `UNNEST` insert of `jobs`, scheduled as `schedules`
+    /// says: their ids in input order, or the driver's error as is.
+    async fn insert_keyless(
+        &self,
+        conn: &mut PgConnection,
+        now: Option<OffsetDateTime>,
+        jobs: &[ValidJob],
+        schedules: &[(Option<OffsetDateTime>, i64)],
+    ) -> sqlx::Result<Vec<JobId>> {
         let n = jobs.len();
         let mut queues = Vec::with_capacity(n);
         let mut kinds = Vec::with_capacity(n);
@@ -575,8 +637,7 @@ impl PgBackend {
         let mut max_attempts = Vec::with_capacity(n);
         let mut run_ats: Vec<Option<OffsetDateTime>> = Vec::with_capacity(n);
         let mut delays = Vec::with_capacity(n);
-        for job in jobs {
-            let (run_at, delay) = schedule(job, now)?;
+        for (job, &(run_at, delay)) in jobs.iter().zip(schedules) {
             queues.push(job.queue.as_str());
             kinds.push(job.kind.as_str());
             payloads.push(&job.payload);
@@ -595,17 +656,10 @@ impl PgBackend {
             .bind(&run_ats)
             .bind(&delays)
             .fetch_all(&mut *conn)
-            .await
-            .map_err(db_err)?;
-        if ids.len() != n {
-            return Err(Error::backend(format!(
-                "push returned {} rows for {n} jobs",
-                ids.len()
-            )));
-        }
+            .await?;
         // Drawn in input order (see the statement): ascending is input order.
         ids.sort_unstable();
-        Ok(ids.into_iter().map(PushOutcome::Created).collect())
+        Ok(ids)
     }
 
     /// Runs the claim statement for `request` under `EXPLAIN (ANALYZE,
@@ -765,10 +819,24 @@ fn micros(d: Duration) -> i64 {
 #[async_trait]
 impl Pusher for PgBackend {
     async fn push(&self, job: NewJob) -> Result<PushOutcome> {
-        let mut outcomes = self.push_batch(vec![job]).await?;
-        outcomes
+        // Validate before anything is sent (errors worded as for a batch).
+        let job = validate_batch(vec![job])?
             .pop()
-            .ok_or_else(|| Error::backend("push returned no outcome"))
+            .ok_or_else(|| Error::backend("validation returned no job"))?;
+        if job.unique_key.is_some() {
+            // Its own statement: ON CONFLICT decides duplicates.
+            let mut conn = self.inner.pool.acquire().await.map_err(db_err)?;
+            let outcome = self.push_one(&mut conn, &job).await?;
+            drop(conn);
+            if !outcome.is_duplicate() {
+                self.inner.notifier.notify(vec![job.queue.clone()]);
+            }
+            return Ok(outcome);
+        }
+        // An injected clock's range errors, before anything is sent.
+        schedule(&job, self.now())?;
+        // Folded with concurrent pushes into one statement (see `fold`).
+        self.push_folded(job).await.map(PushOutcome::Created)
     }
 
     async fn push_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<PushOutcome>> {

@@ -1099,3 +1099,235 @@ async fn batch_ids_name_their_jobs_in_input_order() {
     );
     testing::drop_schema(backend.schema()).await;
 }
+
+/// Pushes `per_task` jobs from each of `tasks` concurrent tasks; job `n`
+/// is pushed to queue `q{n % 3}` with priority `n % 7`, and `make` may
+/// alter it. Returns, per job number, what its own push returned.
+async fn push_concurrently(
+    backend: &PgBackend,
+    tasks: i64,
+    per_task: i64,
+    make: fn(i64) -> NewJob,
+) -> Vec<(i64, relayq_core::Result<PushOutcome>)> {
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let backend = backend.clone();
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                for i in 0..per_task {
+                    let n = t * per_task + i;
+                    results.push((n, backend.push(make(n)).await));
+                }
+                results
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for handle in handles {
+        results.extend(handle.await.expect("push task"));
+    }
+    results
+}
+
+fn spread_job(n: i64) -> NewJob {
+    job(n)
+        .queue(format!("q{}", n % 3))
+        .priority(i16::try_from(n % 7).expect("small"))
+}
+
+/// Checks the job `id` is job `n` of [`spread_job`].
+async fn assert_is_job(backend: &PgBackend, id: i64, n: i64) {
+    let stored = backend.get(id).await.expect("get").expect("stored");
+    assert_eq!(stored.payload, json!({ "n": n }), "job {id}");
+    assert_eq!(stored.queue, format!("q{}", n % 3), "job {id}");
+    assert_eq!(i64::from(stored.priority), n % 7, "job {id}");
+    assert_eq!(stored.status, JobStatus::Pending, "job {id}");
+}
+
+/// How many distinct insert statements stored the schema's jobs: rows one
+/// statement inserted share its `statement_timestamp()`.
+async fn insert_statements(backend: &PgBackend) -> (i64, i64) {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) AS n, count(DISTINCT created_at) AS statements FROM \"{}\".jobs",
+        backend.schema()
+    )))
+    .fetch_one(backend.pool())
+    .await
+    .expect("count");
+    (row.get("n"), row.get("statements"))
+}
+
+/// Concurrent single pushes are folded into shared statements (group
+/// commit), and each caller still gets the id of its own job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pushes_are_folded_and_each_gets_its_own_id() {
+    let backend = testing::connect(testing::options()).await;
+    let results = push_concurrently(&backend, 16, 100, spread_job).await;
+    let mut ids = HashSet::new();
+    for (n, result) in &results {
+        let outcome = result.as_ref().expect("push");
+        assert!(!outcome.is_duplicate(), "{outcome:?}");
+        assert!(ids.insert(outcome.id()), "id {} given twice", outcome.id());
+        assert_is_job(&backend, outcome.id(), *n).await;
+    }
+    let (rows, statements) = insert_statements(&backend).await;
+    assert_eq!(rows, 1600);
+    assert!(
+        statements < rows,
+        "16 concurrent tasks' pushes were never folded: {statements} statements for {rows} jobs"
+    );
+    // A push on an idle backend goes out alone, at once.
+    let alone = backend.push(spread_job(5000)).await.expect("push").id();
+    assert_is_job(&backend, alone, 5000).await;
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// A job the database rejects fails only its own push, even when it was
+/// folded with others: the rest are stored, each under its caller's id.
+/// Core validation lets nothing through that the stock schema rejects per
+/// row (NULs are refused before sending, sizes are bounded by
+/// PostgreSQL's 1 GB limits only), so the test adds a CHECK constraint, as
+/// an application extending the table might, that rejects some payloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_job_among_folded_pushes_fails_only_its_caller() {
+    let backend = testing::connect(testing::options()).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE \"{}\".jobs ADD CONSTRAINT no_poison CHECK ((payload->>'n')::int8 % 10 <> 7)",
+        backend.schema()
+    )))
+    .execute(backend.pool())
+    .await
+    .expect("add constraint");
+    let results = push_concurrently(&backend, 16, 50, spread_job).await;
+    let mut ids = HashSet::new();
+    for (n, result) in &results {
+        match result {
+            Ok(outcome) => {
+                assert_ne!(
+                    n % 10,
+                    7,
+                    "job {n} violates the constraint, yet {outcome:?}"
+                );
+                assert!(ids.insert(outcome.id()), "id {} given twice", outcome.id());
+                assert_is_job(&backend, outcome.id(), *n).await;
+            }
+            Err(e) => {
+                assert_eq!(n % 10, 7, "job {n} was fine, yet failed: {e}");
+                assert!(matches!(e, Error::Backend { .. }), "{e:?}");
+            }
+        }
+    }
+    let (rows, statements) = insert_statements(&backend).await;
+    assert_eq!(rows, 720, "every job but the 80 rejected is stored");
+    assert!(statements <= rows);
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// Folded pushes notify the queues they added jobs to, after committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folded_pushes_notify_their_queues() {
+    let backend = testing::connect(testing::options()).await;
+    let mut subscriptions = Vec::new();
+    for q in ["q0", "q1", "q2"] {
+        let wakeups = backend
+            .subscribe(&[q.to_owned()])
+            .await
+            .expect("subscribe")
+            .expect("postgres wakes subscribers");
+        subscriptions.push(wakeups);
+    }
+    let mut unrelated = backend
+        .subscribe(&["elsewhere".to_owned()])
+        .await
+        .expect("subscribe")
+        .expect("postgres wakes subscribers");
+    let results = push_concurrently(&backend, 8, 30, spread_job).await;
+    assert!(results.iter().all(|(_, r)| r.is_ok()), "{results:?}");
+    for wakeups in &mut subscriptions {
+        expect_signal(wakeups, "jobs were pushed to the queue").await;
+    }
+    expect_quiet(&mut unrelated, "no job went to this queue").await;
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// With an injected clock, folded pushes take their times from it, and a
+/// push whose delay is out of range fails alone, before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folded_pushes_use_the_injected_clock_and_validate_each_push() {
+    let clock = ManualClock::new(relayq_conformance::EPOCH);
+    let backend = testing::connect(testing::options().clock(Arc::new(clock.clone()))).await;
+    fn delayed(n: i64) -> NewJob {
+        match n % 10 {
+            3 => job(n).delay(Duration::seconds(-1)),
+            _ => job(n).delay(Duration::seconds(n % 5)),
+        }
+    }
+    let results = push_concurrently(&backend, 8, 40, delayed).await;
+    for (n, result) in &results {
+        match result {
+            Ok(outcome) => {
+                let stored = backend
+                    .get(outcome.id())
+                    .await
+                    .expect("get")
+                    .expect("stored");
+                assert_eq!(stored.payload, json!({ "n": n }));
+                assert_eq!(stored.created_at, relayq_conformance::EPOCH);
+                assert_eq!(
+                    stored.run_at,
+                    relayq_conformance::EPOCH + Duration::seconds(n % 5)
+                );
+            }
+            Err(e) => {
+                assert_eq!(n % 10, 3, "job {n}: {e}");
+                assert_eq!(e.invalid_field(), Some("delay"), "{e:?}");
+            }
+        }
+    }
+    let (rows, _) = insert_statements(&backend).await;
+    assert_eq!(rows, 320 - 32);
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// A runtime shutting down while its tasks are inserting folded pushes
+/// does not leave the backend's pushes stuck: pushes from another runtime
+/// still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folded_pushes_survive_a_runtime_shutting_down_mid_insert() {
+    let backend = testing::connect(testing::options()).await;
+    let elsewhere = backend.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        for t in 0..8 {
+            let backend = elsewhere.clone();
+            runtime.spawn(async move {
+                for i in 0.. {
+                    let _ = backend.push(job(t * 1_000_000 + i)).await;
+                }
+            });
+        }
+        std::thread::sleep(StdDuration::from_millis(300));
+        runtime.shutdown_background();
+    })
+    .join()
+    .expect("thread");
+    // A connection the shut-down runtime was using may fail once.
+    let mut pushed = None;
+    for _ in 0..5 {
+        let push = tokio::time::timeout(SIGNAL_DEADLINE, backend.push(job(-1)))
+            .await
+            .expect("a push after the shutdown returns");
+        if let Ok(outcome) = push {
+            pushed = Some(outcome.id());
+            break;
+        }
+    }
+    let id = pushed.expect("a push after the shutdown succeeds");
+    let stored = backend.get(id).await.expect("get").expect("stored");
+    assert_eq!(stored.payload, json!({ "n": -1 }));
+    testing::drop_schema(backend.schema()).await;
+}
