@@ -346,7 +346,7 @@ impl<S> Drop for WorkerHandle<S> {
 /// retries, timeouts, shutdown and event hooks.
 ///
 /// Defaults: the queues of the registered kinds' [`JobType::QUEUE`]s,
-/// concurrency 10, an adaptive prefetch buffer of at most 256 jobs, lease 30 s, poll every 1 s, [`RetryPolicy::default`], no
+/// concurrency 10, an adaptive prefetch buffer of at most 1,024 jobs, lease 30 s, poll every 1 s, [`RetryPolicy::default`], no
 /// timeout, 30 s to shut down.
 pub struct WorkerBuilder<S = ()> {
     backend: Arc<dyn Backend>,
@@ -387,7 +387,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     /// The default number of jobs run at once.
     pub const DEFAULT_CONCURRENCY: u32 = 10;
     /// The default bound of the prefetch buffer.
-    pub const DEFAULT_PREFETCH: u32 = 256;
+    pub const DEFAULT_PREFETCH: u32 = 1024;
     /// The most finished jobs that wait for their outcome to be recorded
     /// (completions are batched). Their leases are renewed while they wait;
     /// while this many wait, the worker pulls no more. So a started worker

@@ -190,7 +190,7 @@ async fn subscribe<S>(shared: &Shared<S>) -> Option<Wakeups> {
 const COALESCE_YIELDS: usize = 4;
 
 /// How many pulls may be under way at once.
-const PULLS_AT_ONCE: usize = 2;
+const PULLS_AT_ONCE: usize = 4;
 
 /// How many releases run at once when a shutdown gives back the buffer.
 const RELEASES_AT_ONCE: usize = 8;
