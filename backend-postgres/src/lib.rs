@@ -455,35 +455,22 @@ impl PgBackend {
         }
         let now = self.now();
         let n = jobs.len();
-        let mut queues = Vec::with_capacity(n);
-        let mut kinds = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        let mut priorities = Vec::with_capacity(n);
-        let mut max_attempts = Vec::with_capacity(n);
-        let mut keys = Vec::with_capacity(n);
-        let mut run_ats: Vec<Option<OffsetDateTime>> = Vec::with_capacity(n);
-        let mut delays = Vec::with_capacity(n);
-        for job in jobs {
-            let (run_at, delay) = schedule(job, now)?;
-            queues.push(job.queue.as_str());
-            kinds.push(job.kind.as_str());
-            payloads.push(&job.payload);
-            priorities.push(job.priority);
-            max_attempts.push(job.max_attempts);
-            keys.push(job.unique_key.as_deref());
-            run_ats.push(run_at);
-            delays.push(delay);
-        }
+        let schedules = jobs
+            .iter()
+            .map(|job| schedule(job, now))
+            .collect::<Result<Vec<_>>>()?;
+        let c = Columns::new(jobs, &schedules);
+        let keys: Vec<Option<&str>> = jobs.iter().map(|job| job.unique_key.as_deref()).collect();
         let rows = sqlx::query(self.inner.sql.push.clone())
             .bind(now)
-            .bind(&queues)
-            .bind(&kinds)
-            .bind(&payloads)
-            .bind(&priorities)
-            .bind(&max_attempts)
+            .bind(&c.queues)
+            .bind(&c.kinds)
+            .bind(&c.payloads)
+            .bind(&c.priorities)
+            .bind(&c.max_attempts)
             .bind(&keys)
-            .bind(&run_ats)
-            .bind(&delays)
+            .bind(&c.run_ats)
+            .bind(&c.delays)
             .fetch_all(&mut *conn)
             .await
             .map_err(db_err)?;
@@ -533,12 +520,15 @@ impl PgBackend {
     async fn push_one(&self, conn: &mut PgConnection, job: &ValidJob) -> Result<PushOutcome> {
         let now = self.now();
         let (run_at, delay) = schedule(job, now)?;
-        let sql = &self.inner.sql;
-        let statement = match job.unique_key {
-            None => &sql.push_one,
-            Some(_) => &sql.push_one_keyed,
+        let Some(key) = job.unique_key.as_deref() else {
+            return self
+                .push_one_raw(conn, now, job, (run_at, delay))
+                .await
+                .map(PushOutcome::Created)
+                .map_err(db_err);
         };
-        let query = sqlx::query_scalar(statement.clone())
+        let sql = &self.inner.sql;
+        let created: Option<JobId> = sqlx::query_scalar(sql.push_one_keyed.clone())
             .bind(now)
             .bind(&job.queue)
             .bind(&job.kind)
@@ -546,19 +536,14 @@ impl PgBackend {
             .bind(job.priority)
             .bind(job.max_attempts)
             .bind(run_at)
-            .bind(delay);
-        let query = match &job.unique_key {
-            None => query,
-            Some(key) => query.bind(key),
-        };
-        let created: Option<JobId> = query.fetch_optional(&mut *conn).await.map_err(db_err)?;
+            .bind(delay)
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_err)?;
         if let Some(id) = created {
             return Ok(PushOutcome::Created(id));
         }
-        let key = job
-            .unique_key
-            .as_deref()
-            .ok_or_else(|| Error::backend("a job without unique_key was skipped"))?;
         // The key is held by an active job, committed before the insert
         // gave up (ON CONFLICT waits for an in-progress holder): a new
         // snapshot sees it.
@@ -629,32 +614,16 @@ impl PgBackend {
         jobs: &[ValidJob],
         schedules: &[(Option<OffsetDateTime>, i64)],
     ) -> sqlx::Result<Vec<JobId>> {
-        let n = jobs.len();
-        let mut queues = Vec::with_capacity(n);
-        let mut kinds = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        let mut priorities = Vec::with_capacity(n);
-        let mut max_attempts = Vec::with_capacity(n);
-        let mut run_ats: Vec<Option<OffsetDateTime>> = Vec::with_capacity(n);
-        let mut delays = Vec::with_capacity(n);
-        for (job, &(run_at, delay)) in jobs.iter().zip(schedules) {
-            queues.push(job.queue.as_str());
-            kinds.push(job.kind.as_str());
-            payloads.push(&job.payload);
-            priorities.push(job.priority);
-            max_attempts.push(job.max_attempts);
-            run_ats.push(run_at);
-            delays.push(delay);
-        }
+        let c = Columns::new(jobs, schedules);
         let mut ids: Vec<JobId> = sqlx::query_scalar(self.inner.sql.push_keyless.clone())
             .bind(now)
-            .bind(&queues)
-            .bind(&kinds)
-            .bind(&payloads)
-            .bind(&priorities)
-            .bind(&max_attempts)
-            .bind(&run_ats)
-            .bind(&delays)
+            .bind(&c.queues)
+            .bind(&c.kinds)
+            .bind(&c.payloads)
+            .bind(&c.priorities)
+            .bind(&c.max_attempts)
+            .bind(&c.run_ats)
+            .bind(&c.delays)
             .fetch_all(&mut *conn)
             .await?;
         // Drawn in input order (see the statement): ascending is input order.
@@ -793,6 +762,32 @@ fn created_queues(jobs: &[ValidJob], outcomes: &[PushOutcome]) -> Vec<String> {
         }
     }
     queues
+}
+
+/// Jobs as the columns the `UNNEST` push statements bind, one array per
+/// field, in input order; `schedules` holds each job's [`schedule`].
+struct Columns<'a> {
+    queues: Vec<&'a str>,
+    kinds: Vec<&'a str>,
+    payloads: Vec<&'a Value>,
+    priorities: Vec<i16>,
+    max_attempts: Vec<i32>,
+    run_ats: Vec<Option<OffsetDateTime>>,
+    delays: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    fn new(jobs: &'a [ValidJob], schedules: &[(Option<OffsetDateTime>, i64)]) -> Self {
+        Self {
+            queues: jobs.iter().map(|job| job.queue.as_str()).collect(),
+            kinds: jobs.iter().map(|job| job.kind.as_str()).collect(),
+            payloads: jobs.iter().map(|job| &job.payload).collect(),
+            priorities: jobs.iter().map(|job| job.priority).collect(),
+            max_attempts: jobs.iter().map(|job| job.max_attempts).collect(),
+            run_ats: schedules.iter().map(|&(run_at, _)| run_at).collect(),
+            delays: schedules.iter().map(|&(_, delay)| delay).collect(),
+        }
+    }
 }
 
 /// A job's `run_at` and delay (µs) as the push statements take them:
