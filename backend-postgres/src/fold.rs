@@ -38,7 +38,7 @@ use sqlx::{PgConnection, Postgres};
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use crate::{PgBackend, db_err, schedule};
+use crate::{PgBackend, db_err, distinct_queues, schedule};
 
 /// The most jobs folded into one statement.
 pub(crate) const MAX_FOLD: usize = 1000;
@@ -249,7 +249,7 @@ impl PgBackend {
         schedules: &[(Option<OffsetDateTime>, i64)],
         replies: Vec<oneshot::Sender<Result<JobId>>>,
     ) -> bool {
-        let mut created: Vec<String> = Vec::new();
+        let mut created: Vec<&ValidJob> = Vec::new();
         let mut replies = replies.into_iter();
         let mut broken: Option<Arc<sqlx::Error>> = None;
         for (job, at) in jobs.iter().zip(schedules) {
@@ -261,9 +261,7 @@ impl PgBackend {
             let result = self.push_one_raw(conn, now, job, *at).await;
             let result = match result {
                 Ok(id) => {
-                    if !created.contains(&job.queue) {
-                        created.push(job.queue.clone());
-                    }
+                    created.push(job);
                     Ok(id)
                 }
                 Err(e) if may_be_one_jobs_fault(&e) => Err(db_err(e)),
@@ -275,7 +273,7 @@ impl PgBackend {
             };
             let _ = reply.send(result);
         }
-        self.inner.notifier.notify(created);
+        self.inner.notifier.notify(distinct_queues(created));
         broken.is_none()
     }
 }
@@ -316,17 +314,6 @@ fn answer_all(replies: Vec<oneshot::Sender<Result<JobId>>>, e: sqlx::Error) {
     for reply in replies {
         let _ = reply.send(Err(Error::backend(SharedError(e.clone()))));
     }
-}
-
-/// The distinct queues of `jobs`, in first-seen order.
-fn distinct_queues(jobs: &[ValidJob]) -> Vec<String> {
-    let mut queues: Vec<String> = Vec::new();
-    for job in jobs {
-        if !queues.contains(&job.queue) {
-            queues.push(job.queue.clone());
-        }
-    }
-    queues
 }
 
 /// One driver error reported to several callers.

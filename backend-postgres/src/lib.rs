@@ -186,8 +186,8 @@ use relayq_core::{
 use sea_query::{Alias, Expr, ExprTrait, Order, PostgresQueryBuilder, Query};
 use sea_query_sqlx::SqlxBinder;
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, SqlSafeStr};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, SqlSafeStr, SqlStr};
 use time::{Duration, OffsetDateTime};
 
 pub use migrate::SCHEMA_VERSION;
@@ -528,19 +528,12 @@ impl PgBackend {
                 .map_err(db_err);
         };
         let sql = &self.inner.sql;
-        let created: Option<JobId> = sqlx::query_scalar(sql.push_one_keyed.clone())
-            .bind(now)
-            .bind(&job.queue)
-            .bind(&job.kind)
-            .bind(&job.payload)
-            .bind(job.priority)
-            .bind(job.max_attempts)
-            .bind(run_at)
-            .bind(delay)
-            .bind(key)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db_err)?;
+        let created: Option<JobId> =
+            bind_one(sql.push_one_keyed.clone(), now, job, (run_at, delay))
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db_err)?;
         if let Some(id) = created {
             return Ok(PushOutcome::Created(id));
         }
@@ -564,17 +557,9 @@ impl PgBackend {
         conn: &mut PgConnection,
         now: Option<OffsetDateTime>,
         job: &ValidJob,
-        (run_at, delay): (Option<OffsetDateTime>, i64),
+        at: (Option<OffsetDateTime>, i64),
     ) -> sqlx::Result<JobId> {
-        sqlx::query_scalar(self.inner.sql.push_one.clone())
-            .bind(now)
-            .bind(&job.queue)
-            .bind(&job.kind)
-            .bind(&job.payload)
-            .bind(job.priority)
-            .bind(job.max_attempts)
-            .bind(run_at)
-            .bind(delay)
+        bind_one(self.inner.sql.push_one.clone(), now, job, at)
             .fetch_one(&mut *conn)
             .await
     }
@@ -755,13 +740,42 @@ impl PgBackend {
 
 /// The distinct queues that `outcomes` added a job to.
 fn created_queues(jobs: &[ValidJob], outcomes: &[PushOutcome]) -> Vec<String> {
+    distinct_queues(
+        jobs.iter()
+            .zip(outcomes)
+            .filter(|(_, outcome)| !outcome.is_duplicate())
+            .map(|(job, _)| job),
+    )
+}
+
+/// The distinct queues of `jobs`, in first-seen order.
+fn distinct_queues<'a>(jobs: impl IntoIterator<Item = &'a ValidJob>) -> Vec<String> {
     let mut queues: Vec<String> = Vec::new();
-    for (job, outcome) in jobs.iter().zip(outcomes) {
-        if !outcome.is_duplicate() && !queues.contains(&job.queue) {
+    for job in jobs {
+        if !queues.contains(&job.queue) {
             queues.push(job.queue.clone());
         }
     }
     queues
+}
+
+/// A single-row push statement (`PUSH_ONE` or `PUSH_ONE_KEYED`) with
+/// `$1`–`$8` bound: `now`, the job's fields and its [`schedule`].
+fn bind_one(
+    statement: SqlStr,
+    now: Option<OffsetDateTime>,
+    job: &ValidJob,
+    (run_at, delay): (Option<OffsetDateTime>, i64),
+) -> sqlx::query::QueryScalar<'_, Postgres, JobId, PgArguments> {
+    sqlx::query_scalar(statement)
+        .bind(now)
+        .bind(&job.queue)
+        .bind(&job.kind)
+        .bind(&job.payload)
+        .bind(job.priority)
+        .bind(job.max_attempts)
+        .bind(run_at)
+        .bind(delay)
 }
 
 /// Jobs as the columns the `UNNEST` push statements bind, one array per
