@@ -117,20 +117,25 @@ enum Attempt {
     Abandoned,
 }
 
-/// Runs one leased job to an outcome and reports it.
-pub(crate) async fn execute<S: Send + Sync + 'static>(
-    shared: &Arc<Shared<S>>,
-    leased: LeasedJob,
-    mode: Mode,
-) -> Outcome {
-    start(Arc::clone(shared), leased, mode).await
+impl Attempt {
+    /// What a handler's run that ran to its end (returned or panicked)
+    /// came to.
+    fn of(finished: std::thread::Result<Result<Option<Value>, HandlerError>>) -> Self {
+        match finished {
+            Ok(Ok(result)) => Self::Succeeded(result),
+            Ok(Err(error)) => Self::Failed(error),
+            Err(panic) => Self::Panicked(panic_message(&*panic)),
+        }
+    }
 }
 
-/// [`execute`] as a future that owns what it needs. A plain function, so
-/// that the future holds the job behind an `Arc` rather than the leased job
-/// by value: a started worker keeps one such future per running job, and
-/// a smaller one is cheaper to allocate and move.
-pub(crate) fn start<S: Send + Sync + 'static>(
+/// Runs one leased job to an outcome and reports it.
+///
+/// A plain function returning a future that owns what it needs, so that
+/// the future holds the job behind an `Arc` rather than the leased job by
+/// value: a started worker keeps one such future per running job, and a
+/// smaller one is cheaper to allocate and move.
+pub(crate) fn execute<S: Send + Sync + 'static>(
     shared: Arc<Shared<S>>,
     leased: LeasedJob,
     mode: Mode,
@@ -269,11 +274,7 @@ async fn run_inline(fut: RunFuture, timeout: Option<Duration>) -> Attempt {
             Err(_) => return Attempt::TimedOut(limit),
         },
     };
-    match finished {
-        Ok(Ok(result)) => Attempt::Succeeded(result),
-        Ok(Err(error)) => Attempt::Failed(error),
-        Err(panic) => Attempt::Panicked(panic_message(&*panic)),
-    }
+    Attempt::of(finished)
 }
 
 /// Runs a handler until it returns, times out, loses its lease (the
@@ -302,11 +303,7 @@ async fn run_spawned(
         }
     };
     tokio::select! {
-        finished = run => match finished {
-            Ok(Ok(result)) => Attempt::Succeeded(result),
-            Ok(Err(error)) => Attempt::Failed(error),
-            Err(panic) => Attempt::Panicked(panic_message(&*panic)),
-        },
+        finished = run => Attempt::of(finished),
         _ = lost => Attempt::LeaseLost,
         () = expiry => Attempt::TimedOut(timeout.unwrap_or_default()),
         () = abandoned => Attempt::Abandoned,

@@ -185,7 +185,7 @@ impl<S: Send + Sync + 'static> Worker<S> {
                 return Ok(report);
             };
             let info = JobInfo::from(&leased.job);
-            let outcome = execute(&self.shared, leased, Mode::Inline).await;
+            let outcome = execute(Arc::clone(&self.shared), leased, Mode::Inline).await;
             report.outcomes.push((info, outcome));
         }
     }

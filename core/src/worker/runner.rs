@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::WorkerBuilder;
 use super::events::Outcome;
-use super::execute::{Mode, Shared, batch_completions, panic_message, start};
+use super::execute::{Mode, Shared, batch_completions, execute, panic_message};
 use super::handler::Phase;
 use super::keeper::{Hold, LeaseKeeper};
 use super::prefetch::Prefetch;
@@ -158,7 +158,7 @@ async fn lane<S: Send + Sync + 'static>(
                 }
                 for (leased, mode) in batch.drain(..) {
                     running.push(
-                        AssertUnwindSafe(start(Arc::clone(&shared), leased, mode)).catch_unwind(),
+                        AssertUnwindSafe(execute(Arc::clone(&shared), leased, mode)).catch_unwind(),
                     );
                 }
             }
@@ -270,11 +270,10 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     // Jobs asked for by the pulls under way.
     let mut asked = 0;
     // Every lease held (buffered, running, awaiting its record) or being
-    // pulled stays within this.
-    // A finished job's lease is renewed until its outcome is recorded, so
-    // the bound on those awaiting it is about memory: were acknowledgements
-    // slower than pulls (a database slowed by a vacuum, say), the backlog
-    // would otherwise grow without end.
+    // pulled stays within this. A finished job's lease is renewed until its
+    // outcome is recorded, so the bound on those awaiting it is about
+    // memory: were acknowledgements slower than pulls (a database slowed by
+    // a vacuum, say), the backlog would otherwise grow without end.
     let max_held = (config.concurrency + config.prefetch) as usize
         + WorkerBuilder::<S>::MAX_AWAITING_ACK as usize;
 
