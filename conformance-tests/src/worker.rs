@@ -698,3 +698,77 @@ pub async fn worker_shutdown_releases_prefetched_jobs(h: Harness) {
         );
     }
 }
+
+/// A job leased ahead of a free slot (the prefetch buffer) keeps its lease
+/// renewed while it waits, like a running one: no other puller gets it.
+pub async fn worker_renews_the_leases_of_prefetched_jobs(h: Harness) {
+    const LEASE: StdDuration = StdDuration::from_millis(600);
+    let lease = std_to_time(LEASE);
+    let problems: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (report, ids) = (Arc::clone(&problems), Arc::new(Mutex::new(Vec::new())));
+    let waiting = Arc::clone(&ids);
+    let worker = h
+        .worker()
+        .concurrency(1)
+        .lease(LEASE)
+        .handle(move |task: Task, ctx: JobContext<Harness>| {
+            let (problems, ids) = (Arc::clone(&report), Arc::clone(&waiting));
+            async move {
+                if task.n != 0 {
+                    return Ok::<_, HandlerError>(());
+                }
+                let h = ctx.state();
+                let buffered: JobId = ids.lock().expect("lock")[1];
+                // The first job holds the only slot until the next one is
+                // leased ahead of it.
+                within("a job leased ahead of the busy slot", async {
+                    while h.job(buffered).await.status != JobStatus::Processing {
+                        tokio::time::sleep(StdDuration::from_millis(10)).await;
+                    }
+                })
+                .await;
+                for step in 1..=4 {
+                    h.advance(lease / 2);
+                    let renewed = tokio::time::timeout(LIVENESS / 4, async {
+                        while h.job(buffered).await.locked_until != Some(h.now() + lease) {
+                            tokio::time::sleep(StdDuration::from_millis(10)).await;
+                        }
+                    })
+                    .await;
+                    if renewed.is_err() {
+                        problems
+                            .lock()
+                            .expect("lock")
+                            .push(format!("step {step}: the buffered lease was not renewed"));
+                        break;
+                    }
+                    if !h.pull(&ctx.job().queue, 10).await.is_empty() {
+                        problems
+                            .lock()
+                            .expect("lock")
+                            .push(format!("step {step}: another puller got a job"));
+                        break;
+                    }
+                }
+                Ok(())
+            }
+        })
+        .build()
+        .expect("build");
+    // Two jobs only: once the second is leased ahead, nothing is pending,
+    // so any job another puller gets was taken from the worker.
+    for n in 0..2 {
+        let id = h.push(Task { n }.to_job()).await;
+        ids.lock().expect("lock").push(id);
+    }
+    let all: Vec<JobId> = ids.lock().expect("lock").clone();
+    let running = worker.start();
+    for &id in &all {
+        let job = within("every job", running.wait_for(id))
+            .await
+            .expect("wait_for");
+        assert_eq!((job.status, job.attempts), (JobStatus::Done, 1), "{job:?}");
+    }
+    running.shutdown_within(LIVENESS).await;
+    assert_eq!(*problems.lock().expect("lock"), Vec::<String>::new());
+}
