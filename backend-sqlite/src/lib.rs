@@ -226,33 +226,34 @@ impl fmt::Debug for SqliteBackend {
     }
 }
 
-/// Runs `$body` in a `BEGIN IMMEDIATE` transaction on a pooled connection,
-/// under this process's write lock, with `$now` read once the lock is held.
-/// `?` inside `$body` converts driver and relayq errors; a relayq error ends
-/// the operation, a lock error retries the whole transaction with backoff.
-macro_rules! write_tx {
-    ($backend:expr, |$tx:ident, $now:ident| $body:block) => {{
+/// Runs `$body` on the write connection `$conn` in autocommit mode, under
+/// this process's write lock, with `$now` (when named) read once the lock is
+/// held: for writes made of statements that are each correct on their own,
+/// so each commits by itself and the `BEGIN` and `COMMIT` round trips to
+/// SQLite's worker thread are saved (on the hot paths, `pull` and
+/// `complete_batch`, they were most of the cost). `$body` is one attempt:
+/// `?` inside it converts driver and relayq errors and ends the attempt; a
+/// relayq error ends the operation, a lock error retries the whole body
+/// with backoff until the lock timeout.
+///
+/// Every write goes through here (`write_tx!` too), so the write lock, the
+/// retries and the write connection's upkeep live in one place.
+macro_rules! write_each {
+    ($backend:expr, |$conn:ident, $now:ident| $body:block) => {
+        write_each!($backend, |$conn| {
+            let $now: OffsetDateTime = $backend.shared.clock.now();
+            $body
+        })
+    };
+    ($backend:expr, |$conn:ident| $body:block) => {{
         let shared = &$backend.shared;
         let mut backoff = Backoff::new(shared.lock_timeout);
         loop {
             let attempt: std::result::Result<_, Fail> = async {
                 let mut writer = shared.writer.lock().await;
                 let attempt: std::result::Result<_, Fail> = async {
-                    let mut conn = writer.conn(shared).await?;
-                    let mut $tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-                    let $now: OffsetDateTime = shared.clock.now();
-                    let outcome: std::result::Result<_, Fail> = async { Ok($body) }.await;
-                    match outcome {
-                        Ok(out) => {
-                            $tx.commit().await?;
-                            Ok(out)
-                        }
-                        Err(fail) => {
-                            // Roll back before the write lock is released.
-                            let _ = $tx.rollback().await;
-                            Err(fail)
-                        }
-                    }
+                    let mut $conn = writer.conn(shared).await?;
+                    Ok($body)
                 }
                 .await;
                 writer.after(&attempt);
@@ -271,40 +272,29 @@ macro_rules! write_tx {
     }};
 }
 
-/// Runs `$body` on a pooled connection in autocommit mode, under this
-/// process's write lock, with `$now` read once the lock is held: for writes
-/// made of statements that are each correct on their own, so each commits
-/// by itself and the `BEGIN` and `COMMIT` round trips to SQLite's worker
-/// thread are saved (on the hot paths, `pull` and `complete_batch`, they
-/// were most of the cost). Lock errors retry the whole body with backoff,
-/// as in `write_tx!`.
-macro_rules! write_each {
-    ($backend:expr, |$conn:ident, $now:ident| $body:block) => {{
-        let shared = &$backend.shared;
-        let mut backoff = Backoff::new(shared.lock_timeout);
-        loop {
-            let attempt: std::result::Result<_, Fail> = async {
-                let mut writer = shared.writer.lock().await;
-                let attempt: std::result::Result<_, Fail> = async {
-                    let mut $conn = writer.conn(shared).await?;
-                    let $now: OffsetDateTime = shared.clock.now();
-                    Ok($body)
+/// Runs `$body` in a `BEGIN IMMEDIATE` transaction `$tx`, as one attempt of
+/// `write_each!`, with `$now` read once the transaction holds SQLite's write
+/// lock. A relayq error from `$body` rolls back and ends the operation; a
+/// lock error retries the whole transaction.
+macro_rules! write_tx {
+    ($backend:expr, |$tx:ident, $now:ident| $body:block) => {
+        write_each!($backend, |conn| {
+            let mut $tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+            let $now: OffsetDateTime = $backend.shared.clock.now();
+            let outcome: std::result::Result<_, Fail> = async { Ok($body) }.await;
+            match outcome {
+                Ok(out) => {
+                    $tx.commit().await?;
+                    out
                 }
-                .await;
-                writer.after(&attempt);
-                attempt
-            }
-            .await;
-            match attempt {
-                Ok(out) => break Ok(out),
                 Err(fail) => {
-                    if let Err(e) = backoff.after(fail, &shared.lock_retries).await {
-                        break Err(e);
-                    }
+                    // Roll back before the write lock is released.
+                    let _ = $tx.rollback().await;
+                    return Err(fail);
                 }
             }
-        }
-    }};
+        })
+    };
 }
 
 /// Runs the read `$body` (which uses `$pool`), retrying lock errors.
@@ -512,31 +502,14 @@ impl SqliteBackend {
     /// processes may keep part of the log, which SQLite checkpoints later).
     /// Safe at any time; nothing changes for readers.
     pub async fn checkpoint(&self) -> Result<()> {
-        let shared = &self.shared;
-        let mut backoff = Backoff::new(shared.lock_timeout);
-        loop {
-            let attempt: std::result::Result<(), Fail> = async {
-                let mut writer = shared.writer.lock().await;
-                let attempt: std::result::Result<(), Fail> = async {
-                    let mut conn = writer.conn(shared).await?;
-                    sqlx::query("PRAGMA optimize").execute(&mut *conn).await?;
-                    if !shared.in_memory {
-                        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                            .execute(&mut *conn)
-                            .await?;
-                    }
-                    Ok(())
-                }
-                .await;
-                writer.after(&attempt);
-                attempt
+        write_each!(self, |conn| {
+            sqlx::query("PRAGMA optimize").execute(&mut *conn).await?;
+            if !self.shared.in_memory {
+                sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .execute(&mut *conn)
+                    .await?;
             }
-            .await;
-            match attempt {
-                Ok(()) => return Ok(()),
-                Err(fail) => backoff.after(fail, &shared.lock_retries).await?,
-            }
-        }
+        })
     }
 
     /// How many times an operation was retried because the database was
