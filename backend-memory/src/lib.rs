@@ -32,6 +32,7 @@
 //! ([`testing::Inline`]).
 
 mod state;
+mod table;
 pub mod testing;
 
 use std::fmt;

@@ -1,7 +1,8 @@
 //! The store's state and its transitions. Every method runs under the
 //! backend's one lock, so each is atomic.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use relayq_core::{
     Job, JobId, JobPage, JobStatus, LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, PullRequest,
@@ -9,6 +10,8 @@ use relayq_core::{
 };
 use serde_json::Value;
 use time::OffsetDateTime;
+
+use crate::table::JobTable;
 
 /// An instant as index keys hold it: nanoseconds since the Unix epoch.
 /// Ordered as the `OffsetDateTime` it comes from, but compared far more
@@ -36,13 +39,13 @@ struct QueueIndex {
 
 impl QueueIndex {
     /// Moves every scheduled job due at `now` into `ready`.
-    fn promote(&mut self, now: Ts, jobs: &BTreeMap<JobId, Job>) {
+    fn promote(&mut self, now: Ts, jobs: &JobTable) {
         while let Some(&(run_at, id)) = self.scheduled.first() {
             if run_at > now {
                 break;
             }
             self.scheduled.pop_first();
-            self.ready.insert((jobs[&id].priority, run_at, id));
+            self.ready.insert((jobs[id].priority, run_at, id));
         }
     }
 }
@@ -65,8 +68,7 @@ fn grant(job: &mut Job, now: OffsetDateTime, until: OffsetDateTime) -> LeasedJob
 
 #[derive(Debug, Default)]
 pub(crate) struct State {
-    last_id: JobId,
-    jobs: BTreeMap<JobId, Job>,
+    jobs: JobTable,
     queues: HashMap<String, QueueIndex>,
     /// (queue, unique_key) of every active job that has a key.
     unique: HashMap<(String, String), JobId>,
@@ -82,7 +84,7 @@ impl State {
     }
 
     pub(crate) fn get(&self, id: JobId) -> Option<&Job> {
-        self.jobs.get(&id)
+        self.jobs.get(id)
     }
 
     pub(crate) fn insert(
@@ -96,8 +98,7 @@ impl State {
         {
             return PushOutcome::Duplicate(id);
         }
-        self.last_id += 1;
-        let id = self.last_id;
+        let id = self.jobs.next_id();
         if let Some(key) = &job.unique_key {
             self.unique.insert((job.queue.clone(), key.clone()), id);
         }
@@ -106,27 +107,24 @@ impl State {
             .or_default()
             .scheduled
             .insert((ts(run_at), id));
-        self.jobs.insert(
+        self.jobs.push(Job {
             id,
-            Job {
-                id,
-                queue: job.queue,
-                kind: job.kind,
-                payload: job.payload,
-                priority: job.priority,
-                status: JobStatus::Pending,
-                attempts: 0,
-                max_attempts: job.max_attempts,
-                lease_token: 0,
-                run_at,
-                locked_until: None,
-                unique_key: job.unique_key,
-                last_error: None,
-                result: None,
-                created_at: now,
-                updated_at: now,
-            },
-        );
+            queue: job.queue,
+            kind: job.kind,
+            payload: Arc::new(job.payload),
+            priority: job.priority,
+            status: JobStatus::Pending,
+            attempts: 0,
+            max_attempts: job.max_attempts,
+            lease_token: 0,
+            run_at,
+            locked_until: None,
+            unique_key: job.unique_key,
+            last_error: None,
+            result: None,
+            created_at: now,
+            updated_at: now,
+        });
         PushOutcome::Created(id)
     }
 
@@ -152,7 +150,7 @@ impl State {
                     break;
                 }
                 index.leased.pop_first();
-                let job = &self.jobs[&id];
+                let job = &self.jobs[id];
                 if job.attempts >= job.max_attempts {
                     died.push(id);
                 } else {
@@ -179,7 +177,7 @@ impl State {
                 let Some((_, _, id)) = index.ready.pop_first() else {
                     break;
                 };
-                let job = self.jobs.get_mut(&id).expect("indexed job exists");
+                let job = &mut self.jobs[id];
                 index.leased.insert((until_ts, id));
                 leased.push(grant(job, now, until));
             }
@@ -195,7 +193,7 @@ impl State {
 
         let mut leased = Vec::with_capacity(candidates.len());
         for key @ (_, _, id) in candidates {
-            let job = self.jobs.get_mut(&id).expect("indexed job exists");
+            let job = &mut self.jobs[id];
             let index = self.queues.get_mut(&job.queue).expect("queue indexed");
             if job.status == JobStatus::Pending {
                 index.ready.remove(&key);
@@ -206,7 +204,7 @@ impl State {
             leased.push(grant(job, now, until));
         }
         for (locked_until, id) in expired {
-            let queue = &self.jobs[&id].queue;
+            let queue = &self.jobs[id].queue;
             let index = self.queues.get_mut(queue).expect("queue indexed");
             index.leased.insert((locked_until, id));
         }
@@ -218,7 +216,7 @@ impl State {
     fn take_lease(&mut self, lease: &Lease) -> Result<&mut Job> {
         let job = self
             .jobs
-            .get_mut(&lease.job_id)
+            .get_mut(lease.job_id)
             .filter(|job| job.status == JobStatus::Processing && job.lease_token == lease.token)
             .ok_or_else(|| lease.lost())?;
         let locked_until = job.locked_until.expect("processing job has a lease");
@@ -239,7 +237,7 @@ impl State {
         now: OffsetDateTime,
         update: impl FnOnce(&mut Job),
     ) {
-        let job = self.jobs.get_mut(&id).expect("job exists");
+        let job = &mut self.jobs[id];
         job.status = status;
         job.locked_until = None;
         job.updated_at = now;
@@ -251,7 +249,7 @@ impl State {
 
     /// Puts a taken job back in its queue as `Pending`.
     fn reschedule(&mut self, id: JobId, run_at: OffsetDateTime, now: OffsetDateTime) {
-        let job = self.jobs.get_mut(&id).expect("job exists");
+        let job = &mut self.jobs[id];
         job.status = JobStatus::Pending;
         job.run_at = run_at;
         job.updated_at = now;
@@ -334,8 +332,7 @@ impl State {
         let limit = filter.limit as usize;
         let mut jobs: Vec<Job> = self
             .jobs
-            .range(start..)
-            .map(|(_, job)| job)
+            .since(start)
             .filter(|job| filter.status.is_none_or(|s| job.status == s))
             .filter(|job| filter.queue.as_ref().is_none_or(|q| &job.queue == q))
             .filter(|job| filter.kind.as_ref().is_none_or(|k| &job.kind == k))
@@ -366,7 +363,7 @@ impl State {
     pub(crate) fn clean(&mut self, status: JobStatus, before: OffsetDateTime) -> u64 {
         let before_len = self.jobs.len();
         self.jobs
-            .retain(|_, job| !(job.status == status && job.updated_at < before));
+            .retain(|job| !(job.status == status && job.updated_at < before));
         (before_len - self.jobs.len()) as u64
     }
 }

@@ -70,7 +70,7 @@ impl MemoryBackend {
             .into_iter()
             .filter(|job| job.status == JobStatus::Pending && job.kind == J::KIND)
             .map(|job| {
-                serde_json::from_value(job.payload.clone()).unwrap_or_else(|e| {
+                serde_json::from_value(serde_json::Value::clone(&job.payload)).unwrap_or_else(|e| {
                     panic!(
                         "job {} of kind {:?} does not decode as {}: {e}; payload {}",
                         job.id,

@@ -1,5 +1,7 @@
 //! Reading rows into core types.
 
+use std::sync::Arc;
+
 use relayq_core::{Error, Job, JobStatus, Result};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -19,7 +21,7 @@ pub(crate) fn job(row: &PgRow) -> Result<Job> {
         id: row.try_get("id").map_err(db_err)?,
         queue: row.try_get("queue").map_err(db_err)?,
         kind: row.try_get("kind").map_err(db_err)?,
-        payload: row.try_get("payload").map_err(db_err)?,
+        payload: Arc::new(row.try_get("payload").map_err(db_err)?),
         priority: row.try_get("priority").map_err(db_err)?,
         status: status(&status_text)?,
         attempts: row.try_get("attempts").map_err(db_err)?,

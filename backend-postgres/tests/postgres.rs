@@ -1065,7 +1065,7 @@ async fn batch_ids_name_their_jobs_in_input_order() {
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids grow: {ids:?}");
         for (id, payload) in ids.iter().zip(&expected) {
             let stored = backend.get(*id).await.expect("get").expect("stored");
-            assert_eq!(&stored.payload, payload, "job {id}");
+            assert_eq!(&*stored.payload, payload, "job {id}");
         }
     }
     let one = backend.push(job(2000)).await.expect("push").id();
@@ -1075,8 +1075,9 @@ async fn batch_ids_name_their_jobs_in_input_order() {
             .await
             .expect("get")
             .expect("stored")
-            .payload,
-        json!({ "n": 2000 })
+            .payload
+            .as_ref(),
+        &json!({ "n": 2000 })
     );
     let keyed = backend
         .push(job(2001).unique_key("key-1000"))
@@ -1094,8 +1095,9 @@ async fn batch_ids_name_their_jobs_in_input_order() {
             .await
             .expect("get")
             .expect("stored")
-            .payload,
-        json!({ "n": 2002 })
+            .payload
+            .as_ref(),
+        &json!({ "n": 2002 })
     );
     testing::drop_schema(backend.schema()).await;
 }
@@ -1138,7 +1140,7 @@ fn spread_job(n: i64) -> NewJob {
 /// Checks the job `id` is job `n` of [`spread_job`].
 async fn assert_is_job(backend: &PgBackend, id: i64, n: i64) {
     let stored = backend.get(id).await.expect("get").expect("stored");
-    assert_eq!(stored.payload, json!({ "n": n }), "job {id}");
+    assert_eq!(*stored.payload, json!({ "n": n }), "job {id}");
     assert_eq!(stored.queue, format!("q{}", n % 3), "job {id}");
     assert_eq!(i64::from(stored.priority), n % 7, "job {id}");
     assert_eq!(stored.status, JobStatus::Pending, "job {id}");
@@ -1271,7 +1273,7 @@ async fn folded_pushes_use_the_injected_clock_and_validate_each_push() {
                     .await
                     .expect("get")
                     .expect("stored");
-                assert_eq!(stored.payload, json!({ "n": n }));
+                assert_eq!(*stored.payload, json!({ "n": n }));
                 assert_eq!(stored.created_at, relayq_conformance::EPOCH);
                 assert_eq!(
                     stored.run_at,
@@ -1338,6 +1340,6 @@ async fn folded_pushes_survive_a_runtime_shutting_down_mid_insert() {
         }
     }
     let stored = stored.expect("stored");
-    assert_eq!(stored.payload, json!({ "n": -1 }));
+    assert_eq!(*stored.payload, json!({ "n": -1 }));
     testing::drop_schema(backend.schema()).await;
 }

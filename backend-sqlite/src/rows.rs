@@ -1,6 +1,8 @@
 //! How jobs are stored: timestamps as INTEGER microseconds since the Unix
 //! epoch, JSON as text, the status as its lowercase name.
 
+use std::sync::Arc;
+
 use relayq_core::{Error, Job, JobStatus};
 use serde_json::Value;
 use sqlx::Row;
@@ -51,7 +53,7 @@ pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Fail> {
         id: row.try_get("id")?,
         queue: row.try_get("queue")?,
         kind: row.try_get("kind")?,
-        payload: json("payload", &payload)?,
+        payload: Arc::new(json("payload", &payload)?),
         priority: i16::try_from(priority)
             .map_err(|_| corrupt(format!("priority {priority} out of range")))?,
         status: status

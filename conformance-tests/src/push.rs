@@ -7,7 +7,7 @@ use relayq_core::{
     NewJob, PullRequest, PushOutcome,
 };
 use serde::{Serialize, Serializer};
-use serde_json::json;
+use serde_json::{Value, json};
 use time::Duration;
 
 use crate::harness::{Harness, job};
@@ -46,7 +46,7 @@ pub async fn push_then_get_round_trips_every_field(h: Harness) {
     assert_eq!(job.id, id);
     assert_eq!(job.queue, "mail");
     assert_eq!(job.kind, "send_email");
-    assert_eq!(job.payload, payload);
+    assert_eq!(*job.payload, payload);
     assert_eq!(job.priority, -3);
     assert_eq!(job.status, JobStatus::Pending);
     assert_eq!(job.attempts, 0);
@@ -225,7 +225,7 @@ pub async fn hostile_strings_round_trip(h: Harness) {
         let job = h.job(id).await;
         assert_eq!((job.kind.as_str(), job.queue.as_str()), (*name, *name));
         assert_eq!(job.unique_key.as_deref(), Some(*name));
-        assert_eq!(job.payload, payload);
+        assert_eq!(*job.payload, payload);
         let leased = h.pull_one(name).await;
         assert_eq!(leased.job.id, id);
         h.backend
@@ -273,7 +273,7 @@ pub async fn deep_json_round_trips_up_to_the_limit(h: Harness) {
     assert_store_empty(&h).await;
     let id = h.push(NewJob::new("k", &deepest)).await;
     let leased = h.pull_one("default").await;
-    assert_eq!(leased.job.payload, deepest);
+    assert_eq!(*leased.job.payload, deepest);
     assert_invalid(
         h.backend
             .complete(&leased.lease, Some(nested(relayq_core::MAX_JSON_DEPTH + 1)))
@@ -285,7 +285,10 @@ pub async fn deep_json_round_trips_up_to_the_limit(h: Harness) {
         .await
         .expect("complete with the deepest result");
     let job = h.job(id).await;
-    assert_eq!((job.payload, job.result), (deepest.clone(), Some(deepest)));
+    assert_eq!(
+        (Value::clone(&job.payload), job.result),
+        (deepest.clone(), Some(deepest))
+    );
 }
 
 /// A 2.5 MB payload and result round trip exactly, and hostile or
@@ -299,9 +302,9 @@ pub async fn huge_payloads_round_trip_and_rejections_touch_no_other_row(h: Harne
         "items": (0..50_000).collect::<Vec<u32>>(),
     });
     let id = h.push(NewJob::new("huge", &big).queue("big")).await;
-    assert_eq!(h.job(id).await.payload, big);
+    assert_eq!(*h.job(id).await.payload, big);
     let leased = h.pull_one("big").await;
-    assert_eq!(leased.job.payload, big);
+    assert_eq!(*leased.job.payload, big);
     h.backend
         .complete(&leased.lease, Some(big.clone()))
         .await

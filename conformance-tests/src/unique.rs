@@ -32,7 +32,7 @@ pub async fn unique_key_dedupes_while_active(h: Harness) {
     let while_retrying = h.backend.push(job("k", 5).unique_key("report:7")).await;
     assert_eq!(while_retrying.expect("push"), PushOutcome::Duplicate(first));
     assert_eq!(
-        h.job(first).await.payload,
+        *h.job(first).await.payload,
         serde_json::json!({"n": 1}),
         "duplicate changes nothing"
     );
@@ -80,7 +80,7 @@ pub async fn unique_key_dedupes_within_a_batch(h: Harness) {
     assert_eq!(outcomes[2], PushOutcome::Duplicate(existing));
     assert!(!outcomes[3].is_duplicate());
     assert!(!outcomes[4].is_duplicate());
-    assert_eq!(h.job(created).await.payload, serde_json::json!({"n": 1}));
+    assert_eq!(*h.job(created).await.payload, serde_json::json!({"n": 1}));
     let stats = h.backend.stats().await.expect("stats");
     assert_eq!(stats.queue("default").total(), 3);
     assert_eq!(stats.queue("q2").total(), 1);

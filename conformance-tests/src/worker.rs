@@ -522,7 +522,7 @@ pub async fn worker_shutdown_finishes_in_flight_then_releases(h: Harness) {
         .iter()
         .find(|l| l.job.id != stuck)
         .expect("the job pushed during shutdown");
-    assert_eq!(third.job.payload, json!({ "n": 3 }));
+    assert_eq!(*third.job.payload, json!({ "n": 3 }));
     assert_eq!(third.job.attempts, 1, "never started before");
 }
 

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -101,8 +102,9 @@ pub struct Job {
     pub queue: String,
     /// Names the handler that runs it.
     pub kind: String,
-    /// The handler's input.
-    pub payload: Value,
+    /// The handler's input, shared: a store and the workers it hands the
+    /// job to hold one payload, not a copy each.
+    pub payload: Arc<Value>,
     /// Lower runs first.
     pub priority: i16,
     /// Where it is in its life.

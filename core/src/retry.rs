@@ -252,7 +252,7 @@ mod tests {
             id: 1,
             queue: "default".into(),
             kind: "k".into(),
-            payload: serde_json::Value::Null,
+            payload: Arc::new(serde_json::Value::Null),
             priority: 0,
             status: JobStatus::Processing,
             attempts: 1,
