@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot, watch};
 use tracing::Instrument;
 
+use super::board::Board;
 use super::events::{Event, JobInfo, Outcome};
 use super::handler::{Entry, HandlerError, JobContext, Phase, RunFuture};
 use super::keeper::Hold;
@@ -95,8 +96,8 @@ pub(crate) enum Mode {
     /// On one of a started worker's lanes, beside other jobs: its lease
     /// kept alive, completions batched.
     Spawned {
-        phase: watch::Receiver<Phase>,
-        acks: mpsc::UnboundedSender<Ack>,
+        /// What the worker's jobs share.
+        started: Arc<Started>,
         /// The worker's concurrency slot, given back once the handler has
         /// returned: recording the outcome does not count against the
         /// concurrency, so the next pull need not wait for it.
@@ -105,6 +106,26 @@ pub(crate) enum Mode {
         /// it until the outcome is recorded.
         hold: Option<Hold>,
     },
+}
+
+/// What every job of a started worker shares.
+pub(crate) struct Started {
+    /// The worker's phase: running, stopping, or abandoning its jobs.
+    pub(crate) phase: watch::Receiver<Phase>,
+    /// Where completions go to be recorded in batches.
+    pub(crate) acks: mpsc::UnboundedSender<Ack>,
+    /// Counts the completions handed over.
+    pub(crate) board: Arc<Board>,
+}
+
+/// How a job's run ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// Its outcome is recorded (or could not be): this one.
+    Recorded(Outcome),
+    /// It succeeded and its completion went to the batcher, which records
+    /// it with others and reports the outcome.
+    Handed,
 }
 
 /// What one handler run came to, before it is recorded.
@@ -139,16 +160,10 @@ pub(crate) fn execute<S: Send + Sync + 'static>(
     shared: Arc<Shared<S>>,
     leased: LeasedJob,
     mode: Mode,
-) -> impl Future<Output = Outcome> + Send {
+) -> impl Future<Output = Ended> + Send {
     let lease = leased.lease;
     let job = Arc::new(leased.job);
-    let span = tracing::info_span!(
-        "job",
-        id = job.id,
-        kind = %job.kind,
-        queue = %job.queue,
-        attempt = job.attempts
-    );
+    let span = job_span(&job);
     async move {
         // Building events costs allocations per job (the `JobInfo` copies
         // the kind and queue): skip them when nobody is listening (no hook,
@@ -160,39 +175,62 @@ pub(crate) fn execute<S: Send + Sync + 'static>(
             });
         }
         tracing::debug!("started");
-        let outcome = run_and_record(&shared, Arc::clone(&job), lease, mode).await;
-        match &outcome {
-            Outcome::Completed { .. } => tracing::debug!("completed"),
-            Outcome::Retrying { error, delay } => {
-                tracing::warn!(%error, ?delay, "failed; will retry");
-            }
-            Outcome::Dead { error } => tracing::error!(%error, "dead"),
-            Outcome::Released => tracing::info!("released at shutdown"),
-            Outcome::LeaseLost => tracing::warn!("lease lost; outcome discarded"),
-            Outcome::Unrecorded { error } => {
-                tracing::error!(%error, "could not record the outcome");
-            }
+        let ended = run_and_record(&shared, Arc::clone(&job), lease, mode).await;
+        if let Ended::Recorded(outcome) = &ended {
+            report(&shared, &job, outcome, observed);
         }
-        if observed || shared.is_observed() {
-            shared.emit(Event::Finished {
-                job: JobInfo::from(&*job),
-                outcome: outcome.clone(),
-            });
-        }
-        outcome
+        ended
     }
     .instrument(span)
+}
+
+/// The span of a job's attempt.
+fn job_span(job: &Job) -> tracing::Span {
+    tracing::info_span!(
+        "job",
+        id = job.id,
+        kind = %job.kind,
+        queue = %job.queue,
+        attempt = job.attempts
+    )
+}
+
+/// Logs how an attempt ended and tells hooks and subscribers, if any were
+/// `observed` when it started or are now.
+fn report<S>(shared: &Shared<S>, job: &Job, outcome: &Outcome, observed: bool) {
+    match outcome {
+        Outcome::Completed { .. } => tracing::debug!("completed"),
+        Outcome::Retrying { error, delay } => {
+            tracing::warn!(%error, ?delay, "failed; will retry");
+        }
+        Outcome::Dead { error } => tracing::error!(%error, "dead"),
+        Outcome::Released => tracing::info!("released at shutdown"),
+        Outcome::LeaseLost => tracing::warn!("lease lost; outcome discarded"),
+        Outcome::Unrecorded { error } => {
+            tracing::error!(%error, "could not record the outcome");
+        }
+    }
+    if observed || shared.is_observed() {
+        shared.emit(Event::Finished {
+            job: JobInfo::from(job),
+            outcome: outcome.clone(),
+        });
+    }
 }
 
 async fn run_and_record<S: Send + Sync + 'static>(
     shared: &Arc<Shared<S>>,
     job: Arc<Job>,
     lease: Lease,
-    mut mode: Mode,
-) -> Outcome {
-    let (slot, mut hold) = match &mut mode {
-        Mode::Spawned { slot, hold, .. } => (slot.take(), hold.take()),
-        Mode::Inline => (None, None),
+    mode: Mode,
+) -> Ended {
+    let (worker, slot, mut hold) = match mode {
+        Mode::Spawned {
+            started,
+            slot,
+            hold,
+        } => (Some(started), slot, hold),
+        Mode::Inline => (None, None, None),
     };
     let backend = &*shared.backend;
     let Some(entry) = shared.handlers.get(&job.kind) else {
@@ -202,7 +240,7 @@ async fn run_and_record<S: Send + Sync + 'static>(
             "no handler is registered for kind {:?} (this worker handles {kinds:?})",
             job.kind
         );
-        return record_kill(backend, &lease, error).await;
+        return Ended::Recorded(record_kill(backend, &lease, error).await);
     };
 
     let deadline = match &hold {
@@ -211,10 +249,10 @@ async fn run_and_record<S: Send + Sync + 'static>(
             job.locked_until.unwrap_or(OffsetDateTime::UNIX_EPOCH),
         )),
     };
-    let phase = match &mode {
-        Mode::Spawned { phase, .. } => phase.clone(),
+    let phase = match &worker {
+        Some(worker) => worker.phase.clone(),
         // Nothing shuts an inline run down.
-        Mode::Inline => watch::channel(Phase::Running).1,
+        None => watch::channel(Phase::Running).1,
     };
     let ctx = JobContext::new(
         Arc::clone(&job),
@@ -228,10 +266,10 @@ async fn run_and_record<S: Send + Sync + 'static>(
     let timeout = entry.timeout.or(shared.config.timeout);
     let attempt = match started {
         Err(panic) => Attempt::Panicked(panic_message(&*panic)),
-        Ok(Err(unusable)) => return record_kill(backend, &lease, unusable).await,
-        Ok(Ok(fut)) => match (&mode, &mut hold) {
-            (Mode::Spawned { phase, .. }, Some(hold)) => {
-                run_spawned(fut, timeout, &mut hold.lost, phase.clone()).await
+        Ok(Err(unusable)) => return Ended::Recorded(record_kill(backend, &lease, unusable).await),
+        Ok(Ok(fut)) => match (&worker, &mut hold) {
+            (Some(worker), Some(hold)) => {
+                run_spawned(fut, timeout, &mut hold.lost, worker.phase.clone()).await
             }
             _ => run_inline(fut, timeout).await,
         },
@@ -239,9 +277,15 @@ async fn run_and_record<S: Send + Sync + 'static>(
     // The handler is done; only the acknowledgement is left.
     drop(slot);
 
-    match attempt {
+    let outcome = match attempt {
         Attempt::Succeeded(result) => match check_result(result.as_ref()) {
-            Ok(()) => complete(backend, lease, result, &mode).await,
+            Ok(()) => {
+                let completion = Completion { lease, result };
+                return match worker {
+                    Some(worker) => hand(shared, &worker, completion, job, hold).await,
+                    None => Ended::Recorded(complete(backend, completion).await),
+                };
+            }
             Err(e) => {
                 let error =
                     HandlerError::new(format!("the handler's result cannot be stored: {e}"));
@@ -262,7 +306,8 @@ async fn run_and_record<S: Send + Sync + 'static>(
             Ok(()) => Outcome::Released,
             Err(e) => unrecorded(e),
         },
-    }
+    };
+    Ended::Recorded(outcome)
 }
 
 async fn run_inline(fut: RunFuture, timeout: Option<Duration>) -> Attempt {
@@ -346,34 +391,43 @@ async fn record_kill(backend: &dyn Backend, lease: &Lease, error: String) -> Out
     }
 }
 
-async fn complete(
-    backend: &dyn Backend,
-    lease: Lease,
-    result: Option<Value>,
-    mode: &Mode,
-) -> Outcome {
-    if let Mode::Spawned { acks, .. } = mode {
-        let (reply, replied) = oneshot::channel();
-        let ack = Ack {
-            completion: Completion {
-                lease,
-                result: result.clone(),
-            },
-            reply,
-        };
-        if acks.send(ack).is_ok() {
-            return match replied.await {
-                Ok(AckReply::Done) => Outcome::Completed { result },
-                Ok(AckReply::Lost) => Outcome::LeaseLost,
-                Ok(AckReply::Failed(error)) => Outcome::Unrecorded { error },
-                Err(_) => Outcome::Unrecorded {
-                    error: "the completion batcher stopped".to_owned(),
-                },
-            };
+/// Hands a completion to the worker's batcher, with the hold that keeps
+/// its lease renewed until it is recorded; records it at once if the
+/// batcher is gone.
+async fn hand<S>(
+    shared: &Shared<S>,
+    started: &Started,
+    completion: Completion,
+    job: Arc<Job>,
+    hold: Option<Hold>,
+) -> Ended {
+    // The outcome's copy of the result, only if anyone will see it.
+    let reported = shared.is_observed().then(|| completion.result.clone());
+    started.board.handed();
+    let ack = Ack {
+        completion,
+        job,
+        reported,
+        hold,
+    };
+    match started.acks.send(ack) {
+        Ok(()) => Ended::Handed,
+        Err(mpsc::error::SendError(ack)) => {
+            started.board.recorded(1);
+            Ended::Recorded(complete(&*shared.backend, ack.completion).await)
         }
     }
-    match backend.complete(&lease, result.clone()).await {
-        Ok(()) => Outcome::Completed { result },
+}
+
+/// Records one completion on its own.
+async fn complete(backend: &dyn Backend, completion: Completion) -> Outcome {
+    match backend
+        .complete(&completion.lease, completion.result.clone())
+        .await
+    {
+        Ok(()) => Outcome::Completed {
+            result: completion.result,
+        },
         Err(e) => unrecorded(e),
     }
 }
@@ -391,13 +445,12 @@ fn unrecorded(e: Error) -> Outcome {
 /// One completion waiting to be batched.
 pub(crate) struct Ack {
     completion: Completion,
-    reply: oneshot::Sender<AckReply>,
-}
-
-enum AckReply {
-    Done,
-    Lost,
-    Failed(String),
+    job: Arc<Job>,
+    /// The result for the outcome reported once recorded, if anyone was
+    /// listening when the handler returned.
+    reported: Option<Option<Value>>,
+    /// Keeps the lease renewed until the completion is recorded.
+    hold: Option<Hold>,
 }
 
 /// How many `complete_batch` calls may be under way at once. On a durable
@@ -407,10 +460,12 @@ const ACK_BATCHES_AT_ONCE: usize = 4;
 
 /// Records completions with `complete_batch`: whatever is queued when a
 /// call may start goes in it (up to [`ACK_BATCHES_AT_ONCE`] calls at once),
-/// so an idle worker acks at once and a busy one in bulk. Ends when every
-/// sender is gone and every call has returned.
-pub(crate) async fn batch_completions(
-    backend: Arc<dyn Backend>,
+/// so an idle worker acks at once and a busy one in bulk; then reports
+/// each outcome and lets the leases go. Ends when every sender is gone and
+/// every call has returned.
+pub(crate) async fn batch_completions<S>(
+    shared: Arc<Shared<S>>,
+    board: Arc<Board>,
     mut acks: mpsc::UnboundedReceiver<Ack>,
 ) {
     let mut sending = FuturesUnordered::new();
@@ -429,40 +484,44 @@ pub(crate) async fn batch_completions(
                         Err(_) => break,
                     }
                 }
-                sending.push(record_completions(&*backend, batch));
+                sending.push(record_completions(&shared, &board, batch));
             }
             Some(()) = sending.next(), if !sending.is_empty() => {}
         }
     }
 }
 
-/// Records one batch of completions and answers each.
-async fn record_completions(backend: &dyn Backend, batch: Vec<Ack>) {
-    let (completions, replies): (Vec<Completion>, Vec<(Lease, oneshot::Sender<AckReply>)>) = batch
-        .into_iter()
-        .map(|a| {
-            let lease = a.completion.lease;
-            (a.completion, (lease, a.reply))
-        })
-        .unzip();
-    match backend.complete_batch(completions).await {
-        Ok(lost) => {
-            for (lease, reply) in replies {
-                let answer = if lost.contains(&lease) {
-                    AckReply::Lost
-                } else {
-                    AckReply::Done
-                };
-                let _ = reply.send(answer);
-            }
-        }
-        Err(e) => {
-            let error = e.to_string();
-            for (_, reply) in replies {
-                let _ = reply.send(AckReply::Failed(error.clone()));
-            }
+/// Records one batch of completions and reports each outcome.
+async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack>) {
+    let n = batch.len();
+    let mut completions = Vec::with_capacity(n);
+    let mut rest = Vec::with_capacity(n);
+    for ack in batch {
+        rest.push((ack.completion.lease, ack.job, ack.reported, ack.hold));
+        completions.push(ack.completion);
+    }
+    let recorded = shared.backend.complete_batch(completions).await;
+    for (lease, job, reported, hold) in rest {
+        // Recorded (or given up on): the lease is let go.
+        drop(hold);
+        let outcome = match &recorded {
+            Ok(lost) if lost.contains(&lease) => Outcome::LeaseLost,
+            Ok(_) => Outcome::Completed {
+                result: reported.clone().flatten(),
+            },
+            Err(e) => Outcome::Unrecorded {
+                error: e.to_string(),
+            },
+        };
+        // Only what is seen is built: a quiet, successful batch costs
+        // neither spans nor events.
+        if reported.is_some() || !matches!(outcome, Outcome::Completed { .. }) {
+            job_span(&job).in_scope(|| report(shared, &job, &outcome, reported.is_some()));
+        } else {
+            tracing::debug!(job = job.id, "completed");
         }
     }
+    board.recorded(n);
 }
 
 /// Makes a message storable: NUL (which PostgreSQL's `text` rejects) becomes

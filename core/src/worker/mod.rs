@@ -48,6 +48,8 @@
 //! # }
 //! ```
 
+mod board;
+mod buffer;
 mod events;
 mod execute;
 mod handler;
@@ -70,7 +72,7 @@ pub use events::{Event, EventStream, JobInfo, Outcome};
 pub use handler::{Handler, HandlerError, JobContext, JobType};
 pub use runner::ShutdownReport;
 
-use execute::{Config, Hook, Mode, Shared, execute};
+use execute::{Config, Ended, Hook, Mode, Shared, execute};
 use handler::Entry;
 
 use crate::error::{Error, Result};
@@ -185,7 +187,10 @@ impl<S: Send + Sync + 'static> Worker<S> {
                 return Ok(report);
             };
             let info = JobInfo::from(&leased.job);
-            let outcome = execute(Arc::clone(&self.shared), leased, Mode::Inline).await;
+            let ended = execute(Arc::clone(&self.shared), leased, Mode::Inline).await;
+            let Ended::Recorded(outcome) = ended else {
+                unreachable!("an inline run records its own outcome")
+            };
             report.outcomes.push((info, outcome));
         }
     }

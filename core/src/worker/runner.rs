@@ -16,19 +16,21 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
 use super::WorkerBuilder;
+use super::board::Board;
+use super::buffer::{Buffer, Buffered};
 use super::events::Outcome;
-use super::execute::{Mode, Shared, batch_completions, execute, panic_message};
+use super::execute::{Ended, Mode, Shared, Started, batch_completions, execute, panic_message};
 use super::handler::Phase;
-use super::keeper::{Hold, LeaseKeeper};
+use super::keeper::LeaseKeeper;
 use super::prefetch::Prefetch;
 use crate::error::Result;
 use crate::lease::LeasedJob;
@@ -72,60 +74,43 @@ fn log_join_error(e: &JoinError) {
     tracing::error!(error = %e, "a lane of the worker failed");
 }
 
-/// What the lanes tell the pull loop, without waking it for every job.
-#[derive(Default)]
-struct Board {
-    /// Jobs started and not yet recorded, per lane.
-    in_flight: Vec<AtomicUsize>,
-    /// A job went back to the queue due at once (a retry with no delay):
-    /// the queues are worth pulling again.
-    due_now: AtomicBool,
-    /// The pull loop waits for started jobs to end (it holds as many
-    /// leases as it may): each end is to be signalled.
-    wants_ends: AtomicBool,
-    /// Signalled on `due_now`, and on job ends while `wants_ends`.
-    ended: Notify,
+/// What the pull loop and every lane share to start jobs.
+struct Starter<S> {
+    shared: Arc<Shared<S>>,
+    started: Arc<Started>,
+    buffer: Buffer,
+    /// One permit per handler allowed to run. A job gives its permit back
+    /// as soon as its handler returns, before the outcome is recorded, so
+    /// the next job starts without waiting for the (batched)
+    /// acknowledgements.
+    slots: Arc<Semaphore>,
 }
 
-impl Board {
-    fn in_flight(&self) -> usize {
-        self.in_flight
-            .iter()
-            .map(|n| n.load(Ordering::SeqCst))
-            .sum()
-    }
-
-    /// The lane with the fewest jobs, so that handlers spread over the
-    /// runtime's threads.
-    fn idlest_lane(&self) -> usize {
-        (0..self.in_flight.len())
-            .min_by_key(|&i| self.in_flight[i].load(Ordering::Relaxed))
-            .unwrap_or(0)
-    }
-
-    fn ended(&self, lane: usize, outcome: &Outcome) {
-        self.in_flight[lane].fetch_sub(1, Ordering::SeqCst);
-        let due = matches!(outcome, Outcome::Retrying { delay, .. } if delay.is_zero());
-        if due {
-            self.due_now.store(true, Ordering::SeqCst);
-        }
-        if due || self.wants_ends.load(Ordering::SeqCst) {
-            self.ended.notify_one();
-        }
+impl<S: Send + Sync + 'static> Starter<S> {
+    /// The run of a buffered job on the slot taken for it.
+    fn run(&self, job: Buffered, slot: OwnedSemaphorePermit) -> impl Future<Output = Ended> + Send {
+        let mode = Mode::Spawned {
+            started: Arc::clone(&self.started),
+            slot: Some(slot),
+            hold: Some(job.hold),
+        };
+        execute(Arc::clone(&self.shared), job.leased, mode)
     }
 }
 
 /// A job handed to a lane.
-type Start = (LeasedJob, Mode);
+type Start = (Buffered, OwnedSemaphorePermit);
 
-/// Runs the jobs sent to it, side by side, until its sender is gone and
-/// they have all ended; returns what they came to.
+/// Runs the jobs sent to it side by side, and starts buffered jobs on the
+/// slots its own runs free, until its sender is gone and its jobs have all
+/// ended; returns what they came to.
 async fn lane<S: Send + Sync + 'static>(
-    shared: Arc<Shared<S>>,
-    board: Arc<Board>,
+    starter: Arc<Starter<S>>,
     index: usize,
     mut starts: mpsc::UnboundedReceiver<Start>,
 ) -> ShutdownReport {
+    let board = &*starter.started.board;
+    let start = |job, slot| AssertUnwindSafe(starter.run(job, slot)).catch_unwind();
     let mut running = FuturesUnordered::new();
     let mut report = ShutdownReport::default();
     let mut open = true;
@@ -135,31 +120,39 @@ async fn lane<S: Send + Sync + 'static>(
             biased;
             Some(ended) = running.next(), if !running.is_empty() => {
                 match ended {
-                    Ok(outcome) => {
-                        board.ended(index, &outcome);
+                    Ok(Ended::Recorded(outcome)) => {
+                        board.ended(index, Some(&outcome));
                         report.count(&outcome);
+                    }
+                    Ok(Ended::Handed) => {
+                        board.ended(index, None);
+                        report.finished += 1;
                     }
                     Err(panic) => {
                         let panic: Box<dyn std::any::Any + Send> = panic;
                         // `execute` contains handler panics, so this is a
                         // bug in relayq itself; the lane and its other jobs
                         // go on.
-                        board.ended(index, &Outcome::LeaseLost);
+                        board.ended(index, Some(&Outcome::LeaseLost));
                         tracing::error!(
                             panic = %panic_message(&*panic),
                             "a job of the worker failed"
                         );
                     }
                 }
+                // The slot it held is free: the next buffered job starts
+                // here and now.
+                while let Some((job, slot)) = starter.buffer.take(&starter.slots, true) {
+                    board.in_flight[index].fetch_add(1, Ordering::SeqCst);
+                    running.push(start(job, slot));
+                }
             }
             received = starts.recv_many(&mut batch, 64), if open => {
                 if received == 0 {
                     open = false;
                 }
-                for (leased, mode) in batch.drain(..) {
-                    running.push(
-                        AssertUnwindSafe(execute(Arc::clone(&shared), leased, mode)).catch_unwind(),
-                    );
+                for (job, slot) in batch.drain(..) {
+                    running.push(start(job, slot));
                 }
             }
         }
@@ -217,14 +210,6 @@ struct Pulled {
     sent: Instant,
 }
 
-/// A leased job waiting for a slot.
-struct Buffered {
-    leased: LeasedJob,
-    hold: Hold,
-    /// When its pull came back.
-    buffered_at: Instant,
-}
-
 /// Pulls and runs jobs until `stop` carries a deadline (or its sender is
 /// gone), then drains: no more pulls, buffered jobs are released at once,
 /// in-flight jobs get until the deadline, the rest are released.
@@ -234,8 +219,6 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
 ) -> ShutdownReport {
     let config = &shared.config;
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
-    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-    let completer = tokio::spawn(batch_completions(Arc::clone(&shared.backend), ack_rx));
     let keeper = LeaseKeeper::start(
         Arc::clone(&shared.backend),
         config.lease,
@@ -245,26 +228,34 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     let declares_wakeups = caps.in_process_wakeups || caps.cross_process_wakeups;
     let mut wakeups = subscribe(&shared).await;
     let request = PullRequest::queues(config.queues.clone()).lease(config.backend_lease);
-    // The lanes that run started jobs until their outcomes are recorded.
+    // The lanes that run started jobs until their outcomes are recorded
+    // or handed to the completion batcher.
     let lanes = lane_count(config.concurrency);
-    let board = Arc::new(Board {
-        in_flight: (0..lanes).map(|_| AtomicUsize::new(0)).collect(),
-        ..Board::default()
+    let board = Arc::new(Board::new(lanes));
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let completer = tokio::spawn(batch_completions(
+        Arc::clone(&shared),
+        Arc::clone(&board),
+        ack_rx,
+    ));
+    let starter = Arc::new(Starter {
+        shared: Arc::clone(&shared),
+        started: Arc::new(Started {
+            phase: phase_rx,
+            acks: ack_tx,
+            board: Arc::clone(&board),
+        }),
+        buffer: Buffer::new(Arc::clone(&board)),
+        slots: Arc::new(Semaphore::new(config.concurrency as usize)),
     });
+    let (slots, buffer) = (&starter.slots, &starter.buffer);
     let mut lane_tasks: JoinSet<ShutdownReport> = JoinSet::new();
     let mut starts = Vec::with_capacity(lanes);
     for index in 0..lanes {
         let (tx, rx) = mpsc::unbounded_channel();
         starts.push(tx);
-        lane_tasks.spawn(lane(Arc::clone(&shared), Arc::clone(&board), index, rx));
+        lane_tasks.spawn(lane(Arc::clone(&starter), index, rx));
     }
-    // One permit per handler allowed to run. A job gives its permit
-    // back as soon as its handler returns, before the outcome is recorded,
-    // so the next job starts without waiting for the (batched)
-    // acknowledgements.
-    let slots = Arc::new(Semaphore::new(config.concurrency as usize));
-    // Leased jobs waiting for a slot, their leases renewed by the keeper.
-    let mut buffer: VecDeque<Buffered> = VecDeque::new();
     let mut prefetch = Prefetch::new(config.prefetch);
     let mut pulls: FuturesUnordered<Pulling> = FuturesUnordered::new();
     // Jobs asked for by the pulls under way.
@@ -295,55 +286,26 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
         if let Some(deadline) = *stop.borrow_and_update() {
             break deadline;
         }
-        // The fewest free slots the decisions below saw: a slot freed
-        // after them wakes the loop (jobs end without waking it).
-        let mut seen_free = u32::MAX;
         // The leases held when the pull loop last stopped short for lack of
         // room under `max_held`, if it did.
         let mut room_bound: Option<usize> = None;
-        // Start buffered jobs on the free slots. Only this loop takes
-        // permits, so the free count can only grow meanwhile.
-        while !buffer.is_empty() {
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                seen_free = 0;
-                break;
-            };
-            let Some(Buffered {
-                leased,
-                mut hold,
-                buffered_at,
-            }) = buffer.pop_front()
-            else {
-                break;
-            };
-            prefetch.waited(buffered_at.elapsed());
-            if hold.is_lost() {
-                // Taken while it waited (the store's clock jumped, or the
-                // database was unreachable for a whole lease): not ours.
-                continue;
-            }
-            let mode = Mode::Spawned {
-                phase: phase_rx.clone(),
-                acks: ack_tx.clone(),
-                slot: Some(slot),
-                hold: Some(hold),
-            };
+        // Start buffered jobs on the free slots (lanes start the next one
+        // themselves as their runs end).
+        while let Some((job, slot)) = buffer.take(slots, false) {
             let lane = board.idlest_lane();
             board.in_flight[lane].fetch_add(1, Ordering::SeqCst);
-            if let Err(mpsc::error::SendError((leased, _))) = starts[lane].send((leased, mode)) {
+            if starts[lane].send((job, slot)).is_err() {
                 // Lanes end only once their sender is dropped, below.
-                unreachable!(
-                    "lane {lane} stopped before job {} could start",
-                    leased.lease.job_id
-                );
+                unreachable!("lane {lane} stopped while the worker runs");
             }
         }
+        prefetch.waited(buffer.take_longest_wait());
 
         // Pull for the free slots and what the buffer lacks, in up to
         // PULLS_AT_ONCE overlapping pulls, each for the free slots and its
         // share of the buffer, so that the store serves them side by side.
         while more && pulls.len() < PULLS_AT_ONCE {
-            let mut free = free_slots(&slots);
+            let mut free = free_slots(slots);
             let target = prefetch.target() as usize;
             // Without a buffer to start from, let the handlers that are
             // about to return do so, so that one pull fills all their slots
@@ -355,11 +317,10 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                         break;
                     }
                     tokio::task::yield_now().await;
-                    free = free_slots(&slots);
+                    free = free_slots(slots);
                 }
             }
-            seen_free = seen_free.min(free);
-            let held = board.in_flight() + buffer.len() + asked;
+            let held = board.started() + buffer.len() + asked;
             let room = max_held.saturating_sub(held);
             let lacking = (free as usize + target).saturating_sub(buffer.len() + asked);
             let share = free as usize + target.div_ceil(PULLS_AT_ONCE);
@@ -387,12 +348,21 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
             }) as Pulling);
         }
 
+        // Taking jobs from the buffer (lanes do, as their runs end) wakes
+        // this loop once fewer are left than would make a pull worth it.
+        let target = prefetch.target() as usize;
+        buffer.set_low_water(
+            (free_slots(slots) as usize + target)
+                .saturating_sub(asked + target.div_ceil(2 * PULLS_AT_ONCE))
+                + 1,
+        );
+
         // Too many leases held to pull: only the end of a started job makes
         // room. Announced before counting again, so that an end between
         // the count and the wait is not missed.
         if let Some(held) = room_bound {
             board.wants_ends.store(true, Ordering::SeqCst);
-            if board.in_flight() + buffer.len() + asked < held {
+            if board.started() + buffer.len() + asked < held {
                 continue;
             }
         } else {
@@ -413,12 +383,14 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                         let now = Instant::now();
                         let full = jobs.len() >= pulled.asked as usize;
                         // Slots sat idle for this pull's round trip.
-                        let starved = buffer.is_empty() && free_slots(&slots) > 0;
+                        let starved = buffer.is_empty() && free_slots(slots) > 0;
                         prefetch.pulled(now.duration_since(pulled.sent), full, starved);
                         more &= full;
-                        for (leased, hold) in keeper.hold_all(jobs, pulled.sent) {
-                            buffer.push_back(Buffered { leased, hold, buffered_at: now });
-                        }
+                        buffer.extend(
+                            keeper
+                                .hold_all(jobs, pulled.sent)
+                                .map(|(leased, hold)| Buffered { leased, hold, buffered_at: now }),
+                        );
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "pull failed; trying again at the next poll");
@@ -426,16 +398,10 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                     }
                 }
             }
-            // A job went back due at once, or one ended while the held
-            // leases were at the bound.
+            // The buffer ran low (or dry with a slot free), a job went back
+            // due at once, or one ended while the held leases were at the
+            // bound.
             () = board.ended.notified() => {}
-            // A handler finished since: a buffered job may start, or more
-            // be pulled.
-            permit = slots.acquire_many(seen_free.saturating_add(1)),
-                if seen_free < config.concurrency
-                    && (!buffer.is_empty() || (more && pulls.len() < PULLS_AT_ONCE)) => {
-                drop(permit);
-            }
             signal = next_signal(&mut wakeups), if wakeups.is_some() => {
                 more = true;
                 if signal.is_none() {
@@ -459,7 +425,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     };
 
     tracing::info!(
-        in_flight = board.in_flight(),
+        in_flight = board.started(),
         buffered = buffer.len(),
         "worker shutting down"
     );
@@ -469,16 +435,20 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     let _ = phase_tx.send(Phase::Stopping);
     let mut report = ShutdownReport::default();
     // Jobs leased but not started go back at once, for another worker.
+    let mut unstarted = buffer.close();
     while let Some(pulled) = pulls.next().await {
-        for (leased, hold) in keeper.hold_all(pulled.jobs.unwrap_or_default(), pulled.sent) {
-            buffer.push_back(Buffered {
-                leased,
-                hold,
-                buffered_at: Instant::now(),
-            });
-        }
+        let now = Instant::now();
+        unstarted.extend(
+            keeper
+                .hold_all(pulled.jobs.unwrap_or_default(), pulled.sent)
+                .map(|(leased, hold)| Buffered {
+                    leased,
+                    hold,
+                    buffered_at: now,
+                }),
+        );
     }
-    report.released += release_all(&shared, buffer).await;
+    report.released += release_all(&shared, unstarted).await;
     // Lanes end once their jobs have.
     drop(starts);
     let drained = tokio::time::timeout_at(deadline, async {
@@ -493,7 +463,8 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
             report.add(joined);
         }
     }
-    drop(ack_tx);
+    // The batcher ends once every sender is gone: the last is the lanes'.
+    drop(starter);
     if let Err(e) = completer.await {
         log_join_error(&e);
     }

@@ -1,0 +1,130 @@
+//! The prefetch buffer: leased jobs waiting for a concurrency slot.
+//!
+//! The pull loop fills it; whoever sees a slot free takes from it: the
+//! pull loop when a pull comes back, and a lane as soon as one of its runs
+//! ends, in the same task, without waking the pull loop. The pull loop is
+//! told only when the buffer runs low, or runs dry while a slot is free.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::board::Board;
+use super::keeper::Hold;
+use crate::lease::LeasedJob;
+
+/// A leased job waiting for a slot, its lease renewed by the keeper.
+pub(crate) struct Buffered {
+    pub(crate) leased: LeasedJob,
+    pub(crate) hold: Hold,
+    /// When its pull came back.
+    pub(crate) buffered_at: Instant,
+}
+
+struct Jobs {
+    queue: VecDeque<Buffered>,
+    /// No job is to start any more (the worker is shutting down).
+    closed: bool,
+}
+
+pub(crate) struct Buffer {
+    jobs: Mutex<Jobs>,
+    /// The pull loop is told when taking a job leaves fewer than this.
+    low_water: AtomicUsize,
+    /// The longest wait for a slot among the jobs taken since the pull
+    /// loop last asked, in microseconds.
+    longest_wait: AtomicU64,
+    board: Arc<Board>,
+}
+
+impl Buffer {
+    /// An empty buffer that tells the pull loop through `board`.
+    pub(crate) fn new(board: Arc<Board>) -> Self {
+        Self {
+            jobs: Mutex::new(Jobs {
+                queue: VecDeque::new(),
+                closed: false,
+            }),
+            low_water: AtomicUsize::new(1),
+            longest_wait: AtomicU64::new(0),
+            board,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Jobs> {
+        // Every critical section is a single queue operation.
+        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds jobs at the back.
+    pub(crate) fn extend(&self, jobs: impl IntoIterator<Item = Buffered>) {
+        self.lock().queue.extend(jobs);
+    }
+
+    /// Below how many buffered jobs the pull loop wants to know (at least
+    /// 1, so that it hears of a slot that finds the buffer empty).
+    pub(crate) fn set_low_water(&self, jobs: usize) {
+        self.low_water.store(jobs.max(1), Ordering::Relaxed);
+    }
+
+    /// The longest a job taken since the last call waited for its slot.
+    pub(crate) fn take_longest_wait(&self) -> Duration {
+        Duration::from_micros(self.longest_wait.swap(0, Ordering::Relaxed))
+    }
+
+    /// The next job to start and a free slot for it, if there are both.
+    /// Skips jobs whose lease was lost while they waited (the store's
+    /// clock jumped, or it was unreachable for a whole lease). A lane
+    /// taking jobs tells the pull loop (`tell`) when the buffer runs low;
+    /// the pull loop itself need not be told.
+    pub(crate) fn take(
+        &self,
+        slots: &Arc<Semaphore>,
+        tell: bool,
+    ) -> Option<(Buffered, OwnedSemaphorePermit)> {
+        loop {
+            let slot = Arc::clone(slots).try_acquire_owned().ok()?;
+            let (next, left) = {
+                let mut jobs = self.lock();
+                let next = if jobs.closed {
+                    None
+                } else {
+                    jobs.queue.pop_front()
+                };
+                (next, jobs.queue.len())
+            };
+            let low_water = self.low_water.load(Ordering::Relaxed);
+            // Told once as the level crosses the mark, and whenever a free
+            // slot finds nothing to start.
+            if tell && left < low_water && (next.is_none() || left + 1 >= low_water) {
+                self.board.ended.notify_one();
+            }
+            let mut job = next?;
+            if job.hold.is_lost() {
+                continue;
+            }
+            let waited = u64::try_from(job.buffered_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.longest_wait.fetch_max(waited, Ordering::Relaxed);
+            return Some((job, slot));
+        }
+    }
+
+    /// Stops all starts and returns the jobs left, to be given back.
+    pub(crate) fn close(&self) -> VecDeque<Buffered> {
+        let mut jobs = self.lock();
+        jobs.closed = true;
+        std::mem::take(&mut jobs.queue)
+    }
+}
