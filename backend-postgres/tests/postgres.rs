@@ -670,18 +670,9 @@ async fn complete_batch_fences_each_lease_in_one_statement() {
         token: 1,
     };
     let repeated = rest[1].lease;
-    completions.push(Completion {
-        lease: stale,
-        result: None,
-    });
-    completions.push(Completion {
-        lease: forged,
-        result: None,
-    });
-    completions.push(Completion {
-        lease: missing,
-        result: None,
-    });
+    completions.push(Completion::from(stale));
+    completions.push(Completion::from(forged));
+    completions.push(Completion::from(missing));
     completions.push(Completion {
         lease: repeated,
         result: Some(json!("second")),

@@ -22,13 +22,7 @@ async fn churn(backend: &PgBackend, n: i64) {
     let request = PullRequest::queues(["default"]).batch(u32::try_from(n).expect("n"));
     let leased = backend.pull(&request).await.expect("pull");
     assert_eq!(leased.len() as i64, n);
-    let completions = leased
-        .iter()
-        .map(|l| Completion {
-            lease: l.lease,
-            result: None,
-        })
-        .collect();
+    let completions = leased.iter().map(|l| Completion::from(l.lease)).collect();
     let lost = backend.complete_batch(completions).await.expect("complete");
     assert!(lost.is_empty(), "{lost:?}");
 }

@@ -1272,13 +1272,7 @@ mod tests {
             lines[1].contains("SEARCH relayq_jobs USING INTEGER PRIMARY KEY"),
             "{plan}"
         );
-        let completions = leased
-            .iter()
-            .map(|l| Completion {
-                lease: l.lease,
-                result: None,
-            })
-            .collect();
+        let completions = leased.iter().map(|l| Completion::from(l.lease)).collect();
         let lost = backend.complete_batch(completions).await.expect("complete");
         assert!(lost.is_empty());
     }

@@ -52,10 +52,7 @@ pub async fn stale_lease_acknowledgements_fail_and_change_nothing(h: Harness) {
     assert_lost(b.extend(&stale, Duration::minutes(5)).await, stale);
     assert_lost(b.release(&stale).await, stale);
     let lost = b
-        .complete_batch(vec![Completion {
-            lease: stale,
-            result: None,
-        }])
+        .complete_batch(vec![Completion::from(stale)])
         .await
         .expect("complete_batch");
     assert_eq!(lost, vec![stale]);

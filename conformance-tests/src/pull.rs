@@ -128,13 +128,7 @@ pub async fn concurrent_pullers_receive_each_job_exactly_once(h: Harness) {
                 if leased.is_empty() {
                     return seen;
                 }
-                let completions = leased
-                    .iter()
-                    .map(|l| Completion {
-                        lease: l.lease,
-                        result: None,
-                    })
-                    .collect();
+                let completions = leased.iter().map(|l| Completion::from(l.lease)).collect();
                 let lost = backend.complete_batch(completions).await.expect("complete");
                 assert!(lost.is_empty(), "no lease can be lost here: {lost:?}");
                 seen.extend(leased.iter().map(|l| l.job.id));

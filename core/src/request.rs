@@ -134,6 +134,16 @@ pub struct Completion {
     pub result: Option<serde_json::Value>,
 }
 
+impl From<Lease> for Completion {
+    /// Completes `lease` with no result.
+    fn from(lease: Lease) -> Self {
+        Self {
+            lease,
+            result: None,
+        }
+    }
+}
+
 /// Which jobs `list` returns: filters, a cursor and a page size.
 ///
 /// Pages are ordered by id. Pass a page's [`JobPage::next`] as `after` to

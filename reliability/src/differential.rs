@@ -249,10 +249,7 @@ impl Driven {
                 let completions: Vec<Completion> = leases
                     .iter()
                     .filter_map(|l| self.lease(*l))
-                    .map(|lease| Completion {
-                        lease,
-                        result: None,
-                    })
+                    .map(Completion::from)
                     .collect();
                 // A batch naming one lease twice is legal; the second is lost.
                 let lost = b.complete_batch(completions).await.map_err(kind)?;
