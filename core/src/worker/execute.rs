@@ -504,10 +504,11 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
     for (lease, job, reported, hold) in rest {
         // Recorded (or given up on): the lease is let go.
         drop(hold);
+        let observed = reported.is_some();
         let outcome = match &recorded {
             Ok(lost) if lost.contains(&lease) => Outcome::LeaseLost,
             Ok(_) => Outcome::Completed {
-                result: reported.clone().flatten(),
+                result: reported.flatten(),
             },
             Err(e) => Outcome::Unrecorded {
                 error: e.to_string(),
@@ -515,8 +516,8 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
         };
         // Only what is seen is built: a quiet, successful batch costs
         // neither spans nor events.
-        if reported.is_some() || !matches!(outcome, Outcome::Completed { .. }) {
-            job_span(&job).in_scope(|| report(shared, &job, &outcome, reported.is_some()));
+        if observed || !matches!(outcome, Outcome::Completed { .. }) {
+            job_span(&job).in_scope(|| report(shared, &job, &outcome, observed));
         } else {
             tracing::debug!(job = job.id, "completed");
         }
