@@ -220,7 +220,14 @@ async fn sqlite_workers_killed_mid_job_lose_nothing() {
         workers: 4,
         pause_every: 6,
         pause_stalls_all: true,
-        expect_refused_completion: true,
+        // A frozen worker often holds the file's write lock, so nobody can
+        // take its jobs while it is frozen; on a loaded machine no stale
+        // completion came about in three runs in a row. Whether one does
+        // is timing; that a stale completion is refused when it does is
+        // the conformance case `worker_discards_the_result_of_a_lost_lease`,
+        // run on SQLite too. What this run must show is the outcome check:
+        // nothing lost, no stale completion accepted.
+        expect_refused_completion: false,
     })
     .await;
     backend.close().await;
