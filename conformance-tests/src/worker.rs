@@ -313,6 +313,39 @@ pub async fn worker_contains_a_panic(h: Harness) {
     );
 }
 
+/// Moves the store's clock on by half a `lease`, `steps` times, and checks
+/// after each that a started worker renewed job `id`'s lease from the new
+/// `now` (within a quarter of [`LIVENESS`] of real time) and that another
+/// puller finds no job of `queue` to take; says what went wrong first.
+async fn watch_renewals(
+    h: &Harness,
+    id: JobId,
+    queue: &str,
+    lease: Duration,
+    steps: u32,
+) -> Option<String> {
+    for step in 1..=steps {
+        h.advance(lease / 2);
+        let renewed = tokio::time::timeout(LIVENESS / 4, async {
+            while h.job(id).await.locked_until != Some(h.now() + lease) {
+                tokio::time::sleep(StdDuration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if renewed.is_err() {
+            return Some(format!(
+                "step {step}: the lease of job {id} was not renewed"
+            ));
+        }
+        if !h.pull(queue, 10).await.is_empty() {
+            return Some(format!(
+                "step {step}: another puller got a job of {queue:?}"
+            ));
+        }
+    }
+    None
+}
+
 /// While a handler runs, the worker renews its lease, so a job running for
 /// three lease lengths (on the store's clock) is never handed to another
 /// puller, and completes on its first attempt.
@@ -328,35 +361,9 @@ pub async fn worker_renews_the_lease_of_a_long_job(h: Harness) {
             let problems = Arc::clone(&report);
             async move {
                 let h = ctx.state();
-                for step in 1..=6 {
-                    // Half a lease passes on the store's clock...
-                    h.advance(lease / 2);
-                    // ...and the worker renews the lease from the new `now`
-                    // (within a third of a lease of real time).
-                    let renewed = tokio::time::timeout(LIVENESS / 4, async {
-                        loop {
-                            let job = h.job(ctx.id()).await;
-                            if job.locked_until == Some(h.now() + lease) {
-                                return;
-                            }
-                            tokio::time::sleep(StdDuration::from_millis(10)).await;
-                        }
-                    })
-                    .await;
-                    if renewed.is_err() {
-                        problems
-                            .lock()
-                            .expect("lock")
-                            .push(format!("step {step}: the lease was not renewed"));
-                        break;
-                    }
-                    if !h.pull(&ctx.job().queue, 1).await.is_empty() {
-                        problems
-                            .lock()
-                            .expect("lock")
-                            .push(format!("step {step}: another puller got the job"));
-                        break;
-                    }
+                if let Some(problem) = watch_renewals(h, ctx.id(), &ctx.job().queue, lease, 6).await
+                {
+                    problems.lock().expect("lock").push(problem);
                 }
                 Ok::<_, HandlerError>(())
             }
@@ -727,28 +734,9 @@ pub async fn worker_renews_the_leases_of_prefetched_jobs(h: Harness) {
                     }
                 })
                 .await;
-                for step in 1..=4 {
-                    h.advance(lease / 2);
-                    let renewed = tokio::time::timeout(LIVENESS / 4, async {
-                        while h.job(buffered).await.locked_until != Some(h.now() + lease) {
-                            tokio::time::sleep(StdDuration::from_millis(10)).await;
-                        }
-                    })
-                    .await;
-                    if renewed.is_err() {
-                        problems
-                            .lock()
-                            .expect("lock")
-                            .push(format!("step {step}: the buffered lease was not renewed"));
-                        break;
-                    }
-                    if !h.pull(&ctx.job().queue, 10).await.is_empty() {
-                        problems
-                            .lock()
-                            .expect("lock")
-                            .push(format!("step {step}: another puller got a job"));
-                        break;
-                    }
+                if let Some(problem) = watch_renewals(h, buffered, &ctx.job().queue, lease, 4).await
+                {
+                    problems.lock().expect("lock").push(problem);
                 }
                 Ok(())
             }
