@@ -461,16 +461,9 @@ impl PgBackend {
             .collect::<Result<Vec<_>>>()?;
         let c = Columns::new(jobs, &schedules);
         let keys: Vec<Option<&str>> = jobs.iter().map(|job| job.unique_key.as_deref()).collect();
-        let rows = sqlx::query(self.inner.sql.push.clone())
-            .bind(now)
-            .bind(&c.queues)
-            .bind(&c.kinds)
-            .bind(&c.payloads)
-            .bind(&c.priorities)
-            .bind(&c.max_attempts)
+        let rows = c
+            .bind(self.inner.sql.push.clone(), now)
             .bind(&keys)
-            .bind(&c.run_ats)
-            .bind(&c.delays)
             .fetch_all(&mut *conn)
             .await
             .map_err(db_err)?;
@@ -600,17 +593,13 @@ impl PgBackend {
         schedules: &[(Option<OffsetDateTime>, i64)],
     ) -> sqlx::Result<Vec<JobId>> {
         let c = Columns::new(jobs, schedules);
-        let mut ids: Vec<JobId> = sqlx::query_scalar(self.inner.sql.push_keyless.clone())
-            .bind(now)
-            .bind(&c.queues)
-            .bind(&c.kinds)
-            .bind(&c.payloads)
-            .bind(&c.priorities)
-            .bind(&c.max_attempts)
-            .bind(&c.run_ats)
-            .bind(&c.delays)
+        let mut ids = c
+            .bind(self.inner.sql.push_keyless.clone(), now)
             .fetch_all(&mut *conn)
-            .await?;
+            .await?
+            .iter()
+            .map(|row| row.try_get::<JobId, _>(0))
+            .collect::<sqlx::Result<Vec<_>>>()?;
         // Drawn in input order (see the statement): ascending is input order.
         ids.sort_unstable();
         Ok(ids)
@@ -801,6 +790,24 @@ impl<'a> Columns<'a> {
             run_ats: schedules.iter().map(|&(run_at, _)| run_at).collect(),
             delays: schedules.iter().map(|&(_, delay)| delay).collect(),
         }
+    }
+
+    /// `statement` with `now` and these columns bound as `$1`–`$8`, the
+    /// parameters every `UNNEST` push statement starts with.
+    fn bind(
+        &'a self,
+        statement: SqlStr,
+        now: Option<OffsetDateTime>,
+    ) -> sqlx::query::Query<'a, Postgres, PgArguments> {
+        sqlx::query(statement)
+            .bind(now)
+            .bind(&self.queues)
+            .bind(&self.kinds)
+            .bind(&self.payloads)
+            .bind(&self.priorities)
+            .bind(&self.max_attempts)
+            .bind(&self.run_ats)
+            .bind(&self.delays)
     }
 }
 

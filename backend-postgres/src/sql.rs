@@ -58,10 +58,10 @@ fn build(template: &str, quoted_schema: &str) -> SqlStr {
 const PUSH: &str = r#"
 WITH input AS (
     SELECT *
-    FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[], $7::text[],
-                $8::timestamptz[], $9::int8[])
-         WITH ORDINALITY AS t(queue, kind, payload, priority, max_attempts, unique_key,
-                              run_at, delay_us, ord)
+    FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[],
+                $7::timestamptz[], $8::int8[], $9::text[])
+         WITH ORDINALITY AS t(queue, kind, payload, priority, max_attempts, run_at,
+                              delay_us, unique_key, ord)
 ), numbered AS MATERIALIZED (
     SELECT input.*, nextval('{s}.jobs_id_seq') AS id FROM input
 ), inserted AS (
