@@ -21,7 +21,8 @@ pub(crate) struct Board {
     /// The pull loop waits for held leases to be let go (it holds as many
     /// as it may): each run's end and each recorded batch is signalled.
     pub(crate) wants_ends: AtomicBool,
-    /// Signalled on `due_now`, and while `wants_ends` on every end.
+    /// Wakes the pull loop: signalled on `due_now`, while `wants_ends` on
+    /// every end, and by the buffer when it runs low.
     pub(crate) ended: Notify,
 }
 

@@ -188,6 +188,13 @@ const PULLS_AT_ONCE: usize = 4;
 /// How many releases run at once when a shutdown gives back the buffer.
 const RELEASES_AT_ONCE: usize = 8;
 
+/// The fewest jobs a pull is sent for while the buffer aims at `target`:
+/// not for a sliver of it, but once a good part of a pull's share is
+/// missing.
+fn least_worth_pulling(target: usize) -> usize {
+    target.div_ceil(2 * PULLS_AT_ONCE)
+}
+
 fn free_slots(slots: &Semaphore) -> u32 {
     u32::try_from(slots.available_permits()).unwrap_or(u32::MAX)
 }
@@ -326,9 +333,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
             let share = free as usize + target.div_ceil(PULLS_AT_ONCE);
             let wanted = lacking.min(share).min(MAX_PULL_BATCH as usize);
             let want = wanted.min(room);
-            // Not for a sliver of the buffer: once a good part of a share
-            // is missing.
-            if want == 0 || want * 2 * PULLS_AT_ONCE < target {
+            if want == 0 || want < least_worth_pulling(target) {
                 room_bound = (room < wanted).then_some(held);
                 break;
             }
@@ -349,11 +354,12 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
         }
 
         // Taking jobs from the buffer (lanes do, as their runs end) wakes
-        // this loop once fewer are left than would make a pull worth it.
+        // this loop once so few are left that a pull is worth it (what the
+        // buffer lacks reaches `least_worth_pulling`).
         let target = prefetch.target() as usize;
         buffer.set_low_water(
             (free_slots(slots) as usize + target)
-                .saturating_sub(asked + target.div_ceil(2 * PULLS_AT_ONCE))
+                .saturating_sub(asked + least_worth_pulling(target))
                 + 1,
         );
 
