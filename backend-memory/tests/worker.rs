@@ -9,7 +9,7 @@ use std::time::Duration as StdDuration;
 use relayq_conformance::EPOCH;
 use relayq_core::{
     Backend, Error, Event, Handler, HandlerError, JobContext, JobStatus, JobType, ManualClock,
-    NewJob, Observer, Outcome, Pusher, Worker,
+    NewJob, Outcome, Pusher, Worker,
 };
 use relayq_memory::MemoryBackend;
 use relayq_memory::testing::Inline;
@@ -395,56 +395,6 @@ async fn events_and_wait_for() {
         worker.wait_for(999).await,
         Err(Error::NotFound { id: 999 })
     ));
-}
-
-/// A started worker hands completions to its batcher; each is reported,
-/// with the handler's result, only once the store has recorded it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn started_workers_report_completions_once_recorded() {
-    let b = MemoryBackend::new();
-    let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let store = b.clone();
-    let seen = Arc::clone(&recorded);
-    let worker = Worker::builder(dyn_backend(&b))
-        .handle(ok_email())
-        .on_event(move |event| {
-            if let Event::Finished { job, outcome } = event {
-                // The store, read in the hook itself: never awaits.
-                let status = futures::executor::block_on(store.get(job.id))
-                    .expect("get")
-                    .map(|j| j.status);
-                seen.lock()
-                    .expect("lock")
-                    .push((job.id, outcome.clone(), status));
-            }
-        })
-        .build()
-        .expect("build");
-    let mut ids = Vec::new();
-    for to in ["ada", "grace", "edsger"] {
-        ids.push(
-            b.push(Email { to: to.into() }.to_job())
-                .await
-                .expect("push")
-                .id(),
-        );
-    }
-    let running = worker.start();
-    for id in &ids {
-        worker.wait_for(*id).await.expect("wait_for");
-    }
-    running.shutdown().await;
-    let mut recorded = recorded.lock().expect("lock").clone();
-    recorded.sort_by_key(|(id, ..)| *id);
-    let expected: Vec<_> = ids
-        .iter()
-        .zip(["ada", "grace", "edsger"])
-        .map(|(id, to)| {
-            let result = Some(json!(to));
-            (*id, Outcome::Completed { result }, Some(JobStatus::Done))
-        })
-        .collect();
-    assert_eq!(recorded, expected);
 }
 
 /// Handler error messages are made storable: NUL becomes U+FFFD.

@@ -89,6 +89,7 @@ macro_rules! __for_each_case {
             worker::worker_pair_runs_every_job_exactly_once,
             worker::worker_shutdown_releases_prefetched_jobs,
             worker::worker_renews_the_leases_of_prefetched_jobs,
+            worker::worker_reports_completions_once_recorded,
         }
     };
 }

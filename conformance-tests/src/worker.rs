@@ -313,6 +313,58 @@ pub async fn worker_contains_a_panic(h: Harness) {
     );
 }
 
+/// A started worker reports each completion (`Event::Finished`, with the
+/// handler's result) only once the store has recorded it: the hook reads
+/// the store as it is told.
+pub async fn worker_reports_completions_once_recorded(h: Harness) {
+    let seen: Arc<Mutex<Vec<(JobId, Outcome, JobStatus)>>> = Arc::default();
+    let (record, store) = (Arc::clone(&seen), h.clone());
+    let worker = h
+        .worker()
+        .handle(
+            |task: Task, _ctx: JobContext<Harness>| async move { Ok::<_, HandlerError>(task.n) },
+        )
+        .on_event(move |event| {
+            if let Event::Finished { job, outcome } = event {
+                // Blocks the reporting task until the read is done, so the
+                // store is seen as it was when the event was sent.
+                let status = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(store.job(job.id))
+                })
+                .status;
+                record
+                    .lock()
+                    .expect("lock")
+                    .push((job.id, outcome.clone(), status));
+            }
+        })
+        .build()
+        .expect("build");
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(h.push(Task { n }.to_job()).await);
+    }
+    let running = worker.start();
+    for &id in &ids {
+        within("every job", running.wait_for(id))
+            .await
+            .expect("wait_for");
+    }
+    // The batcher, and so every report, is done once shutdown returns.
+    running.shutdown_within(LIVENESS).await;
+    let mut seen = seen.lock().expect("lock").clone();
+    seen.sort_by_key(|(id, ..)| *id);
+    let expected: Vec<_> = ids
+        .iter()
+        .zip(0..)
+        .map(|(&id, n)| {
+            let result = Some(json!(n));
+            (id, Outcome::Completed { result }, JobStatus::Done)
+        })
+        .collect();
+    assert_eq!(seen, expected);
+}
+
 /// Moves the store's clock on by half a `lease`, `steps` times, and checks
 /// after each that a started worker renewed job `id`'s lease from the new
 /// `now` (within a quarter of [`LIVENESS`] of real time) and that another
