@@ -602,9 +602,15 @@ async fn outcome_of(events: &mut relayq_core::EventStream, id: JobId) -> Outcome
 /// A handler that finishes after its lease was lost (expired and taken by
 /// another puller) has its result discarded: the batched completion is
 /// still fenced, and the new holder keeps the job.
+///
+/// One slot and no prefetch keep the worker from pulling while its job
+/// runs: otherwise a pull of its own, sent between the handler's clock
+/// jump and its steal, takes the expired job first and runs it again.
 pub async fn worker_discards_the_result_of_a_lost_lease(h: Harness) {
     let worker = h
         .worker()
+        .concurrency(1)
+        .prefetch(0)
         .handle(|_task: Task, ctx: JobContext<Harness>| async move {
             let h = ctx.state();
             // Long before the first renewal (a third of the 30 s lease), the
@@ -632,10 +638,14 @@ pub async fn worker_discards_the_result_of_a_lost_lease(h: Harness) {
 
 /// When renewing finds the lease gone, the worker stops the handler and
 /// records nothing: the new holder's lease stays intact.
+/// (One slot and no prefetch, as in
+/// [`worker_discards_the_result_of_a_lost_lease`].)
 pub async fn worker_stops_a_handler_whose_lease_was_taken(h: Harness) {
     const LEASE: StdDuration = StdDuration::from_millis(300);
     let worker = h
         .worker()
+        .concurrency(1)
+        .prefetch(0)
         .lease(LEASE)
         .handle(|_task: Task, ctx: JobContext<Harness>| async move {
             let h = ctx.state();
