@@ -6,7 +6,8 @@
 //! peer apalis-memory process jobs_per_s=<n> p50_ms=NA p99_ms=NA handled=<n> duplicates=<n> n=<n>
 //! ```
 //!
-//! Same shape as relayq's run: N jobs pushed before the clock starts, one
+//! Same shape as relayq's run: N jobs pushed before the clock starts (in a
+//! task, not `block_on`'s future), one
 //! worker with concurrency 16 on the multi-thread runtime, a handler that
 //! counts completions and marks `seq` in a bitmap. Handlers run in the
 //! worker's own task, apalis's default, which is faster here than
@@ -65,6 +66,13 @@ fn jobs_arg() -> Result<u64, String> {
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let n = jobs_arg()?;
+    // In a task, like relayq-bench's workloads.
+    tokio::spawn(process(n))
+        .await
+        .map_err(|e| format!("the workload panicked: {e}"))?
+}
+
+async fn process(n: u64) -> Result<(), String> {
     let ledger = Arc::new(Ledger {
         handled: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
