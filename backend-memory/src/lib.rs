@@ -244,7 +244,9 @@ impl Cleaner for MemoryBackend {
 #[async_trait]
 impl Backend for MemoryBackend {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::none().in_process_wakeups(true)
+        Capabilities::none()
+            .in_process_wakeups(true)
+            .instant_writes(true)
     }
 
     async fn subscribe(&self, _queues: &[String]) -> Result<Option<Wakeups>> {

@@ -17,6 +17,10 @@ pub struct Capabilities {
     pub cross_process_wakeups: bool,
     /// A push wakes workers in the same process that share the backend value.
     pub in_process_wakeups: bool,
+    /// A write is a call into this process, not a round trip to a server or
+    /// a file: the worker records each completion as its handler returns
+    /// instead of gathering them into batches.
+    pub instant_writes: bool,
 }
 
 impl Capabilities {
@@ -29,6 +33,7 @@ impl Capabilities {
             transactional_enqueue: false,
             cross_process_wakeups: false,
             in_process_wakeups: false,
+            instant_writes: false,
         }
     }
 
@@ -65,6 +70,12 @@ impl Capabilities {
     /// Sets [`Self::in_process_wakeups`].
     pub const fn in_process_wakeups(mut self, yes: bool) -> Self {
         self.in_process_wakeups = yes;
+        self
+    }
+
+    /// Sets [`Self::instant_writes`].
+    pub const fn instant_writes(mut self, yes: bool) -> Self {
+        self.instant_writes = yes;
         self
     }
 }

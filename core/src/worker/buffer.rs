@@ -111,8 +111,8 @@ impl Buffer {
             if tell && left < low_water && (next.is_none() || left + 1 >= low_water) {
                 self.board.ended.notify_one();
             }
-            let mut job = next?;
-            if job.hold.is_lost() {
+            let job = next?;
+            if job.hold.watch.is_lost() {
                 continue;
             }
             let waited = u64::try_from(job.buffered_at.elapsed().as_micros()).unwrap_or(u64::MAX);

@@ -5,20 +5,20 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use time::OffsetDateTime;
-use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, watch};
 use tracing::Instrument;
 
 use super::board::Board;
 use super::events::{Event, JobInfo, Outcome};
 use super::handler::{Entry, HandlerError, JobContext, Phase, RunFuture};
-use super::keeper::Hold;
+use super::keeper::{Hold, LeaseWatch};
 use crate::error::Error;
 use crate::job::{Job, MAX_DELAY};
 use crate::lease::{Lease, LeasedJob, check_result};
@@ -52,6 +52,9 @@ pub(crate) struct Config {
 /// Everything the worker's tasks share.
 pub(crate) struct Shared<S> {
     pub(crate) backend: Arc<dyn Backend>,
+    /// The backend's [`Capabilities::instant_writes`](crate::Capabilities::instant_writes):
+    /// completions are recorded one by one, as handlers return.
+    pub(crate) instant_writes: bool,
     pub(crate) handlers: HashMap<String, Entry<S>>,
     pub(crate) state: Arc<S>,
     pub(crate) config: Config,
@@ -224,7 +227,7 @@ async fn run_and_record<S: Send + Sync + 'static>(
     lease: Lease,
     mode: Mode,
 ) -> Ended {
-    let (worker, slot, mut hold) = match mode {
+    let (worker, slot, hold) = match mode {
         Mode::Spawned {
             started,
             slot,
@@ -243,9 +246,9 @@ async fn run_and_record<S: Send + Sync + 'static>(
         return Ended::Recorded(record_kill(backend, &lease, error).await);
     };
 
-    let deadline = match &hold {
-        Some(hold) => Arc::clone(&hold.deadline),
-        None => Arc::new(Mutex::new(
+    let lease_watch = match &hold {
+        Some(hold) => Arc::clone(&hold.watch),
+        None => Arc::new(LeaseWatch::new(
             job.locked_until.unwrap_or(OffsetDateTime::UNIX_EPOCH),
         )),
     };
@@ -257,7 +260,7 @@ async fn run_and_record<S: Send + Sync + 'static>(
     let ctx = JobContext::new(
         Arc::clone(&job),
         lease,
-        Arc::clone(&deadline),
+        lease_watch,
         Arc::clone(&shared.state),
         phase,
     );
@@ -267,9 +270,9 @@ async fn run_and_record<S: Send + Sync + 'static>(
     let attempt = match started {
         Err(panic) => Attempt::Panicked(panic_message(&*panic)),
         Ok(Err(unusable)) => return Ended::Recorded(record_kill(backend, &lease, unusable).await),
-        Ok(Ok(fut)) => match (&worker, &mut hold) {
+        Ok(Ok(fut)) => match (&worker, &hold) {
             (Some(worker), Some(hold)) => {
-                run_spawned(fut, timeout, &mut hold.lost, worker.phase.clone()).await
+                run_spawned(fut, timeout, &hold.watch, worker.phase.clone()).await
             }
             _ => run_inline(fut, timeout).await,
         },
@@ -328,7 +331,7 @@ async fn run_inline(fut: RunFuture, timeout: Option<Duration>) -> Attempt {
 async fn run_spawned(
     fut: RunFuture,
     timeout: Option<Duration>,
-    lost: &mut oneshot::Receiver<()>,
+    lease: &LeaseWatch,
     mut phase: watch::Receiver<Phase>,
 ) -> Attempt {
     // A panic is caught here, so the lane's other jobs go on; a handler
@@ -349,7 +352,7 @@ async fn run_spawned(
     };
     tokio::select! {
         finished = run => Attempt::of(finished),
-        _ = lost => Attempt::LeaseLost,
+        () = lease.lost() => Attempt::LeaseLost,
         () = expiry => Attempt::TimedOut(timeout.unwrap_or_default()),
         () = abandoned => Attempt::Abandoned,
     }
@@ -401,6 +404,13 @@ async fn hand<S>(
     job: Arc<Job>,
     hold: Option<Hold>,
 ) -> Ended {
+    if shared.instant_writes {
+        // Nothing to save by batching: recorded here, on the lane's own
+        // thread, without a hand-over to the batcher's task.
+        let outcome = complete(&*shared.backend, completion).await;
+        drop(hold);
+        return Ended::Recorded(outcome);
+    }
     // The outcome's copy of the result, only if anyone will see it.
     let reported = shared.is_observed().then(|| completion.result.clone());
     started.board.handed();

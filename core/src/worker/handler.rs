@@ -5,7 +5,7 @@ use std::any::type_name;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -14,6 +14,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
+use super::keeper::LeaseWatch;
 use crate::job::{DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobId, NewJob};
 use crate::lease::Lease;
 
@@ -171,7 +172,7 @@ pub(crate) enum Phase {
 pub struct JobContext<S = ()> {
     job: Arc<Job>,
     lease: Lease,
-    deadline: Arc<Mutex<OffsetDateTime>>,
+    lease_watch: Arc<LeaseWatch>,
     state: Arc<S>,
     phase: watch::Receiver<Phase>,
 }
@@ -181,7 +182,7 @@ impl<S> Clone for JobContext<S> {
         Self {
             job: Arc::clone(&self.job),
             lease: self.lease,
-            deadline: Arc::clone(&self.deadline),
+            lease_watch: Arc::clone(&self.lease_watch),
             state: Arc::clone(&self.state),
             phase: self.phase.clone(),
         }
@@ -203,14 +204,14 @@ impl<S> JobContext<S> {
     pub(crate) fn new(
         job: Arc<Job>,
         lease: Lease,
-        deadline: Arc<Mutex<OffsetDateTime>>,
+        lease_watch: Arc<LeaseWatch>,
         state: Arc<S>,
         phase: watch::Receiver<Phase>,
     ) -> Self {
         Self {
             job,
             lease,
-            deadline,
+            lease_watch,
             state,
             phase,
         }
@@ -250,7 +251,7 @@ impl<S> JobContext<S> {
     /// worker moves it forward while the handler runs (test mode,
     /// [`Worker::run_until_idle`](crate::Worker::run_until_idle), does not).
     pub fn lease_deadline(&self) -> OffsetDateTime {
-        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
+        self.lease_watch.deadline()
     }
 
     /// The state shared by every handler of the worker.
@@ -285,7 +286,7 @@ impl<S> JobContext<S> {
         JobContext {
             job: self.job,
             lease: self.lease,
-            deadline: self.deadline,
+            lease_watch: self.lease_watch,
             state,
             phase: self.phase,
         }

@@ -11,12 +11,14 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::task::AtomicWaker;
 use time::OffsetDateTime;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -28,15 +30,71 @@ use crate::store::Backend;
 /// a tick on a remote database, few enough not to take the pool.
 const RENEWALS_AT_ONCE: usize = 8;
 
+/// What the keeper tells a lease's holder, in one allocation per lease:
+/// the lease's end as last renewed, and whether a renewal found it lost.
+#[derive(Debug)]
+pub(crate) struct LeaseWatch {
+    deadline: Mutex<OffsetDateTime>,
+    lost: AtomicBool,
+    /// The task waiting in [`Self::lost`], if any.
+    waiter: AtomicWaker,
+}
+
+impl LeaseWatch {
+    /// A lease that ends at `deadline` on the store's clock.
+    pub(crate) fn new(deadline: OffsetDateTime) -> Self {
+        Self {
+            deadline: Mutex::new(deadline),
+            lost: AtomicBool::new(false),
+            waiter: AtomicWaker::new(),
+        }
+    }
+
+    /// The lease's end on the store's clock, as last renewed.
+    pub(crate) fn deadline(&self) -> OffsetDateTime {
+        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn renewed(&self, until: OffsetDateTime) {
+        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner) = until;
+    }
+
+    /// Whether a renewal has found the lease lost.
+    pub(crate) fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    /// Resolves once a renewal has found the lease lost.
+    pub(crate) async fn lost(&self) {
+        std::future::poll_fn(|cx| {
+            if self.is_lost() {
+                return Poll::Ready(());
+            }
+            self.waiter.register(cx.waker());
+            // Checked again: the flag may have been set between the first
+            // look and the registration.
+            if self.is_lost() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    fn mark_lost(&self) {
+        self.lost.store(true, Ordering::Release);
+        self.waiter.wake();
+    }
+}
+
 /// A lease the worker holds.
 struct Held {
     lease: Lease,
-    /// The lease's end on the store's clock, shared with the job's context.
-    deadline: Arc<Mutex<OffsetDateTime>>,
+    /// Shared with the lease's [`Hold`] and the job's context.
+    watch: Arc<LeaseWatch>,
     /// When the last renewal (or the pull) was sent.
     renewed_at: Instant,
-    /// Fired when a renewal finds the lease lost.
-    lost: oneshot::Sender<()>,
 }
 
 /// Hashes a job id with one multiplication. Every job passes through the
@@ -102,27 +160,24 @@ impl LeaseKeeper {
         let held: Vec<(LeasedJob, Hold)> = jobs
             .into_iter()
             .map(|leased| {
-                let deadline = Arc::new(Mutex::new(
+                let watch = Arc::new(LeaseWatch::new(
                     leased
                         .job
                         .locked_until
                         .unwrap_or(OffsetDateTime::UNIX_EPOCH),
                 ));
-                let (lost_tx, lost) = oneshot::channel();
                 registry.insert(
                     leased.lease.job_id,
                     Held {
                         lease: leased.lease,
-                        deadline: Arc::clone(&deadline),
+                        watch: Arc::clone(&watch),
                         renewed_at: pulled_at,
-                        lost: lost_tx,
                     },
                 );
                 let hold = Hold {
                     lease: leased.lease,
                     registry: Arc::clone(&self.registry),
-                    deadline,
-                    lost,
+                    watch,
                 };
                 (leased, hold)
             })
@@ -142,20 +197,8 @@ impl Drop for LeaseKeeper {
 pub(crate) struct Hold {
     lease: Lease,
     registry: Registry,
-    /// The lease's end on the store's clock, as last renewed.
-    pub(crate) deadline: Arc<Mutex<OffsetDateTime>>,
-    /// Resolves when a renewal found the lease lost.
-    pub(crate) lost: oneshot::Receiver<()>,
-}
-
-impl Hold {
-    /// Whether a renewal has found the lease lost.
-    pub(crate) fn is_lost(&mut self) -> bool {
-        !matches!(
-            self.lost.try_recv(),
-            Err(oneshot::error::TryRecvError::Empty)
-        )
-    }
+    /// What the keeper's renewals found.
+    pub(crate) watch: Arc<LeaseWatch>,
 }
 
 impl Drop for Hold {
@@ -184,19 +227,19 @@ async fn renew(
     loop {
         tick.tick().await;
         let now = Instant::now();
-        let due: Vec<(Lease, Arc<Mutex<OffsetDateTime>>)> = lock(&registry)
+        let due: Vec<(Lease, Arc<LeaseWatch>)> = lock(&registry)
             .values()
             .filter(|h| now.duration_since(h.renewed_at) >= every)
-            .map(|h| (h.lease, Arc::clone(&h.deadline)))
+            .map(|h| (h.lease, Arc::clone(&h.watch)))
             .collect();
         futures::stream::iter(due)
-            .for_each_concurrent(RENEWALS_AT_ONCE, |(lease, deadline)| {
+            .for_each_concurrent(RENEWALS_AT_ONCE, |(lease, watch)| {
                 let (backend, registry) = (&backend, &registry);
                 async move {
                     let sent = Instant::now();
                     match backend.extend(&lease, backend_lease).await {
                         Ok(until) => {
-                            *deadline.lock().unwrap_or_else(PoisonError::into_inner) = until;
+                            watch.renewed(until);
                             if let Some(h) = lock(registry).get_mut(&lease.job_id)
                                 && h.lease == lease
                             {
@@ -208,7 +251,7 @@ async fn renew(
                             if held.get(&lease.job_id).is_some_and(|h| h.lease == lease)
                                 && let Some(h) = held.remove(&lease.job_id)
                             {
-                                let _ = h.lost.send(());
+                                h.watch.mark_lost();
                             }
                         }
                         Err(e) => {
@@ -218,5 +261,40 @@ async fn renew(
                 }
             })
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lost_lease_wakes_its_waiter() {
+        let watch = Arc::new(LeaseWatch::new(OffsetDateTime::UNIX_EPOCH));
+        let waiting = tokio::spawn({
+            let watch = Arc::clone(&watch);
+            async move { watch.lost().await }
+        });
+        // The waiter registers before the lease is lost.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished() && !watch.is_lost());
+        watch.mark_lost();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .expect("no panic");
+        assert!(watch.is_lost());
+        // Once lost, waiting again ends at once.
+        watch.lost().await;
+    }
+
+    #[test]
+    fn renewals_move_the_deadline() {
+        let watch = LeaseWatch::new(OffsetDateTime::UNIX_EPOCH);
+        let later = OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(30);
+        watch.renewed(later);
+        assert_eq!(watch.deadline(), later);
     }
 }

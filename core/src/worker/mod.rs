@@ -12,7 +12,8 @@
 //!   adaptive prefetch buffer ([`WorkerBuilder::prefetch`]), every held
 //!   lease kept alive by one keeper task, wake-ups from
 //!   [`Backend::subscribe`] with polling as the fallback, completions
-//!   batched.
+//!   batched (recorded one by one, as handlers return, on a backend with
+//!   [`Capabilities::instant_writes`](crate::Capabilities::instant_writes)).
 //! - [`Worker::run_until_idle`] runs every due job in the calling task,
 //!   deterministically: the test mode.
 //!
@@ -673,6 +674,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
         let (events, _) = broadcast::channel(EventStream::CAPACITY);
         Ok(Worker {
             shared: Arc::new(Shared {
+                instant_writes: self.backend.capabilities().instant_writes,
                 backend: self.backend,
                 handlers,
                 state: self.state,
