@@ -31,13 +31,24 @@ type ReadyKey = (i16, Ts, JobId);
 struct QueueIndex {
     /// Pending jobs not yet seen due, by (run_at, id).
     scheduled: BTreeSet<(Ts, JobId)>,
-    /// Pending jobs seen due, in pull order.
+    /// Pending jobs found due, in pull order.
     ready: BTreeSet<ReadyKey>,
     /// Processing jobs by (locked_until, id).
     leased: BTreeSet<(Ts, JobId)>,
 }
 
 impl QueueIndex {
+    /// Indexes pending job `id`: in `ready` at once if it is due at `now`
+    /// (most jobs are pushed to run at once), else in `scheduled` until a
+    /// pull finds it due.
+    fn wait(&mut self, priority: i16, run_at: Ts, id: JobId, now: Ts) {
+        if run_at <= now {
+            self.ready.insert((priority, run_at, id));
+        } else {
+            self.scheduled.insert((run_at, id));
+        }
+    }
+
     /// Moves every scheduled job due at `now` into `ready`.
     fn promote(&mut self, now: Ts, jobs: &JobTable) {
         while let Some(&(run_at, id)) = self.scheduled.first() {
@@ -102,11 +113,13 @@ impl State {
         if let Some(key) = &job.unique_key {
             self.unique.insert((job.queue.clone(), key.clone()), id);
         }
-        self.queues
-            .entry(job.queue.clone())
-            .or_default()
-            .scheduled
-            .insert((ts(run_at), id));
+        // Looked up before it is inserted: `entry` would copy the name on
+        // every push.
+        let index = match self.queues.get_mut(&job.queue) {
+            Some(index) => index,
+            None => self.queues.entry(job.queue.clone()).or_default(),
+        };
+        index.wait(job.priority, ts(run_at), id, ts(now));
         self.jobs.push(Job {
             id,
             queue: job.queue,
@@ -256,8 +269,7 @@ impl State {
         self.queues
             .get_mut(&job.queue)
             .expect("queue indexed")
-            .scheduled
-            .insert((ts(run_at), id));
+            .wait(job.priority, ts(run_at), id, ts(now));
     }
 
     pub(crate) fn complete(
@@ -308,12 +320,8 @@ impl State {
         job.locked_until = Some(until);
         job.updated_at = now;
         let id = job.id;
-        let queue = job.queue.clone();
-        self.queues
-            .get_mut(&queue)
-            .expect("queue indexed")
-            .leased
-            .insert((ts(until), id));
+        let index = self.queues.get_mut(&self.jobs[id].queue);
+        index.expect("queue indexed").leased.insert((ts(until), id));
         Ok(())
     }
 
