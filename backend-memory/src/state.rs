@@ -29,9 +29,11 @@ type ReadyKey = (i16, Ts, JobId);
 /// or `ready` while `Pending`, `leased` while `Processing`.
 #[derive(Debug, Default)]
 struct QueueIndex {
-    /// Pending jobs not yet seen due, by (run_at, id).
+    /// Pending jobs not yet due when last indexed, by (run_at, id).
     scheduled: BTreeSet<(Ts, JobId)>,
-    /// Pending jobs found due, in pull order.
+    /// Pending jobs found due, in pull order. A pull still checks each:
+    /// on its own clock one may not be due yet (the clock was moved back,
+    /// or the pull read it just before a racing push read its own).
     ready: BTreeSet<ReadyKey>,
     /// Processing jobs by (locked_until, id).
     leased: BTreeSet<(Ts, JobId)>,
@@ -186,19 +188,29 @@ impl State {
             // jobs are popped, without collecting, sorting and searching
             // for them again.
             let mut leased = Vec::with_capacity(batch.min(index.ready.len()));
+            let mut not_due = Vec::new();
             while leased.len() < batch {
-                let Some((_, _, id)) = index.ready.pop_first() else {
+                let Some(key @ (_, run_at, id)) = index.ready.pop_first() else {
                     break;
                 };
+                if run_at > now_ts {
+                    not_due.push(key);
+                    continue;
+                }
                 let job = &mut self.jobs[id];
                 index.leased.insert((until_ts, id));
                 leased.push(grant(job, now, until));
             }
+            index.ready.extend(not_due);
             return leased;
         }
         for queue in &queues {
             if let Some(index) = self.queues.get(*queue) {
-                candidates.extend(index.ready.iter().take(batch).copied());
+                let due = index
+                    .ready
+                    .iter()
+                    .filter(|&&(_, run_at, _)| run_at <= now_ts);
+                candidates.extend(due.take(batch).copied());
             }
         }
         candidates.sort_unstable();

@@ -52,6 +52,8 @@ macro_rules! __for_each_case {
             pull::pull_orders_by_priority_then_run_at_then_id,
             pull::pull_sets_the_lease_fields,
             pull::delayed_job_stays_invisible_until_due,
+            pull::pull_judges_due_on_its_own_clock,
+            pull::delayed_job_is_ordered_by_priority_once_due,
             pull::pull_honours_batch_size_and_queues,
             pull::concurrent_pullers_receive_each_job_exactly_once,
             lease::expired_lease_is_pulled_again_with_a_new_token,

@@ -82,6 +82,42 @@ pub async fn delayed_job_stays_invisible_until_due(h: Harness) {
     assert_eq!(h.pull_one("default").await.job.id, id);
 }
 
+/// Due is judged on the store's clock at the pull: a job pushed due is not
+/// handed out once the clock has moved back before its `run_at`.
+pub async fn pull_judges_due_on_its_own_clock(h: Harness) {
+    let id = h.push(job("now", 1)).await;
+    h.advance(Duration::seconds(-1));
+    assert!(
+        h.pull("default", 10).await.is_empty(),
+        "not due at now - 1 s"
+    );
+    let both = h
+        .backend
+        .pull(&PullRequest::queues(["default", "other"]).batch(10))
+        .await
+        .expect("pull");
+    assert!(both.is_empty(), "not due for a pull of two queues either");
+    h.advance(Duration::seconds(1));
+    assert_eq!(h.pull_one("default").await.job.id, id);
+}
+
+/// A delayed job that became due takes its place by priority ahead of due
+/// jobs of lower priority pushed before it.
+pub async fn delayed_job_is_ordered_by_priority_once_due(h: Harness) {
+    let low = h.push(job("low", 1).priority(5)).await;
+    let urgent = h
+        .push(job("urgent", 2).priority(0).delay(Duration::seconds(10)))
+        .await;
+    h.advance(Duration::seconds(10));
+    let got: Vec<_> = h
+        .pull("default", 10)
+        .await
+        .iter()
+        .map(|l| l.job.id)
+        .collect();
+    assert_eq!(got, [urgent, low]);
+}
+
 /// At most `batch` jobs come back, only from the named queues.
 pub async fn pull_honours_batch_size_and_queues(h: Harness) {
     for n in 0..5 {
