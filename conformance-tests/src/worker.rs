@@ -600,8 +600,8 @@ async fn outcome_of(events: &mut relayq_core::EventStream, id: JobId) -> Outcome
 }
 
 /// A handler that finishes after its lease was lost (expired and taken by
-/// another puller) has its result discarded: the batched completion is
-/// still fenced, and the new holder keeps the job.
+/// another puller) has its result discarded: the completion (batched or
+/// not) is still fenced, and the new holder keeps the job.
 ///
 /// One slot and no prefetch keep the worker from pulling while its job
 /// runs: otherwise a pull of its own, sent between the handler's clock

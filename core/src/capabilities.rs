@@ -19,7 +19,9 @@ pub struct Capabilities {
     pub in_process_wakeups: bool,
     /// A write is a call into this process, not a round trip to a server or
     /// a file: the worker records each completion as its handler returns
-    /// instead of gathering them into batches.
+    /// instead of gathering them into batches. A wrapper that adds latency
+    /// to a backend that declares it (a proxy, a fault injector) should
+    /// clear it.
     pub instant_writes: bool,
 }
 

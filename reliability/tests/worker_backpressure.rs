@@ -8,7 +8,8 @@
 //! returned), so the worker itself leased them again. Now the worker's lease
 //! keeper renews every lease it holds until the outcome is recorded, and
 //! the backlog is bounded. Here a real in-memory store whose completions
-//! take longer than a whole lease (a slow database) shows both: every job
+//! take longer than a whole lease (a slow database, so it does not declare
+//! `instant_writes` and its completions are batched) shows both: every job
 //! runs exactly once, and the leases held never exceed the documented bound.
 
 use std::sync::Arc;
@@ -93,7 +94,9 @@ impl Cleaner for SlowAcks {
 #[async_trait]
 impl Backend for SlowAcks {
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        // Its writes are slow, so completions go through the batcher, whose
+        // backlog is what this test bounds.
+        self.inner.capabilities().instant_writes(false)
     }
     async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>> {
         self.inner.subscribe(queues).await

@@ -97,7 +97,8 @@ pub(crate) enum Mode {
     /// handler's timeout.
     Inline,
     /// On one of a started worker's lanes, beside other jobs: its lease
-    /// kept alive, completions batched.
+    /// kept alive, completions batched (unless the backend has
+    /// [`instant_writes`](crate::Capabilities::instant_writes)).
     Spawned {
         /// What the worker's jobs share.
         started: Arc<Started>,
@@ -297,7 +298,10 @@ async fn run_and_record<S: Send + Sync + 'static>(
                     }
                     _ => (completion, hold),
                 };
-                let outcome = complete(backend, completion).await;
+                // The outcome's copy of the result: for the test mode's
+                // report, or for whoever listens.
+                let keep = worker.is_none() || shared.is_observed();
+                let outcome = complete(backend, completion, keep).await;
                 // Renewed until recorded.
                 drop(hold);
                 return Ended::Recorded(outcome);
@@ -435,15 +439,16 @@ fn hand<S>(
         })
 }
 
-/// Records one completion on its own.
-async fn complete(backend: &dyn Backend, completion: Completion) -> Outcome {
-    match backend
-        .complete(&completion.lease, completion.result.clone())
-        .await
-    {
-        Ok(()) => Outcome::Completed {
-            result: completion.result,
-        },
+/// Records one completion on its own; the outcome carries the result if
+/// `keep_result`.
+async fn complete(backend: &dyn Backend, completion: Completion, keep_result: bool) -> Outcome {
+    let kept = if keep_result {
+        completion.result.clone()
+    } else {
+        None
+    };
+    match backend.complete(&completion.lease, completion.result).await {
+        Ok(()) => Outcome::Completed { result: kept },
         Err(e) => unrecorded(e),
     }
 }

@@ -64,7 +64,9 @@ impl LeaseWatch {
         self.lost.load(Ordering::Acquire)
     }
 
-    /// Resolves once a renewal has found the lease lost.
+    /// Resolves once a renewal has found the lease lost. One task waits at
+    /// a time (the job's own run): a second waiter would take the first's
+    /// place.
     pub(crate) async fn lost(&self) {
         std::future::poll_fn(|cx| {
             if self.is_lost() {

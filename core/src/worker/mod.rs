@@ -395,7 +395,9 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     /// The default bound of the prefetch buffer.
     pub const DEFAULT_PREFETCH: u32 = 1024;
     /// The most finished jobs that wait for their outcome to be recorded
-    /// (completions are batched). Their leases are renewed while they wait;
+    /// by the completion batcher (a backend with
+    /// [`instant_writes`](crate::Capabilities::instant_writes) records each
+    /// at once, in its lane). Their leases are renewed while they wait;
     /// while this many wait, the worker pulls no more. So a started worker
     /// holds at most `concurrency + prefetch + MAX_AWAITING_ACK` leases.
     pub const MAX_AWAITING_ACK: u32 = 512;

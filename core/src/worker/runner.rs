@@ -81,8 +81,7 @@ struct Starter<S> {
     buffer: Buffer,
     /// One permit per handler allowed to run. A job gives its permit back
     /// as soon as its handler returns, before the outcome is recorded, so
-    /// the next job starts without waiting for the (batched)
-    /// acknowledgements.
+    /// the next job starts without waiting for the acknowledgement.
     slots: Arc<Semaphore>,
 }
 
