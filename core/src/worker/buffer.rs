@@ -84,8 +84,9 @@ impl Buffer {
         Duration::from_micros(self.longest_wait.swap(0, Ordering::Relaxed))
     }
 
-    /// The next job to start and a free slot for it, if there are both.
-    /// Skips jobs whose lease was lost while they waited (the store's
+    /// The next job to start and a free slot for it, if there are both,
+    /// counted in `running` (the in-flight count of the lane that will run
+    /// it). Skips jobs whose lease was lost while they waited (the store's
     /// clock jumped, or it was unreachable for a whole lease). A lane
     /// taking jobs tells the pull loop (`tell`) when the buffer runs low;
     /// the pull loop itself need not be told.
@@ -93,6 +94,7 @@ impl Buffer {
         &self,
         slots: &Arc<Semaphore>,
         tell: bool,
+        running: &AtomicUsize,
     ) -> Option<(Buffered, OwnedSemaphorePermit)> {
         loop {
             let slot = Arc::clone(slots).try_acquire_owned().ok()?;
@@ -103,6 +105,12 @@ impl Buffer {
                 } else {
                     jobs.queue.pop_front()
                 };
+                // Counted as running before it leaves the buffer (under its
+                // lock), so that the pull loop, which reads the buffer's
+                // length before the running counts, never misses its lease.
+                if next.is_some() {
+                    running.fetch_add(1, Ordering::SeqCst);
+                }
                 (next, jobs.queue.len())
             };
             let low_water = self.low_water.load(Ordering::Relaxed);
@@ -113,6 +121,7 @@ impl Buffer {
             }
             let job = next?;
             if job.hold.watch.is_lost() {
+                running.fetch_sub(1, Ordering::SeqCst);
                 continue;
             }
             let waited = u64::try_from(job.buffered_at.elapsed().as_micros()).unwrap_or(u64::MAX);

@@ -141,8 +141,8 @@ async fn lane<S: Send + Sync + 'static>(
                 }
                 // The slot it held is free: the next buffered job starts
                 // here and now.
-                while let Some((job, slot)) = starter.buffer.take(&starter.slots, true) {
-                    board.in_flight[index].fetch_add(1, Ordering::SeqCst);
+                let in_flight = &board.in_flight[index];
+                while let Some((job, slot)) = starter.buffer.take(&starter.slots, true, in_flight) {
                     running.push(start(job, slot));
                 }
             }
@@ -297,9 +297,11 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
         let mut room_bound: Option<usize> = None;
         // Start buffered jobs on the free slots (lanes start the next one
         // themselves as their runs end).
-        while let Some((job, slot)) = buffer.take(slots, false) {
+        loop {
             let lane = board.idlest_lane();
-            board.in_flight[lane].fetch_add(1, Ordering::SeqCst);
+            let Some((job, slot)) = buffer.take(slots, false, &board.in_flight[lane]) else {
+                break;
+            };
             if starts[lane].send((job, slot)).is_err() {
                 // Lanes end only once their sender is dropped, below.
                 unreachable!("lane {lane} stopped while the worker runs");
@@ -326,7 +328,9 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                     free = free_slots(slots);
                 }
             }
-            let held = board.started() + buffer.len() + asked;
+            // The buffer is read first: a job a lane takes meanwhile is
+            // counted as started before it leaves the buffer.
+            let held = buffer.len() + board.started() + asked;
             let room = max_held.saturating_sub(held);
             let lacking = (free as usize + target).saturating_sub(buffer.len() + asked);
             let share = free as usize + target.div_ceil(PULLS_AT_ONCE);
@@ -367,7 +371,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
         // the count and the wait is not missed.
         if let Some(held) = room_bound {
             board.wants_ends.store(true, Ordering::SeqCst);
-            if board.started() + buffer.len() + asked < held {
+            if buffer.len() + board.started() + asked < held {
                 continue;
             }
         } else {
