@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration as StdDuration;
 
 use relayq_conformance::EPOCH;
+use relayq_conformance::faults::{Faults, Faulty};
 use relayq_core::{
-    Backend, Error, Event, Handler, HandlerError, JobContext, JobStatus, JobType, ManualClock,
-    NewJob, Outcome, Pusher, Worker,
+    Backend, Capabilities, Error, Event, Handler, HandlerError, JobContext, JobStatus, JobType,
+    ManualClock, NewJob, Outcome, Pusher, Result, Wakeups, Worker,
 };
 use relayq_memory::MemoryBackend;
 use relayq_memory::testing::Inline;
@@ -453,86 +454,18 @@ async fn dropping_the_handle_stops_the_worker() {
 /// back to polling, and tries to subscribe again at its poll ticks.
 #[derive(Debug)]
 struct ClosingWakeups {
-    inner: MemoryBackend,
     subscribes: Arc<AtomicUsize>,
 }
 
-mod delegate {
-    use super::ClosingWakeups;
-    use async_trait::async_trait;
-    use relayq_core::{
-        Backend, Capabilities, Cleaner, Completion, Job, JobId, JobPage, JobStatus, Lease,
-        LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller, PushOutcome, Pusher, Result,
-        Stats, Wakeups,
-    };
-    use serde_json::Value;
-    use std::sync::atomic::Ordering;
-    use time::{Duration, OffsetDateTime};
-
-    #[async_trait]
-    impl Pusher for ClosingWakeups {
-        async fn push(&self, job: NewJob) -> Result<PushOutcome> {
-            self.inner.push(job).await
-        }
-        async fn push_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<PushOutcome>> {
-            self.inner.push_batch(jobs).await
-        }
+#[async_trait::async_trait]
+impl Faults for ClosingWakeups {
+    fn capabilities(&self, _inner: &dyn Backend) -> Capabilities {
+        Capabilities::none().in_process_wakeups(true)
     }
 
-    #[async_trait]
-    impl Puller for ClosingWakeups {
-        async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>> {
-            self.inner.pull(request).await
-        }
-        async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {
-            self.inner.complete(lease, result).await
-        }
-        async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<Lease>> {
-            self.inner.complete_batch(completions).await
-        }
-        async fn retry(&self, lease: &Lease, delay: Duration, error: &str) -> Result<JobStatus> {
-            self.inner.retry(lease, delay, error).await
-        }
-        async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
-            self.inner.kill(lease, error).await
-        }
-        async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
-            self.inner.extend(lease, by).await
-        }
-        async fn release(&self, lease: &Lease) -> Result<()> {
-            self.inner.release(lease).await
-        }
-    }
-
-    #[async_trait]
-    impl Observer for ClosingWakeups {
-        async fn get(&self, id: JobId) -> Result<Option<Job>> {
-            self.inner.get(id).await
-        }
-        async fn list(&self, filter: &ListFilter) -> Result<JobPage> {
-            self.inner.list(filter).await
-        }
-        async fn stats(&self) -> Result<Stats> {
-            self.inner.stats().await
-        }
-    }
-
-    #[async_trait]
-    impl Cleaner for ClosingWakeups {
-        async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64> {
-            self.inner.clean(status, before).await
-        }
-    }
-
-    #[async_trait]
-    impl Backend for ClosingWakeups {
-        fn capabilities(&self) -> Capabilities {
-            Capabilities::none().in_process_wakeups(true)
-        }
-        async fn subscribe(&self, _queues: &[String]) -> Result<Option<Wakeups>> {
-            self.subscribes.fetch_add(1, Ordering::SeqCst);
-            Ok(Some(Wakeups::from_stream(futures::stream::empty())))
-        }
+    async fn subscribe(&self, _inner: &dyn Backend, _queues: &[String]) -> Result<Option<Wakeups>> {
+        self.subscribes.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(Wakeups::from_stream(futures::stream::empty())))
     }
 }
 
@@ -540,10 +473,12 @@ mod delegate {
 async fn a_closed_subscription_falls_back_to_polling() {
     let (inner, _) = store();
     let subscribes = Arc::new(AtomicUsize::new(0));
-    let backend = Arc::new(ClosingWakeups {
-        inner,
-        subscribes: Arc::clone(&subscribes),
-    });
+    let backend = Arc::new(Faulty::new(
+        Arc::new(inner),
+        ClosingWakeups {
+            subscribes: Arc::clone(&subscribes),
+        },
+    ));
     let worker = Worker::builder(backend.clone())
         .poll_interval(StdDuration::from_millis(20))
         .handle(ok_email())

@@ -18,10 +18,13 @@
 //! The per-area modules ([`push`], [`pull`], [`lease`], [`unique`],
 //! [`observe`], [`clean`], [`wakeups`], [`worker`]) expose each case as a public async fn taking a
 //! fresh [`Harness`], and [`run_all`] runs every case in sequence.
+//! [`faults`] wraps a store to change one of its calls, for tests of how
+//! the worker copes.
 
 mod harness;
 
 pub mod clean;
+pub mod faults;
 pub mod lease;
 pub mod observe;
 pub mod pull;

@@ -17,89 +17,46 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use relayq_conformance::faults::{Faults, Faulty};
 use relayq_core::{
-    Backend, Capabilities, Cleaner, Completion, Event, HandlerError, Job, JobId, JobPage,
-    JobStatus, JobType, Lease, LeasedJob, ListFilter, NewJob, Observer, Outcome, PullRequest,
-    Puller, PushOutcome, Pusher, Result, Stats, Wakeups, Worker, WorkerBuilder,
+    Backend, Capabilities, Completion, Event, HandlerError, JobType, Lease, Observer, Outcome,
+    Puller, Pusher, Result, Worker, WorkerBuilder,
 };
 use relayq_memory::MemoryBackend;
 use relayq_reliability::crash::CrashJob;
 use serde_json::Value;
-use time::OffsetDateTime;
 
 /// The memory store, with every completion taking `delay` first.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct SlowAcks {
-    inner: MemoryBackend,
     delay: Duration,
 }
 
 #[async_trait]
-impl Pusher for SlowAcks {
-    async fn push(&self, job: NewJob) -> Result<PushOutcome> {
-        self.inner.push(job).await
-    }
-    async fn push_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<PushOutcome>> {
-        self.inner.push_batch(jobs).await
-    }
-}
-
-#[async_trait]
-impl Puller for SlowAcks {
-    async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>> {
-        self.inner.pull(request).await
-    }
-    async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {
-        tokio::time::sleep(self.delay).await;
-        self.inner.complete(lease, result).await
-    }
-    async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<Lease>> {
-        tokio::time::sleep(self.delay).await;
-        self.inner.complete_batch(completions).await
-    }
-    async fn retry(&self, lease: &Lease, delay: time::Duration, error: &str) -> Result<JobStatus> {
-        self.inner.retry(lease, delay, error).await
-    }
-    async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
-        self.inner.kill(lease, error).await
-    }
-    async fn extend(&self, lease: &Lease, by: time::Duration) -> Result<OffsetDateTime> {
-        self.inner.extend(lease, by).await
-    }
-    async fn release(&self, lease: &Lease) -> Result<()> {
-        self.inner.release(lease).await
-    }
-}
-
-#[async_trait]
-impl Observer for SlowAcks {
-    async fn get(&self, id: JobId) -> Result<Option<Job>> {
-        self.inner.get(id).await
-    }
-    async fn list(&self, filter: &ListFilter) -> Result<JobPage> {
-        self.inner.list(filter).await
-    }
-    async fn stats(&self) -> Result<Stats> {
-        self.inner.stats().await
-    }
-}
-
-#[async_trait]
-impl Cleaner for SlowAcks {
-    async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64> {
-        self.inner.clean(status, before).await
-    }
-}
-
-#[async_trait]
-impl Backend for SlowAcks {
-    fn capabilities(&self) -> Capabilities {
+impl Faults for SlowAcks {
+    fn capabilities(&self, inner: &dyn Backend) -> Capabilities {
         // Its writes are slow, so completions go through the batcher, whose
         // backlog is what this test bounds.
-        self.inner.capabilities().instant_writes(false)
+        inner.capabilities().instant_writes(false)
     }
-    async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>> {
-        self.inner.subscribe(queues).await
+
+    async fn complete(
+        &self,
+        inner: &dyn Backend,
+        lease: &Lease,
+        result: Option<Value>,
+    ) -> Result<()> {
+        tokio::time::sleep(self.delay).await;
+        inner.complete(lease, result).await
+    }
+
+    async fn complete_batch(
+        &self,
+        inner: &dyn Backend,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Lease>> {
+        tokio::time::sleep(self.delay).await;
+        inner.complete_batch(completions).await
     }
 }
 
@@ -108,19 +65,21 @@ async fn finished_jobs_waiting_for_slow_acknowledgements_keep_their_leases() {
     const CONCURRENCY: u32 = 4;
     const JOBS: usize = 3_000;
     const LEASE: Duration = Duration::from_millis(300);
-    let store = SlowAcks {
-        inner: MemoryBackend::new(),
-        // Longer than a lease: without renewals every waiting completion
-        // would come too late.
-        delay: LEASE + Duration::from_millis(100),
-    };
+    let store = Arc::new(Faulty::new(
+        Arc::new(MemoryBackend::new()),
+        SlowAcks {
+            // Longer than a lease: without renewals every waiting
+            // completion would come too late.
+            delay: LEASE + Duration::from_millis(100),
+        },
+    ));
     store
         .push_batch(CrashJob::batch(0, JOBS as i64))
         .await
         .expect("push");
     let runs: Arc<Vec<AtomicUsize>> = Arc::new((0..JOBS).map(|_| AtomicUsize::new(0)).collect());
     let counted = Arc::clone(&runs);
-    let worker = Worker::builder(Arc::new(store.clone()))
+    let worker = Worker::builder(store.clone())
         .concurrency(CONCURRENCY)
         .lease(LEASE)
         .poll_interval(Duration::from_millis(20))

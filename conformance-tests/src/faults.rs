@@ -1,0 +1,149 @@
+//! A backend that forwards every call to another, for tests that change
+//! one call of a real store: make its completions slow, close its wake-up
+//! subscriptions, declare other capabilities.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use async_trait::async_trait;
+//! use relayq_conformance::faults::{Faults, Faulty};
+//! use relayq_core::{Backend, Completion, Lease, Result};
+//!
+//! /// Every batch of completions fails.
+//! #[derive(Debug)]
+//! struct NoAcks;
+//!
+//! #[async_trait]
+//! impl Faults for NoAcks {
+//!     async fn complete_batch(&self, _inner: &dyn Backend, _: Vec<Completion>) -> Result<Vec<Lease>> {
+//!         Err(relayq_core::Error::backend("acknowledgements are down"))
+//!     }
+//! }
+//!
+//! # fn wrap(store: Arc<dyn Backend>) -> Arc<dyn Backend> {
+//! Arc::new(Faulty::new(store, NoAcks))
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use relayq_core::{
+    Backend, Capabilities, Cleaner, Completion, Job, JobId, JobPage, JobStatus, Lease, LeasedJob,
+    ListFilter, NewJob, Observer, PullRequest, Puller, PushOutcome, Pusher, Result, Stats, Wakeups,
+};
+use serde_json::Value;
+use time::{Duration, OffsetDateTime};
+
+/// The calls a test may replace. Each is given the wrapped store and, left
+/// alone, forwards to it.
+#[async_trait]
+pub trait Faults: fmt::Debug + Send + Sync + 'static {
+    /// What the wrapped store declares, by default.
+    fn capabilities(&self, inner: &dyn Backend) -> Capabilities {
+        inner.capabilities()
+    }
+
+    /// [`Backend::subscribe`].
+    async fn subscribe(&self, inner: &dyn Backend, queues: &[String]) -> Result<Option<Wakeups>> {
+        inner.subscribe(queues).await
+    }
+
+    /// [`Puller::complete`].
+    async fn complete(
+        &self,
+        inner: &dyn Backend,
+        lease: &Lease,
+        result: Option<Value>,
+    ) -> Result<()> {
+        inner.complete(lease, result).await
+    }
+
+    /// [`Puller::complete_batch`].
+    async fn complete_batch(
+        &self,
+        inner: &dyn Backend,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Lease>> {
+        inner.complete_batch(completions).await
+    }
+}
+
+/// The store `inner`, with the calls `faults` overrides replaced.
+#[derive(Debug)]
+pub struct Faulty<F> {
+    inner: Arc<dyn Backend>,
+    faults: F,
+}
+
+impl<F: Faults> Faulty<F> {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Backend>, faults: F) -> Self {
+        Self { inner, faults }
+    }
+}
+
+#[async_trait]
+impl<F: Faults> Pusher for Faulty<F> {
+    async fn push(&self, job: NewJob) -> Result<PushOutcome> {
+        self.inner.push(job).await
+    }
+    async fn push_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<PushOutcome>> {
+        self.inner.push_batch(jobs).await
+    }
+}
+
+#[async_trait]
+impl<F: Faults> Puller for Faulty<F> {
+    async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>> {
+        self.inner.pull(request).await
+    }
+    async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {
+        self.faults.complete(&*self.inner, lease, result).await
+    }
+    async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<Lease>> {
+        self.faults.complete_batch(&*self.inner, completions).await
+    }
+    async fn retry(&self, lease: &Lease, delay: Duration, error: &str) -> Result<JobStatus> {
+        self.inner.retry(lease, delay, error).await
+    }
+    async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
+        self.inner.kill(lease, error).await
+    }
+    async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
+        self.inner.extend(lease, by).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        self.inner.release(lease).await
+    }
+}
+
+#[async_trait]
+impl<F: Faults> Observer for Faulty<F> {
+    async fn get(&self, id: JobId) -> Result<Option<Job>> {
+        self.inner.get(id).await
+    }
+    async fn list(&self, filter: &ListFilter) -> Result<JobPage> {
+        self.inner.list(filter).await
+    }
+    async fn stats(&self) -> Result<Stats> {
+        self.inner.stats().await
+    }
+}
+
+#[async_trait]
+impl<F: Faults> Cleaner for Faulty<F> {
+    async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64> {
+        self.inner.clean(status, before).await
+    }
+}
+
+#[async_trait]
+impl<F: Faults> Backend for Faulty<F> {
+    fn capabilities(&self) -> Capabilities {
+        self.faults.capabilities(&*self.inner)
+    }
+    async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>> {
+        self.faults.subscribe(&*self.inner, queues).await
+    }
+}
