@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use relayq_conformance::faults::{Faults, Faulty};
 use relayq_core::{
     Backend, Capabilities, Completion, Event, HandlerError, JobType, Lease, Observer, Outcome,
-    Puller, Pusher, Result, Worker, WorkerBuilder,
+    Pusher, Result, Worker, WorkerBuilder,
 };
 use relayq_memory::MemoryBackend;
 use relayq_reliability::crash::CrashJob;
