@@ -194,6 +194,14 @@ fn least_worth_pulling(target: usize) -> usize {
     target.div_ceil(2 * PULLS_AT_ONCE)
 }
 
+/// The leases a worker holds: buffered, started (running or awaiting their
+/// record), and asked for by the pulls under way. The buffer is read first:
+/// a job a lane takes meanwhile is counted as started before it leaves the
+/// buffer, so the sum never misses it.
+fn leases_held(buffer: &Buffer, board: &Board, asked: usize) -> usize {
+    buffer.len() + board.started() + asked
+}
+
 fn free_slots(slots: &Semaphore) -> u32 {
     u32::try_from(slots.available_permits()).unwrap_or(u32::MAX)
 }
@@ -328,9 +336,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
                     free = free_slots(slots);
                 }
             }
-            // The buffer is read first: a job a lane takes meanwhile is
-            // counted as started before it leaves the buffer.
-            let held = buffer.len() + board.started() + asked;
+            let held = leases_held(buffer, &board, asked);
             let room = max_held.saturating_sub(held);
             let lacking = (free as usize + target).saturating_sub(buffer.len() + asked);
             let share = free as usize + target.div_ceil(PULLS_AT_ONCE);
@@ -371,7 +377,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
         // the count and the wait is not missed.
         if let Some(held) = room_bound {
             board.wants_ends.store(true, Ordering::SeqCst);
-            if buffer.len() + board.started() + asked < held {
+            if leases_held(buffer, &board, asked) < held {
                 continue;
             }
         } else {
