@@ -48,6 +48,10 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     url: String,
+    /// Concurrent tasks sending the calls of `enqueue` and `enqueue-batch`
+    /// (WORKLOAD.md's enqueue: 8).
+    #[arg(long, default_value_t = 8)]
+    tasks: u64,
 }
 
 #[tokio::main]
@@ -78,9 +82,9 @@ async fn run(args: &Args) -> Result<bool, String> {
     let backend = store.backend.clone();
     let work = async {
         match args.workload {
-            Workload::Enqueue => workloads::enqueue(label, backend, args.jobs, 8).await,
+            Workload::Enqueue => workloads::enqueue(label, backend, args.jobs, args.tasks).await,
             Workload::EnqueueBatch => {
-                workloads::enqueue_batch(label, backend, args.jobs, 1_000).await
+                workloads::enqueue_batch(label, backend, args.jobs, 1_000, args.tasks).await
             }
             Workload::Process => {
                 processing::process(label, backend, args.jobs, store.settle()).await

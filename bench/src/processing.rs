@@ -4,27 +4,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use relayq::{Backend, HandlerError, JobContext, JobType, NewJob, Worker};
-use serde::{Deserialize, Serialize};
+use relayq::{Backend, HandlerError, JobContext, NewJob, Worker};
 use tokio::sync::Notify;
 
 use crate::report::{Latencies, Line};
-use crate::workloads::{job, monotonic_us};
-
-/// WORKLOAD.md's payload, as the handler reads it.
-#[derive(Debug, Serialize, Deserialize)]
-struct SendEmail {
-    #[serde(rename = "type")]
-    kind: String,
-    seq: u64,
-    enq_us: u64,
-    to: String,
-    pad: String,
-}
-
-impl JobType for SendEmail {
-    const KIND: &'static str = "send_email";
-}
+use crate::workloads::{SendEmail, job, monotonic_us};
 
 /// The handler's bookkeeping: completions, a bitmap of seen `seq`s to catch
 /// duplicate executions, and (for latency) enqueue-to-start times.

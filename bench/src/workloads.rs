@@ -3,8 +3,8 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use relayq::{Backend, NewJob};
-use serde_json::{Value, json};
+use relayq::{Backend, JobType, NewJob};
+use serde::{Deserialize, Serialize};
 
 use crate::report::{Latencies, Line};
 
@@ -16,19 +16,32 @@ pub(crate) fn monotonic_us() -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
-/// The ~100-byte payload of WORKLOAD.md, stamped just before the enqueue call.
-pub(crate) fn payload(seq: u64) -> Value {
-    json!({
-        "type": "send_email",
-        "seq": seq,
-        "enq_us": monotonic_us(),
-        "to": "user@example.com",
-        "pad": "xxxxxxxxx",
-    })
+/// WORKLOAD.md's ~100-byte payload: the typed job both the enqueue side
+/// and the handler use, as an application would.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SendEmail {
+    #[serde(rename = "type")]
+    pub(crate) kind: String,
+    pub(crate) seq: u64,
+    pub(crate) enq_us: u64,
+    pub(crate) to: String,
+    pub(crate) pad: String,
 }
 
+impl JobType for SendEmail {
+    const KIND: &'static str = "send_email";
+}
+
+/// Job `seq`, stamped just before the enqueue call.
 pub(crate) fn job(seq: u64) -> NewJob {
-    NewJob::new("send_email", &payload(seq))
+    SendEmail {
+        kind: SendEmail::KIND.to_owned(),
+        seq,
+        enq_us: monotonic_us(),
+        to: "user@example.com".to_owned(),
+        pad: "xxxxxxxxx".to_owned(),
+    }
+    .to_job()
 }
 
 async fn count_jobs(backend: &dyn Backend) -> Result<u64, String> {
@@ -74,23 +87,37 @@ pub(crate) async fn enqueue(
     Ok(line)
 }
 
-/// N jobs in calls of `batch`, one call at a time.
+/// N jobs in calls of `batch`, from `tasks` concurrent tasks (each sends
+/// its calls one after another).
 pub(crate) async fn enqueue_batch(
     label: &str,
     backend: Arc<dyn Backend>,
     n: u64,
     batch: u64,
+    tasks: u64,
 ) -> Result<Line, String> {
+    let calls = n.div_ceil(batch);
     let started = Instant::now();
-    let mut latencies = Latencies::with_capacity((n / batch + 1) as usize);
-    let mut seq = 0;
-    while seq < n {
-        let end = (seq + batch).min(n);
-        let jobs: Vec<NewJob> = (seq..end).map(job).collect();
-        let call = Instant::now();
-        backend.push_batch(jobs).await.map_err(|e| e.to_string())?;
-        latencies.record(call.elapsed());
-        seq = end;
+    let mut handles = Vec::new();
+    for t in 0..tasks.min(calls).max(1) {
+        let backend = backend.clone();
+        handles.push(tokio::spawn(async move {
+            let mut latencies = Latencies::with_capacity((calls / tasks + 1) as usize);
+            let mut call = t;
+            while call < calls {
+                let start = call * batch;
+                let jobs: Vec<NewJob> = (start..(start + batch).min(n)).map(job).collect();
+                let sent = Instant::now();
+                backend.push_batch(jobs).await.map_err(|e| e.to_string())?;
+                latencies.record(sent.elapsed());
+                call += tasks;
+            }
+            Ok::<_, String>(latencies)
+        }));
+    }
+    let mut latencies = Latencies::with_capacity(calls as usize);
+    for handle in handles {
+        latencies.extend(handle.await.map_err(|e| e.to_string())??);
     }
     let took = started.elapsed();
     let stored = count_jobs(backend.as_ref()).await?;
@@ -98,6 +125,7 @@ pub(crate) async fn enqueue_batch(
         .rate(n as usize, took)
         .with("n", n)
         .with("batch", batch)
+        .with("tasks", tasks)
         .check(stored == n, format!("stored {stored} of {n}"));
     line.latencies = latencies;
     Ok(line)

@@ -342,36 +342,39 @@ pub fn check_text(field: &'static str, value: &str) -> Result<()> {
 /// readers such as serde_json refuse deeper documents, so a deeper job
 /// could be stored but never read back).
 pub fn check_json(field: &'static str, value: &Value) -> Result<()> {
-    // Iterative, so a deeply nested document cannot overflow the stack here.
-    let mut stack = vec![(value, 0usize)];
-    while let Some((v, depth)) = stack.pop() {
-        if depth > MAX_JSON_DEPTH {
-            return Err(Error::invalid(
-                field,
-                format!("nests deeper than {MAX_JSON_DEPTH} levels"),
-            ));
-        }
-        match v {
-            Value::String(s) if s.contains('\0') => {
+    check_json_at(field, value, 0)
+}
+
+/// [`check_json`] of a value `depth` levels down. Recursive, without a heap
+/// stack to allocate per job: the depth check ends the recursion at
+/// [`MAX_JSON_DEPTH`], however deep the document, so it cannot overflow.
+fn check_json_at(field: &'static str, value: &Value, depth: usize) -> Result<()> {
+    if depth > MAX_JSON_DEPTH {
+        return Err(Error::invalid(
+            field,
+            format!("nests deeper than {MAX_JSON_DEPTH} levels"),
+        ));
+    }
+    match value {
+        Value::String(s) if s.contains('\0') => Err(Error::invalid(
+            field,
+            "strings must not contain NUL characters",
+        )),
+        Value::Array(items) => items
+            .iter()
+            .try_for_each(|item| check_json_at(field, item, depth + 1)),
+        Value::Object(map) => {
+            if map.keys().any(|k| k.contains('\0')) {
                 return Err(Error::invalid(
                     field,
-                    "strings must not contain NUL characters",
+                    "keys must not contain NUL characters",
                 ));
             }
-            Value::Array(items) => stack.extend(items.iter().map(|i| (i, depth + 1))),
-            Value::Object(map) => {
-                if map.keys().any(|k| k.contains('\0')) {
-                    return Err(Error::invalid(
-                        field,
-                        "keys must not contain NUL characters",
-                    ));
-                }
-                stack.extend(map.values().map(|i| (i, depth + 1)));
-            }
-            _ => {}
+            map.values()
+                .try_for_each(|item| check_json_at(field, item, depth + 1))
         }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Checks a delay: not negative, at most [`MAX_DELAY`].

@@ -18,6 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use futures::future::OptionFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -247,11 +248,15 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     let lanes = lane_count(config.concurrency);
     let board = Arc::new(Board::new(lanes));
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-    let completer = tokio::spawn(batch_completions(
-        Arc::clone(&shared),
-        Arc::clone(&board),
-        ack_rx,
-    ));
+    // A backend with instant writes has each completion recorded by its
+    // lane as the handler returns; nothing is ever handed to a batcher.
+    let completer = (!shared.instant_writes).then(|| {
+        tokio::spawn(batch_completions(
+            Arc::clone(&shared),
+            Arc::clone(&board),
+            ack_rx,
+        ))
+    });
     let starter = Arc::new(Starter {
         shared: Arc::clone(&shared),
         started: Arc::new(Started {
@@ -480,7 +485,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     }
     // The batcher ends once every sender is gone: the last is the lanes'.
     drop(starter);
-    if let Err(e) = completer.await {
+    if let Some(Err(e)) = OptionFuture::from(completer).await {
         log_join_error(&e);
     }
     drop(keeper);
