@@ -2,6 +2,8 @@
 //! backend's one lock, so each is atomic.
 
 use std::collections::{BTreeSet, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use relayq_core::{
@@ -82,7 +84,10 @@ fn grant(job: &mut Job, now: OffsetDateTime, until: OffsetDateTime) -> LeasedJob
 #[derive(Debug, Default)]
 pub(crate) struct State {
     jobs: JobTable,
-    queues: HashMap<String, QueueIndex>,
+    /// By name, looked up on every acknowledgement. Fx hashing, not
+    /// SipHash: this store serves tests and single processes, whose queue
+    /// names come from their own code, not from an adversary.
+    queues: FxHashMap<String, QueueIndex>,
     /// (queue, unique_key) of every active job that has a key.
     unique: HashMap<(String, String), JobId>,
 }

@@ -5,12 +5,12 @@
 //! finds the lease lost.
 //!
 //! One task for all leases, rather than a timer per job: a job costs the
-//! keeper a map entry, and a handler that blocks its thread cannot stall
-//! the renewals of the others.
+//! keeper one slot in a list, and a handler that blocks its thread cannot
+//! stall the renewals of the others. Letting a lease go sets a flag on its
+//! [`LeaseWatch`], without a lock; let-go leases leave the list when it is
+//! swept: at every renewal tick, and whenever the list has doubled since
+//! the last sweep, so it stays within about twice the leases held.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
@@ -22,7 +22,6 @@ use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::job::JobId;
 use crate::lease::{Lease, LeasedJob};
 use crate::store::Backend;
 
@@ -30,33 +29,61 @@ use crate::store::Backend;
 /// a tick on a remote database, few enough not to take the pool.
 const RENEWALS_AT_ONCE: usize = 8;
 
-/// What the keeper tells a lease's holder, in one allocation per lease:
-/// the lease's end as last renewed, and whether a renewal found it lost.
+/// The list of held leases is not swept before it is this long.
+const LEAST_SWEEP: usize = 1024;
+
+/// A lease's end as last renewed, and when that renewal (or the pull) was
+/// sent.
+#[derive(Debug, Clone, Copy)]
+struct Renewal {
+    until: OffsetDateTime,
+    /// `None` for a lease no keeper renews (the test mode's inline runs).
+    sent: Option<Instant>,
+}
+
+/// What the keeper and a lease's holder tell each other, in one allocation
+/// per lease: the lease's end as last renewed, whether a renewal found it
+/// lost, and whether the holder has let it go.
 #[derive(Debug)]
 pub(crate) struct LeaseWatch {
-    deadline: Mutex<OffsetDateTime>,
+    renewal: Mutex<Renewal>,
     lost: AtomicBool,
+    /// The holder let the lease go: the keeper stops renewing it.
+    released: AtomicBool,
     /// The task waiting in [`Self::lost`], if any.
     waiter: AtomicWaker,
 }
 
 impl LeaseWatch {
-    /// A lease that ends at `deadline` on the store's clock.
+    /// A lease that ends at `deadline` on the store's clock, which no
+    /// keeper renews.
     pub(crate) fn new(deadline: OffsetDateTime) -> Self {
+        Self::renewed_at(deadline, None)
+    }
+
+    fn renewed_at(until: OffsetDateTime, sent: Option<Instant>) -> Self {
         Self {
-            deadline: Mutex::new(deadline),
+            renewal: Mutex::new(Renewal { until, sent }),
             lost: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             waiter: AtomicWaker::new(),
         }
     }
 
-    /// The lease's end on the store's clock, as last renewed.
-    pub(crate) fn deadline(&self) -> OffsetDateTime {
-        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
+    fn renewal(&self) -> Renewal {
+        *self.renewal.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn renewed(&self, until: OffsetDateTime) {
-        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner) = until;
+    /// The lease's end on the store's clock, as last renewed.
+    pub(crate) fn deadline(&self) -> OffsetDateTime {
+        self.renewal().until
+    }
+
+    fn renewed(&self, until: OffsetDateTime, sent: Instant) {
+        *self.renewal.lock().unwrap_or_else(PoisonError::into_inner) = Renewal {
+            until,
+            sent: Some(sent),
+        };
     }
 
     /// Whether a renewal has found the lease lost.
@@ -88,46 +115,37 @@ impl LeaseWatch {
         self.lost.store(true, Ordering::Release);
         self.waiter.wake();
     }
+
+    fn is_released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+
+    /// Whether the keeper is still to renew the lease.
+    fn is_held(&self) -> bool {
+        !self.is_released() && !self.is_lost()
+    }
 }
 
-/// A lease the worker holds.
-struct Held {
-    lease: Lease,
-    /// Shared with the lease's [`Hold`] and the job's context.
-    watch: Arc<LeaseWatch>,
-    /// When the last renewal (or the pull) was sent.
-    renewed_at: Instant,
-}
-
-/// Hashes a job id with one multiplication. Every job passes through the
-/// registry twice, and ids come from the store, not from an adversary, so
-/// SipHash's resistance to chosen keys buys nothing here.
+/// The leases registered with the keeper, let-go and lost ones included
+/// until the next sweep.
 #[derive(Default)]
-struct IdHasher(u64);
+struct Held {
+    leases: Vec<(Lease, Arc<LeaseWatch>)>,
+    /// The length at which the list is swept next.
+    sweep_at: usize,
+}
 
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_i64(&mut self, n: i64) {
-        // Fibonacci hashing: the high bits, which the table's control bytes
-        // use, depend on every bit of the id.
-        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+impl Held {
+    /// Forgets the leases let go or lost.
+    fn sweep(&mut self) {
+        self.leases.retain(|(_, watch)| watch.is_held());
+        self.sweep_at = (2 * self.leases.len()).max(LEAST_SWEEP);
     }
 }
 
-type Leases = HashMap<JobId, Held, BuildHasherDefault<IdHasher>>;
+type Registry = Arc<Mutex<Held>>;
 
-type Registry = Arc<Mutex<Leases>>;
-
-fn lock(registry: &Registry) -> MutexGuard<'_, Leases> {
+fn lock(registry: &Registry) -> MutexGuard<'_, Held> {
     registry.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -157,35 +175,25 @@ impl LeaseKeeper {
         jobs: Vec<LeasedJob>,
         pulled_at: Instant,
     ) -> impl Iterator<Item = (LeasedJob, Hold)> {
-        let mut registry = lock(&self.registry);
-        registry.reserve(jobs.len());
-        let held: Vec<(LeasedJob, Hold)> = jobs
+        let mut held = lock(&self.registry);
+        if held.leases.len() + jobs.len() > held.sweep_at {
+            held.sweep();
+        }
+        held.leases.reserve(jobs.len());
+        let holds: Vec<(LeasedJob, Hold)> = jobs
             .into_iter()
             .map(|leased| {
-                let watch = Arc::new(LeaseWatch::new(
-                    leased
-                        .job
-                        .locked_until
-                        .unwrap_or(OffsetDateTime::UNIX_EPOCH),
-                ));
-                registry.insert(
-                    leased.lease.job_id,
-                    Held {
-                        lease: leased.lease,
-                        watch: Arc::clone(&watch),
-                        renewed_at: pulled_at,
-                    },
-                );
-                let hold = Hold {
-                    lease: leased.lease,
-                    registry: Arc::clone(&self.registry),
-                    watch,
-                };
-                (leased, hold)
+                let until = leased
+                    .job
+                    .locked_until
+                    .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                let watch = Arc::new(LeaseWatch::renewed_at(until, Some(pulled_at)));
+                held.leases.push((leased.lease, Arc::clone(&watch)));
+                (leased, Hold { watch })
             })
             .collect();
-        drop(registry);
-        held.into_iter()
+        drop(held);
+        holds.into_iter()
     }
 }
 
@@ -197,21 +205,14 @@ impl Drop for LeaseKeeper {
 
 /// One registered lease; dropping it stops the renewals.
 pub(crate) struct Hold {
-    lease: Lease,
-    registry: Registry,
     /// What the keeper's renewals found.
     pub(crate) watch: Arc<LeaseWatch>,
 }
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        let mut held = lock(&self.registry);
-        // A later lease of the same job (lost here, leased again) is not ours.
-        if let Entry::Occupied(entry) = held.entry(self.lease.job_id)
-            && entry.get().lease == self.lease
-        {
-            entry.remove();
-        }
+        // No lock: the keeper's next sweep forgets the lease.
+        self.watch.released.store(true, Ordering::Release);
     }
 }
 
@@ -229,31 +230,32 @@ async fn renew(
     loop {
         tick.tick().await;
         let now = Instant::now();
-        let due: Vec<(Lease, Arc<LeaseWatch>)> = lock(&registry)
-            .values()
-            .filter(|h| now.duration_since(h.renewed_at) >= every)
-            .map(|h| (h.lease, Arc::clone(&h.watch)))
-            .collect();
+        let due: Vec<(Lease, Arc<LeaseWatch>)> = {
+            let mut held = lock(&registry);
+            held.sweep();
+            held.leases
+                .iter()
+                .filter(|(_, watch)| {
+                    watch
+                        .renewal()
+                        .sent
+                        .is_some_and(|sent| now.duration_since(sent) >= every)
+                })
+                .map(|(lease, watch)| (*lease, Arc::clone(watch)))
+                .collect()
+        };
         futures::stream::iter(due)
             .for_each_concurrent(RENEWALS_AT_ONCE, |(lease, watch)| {
-                let (backend, registry) = (&backend, &registry);
+                let backend = &backend;
                 async move {
                     let sent = Instant::now();
                     match backend.extend(&lease, backend_lease).await {
-                        Ok(until) => {
-                            watch.renewed(until);
-                            if let Some(h) = lock(registry).get_mut(&lease.job_id)
-                                && h.lease == lease
-                            {
-                                h.renewed_at = sent;
-                            }
-                        }
+                        Ok(until) => watch.renewed(until, sent),
+                        // A lease let go meanwhile (its completion recorded,
+                        // say) is no loss to anyone.
                         Err(e) if e.is_lease_lost() => {
-                            let mut held = lock(registry);
-                            if held.get(&lease.job_id).is_some_and(|h| h.lease == lease)
-                                && let Some(h) = held.remove(&lease.job_id)
-                            {
-                                h.watch.mark_lost();
+                            if !watch.is_released() {
+                                watch.mark_lost();
                             }
                         }
                         Err(e) => {
@@ -296,7 +298,7 @@ mod tests {
     fn renewals_move_the_deadline() {
         let watch = LeaseWatch::new(OffsetDateTime::UNIX_EPOCH);
         let later = OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(30);
-        watch.renewed(later);
+        watch.renewed(later, Instant::now());
         assert_eq!(watch.deadline(), later);
     }
 }

@@ -64,6 +64,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -602,7 +603,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
                 "register at least one with handle() or handler()",
             ));
         }
-        let mut handlers: HashMap<String, Entry<S>> = HashMap::new();
+        let mut handlers: FxHashMap<String, Entry<S>> = FxHashMap::default();
         for (kind, entry) in self.handlers {
             check_name("kind", kind)?;
             if handlers.insert(kind.to_owned(), entry).is_some() {
