@@ -1,5 +1,6 @@
 //! The workloads of WORKLOAD.md.
 
+use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -57,38 +58,20 @@ pub(crate) async fn enqueue(
     tasks: u64,
 ) -> Result<Line, String> {
     let started = Instant::now();
-    let mut handles = Vec::new();
-    for t in 0..tasks {
-        let backend = backend.clone();
-        handles.push(tokio::spawn(async move {
-            let mut latencies = Latencies::with_capacity((n / tasks + 1) as usize);
-            let mut seq = t;
-            while seq < n {
-                let call = Instant::now();
-                backend.push(job(seq)).await.map_err(|e| e.to_string())?;
-                latencies.record(call.elapsed());
-                seq += tasks;
-            }
-            Ok::<_, String>(latencies)
-        }));
-    }
-    let mut latencies = Latencies::with_capacity(n as usize);
-    for handle in handles {
-        latencies.extend(handle.await.map_err(|e| e.to_string())??);
-    }
-    let took = started.elapsed();
-    let stored = count_jobs(backend.as_ref()).await?;
-    let mut line = Line::new(label, "enqueue")
-        .rate(n as usize, took)
+    let pusher = Arc::clone(&backend);
+    let latencies = spread(n, tasks, move |seq| {
+        let backend = Arc::clone(&pusher);
+        // Built in the timed call: `enq_us` is stamped just before the push.
+        async move { backend.push(job(seq)).await.map(drop) }
+    })
+    .await?;
+    let line = Line::new(label, "enqueue")
         .with("n", n)
-        .with("tasks", tasks)
-        .check(stored == n, format!("stored {stored} of {n}"));
-    line.latencies = latencies;
-    Ok(line)
+        .with("tasks", tasks);
+    stored_all(line, backend.as_ref(), n, started, latencies).await
 }
 
-/// N jobs in calls of `batch`, from `tasks` concurrent tasks (each sends
-/// its calls one after another).
+/// N jobs in calls of `batch`, from `tasks` concurrent tasks.
 pub(crate) async fn enqueue_batch(
     label: &str,
     backend: Arc<dyn Backend>,
@@ -96,21 +79,44 @@ pub(crate) async fn enqueue_batch(
     batch: u64,
     tasks: u64,
 ) -> Result<Line, String> {
-    let calls = n.div_ceil(batch);
     let started = Instant::now();
+    let pusher = Arc::clone(&backend);
+    let latencies = spread(n.div_ceil(batch), tasks, move |call| {
+        let backend = Arc::clone(&pusher);
+        let first = call * batch;
+        let jobs: Vec<NewJob> = (first..(first + batch).min(n)).map(job).collect();
+        async move { backend.push_batch(jobs).await.map(drop) }
+    })
+    .await?;
+    let line = Line::new(label, "enqueue_batch")
+        .with("n", n)
+        .with("batch", batch)
+        .with("tasks", tasks);
+    stored_all(line, backend.as_ref(), n, started, latencies).await
+}
+
+/// Makes calls `0..calls` from `tasks` concurrent tasks, task `t` making
+/// calls `t`, `t + tasks`, … one after another; returns how long each took
+/// from the moment `call` handed over its future (what `call` does before
+/// returning it is not timed).
+async fn spread<F, Fut>(calls: u64, tasks: u64, call: F) -> Result<Latencies, String>
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = relayq::Result<()>> + Send,
+{
+    let tasks = tasks.clamp(1, calls.max(1));
     let mut handles = Vec::new();
-    for t in 0..tasks.min(calls).max(1) {
-        let backend = backend.clone();
+    for t in 0..tasks {
+        let call = call.clone();
         handles.push(tokio::spawn(async move {
             let mut latencies = Latencies::with_capacity((calls / tasks + 1) as usize);
-            let mut call = t;
-            while call < calls {
-                let start = call * batch;
-                let jobs: Vec<NewJob> = (start..(start + batch).min(n)).map(job).collect();
+            let mut i = t;
+            while i < calls {
+                let made = call(i);
                 let sent = Instant::now();
-                backend.push_batch(jobs).await.map_err(|e| e.to_string())?;
+                made.await.map_err(|e| e.to_string())?;
                 latencies.record(sent.elapsed());
-                call += tasks;
+                i += tasks;
             }
             Ok::<_, String>(latencies)
         }));
@@ -119,13 +125,22 @@ pub(crate) async fn enqueue_batch(
     for handle in handles {
         latencies.extend(handle.await.map_err(|e| e.to_string())??);
     }
+    Ok(latencies)
+}
+
+/// `line` with the rate of `n` jobs since `started` and its per-call
+/// `latencies`, checked against the jobs the store holds.
+async fn stored_all(
+    line: Line,
+    backend: &dyn Backend,
+    n: u64,
+    started: Instant,
+    latencies: Latencies,
+) -> Result<Line, String> {
     let took = started.elapsed();
-    let stored = count_jobs(backend.as_ref()).await?;
-    let mut line = Line::new(label, "enqueue_batch")
+    let stored = count_jobs(backend).await?;
+    let mut line = line
         .rate(n as usize, took)
-        .with("n", n)
-        .with("batch", batch)
-        .with("tasks", tasks)
         .check(stored == n, format!("stored {stored} of {n}"));
     line.latencies = latencies;
     Ok(line)
