@@ -19,7 +19,8 @@ use clap::Parser;
 enum Workload {
     /// N jobs, one per call, from 8 concurrent tasks.
     Enqueue,
-    /// N jobs in calls of 1,000.
+    /// N jobs in calls of 1,000, from 8 concurrent tasks (as many as the
+    /// pgbench clients of its baseline).
     EnqueueBatch,
     /// N jobs enqueued beforehand, drained by a worker with concurrency 16.
     Process,
