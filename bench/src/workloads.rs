@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use relayq::{Backend, JobType, NewJob};
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
 
 use crate::report::{Latencies, Line};
 
@@ -59,7 +60,7 @@ pub(crate) async fn enqueue(
 ) -> Result<Line, String> {
     let started = Instant::now();
     let pusher = Arc::clone(&backend);
-    let latencies = spread(n, tasks, move |seq| {
+    let (latencies, tasks) = spread(n, tasks, move |seq| {
         let backend = Arc::clone(&pusher);
         // Built in the timed call: `enq_us` is stamped just before the push.
         async move { backend.push(job(seq)).await.map(drop) }
@@ -81,7 +82,7 @@ pub(crate) async fn enqueue_batch(
 ) -> Result<Line, String> {
     let started = Instant::now();
     let pusher = Arc::clone(&backend);
-    let latencies = spread(n.div_ceil(batch), tasks, move |call| {
+    let (latencies, tasks) = spread(n.div_ceil(batch), tasks, move |call| {
         let backend = Arc::clone(&pusher);
         let first = call * batch;
         let jobs: Vec<NewJob> = (first..(first + batch).min(n)).map(job).collect();
@@ -95,20 +96,21 @@ pub(crate) async fn enqueue_batch(
     stored_all(line, backend.as_ref(), n, started, latencies).await
 }
 
-/// Makes calls `0..calls` from `tasks` concurrent tasks, task `t` making
-/// calls `t`, `t + tasks`, … one after another; returns how long each took
-/// from the moment `call` handed over its future (what `call` does before
-/// returning it is not timed).
-async fn spread<F, Fut>(calls: u64, tasks: u64, call: F) -> Result<Latencies, String>
+/// Makes calls `0..calls` from `tasks` concurrent tasks (at least one, at
+/// most one per call), task `t` making calls `t`, `t + tasks`, … one after
+/// another; returns how long each took from the moment `call` handed over
+/// its future (what `call` does before returning it is not timed), and
+/// how many tasks made them. The first failure stops every task.
+async fn spread<F, Fut>(calls: u64, tasks: u64, call: F) -> Result<(Latencies, u64), String>
 where
     F: Fn(u64) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = relayq::Result<()>> + Send,
 {
     let tasks = tasks.clamp(1, calls.max(1));
-    let mut handles = Vec::new();
+    let mut running = JoinSet::new();
     for t in 0..tasks {
         let call = call.clone();
-        handles.push(tokio::spawn(async move {
+        running.spawn(async move {
             let mut latencies = Latencies::with_capacity((calls / tasks + 1) as usize);
             let mut i = t;
             while i < calls {
@@ -119,13 +121,14 @@ where
                 i += tasks;
             }
             Ok::<_, String>(latencies)
-        }));
+        });
     }
     let mut latencies = Latencies::with_capacity(calls as usize);
-    for handle in handles {
-        latencies.extend(handle.await.map_err(|e| e.to_string())??);
+    // Returning early drops the set, which aborts the tasks still running.
+    while let Some(joined) = running.join_next().await {
+        latencies.extend(joined.map_err(|e| e.to_string())??);
     }
-    Ok(latencies)
+    Ok((latencies, tasks))
 }
 
 /// `line` with the rate of `n` jobs since `started` and its per-call
