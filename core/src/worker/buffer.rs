@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::board::Board;
 use super::keeper::Hold;
+use super::slots::{Slot, Slots};
 use crate::lease::LeasedJob;
 
 /// A leased job waiting for a slot, its lease renewed by the keeper.
@@ -92,12 +92,12 @@ impl Buffer {
     /// the pull loop itself need not be told.
     pub(crate) fn take(
         &self,
-        slots: &Arc<Semaphore>,
+        slots: &Arc<Slots>,
         tell: bool,
         running: &AtomicUsize,
-    ) -> Option<(Buffered, OwnedSemaphorePermit)> {
+    ) -> Option<(Buffered, Slot)> {
         loop {
-            let slot = Arc::clone(slots).try_acquire_owned().ok()?;
+            let slot = slots.try_take()?;
             let (next, left) = {
                 let mut jobs = self.lock();
                 let next = if jobs.closed {

@@ -1,6 +1,8 @@
 //! What a worker reports as it runs jobs: [`Event`]s, each naming a job
 //! ([`JobInfo`]) and, once an attempt ends, its [`Outcome`].
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -116,6 +118,32 @@ impl Event {
     }
 }
 
+/// A receiver of a worker's events, counted while it lives: the worker
+/// asks the count, not the channel (whose count sits behind its lock),
+/// whether anyone listens before it builds a job's events.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    pub(crate) rx: broadcast::Receiver<Event>,
+    listeners: Arc<AtomicUsize>,
+}
+
+impl Subscription {
+    /// Subscribes to `events`, counted in `listeners` until dropped.
+    pub(crate) fn new(events: &broadcast::Sender<Event>, listeners: &Arc<AtomicUsize>) -> Self {
+        listeners.fetch_add(1, Ordering::SeqCst);
+        Self {
+            rx: events.subscribe(),
+            listeners: Arc::clone(listeners),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.listeners.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A subscription to a worker's events, from
 /// [`Worker::events`](crate::Worker::events).
 ///
@@ -124,21 +152,21 @@ impl Event {
 /// (with a warning in the log) rather than slowing the worker down.
 #[derive(Debug)]
 pub struct EventStream {
-    rx: broadcast::Receiver<Event>,
+    sub: Subscription,
 }
 
 impl EventStream {
     /// How many events a slow subscriber may fall behind.
     pub const CAPACITY: usize = 1024;
 
-    pub(crate) fn new(rx: broadcast::Receiver<Event>) -> Self {
-        Self { rx }
+    pub(crate) fn new(sub: Subscription) -> Self {
+        Self { sub }
     }
 
     /// The next event; `None` once the worker and every handle to it are gone.
     pub async fn recv(&mut self) -> Option<Event> {
         loop {
-            match self.rx.recv().await {
+            match self.sub.rx.recv().await {
                 Ok(event) => return Some(event),
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(skipped = n, "event subscriber fell behind");
@@ -151,7 +179,7 @@ impl EventStream {
     /// The next event if one is already waiting, without blocking.
     pub fn try_recv(&mut self) -> Option<Event> {
         loop {
-            match self.rx.try_recv() {
+            match self.sub.rx.try_recv() {
                 Ok(event) => return Some(event),
                 Err(broadcast::error::TryRecvError::Lagged(n)) => {
                     tracing::warn!(skipped = n, "event subscriber fell behind");

@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
@@ -12,13 +13,14 @@ use futures::{FutureExt, StreamExt};
 use rustc_hash::FxHashMap;
 use serde_json::Value;
 use time::OffsetDateTime;
-use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::Instrument;
 
 use super::board::Board;
-use super::events::{Event, JobInfo, Outcome};
+use super::events::{Event, JobInfo, Outcome, Subscription};
 use super::handler::{Entry, HandlerError, JobContext, Phase, RunFuture};
 use super::keeper::{Hold, LeaseWatch};
+use super::slots::Slot;
 use crate::error::Error;
 use crate::job::{Job, MAX_DELAY};
 use crate::lease::{Lease, LeasedJob, check_result};
@@ -62,6 +64,8 @@ pub(crate) struct Shared<S> {
     pub(crate) state: Arc<S>,
     pub(crate) config: Config,
     pub(crate) events: broadcast::Sender<Event>,
+    /// Live subscriptions to `events`.
+    pub(crate) listeners: Arc<AtomicUsize>,
     pub(crate) hooks: Vec<Hook>,
 }
 
@@ -80,7 +84,12 @@ impl<S> fmt::Debug for Shared<S> {
 impl<S> Shared<S> {
     /// Whether an event would reach anyone: a hook or a subscriber.
     pub(crate) fn is_observed(&self) -> bool {
-        !self.hooks.is_empty() || self.events.receiver_count() > 0
+        !self.hooks.is_empty() || self.listeners.load(Ordering::SeqCst) > 0
+    }
+
+    /// A counted subscription to the events.
+    pub(crate) fn subscribe(&self) -> Subscription {
+        Subscription::new(&self.events, &self.listeners)
     }
 
     pub(crate) fn emit(&self, event: Event) {
@@ -108,7 +117,7 @@ pub(crate) enum Mode {
         /// The worker's concurrency slot, given back once the handler has
         /// returned: recording the outcome does not count against the
         /// concurrency, so the next pull need not wait for it.
-        slot: Option<OwnedSemaphorePermit>,
+        slot: Option<Slot>,
         /// The lease's registration with the worker's keeper, which renews
         /// it until the outcome is recorded.
         hold: Option<Hold>,
@@ -291,7 +300,7 @@ async fn run_and_record<S: Send + Sync + 'static>(
         Ok(Err(unusable)) => return Ended::Recorded(record_kill(backend, &lease, unusable).await),
         Ok(Ok(fut)) => match (&worker, &hold) {
             (Some(worker), Some(hold)) => {
-                run_spawned(fut, timeout, &hold.watch, worker.phase.clone()).await
+                run_spawned(fut, timeout, &hold.watch, &worker.phase).await
             }
             _ => run_inline(fut, timeout).await,
         },
@@ -364,7 +373,7 @@ async fn run_spawned(
     fut: RunFuture,
     timeout: Option<Duration>,
     lease: &LeaseWatch,
-    mut phase: watch::Receiver<Phase>,
+    phase: &watch::Receiver<Phase>,
 ) -> Attempt {
     // A panic is caught here, so the lane's other jobs go on; a handler
     // that blocks its thread delays no lease's renewal (the keeper renews
@@ -377,12 +386,21 @@ async fn run_spawned(
             None => std::future::pending().await,
         }
     };
+    // Its own receiver only once polled: cloning one counts it in the
+    // channel's shared state.
     let abandoned = async {
+        let mut phase = phase.clone();
         if phase.wait_for(|p| *p == Phase::Abandoning).await.is_err() {
             std::future::pending::<()>().await;
         }
     };
+    // The handler first: one that is done at its first poll (most quick
+    // jobs) ends the run before the other three are ever polled, so they
+    // register no waker (the phase's is a shared lock, taken to register
+    // and again to drop). A handler done as its lease is lost or its time
+    // is up keeps its result; its completion is then fenced by the store.
     tokio::select! {
+        biased;
         finished = run => Attempt::of(finished),
         () = lease.lost() => Attempt::LeaseLost,
         () = expiry => Attempt::TimedOut(timeout.unwrap_or_default()),

@@ -57,6 +57,7 @@ mod handler;
 mod keeper;
 mod prefetch;
 mod runner;
+mod slots;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -142,7 +143,7 @@ impl<S: Send + Sync + 'static> Worker<S> {
     /// Subscribes to its events from now on (see also
     /// [`WorkerBuilder::on_event`]).
     pub fn events(&self) -> EventStream {
-        EventStream::new(self.shared.events.subscribe())
+        EventStream::new(self.shared.subscribe())
     }
 
     /// Starts pulling and running jobs in a background task, until the
@@ -202,7 +203,7 @@ impl<S: Send + Sync + 'static> Worker<S> {
     /// [`Error::NotFound`] if there is no such job. Wrap it in
     /// `tokio::time::timeout` to bound the wait.
     pub async fn wait_for(&self, id: JobId) -> Result<Job> {
-        let mut events = self.shared.events.subscribe();
+        let mut events = self.shared.subscribe();
         loop {
             let job = self
                 .shared
@@ -219,7 +220,7 @@ impl<S: Send + Sync + 'static> Worker<S> {
             tokio::pin!(poll);
             loop {
                 tokio::select! {
-                    event = events.recv() => match event {
+                    event = events.rx.recv() => match event {
                         Ok(Event::Finished { job, outcome })
                             if job.id == id && outcome.is_terminal() => break,
                         Ok(_) => {}
@@ -693,6 +694,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
                     shutdown_timeout: self.shutdown_timeout,
                 },
                 events,
+                listeners: Arc::default(),
                 hooks: self.hooks,
             }),
         })

@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use futures::future::OptionFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
@@ -33,6 +33,7 @@ use super::execute::{Ended, Mode, Shared, Started, batch_completions, execute, p
 use super::handler::Phase;
 use super::keeper::LeaseKeeper;
 use super::prefetch::Prefetch;
+use super::slots::{Slot, Slots};
 use crate::error::Result;
 use crate::lease::LeasedJob;
 use crate::request::{MAX_PULL_BATCH, PullRequest};
@@ -80,15 +81,15 @@ struct Starter<S> {
     shared: Arc<Shared<S>>,
     started: Arc<Started>,
     buffer: Buffer,
-    /// One permit per handler allowed to run. A job gives its permit back
+    /// One slot per handler allowed to run. A job gives its slot back
     /// as soon as its handler returns, before the outcome is recorded, so
     /// the next job starts without waiting for the acknowledgement.
-    slots: Arc<Semaphore>,
+    slots: Arc<Slots>,
 }
 
 impl<S: Send + Sync + 'static> Starter<S> {
     /// The run of a buffered job on the slot taken for it.
-    fn run(&self, job: Buffered, slot: OwnedSemaphorePermit) -> impl Future<Output = Ended> + Send {
+    fn run(&self, job: Buffered, slot: Slot) -> impl Future<Output = Ended> + Send {
         let mode = Mode::Spawned {
             started: Arc::clone(&self.started),
             slot: Some(slot),
@@ -99,7 +100,7 @@ impl<S: Send + Sync + 'static> Starter<S> {
 }
 
 /// A job handed to a lane.
-type Start = (Buffered, OwnedSemaphorePermit);
+type Start = (Buffered, Slot);
 
 /// Runs the jobs sent to it side by side, and starts buffered jobs on the
 /// slots its own runs free, until its sender is gone and its jobs have all
@@ -203,8 +204,8 @@ fn leases_held(buffer: &Buffer, board: &Board, asked: usize) -> usize {
     buffer.len() + board.started() + asked
 }
 
-fn free_slots(slots: &Semaphore) -> u32 {
-    u32::try_from(slots.available_permits()).unwrap_or(u32::MAX)
+fn free_slots(slots: &Slots) -> u32 {
+    u32::try_from(slots.free()).unwrap_or(u32::MAX)
 }
 
 async fn next_signal(wakeups: &mut Option<Wakeups>) -> Option<()> {
@@ -265,7 +266,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
             board: Arc::clone(&board),
         }),
         buffer: Buffer::new(Arc::clone(&board)),
-        slots: Arc::new(Semaphore::new(config.concurrency as usize)),
+        slots: Slots::new(config.concurrency as usize),
     });
     let (slots, buffer) = (&starter.slots, &starter.buffer);
     let mut lane_tasks: JoinSet<ShutdownReport> = JoinSet::new();
