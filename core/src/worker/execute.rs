@@ -172,7 +172,7 @@ impl Attempt {
 /// the future holds the job behind an `Arc` rather than the leased job by
 /// value: a started worker keeps one such future per running job, and a
 /// smaller one is cheaper to allocate and move. Keep it under about 1 KiB
-/// (928 bytes today): glibc's malloc serves larger blocks by sorting its
+/// (800 bytes today): glibc's malloc serves larger blocks by sorting its
 /// free lists on every allocation; at 1,120 bytes the memory backend
 /// processed 18% fewer jobs per second.
 pub(crate) fn execute<S: Send + Sync + 'static>(
