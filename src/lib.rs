@@ -231,6 +231,11 @@ mod tests {
         let result = connect(&url).await;
         hang_up.abort();
         let error = result.expect_err("the server hangs up");
+        // It names the server, with the password masked.
+        assert!(
+            error.to_string().contains("relayq:***@127.0.0.1"),
+            "{error}"
+        );
         assert!(!error.to_string().contains("hunter2"), "{error}");
         assert!(!format!("{error:?}").contains("hunter2"), "{error:?}");
     }

@@ -260,6 +260,91 @@ pub async fn worker_times_out_a_slow_handler(h: Harness) {
     assert!(error.contains("timed out"), "{error}");
 }
 
+/// A handler that keeps its lane busy, with work that is always ready
+/// (here Tokio's cooperative budget spent on every poll), is still stopped
+/// by its timeout in a started worker and by the deadline at shutdown, and
+/// does not keep other jobs from starting.
+pub async fn worker_contains_a_busy_handler(h: Harness) {
+    async fn busy() -> Result<(), HandlerError> {
+        loop {
+            tokio::task::consume_budget().await;
+        }
+    }
+    let timed = h
+        .worker()
+        .timeout_for::<Task>(StdDuration::from_millis(50))
+        .handle(|_task: Task, _ctx: JobContext<Harness>| busy())
+        .build()
+        .expect("build");
+    let id = h.push(Task { n: 1 }.to_job().max_attempts(1)).await;
+    let running = timed.start();
+    let job = within("the busy handler's timeout", running.wait_for(id))
+        .await
+        .expect("wait");
+    assert_eq!(job.status, JobStatus::Dead);
+    let error = job.last_error.expect("an error");
+    assert!(error.contains("timed out"), "{error}");
+    within("shutdown", running.shutdown()).await;
+
+    let untimed = h
+        .worker()
+        .handle(|_task: Task, _ctx: JobContext<Harness>| busy())
+        .build()
+        .expect("build");
+    let mut events = untimed.events();
+    let id = h.push(Task { n: 2 }.to_job()).await;
+    let running = untimed.start();
+    within("the busy job to start", async {
+        while !matches!(events.recv().await, Some(Event::Started { .. })) {}
+    })
+    .await;
+    let report = within(
+        "shutdown past its deadline",
+        running.shutdown_within(StdDuration::from_millis(100)),
+    )
+    .await;
+    assert_eq!((report.finished, report.released), (0, 1), "{report:?}");
+    assert_eq!(h.job(id).await.status, JobStatus::Pending);
+
+    // Busy handlers on every lane (the runtime has two threads, so two
+    // lanes) do not keep the next job from starting: the job released
+    // above and one more keep both lanes busy, then a quick one runs.
+    let shared = h
+        .worker()
+        .concurrency(4)
+        .handle(|task: Task, _ctx: JobContext<Harness>| async move {
+            match task.n {
+                3 => Ok(()),
+                _ => busy().await,
+            }
+        })
+        .build()
+        .expect("build");
+    let mut events = shared.events();
+    h.push(Task { n: 1 }.to_job()).await;
+    let running = shared.start();
+    let mut started = 0;
+    within("both busy jobs to start", async {
+        while started < 2 {
+            if let Some(Event::Started { .. }) = events.recv().await {
+                started += 1;
+            }
+        }
+    })
+    .await;
+    let quick = h.push(Task { n: 3 }.to_job()).await;
+    let job = within("a quick job beside busy ones", running.wait_for(quick))
+        .await
+        .expect("wait");
+    assert_eq!(job.status, JobStatus::Done);
+    let report = within(
+        "shutdown past its deadline",
+        running.shutdown_within(StdDuration::from_millis(100)),
+    )
+    .await;
+    assert_eq!(report.released, 2, "{report:?}");
+}
+
 /// A panicking handler is a failed attempt (retried, then `Dead` with the
 /// panic's message), in the background runner as in test mode; the worker
 /// goes on running other jobs and stores their results.

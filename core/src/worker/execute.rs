@@ -386,8 +386,8 @@ async fn run_spawned(
             None => std::future::pending().await,
         }
     };
-    // Its own receiver only once polled: cloning one counts it in the
-    // channel's shared state.
+    // Cloned only if polled (`wait_for` needs a receiver of its own), as
+    // registering its waker takes the channel's lock.
     let abandoned = async {
         let mut phase = phase.clone();
         if phase.wait_for(|p| *p == Phase::Abandoning).await.is_err() {
@@ -396,15 +396,19 @@ async fn run_spawned(
     };
     // The handler first: one that is done at its first poll (most quick
     // jobs) ends the run before the other three are ever polled, so they
-    // register no waker (the phase's is a shared lock, taken to register
-    // and again to drop). A handler done as its lease is lost or its time
-    // is up keeps its result; its completion is then fenced by the store.
+    // register no waker. The timeout and the shutdown deadline are exempt
+    // from Tokio's cooperative budget: polled after a handler that spends
+    // the lane's whole budget on every poll (a loop over ready I/O, say),
+    // a budgeted timer would never fire. Each resolves once, so it cannot
+    // hog the lane. (`lost` takes no budget.) A handler done as its lease
+    // is lost or its time is up keeps its result; its completion is then
+    // fenced by the store.
     tokio::select! {
         biased;
         finished = run => Attempt::of(finished),
         () = lease.lost() => Attempt::LeaseLost,
-        () = expiry => Attempt::TimedOut(timeout.unwrap_or_default()),
-        () = abandoned => Attempt::Abandoned,
+        () = tokio::task::unconstrained(expiry) => Attempt::TimedOut(timeout.unwrap_or_default()),
+        () = tokio::task::unconstrained(abandoned) => Attempt::Abandoned,
     }
 }
 
