@@ -294,10 +294,7 @@ pub async fn worker_contains_a_busy_handler(h: Harness) {
     let mut events = untimed.events();
     let id = h.push(Task { n: 2 }.to_job()).await;
     let running = untimed.start();
-    within("the busy job to start", async {
-        while !matches!(events.recv().await, Some(Event::Started { .. })) {}
-    })
-    .await;
+    starts(&mut events, 1, "the busy job to start").await;
     let report = within(
         "shutdown past its deadline",
         running.shutdown_within(StdDuration::from_millis(100)),
@@ -323,15 +320,7 @@ pub async fn worker_contains_a_busy_handler(h: Harness) {
     let mut events = shared.events();
     h.push(Task { n: 1 }.to_job()).await;
     let running = shared.start();
-    let mut started = 0;
-    within("both busy jobs to start", async {
-        while started < 2 {
-            if let Some(Event::Started { .. }) = events.recv().await {
-                started += 1;
-            }
-        }
-    })
-    .await;
+    starts(&mut events, 2, "both busy jobs to start").await;
     let quick = h.push(Task { n: 3 }.to_job()).await;
     let job = within("a quick job beside busy ones", running.wait_for(quick))
         .await
@@ -627,15 +616,7 @@ pub async fn worker_shutdown_finishes_in_flight_then_releases(h: Harness) {
     let finishing = h.push(Task { n: 1 }.to_job()).await;
     let stuck = h.push(Task { n: 2 }.to_job()).await;
     let running = worker.start();
-    let mut started = 0;
-    within("both jobs to start", async {
-        while started < 2 {
-            if let Some(Event::Started { .. }) = events.recv().await {
-                started += 1;
-            }
-        }
-    })
-    .await;
+    starts(&mut events, 2, "both jobs to start").await;
 
     let report = within(
         "shutdown",
@@ -682,6 +663,21 @@ async fn outcome_of(events: &mut relayq_core::EventStream, id: JobId) -> Outcome
         }
     })
     .await
+}
+
+/// Waits until `n` more attempts have started (`what` names them if not).
+async fn starts(events: &mut relayq_core::EventStream, n: usize, what: &str) {
+    within(what, async {
+        let mut started = 0;
+        while started < n {
+            match events.recv().await {
+                Some(Event::Started { .. }) => started += 1,
+                Some(_) => {}
+                None => panic!("the worker is gone"),
+            }
+        }
+    })
+    .await;
 }
 
 /// A handler that finishes after its lease was lost (expired and taken by
