@@ -2,14 +2,13 @@
 //! backend's one lock, so each is atomic.
 
 use std::collections::{BTreeSet, HashMap};
-
-use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use relayq_core::{
     Job, JobId, JobPage, JobStatus, LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, PullRequest,
     PushOutcome, Result, Stats, ValidJob,
 };
+use rustc_hash::FxHashMap;
 use serde_json::Value;
 use time::OffsetDateTime;
 
