@@ -126,15 +126,16 @@ impl Pusher for MemoryBackend {
     async fn push_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<PushOutcome>> {
         let jobs = validate_batch(jobs)?;
         let now = self.now();
-        let run_ats = jobs
+        // Scheduled and parsed before the lock is taken.
+        let stored = jobs
             .iter()
-            .map(|job| job.run_at(now))
+            .map(|job| Ok((job.run_at(now)?, Arc::new(job.payload.to_value()?))))
             .collect::<Result<Vec<_>>>()?;
         let outcomes = {
             let mut state = self.lock();
             jobs.into_iter()
-                .zip(run_ats)
-                .map(|(job, run_at)| state.insert(job, run_at, now))
+                .zip(stored)
+                .map(|(job, (run_at, payload))| state.insert(job, payload, run_at, now))
                 .collect::<Vec<_>>()
         };
         if outcomes.iter().any(|o| !o.is_duplicate()) {

@@ -107,6 +107,7 @@ impl State {
     pub(crate) fn insert(
         &mut self,
         job: ValidJob,
+        payload: Arc<Value>,
         run_at: OffsetDateTime,
         now: OffsetDateTime,
     ) -> PushOutcome {
@@ -130,7 +131,7 @@ impl State {
             id,
             queue: job.queue,
             kind: job.kind,
-            payload: Arc::new(job.payload),
+            payload,
             priority: job.priority,
             status: JobStatus::Pending,
             attempts: 0,

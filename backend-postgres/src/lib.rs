@@ -186,7 +186,9 @@ use relayq_core::{
 use sea_query::{Alias, Expr, ExprTrait, Order, PostgresQueryBuilder, Query};
 use sea_query_sqlx::SqlxBinder;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
+use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, SqlSafeStr, SqlStr};
 use time::{Duration, OffsetDateTime};
 
@@ -593,13 +595,11 @@ impl PgBackend {
         schedules: &[(Option<OffsetDateTime>, i64)],
     ) -> sqlx::Result<Vec<JobId>> {
         let c = Columns::new(jobs, schedules);
-        let mut ids = c
+        let mut ids: Vec<JobId> = c
             .bind(self.inner.sql.push_keyless.clone(), now)
-            .fetch_all(&mut *conn)
+            .fetch_one(&mut *conn)
             .await?
-            .iter()
-            .map(|row| row.try_get::<JobId, _>(0))
-            .collect::<sqlx::Result<Vec<_>>>()?;
+            .try_get(0)?;
         // Drawn in input order (see the statement): ascending is input order.
         ids.sort_unstable();
         Ok(ids)
@@ -760,7 +760,7 @@ fn bind_one(
         .bind(now)
         .bind(&job.queue)
         .bind(&job.kind)
-        .bind(&job.payload)
+        .bind(Json(job.payload.as_raw()))
         .bind(job.priority)
         .bind(job.max_attempts)
         .bind(run_at)
@@ -772,7 +772,7 @@ fn bind_one(
 struct Columns<'a> {
     queues: Vec<&'a str>,
     kinds: Vec<&'a str>,
-    payloads: Vec<&'a Value>,
+    payloads: Vec<Json<&'a RawValue>>,
     priorities: Vec<i16>,
     max_attempts: Vec<i32>,
     run_ats: Vec<Option<OffsetDateTime>>,
@@ -784,7 +784,7 @@ impl<'a> Columns<'a> {
         Self {
             queues: jobs.iter().map(|job| job.queue.as_str()).collect(),
             kinds: jobs.iter().map(|job| job.kind.as_str()).collect(),
-            payloads: jobs.iter().map(|job| &job.payload).collect(),
+            payloads: jobs.iter().map(|job| Json(job.payload.as_raw())).collect(),
             priorities: jobs.iter().map(|job| job.priority).collect(),
             max_attempts: jobs.iter().map(|job| job.max_attempts).collect(),
             run_ats: schedules.iter().map(|&(run_at, _)| run_at).collect(),

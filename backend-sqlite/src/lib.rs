@@ -454,7 +454,7 @@ impl SqliteBackend {
         conn: &mut SqliteConnection,
         jobs: Vec<NewJob>,
     ) -> Result<Vec<PushOutcome>> {
-        let jobs = prepare(jobs)?;
+        let jobs = validate_batch(jobs)?;
         let now = self.shared.clock.now();
         let outcomes = insert_jobs(conn, &jobs, now)
             .await
@@ -544,33 +544,17 @@ fn parse_version(v: &str) -> (u32, u32, u32) {
     (next(), next(), next())
 }
 
-/// A validated job with its payload already serialized.
-struct Prepared {
-    job: ValidJob,
-    payload: String,
-}
-
-fn prepare(jobs: Vec<NewJob>) -> Result<Vec<Prepared>> {
-    Ok(validate_batch(jobs)?
-        .into_iter()
-        .map(|job| Prepared {
-            payload: job.payload.to_string(),
-            job,
-        })
-        .collect())
-}
-
 /// Inserts `jobs` in order on `conn`, inside whatever transaction it holds.
 async fn insert_jobs(
     conn: &mut SqliteConnection,
-    jobs: &[Prepared],
+    jobs: &[ValidJob],
     now: OffsetDateTime,
 ) -> Result<Vec<PushOutcome>, Fail> {
-    if jobs.iter().all(|p| p.job.unique_key.is_none()) {
+    if jobs.iter().all(|job| job.unique_key.is_none()) {
         return insert_keyless(conn, jobs, now).await;
     }
     let mut outcomes = Vec::with_capacity(jobs.len());
-    for Prepared { job, payload } in jobs {
+    for job in jobs {
         let run_at = job.run_at(now)?;
         // `ON CONFLICT DO NOTHING` covers the partial unique index on
         // (queue, unique_key) of active jobs: a duplicate inserts nothing.
@@ -582,7 +566,7 @@ async fn insert_jobs(
         )
         .bind(&job.queue)
         .bind(&job.kind)
-        .bind(payload)
+        .bind(job.payload.as_str())
         .bind(i64::from(job.priority))
         .bind(job.max_attempts)
         .bind(micros(run_at))
@@ -631,7 +615,7 @@ const INSERT_CHUNK: usize = 1_000;
 /// at its last inserted rowid.
 async fn insert_keyless(
     conn: &mut SqliteConnection,
-    jobs: &[Prepared],
+    jobs: &[ValidJob],
     now: OffsetDateTime,
 ) -> Result<Vec<PushOutcome>, Fail> {
     let mut outcomes = Vec::with_capacity(jobs.len());
@@ -644,11 +628,11 @@ async fn insert_keyless(
              VALUES {values}"
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
-        for Prepared { job, payload } in chunk {
+        for job in chunk {
             query = query
                 .bind(&job.queue)
                 .bind(&job.kind)
-                .bind(payload)
+                .bind(job.payload.as_str())
                 .bind(i64::from(job.priority))
                 .bind(job.max_attempts)
                 .bind(micros(job.run_at(now)?))
@@ -824,14 +808,14 @@ impl Pusher for SqliteBackend {
     }
 
     async fn push_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<PushOutcome>> {
-        let jobs = prepare(jobs)?;
+        let jobs = validate_batch(jobs)?;
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
         // Keyless jobs that fit one INSERT are one atomic statement: no
         // transaction needed (saves the BEGIN and COMMIT round trips).
         let one_statement =
-            jobs.len() <= INSERT_CHUNK && jobs.iter().all(|p| p.job.unique_key.is_none());
+            jobs.len() <= INSERT_CHUNK && jobs.iter().all(|job| job.unique_key.is_none());
         let outcomes = if one_statement {
             write_each!(self, |conn, now| {
                 insert_jobs(&mut conn, &jobs, now).await?

@@ -127,6 +127,11 @@ impl Serialize for Unserializable {
     }
 }
 
+/// `text` as pre-serialized JSON, which serializes as is.
+fn raw_json(text: &str) -> Box<serde_json::value::RawValue> {
+    serde_json::value::RawValue::from_string(text.to_owned()).expect("valid JSON text")
+}
+
 /// Each invalid field of a job is an `InvalidInput` naming it, from `push`
 /// and from `push_batch`, and nothing is written.
 pub async fn invalid_job_fields_are_named_and_nothing_is_written(h: Harness) {
@@ -146,6 +151,14 @@ pub async fn invalid_job_fields_are_named_and_nothing_is_written(h: Harness) {
         (NewJob::new("k", &non_string_keys), "payload"),
         (NewJob::new("k", &json!({"s": "nul\0inside"})), "payload"),
         (NewJob::new("k", &json!({"nul\0key": 1})), "payload"),
+        // Pre-serialized JSON is checked as well: an escaped NUL, and a
+        // lone UTF-16 surrogate (which `jsonb` refuses).
+        (NewJob::new("k", &raw_json(r#"{"s":"\u0000"}"#)), "payload"),
+        (NewJob::new("k", &raw_json(r#"["\ud800"]"#)), "payload"),
+        (
+            NewJob::new("k", &raw_json(r#"{"s":"\udc00\ud800"}"#)),
+            "payload",
+        ),
         (job("k", 1).delay(Duration::seconds(-1)), "delay"),
         (job("k", 1).delay(MAX_DELAY + Duration::seconds(1)), "delay"),
         (job("k", 1).max_attempts(0), "max_attempts"),

@@ -7,10 +7,12 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use time::{Duration, OffsetDateTime};
 
 use crate::clock::truncate_to_micros;
 use crate::error::{Error, Result};
+use crate::payload::Payload;
 
 /// A job's id, assigned by the backend on insert. Ids grow with insertion order.
 pub type JobId = i64;
@@ -165,7 +167,7 @@ pub enum Schedule {
 #[derive(Debug, Clone)]
 pub struct NewJob {
     kind: String,
-    payload: std::result::Result<Value, String>,
+    payload: std::result::Result<Box<RawValue>, String>,
     queue: String,
     priority: i16,
     schedule: Schedule,
@@ -174,12 +176,13 @@ pub struct NewJob {
 }
 
 impl NewJob {
-    /// A job of `kind` carrying `payload` serialized to JSON, on the
-    /// default queue, priority 0, due now, with 25 attempts.
+    /// A job of `kind` carrying `payload` serialized to JSON text (see
+    /// [`Payload`]), on the default queue, priority 0, due now, with 25
+    /// attempts.
     pub fn new(kind: impl Into<String>, payload: &impl Serialize) -> Self {
         Self {
             kind: kind.into(),
-            payload: serde_json::to_value(payload).map_err(|e| e.to_string()),
+            payload: serde_json::value::to_raw_value(payload).map_err(|e| e.to_string()),
             queue: DEFAULT_QUEUE.to_owned(),
             priority: 0,
             schedule: Schedule::Now,
@@ -235,7 +238,7 @@ impl NewJob {
         let payload = self
             .payload
             .map_err(|e| Error::invalid("payload", format!("does not serialize to JSON: {e}")))?;
-        check_json("payload", &payload)?;
+        let payload = Payload::checked("payload", payload)?;
         if self.max_attempts < 1 {
             return Err(Error::invalid(
                 "max_attempts",
@@ -265,8 +268,8 @@ impl NewJob {
 pub struct ValidJob {
     /// Names the handler.
     pub kind: String,
-    /// The handler's input.
-    pub payload: Value,
+    /// The handler's input, as checked JSON text.
+    pub payload: Payload,
     /// The queue.
     pub queue: String,
     /// Lower runs first.

@@ -20,6 +20,7 @@ mod clock;
 mod error;
 mod job;
 mod lease;
+mod payload;
 mod request;
 mod retry;
 mod store;
@@ -35,6 +36,7 @@ pub use job::{
     check_text, validate_batch,
 };
 pub use lease::{Lease, LeasedJob, MAX_LEASE, check_lease, check_result, check_retry};
+pub use payload::Payload;
 pub use request::{
     Completion, JobPage, ListFilter, MAX_LIST_LIMIT, MAX_PULL_BATCH, MAX_PULL_QUEUES, PullRequest,
     PushOutcome, Stats, StatusCounts,

@@ -468,7 +468,7 @@ mod tests {
             (job.kind.as_str(), job.queue.as_str(), job.max_attempts),
             ("ping", "pings", 3)
         );
-        assert_eq!(job.payload, json!({"n": 7}));
+        assert_eq!(job.payload.to_value().unwrap(), json!({"n": 7}));
     }
 
     #[test]

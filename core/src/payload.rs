@@ -1,0 +1,246 @@
+//! A new job's payload as the JSON text every store is handed.
+//!
+//! [`NewJob::new`](crate::NewJob::new) serializes the payload straight to
+//! compact text, never to a [`Value`] tree: a SQL store sends text, and for
+//! a small payload building the tree (an allocation per key and string,
+//! and as many frees) costs more than the rest of an enqueue's client work.
+//! The checks [`check_json`](crate::check_json) makes on a tree are made
+//! here on the text, in one pass.
+
+use std::fmt;
+
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::error::{Error, Result};
+use crate::job::MAX_JSON_DEPTH;
+
+/// A validated job's payload: compact JSON text that every store can hold
+/// and read back (no `\u0000` in any string or key, no lone UTF-16
+/// surrogate, at most [`MAX_JSON_DEPTH`] levels of nesting).
+///
+/// Only [`NewJob::validate`](crate::NewJob::validate) makes one. Two
+/// payloads are equal when their texts are.
+///
+/// ```
+/// use relayq_core::NewJob;
+/// use serde_json::json;
+///
+/// let job = NewJob::new("send_email", &json!({"to": "ada@example.com"})).validate()?;
+/// assert_eq!(job.payload.as_str(), r#"{"to":"ada@example.com"}"#);
+/// assert_eq!(job.payload.to_value()?, json!({"to": "ada@example.com"}));
+/// # Ok::<(), relayq_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Payload(Box<RawValue>);
+
+impl Payload {
+    /// `raw` once it passed [`check_json_text`], as `field`.
+    pub(crate) fn checked(field: &'static str, raw: Box<RawValue>) -> Result<Self> {
+        check_json_text(field, raw.get())?;
+        Ok(Self(raw))
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The JSON text as serde_json's raw value, which serializes as is
+    /// (for binding it as `json`/`jsonb` without parsing it again).
+    pub fn as_raw(&self) -> &RawValue {
+        &self.0
+    }
+
+    /// The payload parsed into a tree, for stores that keep one.
+    pub fn to_value(&self) -> Result<Value> {
+        serde_json::from_str(self.as_str())
+            .map_err(|e| Error::backend(format!("a checked payload did not parse: {e}")))
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Payload {}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Payload").field(&self.as_str()).finish()
+    }
+}
+
+impl fmt::Display for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// [`check_json`](crate::check_json) on JSON text, which must be valid JSON
+/// (serde_json's output): no `\u0000` escape in any string or key (nor a
+/// raw NUL byte), no unpaired UTF-16 surrogate escape (`jsonb` rejects
+/// one), and no value nested deeper than [`MAX_JSON_DEPTH`] levels, the
+/// top-level value being at level 0.
+pub(crate) fn check_json_text(field: &'static str, text: &str) -> Result<()> {
+    let bytes = text.as_bytes();
+    // Most payloads have no escape that could name a NUL or a surrogate,
+    // and fewer brackets than the depth allowed: two quick searches and a
+    // count settle them, without reading the text a byte at a time.
+    let brackets = bytes.iter().filter(|&&b| b == b'[' || b == b'{').count();
+    if brackets <= MAX_JSON_DEPTH && !text.contains("\\u") && !bytes.contains(&0) {
+        return Ok(());
+    }
+    // Arrays and objects open around the current position: a value that
+    // starts here is that many levels down.
+    let mut open = 0usize;
+    let mut i = 0;
+    while let Some(&byte) = bytes.get(i) {
+        match byte {
+            b' ' | b'\t' | b'\n' | b'\r' | b',' | b':' => {}
+            b']' | b'}' => open = open.saturating_sub(1),
+            _ if open > MAX_JSON_DEPTH => {
+                return Err(Error::invalid(
+                    field,
+                    format!("nests deeper than {MAX_JSON_DEPTH} levels"),
+                ));
+            }
+            b'[' | b'{' => open += 1,
+            b'"' => {
+                i = string_end(field, bytes, i + 1)?;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// The index just past the string whose contents start at `start`,
+/// checking its escapes on the way.
+fn string_end(field: &'static str, bytes: &[u8], start: usize) -> Result<usize> {
+    let nul = || Error::invalid(field, "strings and keys must not contain NUL characters");
+    let surrogate = || Error::invalid(field, "strings and keys must not hold a lone surrogate");
+    let mut i = start;
+    while let Some(&byte) = bytes.get(i) {
+        match byte {
+            b'"' => return Ok(i + 1),
+            0 => return Err(nul()),
+            b'\\' if bytes.get(i + 1) == Some(&b'u') => {
+                let unit = hex4(bytes, i + 2);
+                i += 6;
+                match unit {
+                    Some(0) => return Err(nul()),
+                    Some(0xD800..=0xDBFF) => {
+                        let low = (bytes.get(i..i + 2) == Some(b"\\u"))
+                            .then(|| hex4(bytes, i + 2))
+                            .flatten();
+                        if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                            return Err(surrogate());
+                        }
+                        i += 6;
+                    }
+                    Some(0xDC00..=0xDFFF) => return Err(surrogate()),
+                    _ => {}
+                }
+            }
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    // Valid JSON closes every string; text that does not is not valid JSON.
+    Err(Error::invalid(
+        field,
+        "is not valid JSON: a string is not closed",
+    ))
+}
+
+/// The four hex digits at `at`, as a UTF-16 code unit.
+fn hex4(bytes: &[u8], at: usize) -> Option<u16> {
+    let digits = std::str::from_utf8(bytes.get(at..at + 4)?).ok()?;
+    u16::from_str_radix(digits, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check_json;
+    use serde_json::json;
+
+    /// What `check_json_text` says about the serialized value.
+    fn text_verdict(value: &Value) -> Option<String> {
+        check_json_text("payload", &value.to_string())
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    fn nested(levels: usize, innermost: Value) -> Value {
+        (0..levels).fold(innermost, |inner, i| {
+            if i % 2 == 0 {
+                json!([inner])
+            } else {
+                json!({ "k": inner })
+            }
+        })
+    }
+
+    #[test]
+    fn agrees_with_the_tree_check() {
+        let cases = [
+            json!(null),
+            json!("plain"),
+            json!({"a": "x\u{0}y"}),
+            json!({"x\u{0}": 1}),
+            json!(["\\u0000 is text here, not an escape"]),
+            json!({"a": [1, {"b": "\u{1F600} and \u{0}"}]}),
+            nested(MAX_JSON_DEPTH, json!(1)),
+            nested(MAX_JSON_DEPTH + 1, json!(1)),
+            nested(MAX_JSON_DEPTH, json!([])),
+            nested(MAX_JSON_DEPTH + 1, json!([])),
+            nested(MAX_JSON_DEPTH + 1, json!({})),
+            nested(MAX_JSON_DEPTH + 5, json!("deep")),
+        ];
+        for value in cases {
+            assert_eq!(
+                text_verdict(&value).is_some(),
+                check_json("payload", &value).is_err(),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_escaped_nul_is_refused_and_names_the_field() {
+        let err = check_json_text("payload", r#"{"a":"x\u0000"}"#).unwrap_err();
+        assert_eq!(err.invalid_field(), Some("payload"));
+        // A backslash before it makes it text, not an escape.
+        check_json_text("payload", r#"{"a":"x\\u0000"}"#).unwrap();
+    }
+
+    #[test]
+    fn surrogates_must_pair() {
+        check_json_text("payload", r#"["\ud83d\ude00"]"#).unwrap();
+        for lone in [
+            r#"["\ud83d"]"#,
+            r#"["\ude00"]"#,
+            r#"["\ud83dx"]"#,
+            r#"["\ud83d\u0041"]"#,
+        ] {
+            let err = check_json_text("payload", lone).unwrap_err();
+            assert_eq!(err.invalid_field(), Some("payload"), "{lone}");
+        }
+    }
+
+    #[test]
+    fn equal_by_text_and_parses_back() {
+        let raw = serde_json::value::to_raw_value(&json!({"n": 1})).unwrap();
+        let a = Payload::checked("payload", raw.clone()).unwrap();
+        let b = Payload::checked("payload", raw).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.to_value().unwrap(), json!({"n": 1}));
+        assert_eq!(a.to_string(), r#"{"n":1}"#);
+    }
+}
