@@ -596,6 +596,26 @@ async fn server_clock_by_default() {
     );
     let later = backend.get(delayed).await.expect("get").expect("job");
     assert_eq!(later.run_at, later.created_at + Duration::hours(1));
+    // So does a large batch.
+    let batch = (0..200).map(|n| match n % 2 {
+        0 => job(n).queue("copied"),
+        _ => job(n).queue("copied").delay(Duration::hours(1)),
+    });
+    let ids = backend
+        .push_batch(batch.collect())
+        .await
+        .expect("push_batch");
+    for (n, outcome) in ids.iter().enumerate() {
+        let stored = backend.get(outcome.id()).await.expect("get").expect("job");
+        assert_eq!(stored.created_at, stored.updated_at);
+        assert!((stored.created_at - server_now).abs() < Duration::minutes(1));
+        let delay = if n % 2 == 0 {
+            Duration::ZERO
+        } else {
+            Duration::hours(1)
+        };
+        assert_eq!(stored.run_at, stored.created_at + delay, "job {n}");
+    }
 
     let leased = backend
         .pull(

@@ -46,6 +46,7 @@ macro_rules! __for_each_case {
             push::push_then_get_round_trips_every_field,
             push::push_applies_defaults,
             push::push_batch_is_all_or_nothing,
+            push::large_batches_round_trip_every_field,
             push::invalid_job_fields_are_named_and_nothing_is_written,
             push::invalid_arguments_are_named,
             push::hostile_strings_round_trip,

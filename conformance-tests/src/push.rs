@@ -65,6 +65,59 @@ pub async fn push_then_get_round_trips_every_field(h: Harness) {
     assert_eq!(h.job(id).await.run_at, at);
 }
 
+/// A large batch (backends may store one differently from a small one:
+/// PostgreSQL uses `COPY`) round-trips every field of every job, whatever
+/// its queue, priority, attempts and schedule, with ids growing in input
+/// order.
+pub async fn large_batches_round_trip_every_field(h: Harness) {
+    let at = h.now() + Duration::hours(3);
+    let make = |i: i64| {
+        let job = NewJob::new(
+            format!("kind-{}", i % 3),
+            &json!({ "i": i, "text": "β\"\\" }),
+        )
+        .queue(format!("q{}", i % 4))
+        .priority((i % 5 - 2) as i16)
+        .max_attempts((i % 7 + 1) as i32);
+        match i % 3 {
+            0 => job,
+            1 => job.delay(Duration::seconds(i)),
+            _ => job.run_at(at),
+        }
+    };
+    let outcomes = h
+        .backend
+        .push_batch((0..1500).map(make).collect())
+        .await
+        .expect("push_batch");
+    assert_eq!(outcomes.len(), 1500);
+    let ids: Vec<_> = outcomes.iter().map(|o| o.id()).collect();
+    assert!(outcomes.iter().all(|o| !o.is_duplicate()), "{outcomes:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids grow in input order"
+    );
+    for (i, id) in (0..).zip(ids) {
+        let job = h.job(id).await;
+        assert_eq!(job.kind, format!("kind-{}", i % 3));
+        assert_eq!(*job.payload, json!({ "i": i, "text": "β\"\\" }));
+        assert_eq!(job.queue, format!("q{}", i % 4));
+        assert_eq!(i64::from(job.priority), i % 5 - 2);
+        assert_eq!(i64::from(job.max_attempts), i % 7 + 1);
+        assert_eq!(job.status, JobStatus::Pending);
+        assert_eq!((job.attempts, job.lease_token), (0, 0));
+        assert_eq!(job.unique_key, None);
+        assert_eq!(job.created_at, h.now());
+        assert_eq!(job.updated_at, h.now());
+        let run_at = match i % 3 {
+            0 => h.now(),
+            1 => h.now() + Duration::seconds(i),
+            _ => at,
+        };
+        assert_eq!(job.run_at, run_at, "job {i}");
+    }
+}
+
 fn job_at(kind: &str, at: time::OffsetDateTime) -> NewJob {
     job(kind, 0).run_at(at)
 }
