@@ -104,7 +104,7 @@ impl<S> Shared<S> {
 }
 
 /// How an outcome reaches the backend.
-pub(crate) enum Mode {
+pub(crate) enum Mode<'a> {
     /// In the calling task, one call per acknowledgement, no timers but the
     /// handler's timeout.
     Inline,
@@ -113,7 +113,7 @@ pub(crate) enum Mode {
     /// [`instant_writes`](crate::Capabilities::instant_writes)).
     Spawned {
         /// What the worker's jobs share.
-        started: Arc<Started>,
+        started: &'a Started,
         /// The worker's concurrency slot, given back once the handler has
         /// returned: recording the outcome does not count against the
         /// concurrency, so the next pull need not wait for it.
@@ -168,18 +168,20 @@ impl Attempt {
 
 /// Runs one leased job to an outcome and reports it.
 ///
-/// A plain function returning a future that owns what it needs, so that
-/// the future holds the job behind an `Arc` rather than the leased job by
-/// value: a started worker keeps one such future per running job, and a
-/// smaller one is cheaper to allocate and move. Keep it under about 1 KiB
+/// A plain function returning a future, so that the future holds the job
+/// behind an `Arc` rather than the leased job by value: a started worker
+/// keeps one such future per running job, and a smaller one is cheaper to
+/// allocate and move. It borrows what the worker shares rather than
+/// holding a count on it: runners on other threads would otherwise
+/// contend for that count's cache line on every job. Keep it under about 1 KiB
 /// (800 bytes today): glibc's malloc serves larger blocks by sorting its
 /// free lists on every allocation; at 1,120 bytes the memory backend
 /// processed 18% fewer jobs per second.
-pub(crate) fn execute<S: Send + Sync + 'static>(
-    shared: Arc<Shared<S>>,
+pub(crate) fn execute<'a, S: Send + Sync + 'static>(
+    shared: &'a Shared<S>,
     leased: LeasedJob,
-    mode: Mode,
-) -> impl Future<Output = Ended> + Send {
+    mode: Mode<'a>,
+) -> impl Future<Output = Ended> + Send + 'a {
     let lease = leased.lease;
     let job = Arc::new(leased.job);
     let span = job_span(&job);
@@ -194,9 +196,9 @@ pub(crate) fn execute<S: Send + Sync + 'static>(
             });
         }
         tracing::debug!("started");
-        let ended = run_and_record(&shared, Arc::clone(&job), lease, mode).await;
+        let ended = run_and_record(shared, Arc::clone(&job), lease, mode).await;
         if let Ended::Recorded(outcome) = &ended {
-            report(&shared, &job, outcome, observed);
+            report(shared, &job, outcome, observed);
         }
         ended
     }
@@ -250,10 +252,10 @@ fn report<S>(shared: &Shared<S>, job: &Job, outcome: &Outcome, observed: bool) {
 }
 
 async fn run_and_record<S: Send + Sync + 'static>(
-    shared: &Arc<Shared<S>>,
+    shared: &Shared<S>,
     job: Arc<Job>,
     lease: Lease,
-    mode: Mode,
+    mode: Mode<'_>,
 ) -> Ended {
     let (worker, slot, hold) = match mode {
         Mode::Spawned {

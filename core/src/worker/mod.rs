@@ -10,10 +10,13 @@
 //! - [`Worker::start`] runs it in the background until
 //!   [`WorkerHandle::shutdown`]: batch pulls sized to the free slots plus an
 //!   adaptive prefetch buffer ([`WorkerBuilder::prefetch`]), every held
-//!   lease kept alive by one keeper task, wake-ups from
+//!   lease kept alive by a keeper task, wake-ups from
 //!   [`Backend::subscribe`] with polling as the fallback, completions
-//!   batched (recorded one by one, as handlers return, on a backend with
-//!   [`Capabilities::instant_writes`](crate::Capabilities::instant_writes)).
+//!   batched. On a backend with
+//!   [`Capabilities::instant_writes`](crate::Capabilities::instant_writes)
+//!   completions are recorded one by one, as handlers return, and the
+//!   worker runs one pull loop per runtime thread, each with its share of
+//!   the concurrency, so that all threads do work.
 //! - [`Worker::run_until_idle`] runs every due job in the calling task,
 //!   deterministically: the test mode.
 //!
@@ -154,7 +157,7 @@ impl<S: Send + Sync + 'static> Worker<S> {
     #[must_use = "dropping the handle shuts the worker down at once"]
     pub fn start(&self) -> WorkerHandle<S> {
         let (stop, stopped) = watch::channel(None);
-        let task = tokio::spawn(runner::run(Arc::clone(&self.shared), stopped));
+        let task = tokio::spawn(runner::run_all(Arc::clone(&self.shared), stopped));
         WorkerHandle {
             worker: self.clone(),
             stop,
@@ -190,7 +193,7 @@ impl<S: Send + Sync + 'static> Worker<S> {
                 return Ok(report);
             };
             let info = JobInfo::from(&leased.job);
-            let ended = execute(Arc::clone(&self.shared), leased, Mode::Inline).await;
+            let ended = execute(&self.shared, leased, Mode::Inline).await;
             let Ended::Recorded(outcome) = ended else {
                 unreachable!("an inline run records its own outcome")
             };

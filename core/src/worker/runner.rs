@@ -1,4 +1,7 @@
-//! The pull loop of a started worker, and its graceful shutdown.
+//! The pull loops of a started worker, and its graceful shutdown.
+//!
+//! A worker has one runner (a pull loop and its lanes), or one per
+//! runtime thread on a backend with instant writes (see [`runner_count`]).
 //!
 //! Started jobs run on a few long-lived lanes (one task each, about one
 //! per runtime thread) rather than in a task apiece: a spawn, its large
@@ -76,10 +79,12 @@ fn log_join_error(e: &JoinError) {
     tracing::error!(error = %e, "a lane of the worker failed");
 }
 
-/// What the pull loop and every lane share to start jobs.
-struct Starter<S> {
-    shared: Arc<Shared<S>>,
-    started: Arc<Started>,
+/// A runner's jobs waiting to start and its slots to start them on, with
+/// the board its pull loop reads. Its sibling runners see it too: one with
+/// a free slot and nothing buffered takes what this one buffered but has
+/// no slot for (see [`run_all`]).
+struct Stock {
+    board: Arc<Board>,
     buffer: Buffer,
     /// One slot per handler allowed to run. A job gives its slot back
     /// as soon as its handler returns, before the outcome is recorded, so
@@ -87,15 +92,33 @@ struct Starter<S> {
     slots: Arc<Slots>,
 }
 
+impl Stock {
+    fn new(lanes: usize, concurrency: u32) -> Arc<Self> {
+        let board = Arc::new(Board::new(lanes));
+        Arc::new(Self {
+            buffer: Buffer::new(Arc::clone(&board)),
+            board,
+            slots: Slots::new(concurrency as usize),
+        })
+    }
+}
+
+/// What the pull loop and every lane of a runner share to start jobs.
+struct Starter<S> {
+    shared: Arc<Shared<S>>,
+    started: Started,
+    stock: Arc<Stock>,
+}
+
 impl<S: Send + Sync + 'static> Starter<S> {
     /// The run of a buffered job on the slot taken for it.
-    fn run(&self, job: Buffered, slot: Slot) -> impl Future<Output = Ended> + Send {
+    fn run(&self, job: Buffered, slot: Slot) -> impl Future<Output = Ended> + Send + '_ {
         let mode = Mode::Spawned {
-            started: Arc::clone(&self.started),
+            started: &self.started,
             slot: Some(slot),
             hold: Some(job.hold),
         };
-        execute(Arc::clone(&self.shared), job.leased, mode)
+        execute(&self.shared, job.leased, mode)
     }
 }
 
@@ -111,6 +134,7 @@ async fn lane<S: Send + Sync + 'static>(
     mut starts: mpsc::UnboundedReceiver<Start>,
 ) -> ShutdownReport {
     let board = &*starter.started.board;
+    let stock = &*starter.stock;
     let start = |job, slot| AssertUnwindSafe(starter.run(job, slot)).catch_unwind();
     let mut running = FuturesUnordered::new();
     let mut report = ShutdownReport::default();
@@ -144,11 +168,15 @@ async fn lane<S: Send + Sync + 'static>(
                 // The slot it held is free: the next buffered job starts
                 // here and now.
                 let in_flight = &board.in_flight[index];
-                while let Some((job, slot)) = starter.buffer.take(&starter.slots, true, in_flight) {
+                while let Some((job, slot)) = stock.buffer.take(&stock.slots, true, in_flight) {
                     running.push(start(job, slot));
                 }
             }
-            received = starts.recv_many(&mut batch, 64), if open => {
+            // Exempt from Tokio's cooperative budget: polled after handlers
+            // that may spend all of it on every poll, a budgeted receive
+            // would never see the jobs sent here. It cannot hog the lane:
+            // what it receives is bounded by the concurrency slots.
+            received = tokio::task::unconstrained(starts.recv_many(&mut batch, 64)), if open => {
                 if received == 0 {
                     open = false;
                 }
@@ -161,11 +189,99 @@ async fn lane<S: Send + Sync + 'static>(
     report
 }
 
-/// How many lanes run a worker's jobs: one per runtime thread, as a task
-/// per job would spread over them, but no more than jobs at once.
-fn lane_count(concurrency: u32) -> usize {
-    let threads = tokio::runtime::Handle::current().metrics().num_workers();
-    threads.clamp(1, concurrency.max(1) as usize)
+/// The runtime's worker threads.
+fn runtime_threads() -> usize {
+    tokio::runtime::Handle::current().metrics().num_workers()
+}
+
+/// How many lanes run a runner's jobs: one per runtime thread the runner
+/// has to itself, as a task per job would spread over them, but no more
+/// than its jobs at once.
+fn lane_count(runners: usize, concurrency: u32) -> usize {
+    runtime_threads()
+        .div_ceil(runners)
+        .clamp(1, concurrency.max(1) as usize)
+}
+
+/// A runner's part of its worker's concurrency and prefetch.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    concurrency: u32,
+    prefetch: u32,
+}
+
+impl Share {
+    /// Runner `index`'s share of `total` split between `runners`.
+    fn part(total: u32, runners: usize, index: usize) -> u32 {
+        let runners = u32::try_from(runners).unwrap_or(u32::MAX);
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        total / runners + u32::from(index < total % runners)
+    }
+}
+
+/// How many runners (a pull loop and its lanes each) a started worker has.
+///
+/// One, unless the backend's writes are instant (calls into this process,
+/// as with the memory store): then one per runtime thread, each with its
+/// share of the concurrency and prefetch. A runner's lanes are woken by
+/// its pull loop, and Tokio runs a woken task on the waking thread (in a
+/// slot no other thread may steal), so one runner's work gathers on one
+/// thread however many lanes it has; runners that each pull for
+/// themselves keep a thread each busy, and share nothing per job. A
+/// runner with a free slot and an empty buffer takes the jobs a sibling
+/// buffered but has no free slot for, so a job never waits behind one
+/// runner's long handlers while the worker has a slot free. For a backend
+/// with round trips a single runner keeps its pulls large and its
+/// completions in one batch.
+fn runner_count(instant_writes: bool, concurrency: u32) -> usize {
+    if instant_writes {
+        runtime_threads().clamp(1, concurrency.max(1) as usize)
+    } else {
+        1
+    }
+}
+
+/// Runs the worker's runners until `stop` carries a deadline (see [`run`]);
+/// returns what their shutdown did, summed.
+pub(crate) async fn run_all<S: Send + Sync + 'static>(
+    shared: Arc<Shared<S>>,
+    stop: watch::Receiver<Option<Instant>>,
+) -> ShutdownReport {
+    let config = &shared.config;
+    let runners = runner_count(shared.instant_writes, config.concurrency);
+    let share = |index| Share {
+        concurrency: Share::part(config.concurrency, runners, index),
+        prefetch: Share::part(config.prefetch, runners, index),
+    };
+    let stocks: Arc<[Arc<Stock>]> = (0..runners)
+        .map(|index| {
+            let share = share(index);
+            Stock::new(lane_count(runners, share.concurrency), share.concurrency)
+        })
+        .collect();
+    if runners == 1 {
+        return run(Arc::clone(&shared), stop, share(0), stocks, 0).await;
+    }
+    let mut tasks = JoinSet::new();
+    for index in 0..runners {
+        let runner = run(
+            Arc::clone(&shared),
+            stop.clone(),
+            share(index),
+            Arc::clone(&stocks),
+            index,
+        );
+        tasks.spawn(runner);
+    }
+    let mut report = ShutdownReport::default();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            // As a single runner's panic would, through the handle.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            joined => report.add(joined),
+        }
+    }
+    report
 }
 
 /// Subscribes to the backend's push signals; `None` means poll only.
@@ -226,12 +342,16 @@ struct Pulled {
     sent: Instant,
 }
 
-/// Pulls and runs jobs until `stop` carries a deadline (or its sender is
-/// gone), then drains: no more pulls, buffered jobs are released at once,
-/// in-flight jobs get until the deadline, the rest are released.
-pub(crate) async fn run<S: Send + Sync + 'static>(
+/// Runner `index` (its stock is `stocks[index]`, the others its
+/// siblings'): pulls and runs jobs until `stop` carries a deadline (or its
+/// sender is gone), then drains: no more pulls, buffered jobs are released
+/// at once, in-flight jobs get until the deadline, the rest are released.
+async fn run<S: Send + Sync + 'static>(
     shared: Arc<Shared<S>>,
     mut stop: watch::Receiver<Option<Instant>>,
+    share: Share,
+    stocks: Arc<[Arc<Stock>]>,
+    index: usize,
 ) -> ShutdownReport {
     let config = &shared.config;
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
@@ -246,8 +366,16 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     let request = PullRequest::queues(config.queues.clone()).lease(config.backend_lease);
     // The lanes that run started jobs until their outcomes are recorded
     // or handed to the completion batcher.
-    let lanes = lane_count(config.concurrency);
-    let board = Arc::new(Board::new(lanes));
+    let stock = Arc::clone(&stocks[index]);
+    let siblings = || {
+        stocks
+            .iter()
+            .enumerate()
+            .filter(move |&(i, _)| i != index)
+            .map(|(_, sibling)| &**sibling)
+    };
+    let board = Arc::clone(&stock.board);
+    let lanes = board.in_flight.len();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     // A backend with instant writes has each completion recorded by its
     // lane as the handler returns; nothing is ever handed to a batcher.
@@ -260,15 +388,14 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     });
     let starter = Arc::new(Starter {
         shared: Arc::clone(&shared),
-        started: Arc::new(Started {
+        started: Started {
             phase: phase_rx,
             acks: ack_tx,
             board: Arc::clone(&board),
-        }),
-        buffer: Buffer::new(Arc::clone(&board)),
-        slots: Slots::new(config.concurrency as usize),
+        },
+        stock: Arc::clone(&stock),
     });
-    let (slots, buffer) = (&starter.slots, &starter.buffer);
+    let (slots, buffer) = (&stock.slots, &stock.buffer);
     let mut lane_tasks: JoinSet<ShutdownReport> = JoinSet::new();
     let mut starts = Vec::with_capacity(lanes);
     for index in 0..lanes {
@@ -276,7 +403,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
         starts.push(tx);
         lane_tasks.spawn(lane(Arc::clone(&starter), index, rx));
     }
-    let mut prefetch = Prefetch::new(config.prefetch);
+    let mut prefetch = Prefetch::new(share.prefetch);
     let mut pulls: FuturesUnordered<Pulling> = FuturesUnordered::new();
     // Jobs asked for by the pulls under way.
     let mut asked = 0;
@@ -285,7 +412,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     // outcome is recorded, so the bound on those awaiting it is about
     // memory: were acknowledgements slower than pulls (a database slowed by
     // a vacuum, say), the backlog would otherwise grow without end.
-    let max_held = (config.concurrency + config.prefetch) as usize
+    let max_held = (share.concurrency + share.prefetch) as usize
         + WorkerBuilder::<S>::MAX_AWAITING_ACK as usize;
 
     // True while the queues may hold due jobs: after a full batch, a
@@ -297,7 +424,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
     let mut last_pull = Instant::now();
     let poll = tokio::time::sleep_until(last_pull + config.poll_interval);
     tokio::pin!(poll);
-    tracing::info!(queues = ?config.queues, concurrency = config.concurrency, "worker started");
+    tracing::info!(queues = ?config.queues, concurrency = share.concurrency, "worker started");
 
     let deadline = loop {
         if board.due_now.swap(false, Ordering::SeqCst) {
@@ -310,15 +437,29 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
         // room under `max_held`, if it did.
         let mut room_bound: Option<usize> = None;
         // Start buffered jobs on the free slots (lanes start the next one
-        // themselves as their runs end).
-        loop {
-            let lane = board.idlest_lane();
-            let Some((job, slot)) = buffer.take(slots, false, &board.in_flight[lane]) else {
-                break;
-            };
-            if starts[lane].send((job, slot)).is_err() {
-                // Lanes end only once their sender is dropped, below.
-                unreachable!("lane {lane} stopped while the worker runs");
+        // themselves as their runs end); once none is left here, those a
+        // sibling buffered but has no free slot for.
+        for from in std::iter::once(&*stock).chain(siblings()) {
+            if from.slots.free() > 0 && !std::ptr::eq(from, &*stock) {
+                continue;
+            }
+            loop {
+                let lane = board.idlest_lane();
+                let Some((job, slot)) = from.buffer.take(slots, false, &board.in_flight[lane])
+                else {
+                    break;
+                };
+                if starts[lane].send((job, slot)).is_err() {
+                    // Lanes end only once their sender is dropped, below.
+                    unreachable!("lane {lane} stopped while the worker runs");
+                }
+            }
+        }
+        // Jobs buffered here with no slot free: a sibling with one takes
+        // them (told only then, so not for every job).
+        if free_slots(slots) == 0 && !buffer.is_empty() {
+            for sibling in siblings().filter(|sibling| sibling.slots.free() > 0) {
+                sibling.board.ended.notify_one();
             }
         }
         prefetch.waited(buffer.take_longest_wait());
@@ -335,7 +476,7 @@ pub(crate) async fn run<S: Send + Sync + 'static>(
             // microseconds; a slow handler's slot is still refilled at once.
             if target == 0 && free > 0 && pulls.is_empty() {
                 for _ in 0..COALESCE_YIELDS {
-                    if free >= config.concurrency {
+                    if free >= share.concurrency {
                         break;
                     }
                     tokio::task::yield_now().await;
@@ -515,4 +656,26 @@ async fn release_all<S>(shared: &Shared<S>, buffer: VecDeque<Buffered>) -> usize
         .buffer_unordered(RELEASES_AT_ONCE)
         .fold(0, |n, released| async move { n + released })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_add_up_to_the_whole_and_differ_by_at_most_one() {
+        for total in [0, 1, 2, 3, 10, 16, 1024] {
+            for runners in 1..=5 {
+                let parts: Vec<u32> = (0..runners)
+                    .map(|i| Share::part(total, runners, i))
+                    .collect();
+                assert_eq!(parts.iter().sum::<u32>(), total, "{total} over {runners}");
+                let (least, most) = (parts.iter().min(), parts.iter().max());
+                assert!(
+                    most.zip(least).is_some_and(|(m, l)| m - l <= 1),
+                    "{parts:?}"
+                );
+            }
+        }
+    }
 }
