@@ -103,6 +103,14 @@ impl Stock {
     }
 }
 
+/// What a worker's runners share: each one's stock, and the keeper that
+/// renews every lease they hold. One keeper for all, as a job one runner
+/// buffered may run on another, until after the last runner has stopped.
+struct Runners {
+    stocks: Vec<Arc<Stock>>,
+    keeper: LeaseKeeper,
+}
+
 /// What the pull loop and every lane of a runner share to start jobs.
 struct Starter<S> {
     shared: Arc<Shared<S>>,
@@ -253,14 +261,21 @@ pub(crate) async fn run_all<S: Send + Sync + 'static>(
         concurrency: Share::part(config.concurrency, runners, index),
         prefetch: Share::part(config.prefetch, runners, index),
     };
-    let stocks: Arc<[Arc<Stock>]> = (0..runners)
-        .map(|index| {
-            let share = share(index);
-            Stock::new(lane_count(runners, share.concurrency), share.concurrency)
-        })
-        .collect();
+    let crew = Arc::new(Runners {
+        stocks: (0..runners)
+            .map(|index| {
+                let share = share(index);
+                Stock::new(lane_count(runners, share.concurrency), share.concurrency)
+            })
+            .collect(),
+        keeper: LeaseKeeper::start(
+            Arc::clone(&shared.backend),
+            config.lease,
+            config.backend_lease,
+        ),
+    });
     if runners == 1 {
-        return run(Arc::clone(&shared), stop, share(0), stocks, 0).await;
+        return run(Arc::clone(&shared), stop, share(0), crew, 0).await;
     }
     let mut tasks = JoinSet::new();
     for index in 0..runners {
@@ -268,7 +283,7 @@ pub(crate) async fn run_all<S: Send + Sync + 'static>(
             Arc::clone(&shared),
             stop.clone(),
             share(index),
-            Arc::clone(&stocks),
+            Arc::clone(&crew),
             index,
         );
         tasks.spawn(runner);
@@ -342,33 +357,29 @@ struct Pulled {
     sent: Instant,
 }
 
-/// Runner `index` (its stock is `stocks[index]`, the others its
-/// siblings'): pulls and runs jobs until `stop` carries a deadline (or its
+/// Runner `index` of `crew` (its stock is `crew.stocks[index]`, the
+/// others its siblings'): pulls and runs jobs until `stop` carries a deadline (or its
 /// sender is gone), then drains: no more pulls, buffered jobs are released
 /// at once, in-flight jobs get until the deadline, the rest are released.
 async fn run<S: Send + Sync + 'static>(
     shared: Arc<Shared<S>>,
     mut stop: watch::Receiver<Option<Instant>>,
     share: Share,
-    stocks: Arc<[Arc<Stock>]>,
+    crew: Arc<Runners>,
     index: usize,
 ) -> ShutdownReport {
     let config = &shared.config;
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
-    let keeper = LeaseKeeper::start(
-        Arc::clone(&shared.backend),
-        config.lease,
-        config.backend_lease,
-    );
+    let keeper = &crew.keeper;
     let caps = shared.backend.capabilities();
     let declares_wakeups = caps.in_process_wakeups || caps.cross_process_wakeups;
     let mut wakeups = subscribe(&shared).await;
     let request = PullRequest::queues(config.queues.clone()).lease(config.backend_lease);
     // The lanes that run started jobs until their outcomes are recorded
     // or handed to the completion batcher.
-    let stock = Arc::clone(&stocks[index]);
+    let stock = Arc::clone(&crew.stocks[index]);
     let siblings = || {
-        stocks
+        crew.stocks
             .iter()
             .enumerate()
             .filter(move |&(i, _)| i != index)
@@ -630,7 +641,6 @@ async fn run<S: Send + Sync + 'static>(
     if let Some(Err(e)) = OptionFuture::from(completer).await {
         log_join_error(&e);
     }
-    drop(keeper);
     tracing::info!(
         finished = report.finished,
         released = report.released,
