@@ -1,7 +1,7 @@
 //! The store's state and its transitions. Every method runs under the
 //! backend's one lock, so each is atomic.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use relayq_core::{
@@ -36,8 +36,50 @@ struct QueueIndex {
     /// on its own clock one may not be due yet (the clock was moved back,
     /// or the pull read it just before a racing push read its own).
     ready: BTreeSet<ReadyKey>,
-    /// Processing jobs by (locked_until, id).
-    leased: BTreeSet<(Ts, JobId)>,
+    /// Processing jobs by locked_until.
+    leased: Leases,
+}
+
+/// Processing jobs by the instant their lease ends. A pull leases its whole
+/// batch until one instant, so an instant holds many ids: letting a lease
+/// go finds its instant and scans that short list, where a tree of
+/// (instant, id) pairs would remove a key and rebalance, once per job.
+#[derive(Debug, Default)]
+struct Leases(BTreeMap<Ts, Vec<JobId>>);
+
+impl Leases {
+    fn insert(&mut self, until: Ts, id: JobId) {
+        self.0.entry(until).or_default().push(id);
+    }
+
+    /// Forgets the lease of `id` that ends at `until`.
+    fn remove(&mut self, until: Ts, id: JobId) {
+        if let Some(ids) = self.0.get_mut(&until)
+            && let Some(at) = ids.iter().position(|&held| held == id)
+        {
+            ids.swap_remove(at);
+            if ids.is_empty() {
+                self.0.remove(&until);
+            }
+        }
+    }
+
+    /// Takes out a lease that ended before `now`, if there is one.
+    fn pop_expired(&mut self, now: Ts) -> Option<(Ts, JobId)> {
+        let mut first = self.0.first_entry()?;
+        let until = *first.key();
+        if until >= now {
+            return None;
+        }
+        let id = first
+            .get_mut()
+            .pop()
+            .expect("no instant is kept without ids");
+        if first.get().is_empty() {
+            first.remove();
+        }
+        Some((until, id))
+    }
 }
 
 impl QueueIndex {
@@ -165,11 +207,7 @@ impl State {
             let Some(index) = self.queues.get_mut(*queue) else {
                 continue;
             };
-            while let Some(&(locked_until, id)) = index.leased.first() {
-                if locked_until >= now_ts {
-                    break;
-                }
-                index.leased.pop_first();
+            while let Some((locked_until, id)) = index.leased.pop_expired(now_ts) {
                 let job = &self.jobs[id];
                 if job.attempts >= job.max_attempts {
                     died.push(id);
@@ -203,7 +241,7 @@ impl State {
                     continue;
                 }
                 let job = &mut self.jobs[id];
-                index.leased.insert((until_ts, id));
+                index.leased.insert(until_ts, id);
                 leased.push(grant(job, now, until));
             }
             index.ready.extend(not_due);
@@ -230,13 +268,13 @@ impl State {
             } else {
                 expired.retain(|&(_, e)| e != id);
             }
-            index.leased.insert((until_ts, id));
+            index.leased.insert(until_ts, id);
             leased.push(grant(job, now, until));
         }
         for (locked_until, id) in expired {
             let queue = &self.jobs[id].queue;
             let index = self.queues.get_mut(queue).expect("queue indexed");
-            index.leased.insert((locked_until, id));
+            index.leased.insert(locked_until, id);
         }
         leased
     }
@@ -254,7 +292,7 @@ impl State {
             .get_mut(&job.queue)
             .expect("queue indexed")
             .leased
-            .remove(&(ts(locked_until), job.id));
+            .remove(ts(locked_until), job.id);
         job.locked_until = None;
         Ok(job)
     }
@@ -338,7 +376,7 @@ impl State {
         job.updated_at = now;
         let id = job.id;
         let index = self.queues.get_mut(&self.jobs[id].queue);
-        index.expect("queue indexed").leased.insert((ts(until), id));
+        index.expect("queue indexed").leased.insert(ts(until), id);
         Ok(())
     }
 

@@ -69,14 +69,15 @@ impl ShutdownReport {
                 self.finished += lane.finished;
                 self.released += lane.released;
             }
-            Err(e) => log_join_error(&e),
+            Err(e) => log_join_error("a lane or runner", &e),
         }
     }
 }
 
-fn log_join_error(e: &JoinError) {
-    // A lane catches every job's panic, so this is a bug in relayq itself.
-    tracing::error!(error = %e, "a lane of the worker failed");
+/// Logs that the task of `what` failed.
+fn log_join_error(what: &str, e: &JoinError) {
+    // Every job's panic is caught, so this is a bug in relayq itself.
+    tracing::error!(error = %e, "{what} of the worker failed");
 }
 
 /// A runner's jobs waiting to start and its slots to start them on, with
@@ -448,13 +449,15 @@ async fn run<S: Send + Sync + 'static>(
         // room under `max_held`, if it did.
         let mut room_bound: Option<usize> = None;
         // Start buffered jobs on the free slots (lanes start the next one
-        // themselves as their runs end); once none is left here, those a
-        // sibling buffered but has no free slot for.
-        for from in std::iter::once(&*stock).chain(siblings()) {
-            if from.slots.free() > 0 && !std::ptr::eq(from, &*stock) {
-                continue;
-            }
-            loop {
+        // themselves as their runs end). Then, unless stopping (a sibling
+        // that saw the stop gives its buffer back), those a sibling buffered
+        // beyond the slots it has free: its lanes start no more than that.
+        // Counted against what it has free, not skipped while it has any: a
+        // slot its lane is about to refill is no slot for the rest.
+        let stopping = stop.borrow().is_some();
+        for from in std::iter::once(&*stock).chain(siblings().filter(|_| !stopping)) {
+            let own = std::ptr::eq(from, &*stock);
+            while own || from.buffer.len() > from.slots.free() {
                 let lane = board.idlest_lane();
                 let Some((job, slot)) = from.buffer.take(slots, false, &board.in_flight[lane])
                 else {
@@ -639,7 +642,7 @@ async fn run<S: Send + Sync + 'static>(
     // The batcher ends once every sender is gone: the last is the lanes'.
     drop(starter);
     if let Some(Err(e)) = OptionFuture::from(completer).await {
-        log_join_error(&e);
+        log_join_error("the completion batcher", &e);
     }
     tracing::info!(
         finished = report.finished,
