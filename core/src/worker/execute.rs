@@ -35,7 +35,7 @@ pub(crate) type Hook = Arc<dyn Fn(&Event) + Send + Sync>;
 pub(crate) const MAX_ERROR_LEN: usize = 8 * 1024;
 
 /// The most completions sent in one `complete_batch`.
-const MAX_ACK_BATCH: usize = 256;
+pub(crate) const MAX_ACK_BATCH: usize = 256;
 
 /// The worker's settings, checked by the builder.
 #[derive(Debug, Clone)]
@@ -135,13 +135,16 @@ pub(crate) struct Started {
 }
 
 /// How a job's run ended.
-#[derive(Debug)]
 pub(crate) enum Ended {
     /// Its outcome is recorded (or could not be): this one.
     Recorded(Outcome),
     /// It succeeded and its completion went to the batcher, which records
     /// it with others and reports the outcome.
     Handed,
+    /// It succeeded, on a backend with instant writes: its lane records
+    /// the completion with those of the other runs that end with it (one
+    /// call and one lock for the lot), and reports the outcome.
+    Completed(Ack),
 }
 
 /// What one handler run came to, before it is recorded.
@@ -315,14 +318,15 @@ async fn run_and_record<S: Send + Sync + 'static>(
             Ok(()) => {
                 let completion = Completion { lease, result };
                 let (completion, hold) = match &worker {
-                    Some(worker) if !shared.instant_writes => {
-                        match hand(shared, worker, completion, job, hold) {
-                            Ok(()) => return Ended::Handed,
-                            // The batcher is gone: recorded here instead.
-                            Err(ack) => (ack.completion, ack.hold),
-                        }
+                    Some(worker) if shared.instant_writes => {
+                        return Ended::Completed(ack(shared, worker, completion, job, hold));
                     }
-                    _ => (completion, hold),
+                    Some(worker) => match hand(shared, worker, completion, job, hold) {
+                        Ok(()) => return Ended::Handed,
+                        // The batcher is gone: recorded here instead.
+                        Err(ack) => (ack.completion, ack.hold),
+                    },
+                    None => (completion, hold),
                 };
                 // The outcome's copy of the result: for the test mode's
                 // report, or for whoever listens.
@@ -450,9 +454,29 @@ async fn record_kill(backend: &dyn Backend, lease: &Lease, error: String) -> Out
     }
 }
 
-/// Hands a completion to the worker's batcher, with the hold that keeps
-/// its lease renewed until it is recorded; gives it back if the batcher is
-/// gone. Not async: the job's future, allocated per job, stays smaller.
+/// A completion to record with others, with the hold that keeps its lease
+/// renewed until it is recorded, counted as awaiting its record.
+fn ack<S>(
+    shared: &Shared<S>,
+    started: &Started,
+    completion: Completion,
+    job: Arc<Job>,
+    hold: Option<Hold>,
+) -> Ack {
+    // The outcome's copy of the result, only if anyone will see it.
+    let reported = shared.is_observed().then(|| completion.result.clone());
+    started.board.handed();
+    Ack {
+        completion,
+        job,
+        reported,
+        hold,
+    }
+}
+
+/// Hands a completion to the worker's batcher (see [`ack`]); gives it back
+/// if the batcher is gone. Not async: the job's future, allocated per job,
+/// stays smaller.
 fn hand<S>(
     shared: &Shared<S>,
     started: &Started,
@@ -460,15 +484,7 @@ fn hand<S>(
     job: Arc<Job>,
     hold: Option<Hold>,
 ) -> Result<(), Ack> {
-    // The outcome's copy of the result, only if anyone will see it.
-    let reported = shared.is_observed().then(|| completion.result.clone());
-    started.board.handed();
-    let ack = Ack {
-        completion,
-        job,
-        reported,
-        hold,
-    };
+    let ack = ack(shared, started, completion, job, hold);
     started
         .acks
         .send(ack)
@@ -552,7 +568,7 @@ pub(crate) async fn batch_completions<S>(
 }
 
 /// Records one batch of completions and reports each outcome.
-async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack>) {
+pub(crate) async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack>) {
     let n = batch.len();
     let mut completions = Vec::with_capacity(n);
     let mut rest = Vec::with_capacity(n);

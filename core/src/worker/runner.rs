@@ -32,7 +32,10 @@ use super::WorkerBuilder;
 use super::board::Board;
 use super::buffer::{Buffer, Buffered};
 use super::events::Outcome;
-use super::execute::{Ended, Mode, Shared, Started, batch_completions, execute, panic_message};
+use super::execute::{
+    Ended, MAX_ACK_BATCH, Mode, Shared, Started, batch_completions, execute, panic_message,
+    record_completions,
+};
 use super::handler::Phase;
 use super::keeper::LeaseKeeper;
 use super::prefetch::Prefetch;
@@ -149,33 +152,52 @@ async fn lane<S: Send + Sync + 'static>(
     let mut report = ShutdownReport::default();
     let mut open = true;
     let mut batch = Vec::new();
+    // Completions of the runs that ended together, recorded in one call.
+    let mut acks = Vec::new();
     while open || !running.is_empty() {
         tokio::select! {
             biased;
             Some(ended) = running.next(), if !running.is_empty() => {
-                match ended {
-                    Ok(Ended::Recorded(outcome)) => {
-                        board.ended(index, Some(&outcome));
-                        report.count(&outcome);
+                // This run's end and those of the runs ready to end now.
+                // (Polled without a waker, but `running` is polled with
+                // the lane's own before the lane waits again.)
+                let mut next = Some(ended);
+                while let Some(ended) = next.take() {
+                    match ended {
+                        Ok(Ended::Recorded(outcome)) => {
+                            board.ended(index, Some(&outcome));
+                            report.count(&outcome);
+                        }
+                        Ok(Ended::Handed) => {
+                            board.ended(index, None);
+                            report.finished += 1;
+                        }
+                        Ok(Ended::Completed(ack)) => {
+                            acks.push(ack);
+                            board.ended(index, None);
+                            report.finished += 1;
+                        }
+                        Err(panic) => {
+                            let panic: Box<dyn std::any::Any + Send> = panic;
+                            // `execute` contains handler panics, so this is
+                            // a bug in relayq itself; the lane and its other
+                            // jobs go on.
+                            board.ended(index, Some(&Outcome::LeaseLost));
+                            tracing::error!(
+                                panic = %panic_message(&*panic),
+                                "a job of the worker failed"
+                            );
+                        }
                     }
-                    Ok(Ended::Handed) => {
-                        board.ended(index, None);
-                        report.finished += 1;
-                    }
-                    Err(panic) => {
-                        let panic: Box<dyn std::any::Any + Send> = panic;
-                        // `execute` contains handler panics, so this is a
-                        // bug in relayq itself; the lane and its other jobs
-                        // go on.
-                        board.ended(index, Some(&Outcome::LeaseLost));
-                        tracing::error!(
-                            panic = %panic_message(&*panic),
-                            "a job of the worker failed"
-                        );
+                    if acks.len() < MAX_ACK_BATCH {
+                        next = running.next().now_or_never().flatten();
                     }
                 }
-                // The slot it held is free: the next buffered job starts
-                // here and now.
+                if !acks.is_empty() {
+                    record_completions(&starter.shared, board, std::mem::take(&mut acks)).await;
+                }
+                // The slots they held are free: the next buffered jobs
+                // start here and now.
                 let in_flight = &board.in_flight[index];
                 while let Some((job, slot)) = stock.buffer.take(&stock.slots, true, in_flight) {
                     running.push(start(job, slot));
