@@ -20,6 +20,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 
 use futures::future::OptionFuture;
 use futures::stream::FuturesUnordered;
@@ -33,7 +34,7 @@ use super::board::Board;
 use super::buffer::{Buffer, Buffered};
 use super::events::Outcome;
 use super::execute::{
-    Ended, MAX_ACK_BATCH, Mode, Shared, Started, batch_completions, execute, panic_message,
+    Ack, Ended, MAX_ACK_BATCH, Mode, Shared, Started, batch_completions, execute, panic_message,
     record_completions,
 };
 use super::handler::Phase;
@@ -137,9 +138,56 @@ impl<S: Send + Sync + 'static> Starter<S> {
 /// A job handed to a lane.
 type Start = (Buffered, Slot);
 
+/// What a job's run came to, or the panic that escaped it.
+type RunEnd = std::thread::Result<Ended>;
+
+/// The most jobs a lane polls in place, one after another, before it lets
+/// its other runs and tasks have the thread.
+const FIRST_POLLS_AT_ONCE: usize = 64;
+
+/// Counts a run's end on the lane's `board` and in its `report`, and keeps
+/// its completion, if it left one, in `acks` to be recorded with others.
+fn settle(
+    ended: RunEnd,
+    board: &Board,
+    index: usize,
+    report: &mut ShutdownReport,
+    acks: &mut Vec<Ack>,
+) {
+    match ended {
+        Ok(Ended::Recorded(outcome)) => {
+            board.ended(index, Some(&outcome));
+            report.count(&outcome);
+        }
+        Ok(Ended::Handed) => {
+            board.ended(index, None);
+            report.finished += 1;
+        }
+        Ok(Ended::Completed(ack)) => {
+            acks.push(ack);
+            board.ended(index, None);
+            report.finished += 1;
+        }
+        Err(panic) => {
+            // `execute` contains handler panics, so this is a bug in
+            // relayq itself; the lane and its other jobs go on.
+            board.ended(index, Some(&Outcome::LeaseLost));
+            tracing::error!(
+                panic = %panic_message(&*panic),
+                "a job of the worker failed"
+            );
+        }
+    }
+}
+
 /// Runs the jobs sent to it side by side, and starts buffered jobs on the
 /// slots its own runs free, until its sender is gone and its jobs have all
 /// ended; returns what they came to.
+///
+/// A job is polled once in place as it starts: a quick handler ends right
+/// there, and only a job that is not done is given a task in `running`
+/// (moving its future there, and each later wake-up, costs more than most
+/// quick handlers).
 async fn lane<S: Send + Sync + 'static>(
     starter: Arc<Starter<S>>,
     index: usize,
@@ -147,7 +195,8 @@ async fn lane<S: Send + Sync + 'static>(
 ) -> ShutdownReport {
     let board = &*starter.started.board;
     let stock = &*starter.stock;
-    let start = |job, slot| AssertUnwindSafe(starter.run(job, slot)).catch_unwind();
+    let in_flight = &board.in_flight[index];
+    let start = |job, slot| Box::pin(AssertUnwindSafe(starter.run(job, slot)).catch_unwind());
     let mut running = FuturesUnordered::new();
     let mut report = ShutdownReport::default();
     let mut open = true;
@@ -155,7 +204,8 @@ async fn lane<S: Send + Sync + 'static>(
     // Completions of the runs that ended together, recorded in one call.
     let mut acks = Vec::new();
     while open || !running.is_empty() {
-        tokio::select! {
+        // Whether runs ended, so their slots may start buffered jobs.
+        let freed = tokio::select! {
             biased;
             Some(ended) = running.next(), if !running.is_empty() => {
                 // This run's end and those of the runs ready to end now.
@@ -163,45 +213,12 @@ async fn lane<S: Send + Sync + 'static>(
                 // the lane's own before the lane waits again.)
                 let mut next = Some(ended);
                 while let Some(ended) = next.take() {
-                    match ended {
-                        Ok(Ended::Recorded(outcome)) => {
-                            board.ended(index, Some(&outcome));
-                            report.count(&outcome);
-                        }
-                        Ok(Ended::Handed) => {
-                            board.ended(index, None);
-                            report.finished += 1;
-                        }
-                        Ok(Ended::Completed(ack)) => {
-                            acks.push(ack);
-                            board.ended(index, None);
-                            report.finished += 1;
-                        }
-                        Err(panic) => {
-                            let panic: Box<dyn std::any::Any + Send> = panic;
-                            // `execute` contains handler panics, so this is
-                            // a bug in relayq itself; the lane and its other
-                            // jobs go on.
-                            board.ended(index, Some(&Outcome::LeaseLost));
-                            tracing::error!(
-                                panic = %panic_message(&*panic),
-                                "a job of the worker failed"
-                            );
-                        }
-                    }
+                    settle(ended, board, index, &mut report, &mut acks);
                     if acks.len() < MAX_ACK_BATCH {
                         next = running.next().now_or_never().flatten();
                     }
                 }
-                if !acks.is_empty() {
-                    record_completions(&starter.shared, board, std::mem::take(&mut acks)).await;
-                }
-                // The slots they held are free: the next buffered jobs
-                // start here and now.
-                let in_flight = &board.in_flight[index];
-                while let Some((job, slot)) = stock.buffer.take(&stock.slots, true, in_flight) {
-                    running.push(start(job, slot));
-                }
+                true
             }
             // Exempt from Tokio's cooperative budget: polled after handlers
             // that may spend all of it on every poll, a budgeted receive
@@ -211,10 +228,38 @@ async fn lane<S: Send + Sync + 'static>(
                 if received == 0 {
                     open = false;
                 }
-                for (job, slot) in batch.drain(..) {
-                    running.push(start(job, slot));
+                false
+            }
+        };
+        // The jobs sent here, then (if runs ended) buffered jobs on the
+        // slots they freed, and on those freed by the jobs that end at
+        // their first poll.
+        let (mut refill, mut polled) = (freed, 0);
+        let mut sent = batch.drain(..);
+        loop {
+            let (job, slot) = match sent.next() {
+                Some(start) => start,
+                None if refill => match stock.buffer.take(&stock.slots, true, in_flight) {
+                    Some(start) => start,
+                    None => break,
+                },
+                None => break,
+            };
+            let mut run = start(job, slot);
+            if polled < FIRST_POLLS_AT_ONCE {
+                polled += 1;
+                let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+                if let Poll::Ready(ended) = first {
+                    settle(ended, board, index, &mut report, &mut acks);
+                    refill = true;
+                    continue;
                 }
             }
+            running.push(run);
+        }
+        drop(sent);
+        if !acks.is_empty() {
+            record_completions(&starter.shared, board, std::mem::take(&mut acks)).await;
         }
     }
     report
