@@ -580,7 +580,9 @@ pub(crate) async fn record_completions<S>(shared: &Shared<S>, board: &Board, bat
     for (lease, job, reported, hold) in rest {
         // Recorded (or given up on): the lease is let go.
         drop(hold);
-        let observed = reported.is_some();
+        // Also told to whoever subscribed since the handler returned (a
+        // `wait_for` that read the job as still processing).
+        let observed = reported.is_some() || shared.is_observed();
         let outcome = match &recorded {
             Ok(lost) if lost.contains(&lease) => Outcome::LeaseLost,
             Ok(_) => Outcome::Completed {

@@ -141,8 +141,9 @@ type Start = (Buffered, Slot);
 /// What a job's run came to, or the panic that escaped it.
 type RunEnd = std::thread::Result<Ended>;
 
-/// The most jobs a lane polls in place, one after another, before it lets
-/// its other runs and tasks have the thread.
+/// The most jobs a lane polls in place in one turn; the rest of the turn's
+/// jobs go to its `FuturesUnordered`, which polls them in turn with its
+/// other runs.
 const FIRST_POLLS_AT_ONCE: usize = 64;
 
 /// Counts a run's end on the lane's `board` and in its `report`, and keeps
@@ -246,7 +247,7 @@ async fn lane<S: Send + Sync + 'static>(
                 None => break,
             };
             let mut run = start(job, slot);
-            if polled < FIRST_POLLS_AT_ONCE {
+            if polled < FIRST_POLLS_AT_ONCE && acks.len() < MAX_ACK_BATCH {
                 polled += 1;
                 let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
                 if let Poll::Ready(ended) = first {
@@ -259,7 +260,14 @@ async fn lane<S: Send + Sync + 'static>(
         }
         drop(sent);
         if !acks.is_empty() {
-            record_completions(&starter.shared, board, std::mem::take(&mut acks)).await;
+            let n = acks.len();
+            let recording = record_completions(&starter.shared, board, std::mem::take(&mut acks));
+            if AssertUnwindSafe(recording).catch_unwind().await.is_err() {
+                // A backend's bug: the lane and its other jobs go on; these
+                // jobs' leases run out and they run again.
+                board.recorded(n);
+                tracing::error!(jobs = n, "recording completions panicked");
+            }
         }
     }
     report
