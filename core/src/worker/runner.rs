@@ -111,7 +111,7 @@ impl Stock {
 /// What a worker's runners share: each one's stock, and the keeper that
 /// renews every lease they hold. One keeper for all, as a job one runner
 /// buffered may run on another, until after the last runner has stopped.
-struct Runners {
+struct Crew {
     stocks: Vec<Arc<Stock>>,
     keeper: LeaseKeeper,
 }
@@ -337,7 +337,7 @@ pub(crate) async fn run_all<S: Send + Sync + 'static>(
         concurrency: Share::part(config.concurrency, runners, index),
         prefetch: Share::part(config.prefetch, runners, index),
     };
-    let crew = Arc::new(Runners {
+    let crew = Arc::new(Crew {
         stocks: (0..runners)
             .map(|index| {
                 let share = share(index);
@@ -441,7 +441,7 @@ async fn run<S: Send + Sync + 'static>(
     shared: Arc<Shared<S>>,
     mut stop: watch::Receiver<Option<Instant>>,
     share: Share,
-    crew: Arc<Runners>,
+    crew: Arc<Crew>,
     index: usize,
 ) -> ShutdownReport {
     let config = &shared.config;
