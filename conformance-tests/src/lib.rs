@@ -94,6 +94,7 @@ macro_rules! __for_each_case {
             worker::worker_wakes_up_on_push,
             worker::worker_shutdown_finishes_in_flight_then_releases,
             worker::worker_pair_runs_every_job_exactly_once,
+            worker::worker_drains_a_mixed_queue_exactly_once_within_concurrency,
             worker::worker_shutdown_releases_prefetched_jobs,
             worker::worker_renews_the_leases_of_prefetched_jobs,
             worker::worker_reports_completions_once_recorded,

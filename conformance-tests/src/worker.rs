@@ -799,6 +799,82 @@ pub async fn worker_pair_runs_every_job_exactly_once(h: Harness) {
     assert!(twice.is_empty(), "jobs not run exactly once: {twice:?}");
 }
 
+/// One worker drains a mix of quick jobs, slow ones and ones that fail
+/// their first attempt: every job succeeds exactly once (those that failed,
+/// at their second attempt), and no more than `concurrency` handlers ever
+/// run at once, however the worker spreads its jobs over its threads.
+pub async fn worker_drains_a_mixed_queue_exactly_once_within_concurrency(h: Harness) {
+    const JOBS: usize = 1_500;
+    const CONCURRENCY: usize = 6;
+    let successes: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..JOBS).map(|_| AtomicUsize::new(0)).collect());
+    let (in_flight, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (s, f, p) = (
+        Arc::clone(&successes),
+        Arc::clone(&in_flight),
+        Arc::clone(&peak),
+    );
+    let worker = h
+        .worker()
+        .concurrency(u32::try_from(CONCURRENCY).expect("small"))
+        .handle(move |task: Task, ctx: JobContext<Harness>| {
+            let (successes, in_flight, peak) = (Arc::clone(&s), Arc::clone(&f), Arc::clone(&p));
+            async move {
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                let n = usize::try_from(task.n).expect("n");
+                if n % 97 == 0 {
+                    tokio::time::sleep(StdDuration::from_millis(20)).await;
+                }
+                let outcome = if n % 13 == 0 && ctx.attempt() == 1 {
+                    Err(HandlerError::new("fails once").retry_after(StdDuration::ZERO))
+                } else {
+                    successes[n].fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                };
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                outcome
+            }
+        })
+        .build()
+        .expect("build");
+    let jobs: Vec<NewJob> = (0..JOBS).map(|n| Task { n: n as i64 }.to_job()).collect();
+    let ids: Vec<_> = h
+        .backend
+        .push_batch(jobs)
+        .await
+        .expect("push_batch")
+        .iter()
+        .map(|o| o.id())
+        .collect();
+    let running = worker.start();
+    within("every job to be done", async {
+        loop {
+            let stats = h.backend.stats().await.expect("stats");
+            if stats.queue("default").done == JOBS as u64 {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let report = running.shutdown_within(LIVENESS).await;
+    assert_eq!(report.released, 0, "{report:?}");
+    let wrong: Vec<usize> = (0..JOBS)
+        .filter(|&n| successes[n].load(Ordering::SeqCst) != 1)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "jobs not succeeding exactly once: {wrong:?}"
+    );
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= CONCURRENCY, "{peak} handlers ran at once");
+    for n in (0..JOBS).step_by(13) {
+        let job = h.job(ids[n]).await;
+        assert_eq!((job.status, job.attempts), (JobStatus::Done, 2), "job {n}");
+    }
+}
+
 /// Jobs a worker leased ahead of a free slot (its prefetch buffer) are
 /// given back at once on shutdown, the attempt not spent, while the running
 /// job finishes.
