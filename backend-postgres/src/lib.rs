@@ -595,11 +595,13 @@ impl PgBackend {
         schedules: &[(Option<OffsetDateTime>, i64)],
     ) -> sqlx::Result<Vec<JobId>> {
         let c = Columns::new(jobs, schedules);
-        let mut ids: Vec<JobId> = c
+        let mut ids = c
             .bind(self.inner.sql.push_keyless.clone(), now)
-            .fetch_one(&mut *conn)
+            .fetch_all(&mut *conn)
             .await?
-            .try_get(0)?;
+            .iter()
+            .map(|row| row.try_get::<JobId, _>(0))
+            .collect::<sqlx::Result<Vec<_>>>()?;
         // Drawn in input order (see the statement): ascending is input order.
         ids.sort_unstable();
         Ok(ids)

@@ -122,22 +122,17 @@ RETURNING id
 /// `WITH ORDINALITY` output is already in that order, and adds no sort).
 /// Each `nextval` is larger than the last, so the ids sorted ascending are
 /// the input's ids in order; the caller sorts them rather than rely on the
-/// order of `RETURNING`. The ids come back as one array in one row: a row
-/// per job would cost the server a message and the client a decoded row
-/// each, which for a large batch is more than the insert's own client work.
+/// order of `RETURNING`.
 const PUSH_KEYLESS: &str = r#"
-WITH inserted AS (
-    INSERT INTO {s}.jobs (queue, kind, payload, priority, status, attempts, max_attempts,
-                          lease_token, run_at, created_at, updated_at)
-    SELECT queue, kind, payload, priority, 'pending', 0, max_attempts, 0,
-           COALESCE(run_at, {now} + delay_us * interval '1 microsecond'), {now}, {now}
-    FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[],
-                $7::timestamptz[], $8::int8[])
-         WITH ORDINALITY AS t(queue, kind, payload, priority, max_attempts, run_at, delay_us, ord)
-    ORDER BY ord
-    RETURNING id
-)
-SELECT COALESCE(array_agg(id), '{}') FROM inserted
+INSERT INTO {s}.jobs (queue, kind, payload, priority, status, attempts, max_attempts,
+                      lease_token, run_at, created_at, updated_at)
+SELECT queue, kind, payload, priority, 'pending', 0, max_attempts, 0,
+       COALESCE(run_at, {now} + delay_us * interval '1 microsecond'), {now}, {now}
+FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[],
+            $7::timestamptz[], $8::int8[])
+     WITH ORDINALITY AS t(queue, kind, payload, priority, max_attempts, run_at, delay_us, ord)
+ORDER BY ord
+RETURNING id
 "#;
 
 /// The job holding a key, for the rare push that conflicted with a job
