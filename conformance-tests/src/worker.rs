@@ -665,6 +665,20 @@ async fn outcome_of(events: &mut relayq_core::EventStream, id: JobId) -> Outcome
     .await
 }
 
+/// Waits until `jobs` jobs of the default queue are done.
+async fn all_done(h: &Harness, jobs: usize) {
+    within("every job to be done", async {
+        loop {
+            let stats = h.backend.stats().await.expect("stats");
+            if stats.queue("default").done == jobs as u64 {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 /// Waits until `n` more attempts have started (`what` names them if not).
 async fn starts(events: &mut relayq_core::EventStream, n: usize, what: &str) {
     within(what, async {
@@ -774,16 +788,7 @@ pub async fn worker_pair_runs_every_job_exactly_once(h: Harness) {
     let jobs: Vec<NewJob> = (0..JOBS).map(|n| Task { n: n as i64 }.to_job()).collect();
     h.backend.push_batch(jobs).await.expect("push_batch");
     let (a, b) = (first.start(), second.start());
-    within("every job to be done", async {
-        loop {
-            let stats = h.backend.stats().await.expect("stats");
-            if stats.queue("default").done == JOBS as u64 {
-                return;
-            }
-            tokio::time::sleep(StdDuration::from_millis(20)).await;
-        }
-    })
-    .await;
+    all_done(&h, JOBS).await;
     let (ra, rb) = (
         a.shutdown_within(LIVENESS).await,
         b.shutdown_within(LIVENESS).await,
@@ -848,16 +853,7 @@ pub async fn worker_drains_a_mixed_queue_exactly_once_within_concurrency(h: Harn
         .map(|o| o.id())
         .collect();
     let running = worker.start();
-    within("every job to be done", async {
-        loop {
-            let stats = h.backend.stats().await.expect("stats");
-            if stats.queue("default").done == JOBS as u64 {
-                return;
-            }
-            tokio::time::sleep(StdDuration::from_millis(20)).await;
-        }
-    })
-    .await;
+    all_done(&h, JOBS).await;
     let report = running.shutdown_within(LIVENESS).await;
     assert_eq!(report.released, 0, "{report:?}");
     let wrong: Vec<usize> = (0..JOBS)
