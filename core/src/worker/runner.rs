@@ -529,10 +529,8 @@ async fn run<S: Send + Sync + 'static>(
         // beyond the slots it has free: its lanes start no more than that.
         // Counted against what it has free, not skipped while it has any: a
         // slot its lane is about to refill is no slot for the rest.
-        let stopping = stop.borrow().is_some();
-        for from in std::iter::once(&*stock).chain(siblings().filter(|_| !stopping)) {
-            let own = std::ptr::eq(from, &*stock);
-            while own || from.buffer.len() > from.slots.free() {
+        let start_from = |from: &Stock, surplus_only: bool| {
+            while !surplus_only || from.buffer.len() > from.slots.free() {
                 let lane = board.idlest_lane();
                 let Some((job, slot)) = from.buffer.take(slots, false, &board.in_flight[lane])
                 else {
@@ -542,6 +540,12 @@ async fn run<S: Send + Sync + 'static>(
                     // Lanes end only once their sender is dropped, below.
                     unreachable!("lane {lane} stopped while the worker runs");
                 }
+            }
+        };
+        start_from(&stock, false);
+        if stop.borrow().is_none() {
+            for sibling in siblings() {
+                start_from(sibling, true);
             }
         }
         // Jobs buffered here with no slot free: a sibling with one takes
