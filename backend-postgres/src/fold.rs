@@ -28,14 +28,20 @@
 //! The statement runs on a spawned task, so a caller that stops waiting
 //! (its future dropped) cannot cancel other callers' inserts halfway; a
 //! push whose caller is gone before its statement is built is not sent.
+//!
+//! Pushes fold only with pushes made on the same Tokio runtime, and are
+//! inserted by tasks of that runtime: a backend shared by several runtimes
+//! (one per thread, or one per test) never has a caller wait on a task of
+//! another runtime, which may be shutting down and never run again.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use relayq_core::{Error, JobId, Result, ValidJob};
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, Postgres};
 use time::OffsetDateTime;
+use tokio::runtime::{Handle, Id as RuntimeId};
 use tokio::sync::oneshot;
 
 use crate::{PgBackend, db_err, distinct_queues, schedule};
@@ -56,10 +62,11 @@ pub(crate) struct Entry {
     pub(crate) reply: oneshot::Sender<Result<JobId>>,
 }
 
-/// The pushes waiting, and how many statements are under way.
+/// The pushes waiting, and how many statements are under way, for each
+/// runtime pushing.
 #[derive(Default)]
 pub(crate) struct Folder {
-    state: Mutex<State>,
+    runtimes: Mutex<Vec<(RuntimeId, State)>>,
 }
 
 #[derive(Default)]
@@ -85,59 +92,86 @@ impl State {
 }
 
 impl Folder {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Runs `f` on `runtime`'s state, which is created on first use and
+    /// forgotten once it has nothing waiting or running.
+    fn with<T>(&self, runtime: RuntimeId, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut runtimes = self.lock();
+        let i = match runtimes.iter().position(|(id, _)| *id == runtime) {
+            Some(i) => i,
+            None => {
+                runtimes.push((runtime, State::default()));
+                runtimes.len() - 1
+            }
+        };
+        let state = &mut runtimes[i].1;
+        let out = f(state);
+        if state.running == 0 && state.waiting.is_empty() {
+            runtimes.swap_remove(i);
+        }
+        out
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<(RuntimeId, State)>> {
+        self.runtimes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Queues `entry`; returns the batch to start a statement with when
-    /// fewer than [`MAX_RUNNING`] are under way (the caller then holds a
-    /// slot).
-    fn enqueue(&self, entry: Entry) -> Option<Vec<Entry>> {
-        let mut state = self.lock();
-        state.waiting.push_back(entry);
-        if state.running >= MAX_RUNNING {
-            return None;
-        }
-        let batch = state.take();
-        if batch.is_empty() {
-            return None;
-        }
-        state.running += 1;
-        Some(batch)
+    /// fewer than [`MAX_RUNNING`] are under way for `runtime` (the caller
+    /// then holds a slot).
+    fn enqueue(&self, runtime: RuntimeId, entry: Entry) -> Option<Vec<Entry>> {
+        self.with(runtime, |state| {
+            state.waiting.push_back(entry);
+            if state.running >= MAX_RUNNING {
+                return None;
+            }
+            let batch = state.take();
+            if batch.is_empty() {
+                return None;
+            }
+            state.running += 1;
+            Some(batch)
+        })
     }
 
     /// After a statement: the next batch for the same slot, or `None`,
     /// having given the slot back, when nothing waits.
-    fn next(&self) -> Option<Vec<Entry>> {
-        let mut state = self.lock();
-        let batch = state.take();
-        if batch.is_empty() {
+    fn next(&self, runtime: RuntimeId) -> Option<Vec<Entry>> {
+        self.with(runtime, |state| {
+            let batch = state.take();
+            if batch.is_empty() {
+                state.running -= 1;
+                return None;
+            }
+            Some(batch)
+        })
+    }
+
+    /// Gives back the slot of a runner that ended early. If no other
+    /// runner is left to take them, the pushes still waiting are dropped,
+    /// so their callers get an error instead of waiting forever (none of
+    /// them was sent); the next push starts a runner again.
+    fn abandon(&self, runtime: RuntimeId) {
+        self.with(runtime, |state| {
             state.running -= 1;
-            return None;
-        }
-        Some(batch)
+            if state.running == 0 {
+                state.waiting.clear();
+            }
+        });
     }
 }
 
 /// Gives a runner's slot back if its task ends early (a panic, or its
-/// runtime shutting down). If no other runner is left to take them, the
-/// pushes still waiting are dropped, so their callers get an error instead
-/// of waiting forever (none of them was sent); the next push starts a
-/// runner again.
+/// runtime shutting down).
 struct Slot {
     backend: PgBackend,
+    runtime: RuntimeId,
     ended: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if self.ended {
-            return;
-        }
-        let mut state = self.backend.inner.fold.lock();
-        state.running -= 1;
-        if state.running == 0 {
-            state.waiting.clear();
+        if !self.ended {
+            self.backend.inner.fold.abandon(self.runtime);
         }
     }
 }
@@ -146,9 +180,11 @@ impl PgBackend {
     /// Pushes a validated job without a unique key, folded with the
     /// concurrent ones; returns its id.
     pub(crate) async fn push_folded(&self, job: ValidJob) -> Result<JobId> {
+        let runtime = Handle::try_current()
+            .map_err(|_| Error::backend("relayq-postgres: a push must run on a Tokio runtime"))?;
         let (reply, outcome) = oneshot::channel();
-        if let Some(batch) = self.inner.fold.enqueue(Entry { job, reply }) {
-            tokio::spawn(run(self.clone(), batch));
+        if let Some(batch) = self.inner.fold.enqueue(runtime.id(), Entry { job, reply }) {
+            runtime.spawn(run(self.clone(), runtime.id(), batch));
         }
         outcome
             .await
@@ -279,15 +315,16 @@ impl PgBackend {
 }
 
 /// A slot's task: inserts batches until nothing waits.
-async fn run(backend: PgBackend, mut batch: Vec<Entry>) {
+async fn run(backend: PgBackend, runtime: RuntimeId, mut batch: Vec<Entry>) {
     let mut slot = Slot {
         backend: backend.clone(),
+        runtime,
         ended: false,
     };
     let mut conn = None;
     loop {
         backend.insert_folded(&mut conn, batch).await;
-        match backend.inner.fold.next() {
+        match backend.inner.fold.next(runtime) {
             Some(next) => batch = next,
             None => break,
         }

@@ -1354,3 +1354,18 @@ async fn folded_pushes_survive_a_runtime_shutting_down_mid_insert() {
     assert_eq!(*stored.payload, json!({ "n": -1 }));
     testing::drop_schema(backend.schema()).await;
 }
+
+/// A push polled by an executor other than Tokio gets an error naming the
+/// cause rather than a panic from spawning its insert, and writes nothing.
+#[tokio::test]
+async fn a_push_outside_a_tokio_runtime_is_an_error() {
+    let backend = testing::connect(testing::options()).await;
+    let elsewhere = backend.clone();
+    let outcome = std::thread::spawn(move || futures::executor::block_on(elsewhere.push(job(1))))
+        .join()
+        .expect("no panic");
+    let err = outcome.expect_err("no runtime to insert on");
+    assert!(err.to_string().contains("Tokio runtime"), "{err}");
+    assert_eq!(insert_statements(&backend).await, (0, 0));
+    testing::drop_schema(backend.schema()).await;
+}
