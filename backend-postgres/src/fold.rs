@@ -9,7 +9,9 @@
 //!   are under way starts one at once, on a task of its own: no push ever
 //!   waits to gather company, so an idle backend adds no latency.
 //! - A push arriving while [`MAX_RUNNING`] statements are under way
-//!   waits; when one of them finishes, its task takes every waiting push
+//!   waits; when one of them finishes, its task answers its callers, lets
+//!   them run ([`ANSWERED_YIELDS`]) so that their next pushes join, takes
+//!   every waiting push
 //!   (at most [`MAX_FOLD`]) and inserts them with the keyless `UNNEST`
 //!   statement, one statement and one commit, on the connection it
 //!   already holds. A task ends, returning its connection, once nothing
@@ -55,6 +57,18 @@ pub(crate) const MAX_FOLD: usize = 1000;
 /// 2 cores): 1 and 2 both roughly doubled throughput over unfolded pushes
 /// (2 slightly ahead), 4 gained less (smaller folds, more commits).
 pub(crate) const MAX_RUNNING: usize = 2;
+
+/// How often a runner yields to the scheduler after answering its callers
+/// and before taking the next batch. A caller pushing jobs one after
+/// another pushes its next one as soon as it runs; without the yields the
+/// runner took its next batch before those callers had run, so each
+/// statement carried the pushes of the other runner's callers only, and
+/// each WAL flush covered one statement of about 2.7 jobs. Measured with
+/// the `enqueue` workload on a stock cluster, alternating against
+/// `insert1` (8 pgbench clients): no yield 0.81–0.93×, one yield
+/// 1.09–1.11×, three 1.09–1.30×, eight no better than three. A yield
+/// costs microseconds; a statement, a flush of a fraction of a millisecond.
+const ANSWERED_YIELDS: usize = 3;
 
 /// A push waiting for its statement.
 pub(crate) struct Entry {
@@ -324,6 +338,9 @@ async fn run(backend: PgBackend, runtime: RuntimeId, mut batch: Vec<Entry>) {
     let mut conn = None;
     loop {
         backend.insert_folded(&mut conn, batch).await;
+        for _ in 0..ANSWERED_YIELDS {
+            tokio::task::yield_now().await;
+        }
         match backend.inner.fold.next(runtime) {
             Some(next) => batch = next,
             None => break,
