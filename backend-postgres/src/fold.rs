@@ -242,7 +242,7 @@ impl PgBackend {
             // Alone: the single-row statement, exactly a lone push.
             let result = match self.push_one_raw(c, now, job, *at).await {
                 Ok(id) => {
-                    self.inner.notifier.notify(vec![job.queue.clone()]);
+                    self.announce(vec![job.queue.clone()]);
                     Ok(id)
                 }
                 Err(e) => {
@@ -259,7 +259,7 @@ impl PgBackend {
         }
         match self.insert_keyless(c, now, &jobs, &schedules).await {
             Ok(ids) if ids.len() == jobs.len() => {
-                self.inner.notifier.notify(distinct_queues(&jobs));
+                self.announce(distinct_queues(&jobs));
                 for (reply, id) in replies.into_iter().zip(ids) {
                     let _ = reply.send(Ok(id));
                 }
@@ -323,7 +323,7 @@ impl PgBackend {
             };
             let _ = reply.send(result);
         }
-        self.inner.notifier.notify(distinct_queues(created));
+        self.announce(distinct_queues(created));
         broken.is_none()
     }
 }

@@ -34,7 +34,11 @@
 //!   background task that notifies them, folding concurrent pushes into
 //!   one statement, without waiting for a WAL flush (a notifying commit
 //!   holds a database-wide lock, so notifying inside each push would make
-//!   concurrent pushes commit one at a time); [`PgBackend::push_in`]
+//!   concurrent pushes commit one at a time). A pool push also wakes the
+//!   subscribers in its own process directly, before it returns, which
+//!   saves them the notification's round trip (measured on a server with
+//!   `synchronous_commit = off`, so that no WAL flush hides it: the
+//!   enqueue-to-start p50 fell from 2.4–2.5 ms to 1.9–2.2 ms). [`PgBackend::push_in`]
 //!   notifies inside the caller's transaction, so only a commit wakes
 //!   anyone. [`Backend::subscribe`] listens on one dedicated connection (an
 //!   sqlx `PgListener`, not a pool connection) that reconnects when it
@@ -703,6 +707,24 @@ impl PgBackend {
         }
     }
 
+    /// Wakes the workers of `queues`, to which a pool push just committed
+    /// jobs: this process's at once, every process's through NOTIFY.
+    fn announce(&self, queues: Vec<String>) {
+        if queues.is_empty() {
+            return;
+        }
+        let hub = self
+            .inner
+            .hub
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(hub) = hub {
+            hub.wake(&queues);
+        }
+        self.inner.notifier.notify(queues);
+    }
+
     /// The listener hub, started on first use. A hub whose task has ended
     /// (its runtime shut down) is replaced.
     fn hub(&self) -> Result<Arc<listen::Hub>> {
@@ -847,7 +869,7 @@ impl Pusher for PgBackend {
             let outcome = self.push_one(&mut conn, &job).await?;
             drop(conn);
             if !outcome.is_duplicate() {
-                self.inner.notifier.notify(vec![job.queue.clone()]);
+                self.announce(vec![job.queue.clone()]);
             }
             return Ok(outcome);
         }
@@ -867,7 +889,7 @@ impl Pusher for PgBackend {
         let outcomes = self.push_valid(&mut conn, &jobs).await?;
         drop(conn);
         // Committed (autocommit): wake the listeners, off this call's path.
-        self.inner.notifier.notify(created_queues(&jobs, &outcomes));
+        self.announce(created_queues(&jobs, &outcomes));
         Ok(outcomes)
     }
 }

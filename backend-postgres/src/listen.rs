@@ -14,8 +14,15 @@
 //! network failure — the task reconnects with backoff, LISTENs again, and
 //! signals every subscriber once, since pushes made meanwhile were not
 //! notified to it.
+//!
+//! A push through this process's pool also signals the subscribers of its
+//! queues directly ([`Hub::wake`]) as soon as its insert committed,
+//! without waiting for its notification's round trip through the server;
+//! the notification still follows, for other processes, and wakes them
+//! here a second time (a pull that may find nothing).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use relayq_core::{Error, Result, Wakeups};
@@ -33,9 +40,35 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The handle a backend keeps; dropping it (with the last backend clone)
 /// ends the task and closes the connection.
-#[derive(Debug)]
 pub(crate) struct Hub {
     commands: mpsc::UnboundedSender<Subscribe>,
+    subscribers: Subscribers,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+/// The live subscriptions, shared by the task and the pushes that wake
+/// them directly.
+#[derive(Clone, Default)]
+struct Subscribers(Arc<Mutex<Vec<Subscriber>>>);
+
+impl Subscribers {
+    fn lock(&self) -> MutexGuard<'_, Vec<Subscriber>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Signals the subscribers of `queue`, or all of them; forgets dropped
+    /// ones.
+    fn wake(&self, queue: Option<&str>) {
+        self.lock().retain(|s| match queue {
+            Some(q) if !s.queues.contains(q) => !s.signal.is_closed(),
+            _ => s.wake(),
+        });
+    }
 }
 
 struct Subscribe {
@@ -70,16 +103,28 @@ impl Hub {
         channels_sql: SqlStr,
     ) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
+        let subscribers = Subscribers::default();
         let task = Task {
             connect,
             connect_timeout,
             channels_sql,
             listener: None,
             channels: HashMap::new(),
-            subscribers: Vec::new(),
+            subscribers: subscribers.clone(),
         };
         tokio::spawn(task.run(rx));
-        Self { commands }
+        Self {
+            commands,
+            subscribers,
+        }
+    }
+
+    /// Signals this process's subscribers of `queues`, to which jobs were
+    /// just committed.
+    pub(crate) fn wake(&self, queues: &[String]) {
+        for queue in queues {
+            self.subscribers.wake(Some(queue));
+        }
     }
 
     /// True once the task has ended (e.g. its runtime shut down).
@@ -119,7 +164,7 @@ struct Task {
     listener: Option<PgListener>,
     /// queue -> channel, for every queue LISTENed.
     channels: HashMap<String, String>,
-    subscribers: Vec<Subscriber>,
+    subscribers: Subscribers,
 }
 
 impl Task {
@@ -180,10 +225,7 @@ impl Task {
 
     /// Signals the subscribers of `queue`, or all of them; forgets dropped ones.
     fn wake(&mut self, queue: Option<&str>) {
-        self.subscribers.retain(|s| match queue {
-            Some(q) if !s.queues.contains(q) => !s.signal.is_closed(),
-            _ => s.wake(),
-        });
+        self.subscribers.wake(queue);
     }
 
     /// Connects if not connected, LISTENing on every known channel. True
@@ -253,7 +295,7 @@ impl Task {
                 .map_err(db_err)?;
             self.channels.extend(named);
         }
-        self.subscribers.push(Subscriber {
+        self.subscribers.lock().push(Subscriber {
             queues: queues.into_iter().collect(),
             signal,
         });

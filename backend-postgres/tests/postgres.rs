@@ -41,6 +41,18 @@ async fn expect_quiet(wakeups: &mut Wakeups, why: &str) {
     }
 }
 
+/// A backend on `backend`'s schema that shares nothing else with it, as
+/// another process's would: its pushes reach `backend`'s subscribers only
+/// through NOTIFY (a push wakes its own backend's subscribers directly).
+async fn other_process(backend: &PgBackend) -> PgBackend {
+    testing::connect(
+        PgOptions::new(testing::database_url())
+            .schema(backend.schema())
+            .max_connections(1),
+    )
+    .await
+}
+
 fn app_name(tag: &str) -> String {
     format!("rq_{tag}_{}", std::process::id())
 }
@@ -320,17 +332,50 @@ async fn subscriptions_are_per_queue() {
     expect_signal(&mut only_a, "a wakes the a subscriber").await;
     expect_signal(&mut a_and_b, "a wakes the a+b subscriber").await;
     // A clone shares the backend's listener and sees pushes from anywhere.
-    let other = testing::connect(
-        PgOptions::new(testing::database_url())
-            .schema(backend.schema())
-            .max_connections(1),
-    )
-    .await;
+    let other = other_process(&backend).await;
+    while tokio::time::timeout(QUIET, only_a.next()).await.is_ok() {}
     other
         .push(job(3).queue("a"))
         .await
         .expect("push from another pool");
     expect_signal(&mut only_a, "a push through another pool wakes too").await;
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// A pool push wakes this process's subscribers of its queue before it
+/// returns, without waiting for its notification's round trip through the
+/// server (which still follows, for other processes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_push_wakes_local_subscribers_before_it_returns() {
+    use futures::FutureExt;
+    let backend = testing::connect(testing::options()).await;
+    let mut wakeups = backend
+        .subscribe(&["a".to_owned()])
+        .await
+        .expect("subscribe")
+        .expect("subscription");
+    let pushes: [(&str, NewJob); 3] = [
+        ("a single push", job(1).queue("a")),
+        ("a keyed push", job(2).queue("a").unique_key("k")),
+        ("a batch push", job(3).queue("a")),
+    ];
+    for (what, new) in pushes {
+        // Consume the signals of earlier pushes' notifications.
+        while tokio::time::timeout(StdDuration::from_millis(300), wakeups.next())
+            .await
+            .is_ok()
+        {}
+        if what == "a batch push" {
+            backend.push_batch(vec![new]).await.expect("push");
+        } else {
+            backend.push(new).await.expect("push");
+        }
+        assert_eq!(
+            wakeups.next().now_or_never(),
+            Some(Some(())),
+            "{what} has signalled by the time it returns"
+        );
+    }
     testing::drop_schema(backend.schema()).await;
 }
 
@@ -343,7 +388,8 @@ async fn listener_reconnects_after_pg_terminate_backend() {
         .await
         .expect("subscribe")
         .expect("subscription");
-    backend.push(job(1)).await.expect("push");
+    let pusher = other_process(&backend).await;
+    pusher.push(job(1)).await.expect("push");
     expect_signal(&mut wakeups, "before the connection is killed").await;
 
     let mut admin = testing::admin().await;
@@ -389,7 +435,7 @@ async fn listener_reconnects_after_pg_terminate_backend() {
         .is_ok()
     {}
     // …and the next push wakes the subscriber through the new connection.
-    backend.push(job(2)).await.expect("push");
+    pusher.push(job(2)).await.expect("push");
     expect_signal(&mut wakeups, "a push after the reconnect").await;
     testing::drop_schema(backend.schema()).await;
 }
@@ -872,7 +918,11 @@ async fn subscribing_again_after_the_listener_runtime_ended() {
         .await
         .expect("subscribe after the first runtime ended")
         .expect("subscription");
-    backend.push(job(2)).await.expect("push");
+    other_process(&backend)
+        .await
+        .push(job(2))
+        .await
+        .expect("push");
     expect_signal(&mut wakeups, "through a new listener task").await;
     testing::drop_schema(backend.schema()).await;
 }
@@ -1236,20 +1286,22 @@ async fn a_rejected_job_among_folded_pushes_fails_only_its_caller() {
     testing::drop_schema(backend.schema()).await;
 }
 
-/// Folded pushes notify the queues they added jobs to, after committing.
+/// Folded pushes notify the queues they added jobs to, after committing,
+/// to other processes too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn folded_pushes_notify_their_queues() {
     let backend = testing::connect(testing::options()).await;
+    let listening = other_process(&backend).await;
     let mut subscriptions = Vec::new();
     for q in ["q0", "q1", "q2"] {
-        let wakeups = backend
+        let wakeups = listening
             .subscribe(&[q.to_owned()])
             .await
             .expect("subscribe")
             .expect("postgres wakes subscribers");
         subscriptions.push(wakeups);
     }
-    let mut unrelated = backend
+    let mut unrelated = listening
         .subscribe(&["elsewhere".to_owned()])
         .await
         .expect("subscribe")
