@@ -173,12 +173,18 @@ async fn postgres_workers_killed_mid_job_lose_nothing() {
     });
     template.concurrency = 8;
     template.pool = 3;
+    // A 2 s lease, renewed every 667 ms. With 1 s (renewed every 333 ms) a
+    // worker that was neither frozen nor killed once had two leases lapse
+    // in CI, where this run shares two cores with the SQLite run's worker
+    // processes: a renewal must then land within 667 ms of a slow disk's
+    // commits and a starved process.
+    template.lease = Duration::from_secs(2);
     // One job in 25 outlives the lease (and is extended): a frozen worker
     // holding one often finds, when it wakes, its handler done and the job
     // running elsewhere, and tries to complete it with its stale lease.
     template.long_one_in = 25;
-    template.long_min = Duration::from_millis(600);
-    template.long_max = Duration::from_millis(1500);
+    template.long_min = Duration::from_millis(1000);
+    template.long_max = Duration::from_millis(2500);
     crash_run(Run {
         ledger: Ledger::postgres(&backend),
         backend: Arc::new(backend.clone()),
