@@ -52,14 +52,15 @@ use crate::{PgBackend, db_err, distinct_queues, schedule};
 pub(crate) const MAX_FOLD: usize = 1000;
 
 /// The most insert statements (so connections) under way at once for
-/// folded pushes. Two let one statement execute while the other's commit
+/// the folded pushes of one Tokio runtime. Two let one statement execute while the other's commit
 /// waits for its WAL flush. Measured with the `enqueue` workload (8 tasks,
 /// 2 cores): 1 and 2 both roughly doubled throughput over unfolded pushes
 /// (2 slightly ahead), 4 gained less (smaller folds, more commits).
 pub(crate) const MAX_RUNNING: usize = 2;
 
-/// How often a runner yields to the scheduler after answering its callers
-/// and before taking the next batch. A caller pushing jobs one after
+/// How often, at most, a runner yields to the scheduler after answering
+/// its callers and before taking the next batch; it stops once as many
+/// pushes wait as it answered. A caller pushing jobs one after
 /// another pushes its next one as soon as it runs; without the yields the
 /// runner took its next batch before those callers had run, so each
 /// statement carried the pushes of the other runner's callers only, and
@@ -147,6 +148,11 @@ impl Folder {
         })
     }
 
+    /// How many pushes made on `runtime` wait for a statement.
+    fn waiting(&self, runtime: RuntimeId) -> usize {
+        self.with(runtime, |state| state.waiting.len())
+    }
+
     /// After a statement: the next batch for the same slot, or `None`,
     /// having given the slot back, when nothing waits.
     fn next(&self, runtime: RuntimeId) -> Option<Vec<Entry>> {
@@ -193,12 +199,17 @@ impl Drop for Slot {
 impl PgBackend {
     /// Pushes a validated job without a unique key, folded with the
     /// concurrent ones; returns its id.
-    pub(crate) async fn push_folded(&self, job: ValidJob) -> Result<JobId> {
-        let runtime = Handle::try_current()
-            .map_err(|_| Error::backend("relayq-postgres: a push must run on a Tokio runtime"))?;
+    pub(crate) async fn push_folded(&self, runtime: &Handle, job: ValidJob) -> Result<JobId> {
         let (reply, outcome) = oneshot::channel();
         if let Some(batch) = self.inner.fold.enqueue(runtime.id(), Entry { job, reply }) {
-            runtime.spawn(run(self.clone(), runtime.id(), batch));
+            // Made before the task, so that the slot is given back even if
+            // the task is dropped unpolled (its runtime shutting down).
+            let slot = Slot {
+                backend: self.clone(),
+                runtime: runtime.id(),
+                ended: false,
+            };
+            runtime.spawn(run(slot, batch));
         }
         outcome
             .await
@@ -299,7 +310,6 @@ impl PgBackend {
         schedules: &[(Option<OffsetDateTime>, i64)],
         replies: Vec<oneshot::Sender<Result<JobId>>>,
     ) -> bool {
-        let mut created: Vec<&ValidJob> = Vec::new();
         let mut replies = replies.into_iter();
         let mut broken: Option<Arc<sqlx::Error>> = None;
         for (job, at) in jobs.iter().zip(schedules) {
@@ -311,7 +321,9 @@ impl PgBackend {
             let result = self.push_one_raw(conn, now, job, *at).await;
             let result = match result {
                 Ok(id) => {
-                    created.push(job);
+                    // Before the reply: the caller's workers are awake
+                    // when its push returns.
+                    self.announce(vec![job.queue.clone()]);
                     Ok(id)
                 }
                 Err(e) if may_be_one_jobs_fault(&e) => Err(db_err(e)),
@@ -323,25 +335,25 @@ impl PgBackend {
             };
             let _ = reply.send(result);
         }
-        self.announce(distinct_queues(created));
         broken.is_none()
     }
 }
 
 /// A slot's task: inserts batches until nothing waits.
-async fn run(backend: PgBackend, runtime: RuntimeId, mut batch: Vec<Entry>) {
-    let mut slot = Slot {
-        backend: backend.clone(),
-        runtime,
-        ended: false,
-    };
+async fn run(mut slot: Slot, mut batch: Vec<Entry>) {
+    let backend = slot.backend.clone();
+    let fold = &backend.inner.fold;
     let mut conn = None;
     loop {
+        let answered = batch.len();
         backend.insert_folded(&mut conn, batch).await;
         for _ in 0..ANSWERED_YIELDS {
+            if fold.waiting(slot.runtime) >= answered {
+                break;
+            }
             tokio::task::yield_now().await;
         }
-        match backend.inner.fold.next(runtime) {
+        match fold.next(slot.runtime) {
             Some(next) => batch = next,
             None => break,
         }

@@ -19,7 +19,8 @@
 //! - **Group commit for single pushes.** Concurrent [`Pusher::push`]
 //!   calls on the pool (jobs without a `unique_key`) that arrive while
 //!   inserts are under way are folded into one multi-row `INSERT` and one
-//!   commit (at most 1,000 jobs, at most two such statements at once); a
+//!   commit (at most 1,000 jobs, at most two such statements at once per
+//!   Tokio runtime); a
 //!   push arriving when nothing is under way goes out at once. Each caller
 //!   still gets its own id, its own error and its queue's notification; a
 //!   job the database rejects fails only its own push. Keyed pushes,
@@ -35,7 +36,8 @@
 //!   one statement, without waiting for a WAL flush (a notifying commit
 //!   holds a database-wide lock, so notifying inside each push would make
 //!   concurrent pushes commit one at a time). A pool push also wakes the
-//!   subscribers in its own process directly, before it returns, which
+//!   subscribers of its own backend (and its clones) directly, before it
+//!   returns, which
 //!   saves them the notification's round trip (measured on a server with
 //!   `synchronous_commit = off`, so that no WAL flush hides it: the
 //!   enqueue-to-start p50 fell from 2.4–2.5 ms to 1.9–2.2 ms). [`PgBackend::push_in`]
@@ -762,6 +764,14 @@ fn created_queues(jobs: &[ValidJob], outcomes: &[PushOutcome]) -> Vec<String> {
 }
 
 /// The distinct queues of `jobs`, in first-seen order.
+/// The Tokio runtime the caller runs on: the driver's I/O and the folded
+/// pushes' insert tasks need one. A typed error, not sqlx's panic, for a
+/// push polled by another executor.
+fn tokio_runtime() -> Result<tokio::runtime::Handle> {
+    tokio::runtime::Handle::try_current()
+        .map_err(|_| Error::backend("relayq-postgres: a push must run on a Tokio runtime"))
+}
+
 fn distinct_queues<'a>(jobs: impl IntoIterator<Item = &'a ValidJob>) -> Vec<String> {
     let mut queues: Vec<String> = Vec::new();
     for job in jobs {
@@ -859,6 +869,7 @@ fn micros(d: Duration) -> i64 {
 #[async_trait]
 impl Pusher for PgBackend {
     async fn push(&self, job: NewJob) -> Result<PushOutcome> {
+        let runtime = tokio_runtime()?;
         // Validate before anything is sent (errors worded as for a batch).
         let job = validate_batch(vec![job])?
             .pop()
@@ -876,10 +887,13 @@ impl Pusher for PgBackend {
         // An injected clock's range errors, before anything is sent.
         schedule(&job, self.now())?;
         // Folded with concurrent pushes into one statement (see `fold`).
-        self.push_folded(job).await.map(PushOutcome::Created)
+        self.push_folded(&runtime, job)
+            .await
+            .map(PushOutcome::Created)
     }
 
     async fn push_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<PushOutcome>> {
+        tokio_runtime()?;
         // Validate before borrowing a connection.
         let jobs = validate_batch(jobs)?;
         if jobs.is_empty() {

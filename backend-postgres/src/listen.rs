@@ -15,11 +15,12 @@
 //! signals every subscriber once, since pushes made meanwhile were not
 //! notified to it.
 //!
-//! A push through this process's pool also signals the subscribers of its
-//! queues directly ([`Hub::wake`]) as soon as its insert committed,
+//! A pool push of the backend (or a clone) also signals the subscribers of
+//! its queues directly ([`Hub::wake`]) as soon as its insert committed,
 //! without waiting for its notification's round trip through the server;
-//! the notification still follows, for other processes, and wakes them
-//! here a second time (a pull that may find nothing).
+//! the notification still follows, for other processes, and signals them
+//! here a second time (one pull that may find nothing, unless the first
+//! signal is still pending, since signals coalesce).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -40,20 +41,15 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The handle a backend keeps; dropping it (with the last backend clone)
 /// ends the task and closes the connection.
+#[derive(Debug)]
 pub(crate) struct Hub {
     commands: mpsc::UnboundedSender<Subscribe>,
     subscribers: Subscribers,
 }
 
-impl std::fmt::Debug for Hub {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub").finish_non_exhaustive()
-    }
-}
-
 /// The live subscriptions, shared by the task and the pushes that wake
 /// them directly.
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default)]
 struct Subscribers(Arc<Mutex<Vec<Subscriber>>>);
 
 impl Subscribers {
@@ -61,13 +57,20 @@ impl Subscribers {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Signals the subscribers of `queue`, or all of them; forgets dropped
-    /// ones.
-    fn wake(&self, queue: Option<&str>) {
-        self.lock().retain(|s| match queue {
-            Some(q) if !s.queues.contains(q) => !s.signal.is_closed(),
-            _ => s.wake(),
+    /// Signals the subscribers of any of `queues`; forgets dropped ones.
+    fn wake(&self, queues: &[impl AsRef<str>]) {
+        self.lock().retain(|s| {
+            if queues.iter().any(|q| s.queues.contains(q.as_ref())) {
+                s.wake()
+            } else {
+                !s.signal.is_closed()
+            }
         });
+    }
+
+    /// Signals every subscriber; forgets dropped ones.
+    fn wake_all(&self) {
+        self.lock().retain(Subscriber::wake);
     }
 }
 
@@ -77,6 +80,7 @@ struct Subscribe {
     reply: oneshot::Sender<Result<()>>,
 }
 
+#[derive(Debug)]
 struct Subscriber {
     queues: HashSet<String>,
     signal: mpsc::Sender<()>,
@@ -122,9 +126,7 @@ impl Hub {
     /// Signals this process's subscribers of `queues`, to which jobs were
     /// just committed.
     pub(crate) fn wake(&self, queues: &[String]) {
-        for queue in queues {
-            self.subscribers.wake(Some(queue));
-        }
+        self.subscribers.wake(queues);
     }
 
     /// True once the task has ended (e.g. its runtime shut down).
@@ -167,6 +169,15 @@ struct Task {
     subscribers: Subscribers,
 }
 
+impl Drop for Task {
+    /// Ends the subscriptions with the task (say, its runtime shut down),
+    /// so their holders see the end and subscribe again, which starts a new
+    /// task: the hub keeps the list, but no one would signal it from NOTIFY.
+    fn drop(&mut self) {
+        self.subscribers.lock().clear();
+    }
+}
+
 impl Task {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Subscribe>) {
         let mut state = State::Waiting(None, MIN_BACKOFF);
@@ -193,10 +204,10 @@ impl Task {
                 }
                 received = recv(self.listener.as_mut()), if matches!(state, State::Connected) => {
                     match received {
-                        Ok(Some(notification)) => self.wake(Some(notification.payload())),
+                        Ok(Some(notification)) => self.subscribers.wake(&[notification.payload()]),
                         // sqlx reconnected and re-LISTENed by itself; pushes
                         // in between were not notified to us.
-                        Ok(None) => self.wake(None),
+                        Ok(None) => self.subscribers.wake_all(),
                         Err(e) => {
                             tracing::warn!(error = %e, "relayq-postgres: listener connection lost");
                             self.listener = None;
@@ -210,7 +221,7 @@ impl Task {
                         Ok(()) => {
                             tracing::info!("relayq-postgres: listener reconnected");
                             state = State::Connected;
-                            self.wake(None);
+                            self.subscribers.wake_all();
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "relayq-postgres: listener reconnect failed");
@@ -221,11 +232,6 @@ impl Task {
                 }
             }
         }
-    }
-
-    /// Signals the subscribers of `queue`, or all of them; forgets dropped ones.
-    fn wake(&mut self, queue: Option<&str>) {
-        self.subscribers.wake(queue);
     }
 
     /// Connects if not connected, LISTENing on every known channel. True
@@ -271,7 +277,7 @@ impl Task {
         let sql = self.channels_sql.clone();
         let reconnected = self.ensure_connected().await?;
         if reconnected {
-            self.wake(None);
+            self.subscribers.wake_all();
         }
         let listener = self
             .listener

@@ -331,9 +331,13 @@ async fn subscriptions_are_per_queue() {
     backend.push(job(2).queue("a")).await.expect("push");
     expect_signal(&mut only_a, "a wakes the a subscriber").await;
     expect_signal(&mut a_and_b, "a wakes the a+b subscriber").await;
-    // A clone shares the backend's listener and sees pushes from anywhere.
+    // The backend's listener hears pushes through other backends (other
+    // processes) too.
     let other = other_process(&backend).await;
-    while tokio::time::timeout(QUIET, only_a.next()).await.is_ok() {}
+    while matches!(
+        tokio::time::timeout(QUIET, only_a.next()).await,
+        Ok(Some(()))
+    ) {}
     other
         .push(job(3).queue("a"))
         .await
@@ -361,10 +365,10 @@ async fn a_pool_push_wakes_local_subscribers_before_it_returns() {
     ];
     for (what, new) in pushes {
         // Consume the signals of earlier pushes' notifications.
-        while tokio::time::timeout(StdDuration::from_millis(300), wakeups.next())
-            .await
-            .is_ok()
-        {}
+        while matches!(
+            tokio::time::timeout(StdDuration::from_millis(300), wakeups.next()).await,
+            Ok(Some(()))
+        ) {}
         if what == "a batch push" {
             backend.push_batch(vec![new]).await.expect("push");
         } else {
@@ -896,7 +900,7 @@ async fn subscribing_again_after_the_listener_runtime_ended() {
     // Subscribe from a runtime that then shuts down, taking the listener
     // task with it.
     let elsewhere = backend.clone();
-    std::thread::spawn(move || {
+    let mut ended = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -907,12 +911,26 @@ async fn subscribing_again_after_the_listener_runtime_ended() {
                 .await
                 .expect("subscribe")
                 .expect("subscription");
-            elsewhere.push(job(1)).await.expect("push");
+            other_process(&elsewhere)
+                .await
+                .push(job(1))
+                .await
+                .expect("push");
             expect_signal(&mut wakeups, "in the first runtime").await;
-        });
+            wakeups
+        })
     })
     .join()
     .expect("thread");
+    // The subscription ended with its listener task, so its holder (a
+    // worker) knows to subscribe again rather than wait for signals that
+    // no task would send.
+    assert_eq!(
+        tokio::time::timeout(SIGNAL_DEADLINE, ended.next())
+            .await
+            .expect("the subscription ends"),
+        None
+    );
     let mut wakeups = backend
         .subscribe(&["default".to_owned()])
         .await
@@ -951,8 +969,11 @@ async fn the_worker_runtime_runs_jobs_woken_by_notify() {
         .expect("worker");
     let running = worker.start();
     tokio::time::sleep(StdDuration::from_millis(300)).await;
+    // Pushed through another backend, as by another process: a push
+    // through the worker's own backend would wake it without NOTIFY.
+    let pusher = other_process(&backend).await;
     for round in 0..3 {
-        let outcomes = backend
+        let outcomes = pusher
             .push_batch(
                 (0..10)
                     .map(|n| Double { n: round * 10 + n }.to_job())

@@ -179,9 +179,10 @@ async fn postgres_workers_killed_mid_job_lose_nothing() {
     // processes: a renewal must then land within 667 ms of a slow disk's
     // commits and a starved process.
     template.lease = Duration::from_secs(2);
-    // One job in 25 outlives the lease (and is extended): a frozen worker
-    // holding one often finds, when it wakes, its handler done and the job
-    // running elsewhere, and tries to complete it with its stale lease.
+    // One job in 25 is long (1–2.5 s), and most of those outlive the lease
+    // (and are extended): a frozen worker holding one often finds, when it
+    // wakes, its handler done and the job running elsewhere, and tries to
+    // complete it with its stale lease.
     template.long_one_in = 25;
     template.long_min = Duration::from_millis(1000);
     template.long_max = Duration::from_millis(2500);
