@@ -1307,6 +1307,53 @@ async fn a_rejected_job_among_folded_pushes_fails_only_its_caller() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// Every successful push wakes its backend's subscribers of its queue by
+/// the time it returns, whether it went out alone, folded with others, or
+/// one by one after its folded statement failed on another job's data
+/// (the CHECK constraint below).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_folded_push_wakes_local_subscribers_before_it_returns() {
+    use futures::FutureExt;
+    let backend = testing::connect(testing::options()).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE \"{}\".jobs ADD CONSTRAINT no_poison CHECK ((payload->>'n')::int8 % 10 <> 7)",
+        backend.schema()
+    )))
+    .execute(backend.pool())
+    .await
+    .expect("add constraint");
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let backend = backend.clone();
+            tokio::spawn(async move {
+                let queue = format!("own{t}");
+                let mut wakeups = backend
+                    .subscribe(std::slice::from_ref(&queue))
+                    .await
+                    .expect("subscribe")
+                    .expect("subscription");
+                for i in 0..40 {
+                    // Signals of earlier pushes' notifications.
+                    while let Some(Some(())) = wakeups.next().now_or_never() {}
+                    let n = t * 40 + i;
+                    match backend.push(job(n).queue(&queue)).await {
+                        Ok(_) => assert_eq!(
+                            wakeups.next().now_or_never(),
+                            Some(Some(())),
+                            "push {n} returned before waking its queue's subscriber"
+                        ),
+                        Err(e) => assert_eq!(n % 10, 7, "job {n} was fine, yet failed: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("pushing task");
+    }
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// Folded pushes notify the queues they added jobs to, after committing,
 /// to other processes too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
