@@ -11,11 +11,10 @@
 //! - A push arriving while [`MAX_RUNNING`] statements are under way
 //!   waits; when one of them finishes, its task answers its callers, lets
 //!   them run ([`ANSWERED_YIELDS`]) so that their next pushes join, takes
-//!   every waiting push
-//!   (at most [`MAX_FOLD`]) and inserts them with the keyless `UNNEST`
-//!   statement, one statement and one commit, on the connection it
-//!   already holds. A task ends, returning its connection, once nothing
-//!   is waiting.
+//!   every waiting push (at most [`MAX_FOLD`]) and inserts them with the
+//!   keyless `UNNEST` statement, one statement and one commit, on the
+//!   connection it already holds. A task ends, returning its connection,
+//!   once nothing is waiting.
 //!
 //! Each caller gets its own id (the statement draws ids in input order),
 //! its own error, and its queue's notification once the insert committed.
@@ -52,16 +51,16 @@ use crate::{PgBackend, db_err, distinct_queues, schedule};
 pub(crate) const MAX_FOLD: usize = 1000;
 
 /// The most insert statements (so connections) under way at once for
-/// the folded pushes of one Tokio runtime. Two let one statement execute while the other's commit
-/// waits for its WAL flush. Measured with the `enqueue` workload (8 tasks,
+/// the folded pushes of one Tokio runtime. Two let one statement execute
+/// while the other's commit waits for its WAL flush. Measured with the `enqueue` workload (8 tasks,
 /// 2 cores): 1 and 2 both roughly doubled throughput over unfolded pushes
 /// (2 slightly ahead), 4 gained less (smaller folds, more commits).
 pub(crate) const MAX_RUNNING: usize = 2;
 
 /// How often, at most, a runner yields to the scheduler after answering
 /// its callers and before taking the next batch; it stops once as many
-/// pushes wait as it answered. A caller pushing jobs one after
-/// another pushes its next one as soon as it runs; without the yields the
+/// pushes wait as it answered. A caller pushing jobs one after another
+/// pushes its next one as soon as it runs; without the yields the
 /// runner took its next batch before those callers had run, so each
 /// statement carried the pushes of the other runner's callers only, and
 /// each WAL flush covered one statement of about 2.7 jobs. Measured with

@@ -20,8 +20,8 @@
 //!   calls on the pool (jobs without a `unique_key`) that arrive while
 //!   inserts are under way are folded into one multi-row `INSERT` and one
 //!   commit (at most 1,000 jobs, at most two such statements at once per
-//!   Tokio runtime); a
-//!   push arriving when nothing is under way goes out at once. Each caller
+//!   Tokio runtime); a push arriving when nothing is under way goes out
+//!   at once. Each caller
 //!   still gets its own id, its own error and its queue's notification; a
 //!   job the database rejects fails only its own push. Keyed pushes,
 //!   [`Pusher::push_batch`] and [`PgBackend::push_in`] are their own
@@ -37,11 +37,10 @@
 //!   holds a database-wide lock, so notifying inside each push would make
 //!   concurrent pushes commit one at a time). A pool push also wakes the
 //!   subscribers of its own backend (and its clones) directly, before it
-//!   returns, which
-//!   saves them the notification's round trip (measured on a server with
-//!   `synchronous_commit = off`, so that no WAL flush hides it: the
-//!   enqueue-to-start p50 fell from 2.4–2.5 ms to 1.9–2.2 ms). [`PgBackend::push_in`]
-//!   notifies inside the caller's transaction, so only a commit wakes
+//!   returns, which saves them the notification's round trip (measured on
+//!   a server with `synchronous_commit = off`, so that no WAL flush hides
+//!   it: the enqueue-to-start p50 fell from 2.4–2.5 ms to 1.9–2.2 ms).
+//!   [`PgBackend::push_in`] notifies inside the caller's transaction, so only a commit wakes
 //!   anyone. [`Backend::subscribe`] listens on one dedicated connection (an
 //!   sqlx `PgListener`, not a pool connection) that reconnects when it
 //!   drops.
@@ -710,7 +709,8 @@ impl PgBackend {
     }
 
     /// Wakes the workers of `queues`, to which a pool push just committed
-    /// jobs: this process's at once, every process's through NOTIFY.
+    /// jobs: this backend's (and its clones') at once, every process's
+    /// through NOTIFY.
     fn announce(&self, queues: Vec<String>) {
         if queues.is_empty() {
             return;
@@ -763,7 +763,6 @@ fn created_queues(jobs: &[ValidJob], outcomes: &[PushOutcome]) -> Vec<String> {
     )
 }
 
-/// The distinct queues of `jobs`, in first-seen order.
 /// The Tokio runtime the caller runs on: the driver's I/O and the folded
 /// pushes' insert tasks need one. A typed error, not sqlx's panic, for a
 /// push polled by another executor.
@@ -772,6 +771,7 @@ fn tokio_runtime() -> Result<tokio::runtime::Handle> {
         .map_err(|_| Error::backend("relayq-postgres: a push must run on a Tokio runtime"))
 }
 
+/// The distinct queues of `jobs`, in first-seen order.
 fn distinct_queues<'a>(jobs: impl IntoIterator<Item = &'a ValidJob>) -> Vec<String> {
     let mut queues: Vec<String> = Vec::new();
     for job in jobs {

@@ -123,8 +123,8 @@ impl Hub {
         }
     }
 
-    /// Signals this process's subscribers of `queues`, to which jobs were
-    /// just committed.
+    /// Signals the subscribers of `queues` made through this hub (this
+    /// backend and its clones), to which jobs were just committed.
     pub(crate) fn wake(&self, queues: &[String]) {
         self.subscribers.wake(queues);
     }
