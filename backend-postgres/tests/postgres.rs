@@ -35,6 +35,11 @@ async fn expect_signal(wakeups: &mut Wakeups, why: &str) {
     }
 }
 
+/// Consumes the signals already sent, until none comes for `quiet`.
+async fn drain(wakeups: &mut Wakeups, quiet: StdDuration) {
+    while let Ok(Some(())) = tokio::time::timeout(quiet, wakeups.next()).await {}
+}
+
 async fn expect_quiet(wakeups: &mut Wakeups, why: &str) {
     if let Ok(signal) = tokio::time::timeout(QUIET, wakeups.next()).await {
         panic!("unexpected signal {signal:?}: {why}");
@@ -334,10 +339,7 @@ async fn subscriptions_are_per_queue() {
     // The backend's listener hears pushes through other backends (other
     // processes) too.
     let other = other_process(&backend).await;
-    while matches!(
-        tokio::time::timeout(QUIET, only_a.next()).await,
-        Ok(Some(()))
-    ) {}
+    drain(&mut only_a, QUIET).await;
     other
         .push(job(3).queue("a"))
         .await
@@ -365,10 +367,7 @@ async fn a_pool_push_wakes_local_subscribers_before_it_returns() {
     ];
     for (what, new) in pushes {
         // Consume the signals of earlier pushes' notifications.
-        while matches!(
-            tokio::time::timeout(StdDuration::from_millis(300), wakeups.next()).await,
-            Ok(Some(()))
-        ) {}
+        drain(&mut wakeups, StdDuration::from_millis(300)).await;
         if what == "a batch push" {
             backend.push_batch(vec![new]).await.expect("push");
         } else {
@@ -434,10 +433,7 @@ async fn listener_reconnects_after_pg_terminate_backend() {
     }
     let new_pid = new_pid.expect("a new listener connection");
     assert_ne!(new_pid, killed[0]);
-    while tokio::time::timeout(StdDuration::from_millis(200), wakeups.next())
-        .await
-        .is_ok()
-    {}
+    drain(&mut wakeups, StdDuration::from_millis(200)).await;
     // …and the next push wakes the subscriber through the new connection.
     pusher.push(job(2)).await.expect("push");
     expect_signal(&mut wakeups, "a push after the reconnect").await;
@@ -1104,10 +1100,7 @@ async fn listener_reconnects_after_the_server_was_unreachable() {
         "the reconnect signals (pushes may have been missed)",
     )
     .await;
-    while tokio::time::timeout(StdDuration::from_millis(200), wakeups.next())
-        .await
-        .is_ok()
-    {}
+    drain(&mut wakeups, StdDuration::from_millis(200)).await;
     backend.push(job(3)).await.expect("push");
     expect_signal(&mut wakeups, "a push after the outage").await;
     assert_eq!(
@@ -1266,6 +1259,18 @@ async fn concurrent_pushes_are_folded_and_each_gets_its_own_id() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// Adds a CHECK constraint, as an application extending the table might,
+/// that rejects jobs whose `n` ends in 7.
+async fn reject_jobs_ending_in_7(backend: &PgBackend) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE \"{}\".jobs ADD CONSTRAINT no_poison CHECK ((payload->>'n')::int8 % 10 <> 7)",
+        backend.schema()
+    )))
+    .execute(backend.pool())
+    .await
+    .expect("add constraint");
+}
+
 /// A job the database rejects fails only its own push, even when it was
 /// folded with others: the rest are stored, each under its caller's id.
 /// Core validation lets nothing through that the stock schema rejects per
@@ -1275,13 +1280,7 @@ async fn concurrent_pushes_are_folded_and_each_gets_its_own_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_job_among_folded_pushes_fails_only_its_caller() {
     let backend = testing::connect(testing::options()).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ALTER TABLE \"{}\".jobs ADD CONSTRAINT no_poison CHECK ((payload->>'n')::int8 % 10 <> 7)",
-        backend.schema()
-    )))
-    .execute(backend.pool())
-    .await
-    .expect("add constraint");
+    reject_jobs_ending_in_7(&backend).await;
     let results = push_concurrently(&backend, 16, 50, spread_job).await;
     let mut ids = HashSet::new();
     for (n, result) in &results {
@@ -1315,13 +1314,7 @@ async fn a_rejected_job_among_folded_pushes_fails_only_its_caller() {
 async fn every_folded_push_wakes_local_subscribers_before_it_returns() {
     use futures::FutureExt;
     let backend = testing::connect(testing::options()).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ALTER TABLE \"{}\".jobs ADD CONSTRAINT no_poison CHECK ((payload->>'n')::int8 % 10 <> 7)",
-        backend.schema()
-    )))
-    .execute(backend.pool())
-    .await
-    .expect("add constraint");
+    reject_jobs_ending_in_7(&backend).await;
     let tasks: Vec<_> = (0..8)
         .map(|t| {
             let backend = backend.clone();

@@ -39,6 +39,34 @@ impl JobType for Task {
     const KIND: &'static str = "conformance.task";
 }
 
+/// How many handlers run at once, and the most that ever did.
+#[derive(Default)]
+struct Overlap {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// A handler counted as running by its [`Overlap`] until dropped.
+struct Running<'a>(&'a Overlap);
+
+impl Overlap {
+    fn enter(&self) -> Running<'_> {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        Running(self)
+    }
+
+    fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Awaits `fut`, failing the case if it takes longer than [`LIVENESS`].
 async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(LIVENESS, fut)
@@ -521,25 +549,18 @@ pub async fn worker_renews_the_lease_of_a_long_job(h: Harness) {
 pub async fn worker_runs_up_to_concurrency_jobs_at_once(h: Harness) {
     const CONCURRENCY: usize = 3;
     let barrier = Arc::new(tokio::sync::Barrier::new(CONCURRENCY));
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let peak = Arc::new(AtomicUsize::new(0));
-    let (b, f, p) = (
-        Arc::clone(&barrier),
-        Arc::clone(&in_flight),
-        Arc::clone(&peak),
-    );
+    let overlap = Arc::new(Overlap::default());
+    let (b, o) = (Arc::clone(&barrier), Arc::clone(&overlap));
     let worker = h
         .worker()
         .concurrency(u32::try_from(CONCURRENCY).expect("small"))
         .poll_interval(StdDuration::from_millis(50))
         .handle(move |task: Task, _ctx: JobContext<Harness>| {
-            let (barrier, in_flight, peak) = (Arc::clone(&b), Arc::clone(&f), Arc::clone(&p));
+            let (barrier, overlap) = (Arc::clone(&b), Arc::clone(&o));
             async move {
-                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                peak.fetch_max(now, Ordering::SeqCst);
+                let _running = overlap.enter();
                 // Only passes once CONCURRENCY jobs run together.
                 barrier.wait().await;
-                in_flight.fetch_sub(1, Ordering::SeqCst);
                 Ok::<_, HandlerError>(task.n)
             }
         })
@@ -558,7 +579,7 @@ pub async fn worker_runs_up_to_concurrency_jobs_at_once(h: Harness) {
         assert_eq!(job.result, Some(json!(n)));
     }
     running.shutdown_within(LIVENESS).await;
-    assert_eq!(peak.load(Ordering::SeqCst), CONCURRENCY);
+    assert_eq!(overlap.peak(), CONCURRENCY);
 }
 
 /// On a backend that declares wake-ups, an idle worker runs a job pushed
@@ -813,32 +834,25 @@ pub async fn worker_drains_a_mixed_queue_exactly_once_within_concurrency(h: Harn
     const CONCURRENCY: usize = 6;
     let successes: Arc<Vec<AtomicUsize>> =
         Arc::new((0..JOBS).map(|_| AtomicUsize::new(0)).collect());
-    let (in_flight, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (s, f, p) = (
-        Arc::clone(&successes),
-        Arc::clone(&in_flight),
-        Arc::clone(&peak),
-    );
+    let overlap = Arc::new(Overlap::default());
+    let (s, o) = (Arc::clone(&successes), Arc::clone(&overlap));
     let worker = h
         .worker()
         .concurrency(u32::try_from(CONCURRENCY).expect("small"))
         .handle(move |task: Task, ctx: JobContext<Harness>| {
-            let (successes, in_flight, peak) = (Arc::clone(&s), Arc::clone(&f), Arc::clone(&p));
+            let (successes, overlap) = (Arc::clone(&s), Arc::clone(&o));
             async move {
-                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                peak.fetch_max(now, Ordering::SeqCst);
+                let _running = overlap.enter();
                 let n = usize::try_from(task.n).expect("n");
                 if n % 97 == 0 {
                     tokio::time::sleep(StdDuration::from_millis(20)).await;
                 }
-                let outcome = if n % 13 == 0 && ctx.attempt() == 1 {
+                if n % 13 == 0 && ctx.attempt() == 1 {
                     Err(HandlerError::new("fails once").retry_after(StdDuration::ZERO))
                 } else {
                     successes[n].fetch_add(1, Ordering::SeqCst);
                     Ok(())
-                };
-                in_flight.fetch_sub(1, Ordering::SeqCst);
-                outcome
+                }
             }
         })
         .build()
@@ -863,7 +877,7 @@ pub async fn worker_drains_a_mixed_queue_exactly_once_within_concurrency(h: Harn
         wrong.is_empty(),
         "jobs not succeeding exactly once: {wrong:?}"
     );
-    let peak = peak.load(Ordering::SeqCst);
+    let peak = overlap.peak();
     assert!(peak <= CONCURRENCY, "{peak} handlers ran at once");
     for n in (0..JOBS).step_by(13) {
         let job = h.job(ids[n]).await;

@@ -434,9 +434,10 @@ struct Pulled {
 }
 
 /// Runner `index` of `crew` (its stock is `crew.stocks[index]`, the
-/// others its siblings'): pulls and runs jobs until `stop` carries a deadline (or its
-/// sender is gone), then drains: no more pulls, buffered jobs are released
-/// at once, in-flight jobs get until the deadline, the rest are released.
+/// others its siblings'): pulls and runs jobs until `stop` carries a
+/// deadline (or its sender is gone), then drains: no more pulls, buffered
+/// jobs are released at once, in-flight jobs get until the deadline, the
+/// rest are released.
 async fn run<S: Send + Sync + 'static>(
     shared: Arc<Shared<S>>,
     mut stop: watch::Receiver<Option<Instant>>,
