@@ -2,6 +2,8 @@
 
 use std::time::Duration as StdDuration;
 
+use futures::FutureExt;
+
 use crate::harness::{Harness, job};
 
 /// How long a signal may take before the case fails (a liveness bound, not
@@ -34,4 +36,44 @@ pub async fn push_wakes_a_subscriber(h: Harness) {
     h.push(job("k", 2)).await;
     let signal = waiter.await.expect("waiter task");
     assert_eq!(signal.expect("a second push signals too"), Some(()));
+}
+
+/// A backend that declares in-process wake-ups has signalled the
+/// subscribers made through it by the time a push (single, keyed or batch)
+/// returns, so a worker in the pushing process never waits on a round trip
+/// to hear of it.
+pub async fn push_has_signalled_in_process_subscribers_when_it_returns(h: Harness) {
+    if !h.backend.capabilities().in_process_wakeups {
+        return;
+    }
+    let queues = vec!["default".to_owned()];
+    let mut wakeups = h
+        .backend
+        .subscribe(&queues)
+        .await
+        .expect("subscribe")
+        .expect("a backend declaring wake-ups returns a subscription");
+    for what in ["a single push", "a keyed push", "a batch push"] {
+        // Signals left by earlier pushes (a backend may also signal through
+        // a round trip, later).
+        while let Ok(Some(())) =
+            tokio::time::timeout(StdDuration::from_millis(300), wakeups.next()).await
+        {}
+        match what {
+            "a single push" => h.push(job("k", 1)).await,
+            "a keyed push" => h.push(job("k", 2).unique_key("in-process")).await,
+            _ => {
+                h.backend
+                    .push_batch(vec![job("k", 3)])
+                    .await
+                    .expect("push_batch");
+                0
+            }
+        };
+        assert_eq!(
+            wakeups.next().now_or_never(),
+            Some(Some(())),
+            "{what} has signalled by the time it returns"
+        );
+    }
 }
