@@ -880,6 +880,20 @@ impl Fleet {
             .sum()
     }
 
+    /// Every worker's warnings (killed ones included), each line prefixed
+    /// with its worker: what to read when a run's outcome is wrong.
+    pub fn warnings(&self) -> String {
+        let mut out = String::new();
+        for id in 1..self.next_id {
+            let log = std::fs::read_to_string(self.logs.join(format!("worker-{id}.log")))
+                .unwrap_or_default();
+            for line in log.lines().filter(|l| l.contains(" WARN ")) {
+                let _ = writeln!(out, "worker {id}: {line}");
+            }
+        }
+        out
+    }
+
     /// The end of worker `id`'s output.
     pub fn log_tail(&self, id: u32) -> String {
         tail(&self.logs.join(format!("worker-{id}.log")))

@@ -136,9 +136,15 @@ async fn crash_run(run: Run) {
     let ledger = run.ledger.entries().await.expect("read ledger");
     let interruptions = fleet.interruptions();
     let summary = check_outcome(&pushed, &jobs, &ledger, Some(&interruptions))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}\nworkers' warnings:\n{}", fleet.warnings()));
     let refused_completions = fleet.count_in_logs(REFUSED_COMPLETION);
     let refused_extensions = fleet.count_in_logs(REFUSED_EXTENSION);
+    let warnings = fleet.warnings();
+    eprintln!(
+        "workers' warnings ({} lines, first 10):\n{}",
+        warnings.lines().count(),
+        warnings.lines().take(10).collect::<Vec<_>>().join("\n")
+    );
     eprintln!(
         "{total} jobs in {elapsed:?}: {kills} kills, {pauses} pauses; {summary:?}; \
          stale leases refused: {refused_completions} completions, {refused_extensions} extensions"

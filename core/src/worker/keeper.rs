@@ -219,10 +219,10 @@ impl Drop for Hold {
 async fn renew(
     backend: Arc<dyn Backend>,
     registry: Registry,
-    lease: Duration,
+    lease_length: Duration,
     backend_lease: time::Duration,
 ) {
-    let every = lease / 3;
+    let every = lease_length / 3;
     // Ticking twice per renewal period renews each lease between a third
     // and a half of a lease after the previous renewal.
     let mut tick = tokio::time::interval(every / 2);
@@ -249,12 +249,34 @@ async fn renew(
                 let backend = &backend;
                 async move {
                     let sent = Instant::now();
-                    match backend.extend(&lease, backend_lease).await {
+                    let outcome = backend.extend(&lease, backend_lease).await;
+                    // A renewal that took a third of a lease leaves the next
+                    // one little time: the pool or the store is too slow
+                    // for this lease, which operators should hear of before
+                    // leases lapse.
+                    let took = sent.elapsed();
+                    if took >= every {
+                        tracing::warn!(
+                            job = lease.job_id,
+                            took_ms = took.as_millis() as u64,
+                            lease_ms = lease_length.as_millis() as u64,
+                            "renewing a lease took a third of the lease or more"
+                        );
+                    }
+                    match outcome {
                         Ok(until) => watch.renewed(until, sent),
                         // A lease let go meanwhile (its completion recorded,
                         // say) is no loss to anyone.
                         Err(e) if e.is_lease_lost() => {
                             if !watch.is_released() {
+                                let since = watch.renewal().sent.map(|last| sent - last);
+                                tracing::warn!(
+                                    job = lease.job_id,
+                                    since_last_renewal_ms = since.map(|d| d.as_millis() as u64),
+                                    took_ms = took.as_millis() as u64,
+                                    lease_ms = lease_length.as_millis() as u64,
+                                    "lease lost: the job was leased again before this renewal"
+                                );
                                 watch.mark_lost();
                             }
                         }

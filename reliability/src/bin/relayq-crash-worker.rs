@@ -20,6 +20,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The worker's warnings (a slow or failed lease renewal, say) go to
+    // its log, which the harness shows when a run's outcome is wrong.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+        .with_ansi(false)
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
