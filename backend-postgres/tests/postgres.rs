@@ -662,6 +662,20 @@ async fn server_clock_by_default() {
         };
         assert_eq!(stored.run_at, stored.created_at + delay, "job {n}");
     }
+    // And batches of alike jobs, whose schedule is bound once.
+    for delay in [Duration::ZERO, Duration::hours(2)] {
+        let batch = (0..50).map(|n| job(n).queue("alike").delay(delay));
+        let ids = backend
+            .push_batch(batch.collect())
+            .await
+            .expect("push_batch");
+        for (n, outcome) in ids.iter().enumerate() {
+            let stored = backend.get(outcome.id()).await.expect("get").expect("job");
+            assert_eq!(*stored.payload, json!({ "n": n }));
+            assert!((stored.created_at - server_now).abs() < Duration::minutes(1));
+            assert_eq!(stored.run_at, stored.created_at + delay, "job {n}");
+        }
+    }
 
     let leased = backend
         .pull(

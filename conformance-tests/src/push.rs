@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use relayq_core::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Error, JobStatus, ListFilter, MAX_DELAY, MAX_NAME_LEN,
-    NewJob, PullRequest, PushOutcome,
+    NewJob, PullRequest, PushOutcome, Schedule,
 };
 use serde::{Serialize, Serializer};
 use serde_json::{Value, json};
@@ -65,11 +65,65 @@ pub async fn push_then_get_round_trips_every_field(h: Harness) {
     assert_eq!(h.job(id).await.run_at, at);
 }
 
-/// A large batch (backends may store one differently from a small one:
-/// PostgreSQL uses `COPY`) round-trips every field of every job, whatever
-/// its queue, priority, attempts and schedule, with ids growing in input
-/// order.
+/// A large batch (backends may store one differently from a small one,
+/// or a batch of alike jobs differently from a mixed one) round-trips
+/// every field of every job, whatever its queue, priority, attempts and
+/// schedule, with ids growing in input order.
 pub async fn large_batches_round_trip_every_field(h: Harness) {
+    mixed_batch_round_trips(&h).await;
+    let at = h.now() + Duration::hours(3);
+    // Batches whose jobs differ only in their payloads, one per schedule.
+    for (n, (schedule, run_at)) in [
+        (Schedule::Now, h.now()),
+        (
+            Schedule::After(Duration::seconds(90)),
+            h.now() + Duration::seconds(90),
+        ),
+        (Schedule::At(at), at),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let make = |i: usize| {
+            let job = NewJob::new("alike", &json!({ "i": i, "batch": n }))
+                .queue("alike-q")
+                .priority(-3)
+                .max_attempts(4);
+            match schedule {
+                Schedule::Now => job,
+                Schedule::After(d) => job.delay(d),
+                Schedule::At(at) => job.run_at(at),
+            }
+        };
+        let outcomes = h
+            .backend
+            .push_batch((0..1200).map(make).collect())
+            .await
+            .expect("push_batch");
+        let ids: Vec<_> = outcomes.iter().map(|o| o.id()).collect();
+        assert_eq!(ids.len(), 1200);
+        assert!(outcomes.iter().all(|o| !o.is_duplicate()), "{outcomes:?}");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "ids grow in input order"
+        );
+        for (i, id) in ids.into_iter().enumerate() {
+            let job = h.job(id).await;
+            assert_eq!(*job.payload, json!({ "i": i, "batch": n }));
+            assert_eq!(
+                (job.kind.as_str(), job.queue.as_str()),
+                ("alike", "alike-q")
+            );
+            assert_eq!((job.priority, job.max_attempts), (-3, 4));
+            assert_eq!((job.status, job.attempts), (JobStatus::Pending, 0));
+            assert_eq!(job.run_at, run_at, "batch {n}, job {i}");
+            assert_eq!((job.created_at, job.updated_at), (h.now(), h.now()));
+        }
+    }
+}
+
+/// A batch of mixed queues, kinds, priorities, attempts and schedules.
+async fn mixed_batch_round_trips(h: &Harness) {
     let at = h.now() + Duration::hours(3);
     let make = |i: i64| {
         let job = NewJob::new(
