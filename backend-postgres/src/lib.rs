@@ -599,7 +599,7 @@ impl PgBackend {
         jobs: &[ValidJob],
         schedules: &[(Option<OffsetDateTime>, i64)],
     ) -> sqlx::Result<Vec<JobId>> {
-        let rows = match uniform(jobs, schedules) {
+        let row = match uniform(jobs, schedules) {
             Some((first, &(run_at, delay))) => {
                 let payloads: Vec<Json<&RawValue>> =
                     jobs.iter().map(|job| Json(job.payload.as_raw())).collect();
@@ -612,20 +612,17 @@ impl PgBackend {
                     .bind(first.max_attempts)
                     .bind(run_at)
                     .bind(delay)
-                    .fetch_all(&mut *conn)
+                    .fetch_one(&mut *conn)
                     .await?
             }
             None => {
                 Columns::new(jobs, schedules)
                     .bind(self.inner.sql.push_keyless.clone(), now)
-                    .fetch_all(&mut *conn)
+                    .fetch_one(&mut *conn)
                     .await?
             }
         };
-        let mut ids = rows
-            .iter()
-            .map(|row| row.try_get::<JobId, _>(0))
-            .collect::<sqlx::Result<Vec<_>>>()?;
+        let mut ids: Vec<JobId> = row.try_get::<Option<Vec<JobId>>, _>(0)?.unwrap_or_default();
         // Drawn in input order (see the statement): ascending is input order.
         ids.sort_unstable();
         Ok(ids)
