@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use relayq_core::{
-    Job, JobId, JobPage, JobStatus, LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, PullRequest,
-    PushOutcome, Result, Stats, ValidJob,
+    CompactString, Job, JobId, JobPage, JobStatus, LEASE_EXPIRED_ERROR, Lease, LeasedJob,
+    ListFilter, PullRequest, PushOutcome, Result, Stats, ValidJob,
 };
 use rustc_hash::FxHashMap;
 use serde_json::Value;
@@ -128,9 +128,9 @@ pub(crate) struct State {
     /// By name, looked up on every acknowledgement. Fx hashing, not
     /// SipHash: this store serves tests and single processes, whose queue
     /// names come from their own code, not from an adversary.
-    queues: FxHashMap<String, QueueIndex>,
+    queues: FxHashMap<CompactString, QueueIndex>,
     /// (queue, unique_key) of every active job that has a key.
-    unique: HashMap<(String, String), JobId>,
+    unique: HashMap<(CompactString, String), JobId>,
 }
 
 impl State {
@@ -154,25 +154,26 @@ impl State {
         now: OffsetDateTime,
     ) -> PushOutcome {
         if let Some(key) = &job.unique_key
-            && let Some(&id) = self.unique.get(&(job.queue.clone(), key.clone()))
+            && let Some(&id) = self.unique.get(&(job.queue.as_str().into(), key.clone()))
         {
             return PushOutcome::Duplicate(id);
         }
         let id = self.jobs.next_id();
         if let Some(key) = &job.unique_key {
-            self.unique.insert((job.queue.clone(), key.clone()), id);
+            self.unique
+                .insert((job.queue.as_str().into(), key.clone()), id);
         }
         // Looked up before it is inserted: `entry` would copy the name on
         // every push.
-        let index = match self.queues.get_mut(&job.queue) {
+        let index = match self.queues.get_mut(job.queue.as_str()) {
             Some(index) => index,
-            None => self.queues.entry(job.queue.clone()).or_default(),
+            None => self.queues.entry(job.queue.as_str().into()).or_default(),
         };
         index.wait(job.priority, ts(run_at), id, ts(now));
         self.jobs.push(Job {
             id,
-            queue: job.queue,
-            kind: job.kind,
+            queue: job.queue.into(),
+            kind: job.kind.into(),
             payload,
             priority: job.priority,
             status: JobStatus::Pending,
@@ -197,7 +198,7 @@ impl State {
         until: OffsetDateTime,
     ) -> Vec<LeasedJob> {
         let batch = request.batch as usize;
-        let queues: BTreeSet<&String> = request.queues.iter().collect();
+        let queues: BTreeSet<&str> = request.queues.iter().map(String::as_str).collect();
         let mut candidates: Vec<ReadyKey> = Vec::new();
         // Expired leases taken out of `leased`; those not chosen go back.
         let mut expired: Vec<(Ts, JobId)> = Vec::new();
@@ -397,8 +398,8 @@ impl State {
             .jobs
             .since(start)
             .filter(|job| filter.status.is_none_or(|s| job.status == s))
-            .filter(|job| filter.queue.as_ref().is_none_or(|q| &job.queue == q))
-            .filter(|job| filter.kind.as_ref().is_none_or(|k| &job.kind == k))
+            .filter(|job| filter.queue.as_ref().is_none_or(|q| job.queue == q))
+            .filter(|job| filter.kind.as_ref().is_none_or(|k| job.kind == k))
             .take(limit + 1)
             .cloned()
             .collect();
@@ -416,7 +417,7 @@ impl State {
         for job in self.jobs.values() {
             stats
                 .queues
-                .entry(job.queue.clone())
+                .entry(job.queue.to_string())
                 .or_default()
                 .add(job.status, 1);
         }

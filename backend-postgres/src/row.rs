@@ -16,14 +16,18 @@ pub(crate) fn status(text: &str) -> Result<JobStatus> {
 
 /// A job from a row holding [`crate::sql::JOB_COLUMNS`].
 pub(crate) fn job(row: &PgRow) -> Result<Job> {
-    let status_text: String = row.try_get("status").map_err(db_err)?;
+    // Borrowed from the row: a status and names of up to 24 bytes cost no
+    // allocation.
+    let status_text: &str = row.try_get("status").map_err(db_err)?;
+    let queue: &str = row.try_get("queue").map_err(db_err)?;
+    let kind: &str = row.try_get("kind").map_err(db_err)?;
     Ok(Job {
         id: row.try_get("id").map_err(db_err)?,
-        queue: row.try_get("queue").map_err(db_err)?,
-        kind: row.try_get("kind").map_err(db_err)?,
+        queue: queue.into(),
+        kind: kind.into(),
         payload: Arc::new(row.try_get("payload").map_err(db_err)?),
         priority: row.try_get("priority").map_err(db_err)?,
-        status: status(&status_text)?,
+        status: status(status_text)?,
         attempts: row.try_get("attempts").map_err(db_err)?,
         max_attempts: row.try_get("max_attempts").map_err(db_err)?,
         lease_token: row.try_get("lease_token").map_err(db_err)?,

@@ -5,6 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -100,10 +101,12 @@ impl FromStr for JobStatus {
 pub struct Job {
     /// Backend-assigned id.
     pub id: JobId,
-    /// The queue it waits in.
-    pub queue: String,
+    /// The queue it waits in. Names are [`CompactString`]s: those of up to
+    /// 24 bytes are stored inline, so copying a job (every lease a store
+    /// grants) allocates nothing for them.
+    pub queue: CompactString,
     /// Names the handler that runs it.
-    pub kind: String,
+    pub kind: CompactString,
     /// The handler's input, shared: a store and the workers it hands the
     /// job to hold one payload, not a copy each.
     pub payload: Arc<Value>,

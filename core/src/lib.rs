@@ -29,6 +29,8 @@ pub mod worker;
 
 pub use capabilities::Capabilities;
 pub use clock::{Clock, ManualClock, SystemClock, truncate_to_micros};
+/// The string type of a [`Job`]'s queue and kind (re-exported from `compact_str`).
+pub use compact_str::CompactString;
 pub use error::{BoxError, Error, Result};
 pub use job::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobId, JobStatus, MAX_DELAY, MAX_JSON_DEPTH,

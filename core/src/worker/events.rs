@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use crate::job::{Job, JobId};
+use compact_str::CompactString;
 
 /// The job an [`Event`] is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,9 +18,9 @@ pub struct JobInfo {
     /// The job's id.
     pub id: JobId,
     /// Its kind.
-    pub kind: String,
+    pub kind: CompactString,
     /// Its queue.
-    pub queue: String,
+    pub queue: CompactString,
     /// The attempt this event is about (1 for the first).
     pub attempt: i32,
     /// The attempts it is allowed.

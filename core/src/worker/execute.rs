@@ -269,7 +269,7 @@ async fn run_and_record<S: Send + Sync + 'static>(
         Mode::Inline => (None, None, None),
     };
     let backend = &*shared.backend;
-    let Some(entry) = shared.handlers.get(&job.kind) else {
+    let Some(entry) = shared.handlers.get(job.kind.as_str()) else {
         let mut kinds: Vec<&str> = shared.handlers.keys().map(String::as_str).collect();
         kinds.sort_unstable();
         let error = format!(
