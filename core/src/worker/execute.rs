@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::board::Board;
 use super::events::{Event, JobInfo, Outcome, Subscription};
 use super::handler::{Entry, HandlerError, JobContext, Phase, RunFuture};
-use super::keeper::{Hold, LeaseWatch};
+use super::keeper::{Hold, LeaseWatch, WatchRef};
 use super::slots::Slot;
 use crate::error::Error;
 use crate::job::{Job, MAX_DELAY};
@@ -280,10 +280,11 @@ async fn run_and_record<S: Send + Sync + 'static>(
     };
 
     let lease_watch = match &hold {
-        Some(hold) => Arc::clone(&hold.watch),
-        None => Arc::new(LeaseWatch::new(
+        Some(hold) => hold.watch.clone(),
+        None => WatchRef::alone(
+            lease,
             job.locked_until.unwrap_or(OffsetDateTime::UNIX_EPOCH),
-        )),
+        ),
     };
     let phase = match &worker {
         Some(worker) => worker.phase.clone(),

@@ -14,7 +14,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use super::keeper::LeaseWatch;
+use super::keeper::WatchRef;
 use crate::job::{DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobId, NewJob};
 use crate::lease::Lease;
 
@@ -172,7 +172,7 @@ pub(crate) enum Phase {
 pub struct JobContext<S = ()> {
     job: Arc<Job>,
     lease: Lease,
-    lease_watch: Arc<LeaseWatch>,
+    lease_watch: WatchRef,
     state: Arc<S>,
     phase: watch::Receiver<Phase>,
 }
@@ -182,7 +182,7 @@ impl<S> Clone for JobContext<S> {
         Self {
             job: Arc::clone(&self.job),
             lease: self.lease,
-            lease_watch: Arc::clone(&self.lease_watch),
+            lease_watch: self.lease_watch.clone(),
             state: Arc::clone(&self.state),
             phase: self.phase.clone(),
         }
@@ -204,7 +204,7 @@ impl<S> JobContext<S> {
     pub(crate) fn new(
         job: Arc<Job>,
         lease: Lease,
-        lease_watch: Arc<LeaseWatch>,
+        lease_watch: WatchRef,
         state: Arc<S>,
         phase: watch::Receiver<Phase>,
     ) -> Self {

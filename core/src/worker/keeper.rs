@@ -4,12 +4,13 @@
 //! completion to be recorded, and tells the job's holder when a renewal
 //! finds the lease lost.
 //!
-//! One task for all leases, rather than a timer per job: a job costs the
-//! keeper one slot in a list, and a handler that blocks its thread cannot
-//! stall the renewals of the others. Letting a lease go sets a flag on its
-//! [`LeaseWatch`], without a lock; let-go leases leave the list when it is
-//! swept: at every renewal tick, and whenever the list has doubled since
-//! the last sweep, so it stays within about twice the leases held.
+//! One task for all leases, rather than a timer per job: a pull costs the
+//! keeper one slot in a list (its leases registered together, see
+//! [`PulledLeases`]), and a handler that blocks its thread cannot stall the
+//! renewals of the others. Letting a lease go sets a flag on its
+//! [`LeaseWatch`], without a lock; a pull leaves the list once all its
+//! leases are let go or lost and the list is swept: at every renewal tick,
+//! and whenever the list has doubled since the last sweep.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -29,7 +30,7 @@ use crate::store::Backend;
 /// a tick on a remote database, few enough not to take the pool.
 const RENEWALS_AT_ONCE: usize = 8;
 
-/// The list of held leases is not swept before it is this long.
+/// The list of registered pulls is not swept before it is this long.
 const LEAST_SWEEP: usize = 1024;
 
 /// A lease's end as last renewed, and when that renewal (or the pull) was
@@ -126,20 +127,68 @@ impl LeaseWatch {
     }
 }
 
-/// The leases registered with the keeper, let-go and lost ones included
-/// until the next sweep.
+/// The leases of one pull, registered together: one allocation and one
+/// registry entry for the lot, rather than one per lease, as a pull of
+/// many jobs would otherwise allocate many watches at once (a burst that
+/// overflows the allocator's per-thread cache).
+#[derive(Debug)]
+pub(crate) struct PulledLeases {
+    leases: Box<[(Lease, LeaseWatch)]>,
+}
+
+impl PulledLeases {
+    /// Whether the keeper is still to renew any of them.
+    fn any_held(&self) -> bool {
+        self.leases.iter().any(|(_, watch)| watch.is_held())
+    }
+}
+
+/// One lease's [`LeaseWatch`] within its pull's registration.
+#[derive(Debug, Clone)]
+pub(crate) struct WatchRef {
+    pull: Arc<PulledLeases>,
+    index: usize,
+}
+
+impl WatchRef {
+    /// `lease`, ending at `deadline` on the store's clock, registered with
+    /// no keeper (the test mode's inline runs).
+    pub(crate) fn alone(lease: Lease, deadline: OffsetDateTime) -> Self {
+        Self {
+            pull: Arc::new(PulledLeases {
+                leases: Box::new([(lease, LeaseWatch::new(deadline))]),
+            }),
+            index: 0,
+        }
+    }
+
+    fn lease(&self) -> Lease {
+        self.pull.leases[self.index].0
+    }
+}
+
+impl std::ops::Deref for WatchRef {
+    type Target = LeaseWatch;
+
+    fn deref(&self) -> &LeaseWatch {
+        &self.pull.leases[self.index].1
+    }
+}
+
+/// The pulls registered with the keeper, kept until none of their leases
+/// is held any more (let go or lost) and the list is next swept.
 #[derive(Default)]
 struct Held {
-    leases: Vec<(Lease, Arc<LeaseWatch>)>,
+    pulls: Vec<Arc<PulledLeases>>,
     /// The length at which the list is swept next.
     sweep_at: usize,
 }
 
 impl Held {
-    /// Forgets the leases let go or lost.
+    /// Forgets the pulls whose leases are all let go or lost.
     fn sweep(&mut self) {
-        self.leases.retain(|(_, watch)| watch.is_held());
-        self.sweep_at = (2 * self.leases.len()).max(LEAST_SWEEP);
+        self.pulls.retain(|pull| pull.any_held());
+        self.sweep_at = (2 * self.pulls.len()).max(LEAST_SWEEP);
     }
 }
 
@@ -168,32 +217,39 @@ impl LeaseKeeper {
         Self { registry, task }
     }
 
-    /// Registers the jobs of one pull (sent at `pulled_at`), under one
-    /// lock, and returns each with the hold that keeps it registered.
+    /// Registers the jobs of one pull (sent at `pulled_at`) as one entry,
+    /// and returns each with the hold that keeps it registered.
     pub(crate) fn hold_all(
         &self,
         jobs: Vec<LeasedJob>,
         pulled_at: Instant,
     ) -> impl Iterator<Item = (LeasedJob, Hold)> {
-        let mut held = lock(&self.registry);
-        if held.leases.len() + jobs.len() > held.sweep_at {
-            held.sweep();
+        let pull = Arc::new(PulledLeases {
+            leases: jobs
+                .iter()
+                .map(|leased| {
+                    let until = leased
+                        .job
+                        .locked_until
+                        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                    (leased.lease, LeaseWatch::renewed_at(until, Some(pulled_at)))
+                })
+                .collect(),
+        });
+        if !jobs.is_empty() {
+            let mut held = lock(&self.registry);
+            if held.pulls.len() >= held.sweep_at {
+                held.sweep();
+            }
+            held.pulls.push(Arc::clone(&pull));
         }
-        held.leases.reserve(jobs.len());
-        let holds: Vec<(LeasedJob, Hold)> = jobs
-            .into_iter()
-            .map(|leased| {
-                let until = leased
-                    .job
-                    .locked_until
-                    .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-                let watch = Arc::new(LeaseWatch::renewed_at(until, Some(pulled_at)));
-                held.leases.push((leased.lease, Arc::clone(&watch)));
-                (leased, Hold { watch })
-            })
-            .collect();
-        drop(held);
-        holds.into_iter()
+        jobs.into_iter().enumerate().map(move |(index, leased)| {
+            let watch = WatchRef {
+                pull: Arc::clone(&pull),
+                index,
+            };
+            (leased, Hold { watch })
+        })
     }
 }
 
@@ -206,7 +262,7 @@ impl Drop for LeaseKeeper {
 /// One registered lease; dropping it stops the renewals.
 pub(crate) struct Hold {
     /// What the keeper's renewals found.
-    pub(crate) watch: Arc<LeaseWatch>,
+    pub(crate) watch: WatchRef,
 }
 
 impl Drop for Hold {
@@ -230,24 +286,34 @@ async fn renew(
     loop {
         tick.tick().await;
         let now = Instant::now();
-        let due: Vec<(Lease, Arc<LeaseWatch>)> = {
+        let due: Vec<WatchRef> = {
             let mut held = lock(&registry);
             held.sweep();
-            held.leases
+            held.pulls
                 .iter()
-                .filter(|(_, watch)| {
-                    watch
-                        .renewal()
-                        .sent
-                        .is_some_and(|sent| now.duration_since(sent) >= every)
+                .flat_map(|pull| {
+                    pull.leases
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (_, watch))| {
+                            watch.is_held()
+                                && watch
+                                    .renewal()
+                                    .sent
+                                    .is_some_and(|sent| now.duration_since(sent) >= every)
+                        })
+                        .map(|(index, _)| WatchRef {
+                            pull: Arc::clone(pull),
+                            index,
+                        })
                 })
-                .map(|(lease, watch)| (*lease, Arc::clone(watch)))
                 .collect()
         };
         futures::stream::iter(due)
-            .for_each_concurrent(RENEWALS_AT_ONCE, |(lease, watch)| {
+            .for_each_concurrent(RENEWALS_AT_ONCE, |watch| {
                 let backend = &backend;
                 async move {
+                    let lease = watch.lease();
                     let sent = Instant::now();
                     let outcome = backend.extend(&lease, backend_lease).await;
                     // A renewal that took a third of a lease leaves the next
