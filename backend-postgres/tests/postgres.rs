@@ -662,9 +662,17 @@ async fn server_clock_by_default() {
         };
         assert_eq!(stored.run_at, stored.created_at + delay, "job {n}");
     }
-    // And batches of alike jobs, whose schedule is bound once.
-    for delay in [Duration::ZERO, Duration::hours(2)] {
-        let batch = (0..50).map(|n| job(n).queue("alike").delay(delay));
+    // And batches of alike jobs, whose schedule is bound once, or alike but
+    // for the last job's delay.
+    for (delay, last) in [
+        (Duration::ZERO, Duration::ZERO),
+        (Duration::hours(2), Duration::hours(2)),
+        (Duration::hours(1), Duration::hours(2)),
+    ] {
+        let batch = (0..50).map(|n| {
+            let delay = if n == 49 { last } else { delay };
+            job(n).queue("alike").delay(delay)
+        });
         let ids = backend
             .push_batch(batch.collect())
             .await
@@ -673,6 +681,7 @@ async fn server_clock_by_default() {
             let stored = backend.get(outcome.id()).await.expect("get").expect("job");
             assert_eq!(*stored.payload, json!({ "n": n }));
             assert!((stored.created_at - server_now).abs() < Duration::minutes(1));
+            let delay = if n == 49 { last } else { delay };
             assert_eq!(stored.run_at, stored.created_at + delay, "job {n}");
         }
     }

@@ -47,6 +47,7 @@ macro_rules! __for_each_case {
             push::push_applies_defaults,
             push::push_batch_is_all_or_nothing,
             push::large_batches_round_trip_every_field,
+            push::batches_alike_but_for_one_job_round_trip_every_field,
             push::invalid_job_fields_are_named_and_nothing_is_written,
             push::invalid_arguments_are_named,
             push::hostile_strings_round_trip,
@@ -98,6 +99,7 @@ macro_rules! __for_each_case {
             worker::worker_drains_a_mixed_queue_exactly_once_within_concurrency,
             worker::worker_shutdown_releases_prefetched_jobs,
             worker::worker_renews_the_leases_of_prefetched_jobs,
+            worker::worker_renews_a_long_job_leased_with_quick_ones,
             worker::worker_reports_completions_once_recorded,
         }
     };

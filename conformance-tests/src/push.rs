@@ -122,6 +122,116 @@ pub async fn large_batches_round_trip_every_field(h: Harness) {
     }
 }
 
+/// Batches of jobs alike in everything but their payloads, except for the
+/// last job, which differs in one field (a backend may store an alike
+/// batch with one statement binding those fields once): every job keeps
+/// its own fields.
+pub async fn batches_alike_but_for_one_job_round_trip_every_field(h: Harness) {
+    #[derive(Clone)]
+    struct Spec {
+        kind: &'static str,
+        queue: &'static str,
+        priority: i16,
+        max_attempts: i32,
+        schedule: Schedule,
+    }
+    let at = h.now() + Duration::hours(3);
+    let alike = Spec {
+        kind: "alike",
+        queue: "alike-q",
+        priority: 2,
+        max_attempts: 3,
+        schedule: Schedule::Now,
+    };
+    let with = |change: fn(&mut Spec)| {
+        let mut spec = alike.clone();
+        change(&mut spec);
+        spec
+    };
+    let variations: Vec<(&str, Spec, Spec)> = vec![
+        ("queue", alike.clone(), with(|s| s.queue = "other-q")),
+        ("kind", alike.clone(), with(|s| s.kind = "other-kind")),
+        ("priority", alike.clone(), with(|s| s.priority = -2)),
+        ("max_attempts", alike.clone(), with(|s| s.max_attempts = 9)),
+        (
+            "delay",
+            with(|s| s.schedule = Schedule::After(Duration::seconds(5))),
+            with(|s| s.schedule = Schedule::After(Duration::seconds(7))),
+        ),
+        (
+            "run_at",
+            Spec {
+                schedule: Schedule::At(at),
+                ..alike.clone()
+            },
+            Spec {
+                schedule: Schedule::At(at + Duration::minutes(1)),
+                ..alike.clone()
+            },
+        ),
+        (
+            "now, then run_at",
+            alike.clone(),
+            Spec {
+                schedule: Schedule::At(at),
+                ..alike.clone()
+            },
+        ),
+        (
+            "run_at, then now",
+            Spec {
+                schedule: Schedule::At(at),
+                ..alike.clone()
+            },
+            alike.clone(),
+        ),
+    ];
+    for (name, spec, odd) in variations {
+        let specs: Vec<Spec> = (0..5).map(|_| spec.clone()).chain([odd]).collect();
+        let jobs = specs.iter().enumerate().map(|(i, s)| {
+            let job = NewJob::new(s.kind, &json!({ "i": i, "batch": name }))
+                .queue(s.queue)
+                .priority(s.priority)
+                .max_attempts(s.max_attempts);
+            match s.schedule {
+                Schedule::Now => job,
+                Schedule::After(d) => job.delay(d),
+                Schedule::At(t) => job.run_at(t),
+            }
+        });
+        let outcomes = h
+            .backend
+            .push_batch(jobs.collect())
+            .await
+            .expect("push_batch");
+        assert_eq!(outcomes.len(), specs.len(), "{name}");
+        for (i, (outcome, s)) in outcomes.iter().zip(&specs).enumerate() {
+            let job = h.job(outcome.id()).await;
+            let run_at = match s.schedule {
+                Schedule::Now => h.now(),
+                Schedule::After(d) => h.now() + d,
+                Schedule::At(t) => t,
+            };
+            assert_eq!(
+                *job.payload,
+                json!({ "i": i, "batch": name }),
+                "{name}, job {i}"
+            );
+            assert_eq!(
+                (job.kind.as_str(), job.queue.as_str()),
+                (s.kind, s.queue),
+                "{name}, job {i}"
+            );
+            assert_eq!(
+                (job.priority, job.max_attempts),
+                (s.priority, s.max_attempts),
+                "{name}, job {i}"
+            );
+            assert_eq!(job.run_at, run_at, "{name}, job {i}");
+        }
+    }
+}
+
 /// A batch of mixed queues, kinds, priorities, attempts and schedules.
 async fn mixed_batch_round_trips(h: &Harness) {
     let at = h.now() + Duration::hours(3);

@@ -989,3 +989,59 @@ pub async fn worker_renews_the_leases_of_prefetched_jobs(h: Harness) {
     running.shutdown_within(LIVENESS).await;
     assert_eq!(*problems.lock().expect("lock"), Vec::<String>::new());
 }
+
+/// A long job leased in the same pull as quick ones keeps its lease
+/// renewed after they have finished and their leases were let go: each
+/// lease is renewed for as long as its own job holds it.
+pub async fn worker_renews_a_long_job_leased_with_quick_ones(h: Harness) {
+    const LEASE: StdDuration = StdDuration::from_millis(600);
+    let lease = std_to_time(LEASE);
+    let problems: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (report, ids) = (Arc::clone(&problems), Arc::new(Mutex::new(Vec::new())));
+    let quick = Arc::clone(&ids);
+    let worker = h
+        .worker()
+        .concurrency(4)
+        .lease(LEASE)
+        .handle(move |task: Task, ctx: JobContext<Harness>| {
+            let (problems, quick) = (Arc::clone(&report), Arc::clone(&quick));
+            async move {
+                if task.n != 0 {
+                    return Ok::<_, HandlerError>(());
+                }
+                let h = ctx.state();
+                let quick: Vec<JobId> = quick.lock().expect("lock")[1..].to_vec();
+                within("the quick jobs leased with the long one", async {
+                    for id in quick {
+                        while h.job(id).await.status != JobStatus::Done {
+                            tokio::time::sleep(StdDuration::from_millis(10)).await;
+                        }
+                    }
+                })
+                .await;
+                if let Some(problem) = watch_renewals(h, ctx.id(), &ctx.job().queue, lease, 4).await
+                {
+                    problems.lock().expect("lock").push(problem);
+                }
+                Ok(())
+            }
+        })
+        .build()
+        .expect("build");
+    // All pushed before the worker starts, which leases them in one pull
+    // for its four free slots: the long job first, then three quick ones.
+    for n in 0..4 {
+        let id = h.push(Task { n }.to_job()).await;
+        ids.lock().expect("lock").push(id);
+    }
+    let all: Vec<JobId> = ids.lock().expect("lock").clone();
+    let running = worker.start();
+    for &id in &all {
+        let job = within("every job", running.wait_for(id))
+            .await
+            .expect("wait_for");
+        assert_eq!((job.status, job.attempts), (JobStatus::Done, 1), "{job:?}");
+    }
+    running.shutdown_within(LIVENESS).await;
+    assert_eq!(*problems.lock().expect("lock"), Vec::<String>::new());
+}

@@ -102,8 +102,8 @@ pub struct Job {
     /// Backend-assigned id.
     pub id: JobId,
     /// The queue it waits in. Names are [`CompactString`]s: those of up to
-    /// 24 bytes are stored inline, so copying a job (every lease a store
-    /// grants) allocates nothing for them.
+    /// 24 bytes (on 64-bit targets) are stored inline, so copying a job
+    /// (every lease a store grants) allocates nothing for them.
     pub queue: CompactString,
     /// Names the handler that runs it.
     pub kind: CompactString,

@@ -12,6 +12,7 @@
 //! leases are let go or lost and the list is swept: at every renewal tick,
 //! and whenever the list has doubled since the last sweep.
 
+use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
@@ -42,9 +43,10 @@ struct Renewal {
     sent: Option<Instant>,
 }
 
-/// What the keeper and a lease's holder tell each other, in one allocation
-/// per lease: the lease's end as last renewed, whether a renewal found it
-/// lost, and whether the holder has let it go.
+/// What the keeper and a lease's holder tell each other (kept with the
+/// other leases of its pull, see [`PulledLeases`]): the lease's end as last
+/// renewed, whether a renewal found it lost, and whether the holder has let
+/// it go.
 #[derive(Debug)]
 pub(crate) struct LeaseWatch {
     renewal: Mutex<Renewal>,
@@ -144,7 +146,7 @@ impl PulledLeases {
 }
 
 /// One lease's [`LeaseWatch`] within its pull's registration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct WatchRef {
     pull: Arc<PulledLeases>,
     index: usize,
@@ -167,6 +169,17 @@ impl WatchRef {
     }
 }
 
+impl fmt::Debug for WatchRef {
+    // Its own lease only, not the whole pull's.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (lease, watch) = &self.pull.leases[self.index];
+        f.debug_struct("WatchRef")
+            .field("lease", lease)
+            .field("watch", watch)
+            .finish()
+    }
+}
+
 impl std::ops::Deref for WatchRef {
     type Target = LeaseWatch;
 
@@ -180,7 +193,9 @@ impl std::ops::Deref for WatchRef {
 #[derive(Default)]
 struct Held {
     pulls: Vec<Arc<PulledLeases>>,
-    /// The length at which the list is swept next.
+    /// The leases of the registered pulls, held or not.
+    leases: usize,
+    /// The number of leases at which the list is swept next.
     sweep_at: usize,
 }
 
@@ -188,7 +203,8 @@ impl Held {
     /// Forgets the pulls whose leases are all let go or lost.
     fn sweep(&mut self) {
         self.pulls.retain(|pull| pull.any_held());
-        self.sweep_at = (2 * self.pulls.len()).max(LEAST_SWEEP);
+        self.leases = self.pulls.iter().map(|pull| pull.leases.len()).sum();
+        self.sweep_at = (2 * self.leases).max(LEAST_SWEEP);
     }
 }
 
@@ -218,38 +234,48 @@ impl LeaseKeeper {
     }
 
     /// Registers the jobs of one pull (sent at `pulled_at`) as one entry,
-    /// and returns each with the hold that keeps it registered.
+    /// and returns each with the hold that keeps it registered. Every hold
+    /// exists before this returns: a lease registered with no hold would be
+    /// renewed until the worker stops.
     pub(crate) fn hold_all(
         &self,
         jobs: Vec<LeasedJob>,
         pulled_at: Instant,
     ) -> impl Iterator<Item = (LeasedJob, Hold)> {
-        let pull = Arc::new(PulledLeases {
-            leases: jobs
-                .iter()
-                .map(|leased| {
-                    let until = leased
-                        .job
-                        .locked_until
-                        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-                    (leased.lease, LeaseWatch::renewed_at(until, Some(pulled_at)))
+        let holds: Vec<Hold> = if jobs.is_empty() {
+            Vec::new()
+        } else {
+            let pull = Arc::new(PulledLeases {
+                leases: jobs
+                    .iter()
+                    .map(|leased| {
+                        let until = leased
+                            .job
+                            .locked_until
+                            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                        (leased.lease, LeaseWatch::renewed_at(until, Some(pulled_at)))
+                    })
+                    .collect(),
+            });
+            let holds = (0..jobs.len())
+                .map(|index| Hold {
+                    watch: WatchRef {
+                        pull: Arc::clone(&pull),
+                        index,
+                    },
                 })
-                .collect(),
-        });
-        if !jobs.is_empty() {
-            let mut held = lock(&self.registry);
-            if held.pulls.len() >= held.sweep_at {
-                held.sweep();
+                .collect();
+            let mut registry = lock(&self.registry);
+            if registry.leases + jobs.len() > registry.sweep_at {
+                registry.sweep();
             }
-            held.pulls.push(Arc::clone(&pull));
-        }
-        jobs.into_iter().enumerate().map(move |(index, leased)| {
-            let watch = WatchRef {
-                pull: Arc::clone(&pull),
-                index,
-            };
-            (leased, Hold { watch })
-        })
+            registry.leases += jobs.len();
+            registry.pulls.push(pull);
+            holds
+        };
+        // The holds exist before the jobs are handed out one by one, so the
+        // leases of jobs never taken from the iterator are let go with it.
+        jobs.into_iter().zip(holds)
     }
 }
 
@@ -267,7 +293,7 @@ pub(crate) struct Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        // No lock: the keeper's next sweep forgets the lease.
+        // No lock: a sweep forgets the pull once all its leases are let go.
         self.watch.released.store(true, Ordering::Release);
     }
 }
@@ -341,7 +367,9 @@ async fn renew(
                                     since_last_renewal_ms = since.map(|d| d.as_millis() as u64),
                                     took_ms = took.as_millis() as u64,
                                     lease_ms = lease_length.as_millis() as u64,
-                                    "lease lost: the job was leased again before this renewal"
+                                    "a renewal found the lease no longer held: it lapsed and the job \
+                                     was leased again (more than a lease since the last renewal), or \
+                                     its outcome was being recorded"
                                 );
                                 watch.mark_lost();
                             }
