@@ -207,6 +207,24 @@ impl Puller for MemoryBackend {
         Ok(until)
     }
 
+    async fn extend_batch(
+        &self,
+        leases: &[Lease],
+        by: Duration,
+    ) -> Result<Vec<Option<OffsetDateTime>>> {
+        check_lease("by", by)?;
+        let now = self.now();
+        let until = now
+            .checked_add(by)
+            .map(truncate_to_micros)
+            .ok_or_else(|| Error::invalid("by", "puts locked_until out of range"))?;
+        let mut state = self.lock();
+        Ok(leases
+            .iter()
+            .map(|lease| state.extend(lease, until, now).ok().map(|()| until))
+            .collect())
+    }
+
     async fn release(&self, lease: &Lease) -> Result<()> {
         let now = self.now();
         self.lock().release(lease, now)

@@ -1055,6 +1055,38 @@ impl Puller for PgBackend {
         Ok(until)
     }
 
+    async fn extend_batch(
+        &self,
+        leases: &[Lease],
+        by: Duration,
+    ) -> Result<Vec<Option<OffsetDateTime>>> {
+        check_lease("by", by)?;
+        self.check_after(by, "by", "locked_until")?;
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<JobId> = leases.iter().map(|lease| lease.job_id).collect();
+        let tokens: Vec<i64> = leases.iter().map(|lease| lease.token).collect();
+        let rows: Vec<(JobId, i64, OffsetDateTime)> =
+            sqlx::query_as(self.inner.sql.extend_batch.clone())
+                .bind(self.now())
+                .bind(&ids)
+                .bind(&tokens)
+                .bind(micros(by))
+                .fetch_all(&self.inner.pool)
+                .await
+                .map_err(db_err)?;
+        self.inner.vacuum.record(rows.len() as u64);
+        let held: HashMap<(JobId, i64), OffsetDateTime> = rows
+            .into_iter()
+            .map(|(id, token, until)| ((id, token), until))
+            .collect();
+        Ok(leases
+            .iter()
+            .map(|lease| held.get(&(lease.job_id, lease.token)).copied())
+            .collect())
+    }
+
     async fn release(&self, lease: &Lease) -> Result<()> {
         let query = self.fenced(&self.inner.sql.release, lease);
         self.acknowledge(query, lease).await

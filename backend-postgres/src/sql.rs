@@ -30,6 +30,7 @@ pub(crate) struct Statements {
     pub(crate) retry: SqlStr,
     pub(crate) kill: SqlStr,
     pub(crate) extend: SqlStr,
+    pub(crate) extend_batch: SqlStr,
     pub(crate) release: SqlStr,
     pub(crate) get: SqlStr,
     pub(crate) stats: SqlStr,
@@ -272,6 +273,17 @@ WHERE id = $2 AND lease_token = $3 AND status = 'processing'
 RETURNING locked_until
 "#;
 
+/// [`EXTEND`] for many leases: `$2` ids and `$3` tokens, side by side.
+/// Returns the (id, token) of each lease still held, with its new end; a
+/// lease named twice matches its row once.
+const EXTEND_BATCH: &str = r#"
+UPDATE {s}.jobs j
+SET locked_until = {now} + $4 * interval '1 microsecond', updated_at = {now}
+FROM unnest($2::int8[], $3::int8[]) AS i(id, token)
+WHERE j.id = i.id AND j.lease_token = i.token AND j.status = 'processing'
+RETURNING j.id, j.lease_token, j.locked_until
+"#;
+
 const RELEASE: &str = r#"
 UPDATE {s}.jobs
 SET status = 'pending', attempts = attempts - 1, locked_until = NULL, updated_at = {now}
@@ -322,6 +334,7 @@ impl Statements {
             retry: build(RETRY, &s),
             kill: build(KILL, &s),
             extend: build(EXTEND, &s),
+            extend_batch: build(EXTEND_BATCH, &s),
             release: build(RELEASE, &s),
             get: build(GET, &s),
             stats: build(STATS, &s),

@@ -828,6 +828,11 @@ impl Pusher for SqliteBackend {
     }
 }
 
+/// Moves a held lease's end (`?` 1) and the job's `updated_at` (2), fenced
+/// by id (3) and token (4).
+const EXTEND: &str = "UPDATE relayq_jobs SET locked_until = ?, updated_at = ? \
+                      WHERE id = ? AND status = 'processing' AND lease_token = ?";
+
 #[async_trait]
 impl Puller for SqliteBackend {
     async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>> {
@@ -944,19 +949,44 @@ impl Puller for SqliteBackend {
         check_lease("by", by)?;
         let until = write_tx!(self, |tx, now| {
             let until = later(now, by, "by")?;
-            let done = sqlx::query(
-                "UPDATE relayq_jobs SET locked_until = ?, updated_at = ? \
-                 WHERE id = ? AND status = 'processing' AND lease_token = ?",
-            )
-            .bind(micros(until))
-            .bind(micros(now))
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .execute(&mut *tx)
-            .await?;
+            let done = sqlx::query(EXTEND)
+                .bind(micros(until))
+                .bind(micros(now))
+                .bind(lease.job_id)
+                .bind(lease.token)
+                .execute(&mut *tx)
+                .await?;
             (done.rows_affected() == 1).then_some(until)
         })?;
         until.ok_or_else(|| lease.lost())
+    }
+
+    async fn extend_batch(
+        &self,
+        leases: &[Lease],
+        by: Duration,
+    ) -> Result<Vec<Option<OffsetDateTime>>> {
+        check_lease("by", by)?;
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One write transaction for all: one commit, and one turn at the
+        // file's write lock, which every other writer queues for.
+        write_tx!(self, |tx, now| {
+            let until = later(now, by, "by")?;
+            let mut ends = Vec::with_capacity(leases.len());
+            for lease in leases {
+                let done = sqlx::query(EXTEND)
+                    .bind(micros(until))
+                    .bind(micros(now))
+                    .bind(lease.job_id)
+                    .bind(lease.token)
+                    .execute(&mut *tx)
+                    .await?;
+                ends.push((done.rows_affected() == 1).then_some(until));
+            }
+            ends
+        })
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {

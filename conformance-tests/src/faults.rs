@@ -113,6 +113,13 @@ impl<F: Faults> Puller for Faulty<F> {
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
         self.inner.extend(lease, by).await
     }
+    async fn extend_batch(
+        &self,
+        leases: &[Lease],
+        by: Duration,
+    ) -> Result<Vec<Option<OffsetDateTime>>> {
+        self.inner.extend_batch(leases, by).await
+    }
     async fn release(&self, lease: &Lease) -> Result<()> {
         self.inner.release(lease).await
     }

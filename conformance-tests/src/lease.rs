@@ -1,7 +1,9 @@
 //! Leases and fencing: expiry, stale holders, extend, retry, kill, release,
 //! complete.
 
-use relayq_core::{Completion, Error, JobStatus, LEASE_EXPIRED_ERROR, Lease, PullRequest};
+use relayq_core::{
+    Completion, Error, Job, JobStatus, LEASE_EXPIRED_ERROR, Lease, MAX_LEASE, PullRequest,
+};
 use serde_json::json;
 use time::Duration;
 
@@ -109,6 +111,89 @@ pub async fn extend_keeps_the_job_invisible_past_its_first_lease(h: Harness) {
     );
     h.advance(Duration::seconds(1));
     assert_eq!(h.pull_one("default").await.job.id, id);
+}
+
+/// `extend_batch` extends every lease still held to `now + by` in one step
+/// and reports, in input order, each one's new end or `None` for a lease
+/// no longer held (completed, or expired and re-leased), changing nothing
+/// for those; a lease named twice is extended once; an invalid `by`
+/// changes nothing.
+pub async fn extend_batch_extends_the_held_and_names_the_lost(h: Harness) {
+    for n in 0..3 {
+        h.push(job("k", n)).await;
+    }
+    let leased = h
+        .backend
+        .pull(&PullRequest::queue("default").batch(3))
+        .await
+        .expect("pull");
+    assert_eq!(leased.len(), 3);
+    let (held, done, expired) = (leased[0].lease, leased[1].lease, leased[2].lease);
+    h.backend.complete(&done, None).await.expect("complete");
+    // The first lease is renewed past the others' end; the third expires
+    // and is leased again.
+    h.advance(Duration::seconds(20));
+    h.backend
+        .extend(&held, Duration::seconds(30))
+        .await
+        .expect("extend");
+    h.advance(Duration::seconds(11));
+    let again = h.pull_one("default").await.lease;
+    assert_eq!(again.job_id, expired.job_id);
+    let snapshot = (h.job(done.job_id).await, h.job(expired.job_id).await);
+
+    h.advance(Duration::seconds(5));
+    let by = Duration::seconds(90);
+    let ends = h
+        .backend
+        .extend_batch(&[held, done, expired, again, held], by)
+        .await
+        .expect("extend_batch");
+    let until = h.now() + by;
+    assert_eq!(
+        ends,
+        vec![Some(until), None, None, Some(until), Some(until)]
+    );
+    assert_eq!(h.job(held.job_id).await.locked_until, Some(until));
+    let renewed = h.job(again.job_id).await;
+    assert_eq!(
+        (renewed.locked_until, renewed.lease_token),
+        (Some(until), again.token)
+    );
+    assert_eq!(
+        h.job(done.job_id).await,
+        snapshot.0,
+        "a completed job is untouched"
+    );
+    let expired_job = h.job(expired.job_id).await;
+    assert_eq!(
+        expired_job,
+        Job {
+            locked_until: Some(until),
+            updated_at: h.now(),
+            ..snapshot.1
+        }
+    );
+
+    for bad in [
+        Duration::ZERO,
+        Duration::seconds(-1),
+        MAX_LEASE + Duration::seconds(1),
+    ] {
+        match h.backend.extend_batch(&[held], bad).await {
+            Err(Error::InvalidInput { field: "by", .. }) => {}
+            other => panic!("extend_batch by {bad}: expected InvalidInput, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        h.job(held.job_id).await.locked_until,
+        Some(until),
+        "nothing changed"
+    );
+    assert_eq!(
+        h.backend.extend_batch(&[], by).await.expect("empty"),
+        Vec::<Option<time::OffsetDateTime>>::new()
+    );
 }
 
 /// `retry` puts the job back to `Pending` at `now + delay` with the error

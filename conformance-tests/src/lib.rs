@@ -64,6 +64,7 @@ macro_rules! __for_each_case {
             lease::expired_lease_is_pulled_again_with_a_new_token,
             lease::stale_lease_acknowledgements_fail_and_change_nothing,
             lease::extend_keeps_the_job_invisible_past_its_first_lease,
+            lease::extend_batch_extends_the_held_and_names_the_lost,
             lease::retry_reschedules_after_the_delay,
             lease::retry_on_the_last_attempt_is_dead,
             lease::abandoned_last_attempt_is_dead_with_a_reason,

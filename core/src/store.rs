@@ -69,6 +69,20 @@ pub trait Puller: Send + Sync {
     /// Keeps the lease alive: it now expires at `now + by`, which is returned.
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime>;
 
+    /// Keeps many leases alive in one step (one statement, lock or
+    /// transaction: a worker's keeper renews all its due leases with one
+    /// call): each one still held now expires at `now + by`. Returns, in
+    /// input order, each lease's new end, or `None` for a lease no longer
+    /// held (for which nothing changed); a lease named twice is extended
+    /// once and both entries report its end. An invalid `by` is
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) and nothing
+    /// changes.
+    async fn extend_batch(
+        &self,
+        leases: &[Lease],
+        by: Duration,
+    ) -> Result<Vec<Option<OffsetDateTime>>>;
+
     /// Gives the job back: `Pending`, eligible now, without spending the
     /// attempt. The released lease never becomes valid again. Used at shutdown.
     async fn release(&self, lease: &Lease) -> Result<()>;

@@ -83,6 +83,10 @@ pub enum Op {
         lease: usize,
         by_s: i64,
     },
+    ExtendBatch {
+        leases: Vec<usize>,
+        by_s: i64,
+    },
     Release {
         lease: usize,
     },
@@ -142,6 +146,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (lease.clone(), prop_oneof![4 => 0i64..30, 1 => Just(-5i64)]).prop_map(|(lease, delay_s)| Op::Retry { lease, delay_s }),
         1 => lease.clone().prop_map(|lease| Op::Kill { lease }),
         2 => (lease.clone(), prop_oneof![4 => 1i64..60, 1 => Just(0i64)]).prop_map(|(lease, by_s)| Op::Extend { lease, by_s }),
+        1 => (proptest::collection::vec(lease.clone(), 0..4), prop_oneof![4 => 1i64..60, 1 => Just(0i64)])
+            .prop_map(|(leases, by_s)| Op::ExtendBatch { leases, by_s }),
         1 => lease.prop_map(|lease| Op::Release { lease }),
         4 => prop_oneof![0i64..5, 5i64..90].prop_map(|secs| Op::Advance { secs }),
         1 => (status(), 0i64..100).prop_map(|(status, ago_s)| Op::Clean { status, ago_s }),
@@ -289,6 +295,19 @@ impl Driven {
                     .await
                     .map_err(kind)?;
                 Ok(json!(until.unix_timestamp_nanos().to_string()))
+            }
+            Op::ExtendBatch { leases, by_s } => {
+                // A batch may name one lease twice, or stale ones.
+                let leases: Vec<Lease> = leases.iter().filter_map(|l| self.lease(*l)).collect();
+                let ends = b
+                    .extend_batch(&leases, Duration::seconds(*by_s))
+                    .await
+                    .map_err(kind)?;
+                Ok(json!(
+                    ends.into_iter()
+                        .map(|end| end.map(|until| until.unix_timestamp_nanos().to_string()))
+                        .collect::<Vec<_>>()
+                ))
             }
             Op::Release { lease } => {
                 let Some(lease) = self.lease(*lease) else {

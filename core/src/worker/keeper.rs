@@ -2,7 +2,11 @@
 //! held lease a third of a lease after its last renewal, whether its job
 //! waits in the prefetch buffer, runs, or has finished and waits for its
 //! completion to be recorded, and tells the job's holder when a renewal
-//! finds the lease lost.
+//! finds the lease lost. The leases due at a tick are renewed together
+//! ([`Puller::extend_batch`]: one statement on PostgreSQL, one transaction
+//! on SQLite), so renewals take one pool connection, not one per job.
+//!
+//! [`Puller::extend_batch`]: crate::Puller::extend_batch
 //!
 //! One task for all leases, rather than a timer per job: a pull costs the
 //! keeper one slot in a list (its leases registered together, see
@@ -27,9 +31,14 @@ use tokio::time::Instant;
 use crate::lease::{Lease, LeasedJob};
 use crate::store::Backend;
 
-/// How many renewals run at once: enough to renew hundreds of leases within
-/// a tick on a remote database, few enough not to take the pool.
-const RENEWALS_AT_ONCE: usize = 8;
+/// The most leases one renewal statement extends ([`Puller::extend_batch`]).
+///
+/// [`Puller::extend_batch`]: crate::Puller::extend_batch
+const RENEWAL_BATCH: usize = 1000;
+
+/// How many renewal statements run at once, for a worker holding more than
+/// [`RENEWAL_BATCH`] leases: few enough not to take the pool.
+const RENEWALS_AT_ONCE: usize = 4;
 
 /// The list of registered pulls is not swept before it is this long.
 const LEAST_SWEEP: usize = 1024;
@@ -335,13 +344,17 @@ async fn renew(
                 })
                 .collect()
         };
-        futures::stream::iter(due)
-            .for_each_concurrent(RENEWALS_AT_ONCE, |watch| {
+        let chunks: Vec<Vec<WatchRef>> = due
+            .chunks(RENEWAL_BATCH)
+            .map(<[WatchRef]>::to_vec)
+            .collect();
+        futures::stream::iter(chunks)
+            .for_each_concurrent(RENEWALS_AT_ONCE, |watches| {
                 let backend = &backend;
                 async move {
-                    let lease = watch.lease();
+                    let leases: Vec<Lease> = watches.iter().map(WatchRef::lease).collect();
                     let sent = Instant::now();
-                    let outcome = backend.extend(&lease, backend_lease).await;
+                    let outcome = backend.extend_batch(&leases, backend_lease).await;
                     // A renewal that took a third of a lease leaves the next
                     // one little time: the pool or the store is too slow
                     // for this lease, which operators should hear of before
@@ -349,21 +362,29 @@ async fn renew(
                     let took = sent.elapsed();
                     if took >= every {
                         tracing::warn!(
-                            job = lease.job_id,
+                            leases = leases.len(),
                             took_ms = took.as_millis() as u64,
                             lease_ms = lease_length.as_millis() as u64,
-                            "renewing a lease took a third of the lease or more"
+                            "renewing leases took a third of the lease or more"
                         );
                     }
-                    match outcome {
-                        Ok(until) => watch.renewed(until, sent),
-                        // A lease let go meanwhile (its completion recorded,
-                        // say) is no loss to anyone.
-                        Err(e) if e.is_lease_lost() => {
-                            if !watch.is_released() {
+                    let ends = match outcome {
+                        Ok(ends) => ends,
+                        Err(e) => {
+                            tracing::warn!(error = %e, leases = leases.len(), "could not extend leases; will try again");
+                            return;
+                        }
+                    };
+                    for (watch, end) in watches.iter().zip(ends) {
+                        match end {
+                            Some(until) => watch.renewed(until, sent),
+                            // A lease let go meanwhile (its completion
+                            // recorded, say) is no loss to anyone.
+                            None if watch.is_released() => {}
+                            None => {
                                 let since = watch.renewal().sent.map(|last| sent - last);
                                 tracing::warn!(
-                                    job = lease.job_id,
+                                    job = watch.lease().job_id,
                                     since_last_renewal_ms = since.map(|d| d.as_millis() as u64),
                                     took_ms = took.as_millis() as u64,
                                     lease_ms = lease_length.as_millis() as u64,
@@ -373,9 +394,6 @@ async fn renew(
                                 );
                                 watch.mark_lost();
                             }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, job = lease.job_id, "could not extend the lease; will try again");
                         }
                     }
                 }
