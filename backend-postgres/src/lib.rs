@@ -10,9 +10,10 @@
 //!   the job's last allowed attempt turns the job `Dead` instead, in the
 //!   same statement.
 //! - **Fenced acknowledgements.** `complete`, `retry`, `kill`, `extend`,
-//!   `release` (and `complete_batch`, one statement for many leases) match
-//!   the id, status `processing` *and* the lease's fencing token; anything
-//!   else is [`Error::LeaseLost`] and changes nothing.
+//!   `release` (and `complete_batch` and `extend_batch`, one statement for
+//!   many leases) match the id, status `processing` *and* the lease's
+//!   fencing token; anything else is [`Error::LeaseLost`] (or reported lost
+//!   by the batch forms) and changes nothing.
 //! - **Batch pushes in one round trip** (`UNNEST` of arrays), with
 //!   `unique_key` enforced by a partial unique index and `ON CONFLICT DO
 //!   NOTHING`, so a duplicate is reported instead of failing the batch.
@@ -985,10 +986,11 @@ impl Puller for PgBackend {
         // into a nested loop over every leased row whenever its statistics
         // said few rows were processing: 50 ms for 256 completions.)
         let mut named = HashSet::with_capacity(completions.len());
-        let sent: Vec<&Completion> = completions
+        let mut sent: Vec<&Completion> = completions
             .iter()
             .filter(|c| named.insert(c.lease))
             .collect();
+        sent.sort_by_key(|c| c.lease.job_id);
         let ids: Vec<i64> = sent.iter().map(|c| c.lease.job_id).collect();
         let tokens: Vec<i64> = sent.iter().map(|c| c.lease.token).collect();
         let results: Vec<Option<&Value>> = sent.iter().map(|c| c.result.as_ref()).collect();
@@ -1065,8 +1067,10 @@ impl Puller for PgBackend {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<JobId> = leases.iter().map(|lease| lease.job_id).collect();
-        let tokens: Vec<i64> = leases.iter().map(|lease| lease.token).collect();
+        let mut sent = leases.to_vec();
+        sent.sort_by_key(|lease| lease.job_id);
+        let ids: Vec<JobId> = sent.iter().map(|lease| lease.job_id).collect();
+        let tokens: Vec<i64> = sent.iter().map(|lease| lease.token).collect();
         let rows: Vec<(JobId, i64, OffsetDateTime)> =
             sqlx::query_as(self.inner.sql.extend_batch.clone())
                 .bind(self.now())

@@ -276,6 +276,13 @@ RETURNING locked_until
 /// [`EXTEND`] for many leases: `$2` ids and `$3` tokens, side by side.
 /// Returns the (id, token) of each lease still held, with its new end; a
 /// lease named twice matches its row once.
+///
+/// A worker's keeper may renew leases whose completions its lanes are
+/// recording at the same moment, so this and [`COMPLETE_BATCH`] can name
+/// the same rows in one instant. Both are sent sorted by id and run as a
+/// nested loop over the primary key in input order, so they lock shared
+/// rows in the same order and cannot deadlock each other (each holding one
+/// row the other waits for).
 const EXTEND_BATCH: &str = r#"
 UPDATE {s}.jobs j
 SET locked_until = {now} + $4 * interval '1 microsecond', updated_at = {now}

@@ -707,6 +707,15 @@ async fn server_clock_by_default() {
     let extended = backend.get(id).await.expect("get").expect("job");
     assert_eq!(extended.locked_until, Some(until));
     assert_eq!(until, extended.updated_at + Duration::minutes(5));
+    // So does a batch of renewals.
+    let ends = backend
+        .extend_batch(&[leased[0].lease], Duration::minutes(7))
+        .await
+        .expect("extend_batch");
+    let extended = backend.get(id).await.expect("get").expect("job");
+    assert_eq!(ends, vec![extended.locked_until]);
+    assert_eq!(ends[0], Some(extended.updated_at + Duration::minutes(7)));
+    assert!((extended.updated_at - server_now).abs() < Duration::minutes(1));
     assert_eq!(
         backend
             .retry(&leased[0].lease, Duration::seconds(30), "later")

@@ -155,7 +155,7 @@ use relayq_core::{
     Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
     LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller,
     PushOutcome, Pusher, Result, Stats, ValidJob, Wakeups, check_lease, check_result, check_retry,
-    check_text, validate_batch,
+    check_text, truncate_to_micros, validate_batch,
 };
 use sea_query::{Expr, ExprTrait, Iden, Order, Query, SqliteQueryBuilder};
 use sea_query_sqlx::SqlxBinder;
@@ -948,7 +948,8 @@ impl Puller for SqliteBackend {
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
         check_lease("by", by)?;
         let until = write_tx!(self, |tx, now| {
-            let until = later(now, by, "by")?;
+            // As stored: whole microseconds.
+            let until = truncate_to_micros(later(now, by, "by")?);
             let done = sqlx::query(EXTEND)
                 .bind(micros(until))
                 .bind(micros(now))
@@ -968,12 +969,15 @@ impl Puller for SqliteBackend {
     ) -> Result<Vec<Option<OffsetDateTime>>> {
         check_lease("by", by)?;
         if leases.is_empty() {
+            // Still refused when it would put a lease out of range.
+            later(self.shared.clock.now(), by, "by")?;
             return Ok(Vec::new());
         }
         // One write transaction for all: one commit, and one turn at the
         // file's write lock, which every other writer queues for.
         write_tx!(self, |tx, now| {
-            let until = later(now, by, "by")?;
+            // As stored: whole microseconds.
+            let until = truncate_to_micros(later(now, by, "by")?);
             let mut ends = Vec::with_capacity(leases.len());
             for lease in leases {
                 let done = sqlx::query(EXTEND)

@@ -165,6 +165,20 @@ pub async fn extend_batch_extends_the_held_and_names_the_lost(h: Harness) {
         snapshot.0,
         "a completed job is untouched"
     );
+    // A stale lease alone changes nothing, whoever holds the job now.
+    let before = h.job(expired.job_id).await;
+    assert_eq!(
+        h.backend
+            .extend_batch(&[expired], Duration::seconds(300))
+            .await
+            .expect("extend_batch"),
+        vec![None]
+    );
+    assert_eq!(
+        h.job(expired.job_id).await,
+        before,
+        "a stale lease extends nothing"
+    );
     let expired_job = h.job(expired.job_id).await;
     assert_eq!(
         expired_job,

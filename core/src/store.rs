@@ -35,7 +35,8 @@ pub trait Pusher: Send + Sync {
 ///
 /// Every acknowledgement succeeds only while the job is still `Processing`
 /// under the presented lease's token; otherwise it is
-/// [`Error::LeaseLost`](crate::Error::LeaseLost) and nothing changes.
+/// [`Error::LeaseLost`](crate::Error::LeaseLost) (the batch forms report
+/// the lease as lost instead) and nothing changes for that job.
 #[async_trait]
 pub trait Puller: Send + Sync {
     /// Leases up to `request.batch` eligible jobs from the named queues, in

@@ -2,7 +2,7 @@
 //!
 //! [`operations`] generates random sequences of every operation a store
 //! offers — push, push_batch, pull, complete, complete_batch, retry, kill,
-//! extend, release, clock moves, clean, get, list, stats — including stale
+//! extend, extend_batch, release, clock moves, clean, get, list, stats — including stale
 //! leases and invalid input. [`check`] runs one sequence against the memory
 //! backend (the model) and against the backend under test, each with its own
 //! manual clock moved in step, and demands that every result and the final

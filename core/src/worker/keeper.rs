@@ -369,12 +369,23 @@ async fn renew(
                         );
                     }
                     let ends = match outcome {
-                        Ok(ends) => ends,
+                        Ok(ends) if ends.len() == leases.len() => ends,
+                        Ok(ends) => {
+                            tracing::error!(
+                                leases = leases.len(),
+                                answers = ends.len(),
+                                "the backend answered a renewal of leases with the wrong count; will try again"
+                            );
+                            return;
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, leases = leases.len(), "could not extend leases; will try again");
                             return;
                         }
                     };
+                    // Lost leases, told in one warning: a stalled worker
+                    // may find many lost at once.
+                    let mut lost: Vec<(i64, Option<Duration>)> = Vec::new();
                     for (watch, end) in watches.iter().zip(ends) {
                         match end {
                             Some(until) => watch.renewed(until, sent),
@@ -383,18 +394,22 @@ async fn renew(
                             None if watch.is_released() => {}
                             None => {
                                 let since = watch.renewal().sent.map(|last| sent - last);
-                                tracing::warn!(
-                                    job = watch.lease().job_id,
-                                    since_last_renewal_ms = since.map(|d| d.as_millis() as u64),
-                                    took_ms = took.as_millis() as u64,
-                                    lease_ms = lease_length.as_millis() as u64,
-                                    "a renewal found the lease no longer held: it lapsed and the job \
-                                     was leased again (more than a lease since the last renewal), or \
-                                     its outcome was being recorded"
-                                );
+                                lost.push((watch.lease().job_id, since));
                                 watch.mark_lost();
                             }
                         }
+                    }
+                    if let Some(&(job, since)) = lost.first() {
+                        tracing::warn!(
+                            leases = lost.len(),
+                            job,
+                            since_last_renewal_ms = since.map(|d| d.as_millis() as u64),
+                            took_ms = took.as_millis() as u64,
+                            lease_ms = lease_length.as_millis() as u64,
+                            "a renewal found leases no longer held: each lapsed and its job was \
+                             leased again (more than a lease since the last renewal), or its \
+                             outcome was being recorded (the first is named)"
+                        );
                     }
                 }
             })
