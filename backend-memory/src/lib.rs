@@ -197,14 +197,8 @@ impl Puller for MemoryBackend {
     }
 
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
-        check_lease("by", by)?;
-        let now = self.now();
-        let until = now
-            .checked_add(by)
-            .map(truncate_to_micros)
-            .ok_or_else(|| Error::invalid("by", "puts locked_until out of range"))?;
-        self.lock().extend(lease, until, now)?;
-        Ok(until)
+        let mut ends = self.extend_batch(std::slice::from_ref(lease), by).await?;
+        ends.pop().flatten().ok_or_else(|| lease.lost())
     }
 
     async fn extend_batch(

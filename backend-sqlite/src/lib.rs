@@ -946,20 +946,8 @@ impl Puller for SqliteBackend {
     }
 
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
-        check_lease("by", by)?;
-        let until = write_tx!(self, |tx, now| {
-            // As stored: whole microseconds.
-            let until = truncate_to_micros(later(now, by, "by")?);
-            let done = sqlx::query(EXTEND)
-                .bind(micros(until))
-                .bind(micros(now))
-                .bind(lease.job_id)
-                .bind(lease.token)
-                .execute(&mut *tx)
-                .await?;
-            (done.rows_affected() == 1).then_some(until)
-        })?;
-        until.ok_or_else(|| lease.lost())
+        let mut ends = self.extend_batch(std::slice::from_ref(lease), by).await?;
+        ends.pop().flatten().ok_or_else(|| lease.lost())
     }
 
     async fn extend_batch(

@@ -2,7 +2,8 @@
 //! complete.
 
 use relayq_core::{
-    Completion, Error, Job, JobStatus, LEASE_EXPIRED_ERROR, Lease, MAX_LEASE, PullRequest,
+    Completion, Error, Job, JobStatus, LEASE_EXPIRED_ERROR, Lease, LeasedJob, MAX_LEASE,
+    PullRequest,
 };
 use serde_json::json;
 use time::Duration;
@@ -14,6 +15,20 @@ fn assert_lost<T: std::fmt::Debug>(result: Result<T, Error>, lease: Lease) {
         Err(Error::LeaseLost { lease: l }) if l == lease => {}
         other => panic!("expected LeaseLost for {lease:?}, got {other:?}"),
     }
+}
+
+/// Pushes three jobs and leases them in one pull.
+async fn push_and_lease_three(h: &Harness) -> Vec<LeasedJob> {
+    for n in 0..3 {
+        h.push(job("k", n)).await;
+    }
+    let leased = h
+        .backend
+        .pull(&PullRequest::queue("default").batch(3))
+        .await
+        .expect("pull");
+    assert_eq!(leased.len(), 3);
+    leased
 }
 
 /// A lease is live through `locked_until` and expires after it; the job is
@@ -119,15 +134,7 @@ pub async fn extend_keeps_the_job_invisible_past_its_first_lease(h: Harness) {
 /// for those; a lease named twice is extended once; an invalid `by`
 /// changes nothing.
 pub async fn extend_batch_extends_the_held_and_names_the_lost(h: Harness) {
-    for n in 0..3 {
-        h.push(job("k", n)).await;
-    }
-    let leased = h
-        .backend
-        .pull(&PullRequest::queue("default").batch(3))
-        .await
-        .expect("pull");
-    assert_eq!(leased.len(), 3);
+    let leased = push_and_lease_three(&h).await;
     let (held, done, expired) = (leased[0].lease, leased[1].lease, leased[2].lease);
     h.backend.complete(&done, None).await.expect("complete");
     // The first lease is renewed past the others' end; the third expires
@@ -347,15 +354,7 @@ pub async fn complete_stores_the_result(h: Harness) {
 
 /// `complete_batch` completes every held lease and reports exactly the lost ones.
 pub async fn complete_batch_is_fenced_per_lease(h: Harness) {
-    for n in 0..3 {
-        h.push(job("k", n)).await;
-    }
-    let leased = h
-        .backend
-        .pull(&PullRequest::queue("default").batch(3))
-        .await
-        .expect("pull");
-    assert_eq!(leased.len(), 3);
+    let leased = push_and_lease_three(&h).await;
     let released = leased[1].lease;
     h.backend.release(&released).await.expect("release");
     let again = h.pull_one("default").await;
