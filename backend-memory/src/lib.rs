@@ -196,11 +196,6 @@ impl Puller for MemoryBackend {
         self.lock().kill(lease, error, now)
     }
 
-    async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
-        let mut ends = self.extend_batch(std::slice::from_ref(lease), by).await?;
-        ends.pop().flatten().ok_or_else(|| lease.lost())
-    }
-
     async fn extend_batch(
         &self,
         leases: &[Lease],

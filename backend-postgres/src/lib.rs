@@ -180,7 +180,7 @@ mod vacuum;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use relayq_core::{
@@ -393,12 +393,7 @@ impl PgBackend {
     /// returned. Later operations on this backend or its clones fail with
     /// [`Error::Backend`].
     pub async fn close(&self) {
-        let hub = self
-            .inner
-            .hub
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let hub = self.hub_slot().take();
         drop(hub);
         self.inner.pool.close().await;
     }
@@ -732,26 +727,26 @@ impl PgBackend {
         if queues.is_empty() {
             return;
         }
-        let hub = self
-            .inner
-            .hub
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let hub = self.hub_slot().clone();
         if let Some(hub) = hub {
             hub.wake(&queues);
         }
         self.inner.notifier.notify(queues);
     }
 
+    /// Where the listener hub is kept, once started (a poisoned lock is
+    /// taken as is: the slot holds no invariant a panic could break).
+    fn hub_slot(&self) -> MutexGuard<'_, Option<Arc<listen::Hub>>> {
+        self.inner
+            .hub
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The listener hub, started on first use. A hub whose task has ended
     /// (its runtime shut down) is replaced.
     fn hub(&self) -> Result<Arc<listen::Hub>> {
-        let mut hub = self
-            .inner
-            .hub
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut hub = self.hub_slot();
         match hub.as_ref() {
             Some(running) if !running.is_closed() => Ok(running.clone()),
             _ if self.inner.pool.is_closed() => {

@@ -16,7 +16,7 @@ use std::time::Duration as StdDuration;
 
 use relayq_core::{
     Event, HandlerError, Jitter, JobContext, JobId, JobStatus, JobType, NewJob, Outcome,
-    RetryPolicy,
+    RetryPolicy, Worker,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -72,6 +72,38 @@ async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(LIVENESS, fut)
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Returns once job `id` has `status` in the store (bound it with
+/// [`within`]).
+async fn status_reached(h: &Harness, id: JobId, status: JobStatus) {
+    while h.job(id).await.status != status {
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
+}
+
+/// Pushes tasks `0..n`, recording each id in `ids` (where the handlers
+/// read them) before the worker starts, then starts `worker`, checks that
+/// every job ends `Done` on its first attempt and shuts the worker down.
+async fn push_and_finish_each_once(
+    h: &Harness,
+    worker: Worker<Harness>,
+    ids: &Mutex<Vec<JobId>>,
+    n: i64,
+) {
+    for n in 0..n {
+        let id = h.push(Task { n }.to_job()).await;
+        ids.lock().expect("lock").push(id);
+    }
+    let all: Vec<JobId> = ids.lock().expect("lock").clone();
+    let running = worker.start();
+    for &id in &all {
+        let job = within("every job", running.wait_for(id))
+            .await
+            .expect("wait_for");
+        assert_eq!((job.status, job.attempts), (JobStatus::Done, 1), "{job:?}");
+    }
+    running.shutdown_within(LIVENESS).await;
 }
 
 fn std_to_time(d: StdDuration) -> Duration {
@@ -957,11 +989,10 @@ pub async fn worker_renews_the_leases_of_prefetched_jobs(h: Harness) {
                 let buffered: JobId = ids.lock().expect("lock")[1];
                 // The first job holds the only slot until the next one is
                 // leased ahead of it.
-                within("a job leased ahead of the busy slot", async {
-                    while h.job(buffered).await.status != JobStatus::Processing {
-                        tokio::time::sleep(StdDuration::from_millis(10)).await;
-                    }
-                })
+                within(
+                    "a job leased ahead of the busy slot",
+                    status_reached(h, buffered, JobStatus::Processing),
+                )
                 .await;
                 if let Some(problem) = watch_renewals(h, buffered, &ctx.job().queue, lease, 4).await
                 {
@@ -974,19 +1005,7 @@ pub async fn worker_renews_the_leases_of_prefetched_jobs(h: Harness) {
         .expect("build");
     // Two jobs only: once the second is leased ahead, nothing is pending,
     // so any job another puller gets was taken from the worker.
-    for n in 0..2 {
-        let id = h.push(Task { n }.to_job()).await;
-        ids.lock().expect("lock").push(id);
-    }
-    let all: Vec<JobId> = ids.lock().expect("lock").clone();
-    let running = worker.start();
-    for &id in &all {
-        let job = within("every job", running.wait_for(id))
-            .await
-            .expect("wait_for");
-        assert_eq!((job.status, job.attempts), (JobStatus::Done, 1), "{job:?}");
-    }
-    running.shutdown_within(LIVENESS).await;
+    push_and_finish_each_once(&h, worker, &ids, 2).await;
     assert_eq!(*problems.lock().expect("lock"), Vec::<String>::new());
 }
 
@@ -1013,9 +1032,7 @@ pub async fn worker_renews_a_long_job_leased_with_quick_ones(h: Harness) {
                 let quick: Vec<JobId> = quick.lock().expect("lock")[1..].to_vec();
                 within("the quick jobs leased with the long one", async {
                     for id in quick {
-                        while h.job(id).await.status != JobStatus::Done {
-                            tokio::time::sleep(StdDuration::from_millis(10)).await;
-                        }
+                        status_reached(h, id, JobStatus::Done).await;
                     }
                 })
                 .await;
@@ -1030,18 +1047,6 @@ pub async fn worker_renews_a_long_job_leased_with_quick_ones(h: Harness) {
         .expect("build");
     // All pushed before the worker starts, which leases them in one pull
     // for its four free slots: the long job first, then three quick ones.
-    for n in 0..4 {
-        let id = h.push(Task { n }.to_job()).await;
-        ids.lock().expect("lock").push(id);
-    }
-    let all: Vec<JobId> = ids.lock().expect("lock").clone();
-    let running = worker.start();
-    for &id in &all {
-        let job = within("every job", running.wait_for(id))
-            .await
-            .expect("wait_for");
-        assert_eq!((job.status, job.attempts), (JobStatus::Done, 1), "{job:?}");
-    }
-    running.shutdown_within(LIVENESS).await;
+    push_and_finish_each_once(&h, worker, &ids, 4).await;
     assert_eq!(*problems.lock().expect("lock"), Vec::<String>::new());
 }

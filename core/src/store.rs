@@ -68,7 +68,13 @@ pub trait Puller: Send + Sync {
     async fn kill(&self, lease: &Lease, error: &str) -> Result<()>;
 
     /// Keeps the lease alive: it now expires at `now + by`, which is returned.
-    async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime>;
+    ///
+    /// The default is [`Self::extend_batch`] of this one lease; a backend
+    /// with a cheaper way to renew a single lease overrides it.
+    async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
+        let mut ends = self.extend_batch(std::slice::from_ref(lease), by).await?;
+        ends.pop().flatten().ok_or_else(|| lease.lost())
+    }
 
     /// Keeps many leases alive in one step (one statement, lock or
     /// transaction: a worker's keeper renews all its due leases with one

@@ -14,7 +14,8 @@
 //! renewals of the others. Letting a lease go sets a flag on its
 //! [`LeaseWatch`], without a lock; a pull leaves the list once all its
 //! leases are let go or lost and the list is swept: at every renewal tick,
-//! and whenever the list has doubled since the last sweep.
+//! and whenever the leases its pulls hold have doubled since the last
+//! sweep.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,7 +41,8 @@ const RENEWAL_BATCH: usize = 1000;
 /// [`RENEWAL_BATCH`] leases: few enough not to take the pool.
 const RENEWALS_AT_ONCE: usize = 4;
 
-/// The list of registered pulls is not swept before it is this long.
+/// The list of registered pulls is not swept before their leases, held or
+/// not, are this many.
 const LEAST_SWEEP: usize = 1024;
 
 /// A lease's end as last renewed, and when that renewal (or the pull) was
@@ -344,11 +346,7 @@ async fn renew(
                 })
                 .collect()
         };
-        let chunks: Vec<Vec<WatchRef>> = due
-            .chunks(RENEWAL_BATCH)
-            .map(<[WatchRef]>::to_vec)
-            .collect();
-        futures::stream::iter(chunks)
+        futures::stream::iter(due.chunks(RENEWAL_BATCH))
             .for_each_concurrent(RENEWALS_AT_ONCE, |watches| {
                 let backend = &backend;
                 async move {
