@@ -27,6 +27,15 @@ fn job(n: i64) -> NewJob {
     NewJob::new("k", &json!({ "n": n }))
 }
 
+/// A subscription of `backend` to `queues`, which PostgreSQL supports.
+async fn subscribed(backend: &PgBackend, queues: &[String]) -> Wakeups {
+    backend
+        .subscribe(queues)
+        .await
+        .expect("subscribe")
+        .expect("subscription")
+}
+
 async fn expect_signal(wakeups: &mut Wakeups, why: &str) {
     match tokio::time::timeout(SIGNAL_DEADLINE, wakeups.next()).await {
         Ok(Some(())) => {}
@@ -147,11 +156,7 @@ async fn enqueue_in_the_callers_transaction() {
     let backend = testing::connect(testing::options()).await;
     let schema = backend.schema().to_owned();
     let queues = vec!["tx".to_owned()];
-    let mut wakeups = backend
-        .subscribe(&queues)
-        .await
-        .expect("subscribe")
-        .expect("subscription");
+    let mut wakeups = subscribed(&backend, &queues).await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "CREATE TABLE \"{schema}\".orders (id int PRIMARY KEY)"
     )))
@@ -320,16 +325,8 @@ async fn one_notification_per_queue_per_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_are_per_queue() {
     let backend = testing::connect(testing::options()).await;
-    let mut only_a = backend
-        .subscribe(&["a".to_owned()])
-        .await
-        .expect("subscribe")
-        .expect("subscription");
-    let mut a_and_b = backend
-        .subscribe(&["a".to_owned(), "b".to_owned()])
-        .await
-        .expect("subscribe")
-        .expect("subscription");
+    let mut only_a = subscribed(&backend, &["a".to_owned()]).await;
+    let mut a_and_b = subscribed(&backend, &["a".to_owned(), "b".to_owned()]).await;
     backend.push(job(1).queue("b")).await.expect("push");
     expect_signal(&mut a_and_b, "b wakes the a+b subscriber").await;
     expect_quiet(&mut only_a, "b does not wake the a subscriber").await;
@@ -355,11 +352,7 @@ async fn subscriptions_are_per_queue() {
 async fn a_pool_push_wakes_local_subscribers_before_it_returns() {
     use futures::FutureExt;
     let backend = testing::connect(testing::options()).await;
-    let mut wakeups = backend
-        .subscribe(&["a".to_owned()])
-        .await
-        .expect("subscribe")
-        .expect("subscription");
+    let mut wakeups = subscribed(&backend, &["a".to_owned()]).await;
     let pushes: [(&str, NewJob); 3] = [
         ("a single push", job(1).queue("a")),
         ("a keyed push", job(2).queue("a").unique_key("k")),
@@ -386,11 +379,7 @@ async fn a_pool_push_wakes_local_subscribers_before_it_returns() {
 async fn listener_reconnects_after_pg_terminate_backend() {
     let app = app_name("reconnect");
     let backend = testing::connect(testing::options().application_name(&app)).await;
-    let mut wakeups = backend
-        .subscribe(&["default".to_owned()])
-        .await
-        .expect("subscribe")
-        .expect("subscription");
+    let mut wakeups = subscribed(&backend, &["default".to_owned()]).await;
     let pusher = other_process(&backend).await;
     pusher.push(job(1)).await.expect("push");
     expect_signal(&mut wakeups, "before the connection is killed").await;
@@ -934,11 +923,7 @@ async fn subscribing_again_after_the_listener_runtime_ended() {
             .build()
             .expect("runtime");
         runtime.block_on(async {
-            let mut wakeups = elsewhere
-                .subscribe(&["default".to_owned()])
-                .await
-                .expect("subscribe")
-                .expect("subscription");
+            let mut wakeups = subscribed(&elsewhere, &["default".to_owned()]).await;
             other_process(&elsewhere)
                 .await
                 .push(job(1))
@@ -1112,11 +1097,7 @@ async fn listener_reconnects_after_the_server_was_unreachable() {
     )
     .await
     .expect("connect through the proxy");
-    let mut wakeups = through
-        .subscribe(&["default".to_owned()])
-        .await
-        .expect("subscribe")
-        .expect("subscription");
+    let mut wakeups = subscribed(&through, &["default".to_owned()]).await;
     backend.push(job(1)).await.expect("push");
     expect_signal(&mut wakeups, "before the cut").await;
 
@@ -1352,11 +1333,7 @@ async fn every_folded_push_wakes_local_subscribers_before_it_returns() {
             let backend = backend.clone();
             tokio::spawn(async move {
                 let queue = format!("own{t}");
-                let mut wakeups = backend
-                    .subscribe(std::slice::from_ref(&queue))
-                    .await
-                    .expect("subscribe")
-                    .expect("subscription");
+                let mut wakeups = subscribed(&backend, std::slice::from_ref(&queue)).await;
                 for i in 0..40 {
                     // Signals of earlier pushes' notifications.
                     while let Some(Some(())) = wakeups.next().now_or_never() {}
