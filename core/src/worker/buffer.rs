@@ -15,14 +15,33 @@ use tokio::time::Instant;
 use super::board::Board;
 use super::keeper::Hold;
 use super::slots::{Slot, Slots};
-use crate::lease::LeasedJob;
+use crate::job::Job;
+use crate::lease::{Lease, LeasedJob};
 
 /// A leased job waiting for a slot, its lease renewed by the keeper.
+///
+/// The job is behind the `Arc` its run will share with the handler's
+/// context, made once as it is buffered: a buffered job is moved several
+/// times (into the buffer, out of it, to a lane, into its run), and a
+/// `Job` by value is some 250 bytes each time.
 pub(crate) struct Buffered {
-    pub(crate) leased: LeasedJob,
+    pub(crate) lease: Lease,
+    pub(crate) job: Arc<Job>,
     pub(crate) hold: Hold,
     /// When its pull came back.
     pub(crate) buffered_at: Instant,
+}
+
+impl Buffered {
+    /// `leased`, held by `hold`, buffered at `now`.
+    pub(crate) fn new(leased: LeasedJob, hold: Hold, now: Instant) -> Self {
+        Self {
+            lease: leased.lease,
+            job: Arc::new(leased.job),
+            hold,
+            buffered_at: now,
+        }
+    }
 }
 
 struct Jobs {
@@ -89,12 +108,16 @@ impl Buffer {
     /// it). Skips jobs whose lease was lost while they waited (the store's
     /// clock jumped, or it was unreachable for a whole lease). A lane
     /// taking jobs tells the pull loop (`tell`) when the buffer runs low;
-    /// the pull loop itself need not be told.
+    /// the pull loop itself need not be told. A job's wait for its slot
+    /// ends at `now`, read once by the caller for all the jobs it starts
+    /// together (a clock read per job is a measurable part of a quick
+    /// job's cost, and the wait is compared with tens of milliseconds).
     pub(crate) fn take(
         &self,
         slots: &Arc<Slots>,
         tell: bool,
         running: &AtomicUsize,
+        now: Instant,
     ) -> Option<(Buffered, Slot)> {
         loop {
             let slot = slots.try_take()?;
@@ -124,7 +147,8 @@ impl Buffer {
                 running.fetch_sub(1, Ordering::SeqCst);
                 continue;
             }
-            let waited = u64::try_from(job.buffered_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let waited = now.saturating_duration_since(job.buffered_at).as_micros();
+            let waited = u64::try_from(waited).unwrap_or(u64::MAX);
             self.longest_wait.fetch_max(waited, Ordering::Relaxed);
             return Some((job, slot));
         }

@@ -193,7 +193,13 @@ impl<S: Send + Sync + 'static> Worker<S> {
                 return Ok(report);
             };
             let info = JobInfo::from(&leased.job);
-            let ended = execute(&self.shared, leased, Mode::Inline).await;
+            let ended = execute(
+                &self.shared,
+                leased.lease,
+                Arc::new(leased.job),
+                Mode::Inline,
+            )
+            .await;
             let Ended::Recorded(outcome) = ended else {
                 unreachable!("an inline run records its own outcome")
             };

@@ -131,7 +131,7 @@ impl<S: Send + Sync + 'static> Starter<S> {
             slot: Some(slot),
             hold: Some(job.hold),
         };
-        execute(&self.shared, job.leased, mode)
+        execute(&self.shared, job.lease, job.job, mode)
     }
 }
 
@@ -237,10 +237,11 @@ async fn lane<S: Send + Sync + 'static>(
         // their first poll.
         let (mut refill, mut polled) = (freed, 0);
         let mut sent = batch.drain(..);
+        let now = Instant::now();
         loop {
             let (job, slot) = match sent.next() {
                 Some(start) => start,
-                None if refill => match stock.buffer.take(&stock.slots, true, in_flight) {
+                None if refill => match stock.buffer.take(&stock.slots, true, in_flight, now) {
                     Some(start) => start,
                     None => break,
                 },
@@ -530,10 +531,11 @@ async fn run<S: Send + Sync + 'static>(
         // beyond the slots it has free: its lanes start no more than that.
         // Counted against what it has free, not skipped while it has any: a
         // slot its lane is about to refill is no slot for the rest.
+        let now = Instant::now();
         let start_from = |from: &Stock, surplus_only: bool| {
             while !surplus_only || from.buffer.len() > from.slots.free() {
                 let lane = board.idlest_lane();
-                let Some((job, slot)) = from.buffer.take(slots, false, &board.in_flight[lane])
+                let Some((job, slot)) = from.buffer.take(slots, false, &board.in_flight[lane], now)
                 else {
                     break;
                 };
@@ -645,7 +647,7 @@ async fn run<S: Send + Sync + 'static>(
                         buffer.extend(
                             keeper
                                 .hold_all(jobs, pulled.sent)
-                                .map(|(leased, hold)| Buffered { leased, hold, buffered_at: now }),
+                                .map(|(leased, hold)| Buffered::new(leased, hold, now)),
                         );
                     }
                     Err(e) => {
@@ -697,11 +699,7 @@ async fn run<S: Send + Sync + 'static>(
         unstarted.extend(
             keeper
                 .hold_all(pulled.jobs.unwrap_or_default(), pulled.sent)
-                .map(|(leased, hold)| Buffered {
-                    leased,
-                    hold,
-                    buffered_at: now,
-                }),
+                .map(|(leased, hold)| Buffered::new(leased, hold, now)),
         );
     }
     report.released += release_all(&shared, unstarted).await;
@@ -735,13 +733,13 @@ async fn run<S: Send + Sync + 'static>(
 /// Releases buffered jobs; returns how many went back.
 async fn release_all<S>(shared: &Shared<S>, buffer: VecDeque<Buffered>) -> usize {
     futures::stream::iter(buffer)
-        .map(|Buffered { leased, hold, .. }| async move {
+        .map(|Buffered { lease, hold, .. }| async move {
             // Renewed until released.
             let _hold = hold;
-            match shared.backend.release(&leased.lease).await {
+            match shared.backend.release(&lease).await {
                 Ok(()) => 1,
                 Err(e) => {
-                    tracing::warn!(error = %e, job = leased.lease.job_id, "could not release a buffered job; it returns when its lease ends");
+                    tracing::warn!(error = %e, job = lease.job_id, "could not release a buffered job; it returns when its lease ends");
                     0
                 }
             }
