@@ -1,7 +1,7 @@
 //! The store's state and its transitions. Every method runs under the
 //! backend's one lock, so each is atomic.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use relayq_core::{
@@ -44,12 +44,16 @@ struct QueueIndex {
 /// batch until one instant, so an instant holds many ids: letting a lease
 /// go finds its instant and scans that short list, where a tree of
 /// (instant, id) pairs would remove a key and rebalance, once per job.
+/// The list keeps pull order, in which a worker mostly finishes its jobs,
+/// so the id let go is found at or near its front (a `swap_remove` would
+/// move the last id there, and each of a pull's leases would be found
+/// after a scan of half the pull).
 #[derive(Debug, Default)]
-struct Leases(BTreeMap<Ts, Vec<JobId>>);
+struct Leases(BTreeMap<Ts, VecDeque<JobId>>);
 
 impl Leases {
     fn insert(&mut self, until: Ts, id: JobId) {
-        self.0.entry(until).or_default().push(id);
+        self.0.entry(until).or_default().push_back(id);
     }
 
     /// Forgets the lease of `id` that ends at `until`.
@@ -57,7 +61,7 @@ impl Leases {
         if let Some(ids) = self.0.get_mut(&until)
             && let Some(at) = ids.iter().position(|&held| held == id)
         {
-            ids.swap_remove(at);
+            ids.remove(at);
             if ids.is_empty() {
                 self.0.remove(&until);
             }
@@ -73,7 +77,7 @@ impl Leases {
         }
         let id = first
             .get_mut()
-            .pop()
+            .pop_back()
             .expect("no instant is kept without ids");
         if first.get().is_empty() {
             first.remove();
@@ -119,6 +123,19 @@ fn grant(job: &mut Job, now: OffsetDateTime, until: OffsetDateTime) -> LeasedJob
             token: job.lease_token,
         },
         job: job.clone(),
+    }
+}
+
+/// Takes the first `n` keys out of `set`, in order. Split off as one
+/// subtree rather than popped one by one: each pop may rebalance the tree,
+/// and a pull takes up to a thousand.
+fn take_first(set: &mut BTreeSet<ReadyKey>, n: usize) -> BTreeSet<ReadyKey> {
+    match set.iter().nth(n).copied() {
+        Some(first_kept) => {
+            let kept = set.split_off(&first_kept);
+            std::mem::replace(set, kept)
+        }
+        None => std::mem::take(set),
     }
 }
 
@@ -233,17 +250,16 @@ impl State {
             // for them again.
             let mut leased = Vec::with_capacity(batch.min(index.ready.len()));
             let mut not_due = Vec::new();
-            while leased.len() < batch {
-                let Some(key @ (_, run_at, id)) = index.ready.pop_first() else {
-                    break;
-                };
-                if run_at > now_ts {
-                    not_due.push(key);
-                    continue;
+            while leased.len() < batch && !index.ready.is_empty() {
+                for key @ (_, run_at, id) in take_first(&mut index.ready, batch - leased.len()) {
+                    if run_at > now_ts {
+                        not_due.push(key);
+                        continue;
+                    }
+                    let job = &mut self.jobs[id];
+                    index.leased.insert(until_ts, id);
+                    leased.push(grant(job, now, until));
                 }
-                let job = &mut self.jobs[id];
-                index.leased.insert(until_ts, id);
-                leased.push(grant(job, now, until));
             }
             index.ready.extend(not_due);
             return leased;

@@ -58,6 +58,7 @@ macro_rules! __for_each_case {
             pull::pull_sets_the_lease_fields,
             pull::delayed_job_stays_invisible_until_due,
             pull::pull_judges_due_on_its_own_clock,
+            pull::job_not_due_yet_holds_back_no_due_job_behind_it,
             pull::delayed_job_is_ordered_by_priority_once_due,
             pull::pull_honours_batch_size_and_queues,
             pull::concurrent_pullers_receive_each_job_exactly_once,

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use relayq_core::{Completion, JobStatus, NewJob, PullRequest};
+use relayq_core::{Completion, JobStatus, LeasedJob, NewJob, PullRequest};
 use time::Duration;
 
 use crate::harness::{Harness, job};
@@ -99,6 +99,21 @@ pub async fn pull_judges_due_on_its_own_clock(h: Harness) {
     assert!(both.is_empty(), "not due for a pull of two queues either");
     h.advance(Duration::seconds(1));
     assert_eq!(h.pull_one("default").await.job.id, id);
+}
+
+/// A job ahead in pull order but not due on the pull's clock does not hold
+/// back the due jobs behind it, however small the batch, and keeps its
+/// place for when it is due.
+pub async fn job_not_due_yet_holds_back_no_due_job_behind_it(h: Harness) {
+    let early = h.push(job("early", 1).priority(0)).await;
+    h.advance(Duration::seconds(-1));
+    let first = h.push(job("due", 2).priority(5)).await;
+    let second = h.push(job("due", 3).priority(5)).await;
+    let ids = |leased: Vec<LeasedJob>| leased.iter().map(|l| l.job.id).collect::<Vec<_>>();
+    assert_eq!(ids(h.pull("default", 1).await), [first], "a batch of one");
+    assert_eq!(ids(h.pull("default", 10).await), [second]);
+    h.advance(Duration::seconds(1));
+    assert_eq!(ids(h.pull("default", 10).await), [early]);
 }
 
 /// A delayed job that became due takes its place by priority ahead of due
