@@ -509,3 +509,50 @@ async fn a_closed_subscription_falls_back_to_polling() {
         "the worker subscribes again after the subscription closed"
     );
 }
+
+/// On one runtime thread, a lane that keeps pulling quick jobs for itself
+/// (it never waits while the queue has them) still lets the lease keeper
+/// run: a long job leased with them keeps its lease, and runs once, however
+/// long the quick jobs keep the lane busy.
+#[tokio::test]
+async fn a_lane_feeding_itself_lets_the_keeper_renew_on_one_thread() {
+    const QUICK: usize = 100_000;
+    let b = MemoryBackend::new();
+    let quick_done = Arc::new(AtomicUsize::new(0));
+    let long_runs = Arc::new(AtomicUsize::new(0));
+    let (done, runs) = (Arc::clone(&quick_done), Arc::clone(&long_runs));
+    let worker = Worker::builder(dyn_backend(&b))
+        .queues(["default"])
+        .concurrency(4)
+        .lease(StdDuration::from_millis(150))
+        .handle(move |_: Email, _ctx: JobContext<()>| {
+            done.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok::<_, HandlerError>(()))
+        })
+        .handle(move |_: Report, _ctx: JobContext<()>| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let done = Arc::clone(&quick_done);
+            async move {
+                while done.load(Ordering::SeqCst) < QUICK {
+                    tokio::time::sleep(StdDuration::from_millis(5)).await;
+                }
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .build()
+        .expect("build");
+    let long = b.push(Report { id: 0 }.to_job()).await.expect("push").id();
+    for _ in 0..QUICK / 1_000 {
+        let jobs = (0..1_000).map(|_| Email { to: "q".into() }.to_job().queue("default"));
+        b.push_batch(jobs.collect()).await.expect("push");
+    }
+    let running = worker.start();
+    let job = tokio::time::timeout(StdDuration::from_secs(60), running.wait_for(long))
+        .await
+        .expect("the long job ends in time")
+        .expect("wait_for");
+    running.shutdown_within(StdDuration::from_secs(20)).await;
+    assert_eq!(job.status, JobStatus::Done);
+    assert_eq!(job.attempts, 1, "its lease never lapsed");
+    assert_eq!(long_runs.load(Ordering::SeqCst), 1);
+}

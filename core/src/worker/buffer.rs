@@ -87,9 +87,15 @@ impl Buffer {
         self.len() == 0
     }
 
-    /// Adds jobs at the back.
-    pub(crate) fn extend(&self, jobs: impl IntoIterator<Item = Buffered>) {
-        self.lock().queue.extend(jobs);
+    /// Adds jobs at the back; once the buffer is closed, refuses them and
+    /// returns them, to be given back.
+    pub(crate) fn extend(&self, jobs: impl IntoIterator<Item = Buffered>) -> VecDeque<Buffered> {
+        let mut buffered = self.lock();
+        if buffered.closed {
+            return jobs.into_iter().collect();
+        }
+        buffered.queue.extend(jobs);
+        VecDeque::new()
     }
 
     /// Below how many buffered jobs the pull loop wants to know (at least

@@ -61,6 +61,7 @@ mod keeper;
 mod prefetch;
 mod runner;
 mod slots;
+mod stock;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use super::WorkerBuilder;
 use super::board::Board;
-use super::buffer::{Buffer, Buffered};
+use super::buffer::Buffered;
 use super::events::Outcome;
 use super::execute::{
     Ack, Ended, MAX_ACK_BATCH, Mode, Shared, Started, batch_completions, execute, panic_message,
@@ -39,8 +39,8 @@ use super::execute::{
 };
 use super::handler::Phase;
 use super::keeper::LeaseKeeper;
-use super::prefetch::Prefetch;
 use super::slots::{Slot, Slots};
+use super::stock::{PULLS_AT_ONCE, Reserve, Stock};
 use crate::error::Result;
 use crate::lease::LeasedJob;
 use crate::request::{MAX_PULL_BATCH, PullRequest};
@@ -84,30 +84,6 @@ fn log_join_error(what: &str, e: &JoinError) {
     tracing::error!(error = %e, "{what} of the worker failed");
 }
 
-/// A runner's jobs waiting to start and its slots to start them on, with
-/// the board its pull loop reads. Its sibling runners see it too: one with
-/// a free slot and nothing buffered takes what this one buffered but has
-/// no slot for (see [`run_all`]).
-struct Stock {
-    board: Arc<Board>,
-    buffer: Buffer,
-    /// One slot per handler allowed to run. A job gives its slot back
-    /// as soon as its handler returns, before the outcome is recorded, so
-    /// the next job starts without waiting for the acknowledgement.
-    slots: Arc<Slots>,
-}
-
-impl Stock {
-    fn new(lanes: usize, concurrency: u32) -> Arc<Self> {
-        let board = Arc::new(Board::new(lanes));
-        Arc::new(Self {
-            buffer: Buffer::new(Arc::clone(&board)),
-            board,
-            slots: Slots::new(concurrency as usize),
-        })
-    }
-}
-
 /// What a worker's runners share: each one's stock, and the keeper that
 /// renews every lease they hold. One keeper for all, as a job one runner
 /// buffered may run on another, until after the last runner has stopped.
@@ -121,9 +97,86 @@ struct Starter<S> {
     shared: Arc<Shared<S>>,
     started: Started,
     stock: Arc<Stock>,
+    /// The worker's runners, whose keeper holds the leases a lane pulls.
+    crew: Arc<Crew>,
+    /// The runner's pull, to be sized.
+    request: PullRequest,
+}
+
+/// What a lane's own pull (see [`Starter::pull_here`]) came to.
+enum Refill {
+    /// Jobs are buffered: the lane can take them.
+    Buffered,
+    /// None: the lane waits for the pull loop.
+    Not,
+    /// The worker stopped while the pull was under way: these jobs are to
+    /// be given back.
+    Refused(VecDeque<Buffered>),
 }
 
 impl<S: Send + Sync + 'static> Starter<S> {
+    /// On a backend with instant writes, a lane that finds the buffer empty
+    /// with a slot free pulls for it itself, sized and counted in the stock
+    /// as the pull loop's pulls are, instead of waiting for the pull loop
+    /// to be scheduled, pull, and send it the jobs. Such a pull is a call
+    /// into this process, and each hand-over costs two tasks' wake-ups.
+    /// (A lane that keeps feeding itself still yields now and then: see
+    /// [`STARTS_BETWEEN_YIELDS`].)
+    async fn pull_here(&self) -> Refill {
+        let stock = &*self.stock;
+        let worth_it = || {
+            stock.has_more()
+                && stock.buffer.is_empty()
+                && stock.slots.free() > 0
+                && *self.started.phase.borrow() == Phase::Running
+        };
+        if !self.shared.instant_writes || !worth_it() {
+            return Refill::Not;
+        }
+        let Reserve::Pull(want) = stock.reserve(stock.slots.free()) else {
+            // Not worth a pull, or no room: the pull loop sees to it.
+            stock.board.ended.notify_one();
+            return Refill::Not;
+        };
+        let signs = stock.signs();
+        let sent = Instant::now();
+        let batch = u32::try_from(want).unwrap_or(MAX_PULL_BATCH);
+        let pulled = self
+            .shared
+            .backend
+            .pull(&self.request.clone().batch(batch))
+            .await;
+        let refused = match pulled {
+            Ok(jobs) => {
+                let full = jobs.len() >= want;
+                stock.prefetch().pulled(sent.elapsed(), full, true);
+                if !full {
+                    stock.drained(signs);
+                }
+                let now = Instant::now();
+                stock.buffer.extend(
+                    self.crew
+                        .keeper
+                        .hold_all(jobs, sent)
+                        .map(|(leased, hold)| Buffered::new(leased, hold, now)),
+                )
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pull failed; trying again at the next poll");
+                stock.drained(signs);
+                VecDeque::new()
+            }
+        };
+        stock.landed(want);
+        if !refused.is_empty() {
+            Refill::Refused(refused)
+        } else if stock.buffer.is_empty() {
+            Refill::Not
+        } else {
+            Refill::Buffered
+        }
+    }
+
     /// The run of a buffered job on the slot taken for it.
     fn run(&self, job: Buffered, slot: Slot) -> impl Future<Output = Ended> + Send + '_ {
         let mode = Mode::Spawned {
@@ -134,6 +187,9 @@ impl<S: Send + Sync + 'static> Starter<S> {
         execute(&self.shared, job.lease, job.job, mode)
     }
 }
+
+/// How many jobs a lane starts between two yields to the scheduler.
+const STARTS_BETWEEN_YIELDS: usize = 256;
 
 /// A job handed to a lane.
 type Start = (Buffered, Slot);
@@ -202,6 +258,7 @@ async fn lane<S: Send + Sync + 'static>(
     let mut report = ShutdownReport::default();
     let mut open = true;
     let mut batch = Vec::new();
+    let mut started = 0usize;
     // Completions of the runs that ended together, recorded in one call.
     let mut acks = Vec::new();
     while open || !running.is_empty() {
@@ -243,10 +300,28 @@ async fn lane<S: Send + Sync + 'static>(
                 Some(start) => start,
                 None if refill => match stock.buffer.take(&stock.slots, true, in_flight, now) {
                     Some(start) => start,
-                    None => break,
+                    None => match starter.pull_here().await {
+                        Refill::Buffered => continue,
+                        Refill::Not => break,
+                        Refill::Refused(jobs) => {
+                            report.released += release_all(&starter.shared, jobs).await;
+                            break;
+                        }
+                    },
                 },
                 None => break,
             };
+            // A lane kept busy (by a deep buffer, or by pulling for itself)
+            // may never wait; it yields every so many starts, so the tasks
+            // sharing its thread (the pull loop, which watches for the
+            // shutdown, and the keeper, which renews leases) still run.
+            // Counted here rather than with Tokio's cooperative budget,
+            // which costs a thread-local access on every start and a
+            // yield every 128 (4% of quick jobs' throughput, measured).
+            started += 1;
+            if started.is_multiple_of(STARTS_BETWEEN_YIELDS) {
+                tokio::task::yield_now().await;
+            }
             let mut run = start(job, slot);
             if polled < FIRST_POLLS_AT_ONCE && acks.len() < MAX_ACK_BATCH {
                 polled += 1;
@@ -342,7 +417,19 @@ pub(crate) async fn run_all<S: Send + Sync + 'static>(
         stocks: (0..runners)
             .map(|index| {
                 let share = share(index);
-                Stock::new(lane_count(runners, share.concurrency), share.concurrency)
+                // A finished job's lease is renewed until its outcome is
+                // recorded, so the bound on those awaiting it is about
+                // memory: were acknowledgements slower than pulls (a
+                // database slowed by a vacuum, say), the backlog would
+                // otherwise grow without end.
+                let max_held = (share.concurrency + share.prefetch) as usize
+                    + WorkerBuilder::<S>::MAX_AWAITING_ACK as usize;
+                Arc::new(Stock::new(
+                    lane_count(runners, share.concurrency),
+                    share.concurrency,
+                    share.prefetch,
+                    max_held,
+                ))
             })
             .collect(),
         keeper: LeaseKeeper::start(
@@ -391,26 +478,8 @@ async fn subscribe<S>(shared: &Shared<S>) -> Option<Wakeups> {
 /// it pulls for the slots free so far (when it keeps no buffer).
 const COALESCE_YIELDS: usize = 4;
 
-/// How many pulls may be under way at once.
-const PULLS_AT_ONCE: usize = 4;
-
 /// How many releases run at once when a shutdown gives back the buffer.
 const RELEASES_AT_ONCE: usize = 8;
-
-/// The fewest jobs a pull is sent for while the buffer aims at `target`:
-/// not for a sliver of it, but once a good part of a pull's share is
-/// missing.
-fn least_worth_pulling(target: usize) -> usize {
-    target.div_ceil(2 * PULLS_AT_ONCE)
-}
-
-/// The leases a worker holds: buffered, started (running or awaiting their
-/// record), and asked for by the pulls under way. The buffer is read first:
-/// a job a lane takes meanwhile is counted as started before it leaves the
-/// buffer, so the sum never misses it.
-fn leases_held(buffer: &Buffer, board: &Board, asked: usize) -> usize {
-    buffer.len() + board.started() + asked
-}
 
 fn free_slots(slots: &Slots) -> u32 {
     u32::try_from(slots.free()).unwrap_or(u32::MAX)
@@ -432,6 +501,8 @@ struct Pulled {
     asked: u32,
     /// When it was sent.
     sent: Instant,
+    /// The stock's signs when it was sent.
+    signs: u64,
 }
 
 /// Runner `index` of `crew` (its stock is `crew.stocks[index]`, the
@@ -483,6 +554,8 @@ async fn run<S: Send + Sync + 'static>(
             board: Arc::clone(&board),
         },
         stock: Arc::clone(&stock),
+        crew: Arc::clone(&crew),
+        request: request.clone(),
     });
     let (slots, buffer) = (&stock.slots, &stock.buffer);
     let mut lane_tasks: JoinSet<ShutdownReport> = JoinSet::new();
@@ -492,21 +565,7 @@ async fn run<S: Send + Sync + 'static>(
         starts.push(tx);
         lane_tasks.spawn(lane(Arc::clone(&starter), index, rx));
     }
-    let mut prefetch = Prefetch::new(share.prefetch);
     let mut pulls: FuturesUnordered<Pulling> = FuturesUnordered::new();
-    // Jobs asked for by the pulls under way.
-    let mut asked = 0;
-    // Every lease held (buffered, running, awaiting its record) or being
-    // pulled stays within this. A finished job's lease is renewed until its
-    // outcome is recorded, so the bound on those awaiting it is about
-    // memory: were acknowledgements slower than pulls (a database slowed by
-    // a vacuum, say), the backlog would otherwise grow without end.
-    let max_held = (share.concurrency + share.prefetch) as usize
-        + WorkerBuilder::<S>::MAX_AWAITING_ACK as usize;
-
-    // True while the queues may hold due jobs: after a full batch, a
-    // wake-up or a poll tick; false after a short batch.
-    let mut more = true;
     // When the last pull was sent; the poll timer fires a poll interval
     // after it. Re-arming a timer costs more than a pull on a quick store,
     // so the timer is only moved once it fires.
@@ -517,13 +576,13 @@ async fn run<S: Send + Sync + 'static>(
 
     let deadline = loop {
         if board.due_now.swap(false, Ordering::SeqCst) {
-            more = true;
+            stock.may_have_more();
         }
         if let Some(deadline) = *stop.borrow_and_update() {
             break deadline;
         }
         // The leases held when the pull loop last stopped short for lack of
-        // room under `max_held`, if it did.
+        // room under the stock's bound, if it did.
         let mut room_bound: Option<usize> = None;
         // Start buffered jobs on the free slots (lanes start the next one
         // themselves as their runs end). Then, unless stopping (a sibling
@@ -558,14 +617,14 @@ async fn run<S: Send + Sync + 'static>(
                 sibling.board.ended.notify_one();
             }
         }
-        prefetch.waited(buffer.take_longest_wait());
+        stock.prefetch().waited(buffer.take_longest_wait());
 
         // Pull for the free slots and what the buffer lacks, in up to
         // PULLS_AT_ONCE overlapping pulls, each for the free slots and its
         // share of the buffer, so that the store serves them side by side.
-        while more && pulls.len() < PULLS_AT_ONCE {
+        while stock.has_more() && pulls.len() < PULLS_AT_ONCE {
             let mut free = free_slots(slots);
-            let target = prefetch.target() as usize;
+            let target = stock.prefetch().target();
             // Without a buffer to start from, let the handlers that are
             // about to return do so, so that one pull fills all their slots
             // instead of one round trip (and one commit) per slot. Costs
@@ -579,21 +638,19 @@ async fn run<S: Send + Sync + 'static>(
                     free = free_slots(slots);
                 }
             }
-            let held = leases_held(buffer, &board, asked);
-            let room = max_held.saturating_sub(held);
-            let lacking = (free as usize + target).saturating_sub(buffer.len() + asked);
-            let share = free as usize + target.div_ceil(PULLS_AT_ONCE);
-            let wanted = lacking.min(share).min(MAX_PULL_BATCH as usize);
-            let want = wanted.min(room);
-            if want == 0 || want < least_worth_pulling(target) {
-                room_bound = (room < wanted).then_some(held);
-                break;
-            }
+            let want = match stock.reserve(free as usize) {
+                Reserve::Pull(want) => want,
+                Reserve::Enough => break,
+                Reserve::Full(held) => {
+                    room_bound = Some(held);
+                    break;
+                }
+            };
             let batch = u32::try_from(want).unwrap_or(MAX_PULL_BATCH);
             let backend = Arc::clone(&shared.backend);
             let request = request.clone().batch(batch);
+            let signs = stock.signs();
             last_pull = Instant::now();
-            asked += want;
             pulls.push(Box::pin(async move {
                 let sent = Instant::now();
                 let jobs = backend.pull(&request).await;
@@ -601,6 +658,7 @@ async fn run<S: Send + Sync + 'static>(
                     jobs,
                     asked: batch,
                     sent,
+                    signs,
                 }
             }) as Pulling);
         }
@@ -608,19 +666,14 @@ async fn run<S: Send + Sync + 'static>(
         // Taking jobs from the buffer (lanes do, as their runs end) wakes
         // this loop once so few are left that a pull is worth it (what the
         // buffer lacks reaches `least_worth_pulling`).
-        let target = prefetch.target() as usize;
-        buffer.set_low_water(
-            (free_slots(slots) as usize + target)
-                .saturating_sub(asked + least_worth_pulling(target))
-                + 1,
-        );
+        buffer.set_low_water(stock.low_water());
 
         // Too many leases held to pull: only the end of a started job makes
         // room. Announced before counting again, so that an end between
         // the count and the wait is not missed.
         if let Some(held) = room_bound {
             board.wants_ends.store(true, Ordering::SeqCst);
-            if leases_held(buffer, &board, asked) < held {
+            if stock.leases_held() < held {
                 continue;
             }
         } else {
@@ -635,33 +688,37 @@ async fn run<S: Send + Sync + 'static>(
                 }
             }
             Some(pulled) = pulls.next(), if !pulls.is_empty() => {
-                asked -= pulled.asked as usize;
                 match pulled.jobs {
                     Ok(jobs) => {
                         let now = Instant::now();
                         let full = jobs.len() >= pulled.asked as usize;
                         // Slots sat idle for this pull's round trip.
                         let starved = buffer.is_empty() && free_slots(slots) > 0;
-                        prefetch.pulled(now.duration_since(pulled.sent), full, starved);
-                        more &= full;
-                        buffer.extend(
+                        stock.prefetch().pulled(now.duration_since(pulled.sent), full, starved);
+                        if !full {
+                            stock.drained(pulled.signs);
+                        }
+                        let refused = buffer.extend(
                             keeper
                                 .hold_all(jobs, pulled.sent)
                                 .map(|(leased, hold)| Buffered::new(leased, hold, now)),
                         );
+                        debug_assert!(refused.is_empty(), "only this loop closes the buffer, once it has left");
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "pull failed; trying again at the next poll");
-                        more = false;
+                        stock.drained(pulled.signs);
                     }
                 }
+                // Counted as asked until its jobs are in the buffer.
+                stock.landed(pulled.asked as usize);
             }
             // The buffer ran low (or dry with a slot free), a job went back
             // due at once, or one ended while the held leases were at the
             // bound.
             () = board.ended.notified() => {}
             signal = next_signal(&mut wakeups), if wakeups.is_some() => {
-                more = true;
+                stock.may_have_more();
                 if signal.is_none() {
                     tracing::warn!("wake-up subscription closed; polling until it is back");
                     wakeups = None;
@@ -671,7 +728,7 @@ async fn run<S: Send + Sync + 'static>(
                 let due = last_pull + config.poll_interval;
                 let now = Instant::now();
                 if due <= now {
-                    more = true;
+                    stock.may_have_more();
                     last_pull = now;
                     if wakeups.is_none() && declares_wakeups {
                         wakeups = subscribe(&shared).await;
@@ -701,6 +758,7 @@ async fn run<S: Send + Sync + 'static>(
                 .hold_all(pulled.jobs.unwrap_or_default(), pulled.sent)
                 .map(|(leased, hold)| Buffered::new(leased, hold, now)),
         );
+        stock.landed(pulled.asked as usize);
     }
     report.released += release_all(&shared, unstarted).await;
     // Lanes end once their jobs have.

@@ -1,0 +1,227 @@
+//! A runner's stock: its buffered jobs, its concurrency slots, and the
+//! accounting of the pulls that fill the buffer.
+//!
+//! Two kinds of task pull for a runner: its pull loop, and, on a backend
+//! with instant writes, its lanes themselves as they find the buffer empty
+//! with a slot free (see `runner::lane`). Both size their pulls here and
+//! count them in one place, so that together they keep within the bound
+//! on leases held and the prefetch depth, and neither misses a sign that
+//! the queues hold due jobs.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use super::board::Board;
+use super::buffer::Buffer;
+use super::prefetch::Prefetch;
+use super::slots::Slots;
+use crate::request::MAX_PULL_BATCH;
+
+/// How many pulls may be under way at once.
+pub(crate) const PULLS_AT_ONCE: usize = 4;
+
+/// The fewest jobs a pull is sent for while the buffer aims at `target`:
+/// not for a sliver of it, but once a good part of a pull's share is
+/// missing.
+pub(crate) fn least_worth_pulling(target: usize) -> usize {
+    target.div_ceil(2 * PULLS_AT_ONCE)
+}
+
+/// A runner's jobs waiting to start and its slots to start them on, with
+/// the board its pull loop reads. Its sibling runners see it too: one with
+/// a free slot and nothing buffered takes what this one buffered but has
+/// no slot for (see `runner::run_all`).
+pub(crate) struct Stock {
+    pub(crate) board: Arc<Board>,
+    pub(crate) buffer: Buffer,
+    /// One slot per handler allowed to run. A job gives its slot back
+    /// as soon as its handler returns, before the outcome is recorded, so
+    /// the next job starts without waiting for the acknowledgement.
+    pub(crate) slots: Arc<Slots>,
+    /// The adaptive depth of the buffer, steered by every pull.
+    prefetch: Mutex<Prefetch>,
+    /// Jobs asked for by the pulls under way.
+    asked: AtomicUsize,
+    /// Every lease held (buffered, running, awaiting its record) or being
+    /// pulled stays within this. A finished job's lease is renewed until
+    /// its outcome is recorded, so the bound on those awaiting it is about
+    /// memory: were acknowledgements slower than pulls (a database slowed
+    /// by a vacuum, say), the backlog would otherwise grow without end.
+    max_held: usize,
+    /// Counts the signs that the queues may hold due jobs: the start, a
+    /// wake-up, a poll tick, a job due again at once.
+    signs: AtomicU64,
+    /// `signs` as it was when the last pull that came back short (or
+    /// failed) was sent: no sign since means nothing is worth pulling.
+    drained_at: AtomicU64,
+}
+
+/// What a pull may ask for now (see [`Stock::reserve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reserve {
+    /// A pull for this many jobs, counted as asked for.
+    Pull(usize),
+    /// Not worth a pull: the buffer lacks too little.
+    Enough,
+    /// No room for a worthwhile pull under the bound on leases held, with
+    /// this many held: only the end of a started job makes room.
+    Full(usize),
+}
+
+impl Stock {
+    /// The stock of a runner with `lanes` lanes, `concurrency` slots, a
+    /// buffer of up to `prefetch` jobs and at most `max_held` leases.
+    pub(crate) fn new(lanes: usize, concurrency: u32, prefetch: u32, max_held: usize) -> Self {
+        let board = Arc::new(Board::new(lanes));
+        Self {
+            buffer: Buffer::new(Arc::clone(&board)),
+            board,
+            slots: Slots::new(concurrency as usize),
+            prefetch: Mutex::new(Prefetch::new(prefetch)),
+            asked: AtomicUsize::new(0),
+            max_held,
+            signs: AtomicU64::new(1),
+            drained_at: AtomicU64::new(0),
+        }
+    }
+
+    /// The buffer's adaptive depth, to read or steer.
+    pub(crate) fn prefetch(&self) -> MutexGuard<'_, Prefetch> {
+        // Every critical section is one call on the `Prefetch`.
+        self.prefetch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Jobs asked for by the pulls under way.
+    pub(crate) fn asked(&self) -> usize {
+        self.asked.load(Ordering::SeqCst)
+    }
+
+    /// The leases held: buffered, started (running or awaiting their
+    /// record), and asked for by the pulls under way, as of a read of
+    /// `asked`. Read in that order, none is missed: a pull that lands
+    /// adds its jobs to the buffer before it stops counting them as
+    /// asked, and a job a lane takes is counted as started before it
+    /// leaves the buffer.
+    fn held(&self, asked: usize) -> usize {
+        self.buffer.len() + self.board.started() + asked
+    }
+
+    /// The leases held now (see [`Self::held`]).
+    pub(crate) fn leases_held(&self) -> usize {
+        self.held(self.asked())
+    }
+
+    /// Sizes a pull for the `free` slots and its share of what the buffer
+    /// lacks, within the room left under the bound on leases held, and
+    /// counts it as asked for (until [`Self::landed`]). Two tasks reserving
+    /// at once never both take the same room.
+    pub(crate) fn reserve(&self, free: usize) -> Reserve {
+        let target = self.prefetch().target() as usize;
+        let mut asked = self.asked();
+        loop {
+            let buffered = self.buffer.len();
+            let held = buffered + self.board.started() + asked;
+            let room = self.max_held.saturating_sub(held);
+            let lacking = (free + target).saturating_sub(buffered + asked);
+            let share = free + target.div_ceil(PULLS_AT_ONCE);
+            let wanted = lacking.min(share).min(MAX_PULL_BATCH as usize);
+            let want = wanted.min(room);
+            if want == 0 || want < least_worth_pulling(target) {
+                return if room < wanted {
+                    Reserve::Full(held)
+                } else {
+                    Reserve::Enough
+                };
+            }
+            match self.asked.compare_exchange(
+                asked,
+                asked + want,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return Reserve::Pull(want),
+                Err(now) => asked = now,
+            }
+        }
+    }
+
+    /// A pull reserved for `asked` jobs is over, its jobs (if any) in the
+    /// buffer or given back.
+    pub(crate) fn landed(&self, asked: usize) {
+        self.asked.fetch_sub(asked, Ordering::SeqCst);
+    }
+
+    /// The buffer level below which the pull loop wants to be told, given
+    /// the slots free now.
+    pub(crate) fn low_water(&self) -> usize {
+        let target = self.prefetch().target() as usize;
+        (self.slots.free() + target).saturating_sub(self.asked() + least_worth_pulling(target)) + 1
+    }
+
+    /// The queues may hold due jobs again (a wake-up, a poll tick, a job
+    /// due again at once).
+    pub(crate) fn may_have_more(&self) {
+        self.signs.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The signs so far, read before a pull is sent, to pass to
+    /// [`Self::drained`] if it comes back short.
+    pub(crate) fn signs(&self) -> u64 {
+        self.signs.load(Ordering::SeqCst)
+    }
+
+    /// A pull sent when `signs` had been counted came back short or
+    /// failed: nothing is worth pulling until the next sign. A sign that
+    /// came while it was under way still counts.
+    pub(crate) fn drained(&self, signs: u64) {
+        self.drained_at.fetch_max(signs, Ordering::SeqCst);
+    }
+
+    /// Whether the queues may hold due jobs: a sign came after the last
+    /// short pull was sent.
+    pub(crate) fn has_more(&self) -> bool {
+        self.signs.load(Ordering::SeqCst) != self.drained_at.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_pull_drains_only_the_signs_it_saw() {
+        let stock = Stock::new(1, 4, 0, 100);
+        assert!(stock.has_more(), "a new worker pulls");
+        let before = stock.signs();
+        // A push's wake-up while the pull is under way.
+        stock.may_have_more();
+        stock.drained(before);
+        assert!(stock.has_more(), "the wake-up during the pull is kept");
+        stock.drained(stock.signs());
+        assert!(!stock.has_more());
+        // A stale short pull reported late changes nothing.
+        stock.drained(before);
+        stock.may_have_more();
+        assert!(stock.has_more());
+    }
+
+    #[test]
+    fn reservations_share_the_room_under_the_bound() {
+        // No prefetch: pulls are for the free slots, 10 leases at most.
+        let stock = Stock::new(1, 16, 0, 10);
+        assert_eq!(stock.reserve(8), Reserve::Pull(8));
+        // The first pull's 8 count as asked: a second caller gets the
+        // free slots the first did not ask for, within the bound.
+        assert_eq!(stock.reserve(16), Reserve::Pull(2));
+        assert_eq!(stock.reserve(16), Reserve::Full(10));
+        stock.landed(8);
+        assert_eq!(stock.leases_held(), 2);
+        assert_eq!(stock.reserve(16), Reserve::Pull(8));
+    }
+
+    #[test]
+    fn nothing_lacking_is_not_worth_a_pull() {
+        let stock = Stock::new(1, 4, 0, 100);
+        assert_eq!(stock.reserve(0), Reserve::Enough);
+    }
+}
