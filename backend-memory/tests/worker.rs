@@ -556,3 +556,160 @@ async fn a_lane_feeding_itself_lets_the_keeper_renew_on_one_thread() {
     assert_eq!(job.attempts, 1, "its lease never lapsed");
     assert_eq!(long_runs.load(Ordering::SeqCst), 1);
 }
+
+/// A store whose first pull that finds nothing lets a push land before it
+/// returns, as a push racing the pull would: the worker hears of the push
+/// while the pull is still under way.
+#[derive(Debug, Default)]
+struct PushDuringEmptyPull {
+    late: Arc<std::sync::Mutex<Option<relayq_core::JobId>>>,
+}
+
+#[async_trait::async_trait]
+impl Faults for PushDuringEmptyPull {
+    async fn pull(
+        &self,
+        inner: &dyn Backend,
+        request: &relayq_core::PullRequest,
+    ) -> Result<Vec<relayq_core::LeasedJob>> {
+        let jobs = inner.pull(request).await?;
+        let first_empty = jobs.is_empty() && self.late.lock().expect("lock").is_none();
+        if first_empty {
+            let id = inner.push(Email { to: "late".into() }.to_job()).await?.id();
+            *self.late.lock().expect("lock") = Some(id);
+            // Long enough for the worker to hear of the push meanwhile.
+            tokio::time::sleep(StdDuration::from_millis(100)).await;
+        }
+        Ok(jobs)
+    }
+}
+
+/// A push whose wake-up comes while a lane's own pull is under way (the
+/// pull loop, counting that pull, finds nothing worth pulling) is pulled
+/// once the lane's pull comes back empty, not at the next poll tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_during_a_lanes_empty_pull_is_not_missed() {
+    let (inner, _) = store();
+    let faults = PushDuringEmptyPull::default();
+    let late = Arc::clone(&faults.late);
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::new(inner), faults));
+    // One slot, no buffer: the pull loop's first pull (for one job) comes
+    // back full, so the lane pulls for itself when that job ends; the job
+    // takes long enough for the pull loop to be waiting by then.
+    let worker = Worker::builder(Arc::clone(&backend))
+        .queues(["mail"])
+        .concurrency(1)
+        .prefetch(0)
+        .poll_interval(StdDuration::from_secs(3600))
+        .handle(|e: Email, _ctx: JobContext<()>| async move {
+            if e.to == "first" {
+                tokio::time::sleep(StdDuration::from_millis(200)).await;
+            }
+            Ok::<_, HandlerError>(())
+        })
+        .build()
+        .expect("build");
+    let first = backend
+        .push(Email { to: "first".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    let running = worker.start();
+    let within = |id| tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id));
+    let done = within(first).await.expect("in time").expect("wait_for");
+    assert_eq!(done.status, JobStatus::Done);
+    let late = tokio::time::timeout(StdDuration::from_secs(20), async {
+        loop {
+            if let Some(id) = *late.lock().expect("lock") {
+                return id;
+            }
+            tokio::time::sleep(StdDuration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("an empty pull was made");
+    let job = within(late)
+        .await
+        .expect("the late push is pulled before the next poll tick")
+        .expect("wait_for");
+    assert_eq!(job.status, JobStatus::Done);
+    running.shutdown_within(StdDuration::from_secs(20)).await;
+}
+
+/// A store whose second pull, once it has leased its jobs, waits until the
+/// test lets it return.
+#[derive(Debug, Default)]
+struct HeldSecondPull {
+    pulls: AtomicUsize,
+    entered: Arc<tokio::sync::Notify>,
+    go_on: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait::async_trait]
+impl Faults for HeldSecondPull {
+    async fn pull(
+        &self,
+        inner: &dyn Backend,
+        request: &relayq_core::PullRequest,
+    ) -> Result<Vec<relayq_core::LeasedJob>> {
+        let jobs = inner.pull(request).await?;
+        if self.pulls.fetch_add(1, Ordering::SeqCst) == 1 {
+            self.entered.notify_one();
+            self.go_on.notified().await;
+        }
+        Ok(jobs)
+    }
+}
+
+/// A lane whose own pull lands after the worker began shutting down (its
+/// buffer already given back) gives the jobs it leased back at once, the
+/// attempt not spent, and the shutdown report counts them as released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lanes_pull_landing_after_the_shutdown_gives_its_jobs_back() {
+    let (inner, _) = store();
+    let faults = HeldSecondPull::default();
+    let (entered, go_on) = (Arc::clone(&faults.entered), Arc::clone(&faults.go_on));
+    let memory = inner.clone();
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::new(inner), faults));
+    // One slot, no buffer: the pull loop's first pull (for one job) comes
+    // back full, so the lane makes the second pull itself when that job
+    // ends; the job takes long enough for the pull loop to be waiting.
+    let worker = Worker::builder(Arc::clone(&backend))
+        .queues(["mail"])
+        .concurrency(1)
+        .prefetch(0)
+        .poll_interval(StdDuration::from_secs(3600))
+        .handle(|e: Email, _ctx: JobContext<()>| async move {
+            if e.to == "first" {
+                tokio::time::sleep(StdDuration::from_millis(200)).await;
+            }
+            Ok::<_, HandlerError>(())
+        })
+        .build()
+        .expect("build");
+    let mut ids = Vec::new();
+    for to in ["first", "second"] {
+        let job = Email { to: to.into() }.to_job();
+        ids.push(backend.push(job).await.expect("push").id());
+    }
+    let running = worker.start();
+    tokio::time::timeout(StdDuration::from_secs(20), entered.notified())
+        .await
+        .expect("the lane pulls for itself");
+    let shutdown = tokio::spawn(running.shutdown_within(StdDuration::from_secs(20)));
+    // Let the pull loop see the stop and give its (empty) buffer back.
+    tokio::time::sleep(StdDuration::from_millis(200)).await;
+    go_on.notify_one();
+    let report = tokio::time::timeout(StdDuration::from_secs(20), shutdown)
+        .await
+        .expect("in time")
+        .expect("shutdown");
+    assert_eq!((report.finished, report.released), (1, 1));
+    let second = memory
+        .jobs()
+        .into_iter()
+        .find(|j| j.id == ids[1])
+        .expect("job");
+    assert_eq!(second.status, JobStatus::Pending);
+    assert_eq!(second.attempts, 0, "given back, the attempt not spent");
+}

@@ -1,6 +1,7 @@
 //! A backend that forwards every call to another, for tests that change
 //! one call of a real store: make its completions slow, close its wake-up
-//! subscriptions, declare other capabilities.
+//! subscriptions, let a push land during a pull, declare other
+//! capabilities.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -47,6 +48,11 @@ pub trait Faults: fmt::Debug + Send + Sync + 'static {
     /// [`Backend::subscribe`].
     async fn subscribe(&self, inner: &dyn Backend, queues: &[String]) -> Result<Option<Wakeups>> {
         inner.subscribe(queues).await
+    }
+
+    /// [`Puller::pull`].
+    async fn pull(&self, inner: &dyn Backend, request: &PullRequest) -> Result<Vec<LeasedJob>> {
+        inner.pull(request).await
     }
 
     /// [`Puller::complete`].
@@ -96,7 +102,7 @@ impl<F: Faults> Pusher for Faulty<F> {
 #[async_trait]
 impl<F: Faults> Puller for Faulty<F> {
     async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>> {
-        self.inner.pull(request).await
+        self.faults.pull(&*self.inner, request).await
     }
     async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {
         self.faults.complete(&*self.inner, lease, result).await

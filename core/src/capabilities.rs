@@ -17,11 +17,12 @@ pub struct Capabilities {
     pub cross_process_wakeups: bool,
     /// A push wakes workers in the same process that share the backend value.
     pub in_process_wakeups: bool,
-    /// A write is a call into this process, not a round trip to a server or
-    /// a file: the worker records each completion as its handler returns
-    /// instead of gathering them into batches. A wrapper that adds latency
-    /// to a backend that declares it (a proxy, a fault injector) should
-    /// clear it.
+    /// A write (and a pull) is a call into this process, not a round trip
+    /// to a server or a file: the worker records each completion as its
+    /// handler returns instead of gathering them into batches, and a lane
+    /// of running jobs pulls for itself when it runs out, its other jobs
+    /// waiting meanwhile. A wrapper that adds latency to a backend that
+    /// declares it (a proxy, a fault injector) should clear it.
     pub instant_writes: bool,
 }
 

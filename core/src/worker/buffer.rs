@@ -1,9 +1,11 @@
 //! The prefetch buffer: leased jobs waiting for a concurrency slot.
 //!
-//! The pull loop fills it; whoever sees a slot free takes from it: the
-//! pull loop when a pull comes back, and a lane as soon as one of its runs
-//! ends, in the same task, without waking the pull loop. The pull loop is
-//! told only when the buffer runs low, or runs dry while a slot is free.
+//! The pull loop fills it (and, on a backend with instant writes, the
+//! lanes, as they find it dry); whoever sees a slot free takes from it:
+//! the pull loop when a pull comes back, and a lane as soon as one of its
+//! runs ends, in the same task, without waking the pull loop. The pull
+//! loop is told only when the buffer runs low, or runs dry while a slot is
+//! free.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -89,13 +91,13 @@ impl Buffer {
 
     /// Adds jobs at the back; once the buffer is closed, refuses them and
     /// returns them, to be given back.
-    pub(crate) fn extend(&self, jobs: impl IntoIterator<Item = Buffered>) -> VecDeque<Buffered> {
+    #[must_use = "refused jobs are to be given back"]
+    pub(crate) fn extend(&self, mut jobs: VecDeque<Buffered>) -> VecDeque<Buffered> {
         let mut buffered = self.lock();
-        if buffered.closed {
-            return jobs.into_iter().collect();
+        if !buffered.closed {
+            buffered.queue.append(&mut jobs);
         }
-        buffered.queue.extend(jobs);
-        VecDeque::new()
+        jobs
     }
 
     /// Below how many buffered jobs the pull loop wants to know (at least
@@ -165,5 +167,66 @@ impl Buffer {
         let mut jobs = self.lock();
         jobs.closed = true;
         std::mem::take(&mut jobs.queue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobStatus;
+    use crate::worker::keeper::WatchRef;
+    use time::macros::datetime;
+
+    fn buffered(id: i64) -> Buffered {
+        let t = datetime!(2030-01-01 00:00 UTC);
+        let lease = Lease {
+            job_id: id,
+            token: 1,
+        };
+        let job = Job {
+            id,
+            queue: "default".into(),
+            kind: "k".into(),
+            payload: Arc::new(serde_json::Value::Null),
+            priority: 0,
+            status: JobStatus::Processing,
+            attempts: 1,
+            max_attempts: 5,
+            lease_token: 1,
+            run_at: t,
+            locked_until: Some(t),
+            unique_key: None,
+            last_error: None,
+            result: None,
+            created_at: t,
+            updated_at: t,
+        };
+        let hold = Hold {
+            watch: WatchRef::alone(lease, t),
+        };
+        Buffered::new(LeasedJob { lease, job }, hold, Instant::now())
+    }
+
+    fn ids(jobs: &VecDeque<Buffered>) -> Vec<i64> {
+        jobs.iter().map(|b| b.lease.job_id).collect()
+    }
+
+    #[test]
+    fn a_closed_buffer_refuses_what_a_late_pull_adds() {
+        let buffer = Buffer::new(Arc::new(Board::new(1)));
+        let refused = buffer.extend([buffered(1), buffered(2)].into());
+        assert!(refused.is_empty());
+        let unstarted = buffer.close();
+        assert_eq!(ids(&unstarted), [1, 2], "closing hands back what it held");
+        let refused = buffer.extend([buffered(3)].into());
+        assert_eq!(ids(&refused), [3], "a late pull's jobs are handed back");
+        assert_eq!(buffer.len(), 0);
+        let slots = Slots::new(1);
+        let running = AtomicUsize::new(0);
+        assert!(
+            buffer
+                .take(&slots, false, &running, Instant::now())
+                .is_none()
+        );
     }
 }

@@ -101,17 +101,31 @@ struct Starter<S> {
     crew: Arc<Crew>,
     /// The runner's pull, to be sized.
     request: PullRequest,
+    /// Carries the shutdown deadline once one is asked for: a lane pulls
+    /// no more from then on, before its pull loop has seen it.
+    stop: watch::Receiver<Option<Instant>>,
 }
 
 /// What a lane's own pull (see [`Starter::pull_here`]) came to.
 enum Refill {
     /// Jobs are buffered: the lane can take them.
     Buffered,
-    /// None: the lane waits for the pull loop.
-    Not,
+    /// None: the lane waits for its runs or the pull loop.
+    Wait,
     /// The worker stopped while the pull was under way: these jobs are to
     /// be given back.
     Refused(VecDeque<Buffered>),
+}
+
+/// The jobs of a pull sent at `sent`, each registered with the `keeper`,
+/// as buffered now. Collected before they go into the buffer, so that its
+/// lock is not held while each job's `Arc` is allocated.
+fn hold(keeper: &LeaseKeeper, jobs: Vec<LeasedJob>, sent: Instant) -> VecDeque<Buffered> {
+    let now = Instant::now();
+    keeper
+        .hold_all(jobs, sent)
+        .map(|(leased, hold)| Buffered::new(leased, hold, now))
+        .collect()
 }
 
 impl<S: Send + Sync + 'static> Starter<S> {
@@ -122,21 +136,36 @@ impl<S: Send + Sync + 'static> Starter<S> {
     /// into this process, and each hand-over costs two tasks' wake-ups.
     /// (A lane that keeps feeding itself still yields now and then: see
     /// [`STARTS_BETWEEN_YIELDS`].)
+    ///
+    /// Once its pull has landed, the lane tells the pull loop, which then
+    /// sees to what the lane's pull did not: a wake-up that came while it
+    /// was under way (the pull loop, counting the lane's pull as asked for,
+    /// had found nothing worth pulling), jobs left over for sibling runners
+    /// with a slot free, or a lack of room under the bound on leases held.
+    /// The lane's buffer ran dry, so the pull loop was to be told anyway:
+    /// it is told once, after the fact.
     async fn pull_here(&self) -> Refill {
+        if !self.shared.instant_writes {
+            // The lane's `take` told the pull loop.
+            return Refill::Wait;
+        }
+        let refill = self.pull_if_worth_it().await;
+        self.stock.board.ended.notify_one();
+        refill
+    }
+
+    async fn pull_if_worth_it(&self) -> Refill {
         let stock = &*self.stock;
-        let worth_it = || {
-            stock.has_more()
-                && stock.buffer.is_empty()
-                && stock.slots.free() > 0
-                && *self.started.phase.borrow() == Phase::Running
-        };
-        if !self.shared.instant_writes || !worth_it() {
-            return Refill::Not;
+        let worth_it = stock.has_more()
+            && stock.buffer.is_empty()
+            && stock.slots.free() > 0
+            && self.stop.borrow().is_none()
+            && *self.started.phase.borrow() == Phase::Running;
+        if !worth_it {
+            return Refill::Wait;
         }
         let Reserve::Pull(want) = stock.reserve(stock.slots.free()) else {
-            // Not worth a pull, or no room: the pull loop sees to it.
-            stock.board.ended.notify_one();
-            return Refill::Not;
+            return Refill::Wait;
         };
         let signs = stock.signs();
         let sent = Instant::now();
@@ -148,18 +177,9 @@ impl<S: Send + Sync + 'static> Starter<S> {
             .await;
         let refused = match pulled {
             Ok(jobs) => {
-                let full = jobs.len() >= want;
-                stock.prefetch().pulled(sent.elapsed(), full, true);
-                if !full {
-                    stock.drained(signs);
-                }
-                let now = Instant::now();
-                stock.buffer.extend(
-                    self.crew
-                        .keeper
-                        .hold_all(jobs, sent)
-                        .map(|(leased, hold)| Buffered::new(leased, hold, now)),
-                )
+                // Slots were free with nothing buffered: starved.
+                stock.pulled(sent.elapsed(), jobs.len() >= want, true, signs);
+                stock.buffer.extend(hold(&self.crew.keeper, jobs, sent))
             }
             Err(e) => {
                 tracing::error!(error = %e, "pull failed; trying again at the next poll");
@@ -171,7 +191,7 @@ impl<S: Send + Sync + 'static> Starter<S> {
         if !refused.is_empty() {
             Refill::Refused(refused)
         } else if stock.buffer.is_empty() {
-            Refill::Not
+            Refill::Wait
         } else {
             Refill::Buffered
         }
@@ -238,8 +258,9 @@ fn settle(
 }
 
 /// Runs the jobs sent to it side by side, and starts buffered jobs on the
-/// slots its own runs free, until its sender is gone and its jobs have all
-/// ended; returns what they came to.
+/// slots its own runs free (on a backend with instant writes, pulling them
+/// itself once the buffer is dry: see [`Starter::pull_here`]), until its
+/// sender is gone and its jobs have all ended; returns what they came to.
 ///
 /// A job is polled once in place as it starts: a quick handler ends right
 /// there, and only a job that is not done is given a task in `running`
@@ -259,6 +280,10 @@ async fn lane<S: Send + Sync + 'static>(
     let mut open = true;
     let mut batch = Vec::new();
     let mut started = 0usize;
+    // Whether taking from the buffer tells the pull loop when it runs low:
+    // on a backend with instant writes the lane pulls for itself instead,
+    // and tells the pull loop after (see `Starter::pull_here`).
+    let tell = !starter.shared.instant_writes;
     // Completions of the runs that ended together, recorded in one call.
     let mut acks = Vec::new();
     while open || !running.is_empty() {
@@ -294,15 +319,18 @@ async fn lane<S: Send + Sync + 'static>(
         // their first poll.
         let (mut refill, mut polled) = (freed, 0);
         let mut sent = batch.drain(..);
-        let now = Instant::now();
+        let mut now = Instant::now();
         loop {
             let (job, slot) = match sent.next() {
                 Some(start) => start,
-                None if refill => match stock.buffer.take(&stock.slots, true, in_flight, now) {
+                None if refill => match stock.buffer.take(&stock.slots, tell, in_flight, now) {
                     Some(start) => start,
                     None => match starter.pull_here().await {
-                        Refill::Buffered => continue,
-                        Refill::Not => break,
+                        Refill::Buffered => {
+                            now = Instant::now();
+                            continue;
+                        }
+                        Refill::Wait => break,
                         Refill::Refused(jobs) => {
                             report.released += release_all(&starter.shared, jobs).await;
                             break;
@@ -556,6 +584,7 @@ async fn run<S: Send + Sync + 'static>(
         stock: Arc::clone(&stock),
         crew: Arc::clone(&crew),
         request: request.clone(),
+        stop: stop.clone(),
     });
     let (slots, buffer) = (&stock.slots, &stock.buffer);
     let mut lane_tasks: JoinSet<ShutdownReport> = JoinSet::new();
@@ -566,6 +595,8 @@ async fn run<S: Send + Sync + 'static>(
         lane_tasks.spawn(lane(Arc::clone(&starter), index, rx));
     }
     let mut pulls: FuturesUnordered<Pulling> = FuturesUnordered::new();
+    // Jobs the buffer refused (none: see where they are added).
+    let mut refused = VecDeque::new();
     // When the last pull was sent; the poll timer fires a poll interval
     // after it. Re-arming a timer costs more than a pull on a quick store,
     // so the timer is only moved once it fires.
@@ -690,20 +721,14 @@ async fn run<S: Send + Sync + 'static>(
             Some(pulled) = pulls.next(), if !pulls.is_empty() => {
                 match pulled.jobs {
                     Ok(jobs) => {
-                        let now = Instant::now();
                         let full = jobs.len() >= pulled.asked as usize;
                         // Slots sat idle for this pull's round trip.
                         let starved = buffer.is_empty() && free_slots(slots) > 0;
-                        stock.prefetch().pulled(now.duration_since(pulled.sent), full, starved);
-                        if !full {
-                            stock.drained(pulled.signs);
-                        }
-                        let refused = buffer.extend(
-                            keeper
-                                .hold_all(jobs, pulled.sent)
-                                .map(|(leased, hold)| Buffered::new(leased, hold, now)),
-                        );
-                        debug_assert!(refused.is_empty(), "only this loop closes the buffer, once it has left");
+                        stock.pulled(pulled.sent.elapsed(), full, starved, pulled.signs);
+                        // Only this loop closes the buffer, once it has
+                        // left; were a job refused, it would still be given
+                        // back at the end.
+                        refused.extend(buffer.extend(hold(keeper, jobs, pulled.sent)));
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "pull failed; trying again at the next poll");
@@ -751,13 +776,9 @@ async fn run<S: Send + Sync + 'static>(
     let mut report = ShutdownReport::default();
     // Jobs leased but not started go back at once, for another worker.
     let mut unstarted = buffer.close();
+    unstarted.append(&mut refused);
     while let Some(pulled) = pulls.next().await {
-        let now = Instant::now();
-        unstarted.extend(
-            keeper
-                .hold_all(pulled.jobs.unwrap_or_default(), pulled.sent)
-                .map(|(leased, hold)| Buffered::new(leased, hold, now)),
-        );
+        unstarted.extend(hold(keeper, pulled.jobs.unwrap_or_default(), pulled.sent));
         stock.landed(pulled.asked as usize);
     }
     report.released += release_all(&shared, unstarted).await;

@@ -3,13 +3,14 @@
 //!
 //! Two kinds of task pull for a runner: its pull loop, and, on a backend
 //! with instant writes, its lanes themselves as they find the buffer empty
-//! with a slot free (see `runner::lane`). Both size their pulls here and
-//! count them in one place, so that together they keep within the bound
-//! on leases held and the prefetch depth, and neither misses a sign that
-//! the queues hold due jobs.
+//! with a slot free (see `runner::Starter::pull_here`). Both size their
+//! pulls here and count them in one place, so that together they keep
+//! within the bound on leases held and the prefetch depth, and neither
+//! misses a sign that the queues hold due jobs.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use super::board::Board;
 use super::buffer::Buffer;
@@ -17,13 +18,15 @@ use super::prefetch::Prefetch;
 use super::slots::Slots;
 use crate::request::MAX_PULL_BATCH;
 
-/// How many pulls may be under way at once.
+/// How many of the pull loop's pulls may be under way at once (each
+/// sized for a share of the buffer's depth). A lane's own pull comes on
+/// top: it is made inline, and over once the lane goes on.
 pub(crate) const PULLS_AT_ONCE: usize = 4;
 
 /// The fewest jobs a pull is sent for while the buffer aims at `target`:
 /// not for a sliver of it, but once a good part of a pull's share is
 /// missing.
-pub(crate) fn least_worth_pulling(target: usize) -> usize {
+fn least_worth_pulling(target: usize) -> usize {
     target.div_ceil(2 * PULLS_AT_ONCE)
 }
 
@@ -38,15 +41,14 @@ pub(crate) struct Stock {
     /// as soon as its handler returns, before the outcome is recorded, so
     /// the next job starts without waiting for the acknowledgement.
     pub(crate) slots: Arc<Slots>,
-    /// The adaptive depth of the buffer, steered by every pull.
+    /// The adaptive depth of the buffer, steered by every pull. Its lock
+    /// also makes reservations one at a time (see [`Self::reserve`]).
     prefetch: Mutex<Prefetch>,
-    /// Jobs asked for by the pulls under way.
+    /// Jobs asked for by the pulls under way: raised under the `prefetch`
+    /// lock, lowered by a pull as it lands.
     asked: AtomicUsize,
     /// Every lease held (buffered, running, awaiting its record) or being
-    /// pulled stays within this. A finished job's lease is renewed until
-    /// its outcome is recorded, so the bound on those awaiting it is about
-    /// memory: were acknowledgements slower than pulls (a database slowed
-    /// by a vacuum, say), the backlog would otherwise grow without end.
+    /// pulled stays within this.
     max_held: usize,
     /// Counts the signs that the queues may hold due jobs: the start, a
     /// wake-up, a poll tick, a job due again at once.
@@ -91,8 +93,7 @@ impl Stock {
         self.prefetch.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Jobs asked for by the pulls under way.
-    pub(crate) fn asked(&self) -> usize {
+    fn asked(&self) -> usize {
         self.asked.load(Ordering::SeqCst)
     }
 
@@ -113,35 +114,41 @@ impl Stock {
 
     /// Sizes a pull for the `free` slots and its share of what the buffer
     /// lacks, within the room left under the bound on leases held, and
-    /// counts it as asked for (until [`Self::landed`]). Two tasks reserving
-    /// at once never both take the same room.
+    /// counts it as asked for (until [`Self::landed`]). Reservations are
+    /// made one at a time, so two never take the same room; a pull that
+    /// lands meanwhile is counted twice at most (in the buffer and as
+    /// asked), never missed.
     pub(crate) fn reserve(&self, free: usize) -> Reserve {
-        let target = self.prefetch().target() as usize;
-        let mut asked = self.asked();
-        loop {
-            let buffered = self.buffer.len();
-            let held = buffered + self.board.started() + asked;
-            let room = self.max_held.saturating_sub(held);
-            let lacking = (free + target).saturating_sub(buffered + asked);
-            let share = free + target.div_ceil(PULLS_AT_ONCE);
-            let wanted = lacking.min(share).min(MAX_PULL_BATCH as usize);
-            let want = wanted.min(room);
-            if want == 0 || want < least_worth_pulling(target) {
-                return if room < wanted {
-                    Reserve::Full(held)
-                } else {
-                    Reserve::Enough
-                };
-            }
-            match self.asked.compare_exchange(
-                asked,
-                asked + want,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => return Reserve::Pull(want),
-                Err(now) => asked = now,
-            }
+        let prefetch = self.prefetch();
+        let target = prefetch.target() as usize;
+        let asked = self.asked();
+        let buffered = self.buffer.len();
+        let held = buffered + self.board.started() + asked;
+        let room = self.max_held.saturating_sub(held);
+        let lacking = (free + target).saturating_sub(buffered + asked);
+        let share = free + target.div_ceil(PULLS_AT_ONCE);
+        let wanted = lacking.min(share).min(MAX_PULL_BATCH as usize);
+        let want = wanted.min(room);
+        if want == 0 || want < least_worth_pulling(target) {
+            return if room < wanted {
+                Reserve::Full(held)
+            } else {
+                Reserve::Enough
+            };
+        }
+        self.asked.fetch_add(want, Ordering::SeqCst);
+        drop(prefetch);
+        Reserve::Pull(want)
+    }
+
+    /// A pull sent at `sent` when [`Self::signs`] read `signs` came back
+    /// (`full` or short) after `round_trip`, finding slots `starved` (free,
+    /// with nothing buffered): steers the buffer's depth, and a short pull
+    /// marks the queues drained.
+    pub(crate) fn pulled(&self, round_trip: Duration, full: bool, starved: bool, signs: u64) {
+        self.prefetch().pulled(round_trip, full, starved);
+        if !full {
+            self.drained(signs);
         }
     }
 
@@ -180,7 +187,7 @@ impl Stock {
     /// Whether the queues may hold due jobs: a sign came after the last
     /// short pull was sent.
     pub(crate) fn has_more(&self) -> bool {
-        self.signs.load(Ordering::SeqCst) != self.drained_at.load(Ordering::SeqCst)
+        self.signs.load(Ordering::SeqCst) > self.drained_at.load(Ordering::SeqCst)
     }
 }
 
