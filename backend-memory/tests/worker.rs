@@ -636,24 +636,53 @@ async fn a_push_during_a_lanes_empty_pull_is_not_missed() {
     running.shutdown_within(StdDuration::from_secs(20)).await;
 }
 
+/// Notifies when dropped.
+#[derive(Debug)]
+struct NotifyOnDrop(Arc<tokio::sync::Notify>);
+
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
 /// A store whose second pull, once it has leased its jobs, waits until the
-/// test lets it return.
+/// test lets it return; it tells which tasks pulled, and when the worker
+/// dropped its wake-up subscription (as its pull loop stops, just before
+/// it gives its buffer back).
 #[derive(Debug, Default)]
 struct HeldSecondPull {
-    pulls: AtomicUsize,
+    pullers: Arc<std::sync::Mutex<Vec<Option<tokio::task::Id>>>>,
     entered: Arc<tokio::sync::Notify>,
     go_on: Arc<tokio::sync::Notify>,
+    unsubscribed: Arc<tokio::sync::Notify>,
 }
 
 #[async_trait::async_trait]
 impl Faults for HeldSecondPull {
+    async fn subscribe(&self, inner: &dyn Backend, queues: &[String]) -> Result<Option<Wakeups>> {
+        let Some(wakeups) = inner.subscribe(queues).await? else {
+            return Ok(None);
+        };
+        let guard = NotifyOnDrop(Arc::clone(&self.unsubscribed));
+        let signals = futures::stream::unfold((wakeups, guard), |(mut w, guard)| async move {
+            w.next().await.map(|()| ((), (w, guard)))
+        });
+        Ok(Some(Wakeups::from_stream(signals)))
+    }
+
     async fn pull(
         &self,
         inner: &dyn Backend,
         request: &relayq_core::PullRequest,
     ) -> Result<Vec<relayq_core::LeasedJob>> {
         let jobs = inner.pull(request).await?;
-        if self.pulls.fetch_add(1, Ordering::SeqCst) == 1 {
+        let pulls = {
+            let mut pullers = self.pullers.lock().expect("lock");
+            pullers.push(tokio::task::try_id());
+            pullers.len()
+        };
+        if pulls == 2 {
             self.entered.notify_one();
             self.go_on.notified().await;
         }
@@ -669,6 +698,10 @@ async fn a_lanes_pull_landing_after_the_shutdown_gives_its_jobs_back() {
     let (inner, _) = store();
     let faults = HeldSecondPull::default();
     let (entered, go_on) = (Arc::clone(&faults.entered), Arc::clone(&faults.go_on));
+    let (pullers, unsubscribed) = (
+        Arc::clone(&faults.pullers),
+        Arc::clone(&faults.unsubscribed),
+    );
     let memory = inner.clone();
     let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::new(inner), faults));
     // One slot, no buffer: the pull loop's first pull (for one job) comes
@@ -695,10 +728,22 @@ async fn a_lanes_pull_landing_after_the_shutdown_gives_its_jobs_back() {
     let running = worker.start();
     tokio::time::timeout(StdDuration::from_secs(20), entered.notified())
         .await
-        .expect("the lane pulls for itself");
+        .expect("a second pull");
+    {
+        let pullers = pullers.lock().expect("lock");
+        assert!(pullers[1].is_some(), "pulls are made in tasks");
+        assert_ne!(
+            pullers[0], pullers[1],
+            "the lane made the second pull, not the pull loop"
+        );
+    }
     let shutdown = tokio::spawn(running.shutdown_within(StdDuration::from_secs(20)));
-    // Let the pull loop see the stop and give its (empty) buffer back.
-    tokio::time::sleep(StdDuration::from_millis(200)).await;
+    // The pull loop saw the stop: it drops its subscription, then (in the
+    // same poll) gives its empty buffer back.
+    tokio::time::timeout(StdDuration::from_secs(20), unsubscribed.notified())
+        .await
+        .expect("the pull loop stops");
+    tokio::time::sleep(StdDuration::from_millis(50)).await;
     go_on.notify_one();
     let report = tokio::time::timeout(StdDuration::from_secs(20), shutdown)
         .await

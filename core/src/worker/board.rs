@@ -22,7 +22,8 @@ pub(crate) struct Board {
     /// as it may): each run's end and each recorded batch is signalled.
     pub(crate) wants_ends: AtomicBool,
     /// Wakes the pull loop: signalled on `due_now`, while `wants_ends` on
-    /// every end, and by the buffer when it runs low.
+    /// every end, by the buffer when it runs low, and by a lane that pulls
+    /// for itself when it finds the buffer dry (see `runner::Starter::pull_here`).
     pub(crate) ended: Notify,
 }
 

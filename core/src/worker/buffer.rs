@@ -5,7 +5,7 @@
 //! the pull loop when a pull comes back, and a lane as soon as one of its
 //! runs ends, in the same task, without waking the pull loop. The pull
 //! loop is told only when the buffer runs low, or runs dry while a slot is
-//! free.
+//! free (by a lane that pulls for itself: only once it has found it dry).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -114,9 +114,10 @@ impl Buffer {
     /// The next job to start and a free slot for it, if there are both,
     /// counted in `running` (the in-flight count of the lane that will run
     /// it). Skips jobs whose lease was lost while they waited (the store's
-    /// clock jumped, or it was unreachable for a whole lease). A lane
-    /// taking jobs tells the pull loop (`tell`) when the buffer runs low;
-    /// the pull loop itself need not be told. A job's wait for its slot
+    /// clock jumped, or it was unreachable for a whole lease). With `tell`,
+    /// taking jobs tells the pull loop when the buffer runs low (a lane
+    /// does, unless it pulls for itself; the pull loop itself need not be
+    /// told). A job's wait for its slot
     /// ends at `now`, read once by the caller for all the jobs it starts
     /// together (a clock read per job is a measurable part of a quick
     /// job's cost, and the wait is compared with tens of milliseconds).

@@ -137,16 +137,21 @@ impl<S: Send + Sync + 'static> Starter<S> {
     /// (A lane that keeps feeding itself still yields now and then: see
     /// [`STARTS_BETWEEN_YIELDS`].)
     ///
-    /// Once its pull has landed, the lane tells the pull loop, which then
-    /// sees to what the lane's pull did not: a wake-up that came while it
-    /// was under way (the pull loop, counting the lane's pull as asked for,
-    /// had found nothing worth pulling), jobs left over for sibling runners
-    /// with a slot free, or a lack of room under the bound on leases held.
-    /// The lane's buffer ran dry, so the pull loop was to be told anyway:
-    /// it is told once, after the fact.
+    /// Such a lane does not tell the pull loop that the buffer runs low
+    /// (see [`Buffer::take`](super::buffer::Buffer::take)); once it has
+    /// found the buffer dry with a slot free, and its pull (if it made one)
+    /// has landed, it tells the pull loop, which then sees to what the
+    /// lane's pull did not: a wake-up that came while it was under way
+    /// (the pull loop, counting the lane's pull as asked for, had found
+    /// nothing worth pulling), jobs left over for sibling runners with a
+    /// slot free, or a lack of room under the bound on leases held.
     async fn pull_here(&self) -> Refill {
         if !self.shared.instant_writes {
             // The lane's `take` told the pull loop.
+            return Refill::Wait;
+        }
+        if self.stock.slots.free() == 0 {
+            // `take` found no slot, not a dry buffer: nothing to tell.
             return Refill::Wait;
         }
         let refill = self.pull_if_worth_it().await;
@@ -156,6 +161,9 @@ impl<S: Send + Sync + 'static> Starter<S> {
 
     async fn pull_if_worth_it(&self) -> Refill {
         let stock = &*self.stock;
+        // Not if the buffer was filled since the lane found it dry: the
+        // pull loop, told next, starts those jobs. (Going back to take
+        // them would spin should `take` keep refusing them.)
         let worth_it = stock.has_more()
             && stock.buffer.is_empty()
             && stock.slots.free() > 0
@@ -696,7 +704,8 @@ async fn run<S: Send + Sync + 'static>(
 
         // Taking jobs from the buffer (lanes do, as their runs end) wakes
         // this loop once so few are left that a pull is worth it (what the
-        // buffer lacks reaches `least_worth_pulling`).
+        // buffer lacks reaches `least_worth_pulling`), unless the lanes pull
+        // for themselves (see `Starter::pull_here`).
         buffer.set_low_water(stock.low_water());
 
         // Too many leases held to pull: only the end of a started job makes
@@ -738,7 +747,8 @@ async fn run<S: Send + Sync + 'static>(
                 // Counted as asked until its jobs are in the buffer.
                 stock.landed(pulled.asked as usize);
             }
-            // The buffer ran low (or dry with a slot free), a job went back
+            // The buffer ran low (or dry with a slot free; or a lane that
+            // pulls for itself found it dry and pulled), a job went back
             // due at once, or one ended while the held leases were at the
             // bound.
             () = board.ended.notified() => {}
