@@ -584,19 +584,13 @@ impl Faults for PushDuringEmptyPull {
     }
 }
 
-/// A push whose wake-up comes while a lane's own pull is under way (the
-/// pull loop, counting that pull, finds nothing worth pulling) is pulled
-/// once the lane's pull comes back empty, not at the next poll tick.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_during_a_lanes_empty_pull_is_not_missed() {
-    let (inner, _) = store();
-    let faults = PushDuringEmptyPull::default();
-    let late = Arc::clone(&faults.late);
-    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::new(inner), faults));
-    // One slot, no buffer: the pull loop's first pull (for one job) comes
-    // back full, so the lane pulls for itself when that job ends; the job
-    // takes long enough for the pull loop to be waiting by then.
-    let worker = Worker::builder(Arc::clone(&backend))
+/// A worker whose lane makes the second pull: one slot and no buffer, so
+/// the pull loop's first pull (for one job) comes back full, and the lane
+/// pulls for itself when that job ends. The job (to "first") takes long
+/// enough for the pull loop to be waiting by then; the poll interval is an
+/// hour, so only wake-ups make it pull.
+fn lane_pulling_worker(backend: &Arc<dyn Backend>) -> Worker<()> {
+    Worker::builder(Arc::clone(backend))
         .queues(["mail"])
         .concurrency(1)
         .prefetch(0)
@@ -608,7 +602,19 @@ async fn a_push_during_a_lanes_empty_pull_is_not_missed() {
             Ok::<_, HandlerError>(())
         })
         .build()
-        .expect("build");
+        .expect("build")
+}
+
+/// A push whose wake-up comes while a lane's own pull is under way (the
+/// pull loop, counting that pull, finds nothing worth pulling) is pulled
+/// once the lane's pull comes back empty, not at the next poll tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_during_a_lanes_empty_pull_is_not_missed() {
+    let (inner, _) = store();
+    let faults = PushDuringEmptyPull::default();
+    let late = Arc::clone(&faults.late);
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::new(inner), faults));
+    let worker = lane_pulling_worker(&backend);
     let first = backend
         .push(Email { to: "first".into() }.to_job())
         .await
@@ -704,22 +710,7 @@ async fn a_lanes_pull_landing_after_the_shutdown_gives_its_jobs_back() {
     );
     let memory = inner.clone();
     let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::new(inner), faults));
-    // One slot, no buffer: the pull loop's first pull (for one job) comes
-    // back full, so the lane makes the second pull itself when that job
-    // ends; the job takes long enough for the pull loop to be waiting.
-    let worker = Worker::builder(Arc::clone(&backend))
-        .queues(["mail"])
-        .concurrency(1)
-        .prefetch(0)
-        .poll_interval(StdDuration::from_secs(3600))
-        .handle(|e: Email, _ctx: JobContext<()>| async move {
-            if e.to == "first" {
-                tokio::time::sleep(StdDuration::from_millis(200)).await;
-            }
-            Ok::<_, HandlerError>(())
-        })
-        .build()
-        .expect("build");
+    let worker = lane_pulling_worker(&backend);
     let mut ids = Vec::new();
     for to in ["first", "second"] {
         let job = Email { to: to.into() }.to_job();

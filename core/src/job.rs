@@ -412,6 +412,30 @@ pub fn check_instant(field: &'static str, at: OffsetDateTime) -> Result<()> {
     Ok(())
 }
 
+/// A processing job with lease token 1, for unit tests.
+#[cfg(test)]
+pub(crate) fn leased_for_tests(id: JobId) -> Job {
+    let t = time::macros::datetime!(2030-01-01 00:00 UTC);
+    Job {
+        id,
+        queue: "default".into(),
+        kind: "k".into(),
+        payload: Arc::new(Value::Null),
+        priority: 0,
+        status: JobStatus::Processing,
+        attempts: 1,
+        max_attempts: 5,
+        lease_token: 1,
+        run_at: t,
+        locked_until: Some(t),
+        unique_key: None,
+        last_error: None,
+        result: None,
+        created_at: t,
+        updated_at: t,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -243,29 +243,10 @@ fn unit_random() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::JobStatus;
-    use time::macros::datetime;
+    use crate::job::leased_for_tests;
 
     fn job() -> Job {
-        let t = datetime!(2030-01-01 00:00 UTC);
-        Job {
-            id: 1,
-            queue: "default".into(),
-            kind: "k".into(),
-            payload: Arc::new(serde_json::Value::Null),
-            priority: 0,
-            status: JobStatus::Processing,
-            attempts: 1,
-            max_attempts: 5,
-            lease_token: 1,
-            run_at: t,
-            locked_until: Some(t),
-            unique_key: None,
-            last_error: None,
-            result: None,
-            created_at: t,
-            updated_at: t,
-        }
+        leased_for_tests(1)
     }
 
     #[test]

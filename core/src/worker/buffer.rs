@@ -174,36 +174,17 @@ impl Buffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::JobStatus;
+    use crate::job::leased_for_tests;
     use crate::worker::keeper::WatchRef;
-    use time::macros::datetime;
 
     fn buffered(id: i64) -> Buffered {
-        let t = datetime!(2030-01-01 00:00 UTC);
+        let job = leased_for_tests(id);
         let lease = Lease {
             job_id: id,
-            token: 1,
-        };
-        let job = Job {
-            id,
-            queue: "default".into(),
-            kind: "k".into(),
-            payload: Arc::new(serde_json::Value::Null),
-            priority: 0,
-            status: JobStatus::Processing,
-            attempts: 1,
-            max_attempts: 5,
-            lease_token: 1,
-            run_at: t,
-            locked_until: Some(t),
-            unique_key: None,
-            last_error: None,
-            result: None,
-            created_at: t,
-            updated_at: t,
+            token: job.lease_token,
         };
         let hold = Hold {
-            watch: WatchRef::alone(lease, t),
+            watch: WatchRef::alone(lease, job.run_at),
         };
         Buffered::new(LeasedJob { lease, job }, hold, Instant::now())
     }
