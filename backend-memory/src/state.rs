@@ -1,6 +1,7 @@
 //! The store's state and its transitions. Every method runs under the
 //! backend's one lock, so each is atomic.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -54,6 +55,20 @@ struct Leases(BTreeMap<Ts, VecDeque<JobId>>);
 impl Leases {
     fn insert(&mut self, until: Ts, id: JobId) {
         self.0.entry(until).or_default().push_back(id);
+    }
+
+    /// Adds a pull's leases, all ending at `until`, in one piece (not
+    /// copied as a list grows one id at a time).
+    fn insert_all(&mut self, until: Ts, mut ids: VecDeque<JobId>) {
+        if ids.is_empty() {
+            return;
+        }
+        match self.0.entry(until) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(ids);
+            }
+            Entry::Occupied(mut held) => held.get_mut().append(&mut ids),
+        }
     }
 
     /// Forgets the lease of `id` that ends at `until`.
@@ -249,6 +264,7 @@ impl State {
             // jobs are popped, without collecting, sorting and searching
             // for them again.
             let mut leased = Vec::with_capacity(batch.min(index.ready.len()));
+            let mut ids = VecDeque::with_capacity(leased.capacity());
             let mut not_due = Vec::new();
             while leased.len() < batch && !index.ready.is_empty() {
                 for key @ (_, run_at, id) in take_first(&mut index.ready, batch - leased.len()) {
@@ -256,11 +272,11 @@ impl State {
                         not_due.push(key);
                         continue;
                     }
-                    let job = &mut self.jobs[id];
-                    index.leased.insert(until_ts, id);
-                    leased.push(grant(job, now, until));
+                    ids.push_back(id);
+                    leased.push(grant(&mut self.jobs[id], now, until));
                 }
             }
+            index.leased.insert_all(until_ts, ids);
             index.ready.extend(not_due);
             return leased;
         }

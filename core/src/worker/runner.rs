@@ -373,7 +373,9 @@ async fn lane<S: Send + Sync + 'static>(
         drop(sent);
         if !acks.is_empty() {
             let n = acks.len();
-            let recording = record_completions(&starter.shared, board, std::mem::take(&mut acks));
+            // The next turn's completions get as much room as this one's.
+            let batch = std::mem::replace(&mut acks, Vec::with_capacity(n));
+            let recording = record_completions(&starter.shared, board, batch);
             if AssertUnwindSafe(recording).catch_unwind().await.is_err() {
                 // A backend's bug: the lane and its other jobs go on; these
                 // jobs' leases run out and they run again.
