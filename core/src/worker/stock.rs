@@ -89,7 +89,8 @@ impl Stock {
 
     /// The buffer's adaptive depth, to read or steer.
     pub(crate) fn prefetch(&self) -> MutexGuard<'_, Prefetch> {
-        // Every critical section is one call on the `Prefetch`.
+        // Held for one call on the `Prefetch`, or for one reservation,
+        // which only reads counters: never across an await.
         self.prefetch.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -97,19 +98,14 @@ impl Stock {
         self.asked.load(Ordering::SeqCst)
     }
 
-    /// The leases held: buffered, started (running or awaiting their
-    /// record), and asked for by the pulls under way, as of a read of
-    /// `asked`. Read in that order, none is missed: a pull that lands
-    /// adds its jobs to the buffer before it stops counting them as
-    /// asked, and a job a lane takes is counted as started before it
-    /// leaves the buffer.
-    fn held(&self, asked: usize) -> usize {
-        self.buffer.len() + self.board.started() + asked
-    }
-
-    /// The leases held now (see [`Self::held`]).
+    /// The leases held: asked for by the pulls under way, buffered, and
+    /// started (running or awaiting their record). Read in that order,
+    /// none is missed: a pull that lands adds its jobs to the buffer
+    /// before it stops counting them as asked, and a job a lane takes is
+    /// counted as started before it leaves the buffer.
     pub(crate) fn leases_held(&self) -> usize {
-        self.held(self.asked())
+        let asked = self.asked();
+        asked + self.buffer.len() + self.board.started()
     }
 
     /// Sizes a pull for the `free` slots and its share of what the buffer
@@ -117,13 +113,14 @@ impl Stock {
     /// counts it as asked for (until [`Self::landed`]). Reservations are
     /// made one at a time, so two never take the same room; a pull that
     /// lands meanwhile is counted twice at most (in the buffer and as
-    /// asked), never missed.
+    /// asked), never missed (the counts are read in the order
+    /// [`Self::leases_held`] reads them).
     pub(crate) fn reserve(&self, free: usize) -> Reserve {
         let prefetch = self.prefetch();
         let target = prefetch.target() as usize;
         let asked = self.asked();
         let buffered = self.buffer.len();
-        let held = buffered + self.board.started() + asked;
+        let held = asked + buffered + self.board.started();
         let room = self.max_held.saturating_sub(held);
         let lacking = (free + target).saturating_sub(buffered + asked);
         let share = free + target.div_ceil(PULLS_AT_ONCE);
@@ -141,10 +138,10 @@ impl Stock {
         Reserve::Pull(want)
     }
 
-    /// A pull sent at `sent` when [`Self::signs`] read `signs` came back
-    /// (`full` or short) after `round_trip`, finding slots `starved` (free,
-    /// with nothing buffered): steers the buffer's depth, and a short pull
-    /// marks the queues drained.
+    /// A pull sent when [`Self::signs`] read `signs` came back (`full` or
+    /// short) after `round_trip`, finding slots `starved` (free, with
+    /// nothing buffered): steers the buffer's depth, and a short pull marks
+    /// the queues drained.
     pub(crate) fn pulled(&self, round_trip: Duration, full: bool, starved: bool, signs: u64) {
         self.prefetch().pulled(round_trip, full, starved);
         if !full {
