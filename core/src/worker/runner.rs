@@ -44,6 +44,7 @@ use super::stock::{PULLS_AT_ONCE, Reserve, Stock};
 use crate::error::Result;
 use crate::lease::LeasedJob;
 use crate::request::{MAX_PULL_BATCH, PullRequest};
+use crate::store::Backend;
 use crate::wakeups::Wakeups;
 
 /// What a graceful shutdown did with the jobs in flight.
@@ -175,27 +176,11 @@ impl<S: Send + Sync + 'static> Starter<S> {
         let Reserve::Pull(want) = stock.reserve(stock.slots.free()) else {
             return Refill::Wait;
         };
-        let signs = stock.signs();
-        let sent = Instant::now();
         let batch = u32::try_from(want).unwrap_or(MAX_PULL_BATCH);
-        let pulled = self
-            .shared
-            .backend
-            .pull(&self.request.clone().batch(batch))
-            .await;
-        let refused = match pulled {
-            Ok(jobs) => {
-                // Slots were free with nothing buffered: starved.
-                stock.pulled(sent.elapsed(), jobs.len() >= want, true, signs);
-                stock.buffer.extend(hold(&self.crew.keeper, jobs, sent))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "pull failed; trying again at the next poll");
-                stock.drained(signs);
-                VecDeque::new()
-            }
-        };
-        stock.landed(want);
+        let request = self.request.clone().batch(batch);
+        let pulled = Pulled::send(Arc::clone(&self.shared.backend), request, stock.signs()).await;
+        // Slots were free with nothing buffered: starved.
+        let refused = pulled.land(stock, &self.crew.keeper, true);
         if !refused.is_empty() {
             Refill::Refused(refused)
         } else if stock.buffer.is_empty() {
@@ -543,6 +528,43 @@ struct Pulled {
     signs: u64,
 }
 
+impl Pulled {
+    /// Sends `request`, reserved in a stock whose signs read `signs`.
+    async fn send(backend: Arc<dyn Backend>, request: PullRequest, signs: u64) -> Self {
+        let sent = Instant::now();
+        let jobs = backend.pull(&request).await;
+        Self {
+            jobs,
+            asked: request.batch,
+            sent,
+            signs,
+        }
+    }
+
+    /// Lands the pull in `stock`: steers the buffer's depth (`starved`:
+    /// slots sat free with nothing buffered for it), marks the queues
+    /// drained if it came back short or failed, buffers its jobs with the
+    /// `keeper` holding their leases, and stops counting them as asked
+    /// for. Returns the jobs a closed buffer refused, to be given back.
+    fn land(self, stock: &Stock, keeper: &LeaseKeeper, starved: bool) -> VecDeque<Buffered> {
+        let refused = match self.jobs {
+            Ok(jobs) => {
+                let full = jobs.len() >= self.asked as usize;
+                stock.pulled(self.sent.elapsed(), full, starved, self.signs);
+                stock.buffer.extend(hold(keeper, jobs, self.sent))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pull failed; trying again at the next poll");
+                stock.drained(self.signs);
+                VecDeque::new()
+            }
+        };
+        // Counted as asked until its jobs are in the buffer.
+        stock.landed(self.asked as usize);
+        refused
+    }
+}
+
 /// Runner `index` of `crew` (its stock is `crew.stocks[index]`, the
 /// others its siblings'): pulls and runs jobs until `stop` carries a
 /// deadline (or its sender is gone), then drains: no more pulls, buffered
@@ -688,20 +710,10 @@ async fn run<S: Send + Sync + 'static>(
                 }
             };
             let batch = u32::try_from(want).unwrap_or(MAX_PULL_BATCH);
-            let backend = Arc::clone(&shared.backend);
             let request = request.clone().batch(batch);
-            let signs = stock.signs();
             last_pull = Instant::now();
-            pulls.push(Box::pin(async move {
-                let sent = Instant::now();
-                let jobs = backend.pull(&request).await;
-                Pulled {
-                    jobs,
-                    asked: batch,
-                    sent,
-                    signs,
-                }
-            }) as Pulling);
+            let pull = Pulled::send(Arc::clone(&shared.backend), request, stock.signs());
+            pulls.push(Box::pin(pull) as Pulling);
         }
 
         // Taking jobs from the buffer (lanes do, as their runs end) wakes
@@ -730,24 +742,11 @@ async fn run<S: Send + Sync + 'static>(
                 }
             }
             Some(pulled) = pulls.next(), if !pulls.is_empty() => {
-                match pulled.jobs {
-                    Ok(jobs) => {
-                        let full = jobs.len() >= pulled.asked as usize;
-                        // Slots sat idle for this pull's round trip.
-                        let starved = buffer.is_empty() && free_slots(slots) > 0;
-                        stock.pulled(pulled.sent.elapsed(), full, starved, pulled.signs);
-                        // Only this loop closes the buffer, once it has
-                        // left; were a job refused, it would still be given
-                        // back at the end.
-                        refused.extend(buffer.extend(hold(keeper, jobs, pulled.sent)));
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "pull failed; trying again at the next poll");
-                        stock.drained(pulled.signs);
-                    }
-                }
-                // Counted as asked until its jobs are in the buffer.
-                stock.landed(pulled.asked as usize);
+                // Slots sat idle for this pull's round trip.
+                let starved = buffer.is_empty() && free_slots(slots) > 0;
+                // Only this loop closes the buffer, once it has left; were
+                // a job refused, it would still be given back at the end.
+                refused.extend(pulled.land(&stock, keeper, starved));
             }
             // The buffer ran low (or dry with a slot free; or a lane that
             // pulls for itself found it dry and pulled), a job went back
