@@ -5,6 +5,8 @@
 //! `bench/run` runs every workload, each in its own process, next to the
 //! raw-SQL baseline, and prints relayq ÷ baseline.
 
+#[cfg(feature = "postgres")]
+mod client;
 mod processing;
 mod report;
 mod store;
@@ -28,7 +30,20 @@ enum Workload {
     Latency,
     /// N jobs (WORKLOAD.md: 1,000,000) processed while more are enqueued.
     Sustained,
+    /// Not relayq: N single-row inserts into relayq's table from 8 tasks,
+    /// each on a connection of its own, through tokio and sqlx (PostgreSQL
+    /// only). What a Rust client making one statement per job can do,
+    /// beside pgbench's `insert1`.
+    ClientInsert1,
+    /// Not relayq: 200 single-row inserts 50 ms apart on one connection
+    /// (PostgreSQL only): the cost of one durable commit on an idle
+    /// server, of which the `latency` workload's jobs wait for two.
+    ClientIdleInsert1,
 }
+
+/// WORKLOAD.md's `latency`: 200 jobs, 50 ms apart.
+const LATENCY_JOBS: u64 = 200;
+const LATENCY_GAP: std::time::Duration = std::time::Duration::from_millis(50);
 
 #[derive(Debug, Parser)]
 #[command(about = "relayq's standard workload, one workload per process")]
@@ -91,10 +106,12 @@ async fn run(args: &Args) -> Result<bool, String> {
                 processing::process(label, backend, args.jobs, store.settle()).await
             }
             Workload::Latency => {
-                let n = args.jobs.min(200);
-                processing::latency(label, backend, n, std::time::Duration::from_millis(50)).await
+                processing::latency(label, backend, args.jobs.min(LATENCY_JOBS), LATENCY_GAP).await
             }
             Workload::Sustained => processing::sustained(label, backend, args.jobs).await,
+            Workload::ClientInsert1 | Workload::ClientIdleInsert1 => {
+                client_baseline(&store, args).await
+            }
         }
     };
     let outcome = tokio::time::timeout(workloads::WORKLOAD_DEADLINE, work)
@@ -109,4 +126,22 @@ async fn run(args: &Args) -> Result<bool, String> {
     let mut line = outcome??;
     println!("{}", line.render());
     Ok(line.passed())
+}
+
+#[cfg(feature = "postgres")]
+async fn client_baseline(store: &store::Store, args: &Args) -> Result<report::Line, String> {
+    let backend = store
+        .postgres()
+        .ok_or("the client baselines run on the postgres backend only")?;
+    match args.workload {
+        Workload::ClientIdleInsert1 => {
+            client::idle_insert1(backend, args.jobs.min(LATENCY_JOBS), LATENCY_GAP).await
+        }
+        _ => client::insert1(backend, args.jobs, args.tasks).await,
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn client_baseline(_: &store::Store, _: &Args) -> Result<report::Line, String> {
+    Err("the client baselines need the bench crate's `postgres` feature".to_owned())
 }

@@ -92,6 +92,15 @@ pub(crate) async fn open(kind: Kind, url: &str) -> Result<Store, String> {
 }
 
 impl Store {
+    /// The PostgreSQL backend, when the store is one.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn postgres(&self) -> Option<&relayq_postgres::PgBackend> {
+        match &self.owned {
+            Owned::Postgres(backend) => Some(backend),
+            _ => None,
+        }
+    }
+
     /// Brings the store to a steady state after a bulk load (WORKLOAD.md:
     /// VACUUM ANALYZE and CHECKPOINT on PostgreSQL).
     pub(crate) async fn settle(&self) -> Result<(), String> {

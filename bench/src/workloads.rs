@@ -35,8 +35,8 @@ impl JobType for SendEmail {
     const KIND: &'static str = "send_email";
 }
 
-/// Job `seq`, stamped just before the enqueue call.
-pub(crate) fn job(seq: u64) -> NewJob {
+/// The payload of job `seq`, stamped now.
+pub(crate) fn payload(seq: u64) -> SendEmail {
     SendEmail {
         kind: SendEmail::KIND.to_owned(),
         seq,
@@ -44,7 +44,11 @@ pub(crate) fn job(seq: u64) -> NewJob {
         to: "user@example.com".to_owned(),
         pad: "xxxxxxxxx".to_owned(),
     }
-    .to_job()
+}
+
+/// Job `seq`, stamped just before the enqueue call.
+pub(crate) fn job(seq: u64) -> NewJob {
+    payload(seq).to_job()
 }
 
 async fn count_jobs(backend: &dyn Backend) -> Result<u64, String> {
