@@ -15,13 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
 use relayq_core::{
-    Event, HandlerError, Jitter, JobContext, JobId, JobStatus, JobType, NewJob, Outcome,
-    RetryPolicy, Worker,
+    Backend, Event, HandlerError, Jitter, JobContext, JobId, JobStatus, JobType, LeasedJob, NewJob,
+    Outcome, PullRequest, Result, RetryPolicy, Worker,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use time::Duration;
 
+use crate::faults::{Faults, Faulty};
 use crate::harness::Harness;
 
 /// The longest any wait in these cases may take before the case fails: a
@@ -641,6 +642,69 @@ pub async fn worker_wakes_up_on_push(h: Harness) {
         .expect("wait_for");
     assert_eq!(job.status, JobStatus::Done);
     running.shutdown_within(LIVENESS).await;
+}
+
+/// On a backend that declares wake-ups, a push whose wake-up arrives while
+/// the worker's pull is under way, a pull that then comes back empty
+/// (its snapshot predates the push), is run at once: the wake-up is not
+/// taken as answered by the pull it raced, and the worker does not wait
+/// for its (hour-long) poll.
+pub async fn worker_hears_a_push_made_during_its_empty_pull(h: Harness) {
+    let caps = h.backend.capabilities();
+    if !caps.in_process_wakeups && !caps.cross_process_wakeups {
+        return;
+    }
+    let racing = PushDuringFirstEmptyPull::default();
+    let late = Arc::clone(&racing.late);
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::clone(&h.backend), racing));
+    let worker = Worker::builder(backend)
+        .state(h.clone())
+        .poll_interval(StdDuration::from_secs(3600))
+        .handle(
+            |task: Task, _ctx: JobContext<Harness>| async move { Ok::<_, HandlerError>(task.n) },
+        )
+        .build()
+        .expect("build");
+    // Nothing is queued: the worker's first pull comes back empty.
+    let running = worker.start();
+    let late = within("the first, empty pull", async {
+        loop {
+            if let Some(id) = *late.lock().expect("lock") {
+                return id;
+            }
+            tokio::time::sleep(StdDuration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let job = within("a job pushed during an empty pull", running.wait_for(late))
+        .await
+        .expect("wait_for");
+    assert_eq!(job.status, JobStatus::Done);
+    assert_eq!(job.result, Some(json!(7)));
+    running.shutdown_within(LIVENESS).await;
+}
+
+/// A store whose first pull to come back empty pushes a job before it
+/// returns and gives the push's wake-up time to arrive, as a push racing
+/// the pull would: the worker hears of the job while its pull, which could
+/// not see it, is still under way.
+#[derive(Debug, Default)]
+struct PushDuringFirstEmptyPull {
+    late: Arc<Mutex<Option<JobId>>>,
+}
+
+#[async_trait::async_trait]
+impl Faults for PushDuringFirstEmptyPull {
+    async fn pull(&self, inner: &dyn Backend, request: &PullRequest) -> Result<Vec<LeasedJob>> {
+        let jobs = inner.pull(request).await?;
+        if jobs.is_empty() && self.late.lock().expect("lock").is_none() {
+            let id = inner.push(Task { n: 7 }.to_job()).await?.id();
+            *self.late.lock().expect("lock") = Some(id);
+            // Long enough for a wake-up sent through the server to arrive.
+            tokio::time::sleep(StdDuration::from_millis(200)).await;
+        }
+        Ok(jobs)
+    }
 }
 
 /// Shutdown stops pulling at once, lets in-flight jobs finish within the
