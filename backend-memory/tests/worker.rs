@@ -749,3 +749,74 @@ async fn a_lanes_pull_landing_after_the_shutdown_gives_its_jobs_back() {
     assert_eq!(second.status, JobStatus::Pending);
     assert_eq!(second.attempts, 0, "given back, the attempt not spent");
 }
+
+/// A job one runner pulled beyond its free slots is run by an idle sibling
+/// runner at once, not after the long job holding the first runner's slot.
+/// (On the memory store a started worker has a runner per runtime thread,
+/// each with its share of the concurrency: here two runners of one slot.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runners_surplus_is_run_by_an_idle_sibling() {
+    let (inner, _) = store();
+    let backend = dyn_backend(&inner);
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let worker = Worker::builder(Arc::clone(&backend))
+        .queues(["mail"])
+        .concurrency(2)
+        .prefetch(16)
+        .poll_interval(StdDuration::from_secs(3600))
+        .handle({
+            let release = Arc::clone(&release);
+            move |e: Email, _ctx: JobContext<()>| {
+                let release = Arc::clone(&release);
+                async move {
+                    if e.to == "long" {
+                        let _ = release.acquire().await.expect("open");
+                    }
+                    Ok::<_, HandlerError>(())
+                }
+            }
+        })
+        .build()
+        .expect("build");
+    let running = worker.start();
+    let within = |id| tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id));
+    // Quick jobs first: full pulls with slots waiting deepen each runner's
+    // buffer, so that one pull then takes more than its runner's one slot.
+    let warm: Vec<NewJob> = (0..400)
+        .map(|i| {
+            Email {
+                to: format!("warm{i}"),
+            }
+            .to_job()
+        })
+        .collect();
+    let warm = backend.push_batch(warm).await.expect("push");
+    for outcome in &warm {
+        within(outcome.id())
+            .await
+            .expect("in time")
+            .expect("wait_for");
+    }
+    // One pull takes all four; the long job holds its runner's only slot.
+    let jobs = ["long", "quick1", "quick2", "quick3"]
+        .map(|to| Email { to: to.into() }.to_job())
+        .to_vec();
+    let ids: Vec<_> = backend
+        .push_batch(jobs)
+        .await
+        .expect("push")
+        .iter()
+        .map(|o| o.id())
+        .collect();
+    for &id in &ids[1..] {
+        let job = within(id)
+            .await
+            .expect("a quick job runs while the long one holds its runner's slot")
+            .expect("wait_for");
+        assert_eq!(job.status, JobStatus::Done);
+    }
+    release.add_permits(1);
+    let long = within(ids[0]).await.expect("in time").expect("wait_for");
+    assert_eq!(long.status, JobStatus::Done);
+    running.shutdown_within(StdDuration::from_secs(20)).await;
+}
