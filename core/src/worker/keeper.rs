@@ -383,7 +383,9 @@ async fn renew(
                     };
                     // Lost leases, told in one warning: a stalled worker
                     // may find many lost at once.
-                    let mut lost: Vec<(i64, Option<Duration>)> = Vec::new();
+                    // The count, and the first lost with its time since
+                    // the last renewal.
+                    let (mut lost, mut first) = (0usize, None);
                     for (watch, end) in watches.iter().zip(ends) {
                         match end {
                             Some(until) => watch.renewed(until, sent),
@@ -391,15 +393,18 @@ async fn renew(
                             // recorded, say) is no loss to anyone.
                             None if watch.is_released() => {}
                             None => {
-                                let since = watch.renewal().sent.map(|last| sent - last);
-                                lost.push((watch.lease().job_id, since));
+                                lost += 1;
+                                first.get_or_insert_with(|| {
+                                    let since = watch.renewal().sent.map(|last| sent - last);
+                                    (watch.lease().job_id, since)
+                                });
                                 watch.mark_lost();
                             }
                         }
                     }
-                    if let Some(&(job, since)) = lost.first() {
+                    if let Some((job, since)) = first {
                         tracing::warn!(
-                            leases = lost.len(),
+                            leases = lost,
                             job,
                             since_last_renewal_ms = since.map(|d| d.as_millis() as u64),
                             took_ms = took.as_millis() as u64,
