@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration as StdDuration;
 
 use relayq_conformance::EPOCH;
-use relayq_conformance::faults::{Faults, Faulty};
+use relayq_conformance::faults::{Faults, Faulty, PushDuringEmptyPull};
 use relayq_core::{
     Backend, Capabilities, Error, Event, Handler, HandlerError, JobContext, JobStatus, JobType,
     ManualClock, NewJob, Outcome, Pusher, Result, Wakeups, Worker,
@@ -557,33 +557,6 @@ async fn a_lane_feeding_itself_lets_the_keeper_renew_on_one_thread() {
     assert_eq!(long_runs.load(Ordering::SeqCst), 1);
 }
 
-/// A store whose first pull that finds nothing lets a push land before it
-/// returns, as a push racing the pull would: the worker hears of the push
-/// while the pull is still under way.
-#[derive(Debug, Default)]
-struct PushDuringEmptyPull {
-    late: Arc<std::sync::Mutex<Option<relayq_core::JobId>>>,
-}
-
-#[async_trait::async_trait]
-impl Faults for PushDuringEmptyPull {
-    async fn pull(
-        &self,
-        inner: &dyn Backend,
-        request: &relayq_core::PullRequest,
-    ) -> Result<Vec<relayq_core::LeasedJob>> {
-        let jobs = inner.pull(request).await?;
-        let first_empty = jobs.is_empty() && self.late.lock().expect("lock").is_none();
-        if first_empty {
-            let id = inner.push(Email { to: "late".into() }.to_job()).await?.id();
-            *self.late.lock().expect("lock") = Some(id);
-            // Long enough for the worker to hear of the push meanwhile.
-            tokio::time::sleep(StdDuration::from_millis(100)).await;
-        }
-        Ok(jobs)
-    }
-}
-
 /// A worker whose lane makes the second pull: one slot and no buffer, so
 /// the pull loop's first pull (for one job) comes back full, and the lane
 /// pulls for itself when that job ends. The job (to "first") takes long
@@ -611,9 +584,12 @@ fn lane_pulling_worker(backend: &Arc<dyn Backend>) -> Worker<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_during_a_lanes_empty_pull_is_not_missed() {
     let (inner, _) = store();
-    let faults = PushDuringEmptyPull::default();
-    let late = Arc::clone(&faults.late);
-    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::new(inner), faults));
+    // The wait is long enough for the worker to hear of the push meanwhile.
+    let racing = Arc::new(PushDuringEmptyPull::new(
+        Email { to: "late".into() }.to_job(),
+        StdDuration::from_millis(100),
+    ));
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::new(inner), Arc::clone(&racing)));
     let worker = lane_pulling_worker(&backend);
     let first = backend
         .push(Email { to: "first".into() }.to_job())
@@ -626,7 +602,7 @@ async fn a_push_during_a_lanes_empty_pull_is_not_missed() {
     assert_eq!(done.status, JobStatus::Done);
     let late = tokio::time::timeout(StdDuration::from_secs(20), async {
         loop {
-            if let Some(id) = *late.lock().expect("lock") {
+            if let Some(id) = racing.pushed() {
                 return id;
             }
             tokio::time::sleep(StdDuration::from_millis(5)).await;
@@ -750,6 +726,36 @@ async fn a_lanes_pull_landing_after_the_shutdown_gives_its_jobs_back() {
     assert_eq!(second.attempts, 0, "given back, the attempt not spent");
 }
 
+/// The ids each pull returned.
+#[derive(Debug, Default)]
+struct PullLog(std::sync::Mutex<Vec<Vec<relayq_core::JobId>>>);
+
+impl PullLog {
+    /// The ids pulled with `id`, by the pull that returned it.
+    fn pulled_with(&self, id: relayq_core::JobId) -> Vec<relayq_core::JobId> {
+        let pulls = self.0.lock().expect("lock");
+        pulls
+            .iter()
+            .find(|ids| ids.contains(&id))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait::async_trait]
+impl Faults for PullLog {
+    async fn pull(
+        &self,
+        inner: &dyn Backend,
+        request: &relayq_core::PullRequest,
+    ) -> Result<Vec<relayq_core::LeasedJob>> {
+        let jobs = inner.pull(request).await?;
+        let ids = jobs.iter().map(|leased| leased.job.id).collect();
+        self.0.lock().expect("lock").push(ids);
+        Ok(jobs)
+    }
+}
+
 /// A job one runner pulled beyond its free slots is run by an idle sibling
 /// runner at once, not after the long job holding the first runner's slot.
 /// (On the memory store a started worker has a runner per runtime thread,
@@ -757,12 +763,13 @@ async fn a_lanes_pull_landing_after_the_shutdown_gives_its_jobs_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runners_surplus_is_run_by_an_idle_sibling() {
     let (inner, _) = store();
-    let backend = dyn_backend(&inner);
+    let log = Arc::new(PullLog::default());
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(dyn_backend(&inner), Arc::clone(&log)));
     let release = Arc::new(tokio::sync::Semaphore::new(0));
     let worker = Worker::builder(Arc::clone(&backend))
         .queues(["mail"])
         .concurrency(2)
-        .prefetch(16)
+        .prefetch(64)
         .poll_interval(StdDuration::from_secs(3600))
         .handle({
             let release = Arc::clone(&release);
@@ -780,43 +787,44 @@ async fn a_runners_surplus_is_run_by_an_idle_sibling() {
         .expect("build");
     let running = worker.start();
     let within = |id| tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id));
-    // Quick jobs first: full pulls with slots waiting deepen each runner's
-    // buffer, so that one pull then takes more than its runner's one slot.
-    let warm: Vec<NewJob> = (0..400)
-        .map(|i| {
-            Email {
-                to: format!("warm{i}"),
-            }
-            .to_job()
-        })
-        .collect();
-    let warm = backend.push_batch(warm).await.expect("push");
-    for outcome in &warm {
-        within(outcome.id())
-            .await
-            .expect("in time")
-            .expect("wait_for");
+    let push = |to: Vec<String>| {
+        let backend = Arc::clone(&backend);
+        async move {
+            let jobs = to.into_iter().map(|to| Email { to }.to_job()).collect();
+            let pushed = backend.push_batch(jobs).await.expect("push");
+            pushed.into_iter().map(|o| o.id()).collect::<Vec<_>>()
+        }
+    };
+    // The case needs the pull that takes the long job to take quick ones
+    // too, which it does once the pulling runner's buffer is deep; should
+    // a round's timing keep it shallow, the round is run again.
+    for _round in 0..5 {
+        // Quick jobs first: full pulls with slots waiting deepen each
+        // runner's buffer, so that a pull takes more than its one slot.
+        for id in push((0..400).map(|i| format!("warm{i}")).collect()).await {
+            within(id).await.expect("in time").expect("wait_for");
+        }
+        let ids = push(
+            ["long", "quick1", "quick2", "quick3"]
+                .map(String::from)
+                .to_vec(),
+        )
+        .await;
+        for &id in &ids[1..] {
+            let job = within(id)
+                .await
+                .expect("a quick job runs while the long one holds its runner's slot")
+                .expect("wait_for");
+            assert_eq!(job.status, JobStatus::Done);
+        }
+        let with_long = log.pulled_with(ids[0]);
+        release.add_permits(1);
+        let long = within(ids[0]).await.expect("in time").expect("wait_for");
+        assert_eq!(long.status, JobStatus::Done);
+        if ids[1..].iter().any(|id| with_long.contains(id)) {
+            running.shutdown_within(StdDuration::from_secs(20)).await;
+            return;
+        }
     }
-    // One pull takes all four; the long job holds its runner's only slot.
-    let jobs = ["long", "quick1", "quick2", "quick3"]
-        .map(|to| Email { to: to.into() }.to_job())
-        .to_vec();
-    let ids: Vec<_> = backend
-        .push_batch(jobs)
-        .await
-        .expect("push")
-        .iter()
-        .map(|o| o.id())
-        .collect();
-    for &id in &ids[1..] {
-        let job = within(id)
-            .await
-            .expect("a quick job runs while the long one holds its runner's slot")
-            .expect("wait_for");
-        assert_eq!(job.status, JobStatus::Done);
-    }
-    release.add_permits(1);
-    let long = within(ids[0]).await.expect("in time").expect("wait_for");
-    assert_eq!(long.status, JobStatus::Done);
-    running.shutdown_within(StdDuration::from_secs(20)).await;
+    panic!("in five rounds, no pull took a quick job with the long one");
 }

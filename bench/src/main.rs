@@ -16,7 +16,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// One workload of WORKLOAD.md.
+/// One workload of WORKLOAD.md, or one of the two client lines printed
+/// beside its baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Workload {
     /// N jobs, one per call, from 8 concurrent tasks.
@@ -30,19 +31,20 @@ enum Workload {
     Latency,
     /// N jobs (WORKLOAD.md: 1,000,000) processed while more are enqueued.
     Sustained,
-    /// Not relayq: N single-row inserts into relayq's table from 8 tasks,
-    /// each on a connection of its own, through tokio and sqlx (PostgreSQL
-    /// only). What a Rust client making one statement per job can do,
-    /// beside pgbench's `insert1`.
+    /// Not relayq: N single-row inserts into relayq's table from `--tasks`
+    /// tasks, each on a connection of its own, through tokio and sqlx
+    /// (PostgreSQL only): what a Rust client making one statement per job
+    /// does, beside pgbench's `insert1` (see `client.rs`).
     ClientInsert1,
     /// Not relayq: 200 single-row inserts 50 ms apart on one connection
-    /// (PostgreSQL only): the cost of one durable commit on an idle
-    /// server, of which the `latency` workload's jobs wait for two.
+    /// (PostgreSQL only): the cost of one commit on an idle server, of
+    /// which a job of the `latency` workload waits for two.
     ClientIdleInsert1,
 }
 
-/// WORKLOAD.md's `latency`: 200 jobs, 50 ms apart.
+/// WORKLOAD.md's `latency`: 200 jobs, …
 const LATENCY_JOBS: u64 = 200;
+/// … 50 ms apart.
 const LATENCY_GAP: std::time::Duration = std::time::Duration::from_millis(50);
 
 #[derive(Debug, Parser)]
@@ -64,8 +66,8 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     url: String,
-    /// Concurrent tasks sending the calls of `enqueue` and `enqueue-batch`
-    /// (WORKLOAD.md's enqueue: 8).
+    /// Concurrent tasks sending the calls of `enqueue`, `enqueue-batch`
+    /// and `client-insert1` (WORKLOAD.md's enqueue: 8).
     #[arg(long, default_value_t = 8)]
     tasks: u64,
 }
@@ -137,7 +139,8 @@ async fn client_baseline(store: &store::Store, args: &Args) -> Result<report::Li
         Workload::ClientIdleInsert1 => {
             client::idle_insert1(backend, args.jobs.min(LATENCY_JOBS), LATENCY_GAP).await
         }
-        _ => client::insert1(backend, args.jobs, args.tasks).await,
+        Workload::ClientInsert1 => client::insert1(backend, args.jobs, args.tasks).await,
+        other => Err(format!("{other:?} is not a client line")),
     }
 }
 

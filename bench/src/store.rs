@@ -47,6 +47,12 @@ enum Owned {
 #[cfg(feature = "postgres")]
 const PG_POOL: u32 = 20;
 
+/// relayq's jobs table of `backend`, quoted for SQL.
+#[cfg(feature = "postgres")]
+pub(crate) fn jobs_table(backend: &relayq_postgres::PgBackend) -> String {
+    format!("\"{}\".jobs", backend.schema())
+}
+
 /// Opens a fresh store of `kind`. `url` is the Postgres server to use.
 pub(crate) async fn open(kind: Kind, url: &str) -> Result<Store, String> {
     let _ = url;
@@ -110,7 +116,7 @@ impl Store {
             Owned::Sqlite(backend, _) => backend.checkpoint().await.map_err(|e| e.to_string()),
             #[cfg(feature = "postgres")]
             Owned::Postgres(backend) => {
-                let table = format!("\"{}\".jobs", backend.schema());
+                let table = jobs_table(backend);
                 for statement in [format!("VACUUM ANALYZE {table}"), "CHECKPOINT".to_owned()] {
                     relayq_postgres::sqlx::query(relayq_postgres::sqlx::AssertSqlSafe(statement))
                         .execute(backend.pool())

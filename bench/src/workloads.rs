@@ -120,21 +120,44 @@ where
     Fut: Future<Output = relayq::Result<()>> + Send,
 {
     let tasks = tasks.clamp(1, calls.max(1));
+    let states = (0..tasks).map(|_| ()).collect();
+    let latencies = spread_with(calls, states, move |(), i| {
+        let made = call(i);
+        async move { made.await.map_err(|e| e.to_string()) }
+    })
+    .await?;
+    Ok((latencies, tasks))
+}
+
+/// [`spread`] from one task per element of `states`, each passing its
+/// state (a connection it holds, say) from call to call.
+pub(crate) async fn spread_with<S, F, Fut>(
+    calls: u64,
+    states: Vec<S>,
+    call: F,
+) -> Result<Latencies, String>
+where
+    S: Send + 'static,
+    F: Fn(S, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<S, String>> + Send,
+{
     let next = Arc::new(AtomicU64::new(0));
+    let per_task = calls / states.len().max(1) as u64 + 1;
     let mut running = JoinSet::new();
-    for _ in 0..tasks {
+    for state in states {
         let call = call.clone();
         let next = Arc::clone(&next);
         running.spawn(async move {
-            let mut latencies = Latencies::with_capacity((calls / tasks + 1) as usize);
+            let mut latencies = Latencies::with_capacity(per_task as usize);
+            let mut state = Some(state);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= calls {
                     break;
                 }
-                let made = call(i);
+                let made = call(state.take().expect("returned by the last call"), i);
                 let sent = Instant::now();
-                made.await.map_err(|e| e.to_string())?;
+                state = Some(made.await?);
                 latencies.record(sent.elapsed());
             }
             Ok::<_, String>(latencies)
@@ -145,12 +168,12 @@ where
     while let Some(joined) = running.join_next().await {
         latencies.extend(joined.map_err(|e| e.to_string())??);
     }
-    Ok((latencies, tasks))
+    Ok(latencies)
 }
 
 /// `line` with the rate of `n` jobs since `started` and its per-call
 /// `latencies`, checked against the jobs the store holds.
-async fn stored_all(
+pub(crate) async fn stored_all(
     line: Line,
     backend: &dyn Backend,
     n: u64,

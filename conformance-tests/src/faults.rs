@@ -75,6 +75,93 @@ pub trait Faults: fmt::Debug + Send + Sync + 'static {
     }
 }
 
+/// A shared fault, so a test can keep a handle on what it records.
+#[async_trait]
+impl<F: Faults> Faults for Arc<F> {
+    fn capabilities(&self, inner: &dyn Backend) -> Capabilities {
+        (**self).capabilities(inner)
+    }
+
+    async fn subscribe(&self, inner: &dyn Backend, queues: &[String]) -> Result<Option<Wakeups>> {
+        (**self).subscribe(inner, queues).await
+    }
+
+    async fn pull(&self, inner: &dyn Backend, request: &PullRequest) -> Result<Vec<LeasedJob>> {
+        (**self).pull(inner, request).await
+    }
+
+    async fn complete(
+        &self,
+        inner: &dyn Backend,
+        lease: &Lease,
+        result: Option<Value>,
+    ) -> Result<()> {
+        (**self).complete(inner, lease, result).await
+    }
+
+    async fn complete_batch(
+        &self,
+        inner: &dyn Backend,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Lease>> {
+        (**self).complete_batch(inner, completions).await
+    }
+}
+
+/// A fault for wake-up races: the first pull to come back empty pushes a
+/// job (through the wrapped store) before it returns, then waits, as a
+/// push racing the pull would: the puller hears of the job while its pull,
+/// whose snapshot could not see it, is still under way.
+#[derive(Debug)]
+pub struct PushDuringEmptyPull {
+    /// The job to push, until it is pushed.
+    job: std::sync::Mutex<Option<NewJob>>,
+    pushed: std::sync::OnceLock<JobId>,
+    wait: std::time::Duration,
+}
+
+impl PushDuringEmptyPull {
+    /// Pushes `job` during the first empty pull, which then waits `wait`
+    /// before it returns. The wait must outlast every way the store sends
+    /// the push's wake-up (a poller's tick too): a signal arriving only
+    /// after the pull returned would hide a worker that ignores the one
+    /// that came during it.
+    pub fn new(job: NewJob, wait: std::time::Duration) -> Self {
+        Self {
+            job: std::sync::Mutex::new(Some(job)),
+            pushed: std::sync::OnceLock::new(),
+            wait,
+        }
+    }
+
+    /// The pushed job's id, once an empty pull has pushed it.
+    pub fn pushed(&self) -> Option<JobId> {
+        self.pushed.get().copied()
+    }
+}
+
+#[async_trait]
+impl Faults for PushDuringEmptyPull {
+    async fn pull(&self, inner: &dyn Backend, request: &PullRequest) -> Result<Vec<LeasedJob>> {
+        let jobs = inner.pull(request).await?;
+        if !jobs.is_empty() {
+            return Ok(jobs);
+        }
+        // Taken under the lock: of two empty pulls at once, one pushes.
+        let job = self
+            .job
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(job) = job {
+            let id = inner.push(job).await?.id();
+            let _ = self.pushed.set(id);
+            tokio::time::sleep(self.wait).await;
+        }
+        Ok(jobs)
+    }
+}
+
 /// The store `inner`, with the calls `faults` overrides replaced.
 #[derive(Debug)]
 pub struct Faulty<F> {

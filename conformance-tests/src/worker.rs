@@ -15,14 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
 use relayq_core::{
-    Backend, Event, HandlerError, Jitter, JobContext, JobId, JobStatus, JobType, LeasedJob, NewJob,
-    Outcome, PullRequest, Result, RetryPolicy, Worker,
+    Backend, Event, HandlerError, Jitter, JobContext, JobId, JobStatus, JobType, NewJob, Outcome,
+    RetryPolicy, Worker,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use time::Duration;
 
-use crate::faults::{Faults, Faulty};
+use crate::faults::{Faulty, PushDuringEmptyPull};
 use crate::harness::Harness;
 
 /// The longest any wait in these cases may take before the case fails: a
@@ -654,9 +654,14 @@ pub async fn worker_hears_a_push_made_during_its_empty_pull(h: Harness) {
     if !caps.in_process_wakeups && !caps.cross_process_wakeups {
         return;
     }
-    let racing = PushDuringFirstEmptyPull::default();
-    let late = Arc::clone(&racing.late);
-    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::clone(&h.backend), racing));
+    // Longer than any store's own way of signalling the push (SQLite's
+    // change poller ticks every 200 ms).
+    let racing = Arc::new(PushDuringEmptyPull::new(
+        Task { n: 7 }.to_job(),
+        StdDuration::from_millis(500),
+    ));
+    let backend: Arc<dyn Backend> =
+        Arc::new(Faulty::new(Arc::clone(&h.backend), Arc::clone(&racing)));
     let worker = Worker::builder(backend)
         .state(h.clone())
         .poll_interval(StdDuration::from_secs(3600))
@@ -669,7 +674,7 @@ pub async fn worker_hears_a_push_made_during_its_empty_pull(h: Harness) {
     let running = worker.start();
     let late = within("the first, empty pull", async {
         loop {
-            if let Some(id) = *late.lock().expect("lock") {
+            if let Some(id) = racing.pushed() {
                 return id;
             }
             tokio::time::sleep(StdDuration::from_millis(5)).await;
@@ -682,29 +687,6 @@ pub async fn worker_hears_a_push_made_during_its_empty_pull(h: Harness) {
     assert_eq!(job.status, JobStatus::Done);
     assert_eq!(job.result, Some(json!(7)));
     running.shutdown_within(LIVENESS).await;
-}
-
-/// A store whose first pull to come back empty pushes a job before it
-/// returns and gives the push's wake-up time to arrive, as a push racing
-/// the pull would: the worker hears of the job while its pull, which could
-/// not see it, is still under way.
-#[derive(Debug, Default)]
-struct PushDuringFirstEmptyPull {
-    late: Arc<Mutex<Option<JobId>>>,
-}
-
-#[async_trait::async_trait]
-impl Faults for PushDuringFirstEmptyPull {
-    async fn pull(&self, inner: &dyn Backend, request: &PullRequest) -> Result<Vec<LeasedJob>> {
-        let jobs = inner.pull(request).await?;
-        if jobs.is_empty() && self.late.lock().expect("lock").is_none() {
-            let id = inner.push(Task { n: 7 }.to_job()).await?.id();
-            *self.late.lock().expect("lock") = Some(id);
-            // Long enough for a wake-up sent through the server to arrive.
-            tokio::time::sleep(StdDuration::from_millis(200)).await;
-        }
-        Ok(jobs)
-    }
 }
 
 /// Shutdown stops pulling at once, lets in-flight jobs finish within the

@@ -381,10 +381,9 @@ async fn renew(
                             return;
                         }
                     };
-                    // Lost leases, told in one warning: a stalled worker
-                    // may find many lost at once.
-                    // The count, and the first lost with its time since
-                    // the last renewal.
+                    // Lost leases, told in one warning (a stalled worker
+                    // may find many lost at once): their count, and the
+                    // first with its time since the last renewal.
                     let (mut lost, mut first) = (0usize, None);
                     for (watch, end) in watches.iter().zip(ends) {
                         match end {
