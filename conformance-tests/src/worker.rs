@@ -16,7 +16,7 @@ use std::time::Duration as StdDuration;
 
 use relayq_core::{
     Backend, Event, HandlerError, Jitter, JobContext, JobId, JobStatus, JobType, NewJob, Outcome,
-    RetryPolicy, Worker,
+    RetryPolicy, Worker, WorkerBuilder,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -615,6 +615,18 @@ pub async fn worker_runs_up_to_concurrency_jobs_at_once(h: Harness) {
     assert_eq!(overlap.peak(), CONCURRENCY);
 }
 
+/// A worker whose handler returns each task's `n`, and whose poll
+/// interval (an hour) leaves only wake-ups to make it pull in a case.
+fn woken_only(builder: WorkerBuilder<Harness>) -> Worker<Harness> {
+    builder
+        .poll_interval(StdDuration::from_secs(3600))
+        .handle(
+            |task: Task, _ctx: JobContext<Harness>| async move { Ok::<_, HandlerError>(task.n) },
+        )
+        .build()
+        .expect("build")
+}
+
 /// On a backend that declares wake-ups, an idle worker runs a job pushed
 /// later at once, without waiting for its (hour-long) poll.
 pub async fn worker_wakes_up_on_push(h: Harness) {
@@ -622,15 +634,7 @@ pub async fn worker_wakes_up_on_push(h: Harness) {
     if !caps.in_process_wakeups && !caps.cross_process_wakeups {
         return;
     }
-    let worker = h
-        .worker()
-        .poll_interval(StdDuration::from_secs(3600))
-        .handle(
-            |task: Task, _ctx: JobContext<Harness>| async move { Ok::<_, HandlerError>(task.n) },
-        )
-        .build()
-        .expect("build");
-    let running = worker.start();
+    let running = woken_only(h.worker()).start();
     let first = h.push(Task { n: 1 }.to_job()).await;
     within("the first job", running.wait_for(first))
         .await
@@ -662,16 +666,8 @@ pub async fn worker_hears_a_push_made_during_its_empty_pull(h: Harness) {
     ));
     let backend: Arc<dyn Backend> =
         Arc::new(Faulty::new(Arc::clone(&h.backend), Arc::clone(&racing)));
-    let worker = Worker::builder(backend)
-        .state(h.clone())
-        .poll_interval(StdDuration::from_secs(3600))
-        .handle(
-            |task: Task, _ctx: JobContext<Harness>| async move { Ok::<_, HandlerError>(task.n) },
-        )
-        .build()
-        .expect("build");
     // Nothing is queued: the worker's first pull comes back empty.
-    let running = worker.start();
+    let running = woken_only(Worker::builder(backend).state(h.clone())).start();
     let late = within("the first, empty pull", async {
         loop {
             if let Some(id) = racing.pushed() {
