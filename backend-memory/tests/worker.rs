@@ -777,7 +777,8 @@ async fn a_runners_surplus_is_run_by_an_idle_sibling() {
                 let release = Arc::clone(&release);
                 async move {
                     if e.to == "long" {
-                        let _ = release.acquire().await.expect("open");
+                        // Used up, so a later round's long job waits too.
+                        release.acquire().await.expect("open").forget();
                     }
                     Ok::<_, HandlerError>(())
                 }

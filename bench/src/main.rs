@@ -112,7 +112,7 @@ async fn run(args: &Args) -> Result<bool, String> {
             }
             Workload::Sustained => processing::sustained(label, backend, args.jobs).await,
             Workload::ClientInsert1 | Workload::ClientIdleInsert1 => {
-                client_baseline(&store, args).await
+                client_line(&store, args).await
             }
         }
     };
@@ -131,10 +131,10 @@ async fn run(args: &Args) -> Result<bool, String> {
 }
 
 #[cfg(feature = "postgres")]
-async fn client_baseline(store: &store::Store, args: &Args) -> Result<report::Line, String> {
+async fn client_line(store: &store::Store, args: &Args) -> Result<report::Line, String> {
     let backend = store
         .postgres()
-        .ok_or("the client baselines run on the postgres backend only")?;
+        .ok_or("the client lines run on the postgres backend only")?;
     match args.workload {
         Workload::ClientIdleInsert1 => {
             client::idle_insert1(backend, args.jobs.min(LATENCY_JOBS), LATENCY_GAP).await
@@ -145,6 +145,6 @@ async fn client_baseline(store: &store::Store, args: &Args) -> Result<report::Li
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn client_baseline(_: &store::Store, _: &Args) -> Result<report::Line, String> {
-    Err("the client baselines need the bench crate's `postgres` feature".to_owned())
+async fn client_line(_: &store::Store, _: &Args) -> Result<report::Line, String> {
+    Err("the client lines need the bench crate's `postgres` feature".to_owned())
 }

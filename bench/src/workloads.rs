@@ -141,8 +141,11 @@ where
     F: Fn(S, u64) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<S, String>> + Send,
 {
+    if states.is_empty() {
+        return Err("no task to make the calls".to_owned());
+    }
     let next = Arc::new(AtomicU64::new(0));
-    let per_task = calls / states.len().max(1) as u64 + 1;
+    let per_task = calls / states.len() as u64 + 1;
     let mut running = JoinSet::new();
     for state in states {
         let call = call.clone();

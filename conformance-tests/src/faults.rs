@@ -154,7 +154,17 @@ impl Faults for PushDuringEmptyPull {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
         if let Some(job) = job {
-            let id = inner.push(job).await?.id();
+            let id = match inner.push(job.clone()).await {
+                Ok(outcome) => outcome.id(),
+                Err(e) => {
+                    // Pushed by the next empty pull instead.
+                    *self
+                        .job
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(job);
+                    return Err(e);
+                }
+            };
             let _ = self.pushed.set(id);
             tokio::time::sleep(self.wait).await;
         }

@@ -666,8 +666,12 @@ pub async fn worker_hears_a_push_made_during_its_empty_pull(h: Harness) {
     ));
     let backend: Arc<dyn Backend> =
         Arc::new(Faulty::new(Arc::clone(&h.backend), Arc::clone(&racing)));
-    // Nothing is queued: the worker's first pull comes back empty.
-    let running = woken_only(Worker::builder(backend).state(h.clone())).start();
+    // Nothing is queued: the worker's first pull comes back empty. One
+    // slot, so one runner even where a worker has one per thread: an idle
+    // sibling, hearing the push too, would run the job for a runner that
+    // ignored the wake-up.
+    let worker = Worker::builder(backend).state(h.clone()).concurrency(1);
+    let running = woken_only(worker).start();
     let late = within("the first, empty pull", async {
         loop {
             if let Some(id) = racing.pushed() {
