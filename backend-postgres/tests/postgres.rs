@@ -1272,6 +1272,49 @@ async fn concurrent_pushes_are_folded_and_each_gets_its_own_id() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A stream of folded pushes does not keep the pool's only connection
+/// from everyone else: with a pool of one, pushes from several tasks and
+/// other operations all go through within the acquire timeout (a fold
+/// runner that held its connection for as long as pushes kept arriving
+/// made the second runner's pushes, and every other call, time out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_share_a_pool_of_one_with_other_calls() {
+    let options = testing::options()
+        .max_connections(1)
+        .acquire_timeout(StdDuration::from_secs(1));
+    let backend = testing::connect(options).await;
+    let until = tokio::time::Instant::now() + StdDuration::from_secs(3);
+    let mut pushers = tokio::task::JoinSet::new();
+    for task in 0..4 {
+        let backend = backend.clone();
+        pushers.spawn(async move {
+            let mut n = 0;
+            while tokio::time::Instant::now() < until {
+                backend
+                    .push(spread_job(task * 1_000_000 + n))
+                    .await
+                    .unwrap_or_else(|e| panic!("push {n} of task {task}: {e}"));
+                n += 1;
+            }
+            n
+        });
+    }
+    while tokio::time::Instant::now() < until {
+        backend.stats().await.expect("stats while pushes stream");
+        tokio::time::sleep(StdDuration::from_millis(100)).await;
+    }
+    let mut pushed = 0;
+    while let Some(joined) = pushers.join_next().await {
+        pushed += joined.expect("pusher");
+    }
+    let stats = backend.stats().await.expect("stats");
+    assert_eq!(
+        stats.queues.values().map(|c| c.total()).sum::<u64>(),
+        pushed as u64
+    );
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// Adds a CHECK constraint, as an application extending the table might,
 /// that rejects jobs whose `n` ends in 7.
 async fn reject_jobs_ending_in_7(backend: &PgBackend) {

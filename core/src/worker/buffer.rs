@@ -146,12 +146,21 @@ impl Buffer {
                 (next, jobs.queue.len())
             };
             let low_water = self.low_water.load(Ordering::Relaxed);
-            // Told once as the level crosses the mark, and whenever a free
-            // slot finds nothing to start.
-            if tell && left < low_water && (next.is_none() || left + 1 >= low_water) {
+            // With nothing to start, the slot is given back before the
+            // pull loop is told: told first, it could look while the slot
+            // was still taken, size its pull for no free slot, and wait.
+            let Some(job) = next else {
+                drop(slot);
+                // Told whenever a free slot finds nothing to start.
+                if tell && left < low_water {
+                    self.board.ended.notify_one();
+                }
+                return None;
+            };
+            // Told once as the level crosses the mark.
+            if tell && left < low_water && left + 1 >= low_water {
                 self.board.ended.notify_one();
             }
-            let job = next?;
             if job.hold.watch.is_lost() {
                 running.fetch_sub(1, Ordering::SeqCst);
                 continue;
