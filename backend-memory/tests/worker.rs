@@ -716,7 +716,9 @@ async fn a_lanes_pull_landing_after_the_shutdown_gives_its_jobs_back() {
         .await
         .expect("in time")
         .expect("shutdown");
-    assert_eq!((report.finished, report.released), (1, 1));
+    // The first job ended before the shutdown (the lane pulled once it
+    // had): only the late pull's job counts, as released.
+    assert_eq!((report.finished, report.released), (0, 1));
     let second = memory
         .jobs()
         .into_iter()
@@ -828,4 +830,63 @@ async fn a_runners_surplus_is_run_by_an_idle_sibling() {
         }
     }
     panic!("in five rounds, no pull took a quick job with the long one");
+}
+
+/// The shutdown report counts the runs that ended during the grace
+/// period, not every job the worker ran before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_report_counts_only_the_grace_period() {
+    let (inner, _) = store();
+    let backend = dyn_backend(&inner);
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let worker = Worker::builder(Arc::clone(&backend))
+        .queues(["mail"])
+        .handle({
+            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+            move |e: Email, _ctx: JobContext<()>| {
+                let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+                async move {
+                    if e.to == "long" {
+                        entered.notify_one();
+                        release.notified().await;
+                    }
+                    Ok::<_, HandlerError>(())
+                }
+            }
+        })
+        .build()
+        .expect("build");
+    let running = worker.start();
+    let within = |id| tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id));
+    let quick: Vec<NewJob> = (0..50)
+        .map(|i| {
+            Email {
+                to: format!("quick{i}"),
+            }
+            .to_job()
+        })
+        .collect();
+    for outcome in backend.push_batch(quick).await.expect("push") {
+        within(outcome.id())
+            .await
+            .expect("in time")
+            .expect("wait_for");
+    }
+    backend
+        .push(Email { to: "long".into() }.to_job())
+        .await
+        .expect("push");
+    tokio::time::timeout(StdDuration::from_secs(20), entered.notified())
+        .await
+        .expect("the long job started");
+    let shutdown = tokio::spawn(running.shutdown_within(StdDuration::from_secs(20)));
+    // Let the stop reach the pull loop before the long job ends.
+    tokio::time::sleep(StdDuration::from_millis(100)).await;
+    release.notify_one();
+    let report = tokio::time::timeout(StdDuration::from_secs(20), shutdown)
+        .await
+        .expect("in time")
+        .expect("shutdown");
+    assert_eq!((report.finished, report.released), (1, 0));
 }

@@ -21,6 +21,9 @@ pub(crate) struct Board {
     /// The pull loop waits for held leases to be let go (it holds as many
     /// as it may): each run's end and each recorded batch is signalled.
     pub(crate) wants_ends: AtomicBool,
+    /// The worker is shutting down: runs that end from now on ended in
+    /// the grace period, and count in the shutdown report.
+    pub(crate) stopping: AtomicBool,
     /// Wakes the pull loop: signalled on `due_now`, while `wants_ends` on
     /// every end, by the buffer when it runs low, and by a lane that pulls
     /// for itself when it finds the buffer dry (see `runner::Starter::pull_here`).

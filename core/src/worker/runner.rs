@@ -215,8 +215,9 @@ type RunEnd = std::thread::Result<Ended>;
 /// other runs.
 const FIRST_POLLS_AT_ONCE: usize = 64;
 
-/// Counts a run's end on the lane's `board` and in its `report`, and keeps
-/// its completion, if it left one, in `acks` to be recorded with others.
+/// Counts a run's end on the lane's `board` and, once the worker is
+/// shutting down, in its `report`; keeps its completion, if it left one,
+/// in `acks` to be recorded with others.
 fn settle(
     ended: RunEnd,
     board: &Board,
@@ -224,19 +225,22 @@ fn settle(
     report: &mut ShutdownReport,
     acks: &mut Vec<Ack>,
 ) {
+    let in_grace = board.stopping.load(Ordering::Relaxed);
     match ended {
         Ok(Ended::Recorded(outcome)) => {
             board.ended(index, Some(&outcome));
-            report.count(&outcome);
+            if in_grace {
+                report.count(&outcome);
+            }
         }
         Ok(Ended::Handed) => {
             board.ended(index, None);
-            report.finished += 1;
+            report.finished += usize::from(in_grace);
         }
         Ok(Ended::Completed(ack)) => {
             acks.push(ack);
             board.ended(index, None);
-            report.finished += 1;
+            report.finished += usize::from(in_grace);
         }
         Err(panic) => {
             // `execute` contains handler panics, so this is a bug in
@@ -782,7 +786,8 @@ async fn run<S: Send + Sync + 'static>(
     );
     drop(wakeups);
     // Tell handlers (`JobContext::is_shutting_down`), then give them until
-    // the deadline.
+    // the deadline; the lanes count the runs that end from now on.
+    board.stopping.store(true, Ordering::SeqCst);
     let _ = phase_tx.send(Phase::Stopping);
     let mut report = ShutdownReport::default();
     // Jobs leased but not started go back at once, for another worker.
