@@ -36,7 +36,11 @@
 //!   background task that notifies them, folding concurrent pushes into
 //!   one statement, without waiting for a WAL flush (a notifying commit
 //!   holds a database-wide lock, so notifying inside each push would make
-//!   concurrent pushes commit one at a time). A pool push also wakes the
+//!   concurrent pushes commit one at a time). The task sends them just
+//!   after the push returns, and again after a failure;
+//!   [`PgBackend::close`] sends those still queued. Should the runtime
+//!   that runs it stop first, workers in other processes find the jobs at
+//!   their next poll. A pool push also wakes the
 //!   subscribers of its own backend (and its clones) directly, before it
 //!   returns, which saves them the notification's round trip (measured on
 //!   a server with `synchronous_commit = off`, so that no WAL flush hides
@@ -389,12 +393,15 @@ impl PgBackend {
     }
 
     /// Closes every connection: stops the listener (open subscriptions
-    /// end) and closes the pool, waiting for connections in use to be
-    /// returned. Later operations on this backend or its clones fail with
+    /// end), sends the notifications of pushes that returned before it
+    /// (see the crate docs: they are sent in the background), and closes
+    /// the pool, waiting for connections in use to be returned. Later
+    /// operations on this backend or its clones fail with
     /// [`Error::Backend`].
     pub async fn close(&self) {
         let hub = self.hub_slot().take();
         drop(hub);
+        self.inner.notifier.close().await;
         self.inner.pool.close().await;
     }
 

@@ -23,6 +23,7 @@ use std::sync::{Mutex, PoisonError};
 
 use sqlx::{PgPool, SqlStr};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::{Duration, Instant};
 
 /// Sends the notifications of pool pushes from a background task.
@@ -30,9 +31,15 @@ pub(crate) struct Notifier {
     pool: PgPool,
     /// The statement notifying `$1::text[]` queues, at `synchronous_commit = off`.
     sql: SqlStr,
-    /// The running task's inbox; replaced if the task has ended (its
-    /// runtime shut down).
-    inbox: Mutex<Option<mpsc::UnboundedSender<Vec<String>>>>,
+    /// The running task: its inbox and its handle. Replaced if the task has
+    /// ended (its runtime shut down).
+    task: Mutex<Option<Task>>,
+}
+
+/// A running notifier task.
+struct Task {
+    inbox: mpsc::UnboundedSender<Vec<String>>,
+    handle: JoinHandle<()>,
 }
 
 impl Notifier {
@@ -40,7 +47,7 @@ impl Notifier {
         Self {
             pool,
             sql,
-            inbox: Mutex::new(None),
+            task: Mutex::new(None),
         }
     }
 
@@ -49,19 +56,36 @@ impl Notifier {
         if queues.is_empty() {
             return;
         }
-        let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
-        let queues = match inbox.as_ref() {
-            Some(tx) => match tx.send(queues) {
+        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        let queues = match task.as_ref() {
+            Some(running) => match running.inbox.send(queues) {
                 Ok(()) => return,
                 Err(mpsc::error::SendError(queues)) => queues,
             },
             None => queues,
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (inbox, rx) = mpsc::unbounded_channel();
         // Cannot fail: the receiver is alive.
-        let _ = tx.send(queues);
-        tokio::spawn(run(self.pool.clone(), self.sql.clone(), rx));
-        *inbox = Some(tx);
+        let _ = inbox.send(queues);
+        let handle = tokio::spawn(run(self.pool.clone(), self.sql.clone(), rx));
+        *task = Some(Task { inbox, handle });
+    }
+
+    /// Sends the notifications still queued, then stops the task: called
+    /// before the pool closes, which would make them fail (a program that
+    /// pushes, then closes the backend and exits, still wakes the workers
+    /// of other processes). A push after this starts a new task.
+    pub(crate) async fn close(&self) {
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(Task { inbox, handle }) = task {
+            // The task sends what its inbox holds, then ends.
+            drop(inbox);
+            let _ = handle.await;
+        }
     }
 }
 
@@ -78,23 +102,46 @@ impl Notifier {
 /// tasks sent 2,406 notifying statements.
 const MIN_INTERVAL: Duration = Duration::from_millis(1);
 
+/// The wait before a failed notification is sent again; it doubles with
+/// each failure in a row, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+
+/// The longest wait between two attempts to send a notification.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Sends everything queued since the last statement in one statement, until
 /// the backend (the sender) is gone.
+///
+/// A statement that fails (a connection broken by a server restart, the
+/// pool's acquire timing out) is sent again after a backoff, with the
+/// queues pushed to meanwhile: an extra wake-up costs a worker a pull that
+/// may find nothing, a lost one leaves it asleep until its poll. It is
+/// given up once the pool is closed, or once the backend is gone and an
+/// attempt still fails.
 async fn run(pool: PgPool, sql: SqlStr, mut inbox: mpsc::UnboundedReceiver<Vec<String>>) {
     let mut next_at = Instant::now();
     while let Some(first) = inbox.recv().await {
-        if Instant::now() < next_at {
-            tokio::time::sleep_until(next_at).await;
-        }
-        next_at = Instant::now() + MIN_INTERVAL;
         let mut queues: BTreeSet<String> = first.into_iter().collect();
-        while let Ok(more) = inbox.try_recv() {
-            queues.extend(more);
-        }
-        let queues: Vec<String> = queues.into_iter().collect();
-        if let Err(e) = sqlx::query(sql.clone()).bind(&queues).execute(&pool).await {
-            // Workers still find the jobs at their next poll.
-            tracing::warn!(error = %e, "relayq-postgres: could not notify pushed queues");
+        let mut backoff = RETRY_FIRST;
+        loop {
+            if Instant::now() < next_at {
+                tokio::time::sleep_until(next_at).await;
+            }
+            next_at = Instant::now() + MIN_INTERVAL;
+            while let Ok(more) = inbox.try_recv() {
+                queues.extend(more);
+            }
+            let list: Vec<&String> = queues.iter().collect();
+            let Err(e) = sqlx::query(sql.clone()).bind(&list).execute(&pool).await else {
+                break;
+            };
+            if pool.is_closed() || inbox.is_closed() {
+                tracing::warn!(error = %e, "relayq-postgres: could not notify pushed queues; workers find the jobs at their next poll");
+                return;
+            }
+            tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "relayq-postgres: could not notify pushed queues; will try again");
+            next_at = Instant::now() + backoff;
+            backoff = (backoff * 2).min(RETRY_MAX);
         }
     }
 }

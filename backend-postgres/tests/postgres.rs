@@ -1428,6 +1428,90 @@ async fn folded_pushes_notify_their_queues() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A notification whose statement fails is sent again, so a worker in
+/// another process is not left asleep until its poll. (The failure here:
+/// the schema's channel function is renamed away for a moment, which
+/// fails the notification and nothing else.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_notification_is_sent_again() {
+    let backend = testing::connect(testing::options()).await;
+    let listening = other_process(&backend).await;
+    let mut wakeups = subscribed(&listening, &["q0".to_owned()]).await;
+    drain(&mut wakeups, StdDuration::from_millis(300)).await;
+    let mut admin = testing::admin().await;
+    rename_channel_function(
+        &mut admin,
+        &backend,
+        "notify_channel",
+        "notify_channel_away",
+    )
+    .await;
+    // spread_job(0) goes to q0.
+    backend.push(spread_job(0)).await.expect("push");
+    expect_quiet(&mut wakeups, "the notification cannot be sent").await;
+    rename_channel_function(
+        &mut admin,
+        &backend,
+        "notify_channel_away",
+        "notify_channel",
+    )
+    .await;
+    expect_signal(&mut wakeups, "the failed notification is sent again").await;
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// A push's notification, sent in the background after the push returned,
+/// is sent before `close` closes the pool: a program that pushes, closes
+/// the backend and exits still wakes the workers of other processes. (The
+/// notification is held back when `close` is called: its first attempt
+/// failed, with the channel function renamed away, and it waits to be
+/// sent again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_sends_the_notifications_of_earlier_pushes() {
+    let backend = testing::connect(testing::options()).await;
+    let listening = other_process(&backend).await;
+    let mut wakeups = subscribed(&listening, &["q0".to_owned()]).await;
+    drain(&mut wakeups, StdDuration::from_millis(300)).await;
+    let mut admin = testing::admin().await;
+    rename_channel_function(
+        &mut admin,
+        &backend,
+        "notify_channel",
+        "notify_channel_away",
+    )
+    .await;
+    // spread_job(0) goes to q0.
+    backend.push(spread_job(0)).await.expect("push");
+    tokio::time::sleep(StdDuration::from_millis(30)).await;
+    rename_channel_function(
+        &mut admin,
+        &backend,
+        "notify_channel_away",
+        "notify_channel",
+    )
+    .await;
+    backend.close().await;
+    expect_signal(&mut wakeups, "the push's notification was sent").await;
+    testing::drop_schema(listening.schema()).await;
+}
+
+/// Renames `backend`'s channel function `from` to `to`: away, every
+/// notification fails, and nothing else does.
+async fn rename_channel_function(
+    admin: &mut sqlx::PgConnection,
+    backend: &PgBackend,
+    from: &str,
+    to: &str,
+) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER FUNCTION \"{}\".{from}(text) RENAME TO {to}",
+        backend.schema()
+    )))
+    .execute(admin)
+    .await
+    .expect("rename the channel function");
+}
+
 /// With an injected clock, folded pushes take their times from it, and a
 /// push whose delay is out of range fails alone, before anything is sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
