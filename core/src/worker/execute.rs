@@ -559,15 +559,28 @@ pub(crate) async fn batch_completions<S>(
                         Err(_) => break,
                     }
                 }
-                sending.push(record_completions(&shared, &board, batch));
+                sending.push(record_contained(&shared, &board, batch));
             }
             Some(()) = sending.next(), if !sending.is_empty() => {}
         }
     }
 }
 
+/// [`record_completions`], a panic in it (a backend's bug) contained: the
+/// batch counts as recorded, so that the bound on leases held does not
+/// shrink for good, and its jobs' leases run out: they run again. The
+/// worker and its other jobs go on.
+pub(crate) async fn record_contained<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack>) {
+    let n = batch.len();
+    let recording = record_completions(shared, board, batch);
+    if AssertUnwindSafe(recording).catch_unwind().await.is_err() {
+        board.recorded(n);
+        tracing::error!(jobs = n, "recording completions panicked");
+    }
+}
+
 /// Records one batch of completions and reports each outcome.
-pub(crate) async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack>) {
+async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack>) {
     let n = batch.len();
     let mut completions = Vec::with_capacity(n);
     let mut rest = Vec::with_capacity(n);

@@ -35,7 +35,7 @@ use super::buffer::Buffered;
 use super::events::Outcome;
 use super::execute::{
     Ack, Ended, MAX_ACK_BATCH, Mode, Shared, Started, batch_completions, execute, panic_message,
-    record_completions,
+    record_contained,
 };
 use super::handler::Phase;
 use super::keeper::LeaseKeeper;
@@ -364,13 +364,7 @@ async fn lane<S: Send + Sync + 'static>(
             let n = acks.len();
             // The next turn's completions get as much room as this one's.
             let batch = std::mem::replace(&mut acks, Vec::with_capacity(n));
-            let recording = record_completions(&starter.shared, board, batch);
-            if AssertUnwindSafe(recording).catch_unwind().await.is_err() {
-                // A backend's bug: the lane and its other jobs go on; these
-                // jobs' leases run out and they run again.
-                board.recorded(n);
-                tracing::error!(jobs = n, "recording completions panicked");
-            }
+            record_contained(&starter.shared, board, batch).await;
         }
     }
     report
