@@ -890,3 +890,114 @@ async fn the_shutdown_report_counts_only_the_grace_period() {
         .expect("shutdown");
     assert_eq!((report.finished, report.released), (1, 0));
 }
+
+/// Releases that take `delay` each, counted.
+#[derive(Debug)]
+struct SlowReleases {
+    delay: StdDuration,
+    made: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Faults for SlowReleases {
+    async fn release(&self, inner: &dyn Backend, lease: &relayq_core::Lease) -> Result<()> {
+        self.made.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        inner.release(lease).await
+    }
+}
+
+/// Handlers are stopped at the shutdown's deadline however slowly the
+/// store gives the buffered jobs back: the releases go on beside the
+/// handlers, not before their grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_releases_of_buffered_jobs_do_not_delay_the_deadline() {
+    let (inner, _) = store();
+    let slow = Arc::new(SlowReleases {
+        delay: StdDuration::from_secs(4),
+        made: AtomicUsize::new(0),
+    });
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(dyn_backend(&inner), Arc::clone(&slow)));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    // Set when the long job's handler is stopped (its future dropped).
+    let stopped = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    struct OnDrop(Arc<std::sync::Mutex<Option<std::time::Instant>>>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            *self.0.lock().expect("lock") = Some(std::time::Instant::now());
+        }
+    }
+    let worker = Worker::builder(Arc::clone(&backend))
+        .queues(["mail"])
+        .concurrency(1)
+        .prefetch(16)
+        .handle({
+            let (entered, stopped) = (Arc::clone(&entered), Arc::clone(&stopped));
+            move |e: Email, _ctx: JobContext<()>| {
+                let (entered, stopped) = (Arc::clone(&entered), Arc::clone(&stopped));
+                async move {
+                    if e.to == "long" {
+                        let _guard = OnDrop(stopped);
+                        entered.notify_one();
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<_, HandlerError>(())
+                }
+            }
+        })
+        .build()
+        .expect("build");
+    let running = worker.start();
+    let within = |id| tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id));
+    // Quick jobs first deepen the buffer, so that the long job's pull
+    // leases more jobs than its one slot.
+    let warm: Vec<NewJob> = (0..400)
+        .map(|i| {
+            Email {
+                to: format!("warm{i}"),
+            }
+            .to_job()
+        })
+        .collect();
+    for outcome in backend.push_batch(warm).await.expect("push") {
+        within(outcome.id())
+            .await
+            .expect("in time")
+            .expect("wait_for");
+    }
+    let jobs: Vec<NewJob> = std::iter::once("long".to_owned())
+        .chain((0..8).map(|i| format!("queued{i}")))
+        .map(|to| Email { to }.to_job())
+        .collect();
+    backend.push_batch(jobs).await.expect("push");
+    tokio::time::timeout(StdDuration::from_secs(20), entered.notified())
+        .await
+        .expect("the long job started");
+    let asked = std::time::Instant::now();
+    let shutdown = tokio::spawn(running.shutdown_within(StdDuration::from_millis(200)));
+    let stopped_at = tokio::time::timeout(StdDuration::from_secs(20), async {
+        loop {
+            if let Some(at) = *stopped.lock().expect("lock") {
+                return at;
+            }
+            tokio::time::sleep(StdDuration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the long job's handler is stopped");
+    assert!(
+        slow.made.load(Ordering::SeqCst) > 0,
+        "the case needs buffered jobs to give back"
+    );
+    // Stopped at the 200 ms deadline, not after the 4 s releases.
+    assert!(
+        stopped_at.duration_since(asked) < StdDuration::from_secs(2),
+        "the handler ran {:?} past the shutdown call",
+        stopped_at.duration_since(asked)
+    );
+    let report = tokio::time::timeout(StdDuration::from_secs(30), shutdown)
+        .await
+        .expect("in time")
+        .expect("shutdown");
+    assert!(report.released >= 2, "{report:?}");
+}

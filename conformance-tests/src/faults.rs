@@ -1,7 +1,7 @@
 //! A backend that forwards every call to another, for tests that change
 //! one call of a real store: make its completions slow, close its wake-up
-//! subscriptions, let a push land during a pull, declare other
-//! capabilities.
+//! subscriptions, let a push land during a pull, slow its releases,
+//! declare other capabilities.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -65,6 +65,11 @@ pub trait Faults: fmt::Debug + Send + Sync + 'static {
         inner.complete(lease, result).await
     }
 
+    /// [`Puller::release`].
+    async fn release(&self, inner: &dyn Backend, lease: &Lease) -> Result<()> {
+        inner.release(lease).await
+    }
+
     /// [`Puller::complete_batch`].
     async fn complete_batch(
         &self,
@@ -105,6 +110,10 @@ impl<F: Faults> Faults for Arc<F> {
         completions: Vec<Completion>,
     ) -> Result<Vec<Lease>> {
         (**self).complete_batch(inner, completions).await
+    }
+
+    async fn release(&self, inner: &dyn Backend, lease: &Lease) -> Result<()> {
+        (**self).release(inner, lease).await
     }
 }
 
@@ -224,7 +233,7 @@ impl<F: Faults> Puller for Faulty<F> {
         self.inner.extend_batch(leases, by).await
     }
     async fn release(&self, lease: &Lease) -> Result<()> {
-        self.inner.release(lease).await
+        self.faults.release(&*self.inner, lease).await
     }
 }
 

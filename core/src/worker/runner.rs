@@ -784,28 +784,38 @@ async fn run<S: Send + Sync + 'static>(
     board.stopping.store(true, Ordering::SeqCst);
     let _ = phase_tx.send(Phase::Stopping);
     let mut report = ShutdownReport::default();
-    // Jobs leased but not started go back at once, for another worker.
-    let mut unstarted = buffer.close();
-    unstarted.append(&mut refused);
-    while let Some(pulled) = pulls.next().await {
-        unstarted.extend(hold(keeper, pulled.jobs.unwrap_or_default(), pulled.sent));
-        stock.landed(pulled.asked as usize);
-    }
-    report.released += release_all(&shared, unstarted).await;
     // Lanes end once their jobs have.
     drop(starts);
-    let drained = tokio::time::timeout_at(deadline, async {
-        while let Some(joined) = lane_tasks.join_next().await {
-            report.add(joined);
+    // Jobs leased but not started go back at once, for another worker,
+    // while the handlers run: however slow the store's releases, the
+    // handlers are told to stop at the deadline.
+    let mut unstarted = buffer.close();
+    unstarted.append(&mut refused);
+    let releasing = async {
+        while let Some(pulled) = pulls.next().await {
+            unstarted.extend(hold(keeper, pulled.jobs.unwrap_or_default(), pulled.sent));
+            stock.landed(pulled.asked as usize);
         }
-    })
-    .await;
-    if drained.is_err() {
-        let _ = phase_tx.send(Phase::Abandoning);
-        while let Some(joined) = lane_tasks.join_next().await {
-            report.add(joined);
+        release_all(&shared, unstarted).await
+    };
+    tokio::pin!(releasing);
+    let at_deadline = tokio::time::sleep_until(deadline);
+    tokio::pin!(at_deadline);
+    let (mut released, mut lanes_running, mut abandoning) = (None, true, false);
+    while released.is_none() || lanes_running {
+        tokio::select! {
+            n = &mut releasing, if released.is_none() => released = Some(n),
+            joined = lane_tasks.join_next(), if lanes_running => match joined {
+                Some(joined) => report.add(joined),
+                None => lanes_running = false,
+            },
+            () = &mut at_deadline, if lanes_running && !abandoning => {
+                abandoning = true;
+                let _ = phase_tx.send(Phase::Abandoning);
+            }
         }
     }
+    report.released += released.unwrap_or(0);
     // The batcher ends once every sender is gone: the last is the lanes'.
     drop(starter);
     if let Some(Err(e)) = OptionFuture::from(completer).await {
