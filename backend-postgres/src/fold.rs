@@ -346,14 +346,16 @@ async fn run(mut slot: Slot, mut batch: Vec<Entry>) {
     loop {
         let answered = batch.len();
         backend.insert_folded(&mut conn, batch).await;
-        // Kept for the next batch only while the pool has another idle
-        // connection: a runner kept busy by a stream of pushes would
-        // otherwise hold it as long as the stream lasts, while pulls,
-        // renewals, the other runner or the application wait for one (with
-        // a pool of one, until they time out). Given back once the pool is
-        // closed, so later batches fail as other operations do.
+        // Given back after the batch when the pool is full with none idle:
+        // a runner kept busy by a stream of pushes would otherwise hold it
+        // as long as the stream lasts, while pulls, renewals, the other
+        // runner or the application wait for one (with a pool of one, until
+        // they time out). While the pool may grow, they open their own.
+        // Given back once the pool is closed, so later batches fail as
+        // other operations do.
         let pool = &backend.inner.pool;
-        if pool.num_idle() == 0 || pool.is_closed() {
+        let full = pool.size() >= pool.options().get_max_connections() && pool.num_idle() == 0;
+        if full || pool.is_closed() {
             conn = None;
         }
         for _ in 0..ANSWERED_YIELDS {
