@@ -1001,3 +1001,60 @@ async fn slow_releases_of_buffered_jobs_do_not_delay_the_deadline() {
         .expect("shutdown");
     assert!(report.released >= 2, "{report:?}");
 }
+
+/// Renewals that the store never answers.
+#[derive(Debug)]
+struct UnreachableRenewals;
+
+#[async_trait::async_trait]
+impl Faults for UnreachableRenewals {
+    async fn extend_batch(
+        &self,
+        _inner: &dyn Backend,
+        _leases: &[relayq_core::Lease],
+        _by: Duration,
+    ) -> Result<Vec<Option<time::OffsetDateTime>>> {
+        Err(Error::backend("the store is unreachable"))
+    }
+}
+
+/// A handler whose lease could not be renewed for a whole lease is
+/// stopped: the store may have leased its job to another worker by then,
+/// which must not find it still running here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_no_renewal_reached_for_a_whole_lease_stops_its_handler() {
+    let (inner, _) = store();
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(dyn_backend(&inner), UnreachableRenewals));
+    let stopped = Arc::new(tokio::sync::Notify::new());
+    struct NotifyOnStop(Arc<tokio::sync::Notify>);
+    impl Drop for NotifyOnStop {
+        fn drop(&mut self) {
+            self.0.notify_one();
+        }
+    }
+    let worker = Worker::builder(Arc::clone(&backend))
+        .queues(["mail"])
+        .lease(StdDuration::from_millis(600))
+        .handle({
+            let stopped = Arc::clone(&stopped);
+            move |_: Email, _ctx: JobContext<()>| {
+                let stopped = Arc::clone(&stopped);
+                async move {
+                    let _guard = NotifyOnStop(stopped);
+                    std::future::pending::<()>().await;
+                    Ok::<_, HandlerError>(())
+                }
+            }
+        })
+        .build()
+        .expect("build");
+    backend
+        .push(Email { to: "long".into() }.to_job())
+        .await
+        .expect("push");
+    let running = worker.start();
+    tokio::time::timeout(StdDuration::from_secs(20), stopped.notified())
+        .await
+        .expect("the handler is stopped once its lease has lapsed");
+    running.shutdown_within(StdDuration::from_secs(20)).await;
+}

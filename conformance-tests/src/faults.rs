@@ -1,7 +1,7 @@
 //! A backend that forwards every call to another, for tests that change
 //! one call of a real store: make its completions slow, close its wake-up
-//! subscriptions, let a push land during a pull, slow its releases,
-//! declare other capabilities.
+//! subscriptions, let a push land during a pull, slow its releases, fail
+//! its renewals, declare other capabilities.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -70,6 +70,16 @@ pub trait Faults: fmt::Debug + Send + Sync + 'static {
         inner.release(lease).await
     }
 
+    /// [`Puller::extend_batch`].
+    async fn extend_batch(
+        &self,
+        inner: &dyn Backend,
+        leases: &[Lease],
+        by: Duration,
+    ) -> Result<Vec<Option<OffsetDateTime>>> {
+        inner.extend_batch(leases, by).await
+    }
+
     /// [`Puller::complete_batch`].
     async fn complete_batch(
         &self,
@@ -114,6 +124,15 @@ impl<F: Faults> Faults for Arc<F> {
 
     async fn release(&self, inner: &dyn Backend, lease: &Lease) -> Result<()> {
         (**self).release(inner, lease).await
+    }
+
+    async fn extend_batch(
+        &self,
+        inner: &dyn Backend,
+        leases: &[Lease],
+        by: Duration,
+    ) -> Result<Vec<Option<OffsetDateTime>>> {
+        (**self).extend_batch(inner, leases, by).await
     }
 }
 
@@ -230,7 +249,7 @@ impl<F: Faults> Puller for Faulty<F> {
         leases: &[Lease],
         by: Duration,
     ) -> Result<Vec<Option<OffsetDateTime>>> {
-        self.inner.extend_batch(leases, by).await
+        self.faults.extend_batch(&*self.inner, leases, by).await
     }
     async fn release(&self, lease: &Lease) -> Result<()> {
         self.faults.release(&*self.inner, lease).await

@@ -320,32 +320,46 @@ async fn renew(
     // and a half of a lease after the previous renewal.
     let mut tick = tokio::time::interval(every / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A lease whose last renewal that the store answered (or whose pull)
+    // was sent this long ago has ended on the store, which extended it
+    // from a moment after the sending.
+    let lapse = Duration::try_from(backend_lease).unwrap_or(Duration::MAX);
     loop {
         tick.tick().await;
         let now = Instant::now();
-        let due: Vec<WatchRef> = {
+        let mut lapsed = 0usize;
+        let mut due: Vec<WatchRef> = Vec::new();
+        {
             let mut held = lock(&registry);
             held.sweep();
-            held.pulls
-                .iter()
-                .flat_map(|pull| {
-                    pull.leases
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, (_, watch))| {
-                            watch.is_held()
-                                && watch
-                                    .renewal()
-                                    .sent
-                                    .is_some_and(|sent| now.duration_since(sent) >= every)
-                        })
-                        .map(|(index, _)| WatchRef {
+            for pull in &held.pulls {
+                for (index, (_, watch)) in pull.leases.iter().enumerate() {
+                    let Some(sent) = watch.renewal().sent.filter(|_| watch.is_held()) else {
+                        continue;
+                    };
+                    let since = now.duration_since(sent);
+                    if since >= lapse {
+                        // Renewals failed for a whole lease (the store was
+                        // unreachable): another worker may lease the job
+                        // now, so its run stops, or it is not started.
+                        watch.mark_lost();
+                        lapsed += 1;
+                    } else if since >= every {
+                        due.push(WatchRef {
                             pull: Arc::clone(pull),
                             index,
-                        })
-                })
-                .collect()
-        };
+                        });
+                    }
+                }
+            }
+        }
+        if lapsed > 0 {
+            tracing::warn!(
+                leases = lapsed,
+                lease_ms = lease_length.as_millis() as u64,
+                "leases lapsed: no renewal was answered for a whole lease; their jobs are stopped, or not started, and another worker may run them"
+            );
+        }
         futures::stream::iter(due.chunks(RENEWAL_BATCH))
             .for_each_concurrent(RENEWALS_AT_ONCE, |watches| {
                 let backend = &backend;
