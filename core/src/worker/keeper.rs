@@ -2,7 +2,8 @@
 //! held lease a third of a lease after its last renewal, whether its job
 //! waits in the prefetch buffer, runs, or has finished and waits for its
 //! completion to be recorded, and tells the job's holder when a renewal
-//! finds the lease lost. The leases due at a tick are renewed together
+//! finds the lease lost, or when no renewal has reached the store for a
+//! whole lease (it has ended there). The leases due at a tick are renewed together
 //! ([`Puller::extend_batch`]: one statement on PostgreSQL, one transaction
 //! on SQLite), so renewals take one pool connection, not one per job.
 //!
