@@ -404,7 +404,10 @@ impl std::fmt::Display for SharedError {
 }
 
 impl std::error::Error for SharedError {
+    /// The driver's error itself, so that a caller walking the chain finds
+    /// the `sqlx::Error` (telling a refused connection from a broken one)
+    /// as it does for a push that went out alone.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0.source()
+        Some(&*self.0)
     }
 }
