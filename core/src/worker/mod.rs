@@ -411,7 +411,11 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     /// [`instant_writes`](crate::Capabilities::instant_writes) records each
     /// at once, in its lane). Their leases are renewed while they wait;
     /// while this many wait, the worker pulls no more. So a started worker
-    /// holds at most `concurrency + prefetch + MAX_AWAITING_ACK` leases.
+    /// holds at most `concurrency + prefetch + MAX_AWAITING_ACK` leases. (On
+    /// a backend with instant writes a started worker runs a runner per
+    /// runtime thread, each bounded alike by its share of the concurrency
+    /// and prefetch plus this many, so the bound is this many per runner;
+    /// their lanes record completions as they come, so few ever wait.)
     pub const MAX_AWAITING_ACK: u32 = 512;
     /// The default lease length.
     pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
