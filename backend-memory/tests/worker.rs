@@ -1058,3 +1058,60 @@ async fn a_lease_no_renewal_reached_for_a_whole_lease_stops_its_handler() {
         .expect("the handler is stopped once its lease has lapsed");
     running.shutdown_within(StdDuration::from_secs(20)).await;
 }
+
+/// A store whose second pull panics (a backend's bug).
+#[derive(Debug, Default)]
+struct PanickingSecondPull {
+    pulls: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Faults for PanickingSecondPull {
+    async fn pull(
+        &self,
+        inner: &dyn Backend,
+        request: &relayq_core::PullRequest,
+    ) -> Result<Vec<relayq_core::LeasedJob>> {
+        if self.pulls.fetch_add(1, Ordering::SeqCst) == 1 {
+            panic!("the store's pull broke");
+        }
+        inner.pull(request).await
+    }
+}
+
+/// A panic in the store's `pull` counts as a failed pull: the worker goes
+/// on and runs the jobs pushed after it. (The second pull is a lane's own,
+/// made as its first job ends; before, the panic killed the lane, and with
+/// it that job's record and every later start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_pull_is_a_failed_pull() {
+    let (inner, _) = store();
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(
+        dyn_backend(&inner),
+        PanickingSecondPull::default(),
+    ));
+    let worker = lane_pulling_worker(&backend);
+    let first = backend
+        .push(Email { to: "first".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    let running = worker.start();
+    let within = |id| tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id));
+    within(first).await.expect("in time").expect("wait_for");
+    // The lane's own pull, as "first" ended, panicked; later pushes run.
+    tokio::time::sleep(StdDuration::from_millis(100)).await;
+    for to in ["second", "third"] {
+        let id = backend
+            .push(Email { to: to.into() }.to_job())
+            .await
+            .expect("push")
+            .id();
+        let job = within(id)
+            .await
+            .expect("a job pushed after the panic runs")
+            .expect("wait_for");
+        assert_eq!(job.status, JobStatus::Done);
+    }
+    running.shutdown_within(StdDuration::from_secs(20)).await;
+}

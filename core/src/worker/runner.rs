@@ -527,10 +527,22 @@ struct Pulled {
 }
 
 impl Pulled {
-    /// Sends `request`, reserved in a stock whose signs read `signs`.
+    /// Sends `request`, reserved in a stock whose signs read `signs`. A
+    /// panic in the backend's `pull` (a bug) counts as a failed pull, so
+    /// that the lane or pull loop that sent it goes on and the pull is not
+    /// counted as asked for ever after; the jobs it may have leased come
+    /// back when their leases end.
     async fn send(backend: Arc<dyn Backend>, request: PullRequest, signs: u64) -> Self {
         let sent = Instant::now();
-        let jobs = backend.pull(&request).await;
+        let jobs = AssertUnwindSafe(backend.pull(&request))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(crate::error::Error::backend(format!(
+                    "the backend's pull panicked: {}",
+                    panic_message(&*panic)
+                )))
+            });
         Self {
             jobs,
             asked: request.batch,
