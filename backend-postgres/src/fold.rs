@@ -50,6 +50,12 @@ use crate::{PgBackend, db_err, distinct_queues, schedule};
 /// The most jobs folded into one statement.
 pub(crate) const MAX_FOLD: usize = 1000;
 
+/// The most payload bytes folded into one statement (a lone push may
+/// carry more): PostgreSQL refuses a message of a gigabyte or more, so
+/// many concurrent pushes of large payloads would otherwise fail together,
+/// and fail again together when retried, though each alone would go in.
+pub(crate) const MAX_FOLD_BYTES: usize = 64 << 20;
+
 /// The most insert statements (so connections) under way at once for
 /// the folded pushes of one Tokio runtime. Two let one statement execute
 /// while the other's commit waits for its WAL flush. Measured with the `enqueue` workload (8 tasks,
@@ -91,13 +97,26 @@ struct State {
 
 impl State {
     /// Up to [`MAX_FOLD`] waiting pushes whose callers still wait, oldest
-    /// first.
+    /// first, with at most [`MAX_FOLD_BYTES`] of payload (but at least one).
     fn take(&mut self) -> Vec<Entry> {
+        self.take_within(MAX_FOLD_BYTES)
+    }
+
+    fn take_within(&mut self, max_bytes: usize) -> Vec<Entry> {
         let mut batch = Vec::with_capacity(self.waiting.len().min(MAX_FOLD));
+        let mut bytes = 0;
         while batch.len() < MAX_FOLD {
             match self.waiting.pop_front() {
                 Some(entry) if entry.reply.is_closed() => {}
-                Some(entry) => batch.push(entry),
+                Some(entry) => {
+                    let size = entry.job.payload.as_raw().get().len();
+                    if !batch.is_empty() && bytes + size > max_bytes {
+                        self.waiting.push_front(entry);
+                        break;
+                    }
+                    bytes += size;
+                    batch.push(entry);
+                }
                 None => break,
             }
         }
@@ -409,5 +428,44 @@ impl std::error::Error for SharedError {
     /// as it does for a push that went out alone.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&*self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(payload_bytes: usize) -> (Entry, oneshot::Receiver<Result<JobId>>) {
+        let job = relayq_core::NewJob::new("k", &"x".repeat(payload_bytes))
+            .validate()
+            .expect("valid");
+        let (reply, answer) = oneshot::channel();
+        (Entry { job, reply }, answer)
+    }
+
+    #[test]
+    fn a_fold_stops_at_its_payload_bytes_but_takes_at_least_one() {
+        let mut state = State::default();
+        let mut answers = Vec::new();
+        for bytes in [40, 40, 40, 200] {
+            let (entry, answer) = entry(bytes);
+            state.waiting.push_back(entry);
+            answers.push(answer);
+        }
+        // Each payload is its JSON string: two quotes more.
+        assert_eq!(state.take_within(100).len(), 2);
+        assert_eq!(state.take_within(100).len(), 1);
+        assert_eq!(state.take_within(100).len(), 1, "one too large goes alone");
+        assert!(state.take_within(100).is_empty());
+    }
+
+    #[test]
+    fn a_fold_skips_pushes_whose_callers_left() {
+        let mut state = State::default();
+        let (gone, answer) = entry(10);
+        drop(answer);
+        let (kept, _answer) = entry(10);
+        state.waiting.extend([gone, kept]);
+        assert_eq!(state.take().len(), 1);
     }
 }
