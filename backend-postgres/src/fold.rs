@@ -93,6 +93,9 @@ pub(crate) struct Folder {
 struct State {
     waiting: VecDeque<Entry>,
     running: usize,
+    /// The queue length at which pushes whose callers left are forgotten
+    /// next (see [`State::forget_left_when_long`]).
+    prune_at: usize,
 }
 
 impl State {
@@ -100,6 +103,19 @@ impl State {
     /// first, with at most [`MAX_FOLD_BYTES`] of payload (but at least one).
     fn take(&mut self) -> Vec<Entry> {
         self.take_within(MAX_FOLD_BYTES)
+    }
+
+    /// Forgets the pushes whose callers stopped waiting, once more are
+    /// queued than two statements take: while the statements under way
+    /// hang (a connection gone dead without a reset), callers that time
+    /// out and push again would otherwise leave their jobs queued until
+    /// the hang ends. Checked at each doubling, so a push costs O(1) on
+    /// average.
+    fn forget_left_when_long(&mut self) {
+        if self.waiting.len() >= self.prune_at.max(2 * MAX_FOLD) {
+            self.waiting.retain(|entry| !entry.reply.is_closed());
+            self.prune_at = 2 * self.waiting.len();
+        }
     }
 
     fn take_within(&mut self, max_bytes: usize) -> Vec<Entry> {
@@ -154,6 +170,7 @@ impl Folder {
     fn enqueue(&self, runtime: RuntimeId, entry: Entry) -> Option<Vec<Entry>> {
         self.with(runtime, |state| {
             state.waiting.push_back(entry);
+            state.forget_left_when_long();
             if state.running >= MAX_RUNNING {
                 return None;
             }
@@ -457,6 +474,25 @@ mod tests {
         assert_eq!(state.take_within(100).len(), 1);
         assert_eq!(state.take_within(100).len(), 1, "one too large goes alone");
         assert!(state.take_within(100).is_empty());
+    }
+
+    #[test]
+    fn a_long_queue_forgets_pushes_whose_callers_left() {
+        let mut state = State::default();
+        let mut kept = Vec::new();
+        for n in 0..2 * MAX_FOLD {
+            let (entry, answer) = entry(1);
+            state.waiting.push_back(entry);
+            // Every other caller stays.
+            if n % 2 == 0 {
+                kept.push(answer);
+            } else {
+                drop(answer);
+            }
+            state.forget_left_when_long();
+        }
+        assert_eq!(state.waiting.len(), MAX_FOLD);
+        assert!(state.waiting.iter().all(|entry| !entry.reply.is_closed()));
     }
 
     #[test]
