@@ -728,6 +728,31 @@ async fn a_lanes_pull_landing_after_the_shutdown_gives_its_jobs_back() {
     assert_eq!(second.attempts, 0, "given back, the attempt not spent");
 }
 
+/// Pushes `n` quick jobs to "mail", to `{prefix}0`…, and waits until
+/// `running` has run them all: full pulls with slots waiting deepen each
+/// runner's buffer.
+async fn run_quick_jobs(
+    backend: &Arc<dyn Backend>,
+    running: &relayq_core::WorkerHandle<()>,
+    prefix: &str,
+    n: usize,
+) {
+    let jobs: Vec<NewJob> = (0..n)
+        .map(|i| {
+            Email {
+                to: format!("{prefix}{i}"),
+            }
+            .to_job()
+        })
+        .collect();
+    for outcome in backend.push_batch(jobs).await.expect("push") {
+        tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(outcome.id()))
+            .await
+            .expect("in time")
+            .expect("wait_for");
+    }
+}
+
 /// The ids each pull returned.
 #[derive(Debug, Default)]
 struct PullLog(std::sync::Mutex<Vec<Vec<relayq_core::JobId>>>);
@@ -802,11 +827,8 @@ async fn a_runners_surplus_is_run_by_an_idle_sibling() {
     // too, which it does once the pulling runner's buffer is deep; should
     // a round's timing keep it shallow, the round is run again.
     for _round in 0..5 {
-        // Quick jobs first: full pulls with slots waiting deepen each
-        // runner's buffer, so that a pull takes more than its one slot.
-        for id in push((0..400).map(|i| format!("warm{i}")).collect()).await {
-            within(id).await.expect("in time").expect("wait_for");
-        }
+        // Quick jobs first, so that a pull takes more than its one slot.
+        run_quick_jobs(&backend, &running, "warm", 400).await;
         let ids = push(
             ["long", "quick1", "quick2", "quick3"]
                 .map(String::from)
@@ -858,21 +880,7 @@ async fn the_shutdown_report_counts_only_the_grace_period() {
         .build()
         .expect("build");
     let running = worker.start();
-    let within = |id| tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id));
-    let quick: Vec<NewJob> = (0..50)
-        .map(|i| {
-            Email {
-                to: format!("quick{i}"),
-            }
-            .to_job()
-        })
-        .collect();
-    for outcome in backend.push_batch(quick).await.expect("push") {
-        within(outcome.id())
-            .await
-            .expect("in time")
-            .expect("wait_for");
-    }
+    run_quick_jobs(&backend, &running, "quick", 50).await;
     backend
         .push(Email { to: "long".into() }.to_job())
         .await
@@ -948,23 +956,9 @@ async fn slow_releases_of_buffered_jobs_do_not_delay_the_deadline() {
         .build()
         .expect("build");
     let running = worker.start();
-    let within = |id| tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id));
     // Quick jobs first deepen the buffer, so that the long job's pull
     // leases more jobs than its one slot.
-    let warm: Vec<NewJob> = (0..400)
-        .map(|i| {
-            Email {
-                to: format!("warm{i}"),
-            }
-            .to_job()
-        })
-        .collect();
-    for outcome in backend.push_batch(warm).await.expect("push") {
-        within(outcome.id())
-            .await
-            .expect("in time")
-            .expect("wait_for");
-    }
+    run_quick_jobs(&backend, &running, "warm", 400).await;
     let jobs: Vec<NewJob> = std::iter::once("long".to_owned())
         .chain((0..8).map(|i| format!("queued{i}")))
         .map(|to| Email { to }.to_job())

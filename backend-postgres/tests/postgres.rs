@@ -1429,25 +1429,10 @@ async fn folded_pushes_notify_their_queues() {
 }
 
 /// A notification whose statement fails is sent again, so a worker in
-/// another process is not left asleep until its poll. (The failure here:
-/// the schema's channel function is renamed away for a moment, which
-/// fails the notification and nothing else.)
+/// another process is not left asleep until its poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_notification_is_sent_again() {
-    let backend = testing::connect(testing::options()).await;
-    let listening = other_process(&backend).await;
-    let mut wakeups = subscribed(&listening, &["q0".to_owned()]).await;
-    drain(&mut wakeups, StdDuration::from_millis(300)).await;
-    let mut admin = testing::admin().await;
-    rename_channel_function(
-        &mut admin,
-        &backend,
-        "notify_channel",
-        "notify_channel_away",
-    )
-    .await;
-    // spread_job(0) goes to q0.
-    backend.push(spread_job(0)).await.expect("push");
+    let (backend, _listening, mut wakeups, mut admin) = push_while_notifications_fail().await;
     expect_quiet(&mut wakeups, "the notification cannot be sent").await;
     rename_channel_function(
         &mut admin,
@@ -1464,10 +1449,29 @@ async fn a_failed_notification_is_sent_again() {
 /// is sent before `close` closes the pool: a program that pushes, closes
 /// the backend and exits still wakes the workers of other processes. (The
 /// notification is held back when `close` is called: its first attempt
-/// failed, with the channel function renamed away, and it waits to be
-/// sent again.)
+/// failed, and it waits to be sent again.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_sends_the_notifications_of_earlier_pushes() {
+    let (backend, _listening, mut wakeups, mut admin) = push_while_notifications_fail().await;
+    tokio::time::sleep(StdDuration::from_millis(30)).await;
+    rename_channel_function(
+        &mut admin,
+        &backend,
+        "notify_channel_away",
+        "notify_channel",
+    )
+    .await;
+    backend.close().await;
+    expect_signal(&mut wakeups, "the push's notification was sent").await;
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// A backend whose notifications fail, and nothing else (its schema's
+/// channel function renamed away, to `notify_channel_away`), once it has
+/// pushed a job to q0; with another process's backend (kept alive for its
+/// subscription) and drained subscription to q0, and an admin connection
+/// to rename the function back with.
+async fn push_while_notifications_fail() -> (PgBackend, PgBackend, Wakeups, sqlx::PgConnection) {
     let backend = testing::connect(testing::options()).await;
     let listening = other_process(&backend).await;
     let mut wakeups = subscribed(&listening, &["q0".to_owned()]).await;
@@ -1482,21 +1486,10 @@ async fn close_sends_the_notifications_of_earlier_pushes() {
     .await;
     // spread_job(0) goes to q0.
     backend.push(spread_job(0)).await.expect("push");
-    tokio::time::sleep(StdDuration::from_millis(30)).await;
-    rename_channel_function(
-        &mut admin,
-        &backend,
-        "notify_channel_away",
-        "notify_channel",
-    )
-    .await;
-    backend.close().await;
-    expect_signal(&mut wakeups, "the push's notification was sent").await;
-    testing::drop_schema(listening.schema()).await;
+    (backend, listening, wakeups, admin)
 }
 
-/// Renames `backend`'s channel function `from` to `to`: away, every
-/// notification fails, and nothing else does.
+/// Renames `backend`'s channel function `from` to `to`.
 async fn rename_channel_function(
     admin: &mut sqlx::PgConnection,
     backend: &PgBackend,
