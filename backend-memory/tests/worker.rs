@@ -854,51 +854,6 @@ async fn a_runners_surplus_is_run_by_an_idle_sibling() {
     panic!("in five rounds, no pull took a quick job with the long one");
 }
 
-/// The shutdown report counts the runs that ended during the grace
-/// period, not every job the worker ran before it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shutdown_report_counts_only_the_grace_period() {
-    let (inner, _) = store();
-    let backend = dyn_backend(&inner);
-    let entered = Arc::new(tokio::sync::Notify::new());
-    let release = Arc::new(tokio::sync::Notify::new());
-    let worker = Worker::builder(Arc::clone(&backend))
-        .queues(["mail"])
-        .handle({
-            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
-            move |e: Email, _ctx: JobContext<()>| {
-                let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
-                async move {
-                    if e.to == "long" {
-                        entered.notify_one();
-                        release.notified().await;
-                    }
-                    Ok::<_, HandlerError>(())
-                }
-            }
-        })
-        .build()
-        .expect("build");
-    let running = worker.start();
-    run_quick_jobs(&backend, &running, "quick", 50).await;
-    backend
-        .push(Email { to: "long".into() }.to_job())
-        .await
-        .expect("push");
-    tokio::time::timeout(StdDuration::from_secs(20), entered.notified())
-        .await
-        .expect("the long job started");
-    let shutdown = tokio::spawn(running.shutdown_within(StdDuration::from_secs(20)));
-    // Let the stop reach the pull loop before the long job ends.
-    tokio::time::sleep(StdDuration::from_millis(100)).await;
-    release.notify_one();
-    let report = tokio::time::timeout(StdDuration::from_secs(20), shutdown)
-        .await
-        .expect("in time")
-        .expect("shutdown");
-    assert_eq!((report.finished, report.released), (1, 0));
-}
-
 /// Releases that take `delay` each, counted.
 #[derive(Debug)]
 struct SlowReleases {
@@ -994,63 +949,6 @@ async fn slow_releases_of_buffered_jobs_do_not_delay_the_deadline() {
         .expect("in time")
         .expect("shutdown");
     assert!(report.released >= 2, "{report:?}");
-}
-
-/// Renewals that the store never answers.
-#[derive(Debug)]
-struct UnreachableRenewals;
-
-#[async_trait::async_trait]
-impl Faults for UnreachableRenewals {
-    async fn extend_batch(
-        &self,
-        _inner: &dyn Backend,
-        _leases: &[relayq_core::Lease],
-        _by: Duration,
-    ) -> Result<Vec<Option<time::OffsetDateTime>>> {
-        Err(Error::backend("the store is unreachable"))
-    }
-}
-
-/// A handler whose lease could not be renewed for a whole lease is
-/// stopped: the store may have leased its job to another worker by then,
-/// which must not find it still running here.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_no_renewal_reached_for_a_whole_lease_stops_its_handler() {
-    let (inner, _) = store();
-    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(dyn_backend(&inner), UnreachableRenewals));
-    let stopped = Arc::new(tokio::sync::Notify::new());
-    struct NotifyOnStop(Arc<tokio::sync::Notify>);
-    impl Drop for NotifyOnStop {
-        fn drop(&mut self) {
-            self.0.notify_one();
-        }
-    }
-    let worker = Worker::builder(Arc::clone(&backend))
-        .queues(["mail"])
-        .lease(StdDuration::from_millis(600))
-        .handle({
-            let stopped = Arc::clone(&stopped);
-            move |_: Email, _ctx: JobContext<()>| {
-                let stopped = Arc::clone(&stopped);
-                async move {
-                    let _guard = NotifyOnStop(stopped);
-                    std::future::pending::<()>().await;
-                    Ok::<_, HandlerError>(())
-                }
-            }
-        })
-        .build()
-        .expect("build");
-    backend
-        .push(Email { to: "long".into() }.to_job())
-        .await
-        .expect("push");
-    let running = worker.start();
-    tokio::time::timeout(StdDuration::from_secs(20), stopped.notified())
-        .await
-        .expect("the handler is stopped once its lease has lapsed");
-    running.shutdown_within(StdDuration::from_secs(20)).await;
 }
 
 /// A store whose second pull panics (a backend's bug).

@@ -689,6 +689,101 @@ pub async fn worker_hears_a_push_made_during_its_empty_pull(h: Harness) {
     running.shutdown_within(LIVENESS).await;
 }
 
+/// The shutdown report counts the runs that ended during the grace
+/// period, not every job the worker ran before it.
+pub async fn worker_shutdown_report_counts_only_the_grace_period(h: Harness) {
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let worker = h
+        .worker()
+        .handle({
+            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+            move |task: Task, _ctx: JobContext<Harness>| {
+                let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+                async move {
+                    if task.n < 0 {
+                        entered.notify_one();
+                        release.notified().await;
+                    }
+                    Ok::<_, HandlerError>(task.n)
+                }
+            }
+        })
+        .build()
+        .expect("build");
+    let running = worker.start();
+    for n in 0..20 {
+        let id = h.push(Task { n }.to_job()).await;
+        within("a quick job", running.wait_for(id))
+            .await
+            .expect("wait_for");
+    }
+    h.push(Task { n: -1 }.to_job()).await;
+    within("the long job to start", entered.notified()).await;
+    let shutdown = tokio::spawn(running.shutdown_within(LIVENESS));
+    // Let the stop reach the worker before the long job ends.
+    tokio::time::sleep(StdDuration::from_millis(100)).await;
+    release.notify_one();
+    let report = within("the shutdown", shutdown).await.expect("shutdown");
+    assert_eq!((report.finished, report.released), (1, 0), "{report:?}");
+}
+
+/// A handler whose lease no renewal reached for a whole lease (the store
+/// unreachable) is stopped: the store may have leased its job to another
+/// worker by then, which must not find it still running here.
+pub async fn worker_stops_a_handler_no_renewal_reached_for_a_whole_lease(h: Harness) {
+    let backend: Arc<dyn Backend> =
+        Arc::new(Faulty::new(Arc::clone(&h.backend), UnreachableRenewals));
+    let stopped = Arc::new(tokio::sync::Notify::new());
+    /// Tells when the handler's future is dropped.
+    struct NotifyOnStop(Arc<tokio::sync::Notify>);
+    impl Drop for NotifyOnStop {
+        fn drop(&mut self) {
+            self.0.notify_one();
+        }
+    }
+    let worker = Worker::builder(backend)
+        .state(h.clone())
+        .lease(StdDuration::from_millis(600))
+        .handle({
+            let stopped = Arc::clone(&stopped);
+            move |_: Task, _ctx: JobContext<Harness>| {
+                let stopped = Arc::clone(&stopped);
+                async move {
+                    let _guard = NotifyOnStop(stopped);
+                    std::future::pending::<()>().await;
+                    Ok::<_, HandlerError>(0)
+                }
+            }
+        })
+        .build()
+        .expect("build");
+    h.push(Task { n: 1 }.to_job()).await;
+    let running = worker.start();
+    within(
+        "the handler stopped once its lease lapsed",
+        stopped.notified(),
+    )
+    .await;
+    running.shutdown_within(LIVENESS).await;
+}
+
+/// Renewals that the store never answers.
+#[derive(Debug)]
+struct UnreachableRenewals;
+
+#[async_trait::async_trait]
+impl crate::faults::Faults for UnreachableRenewals {
+    async fn extend_batch(
+        &self,
+        _inner: &dyn Backend,
+        _leases: &[relayq_core::Lease],
+        _by: Duration,
+    ) -> relayq_core::Result<Vec<Option<time::OffsetDateTime>>> {
+        Err(relayq_core::Error::backend("the store is unreachable"))
+    }
+}
+
 /// Shutdown stops pulling at once, lets in-flight jobs finish within the
 /// deadline, then releases the rest: `Pending`, the attempt given back,
 /// eligible for another worker without waiting for the lease to expire.
