@@ -22,7 +22,8 @@
 //! have caused (a data exception, a constraint, a limit, a trigger's
 //! `RAISE`), nothing was inserted, and the jobs are inserted one by one so
 //! a bad job fails only its own caller. Any other failure (the connection
-//! broke, the server shut down, ...) may have happened after the commit,
+//! broke, the server shut down, no answer came within the reply timeout,
+//! see [`deadline`](crate::deadline)) may have happened after the commit,
 //! so it is reported to every caller of the statement, as a lone push
 //! would report it, and nothing is retried.
 //!
@@ -39,12 +40,11 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use relayq_core::{Error, JobId, Result, ValidJob};
-use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, Postgres};
 use time::OffsetDateTime;
 use tokio::runtime::{Handle, Id as RuntimeId};
 use tokio::sync::oneshot;
 
+use crate::deadline::Conn;
 use crate::{PgBackend, db_err, distinct_queues, schedule};
 
 /// The most jobs folded into one statement.
@@ -254,7 +254,7 @@ impl PgBackend {
     /// Inserts `batch`, answering every caller in it, on `conn` (acquired
     /// if `None`; set back to `None` after a failure that may have broken
     /// it).
-    async fn insert_folded(&self, conn: &mut Option<PoolConnection<Postgres>>, batch: Vec<Entry>) {
+    async fn insert_folded(&self, conn: &mut Option<Conn>, batch: Vec<Entry>) {
         // `now` once for the statement, as a batch push takes it; a job
         // whose schedule does not fit (checked at push time already, but an
         // injected clock may have moved) fails alone.
@@ -279,14 +279,14 @@ impl PgBackend {
         }
         let c = match conn {
             Some(c) => c,
-            None => match self.inner.pool.acquire().await {
+            None => match Conn::acquire(&self.inner.pool, self.inner.deadline.as_ref()).await {
                 Ok(c) => conn.insert(c),
                 Err(e) => return answer_all(replies, e),
             },
         };
         if let ([job], [at]) = (jobs.as_slice(), schedules.as_slice()) {
             // Alone: the single-row statement, exactly a lone push.
-            let result = match self.push_one_raw(c, now, job, *at).await {
+            let result = match c.run(|c| self.push_one_raw(c, now, job, *at)).await {
                 Ok(id) => {
                     self.announce(vec![job.queue.clone()]);
                     Ok(id)
@@ -303,7 +303,10 @@ impl PgBackend {
             }
             return;
         }
-        match self.insert_keyless(c, now, &jobs, &schedules).await {
+        match c
+            .run(|c| self.insert_keyless(c, now, &jobs, &schedules))
+            .await
+        {
             Ok(ids) if ids.len() == jobs.len() => {
                 self.announce(distinct_queues(&jobs));
                 for (reply, id) in replies.into_iter().zip(ids) {
@@ -339,7 +342,7 @@ impl PgBackend {
     /// returns false: the connection may be broken.
     async fn insert_one_by_one(
         &self,
-        conn: &mut PgConnection,
+        conn: &mut Conn,
         now: Option<OffsetDateTime>,
         jobs: &[ValidJob],
         schedules: &[(Option<OffsetDateTime>, i64)],
@@ -353,7 +356,7 @@ impl PgBackend {
                 let _ = reply.send(Err(Error::backend(SharedError(e.clone()))));
                 continue;
             }
-            let result = self.push_one_raw(conn, now, job, *at).await;
+            let result = conn.run(|c| self.push_one_raw(c, now, job, *at)).await;
             let result = match result {
                 Ok(id) => {
                     // Before the reply: the caller's workers are awake

@@ -156,6 +156,13 @@
 //! subscriber gets one signal, since pushes in between were not heard.
 //! [`PgBackend::close`] closes the pool and the listener.
 //!
+//! A queue operation (push, claim, acknowledgement, lease extension or
+//! release) whose statement goes unanswered for
+//! [`PgOptions::reply_timeout`] (default [`DEFAULT_REPLY_TIMEOUT`]) fails
+//! with [`Error::Backend`] and closes its connection: a server gone without
+//! a reset (a failover, a cut link) would otherwise hold it, and the pushes
+//! folded behind it, until TCP gives up, about a quarter of an hour later.
+//!
 //! # Testing
 //!
 //! The crate's tests need a server they may create schemas in:
@@ -171,6 +178,7 @@
 //! [`Error::Backend`]. Neither, nor `Debug` of [`PgBackend`] or
 //! [`PgOptions`], ever shows a password.
 
+mod deadline;
 mod fold;
 mod listen;
 mod migrate;
@@ -204,8 +212,8 @@ use time::{Duration, OffsetDateTime};
 
 pub use migrate::SCHEMA_VERSION;
 pub use options::{
-    DEFAULT_APPLICATION_NAME, DEFAULT_MAX_CONNECTIONS, DEFAULT_SCHEMA, DEFAULT_VACUUM_THRESHOLD,
-    LISTENER_SUFFIX, PgOptions,
+    DEFAULT_APPLICATION_NAME, DEFAULT_MAX_CONNECTIONS, DEFAULT_REPLY_TIMEOUT, DEFAULT_SCHEMA,
+    DEFAULT_VACUUM_THRESHOLD, LISTENER_SUFFIX, PgOptions,
 };
 
 /// The sqlx this crate is built on, so callers of [`PgBackend::push_in`]
@@ -253,6 +261,8 @@ pub struct PgBackend {
 
 struct Inner {
     pool: PgPool,
+    /// How long a queue operation waits for an answer (see [`deadline`]).
+    deadline: Option<deadline::Deadline>,
     schema: String,
     sql: sql::Statements,
     clock: Option<Arc<dyn Clock>>,
@@ -337,12 +347,15 @@ impl PgBackend {
                 })
             })?;
         let sql = sql::Statements::new(&options.schema);
-        let notifier = notify::Notifier::new(pool.clone(), sql.notify_async.clone());
+        let deadline = deadline::Deadline::new(options.reply_timeout).map_err(Error::backend)?;
+        let notifier =
+            notify::Notifier::new(pool.clone(), deadline.clone(), sql.notify_async.clone());
         let vacuum =
             vacuum::Vacuum::new(pool.clone(), sql.vacuum.clone(), options.vacuum_threshold);
         let backend = Self {
             inner: Arc::new(Inner {
                 pool,
+                deadline,
                 sql,
                 notifier,
                 vacuum,
@@ -703,12 +716,25 @@ impl PgBackend {
         query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
         lease: &Lease,
     ) -> Result<()> {
-        let done = query.execute(&self.inner.pool).await.map_err(db_err)?;
+        let done = self
+            .conn()
+            .await?
+            .run(|c| query.execute(c))
+            .await
+            .map_err(db_err)?;
         if done.rows_affected() == 0 {
             return Err(lease.lost());
         }
         self.inner.vacuum.record(1);
         Ok(())
+    }
+
+    /// A pooled connection for a queue operation, whose statements must be
+    /// answered within the reply timeout (see [`deadline`]).
+    async fn conn(&self) -> Result<deadline::Conn> {
+        deadline::Conn::acquire(&self.inner.pool, self.inner.deadline.as_ref())
+            .await
+            .map_err(db_err)
     }
 
     /// The injected clock's time, or `None` for the server's.
@@ -913,8 +939,8 @@ impl Pusher for PgBackend {
             .ok_or_else(|| Error::backend("validation returned no job"))?;
         if job.unique_key.is_some() {
             // Its own statement: ON CONFLICT decides duplicates.
-            let mut conn = self.inner.pool.acquire().await.map_err(db_err)?;
-            let outcome = self.push_one(&mut conn, &job).await?;
+            let mut conn = self.conn().await?;
+            let outcome = conn.run(|c| self.push_one(c, &job)).await?;
             drop(conn);
             if !outcome.is_duplicate() {
                 self.announce(vec![job.queue.clone()]);
@@ -936,8 +962,8 @@ impl Pusher for PgBackend {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.inner.pool.acquire().await.map_err(db_err)?;
-        let outcomes = self.push_valid(&mut conn, &jobs).await?;
+        let mut conn = self.conn().await?;
+        let outcomes = conn.run(|c| self.push_valid(c, &jobs)).await?;
         drop(conn);
         // Committed (autocommit): wake the listeners, off this call's path.
         self.announce(created_queues(&jobs, &outcomes));
@@ -950,9 +976,11 @@ impl Puller for PgBackend {
     async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>> {
         request.validate()?;
         self.check_after(request.lease, "lease", "locked_until")?;
+        let query = self.pull_query(request, None);
         let rows = self
-            .pull_query(request, None)
-            .fetch_all(&self.inner.pool)
+            .conn()
+            .await?
+            .run(|c| query.fetch_all(c))
             .await
             .map_err(db_err)?;
         self.inner.vacuum.record(rows.len() as u64);
@@ -996,12 +1024,15 @@ impl Puller for PgBackend {
         let ids: Vec<i64> = sent.iter().map(|c| c.lease.job_id).collect();
         let tokens: Vec<i64> = sent.iter().map(|c| c.lease.token).collect();
         let results: Vec<Option<&Value>> = sent.iter().map(|c| c.result.as_ref()).collect();
-        let done: Vec<i64> = sqlx::query_scalar(self.inner.sql.complete_batch.clone())
+        let query = sqlx::query_scalar(self.inner.sql.complete_batch.clone())
             .bind(self.now())
             .bind(&ids)
             .bind(&tokens)
-            .bind(&results)
-            .fetch_all(&self.inner.pool)
+            .bind(&results);
+        let done: Vec<i64> = self
+            .conn()
+            .await?
+            .run(|c| query.fetch_all(c))
             .await
             .map_err(db_err)?;
         self.inner.vacuum.record(done.len() as u64);
@@ -1023,13 +1054,16 @@ impl Puller for PgBackend {
     async fn retry(&self, lease: &Lease, delay: Duration, error: &str) -> Result<JobStatus> {
         check_retry(delay, error)?;
         self.check_after(delay, "delay", "run_at")?;
-        let status: Option<String> = sqlx::query_scalar(self.inner.sql.retry.clone())
+        let query = sqlx::query_scalar(self.inner.sql.retry.clone())
             .bind(self.now())
             .bind(lease.job_id)
             .bind(lease.token)
             .bind(micros(delay))
-            .bind(error)
-            .fetch_optional(&self.inner.pool)
+            .bind(error);
+        let status: Option<String> = self
+            .conn()
+            .await?
+            .run(|c| query.fetch_optional(c))
             .await
             .map_err(db_err)?;
         let status = row::status(&status.ok_or_else(|| lease.lost())?)?;
@@ -1046,12 +1080,15 @@ impl Puller for PgBackend {
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
         check_lease("by", by)?;
         self.check_after(by, "by", "locked_until")?;
-        let until: Option<OffsetDateTime> = sqlx::query_scalar(self.inner.sql.extend.clone())
+        let query = sqlx::query_scalar(self.inner.sql.extend.clone())
             .bind(self.now())
             .bind(lease.job_id)
             .bind(lease.token)
-            .bind(micros(by))
-            .fetch_optional(&self.inner.pool)
+            .bind(micros(by));
+        let until: Option<OffsetDateTime> = self
+            .conn()
+            .await?
+            .run(|c| query.fetch_optional(c))
             .await
             .map_err(db_err)?;
         let until = until.ok_or_else(|| lease.lost())?;
@@ -1073,15 +1110,17 @@ impl Puller for PgBackend {
         sent.sort_by_key(|lease| lease.job_id);
         let ids: Vec<JobId> = sent.iter().map(|lease| lease.job_id).collect();
         let tokens: Vec<i64> = sent.iter().map(|lease| lease.token).collect();
-        let rows: Vec<(JobId, i64, OffsetDateTime)> =
-            sqlx::query_as(self.inner.sql.extend_batch.clone())
-                .bind(self.now())
-                .bind(&ids)
-                .bind(&tokens)
-                .bind(micros(by))
-                .fetch_all(&self.inner.pool)
-                .await
-                .map_err(db_err)?;
+        let query = sqlx::query_as(self.inner.sql.extend_batch.clone())
+            .bind(self.now())
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(micros(by));
+        let rows: Vec<(JobId, i64, OffsetDateTime)> = self
+            .conn()
+            .await?
+            .run(|c| query.fetch_all(c))
+            .await
+            .map_err(db_err)?;
         self.inner.vacuum.record(rows.len() as u64);
         let held: HashMap<(JobId, i64), OffsetDateTime> = rows
             .into_iter()

@@ -26,9 +26,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Duration, Instant};
 
+use crate::deadline::{Conn, Deadline};
+
 /// Sends the notifications of pool pushes from a background task.
 pub(crate) struct Notifier {
     pool: PgPool,
+    deadline: Option<Deadline>,
     /// The statement notifying `$1::text[]` queues, at `synchronous_commit = off`.
     sql: SqlStr,
     /// The running task: its inbox and its handle. Replaced if the task has
@@ -43,9 +46,10 @@ struct Task {
 }
 
 impl Notifier {
-    pub(crate) fn new(pool: PgPool, sql: SqlStr) -> Self {
+    pub(crate) fn new(pool: PgPool, deadline: Option<Deadline>, sql: SqlStr) -> Self {
         Self {
             pool,
+            deadline,
             sql,
             task: Mutex::new(None),
         }
@@ -67,7 +71,12 @@ impl Notifier {
         let (inbox, rx) = mpsc::unbounded_channel();
         // Cannot fail: the receiver is alive.
         let _ = inbox.send(queues);
-        let handle = tokio::spawn(run(self.pool.clone(), self.sql.clone(), rx));
+        let handle = tokio::spawn(run(
+            self.pool.clone(),
+            self.deadline.clone(),
+            self.sql.clone(),
+            rx,
+        ));
         *task = Some(Task { inbox, handle });
     }
 
@@ -118,7 +127,12 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// may find nothing, a lost one leaves it asleep until its poll. It is
 /// given up once the pool is closed, or once the backend is gone and an
 /// attempt still fails.
-async fn run(pool: PgPool, sql: SqlStr, mut inbox: mpsc::UnboundedReceiver<Vec<String>>) {
+async fn run(
+    pool: PgPool,
+    deadline: Option<Deadline>,
+    sql: SqlStr,
+    mut inbox: mpsc::UnboundedReceiver<Vec<String>>,
+) {
     let mut next_at = Instant::now();
     while let Some(first) = inbox.recv().await {
         let mut queues: BTreeSet<String> = first.into_iter().collect();
@@ -132,7 +146,12 @@ async fn run(pool: PgPool, sql: SqlStr, mut inbox: mpsc::UnboundedReceiver<Vec<S
                 queues.extend(more);
             }
             let list: Vec<&String> = queues.iter().collect();
-            let Err(e) = sqlx::query(sql.clone()).bind(&list).execute(&pool).await else {
+            let query = sqlx::query(sql.clone()).bind(&list);
+            let notified = match Conn::acquire(&pool, deadline.as_ref()).await {
+                Ok(mut conn) => conn.run(|c| query.execute(c)).await,
+                Err(e) => Err(e),
+            };
+            let Err(e) = notified else {
                 break;
             };
             if pool.is_closed() || inbox.is_closed() {

@@ -17,6 +17,12 @@ pub const DEFAULT_APPLICATION_NAME: &str = "relayq";
 /// The pool size when none is configured.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 
+/// How long a queue operation waits for the server to answer a statement
+/// when no [`PgOptions::reply_timeout`] is configured: far longer than any
+/// of those statements takes on a live server, far shorter than TCP's own
+/// timeout on a dead one.
+pub const DEFAULT_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(60);
+
 /// Rows changed (claimed, acknowledged, extended, deleted…) through one
 /// backend between the VACUUMs it runs, when none is configured: about
 /// 12,000 jobs' worth.
@@ -55,6 +61,7 @@ pub struct PgOptions {
     pub(crate) max_connections: u32,
     pub(crate) min_connections: u32,
     pub(crate) acquire_timeout: StdDuration,
+    pub(crate) reply_timeout: Option<StdDuration>,
     pub(crate) idle_timeout: Option<StdDuration>,
     pub(crate) max_lifetime: Option<StdDuration>,
     pub(crate) application_name: String,
@@ -71,6 +78,7 @@ impl fmt::Debug for PgOptions {
             .field("max_connections", &self.max_connections)
             .field("min_connections", &self.min_connections)
             .field("acquire_timeout", &self.acquire_timeout)
+            .field("reply_timeout", &self.reply_timeout)
             .field("idle_timeout", &self.idle_timeout)
             .field("max_lifetime", &self.max_lifetime)
             .field("application_name", &self.application_name)
@@ -85,7 +93,7 @@ impl PgOptions {
     /// Options for the database at `url` (`postgres://user:password@host:port/db?…`),
     /// with the defaults: schema [`DEFAULT_SCHEMA`], at most
     /// [`DEFAULT_MAX_CONNECTIONS`] pooled connections (plus one for LISTEN),
-    /// a 30 s acquire timeout, idle connections closed after 10 minutes,
+    /// a 30 s acquire timeout, a [`DEFAULT_REPLY_TIMEOUT`] reply timeout, idle connections closed after 10 minutes,
     /// connections recycled after 30 minutes, the server's clock, and
     /// migrations applied on connect.
     pub fn new(url: impl Into<String>) -> Self {
@@ -95,6 +103,7 @@ impl PgOptions {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             min_connections: 0,
             acquire_timeout: StdDuration::from_secs(30),
+            reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
             idle_timeout: Some(StdDuration::from_secs(600)),
             max_lifetime: Some(StdDuration::from_secs(1800)),
             application_name: DEFAULT_APPLICATION_NAME.to_owned(),
@@ -131,6 +140,25 @@ impl PgOptions {
     /// listener backs off and tries again.
     pub fn acquire_timeout(mut self, timeout: StdDuration) -> Self {
         self.acquire_timeout = timeout;
+        self
+    }
+
+    /// How long a queue operation (a push, a claim, an acknowledgement, a
+    /// lease extension or release, a notification) waits for the server to
+    /// answer one of its statements. Once it passes, the operation fails
+    /// with [`Error::Backend`](relayq_core::Error::Backend) (its source an
+    /// `io::Error` of kind `TimedOut`) and its connection is closed: a server
+    /// that vanished without a reset, as in a failover or a cut link,
+    /// answers nothing, and TCP gives up only after about a quarter of an
+    /// hour. The statement may or may not have taken effect, as with any
+    /// connection lost mid-statement. Default [`DEFAULT_REPLY_TIMEOUT`].
+    /// `None` waits as long as the network does.
+    ///
+    /// [`Observer`](relayq_core::Observer) and
+    /// [`Cleaner`](relayq_core::Cleaner) calls, `VACUUM` and migrations are
+    /// not bounded: they may scan a large table for longer.
+    pub fn reply_timeout(mut self, timeout: Option<StdDuration>) -> Self {
+        self.reply_timeout = timeout;
         self
     }
 
@@ -207,6 +235,11 @@ impl PgOptions {
         }
         if self.acquire_timeout.is_zero() {
             return Err(config("acquire_timeout must be positive"));
+        }
+        if self.reply_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(config(
+                "reply_timeout must be positive (None waits as long as the network does)",
+            ));
         }
         if self.vacuum_threshold == Some(0) {
             return Err(config(

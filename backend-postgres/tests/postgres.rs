@@ -550,6 +550,10 @@ async fn bad_configuration_is_a_typed_error_without_the_password() {
             "vacuum_threshold",
         ),
         (
+            PgOptions::new(&url).reply_timeout(Some(StdDuration::ZERO)),
+            "reply_timeout",
+        ),
+        (
             PgOptions::new(&url).max_connections(2).min_connections(3),
             "min_connections",
         ),
@@ -1008,11 +1012,15 @@ async fn the_worker_runtime_runs_jobs_woken_by_notify() {
 }
 
 /// A TCP proxy to the test server that can drop every connection and
-/// refuse new ones for a while, like a server restart or a network cut.
+/// refuse new ones for a while, like a server restart or a network cut, or
+/// silence the connections it holds, like a server gone without a reset.
 struct Proxy {
     port: u16,
     upstream: String,
     tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    /// Bumped by [`Proxy::silence`]: a connection made before stops
+    /// forwarding either way, and stays open.
+    silenced: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Proxy {
@@ -1025,6 +1033,7 @@ impl Proxy {
             port,
             upstream,
             tasks: Arc::default(),
+            silenced: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         proxy.serve(listener);
         proxy
@@ -1033,12 +1042,27 @@ impl Proxy {
     fn serve(&self, listener: tokio::net::TcpListener) {
         let upstream = self.upstream.clone();
         let tasks = self.tasks.clone();
+        let silenced = self.silenced.clone();
         let acceptor = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let upstream = upstream.clone();
+                let mut silence = silenced.subscribe();
+                let born = *silence.borrow_and_update();
                 let pipe = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+                    // Biased: a pipe woken by data a client wrote after
+                    // `silence` returned sees the silence first.
+                    let silent = tokio::select! {
+                        biased;
+                        _ = silence.wait_for(|n| *n > born) => true,
+                        _ = copy => false,
+                    };
+                    if silent {
+                        // Both sockets stay open, unread, until cut.
+                        std::future::pending::<()>().await;
                     }
                 });
                 tasks.lock().expect("tasks").push(pipe.abort_handle());
@@ -1055,6 +1079,12 @@ impl Proxy {
         for task in self.tasks.lock().expect("tasks").drain(..) {
             task.abort();
         }
+    }
+
+    /// Stops forwarding on every connection open now, keeping them open;
+    /// new connections forward as before.
+    fn silence(&self) {
+        self.silenced.send_modify(|n| *n += 1);
     }
 
     /// Listens again on the same port.
@@ -1124,6 +1154,167 @@ async fn listener_reconnects_after_the_server_was_unreachable() {
             .len(),
         3
     );
+    proxy.cut();
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// Whether `e`'s chain holds an I/O error of kind `TimedOut`.
+fn timed_out(e: &Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Every queue operation on a pooled connection whose server stopped
+/// answering (a failover, a cut link: no reset ever comes) fails once the
+/// reply timeout passes, instead of waiting for TCP to give up, and closes
+/// that connection: with a pool of one, the next call runs at once on a
+/// new one (a connection returned to the pool would hold its only slot
+/// while sqlx waited on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_operations_on_a_silent_connection_fail_within_the_reply_timeout() {
+    const REPLY: StdDuration = StdDuration::from_millis(300);
+    let url = testing::database_url();
+    let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
+    let proxy = Proxy::start(format!("{}:{}", target.get_host(), target.get_port())).await;
+    let backend = testing::connect(testing::options()).await;
+    let through = PgBackend::connect_with(
+        PgOptions::new(proxy.url(&url))
+            .schema(backend.schema())
+            .max_connections(1)
+            .reply_timeout(Some(REPLY)),
+    )
+    .await
+    .expect("connect through the proxy");
+    backend
+        .push_batch((0..2).map(job).collect())
+        .await
+        .expect("push");
+    let leased = backend
+        .pull(&PullRequest::queue("default").batch(2))
+        .await
+        .expect("pull");
+    let (first, second) = (leased[0].lease, leased[1].lease);
+    let ops: [(
+        &str,
+        futures::future::BoxFuture<'_, relayq_core::Result<()>>,
+    ); 8] = [
+        (
+            "push",
+            Box::pin(async { through.push(job(10)).await.map(drop) }),
+        ),
+        (
+            "push with a unique key",
+            Box::pin(async { through.push(job(11).unique_key("eleven")).await.map(drop) }),
+        ),
+        (
+            "push_batch",
+            Box::pin(async { through.push_batch(vec![job(12), job(13)]).await.map(drop) }),
+        ),
+        (
+            "pull",
+            Box::pin(async { through.pull(&PullRequest::queue("default")).await.map(drop) }),
+        ),
+        ("complete", Box::pin(through.complete(&first, None))),
+        (
+            "retry",
+            Box::pin(async { through.retry(&first, Duration::ZERO, "x").await.map(drop) }),
+        ),
+        (
+            "extend",
+            Box::pin(async {
+                through
+                    .extend(&second, Duration::minutes(1))
+                    .await
+                    .map(drop)
+            }),
+        ),
+        (
+            "extend_batch",
+            Box::pin(async {
+                through
+                    .extend_batch(&[second], Duration::minutes(1))
+                    .await
+                    .map(drop)
+            }),
+        ),
+    ];
+    for (what, op) in ops {
+        // The pool's one connection, open and idle: back in the pool, past
+        // the ping sqlx sends as it takes a connection back.
+        through.get(first.job_id).await.expect("get");
+        tokio::time::timeout(SIGNAL_DEADLINE, async {
+            while through.pool().num_idle() == 0 {
+                tokio::time::sleep(StdDuration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("before {what}: the connection never came back"));
+        proxy.silence();
+        let outcome = tokio::time::timeout(SIGNAL_DEADLINE, op)
+            .await
+            .unwrap_or_else(|_| panic!("{what} still waits after {SIGNAL_DEADLINE:?}"));
+        let e = outcome.expect_err(what);
+        assert!(timed_out(&e), "{what}: {e}");
+    }
+    // Nothing the silenced statements carried reached the server.
+    let stats = backend.stats().await.expect("stats");
+    assert_eq!(stats.queue("default").total(), 2, "{stats:?}");
+    through
+        .push(job(20))
+        .await
+        .expect("a push on a new connection");
+    proxy.cut();
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// Folded pushes queued behind statements on connections gone silent go
+/// in on new connections once the reply timeout has failed those
+/// statements' callers; before, they waited for TCP to give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_queued_behind_a_silent_fold_go_in_on_new_connections() {
+    let url = testing::database_url();
+    let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
+    let proxy = Proxy::start(format!("{}:{}", target.get_host(), target.get_port())).await;
+    let backend = testing::connect(testing::options()).await;
+    let through = PgBackend::connect_with(
+        PgOptions::new(proxy.url(&url))
+            .schema(backend.schema())
+            .max_connections(2)
+            .min_connections(2)
+            .reply_timeout(Some(StdDuration::from_millis(300))),
+    )
+    .await
+    .expect("connect through the proxy");
+    tokio::time::timeout(SIGNAL_DEADLINE, async {
+        while through.pool().num_idle() < 2 {
+            tokio::time::sleep(StdDuration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("two idle connections");
+    proxy.silence();
+    // The first two pushes start the two fold runners on the two silent
+    // connections; the other four wait for a runner.
+    let outcomes = tokio::time::timeout(
+        SIGNAL_DEADLINE,
+        futures::future::join_all((0..6).map(|n| through.push(spread_job(n)))),
+    )
+    .await
+    .expect("every push answered before TCP gives up");
+    for (n, outcome) in outcomes.iter().enumerate() {
+        match (n, outcome) {
+            (0 | 1, Err(e)) => assert!(timed_out(e), "push {n}: {e}"),
+            (0 | 1, Ok(o)) => panic!("push {n} went through a silent connection: {o:?}"),
+            (_, Ok(o)) => assert_is_job(&backend, o.id(), n as i64).await,
+            (_, Err(e)) => panic!("push {n}, queued behind the silent ones: {e}"),
+        }
+    }
     proxy.cut();
     testing::drop_schema(backend.schema()).await;
 }
