@@ -12,41 +12,53 @@
 //! where sqlx would wait on it again to check it.
 //!
 //! A connection whose operation is dropped mid-statement (its caller
-//! stopped waiting) is closed the same way: its answer is still owed, so
-//! it is not fit for the next statement.
+//! stopped waiting) still owes that statement's answer. A task waits for
+//! it, within the deadline, and returns the connection to the pool once it
+//! came; otherwise the connection is closed.
+//!
+//! One gap is left: sqlx pings every connection returned to its pool, and
+//! nothing bounds that ping. A server that goes silent within that round
+//! trip holds the connection's pool slot until TCP gives up.
 //!
 //! The deadlines are counted in ticks of one clock per backend, a thread
 //! that ticks [`TICKS_PER_LIMIT`] times per limit, rather than by a Tokio
-//! timer per statement: registering a timer wakes the runtime's parked
+//! timer per operation: registering a timer wakes the runtime's parked
 //! driver whenever no earlier one is pending, a system call and a thread
 //! wake-up per statement, which cost 3% of the `enqueue` benchmark.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock, Weak};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::Notify;
 
-/// Ticks of the clock per limit: a statement fails between one limit and
-/// one limit and a quarter after it was sent.
+/// Ticks of the clock per limit: an operation fails between one limit and
+/// one limit and a quarter after it began.
 const TICKS_PER_LIMIT: u64 = 4;
+
+/// The clock's shortest tick, so a limit under 4 ms is 4 to 5 ms.
+const MIN_TICK: Duration = Duration::from_millis(1);
+
+/// The clock thread's stack: it only sleeps and wakes waiters.
+const CLOCK_STACK: usize = 64 << 10;
 
 /// No answer came within the deadline. The statement may or may not have
 /// taken effect: the server may have run it and lost the way back.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct NoReply {
-    after: Duration,
+    pub(crate) after: Duration,
 }
 
 impl std::fmt::Display for NoReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "PostgreSQL did not answer within {:?} (PgOptions::reply_timeout); the connection \
-             was closed, and the statement may or may not have taken effect",
+            "PostgreSQL did not answer within {:?}; the connection was closed, and what was \
+             sent may or may not have taken effect",
             self.after
         )
     }
@@ -67,7 +79,7 @@ impl From<NoReply> for relayq_core::Error {
 }
 
 /// The reply timeout of a backend and the clock that counts it; clones
-/// share the clock, which stops once the last is dropped.
+/// share the clock, whose thread ends when the last is dropped.
 #[derive(Clone)]
 pub(crate) struct Deadline {
     limit: Duration,
@@ -77,6 +89,16 @@ pub(crate) struct Deadline {
 struct Clock {
     ticks: AtomicU64,
     tick: Notify,
+    /// The clock's thread, woken to end when the clock is dropped.
+    thread: OnceLock<Thread>,
+}
+
+impl Drop for Clock {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
 }
 
 impl Deadline {
@@ -88,12 +110,15 @@ impl Deadline {
         let clock = Arc::new(Clock {
             ticks: AtomicU64::new(0),
             tick: Notify::new(),
+            thread: OnceLock::new(),
         });
         let weak = Arc::downgrade(&clock);
-        let period = (limit / TICKS_PER_LIMIT as u32).max(Duration::from_millis(1));
-        std::thread::Builder::new()
+        let period = (limit / TICKS_PER_LIMIT as u32).max(MIN_TICK);
+        let thread = std::thread::Builder::new()
             .name("relayq-pg-deadline".to_owned())
+            .stack_size(CLOCK_STACK)
             .spawn(move || tick(&weak, period))?;
+        let _ = clock.thread.set(thread.thread().clone());
         Ok(Some(Self { limit, clock }))
     }
 
@@ -123,25 +148,39 @@ impl Deadline {
 /// The clock's thread: ticks every `period` for as long as a [`Deadline`]
 /// holds the clock.
 fn tick(clock: &Weak<Clock>, period: Duration) {
+    let mut next = Instant::now() + period;
     loop {
-        std::thread::sleep(period);
+        // Parked rather than asleep, so the clock's drop ends it at once;
+        // an early wake-up (parking may end spuriously) ticks nothing.
+        std::thread::park_timeout(next.saturating_duration_since(Instant::now()));
         let Some(clock) = clock.upgrade() else {
             return;
         };
-        clock.ticks.fetch_add(1, Ordering::AcqRel);
-        clock.tick.notify_waiters();
+        if Instant::now() >= next {
+            next += period;
+            clock.ticks.fetch_add(1, Ordering::AcqRel);
+            clock.tick.notify_waiters();
+        }
     }
 }
 
-/// A pooled connection whose statements must be answered within a
+/// A pooled connection whose operations must be answered within a
 /// [`Deadline`].
 pub(crate) struct Conn {
     /// `Some` until dropped.
     conn: Option<PoolConnection<Postgres>>,
     deadline: Option<Deadline>,
-    /// A statement's answer is owed: set while [`Conn::run`] waits, and
-    /// for good once the deadline passed.
-    awaiting: bool,
+    state: State,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Nothing owed: fit for the next operation, or for the pool.
+    Ready,
+    /// [`Conn::run`] waits for an answer (if dropped so, its caller left).
+    Awaiting,
+    /// No answer came within the deadline: closed when dropped.
+    Silent,
 }
 
 impl Conn {
@@ -150,13 +189,14 @@ impl Conn {
         Ok(Self {
             conn: Some(pool.acquire().await?),
             deadline: deadline.cloned(),
-            awaiting: false,
+            state: State::Ready,
         })
     }
 
     /// Runs `op` on the connection. If the server has not answered within
     /// the deadline, fails with [`NoReply`], as does every later call: the
-    /// connection is closed when this is dropped.
+    /// connection is closed when this is dropped. All of `op`'s statements
+    /// share the one deadline.
     pub(crate) async fn run<'c, T, E, F>(
         &'c mut self,
         op: impl FnOnce(&'c mut PgConnection) -> F,
@@ -168,29 +208,60 @@ impl Conn {
         let Self {
             conn,
             deadline,
-            awaiting,
+            state,
         } = self;
-        let (false, Some(open)) = (*awaiting, conn.as_deref_mut()) else {
+        let (State::Ready, Some(open)) = (*state, conn.as_deref_mut()) else {
             let after = deadline.as_ref().map_or(Duration::ZERO, |d| d.limit);
             return Err(NoReply { after }.into());
         };
-        *awaiting = true;
+        *state = State::Awaiting;
         let out = match deadline {
-            Some(deadline) => deadline.bound(op(open)).await?,
+            Some(deadline) => match deadline.bound(op(open)).await {
+                Ok(out) => out,
+                Err(no_reply) => {
+                    *state = State::Silent;
+                    return Err(no_reply.into());
+                }
+            },
             None => op(open).await,
         };
-        *awaiting = false;
+        *state = State::Ready;
         out
     }
 }
 
 impl Drop for Conn {
-    /// A connection that still owes an answer is closed at once (the pool
-    /// may open another in its place), not returned: sqlx would wait for
-    /// that answer before handing it out again.
     fn drop(&mut self) {
-        if let (true, Some(conn)) = (self.awaiting, self.conn.take()) {
-            drop(conn.detach());
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        match (self.state, &self.deadline) {
+            (State::Ready, _) | (State::Awaiting, None) => drop(conn),
+            (State::Awaiting, Some(deadline)) => drain(conn, deadline.clone()),
+            (State::Silent, _) => close(conn),
         }
     }
+}
+
+/// Waits, on a task, for the answer a connection whose caller left still
+/// owes, within `deadline`; returns the connection to the pool once it
+/// came, or closes it.
+fn drain(mut conn: PoolConnection<Postgres>, deadline: Deadline) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return close(conn);
+    };
+    runtime.spawn(async move {
+        // A ping's answer comes after every answer owed before it.
+        match deadline.bound(sqlx::Connection::ping(&mut *conn)).await {
+            Ok(Ok(())) => drop(conn),
+            _ => close(conn),
+        }
+    });
+}
+
+/// Closes a connection at once, not returning it to the pool (which may
+/// open another in its place): sqlx would ping it before pooling it again,
+/// and wait on a silent one without end.
+fn close(conn: PoolConnection<Postgres>) {
+    drop(conn.detach());
 }

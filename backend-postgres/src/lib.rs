@@ -157,7 +157,7 @@
 //! [`PgBackend::close`] closes the pool and the listener.
 //!
 //! A queue operation (push, claim, acknowledgement, lease extension or
-//! release) whose statement goes unanswered for
+//! release, and `get`) whose statements go unanswered for
 //! [`PgOptions::reply_timeout`] (default [`DEFAULT_REPLY_TIMEOUT`]) fails
 //! with [`Error::Backend`] and closes its connection: a server gone without
 //! a reset (a failover, a cut link) would otherwise hold it, and the pushes
@@ -225,6 +225,32 @@ pub const URL_SCHEMES: &[&str] = &["postgres", "postgresql"];
 
 /// A pooled connection idle at least this long is pinged before use.
 const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often a server checks, while it runs a statement, that the
+/// statement's client is still connected (see
+/// [`check_connection_while_running`]).
+const CLIENT_CHECK_INTERVAL: &str = "1s";
+
+/// Has the server check, every [`CLIENT_CHECK_INTERVAL`] while it runs a
+/// statement, that the client is still there, and abandon the statement if
+/// not (PostgreSQL 14 and later, on Linux; older servers do not know the
+/// setting, and go on without it). A connection closed for want of an
+/// answer (see [`deadline`]) may belong to a server that is alive but
+/// blocked, on a lock for instance: without this, its statement would wait
+/// on and could still commit, after its caller was told it failed.
+async fn check_connection_while_running(conn: &mut PgConnection) -> sqlx::Result<()> {
+    let set = sqlx::query("SELECT set_config('client_connection_check_interval', $1, false)")
+        .bind(CLIENT_CHECK_INTERVAL)
+        .execute(conn)
+        .await;
+    match set {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNDEFINED_OBJECT) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// SQLSTATE of an unrecognized configuration parameter.
+const UNDEFINED_OBJECT: &str = "42704";
 
 /// Wraps a driver error as [`Error::Backend`].
 pub(crate) fn db_err(e: sqlx::Error) -> Error {
@@ -310,6 +336,8 @@ impl PgBackend {
         let pool_options = connect.clone().application_name(&options.application_name);
         let listen_options =
             connect.application_name(&format!("{}{LISTENER_SUFFIX}", options.application_name));
+        let ping_within = (options.acquire_timeout / 2)
+            .min(options.reply_timeout.unwrap_or(std::time::Duration::MAX));
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .min_connections(options.min_connections)
@@ -328,16 +356,22 @@ impl PgBackend {
             // never ran; the caller may retry it) and is discarded when
             // returned. Measured with reliability/tests/db_faults.rs: a
             // 0.4 s restart cost the test's pushes three such errors, and
-            // the workers recovered as before.
+            // the workers recovered as before. The ping gets at most half
+            // the acquire timeout (and no more than the reply timeout): a
+            // connection whose server went silent is then closed with time
+            // left to open another.
             .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
+            .before_acquire(move |conn, meta| {
                 Box::pin(async move {
                     if meta.idle_for >= PING_IF_IDLE_FOR {
-                        sqlx::Connection::ping(conn).await?;
+                        tokio::time::timeout(ping_within, sqlx::Connection::ping(conn))
+                            .await
+                            .map_err(|_| deadline::NoReply { after: ping_within })??;
                     }
                     Ok(true)
                 })
             })
+            .after_connect(|conn, _| Box::pin(check_connection_while_running(conn)))
             .connect_with(pool_options)
             .await
             .map_err(|source| {
@@ -1141,9 +1175,13 @@ impl Puller for PgBackend {
 #[async_trait]
 impl Observer for PgBackend {
     async fn get(&self, id: JobId) -> Result<Option<Job>> {
-        let row = sqlx::query(self.inner.sql.get.clone())
-            .bind(id)
-            .fetch_optional(&self.inner.pool)
+        // A key lookup, bounded as queue operations are: `Worker::wait_for`
+        // polls it.
+        let query = sqlx::query(self.inner.sql.get.clone()).bind(id);
+        let row = self
+            .conn()
+            .await?
+            .run(|c| query.fetch_optional(c))
             .await
             .map_err(db_err)?;
         row.as_ref().map(row::job).transpose()

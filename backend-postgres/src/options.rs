@@ -17,10 +17,10 @@ pub const DEFAULT_APPLICATION_NAME: &str = "relayq";
 /// The pool size when none is configured.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 
-/// How long a queue operation waits for the server to answer a statement
-/// when no [`PgOptions::reply_timeout`] is configured: far longer than any
-/// of those statements takes on a live server, far shorter than TCP's own
-/// timeout on a dead one.
+/// How long a queue operation waits for the server to answer when no
+/// [`PgOptions::reply_timeout`] is configured: far longer than those
+/// statements take on a live server that no lock holds up, far shorter
+/// than TCP's own timeout on a dead one.
 pub const DEFAULT_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(60);
 
 /// Rows changed (claimed, acknowledged, extended, deleted…) through one
@@ -144,19 +144,25 @@ impl PgOptions {
     }
 
     /// How long a queue operation (a push, a claim, an acknowledgement, a
-    /// lease extension or release, a notification) waits for the server to
-    /// answer one of its statements. Once it passes, the operation fails
-    /// with [`Error::Backend`](relayq_core::Error::Backend) (its source an
-    /// `io::Error` of kind `TimedOut`) and its connection is closed: a server
-    /// that vanished without a reset, as in a failover or a cut link,
-    /// answers nothing, and TCP gives up only after about a quarter of an
-    /// hour. The statement may or may not have taken effect, as with any
-    /// connection lost mid-statement. Default [`DEFAULT_REPLY_TIMEOUT`].
-    /// `None` waits as long as the network does.
+    /// lease extension or release, [`Observer::get`](relayq_core::Observer::get))
+    /// waits for the server to answer its statements, one budget for all
+    /// of them. Once it passes, the operation fails with
+    /// [`Error::Backend`](relayq_core::Error::Backend) (an `io::Error` of
+    /// kind `TimedOut` down its source chain) and its connection is closed:
+    /// a server that vanished without a reset, as in a failover or a cut
+    /// link, answers nothing, and TCP gives up only after about a quarter
+    /// of an hour. What was sent may or may not have taken effect, as with
+    /// any connection lost mid-statement. The notifications of pool pushes
+    /// are bounded the same way, and sent again. Default
+    /// [`DEFAULT_REPLY_TIMEOUT`]. `None` waits as long as the network does.
     ///
-    /// [`Observer`](relayq_core::Observer) and
-    /// [`Cleaner`](relayq_core::Cleaner) calls, `VACUUM` and migrations are
-    /// not bounded: they may scan a large table for longer.
+    /// A statement blocked on the server for longer (behind a lock, say)
+    /// fails too; on PostgreSQL 14 and later the server then abandons it
+    /// within a second. Other [`Observer`](relayq_core::Observer) calls,
+    /// [`Cleaner`](relayq_core::Cleaner) calls, `VACUUM`, migrations,
+    /// [`PgBackend::push_in`](crate::PgBackend::push_in) on the caller's
+    /// connection and the LISTEN connection are not bounded: some may scan
+    /// a large table for longer.
     pub fn reply_timeout(mut self, timeout: Option<StdDuration>) -> Self {
         self.reply_timeout = timeout;
         self

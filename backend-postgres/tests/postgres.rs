@@ -1158,6 +1158,18 @@ async fn listener_reconnects_after_the_server_was_unreachable() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// Waits until `backend`'s pool holds `n` idle connections: returned, past
+/// the ping sqlx sends as it takes a connection back.
+async fn idle_connections(backend: &PgBackend, n: usize) {
+    tokio::time::timeout(SIGNAL_DEADLINE, async {
+        while backend.pool().num_idle() < n {
+            tokio::time::sleep(StdDuration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} idle connections"));
+}
+
 /// Whether `e`'s chain holds an I/O error of kind `TimedOut`.
 fn timed_out(e: &Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -1245,16 +1257,10 @@ async fn queue_operations_on_a_silent_connection_fail_within_the_reply_timeout()
         ),
     ];
     for (what, op) in ops {
-        // The pool's one connection, open and idle: back in the pool, past
-        // the ping sqlx sends as it takes a connection back.
+        // The pool's one connection, just used and idle (sqlx pings only
+        // connections idle for a second before handing them out).
         through.get(first.job_id).await.expect("get");
-        tokio::time::timeout(SIGNAL_DEADLINE, async {
-            while through.pool().num_idle() == 0 {
-                tokio::time::sleep(StdDuration::from_millis(5)).await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("before {what}: the connection never came back"));
+        idle_connections(&through, 1).await;
         proxy.silence();
         let outcome = tokio::time::timeout(SIGNAL_DEADLINE, op)
             .await
@@ -1291,13 +1297,15 @@ async fn pushes_queued_behind_a_silent_fold_go_in_on_new_connections() {
     )
     .await
     .expect("connect through the proxy");
-    tokio::time::timeout(SIGNAL_DEADLINE, async {
-        while through.pool().num_idle() < 2 {
-            tokio::time::sleep(StdDuration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("two idle connections");
+    // Both connections just used, so that neither is pinged as it is
+    // handed out (sqlx pings those idle for a second).
+    idle_connections(&through, 2).await;
+    let both = (
+        through.pool().acquire().await.expect("acquire"),
+        through.pool().acquire().await.expect("acquire"),
+    );
+    drop(both);
+    idle_connections(&through, 2).await;
     proxy.silence();
     // The first two pushes start the two fold runners on the two silent
     // connections; the other four wait for a runner.
@@ -1316,6 +1324,98 @@ async fn pushes_queued_behind_a_silent_fold_go_in_on_new_connections() {
         }
     }
     proxy.cut();
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// A pooled connection idle long enough to be pinged before use, whose
+/// server went silent meanwhile, is closed once half the acquire timeout
+/// (at most the reply timeout) has passed, and the call goes on with a new
+/// connection; before, the ping took the whole acquire timeout and the
+/// call failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_idle_connection_is_replaced_as_it_is_handed_out() {
+    let url = testing::database_url();
+    let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
+    let proxy = Proxy::start(format!("{}:{}", target.get_host(), target.get_port())).await;
+    let backend = testing::connect(testing::options()).await;
+    let through = PgBackend::connect_with(
+        PgOptions::new(proxy.url(&url))
+            .schema(backend.schema())
+            .max_connections(1)
+            .acquire_timeout(StdDuration::from_secs(30))
+            .reply_timeout(Some(StdDuration::from_millis(300))),
+    )
+    .await
+    .expect("connect through the proxy");
+    idle_connections(&through, 1).await;
+    // Idle for longer than the second after which sqlx pings it.
+    tokio::time::sleep(StdDuration::from_millis(1200)).await;
+    proxy.silence();
+    let pushed = tokio::time::timeout(SIGNAL_DEADLINE, through.push(job(1)))
+        .await
+        .expect("the ping gave up in time")
+        .expect("pushed on a new connection");
+    assert!(backend.get(pushed.id()).await.expect("get").is_some());
+    proxy.cut();
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// A call dropped mid-statement (its caller stopped waiting) leaves its
+/// connection owing an answer: it goes back to the pool once the answer
+/// came, within the reply timeout, rather than being closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_caller_left_returns_to_the_pool_once_answered() {
+    let backend = testing::connect(testing::options()).await;
+    let one = PgBackend::connect_with(
+        testing::options()
+            .schema(backend.schema())
+            .max_connections(1)
+            .reply_timeout(Some(StdDuration::from_secs(30))),
+    )
+    .await
+    .expect("connect");
+    let pid = || async {
+        sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+            .fetch_one(one.pool())
+            .await
+            .expect("pid")
+    };
+    let before = pid().await;
+    // A transaction holds the unique key, so a push of the same key waits
+    // for it (ON CONFLICT waits for an in-progress holder).
+    let mut tx = backend.pool().begin().await.expect("begin");
+    backend
+        .push_in(&mut tx, job(1).unique_key("held"))
+        .await
+        .expect("push_in");
+    let waited = tokio::time::timeout(
+        StdDuration::from_millis(200),
+        one.push(job(2).unique_key("held")),
+    )
+    .await;
+    assert!(waited.is_err(), "the push did not wait: {waited:?}");
+    tx.commit().await.expect("commit");
+    assert_eq!(pid().await, before, "the connection was closed");
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// Pool connections ask the server to check, while it runs a statement,
+/// that their client is still there (PostgreSQL 14 and later), so a
+/// statement whose connection was closed for want of an answer does not
+/// wait on behind a lock and commit after its caller was told it failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_connections_have_the_server_check_for_their_client() {
+    let backend = testing::connect(testing::options()).await;
+    let (version, interval): (i32, Option<String>) = sqlx::query_as(
+        "SELECT current_setting('server_version_num')::int, \
+                current_setting('client_connection_check_interval', true)",
+    )
+    .fetch_one(backend.pool())
+    .await
+    .expect("settings");
+    if version >= 140_000 {
+        assert_eq!(interval.as_deref(), Some("1s"));
+    }
     testing::drop_schema(backend.schema()).await;
 }
 
