@@ -137,12 +137,20 @@
 //!
 //! Choosing the 10 jobs read 35 buffers (25 in the claim index) and no
 //! finished row; the rest is the update of the 10 leased rows and their
-//! index entries. With one queue the index is walked in pull order and
-//! stops after the batch; with several (`queue = ANY($2)`) the active rows
-//! of those queues are read from the same index and sorted, so the cost
-//! follows the active backlog of the named queues, still never the
+//! index entries. With one queue the index is read one priority level at
+//! a time (the plan above predates this): a probe finds the lowest level,
+//! then its due jobs are read as an index range in `(run_at, id)` order,
+//! then the next level's, only until the batch is full, so jobs scheduled
+//! for later (delayed, or retrying after a backoff) are never read. A plain
+//! walk in `(priority, run_at, id)` order read every scheduled job of a
+//! level before the next level, and all of them whenever fewer jobs were
+//! due than the batch: with 200,000 jobs scheduled for the next day and
+//! one due, 1,210 buffers and 16 ms per claim, against 38 buffers and
+//! 0.6 ms now. With several queues (`queue = ANY($2)`) the active rows of
+//! those queues, scheduled ones included, are read from the same index
+//! and sorted, so the cost follows their active backlog, still never the
 //! finished rows. `tests/postgres.rs` asserts both shapes on 100,000
-//! finished rows.
+//! finished rows, and the one-queue claim past 40,000 scheduled jobs.
 //!
 //! # Connections
 //!

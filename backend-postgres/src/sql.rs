@@ -181,10 +181,11 @@ LIMIT 1
 /// statement may update both. Candidates locked but not chosen stay
 /// pending and are unlocked at commit.
 ///
-/// `{queue}` is `queue = $2` for one queue (an index scan in pull order
-/// that stops after `$3` rows) or `queue = ANY($2)` for several.
+/// `{queue}` is `queue = $2` for one queue or `queue = ANY($2)` for
+/// several; `{levels}` and `{claimable}` choose the due jobs, see
+/// [`CLAIMABLE_ONE_QUEUE`] and [`CLAIMABLE_MANY_QUEUES`].
 const PULL: &str = r#"
-WITH expired_last AS (
+WITH RECURSIVE {levels}expired_last AS (
     SELECT id FROM {s}.jobs
     WHERE {queue} AND status = 'processing'
       AND locked_until < {now} AND attempts >= max_attempts
@@ -195,12 +196,7 @@ WITH expired_last AS (
     FROM expired_last e
     WHERE j.id = e.id
     RETURNING j.id
-), claimable AS (
-    SELECT id, priority, run_at FROM {s}.jobs
-    WHERE {queue} AND status = 'pending' AND run_at <= {now}
-    ORDER BY priority, run_at, id
-    LIMIT $3
-    FOR UPDATE SKIP LOCKED
+), claimable AS ({claimable}
 ), reclaimable AS (
     SELECT id, priority, run_at FROM {s}.jobs
     WHERE {queue} AND status = 'processing' AND locked_until < {now}
@@ -226,6 +222,61 @@ WITH expired_last AS (
 )
 SELECT {cols} FROM claimed ORDER BY priority, run_at, id
 "#;
+
+/// The due jobs of one queue, in pull order, one priority level at a time.
+/// `levels` walks the queue's distinct priorities up from the lowest, one
+/// index probe each, and only as far as the claim reads; at each level the
+/// due jobs are an index range, `run_at <= now`, read in `(run_at, id)`
+/// order. A plain scan of the claim index in `(priority, run_at, id)` order
+/// could only filter on `run_at`: it read every scheduled job of a level
+/// (a backlog of retries in backoff, or of jobs delayed until tomorrow)
+/// before it reached the next level, and all of them whenever fewer jobs
+/// were due than the batch asked for. With 200,000 jobs scheduled for the
+/// next day and one due, that was 1,210 buffers and 16 ms per claim.
+const CLAIMABLE_ONE_QUEUE: (&str, &str) = (
+    r#"levels AS (
+    (SELECT priority FROM {s}.jobs
+     WHERE queue = $2::text AND status = 'pending'
+     ORDER BY priority LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.priority FROM {s}.jobs j
+            WHERE j.queue = $2::text AND j.status = 'pending' AND j.priority > l.priority
+            ORDER BY j.priority LIMIT 1)
+    FROM levels l
+    WHERE l.priority IS NOT NULL
+), "#,
+    r#"
+    SELECT due.id, due.priority, due.run_at
+    FROM levels l
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at FROM {s}.jobs
+        WHERE queue = $2::text AND status = 'pending' AND priority = l.priority
+          AND run_at <= {now}
+        ORDER BY run_at, id
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    LIMIT $3"#,
+);
+
+/// The due jobs of several queues, in pull order: the active rows of those
+/// queues, scheduled ones included, read from the claim index and sorted.
+const CLAIMABLE_MANY_QUEUES: (&str, &str) = (
+    "",
+    r#"
+    SELECT id, priority, run_at FROM {s}.jobs
+    WHERE {queue} AND status = 'pending' AND run_at <= {now}
+    ORDER BY priority, run_at, id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED"#,
+);
+
+/// [`PULL`] for one queue or several.
+fn pull(queue: &str, (levels, claimable): (&str, &str)) -> String {
+    PULL.replace("{levels}", levels)
+        .replace("{claimable}", claimable)
+        .replace("{queue}", queue)
+}
 
 /// Every acknowledgement matches id, `processing` and the fencing token;
 /// zero rows means the lease is lost and nothing changed.
@@ -334,8 +385,8 @@ impl Statements {
             push_keyless: build(PUSH_KEYLESS, &s),
             push_uniform: build(PUSH_UNIFORM, &s),
             find_key_holder: build(FIND_KEY_HOLDER, &s),
-            pull_one_queue: build(&PULL.replace("{queue}", "queue = $2::text"), &s),
-            pull_many_queues: build(&PULL.replace("{queue}", "queue = ANY($2::text[])"), &s),
+            pull_one_queue: build(&pull("queue = $2::text", CLAIMABLE_ONE_QUEUE), &s),
+            pull_many_queues: build(&pull("queue = ANY($2::text[])", CLAIMABLE_MANY_QUEUES), &s),
             complete: build(COMPLETE, &s),
             complete_batch: build(COMPLETE_BATCH, &s),
             retry: build(RETRY, &s),
