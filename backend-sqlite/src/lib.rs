@@ -46,7 +46,10 @@
 //!   run_at, id LIMIT ?) RETURNING …`**, in the same transaction as the
 //!   statement that marks abandoned last-attempt jobs `Dead`. Each queue's
 //!   candidates come from partial indexes in pull order, so a claim reads
-//!   about `batch` index entries per queue however long the backlog is.
+//!   about `batch` index entries per queue however long the backlog is, plus
+//!   one probe per distinct priority of the queue: due jobs are read one
+//!   priority level at a time, each level's as an index range, so jobs
+//!   scheduled for later are never read (see `claim_sql`).
 //!
 //!   The plan, from [`SqliteBackend::explain_pull`] for one queue with
 //!   100,000 finished jobs in the table (the test
@@ -58,19 +61,29 @@
 //!   SEARCH relayq_jobs USING INDEX relayq_jobs_lease (queue=? AND locked_until<?)
 //!   claim:
 //!   SEARCH relayq_jobs USING INTEGER PRIMARY KEY (rowid=?)
-//!   LIST SUBQUERY 5
-//!     CO-ROUTINE (subquery-4)
+//!   LIST SUBQUERY 9
+//!     CO-ROUTINE (subquery-8)
 //!       COMPOUND QUERY
 //!         LEFT-MOST SUBQUERY
-//!           CO-ROUTINE (subquery-1)
-//!             SEARCH relayq_jobs USING COVERING INDEX relayq_jobs_claim (queue=?)
-//!           SCAN (subquery-1)
+//!           CO-ROUTINE (subquery-5)
+//!             MATERIALIZE levels
+//!               SETUP
+//!                 SCAN CONSTANT ROW
+//!                 SCALAR SUBQUERY 1
+//!                   SEARCH relayq_jobs USING COVERING INDEX relayq_jobs_claim (queue=?)
+//!               RECURSIVE STEP
+//!                 SCAN levels
+//!                 CORRELATED SCALAR SUBQUERY 3
+//!                   SEARCH relayq_jobs USING COVERING INDEX relayq_jobs_claim (queue=? AND priority>?)
+//!             SCAN levels
+//!             SEARCH j USING COVERING INDEX relayq_jobs_claim (queue=? AND priority=? AND run_at<?)
+//!           SCAN (subquery-5)
 //!         UNION ALL
-//!           CO-ROUTINE (subquery-3)
+//!           CO-ROUTINE (subquery-7)
 //!             SEARCH relayq_jobs USING INDEX relayq_jobs_lease (queue=? AND locked_until<?)
 //!             USE TEMP B-TREE FOR ORDER BY
-//!           SCAN (subquery-3)
-//!     SCAN (subquery-4)
+//!           SCAN (subquery-7)
+//!     SCAN (subquery-8)
 //!     USE TEMP B-TREE FOR ORDER BY
 //!   ```
 //!
@@ -665,8 +678,22 @@ fn sweep_sql(queues: usize) -> String {
 }
 
 /// Leases up to `batch` eligible jobs of the named queues in pull order.
-/// Each queue contributes its first `batch` due pending jobs (from the claim
-/// index, already in order) and its first `batch` expired leases.
+/// Each queue contributes its first `batch` due pending jobs and its first
+/// `batch` expired leases.
+///
+/// A queue's due jobs are read one priority level at a time: `levels`
+/// walks the queue's distinct priorities up from the lowest, one index probe
+/// each, and only as far as the claim reads; at each level the due jobs are
+/// an index range, `run_at <= now`, in `(run_at, id)` order. `CROSS JOIN`
+/// keeps `levels` the outer loop and `INDEXED BY` the claim index the inner
+/// one, so the rows come in pull order and the `LIMIT` stops the walk. A
+/// plain walk of the claim index in `(priority, run_at, id)` order could
+/// only filter on `run_at`: it read every job scheduled for later at a
+/// level (delayed, or retrying after a backoff) before the next level, and
+/// all of them whenever fewer jobs were due than the batch, holding the
+/// database's write lock all the while: 13 ms per claim with 200,000 jobs
+/// scheduled for the next day, against 0.35 ms now (and 30 µs against
+/// 28 µs for a batch of 64 from a backlog of due jobs).
 ///
 /// The limits are written `+?`, not `?`: SQLite (since 3.47) reads a bare
 /// bound `LIMIT ?` while planning, which marks the statement to be
@@ -676,9 +703,18 @@ fn sweep_sql(queues: usize) -> String {
 /// like any other expression, so the prepared statement is reused.
 fn claim_sql(queues: usize) -> String {
     let branch = format!(
-        "SELECT id, priority, run_at FROM (SELECT id, priority, run_at FROM {TABLE} \
-         WHERE status = 'pending' AND queue = ? AND run_at <= ? \
-         ORDER BY priority, run_at, id LIMIT +?) \
+        "SELECT id, priority, run_at FROM (WITH RECURSIVE levels(p) AS ( \
+             SELECT (SELECT priority FROM {TABLE} INDEXED BY relayq_jobs_claim \
+                     WHERE status = 'pending' AND queue = ? ORDER BY priority LIMIT 1) \
+             UNION ALL \
+             SELECT (SELECT priority FROM {TABLE} INDEXED BY relayq_jobs_claim \
+                     WHERE status = 'pending' AND queue = ? AND priority > levels.p \
+                     ORDER BY priority LIMIT 1) \
+             FROM levels WHERE levels.p IS NOT NULL) \
+         SELECT j.id, j.priority, j.run_at \
+         FROM levels CROSS JOIN {TABLE} AS j INDEXED BY relayq_jobs_claim \
+         WHERE j.status = 'pending' AND j.queue = ? AND j.priority = levels.p \
+         AND j.run_at <= ? LIMIT +?) \
          UNION ALL \
          SELECT id, priority, run_at FROM (SELECT id, priority, run_at FROM {TABLE} \
          WHERE status = 'processing' AND queue = ? AND locked_until < ? \
@@ -765,6 +801,8 @@ impl<'r> PullStatements<'r> {
         let mut query = query.bind(micros(until)).bind(micros(now));
         for queue in &self.queues {
             query = query
+                .bind(*queue)
+                .bind(*queue)
                 .bind(*queue)
                 .bind(micros(now))
                 .bind(self.batch)

@@ -822,6 +822,43 @@ fn wakeups_survive_the_runtime_that_started_the_poller() {
 /// With 100,000 finished jobs in the table, the sweep and the claim read
 /// only the partial indexes of active jobs — never a full scan — for one
 /// queue and for several.
+/// Past jobs scheduled for later at the levels due jobs sit at and below
+/// (a backlog of retries in backoff, or of jobs delayed until tomorrow), a
+/// claim takes the due jobs in pull order. (The plan test above checks
+/// that each level's due jobs are read as an index range, so the scheduled
+/// ones are never read.)
+#[tokio::test]
+async fn claims_take_due_jobs_past_jobs_scheduled_for_later() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = SqliteBackend::connect(&file_url(&dir))
+        .await
+        .expect("connect");
+    for priority in [0, 1] {
+        let later = (0..20_000)
+            .map(|n| job(n).priority(priority).delay(time::Duration::days(1)))
+            .collect();
+        backend.push_batch(later).await.expect("scheduled jobs");
+    }
+    let mut due = Vec::new();
+    for (n, priority) in [(1, 2), (2, 0), (3, 2), (4, 0), (5, 2)] {
+        let id = backend
+            .push(job(n).priority(priority))
+            .await
+            .expect("push")
+            .id();
+        due.push((priority, id));
+    }
+    due.sort();
+    let pulled = backend
+        .pull(&PullRequest::queue("default").batch(10))
+        .await
+        .expect("pull");
+    let got: Vec<(i16, i64)> = pulled
+        .iter()
+        .map(|leased| (leased.job.priority, leased.job.id))
+        .collect();
+    assert_eq!(got, due, "the due jobs, in pull order");
+}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_walk_the_partial_indexes() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -856,7 +893,12 @@ async fn claims_walk_the_partial_indexes() {
         );
         let (sweep, claim) = plan.split_once("claim:").expect("two plans");
         assert!(sweep.contains("INDEX relayq_jobs_lease"), "{plan}");
-        assert!(claim.contains("INDEX relayq_jobs_claim"), "{plan}");
+        // Each level's due jobs are an index range: the jobs scheduled for
+        // later are never read.
+        assert!(
+            claim.contains("INDEX relayq_jobs_claim (queue=? AND priority=? AND run_at<?)"),
+            "{plan}"
+        );
         assert!(claim.contains("INDEX relayq_jobs_lease"), "{plan}");
         let lines: Vec<&str> = claim.lines().collect();
         assert!(
