@@ -43,8 +43,10 @@
 //!   [lock timeout](SqliteOptions::lock_timeout): it never reaches the caller
 //!   as such.
 //! - **A claim is one `UPDATE … WHERE id IN (SELECT … ORDER BY priority,
-//!   run_at, id LIMIT ?) RETURNING …`**, in the same transaction as the
-//!   statement that marks abandoned last-attempt jobs `Dead`. Each queue's
+//!   run_at, id LIMIT ?) RETURNING …`**, sent right after the statement
+//!   that marks abandoned last-attempt jobs `Dead` (each atomic alone: the
+//!   claim's write lock is taken before it reads, so two claims never see
+//!   the same pending job). Each queue's
 //!   candidates come from partial indexes in pull order, so a claim reads
 //!   about `batch` index entries per queue however long the backlog is, plus
 //!   one probe per distinct priority of the queue: due jobs are read one
@@ -461,7 +463,9 @@ impl SqliteBackend {
 
     /// Enqueues `jobs` inside the caller's open transaction on `conn`, like
     /// [`Pusher::push_batch`]: one invalid job rejects them all before
-    /// anything is written.
+    /// anything is written, and a batch that fails partway (several
+    /// statements: more than 1,000 jobs, or jobs with unique keys) leaves
+    /// none of its jobs in the transaction.
     pub async fn push_batch_in(
         &self,
         conn: &mut SqliteConnection,
@@ -469,7 +473,7 @@ impl SqliteBackend {
     ) -> Result<Vec<PushOutcome>> {
         let jobs = validate_batch(jobs)?;
         let now = self.shared.clock.now();
-        let outcomes = insert_jobs(conn, &jobs, now)
+        let outcomes = insert_jobs_whole(conn, &jobs, now)
             .await
             .map_err(|fail| match fail {
                 Fail::Core(e) => e,
@@ -558,6 +562,38 @@ fn parse_version(v: &str) -> (u32, u32, u32) {
 }
 
 /// Inserts `jobs` in order on `conn`, inside whatever transaction it holds.
+/// [`insert_jobs`] under a savepoint when it takes more than one statement,
+/// so that a failure partway rolls back the statements before it: the
+/// caller's transaction, which may go on and commit, holds all of the jobs
+/// or none. (Outside a transaction, the savepoint makes one.)
+async fn insert_jobs_whole(
+    conn: &mut SqliteConnection,
+    jobs: &[ValidJob],
+    now: OffsetDateTime,
+) -> Result<Vec<PushOutcome>, Fail> {
+    let one_statement = jobs.len() <= INSERT_CHUNK
+        && (jobs.len() == 1 || jobs.iter().all(|job| job.unique_key.is_none()));
+    if one_statement {
+        return insert_jobs(conn, jobs, now).await;
+    }
+    sqlx::raw_sql("SAVEPOINT relayq_push_batch")
+        .execute(&mut *conn)
+        .await?;
+    let inserted = insert_jobs(conn, jobs, now).await;
+    if inserted.is_ok() {
+        sqlx::raw_sql("RELEASE relayq_push_batch")
+            .execute(&mut *conn)
+            .await?;
+    } else {
+        // The original error is the one to report; should the rollback fail
+        // too, the failure may have ended the caller's transaction already.
+        let _ = sqlx::raw_sql("ROLLBACK TO relayq_push_batch; RELEASE relayq_push_batch")
+            .execute(&mut *conn)
+            .await;
+    }
+    inserted
+}
+
 async fn insert_jobs(
     conn: &mut SqliteConnection,
     jobs: &[ValidJob],

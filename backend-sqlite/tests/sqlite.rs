@@ -217,6 +217,46 @@ async fn push_in_the_callers_transaction_commits_and_rolls_back_with_it() {
     assert_eq!(orders, vec!["pen".to_owned()]);
 }
 
+/// A batch pushed in the caller's transaction that fails partway (its
+/// second chunk of 1,000, or its second job with a unique key) leaves none
+/// of its jobs behind: the caller may go on and commit its own writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_failing_partway_leaves_nothing_in_the_callers_transaction() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = SqliteBackend::connect(&file_url(&dir))
+        .await
+        .expect("connect");
+    let mut tx = backend.begin().await.expect("begin");
+    // The caller's own trigger refuses one kind of job.
+    sqlx::query(
+        "CREATE TEMP TRIGGER refuse_boom BEFORE INSERT ON relayq_jobs \
+         WHEN NEW.kind = 'boom' BEGIN SELECT RAISE(ABORT, 'boom refused'); END",
+    )
+    .execute(&mut *tx)
+    .await
+    .expect("trigger");
+    let boom = |n: i64| NewJob::new("boom", &json!({ "n": n }));
+    let chunks: Vec<NewJob> = (0..1500)
+        .map(|n| if n == 1200 { boom(n) } else { job(n) })
+        .collect();
+    let keyed = vec![job(1).unique_key("a"), boom(2).unique_key("b")];
+    for batch in [chunks, keyed] {
+        let err = backend
+            .push_batch_in(&mut tx, batch)
+            .await
+            .expect_err("the trigger refuses a job");
+        assert!(err.to_string().contains("boom refused"), "{err}");
+    }
+    let kept = backend
+        .push_in(&mut tx, job(3))
+        .await
+        .expect("the transaction goes on");
+    tx.commit().await.expect("commit");
+    let stats = backend.stats().await.expect("stats").queue("default");
+    assert_eq!(stats.total(), 1, "{stats:?}");
+    assert!(backend.get(kept.id()).await.expect("get").is_some());
+}
+
 /// The same on an in-memory database, whose one connection the caller's
 /// transaction borrows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
