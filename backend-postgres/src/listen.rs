@@ -13,7 +13,9 @@
 //! backend's pool). When it drops — server restart, `pg_terminate_backend`,
 //! network failure — the task reconnects with backoff, LISTENs again, and
 //! signals every subscriber once, since pushes made meanwhile were not
-//! notified to it.
+//! notified to it. A subscription or reconnection that gets no answer
+//! within the acquire timeout fails, as when the server went silent
+//! without a reset; the connection is dropped and made again.
 //!
 //! A pool push of the backend (or a clone) also signals the subscribers of
 //! its queues directly ([`Hub::wake`]) as soon as its insert committed,
@@ -23,6 +25,7 @@
 //! signal is still pending, since signals coalesce).
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -33,6 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::db_err;
+use crate::deadline::NoReply;
 
 /// The longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -189,7 +193,8 @@ impl Task {
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { return };
-                    let result = self.subscribe(command.queues, command.signal).await;
+                    let limit = self.connect_timeout;
+                    let result = bounded(limit, self.subscribe(command.queues, command.signal)).await;
                     if let Err(e) = &result {
                         tracing::warn!(error = %e, "relayq-postgres: LISTEN failed");
                         self.listener = None;
@@ -217,7 +222,8 @@ impl Task {
                 }
                 () = sleep_until(retry_at), if retry_at.is_some() => {
                     let State::Waiting(_, backoff) = state else { continue };
-                    match self.reconnect().await {
+                    let limit = self.connect_timeout;
+                    match bounded(limit, self.reconnect()).await {
                         Ok(()) => {
                             tracing::info!("relayq-postgres: listener reconnected");
                             state = State::Connected;
@@ -307,6 +313,16 @@ impl Task {
         });
         Ok(())
     }
+}
+
+/// `op`, failed once `limit` has passed: a LISTEN connection whose server
+/// went silent (a failover, a cut link) answers nothing, and TCP gives up
+/// only after about a quarter of an hour, while subscribers (a worker
+/// starting up) wait on this task.
+async fn bounded<T>(limit: Duration, op: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(limit, op)
+        .await
+        .unwrap_or_else(|_| Err(NoReply { after: limit }.into()))
 }
 
 async fn recv(

@@ -136,8 +136,9 @@ impl PgOptions {
 
     /// How long an operation waits for a free pooled connection (and for the
     /// first connection at startup) before failing; also how long one
-    /// attempt to (re)connect the LISTEN connection may take before the
-    /// listener backs off and tries again.
+    /// attempt to (re)connect the LISTEN connection, or to LISTEN on a
+    /// subscription's channels, may take before it fails and the listener
+    /// backs off and tries again.
     pub fn acquire_timeout(mut self, timeout: StdDuration) -> Self {
         self.acquire_timeout = timeout;
         self
@@ -159,10 +160,11 @@ impl PgOptions {
     /// A statement blocked on the server for longer (behind a lock, say)
     /// fails too; on PostgreSQL 14 and later the server then abandons it
     /// within a second. Other [`Observer`](relayq_core::Observer) calls,
-    /// [`Cleaner`](relayq_core::Cleaner) calls, `VACUUM`, migrations,
-    /// [`PgBackend::push_in`](crate::PgBackend::push_in) on the caller's
-    /// connection and the LISTEN connection are not bounded: some may scan
-    /// a large table for longer.
+    /// [`Cleaner`](relayq_core::Cleaner) calls, `VACUUM`, migrations
+    /// and [`PgBackend::push_in`](crate::PgBackend::push_in) on the caller's
+    /// connection are not bounded: some may scan a large table for longer.
+    /// The LISTEN connection is bounded by
+    /// [`acquire_timeout`](Self::acquire_timeout).
     pub fn reply_timeout(mut self, timeout: Option<StdDuration>) -> Self {
         self.reply_timeout = timeout;
         self

@@ -1373,6 +1373,47 @@ async fn pushes_queued_behind_a_silent_fold_go_in_on_new_connections() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A subscription whose LISTEN goes unanswered (the listener's server went
+/// silent without a reset) fails within the acquire timeout instead of
+/// waiting for TCP to give up, with a worker starting up waiting on it; the
+/// next subscription runs on a new listener connection, and hears pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_on_a_silent_listener_fails_within_the_acquire_timeout() {
+    let url = testing::database_url();
+    let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
+    let proxy = Proxy::start(format!("{}:{}", target.get_host(), target.get_port())).await;
+    let backend = testing::connect(testing::options()).await;
+    let through = PgBackend::connect_with(
+        PgOptions::new(proxy.url(&url))
+            .schema(backend.schema())
+            .acquire_timeout(StdDuration::from_millis(500)),
+    )
+    .await
+    .expect("connect through the proxy");
+    let _first = subscribed(&through, &["default".to_owned()]).await;
+    proxy.silence();
+    let silent = tokio::time::timeout(SIGNAL_DEADLINE, through.subscribe(&["other".to_owned()]))
+        .await
+        .expect("the subscription gave up in time");
+    let e = silent.expect_err("no LISTEN on a silent connection");
+    assert!(timed_out(&e), "{e}");
+    let mut again = tokio::time::timeout(SIGNAL_DEADLINE, async {
+        loop {
+            if let Ok(Some(wakeups)) = through.subscribe(&["other".to_owned()]).await {
+                return wakeups;
+            }
+            tokio::time::sleep(StdDuration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("a new listener connection");
+    drain(&mut again, QUIET).await;
+    backend.push(job(1).queue("other")).await.expect("push");
+    expect_signal(&mut again, "a push after the new subscription").await;
+    proxy.cut();
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// A pooled connection idle long enough to be pinged before use, whose
 /// server went silent meanwhile, is closed once half the acquire timeout
 /// (at most the reply timeout) has passed, and the call goes on with a new
