@@ -1304,7 +1304,14 @@ impl Backend for SqliteBackend {
     }
 
     async fn subscribe(&self, _queues: &[String]) -> Result<Option<Wakeups>> {
-        wakeups::subscribe(&self.shared).await.map(Some)
+        // Jobs stored by others after this point will be signalled; a busy
+        // file is waited out as for any other read.
+        let baseline = if self.shared.in_memory {
+            0
+        } else {
+            read!(self, |pool| { wakeups::last_id(pool).await? })?
+        };
+        Ok(Some(wakeups::subscribe(&self.shared, baseline)))
     }
 }
 

@@ -10,12 +10,11 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use relayq_core::{Result, Wakeups};
+use relayq_core::Wakeups;
 use sqlx::{ConnectOptions, SqliteConnection};
 use tokio::time::MissedTickBehavior;
 
 use crate::Shared;
-use crate::retry::map_sqlx;
 
 /// Whether a poller runs, and which one.
 #[derive(Debug, Default)]
@@ -51,7 +50,7 @@ impl Drop for Running {
 }
 
 /// The newest id ever assigned (ids come from `AUTOINCREMENT`).
-async fn last_id<'c, E>(conn: E) -> std::result::Result<i64, sqlx::Error>
+pub(crate) async fn last_id<'c, E>(conn: E) -> std::result::Result<i64, sqlx::Error>
 where
     E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
 {
@@ -62,13 +61,9 @@ where
     .await
 }
 
-pub(crate) async fn subscribe(shared: &Arc<Shared>) -> Result<Wakeups> {
-    // Jobs stored by others after this point will be signalled.
-    let baseline = if shared.in_memory {
-        0
-    } else {
-        last_id(&shared.pool).await.map_err(map_sqlx)?
-    };
+/// Wake-ups for a new subscriber; `baseline` is the newest job id when it
+/// subscribed (jobs stored by others after it are signalled).
+pub(crate) fn subscribe(shared: &Arc<Shared>, baseline: i64) -> Wakeups {
     let rx = {
         let mut state = lock(&shared.poller);
         // Subscribe and check the poller under one lock, so the poller
@@ -87,13 +82,10 @@ pub(crate) async fn subscribe(shared: &Arc<Shared>) -> Result<Wakeups> {
     };
     // A watch channel cannot lose a signal between two waits: a push that
     // lands while the worker is busy is seen by its next `changed`.
-    Ok(Wakeups::from_stream(futures::stream::unfold(
-        rx,
-        |mut rx| async move {
-            rx.changed().await.ok()?;
-            Some(((), rx))
-        },
-    )))
+    Wakeups::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    }))
 }
 
 async fn poll(running: Running, mut last_seq: i64) {
@@ -114,8 +106,10 @@ async fn poll(running: Running, mut last_seq: i64) {
             return;
         };
         {
+            // Ends with its subscribers, or with the backend's pool: a
+            // closed backend keeps no connection to its file.
             let mut state = lock(&shared.poller);
-            if shared.pushed.receiver_count() == 0 {
+            if shared.pushed.receiver_count() == 0 || shared.pool.is_closed() {
                 state.running = None;
                 return;
             }

@@ -702,6 +702,44 @@ async fn single_pushes_keep_the_log_checkpointed() {
 
 // --------------------------------------------------------------- wake-ups
 
+/// How many of this process's open files are `path` (Linux: /proc/self/fd).
+#[cfg(target_os = "linux")]
+fn open_handles(path: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("fd dir")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target == path)
+        .count()
+}
+
+/// A closed backend keeps no connection to its file, though its wake-ups
+/// are still held: the poller that watches for other processes' pushes
+/// ends with the pool.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_ends_the_wakeup_poller() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = SqliteOptions::new(file_url(&dir)).poll_interval(StdDuration::from_millis(20));
+    let backend = SqliteBackend::connect_with(options).await.expect("connect");
+    let path = dir.path().join("jobs.db").canonicalize().expect("db file");
+    let _wakeups = backend
+        .subscribe(&["default".to_owned()])
+        .await
+        .expect("subscribe")
+        .expect("wake-ups declared");
+    // The poller's own connection, besides the pool's and the writer's.
+    tokio::time::sleep(StdDuration::from_millis(200)).await;
+    assert!(open_handles(&path) > 0);
+    backend.close().await;
+    tokio::time::timeout(StdDuration::from_secs(10), async {
+        while open_handles(&path) > 0 {
+            tokio::time::sleep(StdDuration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} handles on the file after close", open_handles(&path)));
+}
+
 /// A subscriber is woken by a push through another backend on the same
 /// file (another connection, as another process would be), by a push in the
 /// caller's transaction, and not by other writes.
