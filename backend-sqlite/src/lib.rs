@@ -68,7 +68,7 @@
 //!       COMPOUND QUERY
 //!         LEFT-MOST SUBQUERY
 //!           CO-ROUTINE (subquery-5)
-//!             MATERIALIZE levels
+//!             CO-ROUTINE levels
 //!               SETUP
 //!                 SCAN CONSTANT ROW
 //!                 SCALAR SUBQUERY 1
@@ -562,10 +562,14 @@ fn parse_version(v: &str) -> (u32, u32, u32) {
 }
 
 /// Inserts `jobs` in order on `conn`, inside whatever transaction it holds.
-/// [`insert_jobs`] under a savepoint when it takes more than one statement,
-/// so that a failure partway rolls back the statements before it: the
-/// caller's transaction, which may go on and commit, holds all of the jobs
-/// or none. (Outside a transaction, the savepoint makes one.)
+/// [`insert_jobs`] in a transaction of its own when it takes more than
+/// one statement (a savepoint inside the caller's transaction), so that a
+/// failure partway rolls back the statements before it: the caller's
+/// transaction, which may go on and commit, holds all of the jobs or none.
+/// sqlx's transaction is rolled back should this future be dropped midway,
+/// and counts its depth with the caller's own. (A transaction the caller
+/// began with a raw `BEGIN`, unknown to sqlx, refuses a nested `BEGIN`:
+/// there the batch goes in as before, statement by statement.)
 async fn insert_jobs_whole(
     conn: &mut SqliteConnection,
     jobs: &[ValidJob],
@@ -576,22 +580,12 @@ async fn insert_jobs_whole(
     if one_statement {
         return insert_jobs(conn, jobs, now).await;
     }
-    sqlx::raw_sql("SAVEPOINT relayq_push_batch")
-        .execute(&mut *conn)
-        .await?;
-    let inserted = insert_jobs(conn, jobs, now).await;
-    if inserted.is_ok() {
-        sqlx::raw_sql("RELEASE relayq_push_batch")
-            .execute(&mut *conn)
-            .await?;
-    } else {
-        // The original error is the one to report; should the rollback fail
-        // too, the failure may have ended the caller's transaction already.
-        let _ = sqlx::raw_sql("ROLLBACK TO relayq_push_batch; RELEASE relayq_push_batch")
-            .execute(&mut *conn)
-            .await;
-    }
-    inserted
+    let Ok(mut tx) = sqlx::Connection::begin(&mut *conn).await else {
+        return insert_jobs(conn, jobs, now).await;
+    };
+    let outcomes = insert_jobs(&mut tx, jobs, now).await?;
+    tx.commit().await?;
+    Ok(outcomes)
 }
 
 async fn insert_jobs(
@@ -719,10 +713,15 @@ fn sweep_sql(queues: usize) -> String {
 ///
 /// A queue's due jobs are read one priority level at a time: `levels`
 /// walks the queue's distinct priorities up from the lowest, one index probe
-/// each, and only as far as the claim reads; at each level the due jobs are
-/// an index range, `run_at <= now`, in `(run_at, id)` order. `CROSS JOIN`
-/// keeps `levels` the outer loop and `INDEXED BY` the claim index the inner
-/// one, so the rows come in pull order and the `LIMIT` stops the walk. A
+/// each, and only as far as the claim reads (`NOT MATERIALIZED` keeps it a
+/// co-routine: materialized, it would probe every level of the queue on
+/// every claim); at each level the due jobs are an index range,
+/// `run_at <= now`, in `(run_at, id)` order. `CROSS JOIN` keeps `levels` the
+/// outer loop and `INDEXED BY` the claim index the inner one, so the rows
+/// come in pull order and the `LIMIT` stops the walk (an `ORDER BY` here
+/// would sort every due job first; the test
+/// `claims_take_due_jobs_past_jobs_scheduled_for_later` checks the order
+/// where the `LIMIT` cuts). A
 /// plain walk of the claim index in `(priority, run_at, id)` order could
 /// only filter on `run_at`: it read every job scheduled for later at a
 /// level (delayed, or retrying after a backoff) before the next level, and
@@ -739,7 +738,7 @@ fn sweep_sql(queues: usize) -> String {
 /// like any other expression, so the prepared statement is reused.
 fn claim_sql(queues: usize) -> String {
     let branch = format!(
-        "SELECT id, priority, run_at FROM (WITH RECURSIVE levels(p) AS ( \
+        "SELECT id, priority, run_at FROM (WITH RECURSIVE levels(p) AS NOT MATERIALIZED ( \
              SELECT (SELECT priority FROM {TABLE} INDEXED BY relayq_jobs_claim \
                      WHERE status = 'pending' AND queue = ? ORDER BY priority LIMIT 1) \
              UNION ALL \

@@ -60,6 +60,7 @@ macro_rules! __for_each_case {
             pull::pull_judges_due_on_its_own_clock,
             pull::job_not_due_yet_holds_back_no_due_job_behind_it,
             pull::delayed_job_is_ordered_by_priority_once_due,
+            pull::small_batches_take_due_jobs_in_pull_order_past_scheduled_ones,
             pull::pull_honours_batch_size_and_queues,
             pull::concurrent_pullers_receive_each_job_exactly_once,
             lease::expired_lease_is_pulled_again_with_a_new_token,

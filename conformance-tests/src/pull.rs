@@ -133,6 +133,42 @@ pub async fn delayed_job_is_ordered_by_priority_once_due(h: Harness) {
     assert_eq!(got, [urgent, low]);
 }
 
+/// A batch smaller than the due jobs takes the first of them in pull order
+/// (priority, then `run_at`, then id), passing over the jobs scheduled for
+/// later at the same priorities and at more urgent ones, from one queue and
+/// from several.
+pub async fn small_batches_take_due_jobs_in_pull_order_past_scheduled_ones(h: Harness) {
+    let now = h.now();
+    for (queues, queue) in [(vec!["one"], "one"), (vec!["many", "other"], "many")] {
+        let push = |n: i64, priority: i16, run_at: time::OffsetDateTime| {
+            h.push(job("k", n).queue(queue).priority(priority).run_at(run_at))
+        };
+        // Scheduled for later, at the most urgent level and among the due.
+        for n in 0..3 {
+            push(n, -5, now + Duration::hours(1)).await;
+            push(10 + n, 0, now + Duration::minutes(n + 1)).await;
+        }
+        let late = push(20, 0, now - Duration::seconds(1)).await;
+        let early = push(21, 0, now - Duration::seconds(30)).await;
+        let tied_second = push(22, 0, now - Duration::seconds(1)).await;
+        let next_level = push(23, 3, now - Duration::hours(2)).await;
+        let last_level = push(24, 7, now).await;
+        let request = PullRequest::queues(queues.clone()).batch(2);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let batch = h.backend.pull(&request).await.expect("pull");
+            assert!(batch.len() <= 2);
+            got.extend(batch.iter().map(|l| l.job.id));
+        }
+        assert_eq!(
+            got,
+            [early, late, tied_second, next_level, last_level],
+            "pull order in batches of two ({queues:?})"
+        );
+        assert!(h.backend.pull(&request).await.expect("pull").is_empty());
+    }
+}
+
 /// At most `batch` jobs come back, only from the named queues.
 pub async fn pull_honours_batch_size_and_queues(h: Harness) {
     for n in 0..5 {
