@@ -1153,6 +1153,22 @@ impl Proxy {
     }
 }
 
+/// A backend on a schema of its own, and a second backend on that schema
+/// reached through a [`Proxy`], with `through`'s options.
+async fn behind_proxy(
+    through: impl FnOnce(PgOptions) -> PgOptions,
+) -> (Proxy, PgBackend, PgBackend) {
+    let url = testing::database_url();
+    let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
+    let proxy = Proxy::start(format!("{}:{}", target.get_host(), target.get_port())).await;
+    let backend = testing::connect(testing::options()).await;
+    let options = through(PgOptions::new(proxy.url(&url)).schema(backend.schema()));
+    let through = PgBackend::connect_with(options)
+        .await
+        .expect("connect through the proxy");
+    (proxy, backend, through)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_reconnects_after_the_server_was_unreachable() {
     let url = testing::database_url();
@@ -1237,18 +1253,8 @@ fn timed_out(e: &Error) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_operations_on_a_silent_connection_fail_within_the_reply_timeout() {
     const REPLY: StdDuration = StdDuration::from_millis(300);
-    let url = testing::database_url();
-    let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
-    let proxy = Proxy::start(format!("{}:{}", target.get_host(), target.get_port())).await;
-    let backend = testing::connect(testing::options()).await;
-    let through = PgBackend::connect_with(
-        PgOptions::new(proxy.url(&url))
-            .schema(backend.schema())
-            .max_connections(1)
-            .reply_timeout(Some(REPLY)),
-    )
-    .await
-    .expect("connect through the proxy");
+    let (proxy, backend, through) =
+        behind_proxy(|options| options.max_connections(1).reply_timeout(Some(REPLY))).await;
     backend
         .push_batch((0..2).map(job).collect())
         .await
@@ -1330,19 +1336,13 @@ async fn queue_operations_on_a_silent_connection_fail_within_the_reply_timeout()
 /// statements' callers; before, they waited for TCP to give up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_queued_behind_a_silent_fold_go_in_on_new_connections() {
-    let url = testing::database_url();
-    let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
-    let proxy = Proxy::start(format!("{}:{}", target.get_host(), target.get_port())).await;
-    let backend = testing::connect(testing::options()).await;
-    let through = PgBackend::connect_with(
-        PgOptions::new(proxy.url(&url))
-            .schema(backend.schema())
+    let (proxy, backend, through) = behind_proxy(|options| {
+        options
             .max_connections(2)
             .min_connections(2)
-            .reply_timeout(Some(StdDuration::from_millis(300))),
-    )
-    .await
-    .expect("connect through the proxy");
+            .reply_timeout(Some(StdDuration::from_millis(300)))
+    })
+    .await;
     // Both connections just used, so that neither is pinged as it is
     // handed out (sqlx pings those idle for a second).
     idle_connections(&through, 2).await;
@@ -1379,17 +1379,8 @@ async fn pushes_queued_behind_a_silent_fold_go_in_on_new_connections() {
 /// next subscription runs on a new listener connection, and hears pushes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_on_a_silent_listener_fails_within_the_acquire_timeout() {
-    let url = testing::database_url();
-    let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
-    let proxy = Proxy::start(format!("{}:{}", target.get_host(), target.get_port())).await;
-    let backend = testing::connect(testing::options()).await;
-    let through = PgBackend::connect_with(
-        PgOptions::new(proxy.url(&url))
-            .schema(backend.schema())
-            .acquire_timeout(StdDuration::from_millis(500)),
-    )
-    .await
-    .expect("connect through the proxy");
+    let (proxy, backend, through) =
+        behind_proxy(|options| options.acquire_timeout(StdDuration::from_millis(500))).await;
     let _first = subscribed(&through, &["default".to_owned()]).await;
     proxy.silence();
     let silent = tokio::time::timeout(SIGNAL_DEADLINE, through.subscribe(&["other".to_owned()]))
@@ -1421,19 +1412,13 @@ async fn a_subscription_on_a_silent_listener_fails_within_the_acquire_timeout() 
 /// call failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_idle_connection_is_replaced_as_it_is_handed_out() {
-    let url = testing::database_url();
-    let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
-    let proxy = Proxy::start(format!("{}:{}", target.get_host(), target.get_port())).await;
-    let backend = testing::connect(testing::options()).await;
-    let through = PgBackend::connect_with(
-        PgOptions::new(proxy.url(&url))
-            .schema(backend.schema())
+    let (proxy, backend, through) = behind_proxy(|options| {
+        options
             .max_connections(1)
             .acquire_timeout(StdDuration::from_secs(30))
-            .reply_timeout(Some(StdDuration::from_millis(300))),
-    )
-    .await
-    .expect("connect through the proxy");
+            .reply_timeout(Some(StdDuration::from_millis(300)))
+    })
+    .await;
     idle_connections(&through, 1).await;
     // Idle for longer than the second after which sqlx pings it.
     tokio::time::sleep(StdDuration::from_millis(1200)).await;
