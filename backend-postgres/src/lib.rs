@@ -241,8 +241,9 @@ const CLIENT_CHECK_INTERVAL: &str = "1s";
 
 /// Has the server check, every [`CLIENT_CHECK_INTERVAL`] while it runs a
 /// statement, that the client is still there, and abandon the statement if
-/// not (PostgreSQL 14 and later, on Linux; older servers do not know the
-/// setting, and go on without it). A connection closed for want of an
+/// not (PostgreSQL 14 and later, on Linux: older servers do not know the
+/// setting, and servers on platforms that cannot check refuse it; both go
+/// on without it). A connection closed for want of an
 /// answer (see [`deadline`]) may belong to a server that is alive but
 /// blocked, on a lock for instance: without this, its statement would wait
 /// on and could still commit, after its caller was told it failed.
@@ -252,13 +253,25 @@ async fn check_connection_while_running(conn: &mut PgConnection) -> sqlx::Result
         .execute(conn)
         .await;
     match set {
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNDEFINED_OBJECT) => Ok(()),
+        Err(sqlx::Error::Database(e))
+            if matches!(
+                e.code().as_deref(),
+                Some(UNDEFINED_OBJECT | INVALID_PARAMETER_VALUE)
+            ) =>
+        {
+            Ok(())
+        }
         other => other.map(drop),
     }
 }
 
-/// SQLSTATE of an unrecognized configuration parameter.
+/// SQLSTATE of an unrecognized configuration parameter (PostgreSQL 13 and
+/// older).
 const UNDEFINED_OBJECT: &str = "42704";
+
+/// SQLSTATE of a setting the server's platform cannot honour (the check
+/// needs Linux).
+const INVALID_PARAMETER_VALUE: &str = "22023";
 
 /// Wraps a driver error as [`Error::Backend`].
 pub(crate) fn db_err(e: sqlx::Error) -> Error {

@@ -15,7 +15,8 @@
 //! signals every subscriber once, since pushes made meanwhile were not
 //! notified to it. A subscription or reconnection that gets no answer
 //! within the acquire timeout fails, as when the server went silent
-//! without a reset; the connection is dropped and made again.
+//! without a reset; a new connection is made (the silent one's socket is
+//! left to TCP, which gives up on it about a quarter of an hour later).
 //!
 //! A pool push of the backend (or a clone) also signals the subscribers of
 //! its queues directly ([`Hub::wake`]) as soon as its insert committed,

@@ -23,6 +23,9 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 /// than TCP's own timeout on a dead one.
 pub const DEFAULT_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(60);
 
+/// The longest [`PgOptions::reply_timeout`] accepted.
+const MAX_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(24 * 60 * 60);
+
 /// Rows changed (claimed, acknowledged, extended, deleted…) through one
 /// backend between the VACUUMs it runs, when none is configured: about
 /// 12,000 jobs' worth.
@@ -157,9 +160,10 @@ impl PgOptions {
     /// are bounded the same way, and sent again. Default
     /// [`DEFAULT_REPLY_TIMEOUT`]. `None` waits as long as the network does.
     ///
-    /// A statement blocked on the server for longer (behind a lock, say)
-    /// fails too; on PostgreSQL 14 and later the server then abandons it
-    /// within a second. Other [`Observer`](relayq_core::Observer) calls,
+    /// A statement blocked on the server for longer (behind a lock, say),
+    /// or a batch large enough to take longer, fails too; on PostgreSQL 14
+    /// and later on Linux the server then abandons it within a second. At
+    /// most a day. Other [`Observer`](relayq_core::Observer) calls,
     /// [`Cleaner`](relayq_core::Cleaner) calls, `VACUUM`, migrations
     /// and [`PgBackend::push_in`](crate::PgBackend::push_in) on the caller's
     /// connection are not bounded: some may scan a large table for longer.
@@ -244,9 +248,13 @@ impl PgOptions {
         if self.acquire_timeout.is_zero() {
             return Err(config("acquire_timeout must be positive"));
         }
-        if self.reply_timeout.is_some_and(|t| t.is_zero()) {
+        if self
+            .reply_timeout
+            .is_some_and(|t| t.is_zero() || t > MAX_REPLY_TIMEOUT)
+        {
             return Err(config(
-                "reply_timeout must be positive (None waits as long as the network does)",
+                "reply_timeout must be positive and at most a day (None waits as long as the \
+                 network does)",
             ));
         }
         if self.vacuum_threshold == Some(0) {

@@ -554,6 +554,10 @@ async fn bad_configuration_is_a_typed_error_without_the_password() {
             "reply_timeout",
         ),
         (
+            PgOptions::new(&url).reply_timeout(Some(StdDuration::from_secs(2 * 86_400))),
+            "reply_timeout",
+        ),
+        (
             PgOptions::new(&url).max_connections(2).min_connections(3),
             "min_connections",
         ),
@@ -1460,12 +1464,27 @@ async fn a_connection_whose_caller_left_returns_to_the_pool_once_answered() {
         .push_in(&mut tx, job(1).unique_key("held"))
         .await
         .expect("push_in");
-    let waited = tokio::time::timeout(
-        StdDuration::from_millis(200),
-        one.push(job(2).unique_key("held")),
-    )
-    .await;
-    assert!(waited.is_err(), "the push did not wait: {waited:?}");
+    // The caller leaves once its statement is on the server, waiting.
+    let waiting = async {
+        loop {
+            let event: Option<String> =
+                sqlx::query_scalar("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1")
+                    .bind(before)
+                    .fetch_optional(backend.pool())
+                    .await
+                    .expect("activity")
+                    .flatten();
+            if event.as_deref() == Some("Lock") {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        pushed = one.push(job(2).unique_key("held")) => panic!("the push did not wait: {pushed:?}"),
+        () = waiting => {}
+        () = tokio::time::sleep(SIGNAL_DEADLINE) => panic!("the push never waited on the lock"),
+    }
     tx.commit().await.expect("commit");
     assert_eq!(pid().await, before, "the connection was closed");
     testing::drop_schema(backend.schema()).await;

@@ -719,9 +719,9 @@ fn sweep_sql(queues: usize) -> String {
 /// `run_at <= now`, in `(run_at, id)` order. `CROSS JOIN` keeps `levels` the
 /// outer loop and `INDEXED BY` the claim index the inner one, so the rows
 /// come in pull order and the `LIMIT` stops the walk (an `ORDER BY` here
-/// would sort every due job first; the test
-/// `claims_take_due_jobs_past_jobs_scheduled_for_later` checks the order
-/// where the `LIMIT` cuts). A
+/// would sort every due job first; the conformance case
+/// `small_batches_take_due_jobs_in_pull_order_past_scheduled_ones` checks
+/// the order where the `LIMIT` cuts). A
 /// plain walk of the claim index in `(priority, run_at, id)` order could
 /// only filter on `run_at`: it read every job scheduled for later at a
 /// level (delayed, or retrying after a backoff) before the next level, and

@@ -148,9 +148,10 @@ pub async fn small_batches_take_due_jobs_in_pull_order_past_scheduled_ones(h: Ha
             push(n, -5, now + Duration::hours(1)).await;
             push(10 + n, 0, now + Duration::minutes(n + 1)).await;
         }
+        // In id order: late, tied, early; in pull order: early, late, tied.
         let late = push(20, 0, now - Duration::seconds(1)).await;
-        let early = push(21, 0, now - Duration::seconds(30)).await;
-        let tied_second = push(22, 0, now - Duration::seconds(1)).await;
+        let tied_second = push(21, 0, now - Duration::seconds(1)).await;
+        let early = push(22, 0, now - Duration::seconds(30)).await;
         let next_level = push(23, 3, now - Duration::hours(2)).await;
         let last_level = push(24, 7, now).await;
         let request = PullRequest::queues(queues.clone()).batch(2);
