@@ -442,8 +442,14 @@ impl SqliteBackend {
 
     /// Begins a `BEGIN IMMEDIATE` transaction on a pooled connection, for the
     /// caller's own writes plus [`Self::push_in`]. It holds the database's
-    /// write lock until it commits or rolls back, so keep it short. Lock
-    /// errors while beginning are retried like any other write.
+    /// write lock until it commits or rolls back, so keep it short: every
+    /// other write meanwhile, this process's included (pushes through the
+    /// backend rather than [`Self::push_in`], claims, its workers' lease
+    /// renewals), waits for it, for up to the
+    /// [lock timeout](SqliteOptions::lock_timeout). Inside it, push with
+    /// [`Self::push_in`], and await no other write of this backend: that
+    /// write would wait for the transaction, which waits for it. Lock errors
+    /// while beginning are retried like any other write.
     pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
         read!(self, |pool| { pool.begin_with("BEGIN IMMEDIATE").await? })
     }
