@@ -50,7 +50,7 @@ const CLOCK_STACK: usize = 64 << 10;
 /// taken effect: the server may have run it and lost the way back.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct NoReply {
-    pub(crate) after: Duration,
+    after: Duration,
 }
 
 impl std::fmt::Display for NoReply {
@@ -76,6 +76,19 @@ impl From<NoReply> for relayq_core::Error {
     fn from(e: NoReply) -> Self {
         relayq_core::Error::backend(sqlx::Error::from(e))
     }
+}
+
+/// `op`, or [`NoReply`] once `limit` has passed, on a Tokio timer: for the
+/// rare waits (a ping of an idle connection, the LISTEN connection), where
+/// the timer's wake-up of the runtime's driver costs nothing that matters.
+/// The queue's own operations use a [`Deadline`] instead.
+pub(crate) async fn within<T, E: From<NoReply>>(
+    limit: Duration,
+    op: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    tokio::time::timeout(limit, op)
+        .await
+        .unwrap_or_else(|_| Err(NoReply { after: limit }.into()))
 }
 
 /// The reply timeout of a backend and the clock that counts it; clones

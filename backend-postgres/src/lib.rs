@@ -385,9 +385,7 @@ impl PgBackend {
             .before_acquire(move |conn, meta| {
                 Box::pin(async move {
                     if meta.idle_for >= PING_IF_IDLE_FOR {
-                        tokio::time::timeout(ping_within, sqlx::Connection::ping(conn))
-                            .await
-                            .map_err(|_| deadline::NoReply { after: ping_within })??;
+                        deadline::within(ping_within, sqlx::Connection::ping(conn)).await?;
                     }
                     Ok(true)
                 })

@@ -26,7 +26,6 @@
 //! signal is still pending, since signals coalesce).
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -37,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::db_err;
-use crate::deadline::NoReply;
+use crate::deadline::within;
 
 /// The longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -194,8 +193,12 @@ impl Task {
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { return };
+                    // Bounded: a LISTEN connection whose server went silent
+                    // answers nothing, and TCP gives up only after about a
+                    // quarter of an hour, while subscribers (a worker
+                    // starting up) wait on this task.
                     let limit = self.connect_timeout;
-                    let result = bounded(limit, self.subscribe(command.queues, command.signal)).await;
+                    let result = within(limit, self.subscribe(command.queues, command.signal)).await;
                     if let Err(e) = &result {
                         tracing::warn!(error = %e, "relayq-postgres: LISTEN failed");
                         self.listener = None;
@@ -224,7 +227,7 @@ impl Task {
                 () = sleep_until(retry_at), if retry_at.is_some() => {
                     let State::Waiting(_, backoff) = state else { continue };
                     let limit = self.connect_timeout;
-                    match bounded(limit, self.reconnect()).await {
+                    match within(limit, self.reconnect()).await {
                         Ok(()) => {
                             tracing::info!("relayq-postgres: listener reconnected");
                             state = State::Connected;
@@ -314,16 +317,6 @@ impl Task {
         });
         Ok(())
     }
-}
-
-/// `op`, failed once `limit` has passed: a LISTEN connection whose server
-/// went silent (a failover, a cut link) answers nothing, and TCP gives up
-/// only after about a quarter of an hour, while subscribers (a worker
-/// starting up) wait on this task.
-async fn bounded<T>(limit: Duration, op: impl Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(limit, op)
-        .await
-        .unwrap_or_else(|_| Err(NoReply { after: limit }.into()))
 }
 
 async fn recv(
