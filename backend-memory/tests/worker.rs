@@ -578,6 +578,23 @@ fn lane_pulling_worker(backend: &Arc<dyn Backend>) -> Worker<()> {
         .expect("build")
 }
 
+/// Starts [`lane_pulling_worker`] on `backend` and waits until its first
+/// job (to "first") is done: as that job ends, the lane pulls for itself.
+async fn past_the_first_job(backend: &Arc<dyn Backend>) -> relayq_core::WorkerHandle<()> {
+    let first = backend
+        .push(Email { to: "first".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    let running = lane_pulling_worker(backend).start();
+    let done = tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(first))
+        .await
+        .expect("in time")
+        .expect("wait_for");
+    assert_eq!(done.status, JobStatus::Done);
+    running
+}
+
 /// A push whose wake-up comes while a lane's own pull is under way (the
 /// pull loop, counting that pull, finds nothing worth pulling) is pulled
 /// once the lane's pull comes back empty, not at the next poll tick.
@@ -590,16 +607,8 @@ async fn a_push_during_a_lanes_empty_pull_is_not_missed() {
         StdDuration::from_millis(100),
     ));
     let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::new(inner), Arc::clone(&racing)));
-    let worker = lane_pulling_worker(&backend);
-    let first = backend
-        .push(Email { to: "first".into() }.to_job())
-        .await
-        .expect("push")
-        .id();
-    let running = worker.start();
+    let running = past_the_first_job(&backend).await;
     let within = |id| tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id));
-    let done = within(first).await.expect("in time").expect("wait_for");
-    assert_eq!(done.status, JobStatus::Done);
     let late = tokio::time::timeout(StdDuration::from_secs(20), async {
         loop {
             if let Some(id) = racing.pushed() {
@@ -982,15 +991,8 @@ async fn a_panicking_pull_is_a_failed_pull() {
         dyn_backend(&inner),
         PanickingSecondPull::default(),
     ));
-    let worker = lane_pulling_worker(&backend);
-    let first = backend
-        .push(Email { to: "first".into() }.to_job())
-        .await
-        .expect("push")
-        .id();
-    let running = worker.start();
+    let running = past_the_first_job(&backend).await;
     let within = |id| tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id));
-    within(first).await.expect("in time").expect("wait_for");
     // The lane's own pull, as "first" ended, panicked; later pushes run.
     tokio::time::sleep(StdDuration::from_millis(100)).await;
     for to in ["second", "third"] {
