@@ -259,16 +259,71 @@ const CLAIMABLE_ONE_QUEUE: (&str, &str) = (
     LIMIT $3"#,
 );
 
-/// The due jobs of several queues, in pull order: the active rows of those
-/// queues, scheduled ones included, read from the claim index and sorted.
+/// The due jobs of several queues, in pull order. `levels` walks the
+/// priorities of all the queues together, one index probe per queue and
+/// level. `shares` reads, without locking, the first `$3` due jobs in pull
+/// order (level by level, each level a merge of every queue's own index
+/// range in `(run_at, id)` order) and counts how many each queue holds at
+/// each level; then each of those ranges is read again, locked, for that
+/// many jobs. Locking in the merge would lock `$3` jobs of every queue to
+/// keep `$3` of them, and concurrent pullers would skip the surplus until
+/// commit; counting first locks only what is claimed (a job another puller
+/// claimed meanwhile is passed by, and the next of its queue taken).
+/// Before, one scan read every pending job of the queues and sorted them
+/// all: 123 ms per claim over two queues holding 200,000 due jobs, against
+/// 1.6–2.2 ms now. `$2` names each queue once: `shares` would count a
+/// queue named twice twice.
 const CLAIMABLE_MANY_QUEUES: (&str, &str) = (
-    "",
+    r#"levels AS (
+    (SELECT min(f.priority) AS priority
+     FROM unnest($2::text[]) AS q(queue)
+     CROSS JOIN LATERAL (
+         SELECT priority FROM {s}.jobs
+         WHERE queue = q.queue AND status = 'pending'
+         ORDER BY priority LIMIT 1) AS f)
+    UNION ALL
+    SELECT (SELECT min(f.priority)
+            FROM unnest($2::text[]) AS q(queue)
+            CROSS JOIN LATERAL (
+                SELECT j.priority FROM {s}.jobs j
+                WHERE j.queue = q.queue AND j.status = 'pending' AND j.priority > l.priority
+                ORDER BY j.priority LIMIT 1) AS f)
+    FROM levels l
+    WHERE l.priority IS NOT NULL
+), shares AS (
+    SELECT priority, queue, count(*) AS n
+    FROM (
+        SELECT l.priority, due.queue
+        FROM levels l
+        CROSS JOIN LATERAL (
+            SELECT q.queue, d.run_at, d.id
+            FROM unnest($2::text[]) AS q(queue)
+            CROSS JOIN LATERAL (
+                SELECT run_at, id FROM {s}.jobs
+                WHERE queue = q.queue AND status = 'pending' AND priority = l.priority
+                  AND run_at <= {now}
+                ORDER BY run_at, id
+                LIMIT $3
+            ) AS d
+            ORDER BY d.run_at, d.id
+            LIMIT $3
+        ) AS due
+        LIMIT $3
+    ) AS first_due
+    GROUP BY priority, queue
+), "#,
     r#"
-    SELECT id, priority, run_at FROM {s}.jobs
-    WHERE {queue} AND status = 'pending' AND run_at <= {now}
-    ORDER BY priority, run_at, id
-    LIMIT $3
-    FOR UPDATE SKIP LOCKED"#,
+    SELECT due.id, due.priority, due.run_at
+    FROM shares s
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at FROM {s}.jobs
+        WHERE queue = s.queue AND status = 'pending' AND priority = s.priority
+          AND run_at <= {now}
+        ORDER BY run_at, id
+        LIMIT s.n
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    LIMIT $3"#,
 );
 
 /// [`PULL`] for one queue or several.

@@ -136,11 +136,17 @@ pub async fn delayed_job_is_ordered_by_priority_once_due(h: Harness) {
 /// A batch smaller than the due jobs takes the first of them in pull order
 /// (priority, then `run_at`, then id), passing over the jobs scheduled for
 /// later at the same priorities and at more urgent ones, from one queue and
-/// from several.
+/// from several (the jobs spread across them, and a queue named twice
+/// counting once).
 pub async fn small_batches_take_due_jobs_in_pull_order_past_scheduled_ones(h: Harness) {
     let now = h.now();
-    for (queues, queue) in [(vec!["one"], "one"), (vec!["many", "other"], "many")] {
+    for queues in [
+        vec!["one"],
+        vec!["many", "other"],
+        vec!["twice", "again", "twice"],
+    ] {
         let push = |n: i64, priority: i16, run_at: time::OffsetDateTime| {
+            let queue = queues[n as usize % queues.len()];
             h.push(job("k", n).queue(queue).priority(priority).run_at(run_at))
         };
         // Scheduled for later, at the most urgent level and among the due.
@@ -197,12 +203,17 @@ pub async fn pull_honours_batch_size_and_queues(h: Harness) {
     assert_eq!(h.pull("c", 10).await.len(), 1);
 }
 
-/// 16 concurrent pullers over 2,000 jobs: every job delivered exactly once.
+/// 16 concurrent pullers over 2,000 jobs in two queues, half of them
+/// pulling from both: every job delivered exactly once.
 pub async fn concurrent_pullers_receive_each_job_exactly_once(h: Harness) {
     const JOBS: i64 = 2_000;
     const PULLERS: usize = 16;
+    const QUEUES: [&str; 2] = ["default", "spare"];
     for chunk in (0..JOBS).collect::<Vec<_>>().chunks(500) {
-        let batch: Vec<NewJob> = chunk.iter().map(|n| job("k", *n)).collect();
+        let batch: Vec<NewJob> = chunk
+            .iter()
+            .map(|n| job("k", *n).queue(QUEUES[*n as usize % 2]))
+            .collect();
         h.backend.push_batch(batch).await.expect("push_batch");
     }
     let mut tasks = Vec::new();
@@ -210,7 +221,14 @@ pub async fn concurrent_pullers_receive_each_job_exactly_once(h: Harness) {
         let backend = h.backend.clone();
         tasks.push(tokio::spawn(async move {
             let mut seen = Vec::new();
-            let request = PullRequest::queue("default").batch(1 + (worker as u32 % 7));
+            // Half the pullers take from both queues, half from one.
+            let queues = if worker % 2 == 0 {
+                &QUEUES[..]
+            } else {
+                &QUEUES[..1]
+            };
+            let request =
+                PullRequest::queues(queues.iter().copied()).batch(1 + (worker as u32 % 7));
             loop {
                 let leased = backend.pull(&request).await.expect("pull");
                 if leased.is_empty() {
@@ -232,7 +250,9 @@ pub async fn concurrent_pullers_receive_each_job_exactly_once(h: Harness) {
     assert_eq!(deliveries.len(), JOBS as usize, "every job delivered");
     let repeated: Vec<_> = deliveries.iter().filter(|(_, n)| **n > 1).collect();
     assert!(repeated.is_empty(), "jobs delivered twice: {repeated:?}");
-    let stats = h.backend.stats().await.expect("stats").queue("default");
-    assert_eq!(stats.done, JOBS as u64);
-    assert_eq!(stats.total(), JOBS as u64);
+    for queue in QUEUES {
+        let stats = h.backend.stats().await.expect("stats").queue(queue);
+        assert_eq!(stats.done, JOBS as u64 / 2, "{queue}");
+        assert_eq!(stats.total(), JOBS as u64 / 2, "{queue}");
+    }
 }
