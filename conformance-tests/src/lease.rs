@@ -98,6 +98,127 @@ pub async fn stale_lease_acknowledgements_fail_and_change_nothing(h: Harness) {
     assert_eq!(h.job(id).await.status, JobStatus::Done);
 }
 
+/// How a lease can end while its token stays the job's latest: every way
+/// but another pull leasing the job again.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    Release,
+    RetryToPending,
+    RetryToDead,
+    Complete,
+    Kill,
+    /// Expired on the last attempt, then swept `Dead` by a pull.
+    Swept,
+}
+
+/// A lease ended without the job being leased again, so its token is
+/// still the job's latest (release, retry, the last attempt's retry,
+/// complete, kill, the sweep of an abandoned last attempt): complete,
+/// complete_batch, retry, kill, extend, extend_batch and release with it
+/// all fail as lost and change nothing. Only the job's status tells them
+/// apart from the live lease.
+pub async fn acknowledgements_of_an_ended_lease_fail_and_change_nothing(h: Harness) {
+    use Ending::*;
+    // The sweep moves the clock past every lease: last.
+    for ending in [Release, RetryToPending, RetryToDead, Complete, Kill, Swept] {
+        let queue = format!("{ending:?}");
+        let last = matches!(ending, RetryToDead | Swept);
+        let id = h
+            .push(
+                job("k", 1)
+                    .queue(&queue)
+                    .max_attempts(if last { 1 } else { 3 }),
+            )
+            .await;
+        let lease = h.pull_one(&queue).await.lease;
+        let b = &h.backend;
+        match ending {
+            Release => b.release(&lease).await.expect("release"),
+            RetryToPending | RetryToDead => {
+                b.retry(&lease, Duration::minutes(1), "failed")
+                    .await
+                    .expect("retry");
+            }
+            Complete => b.complete(&lease, None).await.expect("complete"),
+            Kill => b.kill(&lease, "killed").await.expect("kill"),
+            Swept => {
+                h.advance(Duration::seconds(31));
+                assert!(h.pull(&queue, 10).await.is_empty());
+                assert_eq!(h.job(id).await.status, JobStatus::Dead);
+            }
+        }
+        let snapshot = h.job(id).await;
+        assert_eq!(snapshot.lease_token, lease.token, "{ending:?}");
+        assert_lost(b.complete(&lease, Some(json!("late"))).await, lease);
+        assert_lost(b.retry(&lease, Duration::ZERO, "late").await, lease);
+        assert_lost(b.kill(&lease, "late").await, lease);
+        assert_lost(b.extend(&lease, Duration::minutes(5)).await, lease);
+        assert_lost(b.release(&lease).await, lease);
+        let lost = b
+            .complete_batch(vec![Completion::from(lease)])
+            .await
+            .expect("complete_batch");
+        assert_eq!(lost, vec![lease], "{ending:?}");
+        let ends = b
+            .extend_batch(&[lease], Duration::minutes(5))
+            .await
+            .expect("extend_batch");
+        assert_eq!(ends, vec![None], "{ending:?}");
+        assert_eq!(h.job(id).await, snapshot, "{ending:?} changes nothing");
+    }
+}
+
+/// A lease past `locked_until` that no pull has taken back yet is still
+/// its holder's: it completes (even on the last attempt, which the next
+/// pull would have swept `Dead`) and extends.
+pub async fn an_expired_lease_not_yet_taken_back_still_acknowledges(h: Harness) {
+    let done = h.push(job("k", 1).max_attempts(1)).await;
+    let renewed = h.push(job("k", 2)).await;
+    let leased = h.pull("default", 2).await;
+    h.advance(Duration::seconds(45));
+    h.backend
+        .complete(&leased[0].lease, Some(json!("late but mine")))
+        .await
+        .expect("complete");
+    let job = h.job(done).await;
+    assert_eq!(job.status, JobStatus::Done);
+    assert_eq!(job.result, Some(json!("late but mine")));
+    let until = h
+        .backend
+        .extend(&leased[1].lease, Duration::seconds(30))
+        .await
+        .expect("extend");
+    assert_eq!(until, h.now() + Duration::seconds(30));
+    assert_eq!(h.job(renewed).await.locked_until, Some(until));
+    assert!(h.pull("default", 10).await.is_empty(), "held again");
+}
+
+/// A pull sweeps every abandoned last attempt of the queues it names
+/// (all of them, whatever its batch size), and they take none of its
+/// batch: a batch of one still gets the due job.
+pub async fn the_sweep_takes_every_abandoned_last_attempt_whatever_the_batch(h: Harness) {
+    let mut abandoned = Vec::new();
+    for (n, queue) in [(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "b")] {
+        abandoned.push(h.push(job("k", n).queue(queue).max_attempts(1)).await);
+    }
+    for queue in ["a", "b"] {
+        assert!(!h.pull(queue, 10).await.is_empty());
+    }
+    h.advance(Duration::seconds(31));
+    let due = h.push(job("k", 6).queue("b")).await;
+    let got = h
+        .backend
+        .pull(&PullRequest::queues(["a", "b"]).batch(1))
+        .await
+        .expect("pull");
+    assert_eq!(got.iter().map(|l| l.job.id).collect::<Vec<_>>(), [due]);
+    for id in abandoned {
+        let job = h.job(id).await;
+        assert_eq!(job.status, JobStatus::Dead, "job {id}");
+        assert_eq!(job.last_error.as_deref(), Some(LEASE_EXPIRED_ERROR));
+    }
+}
+
 /// `extend` moves `locked_until` to `now + by`, so the job stays leased past
 /// its first lease, and becomes pullable only after the extension ends.
 pub async fn extend_keeps_the_job_invisible_past_its_first_lease(h: Harness) {
@@ -301,20 +422,33 @@ pub async fn kill_is_dead_at_once(h: Harness) {
     assert!(h.pull("default", 1).await.is_empty());
 }
 
-/// `release` returns the job to `Pending` without spending the attempt, and
-/// the released lease stays void after the job is leased again.
+/// `release` returns the job to `Pending` without spending the attempt,
+/// due at once and in its place in line (its `run_at` kept, so ahead of
+/// jobs pushed while it ran), and the released lease stays void after the
+/// job is leased again.
 pub async fn release_gives_back_the_attempt_and_voids_the_lease(h: Harness) {
     let id = h.push(job("k", 1).max_attempts(1)).await;
+    let pushed = h.job(id).await;
+    h.advance(Duration::seconds(10));
     let first = h.pull_one("default").await;
+    let behind = h.push(job("k", 2)).await;
+    h.advance(Duration::seconds(1));
     h.backend.release(&first.lease).await.expect("release");
     let job = h.job(id).await;
-    assert_eq!(job.status, JobStatus::Pending);
-    assert_eq!(job.attempts, 0);
-    assert_eq!(job.locked_until, None);
-    assert!(job.run_at <= h.now(), "eligible at once");
+    assert_eq!(
+        job,
+        Job {
+            attempts: 0,
+            lease_token: first.lease.token,
+            updated_at: h.now(),
+            ..pushed
+        },
+        "pending again, as pushed but for its token"
+    );
     assert_lost(h.backend.release(&first.lease).await, first.lease);
 
     let second = h.pull_one("default").await;
+    assert_eq!(second.job.id, id, "ahead of the job pushed while it ran");
     assert_eq!(
         second.job.attempts, 1,
         "the released attempt was given back"
@@ -330,6 +464,7 @@ pub async fn release_gives_back_the_attempt_and_voids_the_lease(h: Harness) {
         .await
         .expect("complete");
     assert_eq!(h.job(id).await.status, JobStatus::Done);
+    assert_eq!(h.pull_one("default").await.job.id, behind);
 }
 
 /// `complete` stores the result and ends the lease.

@@ -176,6 +176,49 @@ pub async fn small_batches_take_due_jobs_in_pull_order_past_scheduled_ones(h: Ha
     }
 }
 
+/// An expired lease with attempts left is pulled again in its place in
+/// pull order among the due jobs (by its priority and `run_at`), from one
+/// queue and from several.
+pub async fn expired_leases_take_their_place_in_pull_order(h: Harness) {
+    for queues in [vec!["one"], vec!["many", "other"]] {
+        let (first, last) = (queues[0], queues[queues.len() - 1]);
+        let start = h.now();
+        let expired = h
+            .push(
+                job("k", 1)
+                    .queue(first)
+                    .run_at(start - Duration::seconds(60)),
+            )
+            .await;
+        let lease = h.pull_one(first).await.lease;
+        h.advance(Duration::seconds(31));
+        let now = h.now();
+        let later = h.push(job("k", 2).queue(first)).await;
+        let urgent = h.push(job("k", 3).queue(first).priority(-1)).await;
+        let older = h
+            .push(job("k", 4).queue(last).run_at(now - Duration::seconds(120)))
+            .await;
+        let request = PullRequest::queues(queues.clone());
+        let ids = |leased: &[LeasedJob]| leased.iter().map(|l| l.job.id).collect::<Vec<_>>();
+        let two = h
+            .backend
+            .pull(&request.clone().batch(2))
+            .await
+            .expect("pull");
+        assert_eq!(ids(&two), [urgent, older], "{queues:?}");
+        let rest = h.backend.pull(&request.batch(10)).await.expect("pull");
+        assert_eq!(ids(&rest), [expired, later], "{queues:?}");
+        assert_eq!(rest[0].job.attempts, 2);
+        assert!(rest[0].lease.token > lease.token);
+        for leased in two.iter().chain(&rest) {
+            h.backend
+                .complete(&leased.lease, None)
+                .await
+                .expect("complete");
+        }
+    }
+}
+
 /// At most `batch` jobs come back, only from the named queues.
 pub async fn pull_honours_batch_size_and_queues(h: Harness) {
     for n in 0..5 {

@@ -59,6 +59,53 @@ pub async fn unique_key_is_free_once_terminal(h: Harness) {
     assert_eq!(h.job(third).await.status, JobStatus::Pending);
 }
 
+/// A key stays held while its job may still run (released, or leased
+/// past `locked_until` but not yet swept) and is free once the job ends
+/// any way: done, killed, dead after its last retry, or swept `Dead` after
+/// its last lease expired.
+pub async fn unique_key_is_held_until_the_job_ends_every_way(h: Harness) {
+    let b = &h.backend;
+    // Each way in a queue of its own, named after the key: a push that
+    // finds the key free creates a job there.
+    let holds = |key: &'static str| async move {
+        let outcome = b
+            .push(job("k", 0).queue(key).unique_key(key))
+            .await
+            .expect("push");
+        outcome.is_duplicate()
+    };
+    let first = |key: &'static str| {
+        let h = h.clone();
+        async move {
+            h.push(job("k", 1).queue(key).unique_key(key).max_attempts(1))
+                .await;
+            h.pull_one(key).await.lease
+        }
+    };
+
+    let lease = first("released").await;
+    b.release(&lease).await.expect("release");
+    assert!(holds("released").await, "released: pending again");
+    let lease = h.pull_one("released").await.lease;
+    b.complete(&lease, None).await.expect("complete");
+    assert!(!holds("released").await, "done");
+
+    let lease = first("retried").await;
+    assert_eq!(
+        b.retry(&lease, Duration::ZERO, "failed")
+            .await
+            .expect("retry"),
+        JobStatus::Dead
+    );
+    assert!(!holds("retried").await, "dead after its last retry");
+
+    first("expired").await;
+    h.advance(Duration::seconds(31));
+    assert!(holds("expired").await, "expired but not yet swept");
+    assert!(h.pull("expired", 10).await.is_empty(), "swept");
+    assert!(!holds("expired").await, "swept dead");
+}
+
 /// In one batch, a repeated key (same queue) is a duplicate of the earlier
 /// job of that batch; an existing active job wins over both.
 pub async fn unique_key_dedupes_within_a_batch(h: Harness) {
