@@ -450,6 +450,39 @@ async fn dropping_the_handle_stops_the_worker() {
     assert_eq!(job.status, JobStatus::Pending);
 }
 
+/// `Duration::MAX`, for "indefinitely", is a valid poll interval (wake-ups
+/// only), shutdown timeout and grace period: each deadline is far off
+/// instead of overflowing the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indefinite_durations_mean_far_off_deadlines() {
+    let (b, _) = store();
+    let worker = Worker::builder(dyn_backend(&b))
+        .poll_interval(StdDuration::MAX)
+        .shutdown_timeout(StdDuration::MAX)
+        .handle(ok_email())
+        .build()
+        .expect("build");
+    let handle = worker.start();
+    let id = b
+        .push(Email { to: "a".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    tokio::time::timeout(StdDuration::from_secs(20), handle.wait_for(id))
+        .await
+        .expect("run on a wake-up")
+        .expect("wait_for");
+    let report = tokio::time::timeout(
+        StdDuration::from_secs(20),
+        handle.shutdown_within(StdDuration::MAX),
+    )
+    .await
+    .expect("nothing in flight: at once");
+    assert_eq!(report.released, 0);
+    // Dropping a started handle stops the worker with the shutdown timeout.
+    drop(worker.start());
+}
+
 /// A store whose wake-up subscription closes at once: the worker falls
 /// back to polling, and tries to subscribe again at its poll ticks.
 #[derive(Debug)]

@@ -728,59 +728,79 @@ pub async fn worker_shutdown_report_counts_only_the_grace_period(h: Harness) {
     assert_eq!((report.finished, report.released), (1, 0), "{report:?}");
 }
 
-/// A handler whose lease no renewal reached for a whole lease (the store
-/// unreachable) is stopped: the store may have leased its job to another
-/// worker by then, which must not find it still running here.
+/// A handler whose lease no renewal reached for a whole lease is stopped,
+/// whether the renewals fail (the store unreachable), hang (a connection
+/// gone silent) or panic (a backend's bug): the store may have leased its
+/// job to another worker by then, which must not find it still running
+/// here.
 pub async fn worker_stops_a_handler_no_renewal_reached_for_a_whole_lease(h: Harness) {
-    let backend: Arc<dyn Backend> =
-        Arc::new(Faulty::new(Arc::clone(&h.backend), UnreachableRenewals));
-    let stopped = Arc::new(tokio::sync::Notify::new());
-    /// Tells when the handler's future is dropped.
-    struct NotifyOnStop(Arc<tokio::sync::Notify>);
-    impl Drop for NotifyOnStop {
-        fn drop(&mut self) {
-            self.0.notify_one();
-        }
-    }
-    let worker = Worker::builder(backend)
-        .state(h.clone())
-        .lease(StdDuration::from_millis(600))
-        .handle({
-            let stopped = Arc::clone(&stopped);
-            move |_: Task, _ctx: JobContext<Harness>| {
-                let stopped = Arc::clone(&stopped);
-                async move {
-                    let _guard = NotifyOnStop(stopped);
-                    std::future::pending::<()>().await;
-                    Ok::<_, HandlerError>(0)
-                }
+    for renewals in [
+        BrokenRenewals::Fail,
+        BrokenRenewals::Hang,
+        BrokenRenewals::Panic,
+    ] {
+        let queue = format!("{renewals:?}");
+        let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::clone(&h.backend), renewals));
+        let stopped = Arc::new(tokio::sync::Notify::new());
+        /// Tells when the handler's future is dropped.
+        struct NotifyOnStop(Arc<tokio::sync::Notify>);
+        impl Drop for NotifyOnStop {
+            fn drop(&mut self) {
+                self.0.notify_one();
             }
-        })
-        .build()
-        .expect("build");
-    h.push(Task { n: 1 }.to_job()).await;
-    let running = worker.start();
-    within(
-        "the handler stopped once its lease lapsed",
-        stopped.notified(),
-    )
-    .await;
-    running.shutdown_within(LIVENESS).await;
+        }
+        let worker = Worker::builder(backend)
+            .state(h.clone())
+            .queues([queue.as_str()])
+            .lease(StdDuration::from_millis(600))
+            .handle({
+                let stopped = Arc::clone(&stopped);
+                move |_: Task, _ctx: JobContext<Harness>| {
+                    let stopped = Arc::clone(&stopped);
+                    async move {
+                        let _guard = NotifyOnStop(stopped);
+                        std::future::pending::<()>().await;
+                        Ok::<_, HandlerError>(0)
+                    }
+                }
+            })
+            .build()
+            .expect("build");
+        h.push(Task { n: 1 }.to_job().queue(&queue)).await;
+        let running = worker.start();
+        within(
+            "the handler stopped once its lease lapsed",
+            stopped.notified(),
+        )
+        .await;
+        running.shutdown_within(LIVENESS).await;
+    }
 }
 
-/// Renewals that the store never answers.
-#[derive(Debug)]
-struct UnreachableRenewals;
+/// Renewals the store never makes.
+#[derive(Debug, Clone, Copy)]
+enum BrokenRenewals {
+    /// Each fails at once.
+    Fail,
+    /// None is ever answered.
+    Hang,
+    /// Each panics.
+    Panic,
+}
 
 #[async_trait::async_trait]
-impl crate::faults::Faults for UnreachableRenewals {
+impl crate::faults::Faults for BrokenRenewals {
     async fn extend_batch(
         &self,
         _inner: &dyn Backend,
         _leases: &[relayq_core::Lease],
         _by: Duration,
     ) -> relayq_core::Result<Vec<Option<time::OffsetDateTime>>> {
-        Err(relayq_core::Error::backend("the store is unreachable"))
+        match self {
+            Self::Fail => Err(relayq_core::Error::backend("the store is unreachable")),
+            Self::Hang => std::future::pending().await,
+            Self::Panic => panic!("a backend's bug in extend_batch"),
+        }
     }
 }
 

@@ -2,8 +2,9 @@
 //! held lease a third of a lease after its last renewal, whether its job
 //! waits in the prefetch buffer, runs, or has finished and waits for its
 //! completion to be recorded, and tells the job's holder when a renewal
-//! finds the lease lost, or when no renewal has reached the store for a
-//! whole lease (it has ended there). The leases due at a tick are renewed together
+//! finds the lease lost, or when no renewal has reached the store for
+//! nearly a whole lease (it ends there before the next tick), renewals
+//! that fail, hang or panic alike. The leases due at a tick are renewed together
 //! ([`Puller::extend_batch`]: one statement on PostgreSQL, one transaction
 //! on SQLite), so renewals take one pool connection, not one per job.
 //!
@@ -19,17 +20,20 @@
 //! sweep.
 
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use futures::task::AtomicWaker;
+use futures::{FutureExt, StreamExt};
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::error::Error;
 use crate::lease::{Lease, LeasedJob};
 use crate::store::Backend;
 
@@ -319,15 +323,29 @@ async fn renew(
     let every = lease_length / 3;
     // Ticking twice per renewal period renews each lease between a third
     // and a half of a lease after the previous renewal.
-    let mut tick = tokio::time::interval(every / 2);
+    let period = every / 2;
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A lease whose last renewal that the store answered (or whose pull)
     // was sent this long ago has ended on the store, which extended it
-    // from a moment after the sending.
+    // from a moment after the sending. It is given up a tick early: the
+    // next tick may come only after the store's lease has ended, and
+    // another worker may lease the job from then on.
     let lapse = Duration::try_from(backend_lease).unwrap_or(Duration::MAX);
+    let give_up = lapse.saturating_sub(period);
+    // At most one round of renewals at a time, awaited beside the ticks
+    // rather than before the next: a store that stops answering must not
+    // stall the lapse checks (the handlers of leases it let end would run
+    // on beside their next holders), and a hung round is not joined by
+    // another.
+    let mut round = FuturesUnordered::new();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(()) = round.next(), if !round.is_empty() => continue,
+        }
         let now = Instant::now();
+        let renewing = !round.is_empty();
         let mut lapsed = 0usize;
         let mut due: Vec<WatchRef> = Vec::new();
         {
@@ -339,13 +357,13 @@ async fn renew(
                         continue;
                     };
                     let since = now.duration_since(sent);
-                    if since >= lapse {
-                        // Renewals failed for a whole lease (the store was
-                        // unreachable): another worker may lease the job
-                        // now, so its run stops, or it is not started.
+                    if since >= give_up {
+                        // Renewals failed or went unanswered for (nearly)
+                        // a whole lease: its run stops, or it is not
+                        // started.
                         watch.mark_lost();
                         lapsed += 1;
-                    } else if since >= every {
+                    } else if since >= every && !renewing {
                         due.push(WatchRef {
                             pull: Arc::clone(pull),
                             index,
@@ -358,80 +376,105 @@ async fn renew(
             tracing::warn!(
                 leases = lapsed,
                 lease_ms = lease_length.as_millis() as u64,
-                "leases lapsed: no renewal was answered for a whole lease; their jobs are stopped, or not started, and another worker may run them"
+                "leases lapsed: no renewal was answered for nearly a whole lease; their jobs are stopped, or not started, and another worker may run them"
             );
         }
-        futures::stream::iter(due.chunks(RENEWAL_BATCH))
-            .for_each_concurrent(RENEWALS_AT_ONCE, |watches| {
-                let backend = &backend;
-                async move {
-                    let leases: Vec<Lease> = watches.iter().map(WatchRef::lease).collect();
-                    let sent = Instant::now();
-                    let outcome = backend.extend_batch(&leases, backend_lease).await;
-                    // A renewal that took a third of a lease leaves the next
-                    // one little time: the pool or the store is too slow
-                    // for this lease, which operators should hear of before
-                    // leases lapse.
-                    let took = sent.elapsed();
-                    if took >= every {
-                        tracing::warn!(
+        if !due.is_empty() {
+            round.push(renew_due(
+                Arc::clone(&backend),
+                due,
+                lease_length,
+                backend_lease,
+            ));
+        }
+    }
+}
+
+/// One round of renewals: the leases `due`, in statements of at most
+/// [`RENEWAL_BATCH`], [`RENEWALS_AT_ONCE`] at a time.
+async fn renew_due(
+    backend: Arc<dyn Backend>,
+    due: Vec<WatchRef>,
+    lease_length: Duration,
+    backend_lease: time::Duration,
+) {
+    let every = lease_length / 3;
+    futures::stream::iter(due.chunks(RENEWAL_BATCH))
+        .for_each_concurrent(RENEWALS_AT_ONCE, |watches| {
+            let backend = &backend;
+            async move {
+                let leases: Vec<Lease> = watches.iter().map(WatchRef::lease).collect();
+                let sent = Instant::now();
+                // A panic (a backend's bug) fails this renewal, not the
+                // keeper: the renewals and lapse checks of every lease
+                // would end with it.
+                let outcome = AssertUnwindSafe(backend.extend_batch(&leases, backend_lease))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| Err(Error::backend("extend_batch panicked")));
+                // A renewal that took a third of a lease leaves the next
+                // one little time: the pool or the store is too slow
+                // for this lease, which operators should hear of before
+                // leases lapse.
+                let took = sent.elapsed();
+                if took >= every {
+                    tracing::warn!(
+                        leases = leases.len(),
+                        took_ms = took.as_millis() as u64,
+                        lease_ms = lease_length.as_millis() as u64,
+                        "renewing leases took a third of the lease or more"
+                    );
+                }
+                let ends = match outcome {
+                    Ok(ends) if ends.len() == leases.len() => ends,
+                    Ok(ends) => {
+                        tracing::error!(
                             leases = leases.len(),
-                            took_ms = took.as_millis() as u64,
-                            lease_ms = lease_length.as_millis() as u64,
-                            "renewing leases took a third of the lease or more"
+                            answers = ends.len(),
+                            "the backend answered a renewal of leases with the wrong count; will try again"
                         );
+                        return;
                     }
-                    let ends = match outcome {
-                        Ok(ends) if ends.len() == leases.len() => ends,
-                        Ok(ends) => {
-                            tracing::error!(
-                                leases = leases.len(),
-                                answers = ends.len(),
-                                "the backend answered a renewal of leases with the wrong count; will try again"
-                            );
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, leases = leases.len(), "could not extend leases; will try again");
-                            return;
-                        }
-                    };
-                    // Lost leases, told in one warning (a stalled worker
-                    // may find many lost at once): their count, and the
-                    // first with its time since the last renewal.
-                    let (mut lost, mut first) = (0usize, None);
-                    for (watch, end) in watches.iter().zip(ends) {
-                        match end {
-                            Some(until) => watch.renewed(until, sent),
-                            // A lease let go meanwhile (its completion
-                            // recorded, say) is no loss to anyone.
-                            None if watch.is_released() => {}
-                            None => {
-                                lost += 1;
-                                first.get_or_insert_with(|| {
-                                    let since = watch.renewal().sent.map(|last| sent - last);
-                                    (watch.lease().job_id, since)
-                                });
-                                watch.mark_lost();
-                            }
-                        }
+                    Err(e) => {
+                        tracing::warn!(error = %e, leases = leases.len(), "could not extend leases; will try again");
+                        return;
                     }
-                    if let Some((job, since)) = first {
-                        tracing::warn!(
-                            leases = lost,
-                            job,
-                            since_last_renewal_ms = since.map(|d| d.as_millis() as u64),
-                            took_ms = took.as_millis() as u64,
-                            lease_ms = lease_length.as_millis() as u64,
-                            "a renewal found leases no longer held: each lapsed and its job was \
-                             leased again (more than a lease since the last renewal), or its \
-                             outcome was being recorded (the first is named)"
-                        );
+                };
+                // Lost leases, told in one warning (a stalled worker
+                // may find many lost at once): their count, and the
+                // first with its time since the last renewal.
+                let (mut lost, mut first) = (0usize, None);
+                for (watch, end) in watches.iter().zip(ends) {
+                    match end {
+                        Some(until) => watch.renewed(until, sent),
+                        // A lease let go meanwhile (its completion
+                        // recorded, say) is no loss to anyone.
+                        None if watch.is_released() => {}
+                        None => {
+                            lost += 1;
+                            first.get_or_insert_with(|| {
+                                let since = watch.renewal().sent.map(|last| sent - last);
+                                (watch.lease().job_id, since)
+                            });
+                            watch.mark_lost();
+                        }
                     }
                 }
-            })
-            .await;
-    }
+                if let Some((job, since)) = first {
+                    tracing::warn!(
+                        leases = lost,
+                        job,
+                        since_last_renewal_ms = since.map(|d| d.as_millis() as u64),
+                        took_ms = took.as_millis() as u64,
+                        lease_ms = lease_length.as_millis() as u64,
+                        "a renewal found leases no longer held: each lapsed and its job was \
+                         leased again (more than a lease since the last renewal), or its \
+                         outcome was being recorded (the first is named)"
+                    );
+                }
+            }
+        })
+        .await;
 }
 
 #[cfg(test)]

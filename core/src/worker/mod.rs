@@ -340,7 +340,7 @@ impl<S: Send + Sync + 'static> WorkerHandle<S> {
 
 impl<S> WorkerHandle<S> {
     fn request_stop(&self, grace: Duration) {
-        let deadline = Instant::now() + grace;
+        let deadline = after(Instant::now(), grace);
         self.stop.send_if_modified(|stop| {
             if stop.is_none() {
                 *stop = Some(deadline);
@@ -713,6 +713,15 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
             }),
         })
     }
+}
+
+/// `by` after `start`, or a far-off instant (about 30 years on, as Tokio's
+/// own timers do) where the sum overflows: durations such as
+/// `Duration::MAX` for "wait indefinitely" are the caller's to pick.
+pub(crate) fn after(start: Instant, by: Duration) -> Instant {
+    start
+        .checked_add(by)
+        .unwrap_or_else(|| start + Duration::from_secs(86_400 * 365 * 30))
 }
 
 fn no_handler(field: &'static str, kind: &str) -> Error {

@@ -29,7 +29,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
-use super::WorkerBuilder;
 use super::board::Board;
 use super::buffer::Buffered;
 use super::events::Outcome;
@@ -41,6 +40,7 @@ use super::handler::Phase;
 use super::keeper::LeaseKeeper;
 use super::slots::{Slot, Slots};
 use super::stock::{PULLS_AT_ONCE, Reserve, Stock};
+use super::{WorkerBuilder, after};
 use crate::error::Result;
 use crate::lease::LeasedJob;
 use crate::request::{MAX_PULL_BATCH, PullRequest};
@@ -643,7 +643,7 @@ async fn run<S: Send + Sync + 'static>(
     // after it. Re-arming a timer costs more than a pull on a quick store,
     // so the timer is only moved once it fires.
     let mut last_pull = Instant::now();
-    let poll = tokio::time::sleep_until(last_pull + config.poll_interval);
+    let poll = tokio::time::sleep_until(after(last_pull, config.poll_interval));
     tokio::pin!(poll);
     tracing::info!(queues = ?config.queues, concurrency = share.concurrency, "worker started");
 
@@ -748,7 +748,7 @@ async fn run<S: Send + Sync + 'static>(
             changed = stop.changed() => {
                 if changed.is_err() {
                     // Every handle is gone without a shutdown call.
-                    break Instant::now() + config.shutdown_timeout;
+                    break after(Instant::now(), config.shutdown_timeout);
                 }
             }
             Some(pulled) = pulls.next(), if !pulls.is_empty() => {
@@ -771,7 +771,7 @@ async fn run<S: Send + Sync + 'static>(
                 }
             }
             () = &mut poll => {
-                let due = last_pull + config.poll_interval;
+                let due = after(last_pull, config.poll_interval);
                 let now = Instant::now();
                 if due <= now {
                     stock.may_have_more();
@@ -780,7 +780,7 @@ async fn run<S: Send + Sync + 'static>(
                         wakeups = subscribe(&shared).await;
                     }
                 }
-                poll.as_mut().reset(last_pull + config.poll_interval);
+                poll.as_mut().reset(after(last_pull, config.poll_interval));
             }
         }
     };
