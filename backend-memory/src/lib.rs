@@ -60,8 +60,9 @@ pub struct MemoryBackend {
 struct Shared {
     state: Mutex<State>,
     clock: Arc<dyn Clock>,
-    /// Bumped after every push that stored a job; subscribers watch it.
-    pushed: watch::Sender<u64>,
+    /// Bumped whenever a job may have become due: a push stored one, a
+    /// lease was released, or a retry is due at once. Subscribers watch it.
+    signals: watch::Sender<u64>,
 }
 
 impl fmt::Debug for MemoryBackend {
@@ -92,7 +93,7 @@ impl MemoryBackend {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 clock,
-                pushed: watch::Sender::new(0),
+                signals: watch::Sender::new(0),
             }),
         }
     }
@@ -113,6 +114,11 @@ impl MemoryBackend {
 
     fn now(&self) -> OffsetDateTime {
         self.shared.clock.now()
+    }
+
+    /// Tells subscribers a job may have become due.
+    fn signal(&self) {
+        self.shared.signals.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -139,7 +145,7 @@ impl Pusher for MemoryBackend {
                 .collect::<Vec<_>>()
         };
         if outcomes.iter().any(|o| !o.is_duplicate()) {
-            self.shared.pushed.send_modify(|n| *n = n.wrapping_add(1));
+            self.signal();
         }
         Ok(outcomes)
     }
@@ -187,7 +193,11 @@ impl Puller for MemoryBackend {
             .checked_add(delay)
             .map(truncate_to_micros)
             .ok_or_else(|| Error::invalid("delay", "puts run_at out of range"))?;
-        self.lock().retry(lease, run_at, error, now)
+        let status = self.lock().retry(lease, run_at, error, now)?;
+        if status == JobStatus::Pending && run_at <= now {
+            self.signal();
+        }
+        Ok(status)
     }
 
     async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
@@ -216,7 +226,9 @@ impl Puller for MemoryBackend {
 
     async fn release(&self, lease: &Lease) -> Result<()> {
         let now = self.now();
-        self.lock().release(lease, now)
+        self.lock().release(lease, now)?;
+        self.signal();
+        Ok(())
     }
 }
 
@@ -260,7 +272,7 @@ impl Backend for MemoryBackend {
     async fn subscribe(&self, _queues: &[String]) -> Result<Option<Wakeups>> {
         // A watch channel cannot lose a signal between two waits: a push
         // that lands while the worker is busy is seen by its next `changed`.
-        let rx = self.shared.pushed.subscribe();
+        let rx = self.shared.signals.subscribe();
         Ok(Some(Wakeups::from_stream(futures::stream::unfold(
             rx,
             |mut rx| async move {

@@ -363,7 +363,7 @@ SET last_error = $5, locked_until = NULL, updated_at = {now},
     run_at = CASE WHEN attempts >= max_attempts THEN run_at
                   ELSE {now} + $4 * interval '1 microsecond' END
 WHERE id = $2 AND lease_token = $3 AND status = 'processing'
-RETURNING status
+RETURNING status, queue
 "#;
 
 const KILL: &str = r#"
@@ -401,6 +401,7 @@ const RELEASE: &str = r#"
 UPDATE {s}.jobs
 SET status = 'pending', attempts = attempts - 1, locked_until = NULL, updated_at = {now}
 WHERE id = $2 AND lease_token = $3 AND status = 'processing'
+RETURNING queue
 "#;
 
 const GET: &str = "SELECT {cols} FROM {s}.jobs WHERE id = $1";

@@ -124,13 +124,15 @@
 //!
 //! # Wake-ups
 //!
-//! [`Backend::subscribe`] signals pushes made through the same backend value
-//! (or its clones) at once, through a watch channel that never loses a
-//! signal between waits. For a file database it also polls
+//! [`Backend::subscribe`] signals pushes, releases and retries due at once
+//! made through the same backend value (or its clones) at once, through a
+//! watch channel that never loses a signal between waits. For a file
+//! database it also polls
 //! `PRAGMA data_version` on a dedicated connection every
 //! [poll interval](SqliteOptions::poll_interval) and signals when another
 //! connection or process stored a new job, so workers in other processes
-//! wake within one interval.
+//! wake within one interval. (Jobs another process released or retried
+//! are found at the worker's next poll.)
 //!
 //! # Throughput
 //!
@@ -219,11 +221,21 @@ pub(crate) struct Shared {
     writer: tokio::sync::Mutex<Writer>,
     lock_timeout: StdDuration,
     poll_interval: StdDuration,
-    /// Bumped after every push that stored a job; subscribers watch it.
-    pushed: watch::Sender<u64>,
+    /// Bumped whenever a job may have become due: a push through this
+    /// backend stored one, it released a lease or recorded a retry due at
+    /// once, or the poller saw another process store one. Subscribers
+    /// watch it.
+    signals: watch::Sender<u64>,
     /// Whether the cross-process poller task runs.
     poller: Mutex<wakeups::PollerState>,
     lock_retries: AtomicU64,
+}
+
+impl Shared {
+    /// Tells subscribers a job may have become due.
+    pub(crate) fn signal(&self) {
+        self.signals.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 impl fmt::Debug for SqliteBackend {
@@ -385,7 +397,7 @@ impl SqliteBackend {
                 writer: tokio::sync::Mutex::new(Writer::default()),
                 lock_timeout: options.lock_timeout,
                 poll_interval: options.poll_interval,
-                pushed: watch::Sender::new(0),
+                signals: watch::Sender::new(0),
                 poller: Mutex::new(wakeups::PollerState::default()),
                 lock_retries,
             }),
@@ -555,7 +567,7 @@ impl SqliteBackend {
 
     fn notify_pushed(&self, outcomes: &[PushOutcome]) {
         if outcomes.iter().any(|o| !o.is_duplicate()) {
-            self.shared.pushed.send_modify(|n| *n = n.wrapping_add(1));
+            self.shared.signal();
         }
     }
 }
@@ -1004,12 +1016,16 @@ impl Puller for SqliteBackend {
             .fetch_optional(&mut *tx)
             .await?
         })?;
-        match status {
-            Some(status) => status
-                .parse()
-                .map_err(|_| Error::backend(format!("retry stored an unknown status {status:?}"))),
-            None => Err(lease.lost()),
+        let status: JobStatus = match status {
+            Some(status) => status.parse().map_err(|_| {
+                Error::backend(format!("retry stored an unknown status {status:?}"))
+            })?,
+            None => return Err(lease.lost()),
+        };
+        if status == JobStatus::Pending && !delay.is_positive() {
+            self.shared.signal();
         }
+        Ok(status)
     }
 
     async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
@@ -1064,7 +1080,9 @@ impl Puller for SqliteBackend {
              WHERE id = ? AND status = 'processing' AND lease_token = ?",
             None,
         )
-        .await
+        .await?;
+        self.shared.signal();
+        Ok(())
     }
 }
 

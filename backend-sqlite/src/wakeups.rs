@@ -68,7 +68,7 @@ pub(crate) fn subscribe(shared: &Arc<Shared>, baseline: i64) -> Wakeups {
         let mut state = lock(&shared.poller);
         // Subscribe and check the poller under one lock, so the poller
         // cannot decide it has no subscribers in between and stop.
-        let rx = shared.pushed.subscribe();
+        let rx = shared.signals.subscribe();
         if !shared.in_memory && state.running.is_none() {
             state.started += 1;
             state.running = Some(state.started);
@@ -109,7 +109,7 @@ async fn poll(running: Running, mut last_seq: i64) {
             // Ends with its subscribers, or with the backend's pool: a
             // closed backend keeps no connection to its file.
             let mut state = lock(&shared.poller);
-            if shared.pushed.receiver_count() == 0 || shared.pool.is_closed() {
+            if shared.signals.receiver_count() == 0 || shared.pool.is_closed() {
                 state.running = None;
                 return;
             }
@@ -123,7 +123,7 @@ async fn poll(running: Running, mut last_seq: i64) {
             continue;
         };
         match stored_new_jobs(c, &mut last_version, &mut last_seq).await {
-            Ok(true) => shared.pushed.send_modify(|n| *n = n.wrapping_add(1)),
+            Ok(true) => shared.signal(),
             Ok(false) => {}
             Err(_) => conn = None,
         }

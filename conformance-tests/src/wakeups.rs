@@ -77,3 +77,34 @@ pub async fn push_has_signalled_in_process_subscribers_when_it_returns(h: Harnes
         );
     }
 }
+
+/// A backend that declares wake-ups also signals when a lease is released
+/// or a retry is due at once: a worker shutting down gives its jobs back
+/// for the others to take at once, not at their next poll.
+pub async fn release_and_retry_due_at_once_wake_a_subscriber(h: Harness) {
+    let queues = vec!["default".to_owned()];
+    let Some(mut wakeups) = h.backend.subscribe(&queues).await.expect("subscribe") else {
+        return;
+    };
+    h.push(job("k", 1)).await;
+    for what in ["a release", "a retry due at once"] {
+        let lease = h.pull_one("default").await.lease;
+        // The signals of what came before (a backend may deliver them
+        // after a round trip).
+        while let Ok(Some(())) =
+            tokio::time::timeout(StdDuration::from_millis(300), wakeups.next()).await
+        {}
+        if what == "a release" {
+            h.backend.release(&lease).await.expect("release");
+        } else {
+            h.backend
+                .retry(&lease, time::Duration::ZERO, "again")
+                .await
+                .expect("retry");
+        }
+        tokio::time::timeout(SIGNAL_DEADLINE, wakeups.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what} signals the subscriber"))
+            .expect("subscription open");
+    }
+}
