@@ -241,34 +241,55 @@ const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often a server checks, while it runs a statement, that the
 /// statement's client is still connected (see
-/// [`check_connection_while_running`]).
+/// [`set_up_connection`]).
 const CLIENT_CHECK_INTERVAL: &str = "1s";
 
-/// Has the server check, every [`CLIENT_CHECK_INTERVAL`] while it runs a
-/// statement, that the client is still there, and abandon the statement if
-/// not (PostgreSQL 14 and later, on Linux: older servers do not know the
-/// setting, and servers on platforms that cannot check refuse it; both go
-/// on without it). A connection closed for want of an
-/// answer (see [`deadline`]) may belong to a server that is alive but
-/// blocked, on a lock for instance: without this, its statement would wait
-/// on and could still commit, after its caller was told it failed.
-async fn check_connection_while_running(conn: &mut PgConnection) -> sqlx::Result<()> {
-    let set = sqlx::query("SELECT set_config('client_connection_check_interval', $1, false)")
-        .bind(CLIENT_CHECK_INTERVAL)
-        .execute(conn)
-        .await;
-    match set {
+/// Sets up a new pool connection, in one round trip on current servers:
+///
+/// - Its transactions run at READ COMMITTED, whatever the database's or
+///   role's default: the claim relies on it (a row another puller claimed
+///   since the statement began is re-checked and passed by, where
+///   REPEATABLE READ and SERIALIZABLE fail the statement), and so does the
+///   migration (it re-reads the schema's state once it holds the lock).
+///   A caller's own transaction, given to [`PgBackend::push_in`], keeps
+///   the caller's level.
+/// - The server checks, every [`CLIENT_CHECK_INTERVAL`] while it runs a
+///   statement, that the client is still there, and abandons the statement
+///   if not (PostgreSQL 14 and later, on Linux: older servers do not know
+///   the setting, and servers on platforms that cannot check refuse it;
+///   both go on without it). A connection closed for want of an answer
+///   (see [`deadline`]) may belong to a server that is alive but blocked,
+///   on a lock for instance: without this, its statement would wait on and
+///   could still commit, after its caller was told it failed.
+async fn set_up_connection(conn: &mut PgConnection) -> sqlx::Result<()> {
+    let both = sqlx::query(
+        "SELECT set_config('default_transaction_isolation', 'read committed', false), \
+                set_config('client_connection_check_interval', $1, false)",
+    )
+    .bind(CLIENT_CHECK_INTERVAL)
+    .execute(&mut *conn)
+    .await;
+    match both {
         Err(sqlx::Error::Database(e))
             if matches!(
                 e.code().as_deref(),
                 Some(UNDEFINED_OBJECT | INVALID_PARAMETER_VALUE)
             ) =>
         {
-            Ok(())
+            sqlx::query(
+                "SELECT set_config('default_transaction_isolation', 'read committed', false)",
+            )
+            .execute(conn)
+            .await
+            .map(drop)
         }
         other => other.map(drop),
     }
 }
+
+/// The most jobs one statement of [`Cleaner::clean`] deletes: a few tens of
+/// milliseconds of work, so no clean holds its transaction open for long.
+pub(crate) const CLEAN_CHUNK: u64 = 10_000;
 
 /// SQLSTATE of an unrecognized configuration parameter (PostgreSQL 13 and
 /// older).
@@ -395,7 +416,7 @@ impl PgBackend {
                     Ok(true)
                 })
             })
-            .after_connect(|conn, _| Box::pin(check_connection_while_running(conn)))
+            .after_connect(|conn, _| Box::pin(set_up_connection(conn)))
             .connect_with(pool_options)
             .await
             .map_err(|source| {
@@ -1297,14 +1318,25 @@ impl Cleaner for PgBackend {
                 format!("only terminal jobs can be cleaned, not {status}"),
             ));
         }
-        let done = sqlx::query(self.inner.sql.clean.clone())
-            .bind(status.as_str())
-            .bind(before)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(db_err)?;
-        self.inner.vacuum.record(done.rows_affected());
-        Ok(done.rows_affected())
+        let mut deleted = 0;
+        loop {
+            let query = sqlx::query(self.inner.sql.clean.clone())
+                .bind(status.as_str())
+                .bind(before)
+                .bind(CLEAN_CHUNK as i64);
+            let chunk = self
+                .conn()
+                .await?
+                .run(|c| query.execute(c))
+                .await
+                .map_err(db_err)?
+                .rows_affected();
+            self.inner.vacuum.record(chunk);
+            deleted += chunk;
+            if chunk < CLEAN_CHUNK {
+                return Ok(deleted);
+            }
+        }
     }
 }
 

@@ -408,7 +408,16 @@ const GET: &str = "SELECT {cols} FROM {s}.jobs WHERE id = $1";
 
 const STATS: &str = "SELECT queue, status, count(*) AS n FROM {s}.jobs GROUP BY queue, status";
 
-const CLEAN: &str = "DELETE FROM {s}.jobs WHERE status = $1 AND updated_at < $2";
+/// One chunk of a clean: at most `$3` of the jobs to delete, passing over
+/// those a concurrent clean is deleting.
+const CLEAN: &str = r#"
+DELETE FROM {s}.jobs WHERE id IN (
+    SELECT id FROM {s}.jobs
+    WHERE status = $1 AND updated_at < $2
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+"#;
 
 /// Notifies the channel of each queue in `$1`, with the queue as payload.
 /// PostgreSQL folds identical notifications of one transaction into one.

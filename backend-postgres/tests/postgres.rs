@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use relayq_core::{
-    Backend, Clock, Completion, Error, JobStatus, Lease, ManualClock, NewJob, Observer,
+    Backend, Cleaner, Clock, Completion, Error, JobStatus, Lease, ManualClock, NewJob, Observer,
     PullRequest, Puller, PushOutcome, Pusher, Wakeups,
 };
 use relayq_postgres::{LISTENER_SUFFIX, PgBackend, PgOptions, SCHEMA_VERSION};
@@ -90,9 +90,78 @@ async fn connections(app: &str) -> (i64, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_migrations_apply_each_version_once() {
+    for isolation in [None, Some("repeatable read"), Some("serializable")] {
+        migrate_one_schema_at_once(isolation).await;
+    }
+}
+
+/// Pullers racing for the same rows on a database whose sessions default
+/// to SERIALIZABLE: each claim still passes over the rows others took
+/// (at READ COMMITTED) instead of failing with a serialization error, and
+/// every job is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_race_cleanly_whatever_the_databases_default_isolation() {
+    let options = PgOptions::new(url_defaulting_to(Some("serializable")))
+        .schema(testing::unique_schema())
+        .max_connections(8);
+    let backend = testing::connect(options).await;
+    let isolation: String = sqlx::query_scalar("SHOW transaction_isolation")
+        .fetch_one(backend.pool())
+        .await
+        .expect("show");
+    assert_eq!(isolation, "read committed");
+    const JOBS: i64 = 400;
+    backend
+        .push_batch((0..JOBS).map(job).collect())
+        .await
+        .expect("push");
+    let pullers: Vec<_> = (0..8)
+        .map(|_| {
+            let backend = backend.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                loop {
+                    let leased = backend
+                        .pull(&PullRequest::queue("default").batch(2))
+                        .await
+                        .expect("a claim racing others succeeds");
+                    if leased.is_empty() {
+                        return ids;
+                    }
+                    ids.extend(leased.iter().map(|l| l.job.id));
+                }
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for puller in pullers {
+        ids.extend(puller.await.expect("puller"));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), JOBS as usize);
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// The test database's URL, with sessions defaulting to `isolation` (as
+/// `ALTER DATABASE … SET default_transaction_isolation` would make them).
+fn url_defaulting_to(isolation: Option<&str>) -> String {
+    let url = testing::database_url();
+    match isolation {
+        None => url,
+        Some(level) => {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            // A space in an option value is escaped with a backslash.
+            let level = level.replace(' ', "%5C%20");
+            format!("{url}{sep}options=-c%20default_transaction_isolation%3D{level}")
+        }
+    }
+}
+
+async fn migrate_one_schema_at_once(isolation: Option<&str>) {
     let schema = testing::unique_schema();
     testing::sweep_stale_schemas().await;
-    let url = testing::database_url();
+    let url = url_defaulting_to(isolation);
     // Six backends, each with its own pool, migrating one new schema at once.
     let tasks: Vec<_> = (0..6)
         .map(|_| {
@@ -104,7 +173,9 @@ async fn concurrent_migrations_apply_each_version_once() {
         .collect();
     let mut backends = Vec::new();
     for task in tasks {
-        backends.push(task.await.expect("task").expect("connect and migrate"));
+        let backend = task.await.expect("task");
+        backends
+            .push(backend.unwrap_or_else(|e| panic!("{isolation:?}: connect and migrate: {e:?}")));
     }
     let backend = &backends[0];
     assert_eq!(
@@ -853,6 +924,46 @@ async fn fill(backend: &PgBackend, finished: i64, pending: i64) {
         .execute(backend.pool())
         .await
         .expect("analyze");
+}
+
+/// A clean of more jobs than one statement deletes (10,000) runs chunk
+/// after chunk until none is left, and counts them all: an exact multiple
+/// of the chunk, and a chunk and a half; recent and active jobs stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_deletes_chunk_after_chunk() {
+    let backend = testing::connect(testing::options()).await;
+    let schema = backend.schema();
+    for (status, n, age) in [
+        ("done", 20_000, "1 day"),
+        ("dead", 15_000, "1 day"),
+        ("done", 5, "1 second"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO \"{schema}\".jobs (queue, kind, payload, status, attempts, max_attempts,
+                 run_at, created_at, updated_at)
+             SELECT 'default', 'k', '{{}}', $1, 1, 1, now(), now(), now() - $3::interval
+             FROM generate_series(1, $2) AS g"
+        )))
+        .bind(status)
+        .bind(n)
+        .bind(age)
+        .execute(backend.pool())
+        .await
+        .expect("finished rows");
+    }
+    backend.push(job(1)).await.expect("push");
+    let before = time::OffsetDateTime::now_utc() - Duration::hours(1);
+    assert_eq!(
+        backend.clean(JobStatus::Done, before).await.expect("clean"),
+        20_000
+    );
+    assert_eq!(
+        backend.clean(JobStatus::Dead, before).await.expect("clean"),
+        15_000
+    );
+    let stats = backend.stats().await.expect("stats").queue("default");
+    assert_eq!((stats.done, stats.dead, stats.pending), (5, 0, 1));
+    testing::drop_schema(backend.schema()).await;
 }
 
 /// Shared buffers (hit + read) the choice of jobs to claim touched: the

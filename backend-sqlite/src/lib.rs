@@ -195,6 +195,10 @@ use writer::Writer;
 /// URL schemes this backend accepts in a connection URL.
 pub const URL_SCHEMES: &[&str] = &["sqlite"];
 
+/// The most jobs one transaction of [`Cleaner::clean`] deletes, holding
+/// the write lock for a few tens of milliseconds.
+const CLEAN_CHUNK: u64 = 10_000;
+
 /// The oldest SQLite this backend runs on: `RETURNING` needs 3.35 and
 /// `STRICT` tables 3.37.
 pub const MIN_SQLITE_VERSION: &str = "3.37.0";
@@ -1297,19 +1301,30 @@ impl Cleaner for SqliteBackend {
                 format!("only terminal jobs can be cleaned, not {status}"),
             ));
         }
-        write_tx!(self, |tx, _now| {
-            // The literal IN list lets SQLite use the partial index on
-            // finished jobs; the bound status picks one of them.
-            sqlx::query(
-                "DELETE FROM relayq_jobs WHERE status IN ('done', 'dead', 'cancelled') \
-                 AND status = ? AND updated_at < ?",
-            )
-            .bind(status.as_str())
-            .bind(micros(before))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-        })
+        let mut deleted = 0;
+        loop {
+            // Each chunk in its own transaction: the write lock is free
+            // between them for claims and lease renewals.
+            let chunk = write_tx!(self, |tx, _now| {
+                // The literal IN list lets SQLite use the partial index on
+                // finished jobs; the bound status picks one of them.
+                sqlx::query(
+                    "DELETE FROM relayq_jobs WHERE id IN (SELECT id FROM relayq_jobs \
+                     WHERE status IN ('done', 'dead', 'cancelled') \
+                     AND status = ? AND updated_at < ? LIMIT ?)",
+                )
+                .bind(status.as_str())
+                .bind(micros(before))
+                .bind(CLEAN_CHUNK as i64)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+            })?;
+            deleted += chunk;
+            if chunk < CLEAN_CHUNK {
+                return Ok(deleted);
+            }
+        }
     }
 }
 

@@ -598,6 +598,54 @@ async fn migrations_are_versioned_idempotent_and_safe_concurrently() {
     fresh.push(job(1)).await.expect("push after migrating");
 }
 
+/// A clean of more jobs than one transaction deletes (10,000) runs chunk
+/// after chunk until none is left, and counts them all: an exact multiple
+/// of the chunk, and a chunk and a half; recent and active jobs stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_deletes_chunk_after_chunk() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = ManualClock::new(datetime!(2030-01-01 00:00 UTC));
+    let backend = SqliteBackend::connect_with(
+        SqliteOptions::new(file_url(&dir)).clock(Arc::new(clock.clone())),
+    )
+    .await
+    .expect("connect");
+    let now = datetime!(2030-01-01 00:00 UTC);
+    for (status, n, age) in [
+        ("done", 20_000, Duration::days(1)),
+        ("dead", 15_000, Duration::days(1)),
+        ("done", 5, Duration::seconds(1)),
+    ] {
+        let updated_at = (now - age).unix_timestamp_nanos() / 1_000;
+        sqlx::query(
+            "WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < ?) \
+             INSERT INTO relayq_jobs (queue, kind, payload, priority, status, attempts, \
+                 max_attempts, lease_token, run_at, created_at, updated_at) \
+             SELECT 'default', 'k', '{}', 0, ?, 1, 1, 1, ?, ?, ? FROM g",
+        )
+        .bind(n)
+        .bind(status)
+        .bind(updated_at as i64)
+        .bind(updated_at as i64)
+        .bind(updated_at as i64)
+        .execute(backend.pool())
+        .await
+        .expect("finished rows");
+    }
+    backend.push(job(1)).await.expect("push");
+    let before = now - Duration::hours(1);
+    assert_eq!(
+        backend.clean(JobStatus::Done, before).await.expect("clean"),
+        20_000
+    );
+    assert_eq!(
+        backend.clean(JobStatus::Dead, before).await.expect("clean"),
+        15_000
+    );
+    let stats = backend.stats().await.expect("stats").queue("default");
+    assert_eq!((stats.done, stats.dead, stats.pending), (5, 0, 1));
+}
+
 /// A file database is in WAL mode, runs on a new enough SQLite, and keeps
 /// its jobs across backends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -114,6 +114,12 @@ pub trait Cleaner: Send + Sync {
     /// Deletes jobs in the terminal `status` last updated before `before`,
     /// returning how many. A non-terminal status is
     /// [`Error::InvalidInput`](crate::Error::InvalidInput).
+    ///
+    /// A database backend deletes in chunks, each committed alone, so a
+    /// clean of millions of jobs never holds its locks (SQLite's write
+    /// lock, a long PostgreSQL transaction that holds back vacuum) for more
+    /// than one chunk. Should it fail partway, the chunks already deleted
+    /// stay deleted; calling it again finishes the work.
     async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64>;
 }
 
