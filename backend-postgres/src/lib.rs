@@ -512,6 +512,14 @@ impl PgBackend {
     /// caller's transaction (pass `&mut tx`): the job exists, and workers
     /// are woken, only if that transaction commits. Same results as
     /// [`Pusher::push`].
+    ///
+    /// The statement runs at the caller's isolation level. At REPEATABLE
+    /// READ or SERIALIZABLE, a job with a unique key that another session
+    /// committed after the transaction's snapshot makes the push fail
+    /// with a serialization failure (SQLSTATE 40001, in
+    /// [`Error::Backend`]'s source) where READ COMMITTED would report a
+    /// duplicate; as with any statement at those levels, retry the whole
+    /// transaction.
     pub async fn push_in(&self, conn: &mut PgConnection, job: NewJob) -> Result<PushOutcome> {
         let mut outcomes = self.push_batch_in(conn, vec![job]).await?;
         outcomes

@@ -148,7 +148,11 @@ impl From<Lease> for Completion {
 ///
 /// Pages are ordered by id. Pass a page's [`JobPage::next`] as `after` to
 /// get the following page; pages never repeat or skip a job that existed
-/// throughout.
+/// throughout. Jobs pushed meanwhile may be missed: on PostgreSQL an id is
+/// drawn when a job is inserted, not when its transaction commits, so a
+/// job committed after a later-numbered one can land behind a cursor
+/// already past it. To follow new jobs, use a worker or wake-ups, not
+/// `list` as a tail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ListFilter {
