@@ -488,6 +488,9 @@ async fn indefinite_durations_mean_far_off_deadlines() {
 #[derive(Debug)]
 struct ClosingWakeups {
     subscribes: Arc<AtomicUsize>,
+    /// Whether subscribing again never ends (a listener that cannot
+    /// reconnect and is not bounded).
+    hang_again: bool,
 }
 
 #[async_trait::async_trait]
@@ -497,19 +500,33 @@ impl Faults for ClosingWakeups {
     }
 
     async fn subscribe(&self, _inner: &dyn Backend, _queues: &[String]) -> Result<Option<Wakeups>> {
-        self.subscribes.fetch_add(1, Ordering::SeqCst);
+        if self.subscribes.fetch_add(1, Ordering::SeqCst) > 0 && self.hang_again {
+            std::future::pending::<()>().await;
+        }
         Ok(Some(Wakeups::from_stream(futures::stream::empty())))
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_subscription_falls_back_to_polling() {
+    polls_after_the_subscription_closed(false).await;
+}
+
+/// Subscribing again goes on beside the pull loop: one that never ends
+/// holds up neither the polls nor the shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_resubscription_holds_up_nothing() {
+    polls_after_the_subscription_closed(true).await;
+}
+
+async fn polls_after_the_subscription_closed(hang_again: bool) {
     let (inner, _) = store();
     let subscribes = Arc::new(AtomicUsize::new(0));
     let backend = Arc::new(Faulty::new(
         Arc::new(inner),
         ClosingWakeups {
             subscribes: Arc::clone(&subscribes),
+            hang_again,
         },
     ));
     let worker = Worker::builder(backend.clone())
@@ -536,7 +553,12 @@ async fn a_closed_subscription_falls_back_to_polling() {
             .expect("wait_for");
         assert_eq!(job.status, JobStatus::Done);
     }
-    running.shutdown_within(StdDuration::from_secs(20)).await;
+    tokio::time::timeout(
+        StdDuration::from_secs(20),
+        running.shutdown_within(StdDuration::from_secs(20)),
+    )
+    .await
+    .expect("the shutdown is not held up");
     assert!(
         subscribes.load(Ordering::SeqCst) >= 2,
         "the worker subscribes again after the subscription closed"
@@ -901,6 +923,8 @@ async fn a_runners_surplus_is_run_by_an_idle_sibling() {
 struct SlowReleases {
     delay: StdDuration,
     made: AtomicUsize,
+    /// Whether each release then panics (a backend's bug).
+    panics: bool,
 }
 
 #[async_trait::async_trait]
@@ -908,6 +932,9 @@ impl Faults for SlowReleases {
     async fn release(&self, inner: &dyn Backend, lease: &relayq_core::Lease) -> Result<()> {
         self.made.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
+        if self.panics {
+            panic!("the store's release broke");
+        }
         inner.release(lease).await
     }
 }
@@ -917,10 +944,27 @@ impl Faults for SlowReleases {
 /// handlers, not before their grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_releases_of_buffered_jobs_do_not_delay_the_deadline() {
+    let report = shutdown_while_releasing(StdDuration::from_secs(4), false).await;
+    assert!(report.released >= 2, "{report:?}");
+}
+
+/// A release that panics (a backend's bug) fails alone: the shutdown
+/// still stops the handlers at its deadline and ends, without the panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panicking_releases_fail_alone() {
+    let report = shutdown_while_releasing(StdDuration::from_millis(50), true).await;
+    assert_eq!(report.released, 0, "{report:?}");
+}
+
+/// Starts a long job with buffered jobs behind it, then shuts down within
+/// 200 ms while each release takes `delay` (and then panics, with
+/// `panics`); checks the long job's handler was stopped at the deadline.
+async fn shutdown_while_releasing(delay: StdDuration, panics: bool) -> relayq_core::ShutdownReport {
     let (inner, _) = store();
     let slow = Arc::new(SlowReleases {
-        delay: StdDuration::from_secs(4),
+        delay,
         made: AtomicUsize::new(0),
+        panics,
     });
     let backend: Arc<dyn Backend> = Arc::new(Faulty::new(dyn_backend(&inner), Arc::clone(&slow)));
     let entered = Arc::new(tokio::sync::Notify::new());
@@ -986,11 +1030,10 @@ async fn slow_releases_of_buffered_jobs_do_not_delay_the_deadline() {
         "the handler ran {:?} past the shutdown call",
         stopped_at.duration_since(asked)
     );
-    let report = tokio::time::timeout(StdDuration::from_secs(30), shutdown)
+    tokio::time::timeout(StdDuration::from_secs(30), shutdown)
         .await
         .expect("in time")
-        .expect("shutdown");
-    assert!(report.released >= 2, "{report:?}");
+        .expect("shutdown")
 }
 
 /// A store whose second pull panics (a backend's bug).

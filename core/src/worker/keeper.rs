@@ -33,6 +33,7 @@ use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::execute::panic_message;
 use crate::error::Error;
 use crate::lease::{Lease, LeasedJob};
 use crate::store::Backend;
@@ -411,7 +412,12 @@ async fn renew_due(
                 let outcome = AssertUnwindSafe(backend.extend_batch(&leases, backend_lease))
                     .catch_unwind()
                     .await
-                    .unwrap_or_else(|_| Err(Error::backend("extend_batch panicked")));
+                    .unwrap_or_else(|panic| {
+                        Err(Error::backend(format!(
+                            "the backend's extend_batch panicked: {}",
+                            panic_message(&*panic)
+                        )))
+                    });
                 // A renewal that took a third of a lease leaves the next
                 // one little time: the pool or the store is too slow
                 // for this lease, which operators should hear of before

@@ -41,7 +41,7 @@ use super::keeper::LeaseKeeper;
 use super::slots::{Slot, Slots};
 use super::stock::{PULLS_AT_ONCE, Reserve, Stock};
 use super::{WorkerBuilder, after};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lease::LeasedJob;
 use crate::request::{MAX_PULL_BATCH, PullRequest};
 use crate::store::Backend;
@@ -538,7 +538,7 @@ impl Pulled {
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| {
-                Err(crate::error::Error::backend(format!(
+                Err(Error::backend(format!(
                     "the backend's pull panicked: {}",
                     panic_message(&*panic)
                 )))
@@ -593,6 +593,10 @@ async fn run<S: Send + Sync + 'static>(
     let caps = shared.backend.capabilities();
     let declares_wakeups = caps.in_process_wakeups || caps.cross_process_wakeups;
     let mut wakeups = subscribe(&shared).await;
+    // Subscribing again, after the subscription closed, runs beside the
+    // loop: on PostgreSQL it waits for the listener to reconnect, which
+    // must hold up neither pulls nor a shutdown.
+    let mut resubscribing = FuturesUnordered::new();
     let request = PullRequest::queues(config.queues.clone()).lease(config.backend_lease);
     // The lanes that run started jobs until their outcomes are recorded
     // or handed to the completion batcher.
@@ -763,6 +767,14 @@ async fn run<S: Send + Sync + 'static>(
             // due at once, or one ended while the held leases were at the
             // bound.
             () = board.ended.notified() => {}
+            Some(subscribed) = resubscribing.next(), if !resubscribing.is_empty() => {
+                let subscribed: Option<Wakeups> = subscribed;
+                if subscribed.is_some() {
+                    // Pushes made while unsubscribed went unheard.
+                    stock.may_have_more();
+                    wakeups = subscribed;
+                }
+            }
             signal = next_signal(&mut wakeups), if wakeups.is_some() => {
                 stock.may_have_more();
                 if signal.is_none() {
@@ -776,8 +788,8 @@ async fn run<S: Send + Sync + 'static>(
                 if due <= now {
                     stock.may_have_more();
                     last_pull = now;
-                    if wakeups.is_none() && declares_wakeups {
-                        wakeups = subscribe(&shared).await;
+                    if wakeups.is_none() && declares_wakeups && resubscribing.is_empty() {
+                        resubscribing.push(subscribe(&shared));
                     }
                 }
                 poll.as_mut().reset(after(last_pull, config.poll_interval));
@@ -847,7 +859,18 @@ async fn release_all<S>(shared: &Shared<S>, buffer: VecDeque<Buffered>) -> usize
         .map(|Buffered { lease, hold, .. }| async move {
             // Renewed until released.
             let _hold = hold;
-            match shared.backend.release(&lease).await {
+            // A panic (a backend's bug) fails this release alone: in the
+            // runner, it would abort the lanes in their grace period.
+            let released = AssertUnwindSafe(shared.backend.release(&lease))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(Error::backend(format!(
+                        "the backend's release panicked: {}",
+                        panic_message(&*panic)
+                    )))
+                });
+            match released {
                 Ok(()) => 1,
                 Err(e) => {
                     tracing::warn!(error = %e, job = lease.job_id, "could not release a buffered job; it returns when its lease ends");
