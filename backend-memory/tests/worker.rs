@@ -10,7 +10,7 @@ use relayq_conformance::EPOCH;
 use relayq_conformance::faults::{Faults, Faulty, PushDuringEmptyPull};
 use relayq_core::{
     Backend, Capabilities, Error, Event, Handler, HandlerError, JobContext, JobStatus, JobType,
-    ManualClock, NewJob, Outcome, Pusher, Result, Wakeups, Worker,
+    ManualClock, NewJob, Observer, Outcome, Pusher, Result, Wakeups, Worker,
 };
 use relayq_memory::MemoryBackend;
 use relayq_memory::testing::Inline;
@@ -270,6 +270,51 @@ async fn run_until_idle_is_deterministic() {
     assert_eq!(worker.run_until_idle().await.expect("run").ran(), 1);
     assert_eq!(order.lock().expect("lock").last(), Some(&200));
     b.assert_not_enqueued::<Report>();
+}
+
+/// A `run_until_idle` dropped mid-run (here by a timeout) gives its job
+/// back, its attempt with it: the next call runs it, with no clock moved.
+#[tokio::test]
+async fn a_dropped_run_until_idle_gives_its_job_back() {
+    let (b, _) = store();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::builder(dyn_backend(&b))
+        .handle({
+            let calls = Arc::clone(&calls);
+            move |e: Email, _ctx: JobContext<()>| {
+                let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+                async move {
+                    if first {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<_, HandlerError>(e.to)
+                }
+            }
+        })
+        .build()
+        .expect("build");
+    let id = b
+        .push(Email { to: "a".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    assert!(
+        tokio::time::timeout(StdDuration::from_millis(50), worker.run_until_idle())
+            .await
+            .is_err(),
+        "the first run never ends"
+    );
+    // The job goes back from a task of its own.
+    for _ in 0..500 {
+        if b.get(id).await.expect("get").expect("job").status == JobStatus::Pending {
+            break;
+        }
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
+    let report = worker.run_until_idle().await.expect("run");
+    assert_eq!(report.completed(), 1);
+    let job = b.get(id).await.expect("get").expect("job");
+    assert_eq!((job.status, job.attempts), (JobStatus::Done, 1));
 }
 
 #[tokio::test]

@@ -84,7 +84,7 @@ use handler::Entry;
 
 use crate::error::{Error, Result};
 use crate::job::{Job, JobId, check_name};
-use crate::lease::check_lease;
+use crate::lease::{Lease, check_lease};
 use crate::request::{MAX_PULL_BATCH, MAX_PULL_QUEUES, PullRequest};
 use crate::retry::RetryPolicy;
 use crate::store::Backend;
@@ -183,7 +183,9 @@ impl<S: Send + Sync + 'static> Worker<S> {
     /// delay is not due again until the backend's clock (a
     /// [`ManualClock`](crate::ManualClock) in tests) has moved past it; jobs
     /// pushed by handlers run in the same call when due. Leases are not
-    /// extended. Works on any backend.
+    /// extended. Works on any backend. Dropped before it returns (under a
+    /// `tokio::time::timeout`, say), it stops the job it was running and
+    /// gives it back, as a shutdown would, rather than leave it leased.
     pub async fn run_until_idle(&self) -> Result<IdleReport> {
         let request = PullRequest::queues(self.shared.config.queues.clone())
             .lease(self.shared.config.backend_lease)
@@ -194,6 +196,10 @@ impl<S: Send + Sync + 'static> Worker<S> {
                 return Ok(report);
             };
             let info = JobInfo::from(&leased.job);
+            let unfinished = GiveBackUnlessFinished {
+                backend: Some(Arc::clone(&self.shared.backend)),
+                lease: leased.lease,
+            };
             let ended = execute(
                 &self.shared,
                 leased.lease,
@@ -201,6 +207,7 @@ impl<S: Send + Sync + 'static> Worker<S> {
                 Mode::Inline,
             )
             .await;
+            unfinished.finished();
             let Ended::Recorded(outcome) = ended else {
                 unreachable!("an inline run records its own outcome")
             };
@@ -712,6 +719,36 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
                 hooks: self.hooks,
             }),
         })
+    }
+}
+
+/// Releases a lease run inline unless its run finished: dropped with the
+/// run (the caller stopped waiting), it gives the job back from a task of
+/// its own, fenced like any release (a no-op if the outcome was recorded).
+struct GiveBackUnlessFinished {
+    backend: Option<Arc<dyn Backend>>,
+    lease: Lease,
+}
+
+impl GiveBackUnlessFinished {
+    fn finished(mut self) {
+        self.backend = None;
+    }
+}
+
+impl Drop for GiveBackUnlessFinished {
+    fn drop(&mut self) {
+        let (Some(backend), Ok(runtime)) =
+            (self.backend.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let lease = self.lease;
+        runtime.spawn(async move {
+            if let Err(e) = backend.release(&lease).await {
+                tracing::warn!(error = %e, job = lease.job_id, "could not give back a job whose inline run was dropped; it returns when its lease ends");
+            }
+        });
     }
 }
 
