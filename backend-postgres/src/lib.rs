@@ -61,7 +61,10 @@
 //!   waiting up to a minute (or forever) for autovacuum.
 //! - **Versioned migrations** applied by [`PgBackend::migrate`] (and on
 //!   connect) in one transaction under an advisory lock, recorded in
-//!   `<schema>.schema_version`.
+//!   `<schema>.schema_version`. A migration that must lock the jobs table
+//!   while a long transaction uses it waits at most a second, gives way
+//!   and tries again (for about two minutes), so queue operations never
+//!   queue behind its lock request for longer.
 //!
 //! ```no_run
 //! use relayq_core::{NewJob, PullRequest, Puller, Pusher};

@@ -39,39 +39,95 @@ pub const SCHEMA_VERSION: i32 = 3;
 /// `hashtext(schema)`): "rq" in ASCII.
 const LOCK_NAMESPACE: i32 = 0x7271;
 
+/// How long one attempt of a migration waits for a lock on the jobs table
+/// (a change to an existing table takes it exclusively): while it waits,
+/// every queue operation on the table queues behind it.
+const LOCK_TIMEOUT: &str = "1s";
+
+/// How many times a migration that could not take its locks in
+/// [`LOCK_TIMEOUT`] is tried before [`migrate`] gives up (about two
+/// minutes, pauses included).
+const LOCK_ATTEMPTS: u32 = 60;
+
+/// SQLSTATE of a lock not taken within `lock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
 /// Applies every pending migration to `schema`, in one transaction holding a
 /// transaction-scoped advisory lock, so concurrent callers (threads or
 /// processes) apply each migration exactly once and the lock is released
 /// even if the connection dies. Returns the versions applied.
+///
+/// A migration that changes the jobs table while a long transaction uses
+/// it (a caller's transaction holding a `push_in`, a large `clean`) waits
+/// at most [`LOCK_TIMEOUT`] for its lock, gives up, and tries again a
+/// moment later: waiting on, it would hold up every queue operation
+/// behind it until that transaction ended.
 pub(crate) async fn migrate(pool: &PgPool, schema: &str) -> Result<Vec<i32>> {
+    let mut attempt = 1;
+    loop {
+        match migrate_once(pool, schema).await {
+            Ok(applied) => return Ok(applied),
+            Err(Failure::Refused(e)) => return Err(e),
+            Err(Failure::Sql(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) && attempt < LOCK_ATTEMPTS =>
+            {
+                tracing::warn!(
+                    schema,
+                    attempt,
+                    "relayq-postgres: a migration could not lock the jobs table within {LOCK_TIMEOUT} \
+                     (a long transaction uses it); trying again"
+                );
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(Failure::Sql(e)) => return Err(db_err(e)),
+        }
+    }
+}
+
+/// Why one attempt at migrating failed.
+enum Failure {
+    Sql(sqlx::Error),
+    Refused(Error),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Sql(e)
+    }
+}
+
+async fn migrate_once(pool: &PgPool, schema: &str) -> std::result::Result<Vec<i32>, Failure> {
     let quoted = format!("\"{schema}\"");
-    let mut conn = pool.acquire().await.map_err(db_err)?;
-    let mut tx = conn.begin().await.map_err(db_err)?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
         .bind(LOCK_NAMESPACE)
         .bind(schema)
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
+    // Set once the advisory lock is held: other migrators wait for that
+    // one as long as it takes.
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(LOCK_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
     // Create only what is missing: CREATE … IF NOT EXISTS checks privileges
     // first, and a least-privilege role may use a schema a DBA created.
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
             .bind(schema)
             .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            .await?;
     if !exists {
         sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA {quoted}")))
             .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            .await?;
     }
     let has_table: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(format!("{quoted}.schema_version"))
         .fetch_one(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
     if !has_table {
         sqlx::query(AssertSqlSafe(format!(
             "CREATE TABLE {quoted}.schema_version (
@@ -81,24 +137,21 @@ pub(crate) async fn migrate(pool: &PgPool, schema: &str) -> Result<Vec<i32>> {
             )"
         )))
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
     }
     let current: i32 = sqlx::query(AssertSqlSafe(format!(
         "SELECT coalesce(max(version), 0) AS v FROM {quoted}.schema_version"
     )))
     .fetch_one(&mut *tx)
-    .await
-    .map_err(db_err)?
-    .try_get("v")
-    .map_err(db_err)?;
+    .await?
+    .try_get("v")?;
     if current > SCHEMA_VERSION {
-        return Err(Error::Config {
+        return Err(Failure::Refused(Error::Config {
             reason: format!(
                 "schema {schema:?} is at version {current}, newer than this relayq-postgres \
                  (version {SCHEMA_VERSION}); upgrade relayq-postgres"
             ),
-        });
+        }));
     }
     let mut applied = Vec::new();
     for m in MIGRATIONS.iter().filter(|m| m.version > current) {
@@ -108,21 +161,17 @@ pub(crate) async fn migrate(pool: &PgPool, schema: &str) -> Result<Vec<i32>> {
             .sql
             .replace("{s}", &quoted)
             .replace("{lit}", &format!("'{schema}'"));
-        sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *tx).await?;
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {quoted}.schema_version (version, description) VALUES ($1, $2)"
         )))
         .bind(m.version)
         .bind(m.description)
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
         applied.push(m.version);
     }
-    tx.commit().await.map_err(db_err)?;
+    tx.commit().await?;
     if !applied.is_empty() {
         tracing::info!(schema, ?applied, "relayq-postgres: applied migrations");
     }

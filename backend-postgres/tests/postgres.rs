@@ -143,6 +143,70 @@ async fn claims_race_cleanly_whatever_the_databases_default_isolation() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A migration that must lock the jobs table while a long transaction
+/// uses it gives way instead of queueing every queue operation behind its
+/// lock request, and finishes once that transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_waiting_on_a_long_transaction_holds_up_no_queue_operation() {
+    let backend = testing::connect(testing::options()).await;
+    let schema = backend.schema().to_owned();
+    let id = backend.push(job(1)).await.expect("push").id();
+    // Version 3 pending again: it drops and rebuilds the claim index,
+    // which takes the table's exclusive lock.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM \"{schema}\".schema_version WHERE version = 3"
+    )))
+    .execute(backend.pool())
+    .await
+    .expect("forget version 3");
+    // A caller's transaction with a push in it, left open.
+    let mut holder = testing::admin().await;
+    let mut tx = sqlx::Connection::begin(&mut holder).await.expect("begin");
+    backend.push_in(&mut tx, job(2)).await.expect("push_in");
+    let migrating = tokio::spawn(PgBackend::connect_with(
+        PgOptions::new(testing::database_url())
+            .schema(schema.clone())
+            .max_connections(1),
+    ));
+    // Wait until the migration has asked for its lock at least once.
+    let mut waited = false;
+    for _ in 0..200 {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+              WHERE c.relname = 'jobs_claim_idx' AND l.mode = 'AccessExclusiveLock'
+                AND NOT l.granted)
+             OR EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = 'jobs' AND l.mode = 'AccessExclusiveLock'
+                AND NOT l.granted)",
+        )
+        .bind(&schema)
+        .fetch_one(backend.pool())
+        .await
+        .expect("locks");
+        if waiting {
+            waited = true;
+            break;
+        }
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
+    assert!(waited, "the migration waits for the table");
+    // Queue operations go on while the transaction stays open.
+    for _ in 0..3 {
+        let found = backend.get(id).await.expect("get").expect("job");
+        assert_eq!(found.status, JobStatus::Pending);
+        backend.push(job(3)).await.expect("push");
+    }
+    assert!(!migrating.is_finished(), "the migration still waits");
+    tx.commit().await.expect("commit");
+    let migrated = migrating.await.expect("task").expect("migrated at last");
+    assert_eq!(
+        migrated.schema_version().await.expect("version"),
+        SCHEMA_VERSION
+    );
+    testing::drop_schema(&schema).await;
+}
+
 /// The test database's URL, with sessions defaulting to `isolation` (as
 /// `ALTER DATABASE … SET default_transaction_isolation` would make them).
 fn url_defaulting_to(isolation: Option<&str>) -> String {
