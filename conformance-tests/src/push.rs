@@ -366,6 +366,9 @@ pub async fn invalid_job_fields_are_named_and_nothing_is_written(h: Harness) {
         (job("k", 1).queue("a\0b"), "queue"),
         (NewJob::new("k", &Unserializable), "payload"),
         (NewJob::new("k", &non_string_keys), "payload"),
+        // JSON has no NaN or infinity: serde_json would store null.
+        (NewJob::new("k", &[1.0, f64::NAN]), "payload"),
+        (NewJob::new("k", &Some(f64::INFINITY)), "payload"),
         (NewJob::new("k", &json!({"s": "nul\0inside"})), "payload"),
         (NewJob::new("k", &json!({"nul\0key": 1})), "payload"),
         // Pre-serialized JSON is checked as well: an escaped NUL, and a

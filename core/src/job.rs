@@ -13,6 +13,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::clock::truncate_to_micros;
 use crate::error::{Error, Result};
+use crate::finite::Finite;
 use crate::payload::Payload;
 
 /// A job's id, assigned by the backend on insert. Ids grow with insertion order.
@@ -181,11 +182,14 @@ pub struct NewJob {
 impl NewJob {
     /// A job of `kind` carrying `payload` serialized to JSON text (see
     /// [`Payload`]), on the default queue, priority 0, due now, with 25
-    /// attempts.
+    /// attempts. A payload that does not serialize, or holds a float that
+    /// JSON cannot carry (NaN, an infinity, which serde_json would turn
+    /// into `null`), makes the push an [`Error::InvalidInput`] naming
+    /// `payload`.
     pub fn new(kind: impl Into<String>, payload: &impl Serialize) -> Self {
         Self {
             kind: kind.into(),
-            payload: serde_json::value::to_raw_value(payload).map_err(|e| e.to_string()),
+            payload: serde_json::value::to_raw_value(&Finite(payload)).map_err(|e| e.to_string()),
             queue: DEFAULT_QUEUE.to_owned(),
             priority: 0,
             schedule: Schedule::Now,

@@ -18,6 +18,7 @@
 mod capabilities;
 mod clock;
 mod error;
+mod finite;
 mod job;
 mod lease;
 mod payload;

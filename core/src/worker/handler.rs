@@ -435,6 +435,9 @@ fn decode<J: JobType>(payload: &Value) -> Result<J, String> {
     })
 }
 
+/// The handler's result as JSON. Unlike a payload, a result holding NaN or
+/// an infinity is kept (as `null`, serde_json's way): the job's work is
+/// done, and failing the attempt would run it again.
 fn encode<R: Serialize>(output: R) -> Result<Option<Value>, HandlerError> {
     match serde_json::to_value(output) {
         Ok(Value::Null) => Ok(None),
