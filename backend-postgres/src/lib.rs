@@ -792,35 +792,39 @@ impl PgBackend {
 
     /// A fenced acknowledgement: `sql` with `$1`–`$3` bound to `now`, the
     /// lease's job id and its token; the caller binds the rest.
-    fn fenced<'q>(
+    fn fenced<'q, T>(
         &self,
         sql: &sqlx::SqlStr,
         lease: &Lease,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        sqlx::query(sql.clone())
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, T, sqlx::postgres::PgArguments>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        sqlx::query_as(sql.clone())
             .bind(self.now())
             .bind(lease.job_id)
             .bind(lease.token)
     }
 
-    /// Runs a [`Self::fenced`] statement: no row changed means the lease
-    /// is no longer held, and nothing changed.
-    async fn acknowledge(
+    /// Runs a [`Self::fenced`] statement, returning the row it changed: none
+    /// means the lease is no longer held, and nothing changed.
+    async fn acknowledge<T>(
         &self,
-        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        query: sqlx::query::QueryAs<'_, sqlx::Postgres, T, sqlx::postgres::PgArguments>,
         lease: &Lease,
-    ) -> Result<()> {
-        let done = self
+    ) -> Result<T>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        let row = self
             .conn()
             .await?
-            .run(|c| query.execute(c))
+            .run(|c| query.fetch_optional(c))
             .await
             .map_err(db_err)?;
-        if done.rows_affected() == 0 {
-            return Err(lease.lost());
-        }
+        let row = row.ok_or_else(|| lease.lost())?;
         self.inner.vacuum.record(1);
-        Ok(())
+        Ok(row)
     }
 
     /// A pooled connection for a queue operation, whose statements must be
@@ -1095,7 +1099,8 @@ impl Puller for PgBackend {
     async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {
         check_result(result.as_ref())?;
         let query = self.fenced(&self.inner.sql.complete, lease).bind(result);
-        self.acknowledge(query, lease).await
+        let (_,): (JobId,) = self.acknowledge(query, lease).await?;
+        Ok(())
     }
 
     async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<Lease>> {
@@ -1148,21 +1153,12 @@ impl Puller for PgBackend {
     async fn retry(&self, lease: &Lease, delay: Duration, error: &str) -> Result<JobStatus> {
         check_retry(delay, error)?;
         self.check_after(delay, "delay", "run_at")?;
-        let query = sqlx::query_as(self.inner.sql.retry.clone())
-            .bind(self.now())
-            .bind(lease.job_id)
-            .bind(lease.token)
+        let query = self
+            .fenced(&self.inner.sql.retry, lease)
             .bind(micros(delay))
             .bind(error);
-        let row: Option<(String, String)> = self
-            .conn()
-            .await?
-            .run(|c| query.fetch_optional(c))
-            .await
-            .map_err(db_err)?;
-        let (status, queue) = row.ok_or_else(|| lease.lost())?;
+        let (status, queue): (String, String) = self.acknowledge(query, lease).await?;
         let status = row::status(&status)?;
-        self.inner.vacuum.record(1);
         if status == JobStatus::Pending && !delay.is_positive() {
             self.announce(vec![queue]);
         }
@@ -1172,25 +1168,15 @@ impl Puller for PgBackend {
     async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
         check_text("error", error)?;
         let query = self.fenced(&self.inner.sql.kill, lease).bind(error);
-        self.acknowledge(query, lease).await
+        let (_,): (JobId,) = self.acknowledge(query, lease).await?;
+        Ok(())
     }
 
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
         check_lease("by", by)?;
         self.check_after(by, "by", "locked_until")?;
-        let query = sqlx::query_scalar(self.inner.sql.extend.clone())
-            .bind(self.now())
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .bind(micros(by));
-        let until: Option<OffsetDateTime> = self
-            .conn()
-            .await?
-            .run(|c| query.fetch_optional(c))
-            .await
-            .map_err(db_err)?;
-        let until = until.ok_or_else(|| lease.lost())?;
-        self.inner.vacuum.record(1);
+        let query = self.fenced(&self.inner.sql.extend, lease).bind(micros(by));
+        let (until,): (OffsetDateTime,) = self.acknowledge(query, lease).await?;
         Ok(until)
     }
 
@@ -1231,18 +1217,9 @@ impl Puller for PgBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let query = sqlx::query_scalar(self.inner.sql.release.clone())
-            .bind(self.now())
-            .bind(lease.job_id)
-            .bind(lease.token);
-        let queue: Option<String> = self
-            .conn()
-            .await?
-            .run(|c| query.fetch_optional(c))
-            .await
-            .map_err(db_err)?;
-        let queue = queue.ok_or_else(|| lease.lost())?;
-        self.inner.vacuum.record(1);
+        let (queue,): (String,) = self
+            .acknowledge(self.fenced(&self.inner.sql.release, lease), lease)
+            .await?;
         self.announce(vec![queue]);
         Ok(())
     }

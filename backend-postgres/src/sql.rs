@@ -333,12 +333,14 @@ fn pull(queue: &str, (levels, claimable): (&str, &str)) -> String {
         .replace("{queue}", queue)
 }
 
-/// Every acknowledgement matches id, `processing` and the fencing token;
-/// zero rows means the lease is lost and nothing changed.
+/// Every acknowledgement matches id, `processing` and the fencing token,
+/// and returns the row it changed; none means the lease is lost and
+/// nothing changed.
 const COMPLETE: &str = r#"
 UPDATE {s}.jobs
 SET status = 'done', result = $4, locked_until = NULL, updated_at = {now}
 WHERE id = $2 AND lease_token = $3 AND status = 'processing'
+RETURNING id
 "#;
 
 /// Completes a batch in one statement, each row fenced by its own token.
@@ -370,6 +372,7 @@ const KILL: &str = r#"
 UPDATE {s}.jobs
 SET status = 'dead', last_error = $4, locked_until = NULL, updated_at = {now}
 WHERE id = $2 AND lease_token = $3 AND status = 'processing'
+RETURNING id
 "#;
 
 const EXTEND: &str = r#"

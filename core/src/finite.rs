@@ -168,56 +168,61 @@ impl<S: Serializer> Serializer for Checked<S> {
     }
 }
 
-impl<C: SerializeSeq> SerializeSeq for Checked<C> {
-    type Ok = C::Ok;
-    type Error = C::Error;
+/// The compound serializers whose values come one by one: each value is
+/// checked on its way to the inner one.
+macro_rules! checked_values {
+    ($($compound:ident::$method:ident;)*) => {
+        $(impl<C: $compound> $compound for Checked<C> {
+            type Ok = C::Ok;
+            type Error = C::Error;
 
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), C::Error> {
-        self.0.serialize_element(&Finite(value))
-    }
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), C::Error> {
+                self.0.$method(&Finite(value))
+            }
 
-    fn end(self) -> Result<C::Ok, C::Error> {
-        self.0.end()
-    }
+            fn end(self) -> Result<C::Ok, C::Error> {
+                self.0.end()
+            }
+        })*
+    };
 }
 
-impl<C: SerializeTuple> SerializeTuple for Checked<C> {
-    type Ok = C::Ok;
-    type Error = C::Error;
-
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), C::Error> {
-        self.0.serialize_element(&Finite(value))
-    }
-
-    fn end(self) -> Result<C::Ok, C::Error> {
-        self.0.end()
-    }
+checked_values! {
+    SerializeSeq::serialize_element;
+    SerializeTuple::serialize_element;
+    SerializeTupleStruct::serialize_field;
+    SerializeTupleVariant::serialize_field;
 }
 
-impl<C: SerializeTupleStruct> SerializeTupleStruct for Checked<C> {
-    type Ok = C::Ok;
-    type Error = C::Error;
+/// The compound serializers whose values come with a field name.
+macro_rules! checked_fields {
+    ($($compound:ident;)*) => {
+        $(impl<C: $compound> $compound for Checked<C> {
+            type Ok = C::Ok;
+            type Error = C::Error;
 
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), C::Error> {
-        self.0.serialize_field(&Finite(value))
-    }
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                key: &'static str,
+                value: &T,
+            ) -> Result<(), C::Error> {
+                self.0.serialize_field(key, &Finite(value))
+            }
 
-    fn end(self) -> Result<C::Ok, C::Error> {
-        self.0.end()
-    }
+            fn skip_field(&mut self, key: &'static str) -> Result<(), C::Error> {
+                self.0.skip_field(key)
+            }
+
+            fn end(self) -> Result<C::Ok, C::Error> {
+                self.0.end()
+            }
+        })*
+    };
 }
 
-impl<C: SerializeTupleVariant> SerializeTupleVariant for Checked<C> {
-    type Ok = C::Ok;
-    type Error = C::Error;
-
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), C::Error> {
-        self.0.serialize_field(&Finite(value))
-    }
-
-    fn end(self) -> Result<C::Ok, C::Error> {
-        self.0.end()
-    }
+checked_fields! {
+    SerializeStruct;
+    SerializeStructVariant;
 }
 
 impl<C: SerializeMap> SerializeMap for Checked<C> {
@@ -238,48 +243,6 @@ impl<C: SerializeMap> SerializeMap for Checked<C> {
         value: &V,
     ) -> Result<(), C::Error> {
         self.0.serialize_entry(&Finite(key), &Finite(value))
-    }
-
-    fn end(self) -> Result<C::Ok, C::Error> {
-        self.0.end()
-    }
-}
-
-impl<C: SerializeStruct> SerializeStruct for Checked<C> {
-    type Ok = C::Ok;
-    type Error = C::Error;
-
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), C::Error> {
-        self.0.serialize_field(key, &Finite(value))
-    }
-
-    fn skip_field(&mut self, key: &'static str) -> Result<(), C::Error> {
-        self.0.skip_field(key)
-    }
-
-    fn end(self) -> Result<C::Ok, C::Error> {
-        self.0.end()
-    }
-}
-
-impl<C: SerializeStructVariant> SerializeStructVariant for Checked<C> {
-    type Ok = C::Ok;
-    type Error = C::Error;
-
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), C::Error> {
-        self.0.serialize_field(key, &Finite(value))
-    }
-
-    fn skip_field(&mut self, key: &'static str) -> Result<(), C::Error> {
-        self.0.skip_field(key)
     }
 
     fn end(self) -> Result<C::Ok, C::Error> {
