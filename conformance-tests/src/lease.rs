@@ -520,4 +520,14 @@ pub async fn complete_batch_is_fenced_per_lease(h: Harness) {
         h.backend.complete_batch(Vec::new()).await.expect("empty"),
         vec![]
     );
+
+    // A lease named twice completes once, and is reported lost once.
+    let twice = vec![Completion::from(again.lease), Completion::from(again.lease)];
+    let lost = h
+        .backend
+        .complete_batch(twice)
+        .await
+        .expect("complete_batch");
+    assert_eq!(lost, vec![again.lease]);
+    assert_eq!(h.job(again.job.id).await.status, JobStatus::Done);
 }

@@ -9,8 +9,9 @@ use relayq_core::{
 use serde::{Serialize, Serializer};
 use serde_json::{Value, json};
 use time::Duration;
+use time::macros::datetime;
 
-use crate::harness::{Harness, job};
+use crate::harness::{EPOCH, Harness, job};
 
 fn assert_invalid<T: std::fmt::Debug>(result: Result<T, Error>, field: &str) {
     match result {
@@ -308,6 +309,19 @@ pub async fn push_batch_is_all_or_nothing(h: Harness) {
     ];
     assert_invalid(h.backend.push_batch(batch).await, "kind");
     assert_store_empty(&h).await;
+
+    // Found by the store itself, well into a batch larger than one
+    // statement: a delay that puts run_at past the year 9999.
+    h.advance(datetime!(9999-12-30 00:00 UTC) - h.now());
+    let batch = (0..1_500)
+        .map(|n| match n {
+            1_400 => job("late", n).delay(Duration::days(2)),
+            _ => job("k", n).delay(Duration::hours(1)),
+        })
+        .collect();
+    assert_invalid(h.backend.push_batch(batch).await, "delay");
+    assert_store_empty(&h).await;
+    h.advance(EPOCH - h.now());
 
     let outcomes = h
         .backend
