@@ -261,18 +261,17 @@ const CLAIMABLE_ONE_QUEUE: (&str, &str) = (
 
 /// The due jobs of several queues, in pull order. `levels` walks the
 /// priorities of all the queues together, one index probe per queue and
-/// level. `shares` reads, without locking, the first `$3` due jobs in pull
-/// order (level by level, each level a merge of every queue's own index
-/// range in `(run_at, id)` order) and counts how many each queue holds at
-/// each level; then each of those ranges is read again, locked, for that
-/// many jobs. Locking in the merge would lock `$3` jobs of every queue to
-/// keep `$3` of them, and concurrent pullers would skip the surplus until
-/// commit; counting first locks only what is claimed (a job another puller
-/// claimed meanwhile is passed by, and the next of its queue taken).
-/// Before, one scan read every pending job of the queues and sorted them
-/// all: 123 ms per claim over two queues holding 200,000 due jobs, against
-/// 1.6–2.2 ms now. `$2` names each queue once: `shares` would count a
-/// queue named twice twice.
+/// level, only as far as the claim reads; at each level every queue's due
+/// jobs are read as an index range in `(run_at, id)` order, locked, and
+/// merged. A level's merge needs all it reads, so it locks up to `$3` jobs
+/// of each queue to keep `$3` (those not kept are unlocked at commit, and
+/// a concurrent puller passes them by meanwhile). Counting first without
+/// locks and then locking only the counted jobs locked less, but a puller
+/// racing another found the counted jobs taken and could not go past them
+/// to the next level or queue: it came back empty with jobs due. Before
+/// that, one scan read every pending job of the queues and sorted them
+/// all: 123 ms per claim over two queues holding 200,000 due jobs. `$2`
+/// names each queue once: a queue named twice would be read twice.
 const CLAIMABLE_MANY_QUEUES: (&str, &str) = (
     r#"levels AS (
     (SELECT min(f.priority) AS priority
@@ -290,38 +289,23 @@ const CLAIMABLE_MANY_QUEUES: (&str, &str) = (
                 ORDER BY j.priority LIMIT 1) AS f)
     FROM levels l
     WHERE l.priority IS NOT NULL
-), shares AS (
-    SELECT priority, queue, count(*) AS n
-    FROM (
-        SELECT l.priority, due.queue
-        FROM levels l
-        CROSS JOIN LATERAL (
-            SELECT q.queue, d.run_at, d.id
-            FROM unnest($2::text[]) AS q(queue)
-            CROSS JOIN LATERAL (
-                SELECT run_at, id FROM {s}.jobs
-                WHERE queue = q.queue AND status = 'pending' AND priority = l.priority
-                  AND run_at <= {now}
-                ORDER BY run_at, id
-                LIMIT $3
-            ) AS d
-            ORDER BY d.run_at, d.id
-            LIMIT $3
-        ) AS due
-        LIMIT $3
-    ) AS first_due
-    GROUP BY priority, queue
 ), "#,
     r#"
     SELECT due.id, due.priority, due.run_at
-    FROM shares s
+    FROM levels l
     CROSS JOIN LATERAL (
-        SELECT id, priority, run_at FROM {s}.jobs
-        WHERE queue = s.queue AND status = 'pending' AND priority = s.priority
-          AND run_at <= {now}
-        ORDER BY run_at, id
-        LIMIT s.n
-        FOR UPDATE SKIP LOCKED
+        SELECT d.id, d.priority, d.run_at
+        FROM unnest($2::text[]) AS q(queue)
+        CROSS JOIN LATERAL (
+            SELECT id, priority, run_at FROM {s}.jobs
+            WHERE queue = q.queue AND status = 'pending' AND priority = l.priority
+              AND run_at <= {now}
+            ORDER BY run_at, id
+            LIMIT $3
+            FOR UPDATE SKIP LOCKED
+        ) AS d
+        ORDER BY d.run_at, d.id
+        LIMIT $3
     ) AS due
     LIMIT $3"#,
 );

@@ -1145,6 +1145,46 @@ async fn claims_skip_jobs_scheduled_for_later() {
     }
 }
 
+/// A claim passes over the jobs another puller holds locked (its claim not
+/// yet committed) to the next ones in pull order, at the same level, the
+/// next levels and in the other queues, instead of coming back short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_pass_over_jobs_another_puller_holds() {
+    for queues in [&["one"][..], &["one", "two"]] {
+        let backend = testing::connect(testing::options()).await;
+        let mut in_order = Vec::new();
+        for priority in 0..20 {
+            for queue in queues {
+                let pushed = backend
+                    .push(job(0).queue(*queue).priority(priority))
+                    .await
+                    .expect("push");
+                in_order.push(pushed.id());
+            }
+        }
+        // Another puller's claim, in flight: the first ten in pull order.
+        let mut other = testing::admin().await;
+        let mut tx = sqlx::Connection::begin(&mut other).await.expect("begin");
+        let held: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM \"{}\".jobs WHERE id = ANY($1) FOR UPDATE",
+            backend.schema()
+        )))
+        .bind(&in_order[..10])
+        .fetch_all(&mut *tx)
+        .await
+        .expect("lock");
+        assert_eq!(held.len(), 10);
+        let got = backend
+            .pull(&PullRequest::queues(queues.iter().copied()).batch(10))
+            .await
+            .expect("pull");
+        let got: Vec<i64> = got.iter().map(|leased| leased.job.id).collect();
+        assert_eq!(got, in_order[10..20], "{queues:?}: the next ten");
+        tx.rollback().await.expect("rollback");
+        testing::drop_schema(backend.schema()).await;
+    }
+}
+
 /// The measurement quoted in the crate docs: 1,000,000 finished jobs.
 /// Run with `cargo test -p relayq-postgres --test postgres -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1691,13 +1731,16 @@ async fn a_connection_whose_caller_left_returns_to_the_pool_once_answered() {
 /// Pool connections ask the server to check, while it runs a statement,
 /// that their client is still there (PostgreSQL 14 and later), so a
 /// statement whose connection was closed for want of an answer does not
-/// wait on behind a lock and commit after its caller was told it failed.
+/// wait on behind a lock and commit after its caller was told it failed;
+/// and they never JIT-compile (a costly-looking claim over many queues
+/// took six times as long compiled).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_connections_have_the_server_check_for_their_client() {
     let backend = testing::connect(testing::options()).await;
-    let (version, interval): (i32, Option<String>) = sqlx::query_as(
+    let (version, interval, jit): (i32, Option<String>, String) = sqlx::query_as(
         "SELECT current_setting('server_version_num')::int, \
-                current_setting('client_connection_check_interval', true)",
+                current_setting('client_connection_check_interval', true), \
+                current_setting('jit')",
     )
     .fetch_one(backend.pool())
     .await
@@ -1705,6 +1748,7 @@ async fn pool_connections_have_the_server_check_for_their_client() {
     if version >= 140_000 {
         assert_eq!(interval.as_deref(), Some("1s"));
     }
+    assert_eq!(jit, "off");
     testing::drop_schema(backend.schema()).await;
 }
 

@@ -777,6 +777,53 @@ pub async fn worker_stops_a_handler_no_renewal_reached_for_a_whole_lease(h: Harn
     }
 }
 
+/// A renewal that never comes back is abandoned after a third of the
+/// lease and the next one sent: a job running for several leases keeps
+/// its lease through it, and runs once.
+pub async fn worker_renews_past_a_renewal_that_hangs(h: Harness) {
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(
+        Arc::clone(&h.backend),
+        FirstRenewalHangs::default(),
+    ));
+    let worker = Worker::builder(backend)
+        .state(h.clone())
+        .lease(StdDuration::from_millis(600))
+        .handle(|_: Task, _ctx: JobContext<Harness>| async move {
+            tokio::time::sleep(StdDuration::from_millis(2_000)).await;
+            Ok::<_, HandlerError>(())
+        })
+        .build()
+        .expect("build");
+    let id = h.push(Task { n: 1 }.to_job()).await;
+    let running = worker.start();
+    let job = within("the long job", running.wait_for(id))
+        .await
+        .expect("wait_for");
+    assert_eq!((job.status, job.attempts), (JobStatus::Done, 1));
+    running.shutdown_within(LIVENESS).await;
+}
+
+/// A store whose first lease renewal is never answered.
+#[derive(Debug, Default)]
+struct FirstRenewalHangs {
+    renewals: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl crate::faults::Faults for FirstRenewalHangs {
+    async fn extend_batch(
+        &self,
+        inner: &dyn Backend,
+        leases: &[relayq_core::Lease],
+        by: Duration,
+    ) -> relayq_core::Result<Vec<Option<time::OffsetDateTime>>> {
+        if self.renewals.fetch_add(1, Ordering::SeqCst) == 0 {
+            std::future::pending::<()>().await;
+        }
+        inner.extend_batch(leases, by).await
+    }
+}
+
 /// Renewals the store never makes.
 #[derive(Debug, Clone, Copy)]
 enum BrokenRenewals {

@@ -630,6 +630,24 @@ pub(crate) fn sanitize(message: &str) -> String {
     clean
 }
 
+/// `call`, a call into the backend named `what`, with a panic in it (a
+/// backend's bug) turned into the call's failure: the task that made it
+/// (a lane, the pull loop, the keeper) goes on.
+pub(crate) async fn contained<T>(
+    what: &str,
+    call: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    AssertUnwindSafe(call)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            Err(Error::backend(format!(
+                "the backend's {what} panicked: {}",
+                panic_message(&*panic)
+            )))
+        })
+}
+
 /// The text of a panic payload.
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {

@@ -20,21 +20,19 @@
 //! sweep.
 
 use std::fmt;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use futures::task::AtomicWaker;
-use futures::{FutureExt, StreamExt};
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::execute::panic_message;
-use crate::error::Error;
+use super::execute::contained;
 use crate::lease::{Lease, LeasedJob};
 use crate::store::Backend;
 
@@ -46,6 +44,10 @@ const RENEWAL_BATCH: usize = 1000;
 /// How many renewal statements run at once, for a worker holding more than
 /// [`RENEWAL_BATCH`] leases: few enough not to take the pool.
 const RENEWALS_AT_ONCE: usize = 4;
+
+/// The most rounds of renewals under way at once: more than one only while
+/// the store leaves one unanswered.
+const ROUNDS_AT_ONCE: usize = 3;
 
 /// The list of registered pulls is not swept before their leases, held or
 /// not, are this many.
@@ -334,19 +336,35 @@ async fn renew(
     // another worker may lease the job from then on.
     let lapse = Duration::try_from(backend_lease).unwrap_or(Duration::MAX);
     let give_up = lapse.saturating_sub(period);
-    // At most one round of renewals at a time, awaited beside the ticks
-    // rather than before the next: a store that stops answering must not
-    // stall the lapse checks (the handlers of leases it let end would run
-    // on beside their next holders), and a hung round is not joined by
-    // another.
-    let mut round = FuturesUnordered::new();
+    // Rounds of renewals are awaited beside the ticks rather than before
+    // the next: a store that stops answering must not stall the lapse
+    // checks (the handlers of leases it let end would run on beside their
+    // next holders). A round unanswered for a tick no longer holds back
+    // the next, which sends again what it has not renewed (on PostgreSQL,
+    // one silent connection must not keep every lease from renewals on
+    // the others until they all lapse); at most [`ROUNDS_AT_ONCE`] are
+    // under way, and none outlives a lease.
+    let mut rounds = FuturesUnordered::new();
+    let mut newest: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            Some(()) = round.next(), if !round.is_empty() => continue,
+            Some(renewed) = rounds.next(), if !rounds.is_empty() => {
+                if let Err(tokio::time::error::Elapsed { .. }) = renewed {
+                    tracing::warn!(
+                        lease_ms = lease_length.as_millis() as u64,
+                        "a renewal of leases went unanswered for a whole lease"
+                    );
+                }
+                if rounds.is_empty() {
+                    newest = None;
+                }
+                continue;
+            }
         }
         let now = Instant::now();
-        let renewing = !round.is_empty();
+        let renewing = rounds.len() >= ROUNDS_AT_ONCE
+            || newest.is_some_and(|started| now.duration_since(started) < period);
         let mut lapsed = 0usize;
         let mut due: Vec<WatchRef> = Vec::new();
         {
@@ -381,11 +399,10 @@ async fn renew(
             );
         }
         if !due.is_empty() {
-            round.push(renew_due(
-                Arc::clone(&backend),
-                due,
-                lease_length,
-                backend_lease,
+            newest = Some(now);
+            rounds.push(tokio::time::timeout(
+                lapse,
+                renew_due(Arc::clone(&backend), due, lease_length, backend_lease),
             ));
         }
     }
@@ -399,7 +416,6 @@ async fn renew_due(
     lease_length: Duration,
     backend_lease: time::Duration,
 ) {
-    let every = lease_length / 3;
     futures::stream::iter(due.chunks(RENEWAL_BATCH))
         .for_each_concurrent(RENEWALS_AT_ONCE, |watches| {
             let backend = &backend;
@@ -409,28 +425,9 @@ async fn renew_due(
                 // A panic (a backend's bug) fails this renewal, not the
                 // keeper: the renewals and lapse checks of every lease
                 // would end with it.
-                let outcome = AssertUnwindSafe(backend.extend_batch(&leases, backend_lease))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|panic| {
-                        Err(Error::backend(format!(
-                            "the backend's extend_batch panicked: {}",
-                            panic_message(&*panic)
-                        )))
-                    });
-                // A renewal that took a third of a lease leaves the next
-                // one little time: the pool or the store is too slow
-                // for this lease, which operators should hear of before
-                // leases lapse.
+                let outcome =
+                    contained("extend_batch", backend.extend_batch(&leases, backend_lease)).await;
                 let took = sent.elapsed();
-                if took >= every {
-                    tracing::warn!(
-                        leases = leases.len(),
-                        took_ms = took.as_millis() as u64,
-                        lease_ms = lease_length.as_millis() as u64,
-                        "renewing leases took a third of the lease or more"
-                    );
-                }
                 let ends = match outcome {
                     Ok(ends) if ends.len() == leases.len() => ends,
                     Ok(ends) => {

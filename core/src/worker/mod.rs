@@ -69,6 +69,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
@@ -723,8 +724,10 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
 }
 
 /// Releases a lease run inline unless its run finished: dropped with the
-/// run (the caller stopped waiting), it gives the job back from a task of
-/// its own, fenced like any release (a no-op if the outcome was recorded).
+/// run (the caller stopped waiting), it gives the job back, fenced like
+/// any release (a no-op if the outcome was recorded): at once where the
+/// release needs no wait (the memory backend), so the caller's next call
+/// finds the job, else from a task of its own.
 struct GiveBackUnlessFinished {
     backend: Option<Arc<dyn Backend>>,
     lease: Lease,
@@ -744,11 +747,14 @@ impl Drop for GiveBackUnlessFinished {
             return;
         };
         let lease = self.lease;
-        runtime.spawn(async move {
+        let mut release = Box::pin(async move {
             if let Err(e) = backend.release(&lease).await {
                 tracing::warn!(error = %e, job = lease.job_id, "could not give back a job whose inline run was dropped; it returns when its lease ends");
             }
         });
+        if (&mut release).now_or_never().is_none() {
+            runtime.spawn(release);
+        }
     }
 }
 

@@ -33,15 +33,15 @@ use super::board::Board;
 use super::buffer::Buffered;
 use super::events::Outcome;
 use super::execute::{
-    Ack, Ended, MAX_ACK_BATCH, Mode, Shared, Started, batch_completions, execute, panic_message,
-    record_contained,
+    Ack, Ended, MAX_ACK_BATCH, Mode, Shared, Started, batch_completions, contained, execute,
+    panic_message, record_contained,
 };
 use super::handler::Phase;
 use super::keeper::LeaseKeeper;
 use super::slots::{Slot, Slots};
 use super::stock::{PULLS_AT_ONCE, Reserve, Stock};
 use super::{WorkerBuilder, after};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::lease::LeasedJob;
 use crate::request::{MAX_PULL_BATCH, PullRequest};
 use crate::store::Backend;
@@ -534,15 +534,7 @@ impl Pulled {
     /// back when their leases end.
     async fn send(backend: Arc<dyn Backend>, request: PullRequest, signs: u64) -> Self {
         let sent = Instant::now();
-        let jobs = AssertUnwindSafe(backend.pull(&request))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| {
-                Err(Error::backend(format!(
-                    "the backend's pull panicked: {}",
-                    panic_message(&*panic)
-                )))
-            });
+        let jobs = contained("pull", backend.pull(&request)).await;
         Self {
             jobs,
             asked: request.batch,
@@ -861,15 +853,7 @@ async fn release_all<S>(shared: &Shared<S>, buffer: VecDeque<Buffered>) -> usize
             let _hold = hold;
             // A panic (a backend's bug) fails this release alone: in the
             // runner, it would abort the lanes in their grace period.
-            let released = AssertUnwindSafe(shared.backend.release(&lease))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| {
-                    Err(Error::backend(format!(
-                        "the backend's release panicked: {}",
-                        panic_message(&*panic)
-                    )))
-                });
+            let released = contained("release", shared.backend.release(&lease)).await;
             match released {
                 Ok(()) => 1,
                 Err(e) => {
