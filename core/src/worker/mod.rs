@@ -186,7 +186,10 @@ impl<S: Send + Sync + 'static> Worker<S> {
     /// pushed by handlers run in the same call when due. Leases are not
     /// extended. Works on any backend. Dropped before it returns (under a
     /// `tokio::time::timeout`, say), it stops the job it was running and
-    /// gives it back, as a shutdown would, rather than leave it leased.
+    /// gives it back, as a shutdown would, rather than leave it leased: on
+    /// the memory backend before the drop returns, elsewhere from a
+    /// spawned task (should the runtime end first, the job comes back when
+    /// its lease ends).
     pub async fn run_until_idle(&self) -> Result<IdleReport> {
         let request = PullRequest::queues(self.shared.config.queues.clone())
             .lease(self.shared.config.backend_lease)
