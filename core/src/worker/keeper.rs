@@ -101,11 +101,18 @@ impl LeaseWatch {
         self.renewal().until
     }
 
+    /// Records a renewal sent at `sent` and answered with `until`, unless
+    /// a later one was answered first: rounds of renewals may overlap when
+    /// the store leaves one unanswered for a while, and a late answer must
+    /// not move the lease's last renewal back.
     fn renewed(&self, until: OffsetDateTime, sent: Instant) {
-        *self.renewal.lock().unwrap_or_else(PoisonError::into_inner) = Renewal {
-            until,
-            sent: Some(sent),
-        };
+        let mut renewal = self.renewal.lock().unwrap_or_else(PoisonError::into_inner);
+        if renewal.sent.is_none_or(|last| last <= sent) {
+            *renewal = Renewal {
+                until,
+                sent: Some(sent),
+            };
+        }
     }
 
     /// Whether a renewal has found the lease lost.
@@ -512,5 +519,19 @@ mod tests {
         let later = OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(30);
         watch.renewed(later, Instant::now());
         assert_eq!(watch.deadline(), later);
+    }
+
+    #[test]
+    fn a_late_answer_to_an_earlier_renewal_moves_nothing_back() {
+        let watch = LeaseWatch::new(OffsetDateTime::UNIX_EPOCH);
+        let (first, second) = (Instant::now(), Instant::now() + Duration::from_millis(5));
+        let (early, late) = (
+            OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(30),
+            OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(31),
+        );
+        watch.renewed(late, second);
+        watch.renewed(early, first);
+        assert_eq!(watch.deadline(), late);
+        assert_eq!(watch.renewal().sent, Some(second));
     }
 }
