@@ -384,11 +384,19 @@ WHERE j.id = i.id AND j.lease_token = i.token AND j.status = 'processing'
 RETURNING j.id, j.lease_token, j.locked_until
 "#;
 
+/// Releases a lease and notifies its queue in the same transaction, so the
+/// notification leaves with the commit: releases come from workers
+/// shutting down, whose process may exit as soon as they return, before a
+/// notification sent in the background would have left (and they are too
+/// rare for a notifying commit's lock to matter).
 const RELEASE: &str = r#"
-UPDATE {s}.jobs
-SET status = 'pending', attempts = attempts - 1, locked_until = NULL, updated_at = {now}
-WHERE id = $2 AND lease_token = $3 AND status = 'processing'
-RETURNING queue
+WITH released AS (
+    UPDATE {s}.jobs
+    SET status = 'pending', attempts = attempts - 1, locked_until = NULL, updated_at = {now}
+    WHERE id = $2 AND lease_token = $3 AND status = 'processing'
+    RETURNING queue
+)
+SELECT r.queue FROM released r, pg_catalog.pg_notify({s}.notify_channel(r.queue), r.queue)
 "#;
 
 const GET: &str = "SELECT {cols} FROM {s}.jobs WHERE id = $1";

@@ -1203,6 +1203,47 @@ async fn claim_plan_with_a_million_finished_jobs() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A release has notified every process by the time it returns: a worker
+/// shutting down may exit right after, taking any task that would have
+/// sent the notification later with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_has_notified_other_processes_when_it_returns() {
+    let backend = testing::connect(testing::options()).await;
+    let mut wakeups = subscribed(&backend, &["default".to_owned()]).await;
+    backend.push(job(1)).await.expect("push");
+    while let Ok(Some(())) =
+        tokio::time::timeout(StdDuration::from_millis(300), wakeups.next()).await
+    {}
+    // Another process: its own backend on a runtime that ends as soon as
+    // the release returns.
+    let schema = backend.schema().to_owned();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let other = PgBackend::connect_with(
+                PgOptions::new(testing::database_url())
+                    .schema(schema)
+                    .max_connections(1),
+            )
+            .await
+            .expect("connect");
+            let leased = other
+                .pull(&PullRequest::queue("default"))
+                .await
+                .expect("pull");
+            other.release(&leased[0].lease).await.expect("release");
+        });
+    })
+    .join()
+    .expect("the other process");
+    let signal = tokio::time::timeout(StdDuration::from_secs(10), wakeups.next()).await;
+    assert_eq!(signal, Ok(Some(())), "the release woke this process");
+    testing::drop_schema(backend.schema()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribing_again_after_the_listener_runtime_ended() {
     let backend = testing::connect(testing::options()).await;
