@@ -246,8 +246,10 @@ pub async fn pull_honours_batch_size_and_queues(h: Harness) {
     assert_eq!(h.pull("c", 10).await.len(), 1);
 }
 
-/// 16 concurrent pullers over 2,000 jobs in two queues, half of them
-/// pulling from both: every job delivered exactly once.
+/// 16 concurrent pullers over 2,000 jobs in two queues, each job at a
+/// priority level of its own, half of the pullers pulling from both: each
+/// stops at its first empty pull, and together they deliver every job
+/// exactly once.
 pub async fn concurrent_pullers_receive_each_job_exactly_once(h: Harness) {
     const JOBS: i64 = 2_000;
     const PULLERS: usize = 16;
@@ -255,7 +257,11 @@ pub async fn concurrent_pullers_receive_each_job_exactly_once(h: Harness) {
     for chunk in (0..JOBS).collect::<Vec<_>>().chunks(500) {
         let batch: Vec<NewJob> = chunk
             .iter()
-            .map(|n| job("k", *n).queue(QUEUES[*n as usize % 2]))
+            .map(|n| {
+                job("k", *n)
+                    .queue(QUEUES[*n as usize % 2])
+                    .priority(*n as i16)
+            })
             .collect();
         h.backend.push_batch(batch).await.expect("push_batch");
     }
