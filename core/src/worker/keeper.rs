@@ -46,8 +46,9 @@ const RENEWAL_BATCH: usize = 1000;
 const RENEWALS_AT_ONCE: usize = 4;
 
 /// The most rounds of renewals under way at once: more than one only while
-/// the store leaves one unanswered.
-const ROUNDS_AT_ONCE: usize = 3;
+/// the store leaves one unanswered. Two rounds of [`RENEWALS_AT_ONCE`]
+/// statements stay within a default pool of 10 connections.
+const ROUNDS_AT_ONCE: usize = 2;
 
 /// The list of registered pulls is not swept before their leases, held or
 /// not, are this many.
@@ -350,17 +351,22 @@ async fn renew(
     // the next, which sends again what it has not renewed (on PostgreSQL,
     // one silent connection must not keep every lease from renewals on
     // the others until they all lapse); at most [`ROUNDS_AT_ONCE`] are
-    // under way, and none outlives a lease.
+    // under way, and each is dropped once none of its leases could still
+    // be saved: sent at least a third of a lease after their last renewal,
+    // they are given up `give_up` after it.
+    let round_limit = give_up.saturating_sub(every).max(period);
     let mut rounds = FuturesUnordered::new();
+    // The tick that sent the newest round still under way: ticks keep to
+    // their schedule, so the next one is a whole period after it.
     let mut newest: Option<Instant> = None;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        let ticked = tokio::select! {
+            ticked = tick.tick() => ticked,
             Some(renewed) = rounds.next(), if !rounds.is_empty() => {
                 if let Err(tokio::time::error::Elapsed { .. }) = renewed {
                     tracing::warn!(
                         lease_ms = lease_length.as_millis() as u64,
-                        "a renewal of leases went unanswered for a whole lease"
+                        "a renewal of leases went unanswered until its leases were beyond saving"
                     );
                 }
                 if rounds.is_empty() {
@@ -368,10 +374,10 @@ async fn renew(
                 }
                 continue;
             }
-        }
+        };
         let now = Instant::now();
         let renewing = rounds.len() >= ROUNDS_AT_ONCE
-            || newest.is_some_and(|started| now.duration_since(started) < period);
+            || newest.is_some_and(|sent| ticked.duration_since(sent) < period);
         let mut lapsed = 0usize;
         let mut due: Vec<WatchRef> = Vec::new();
         {
@@ -406,9 +412,9 @@ async fn renew(
             );
         }
         if !due.is_empty() {
-            newest = Some(now);
+            newest = Some(ticked);
             rounds.push(tokio::time::timeout(
-                lapse,
+                round_limit,
                 renew_due(Arc::clone(&backend), due, lease_length, backend_lease),
             ));
         }
@@ -434,7 +440,19 @@ async fn renew_due(
                 // would end with it.
                 let outcome =
                     contained("extend_batch", backend.extend_batch(&leases, backend_lease)).await;
+                // A renewal that took a third of a lease leaves the next
+                // one little time: the pool or the store is too slow for
+                // this lease, which operators should hear of before leases
+                // lapse.
                 let took = sent.elapsed();
+                if took >= lease_length / 3 {
+                    tracing::warn!(
+                        leases = leases.len(),
+                        took_ms = took.as_millis() as u64,
+                        lease_ms = lease_length.as_millis() as u64,
+                        "renewing leases took a third of the lease or more"
+                    );
+                }
                 let ends = match outcome {
                     Ok(ends) if ends.len() == leases.len() => ends,
                     Ok(ends) => {

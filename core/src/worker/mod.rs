@@ -80,7 +80,7 @@ pub use events::{Event, EventStream, JobInfo, Outcome};
 pub use handler::{Handler, HandlerError, JobContext, JobType};
 pub use runner::ShutdownReport;
 
-use execute::{Config, Ended, Hook, Mode, Shared, execute};
+use execute::{Config, Ended, Hook, Mode, Shared, contained, execute};
 use handler::Entry;
 
 use crate::error::{Error, Result};
@@ -751,7 +751,7 @@ impl Drop for GiveBackUnlessFinished {
         };
         let lease = self.lease;
         let mut release = Box::pin(async move {
-            if let Err(e) = backend.release(&lease).await {
+            if let Err(e) = contained("release", backend.release(&lease)).await {
                 tracing::warn!(error = %e, job = lease.job_id, "could not give back a job whose inline run was dropped; it returns when its lease ends");
             }
         });
