@@ -108,6 +108,7 @@ macro_rules! __for_each_case {
             worker::worker_stops_a_handler_no_renewal_reached_for_a_whole_lease,
             worker::worker_renews_past_a_renewal_that_hangs,
             worker::worker_shutdown_finishes_in_flight_then_releases,
+            worker::worker_shutting_down_hands_its_jobs_to_an_idle_one,
             worker::worker_pair_runs_every_job_exactly_once,
             worker::worker_drains_a_mixed_queue_exactly_once_within_concurrency,
             worker::worker_shutdown_releases_prefetched_jobs,

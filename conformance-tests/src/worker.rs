@@ -912,6 +912,53 @@ pub async fn worker_shutdown_finishes_in_flight_then_releases(h: Harness) {
     assert_eq!(third.job.attempts, 1, "never started before");
 }
 
+/// A job a worker gives back at shutdown is taken at once by an idle
+/// worker of the same store, which polls only once a minute: the release
+/// wakes it (on a backend that declares wake-ups).
+pub async fn worker_shutting_down_hands_its_jobs_to_an_idle_one(h: Harness) {
+    let caps = h.backend.capabilities();
+    if !caps.in_process_wakeups && !caps.cross_process_wakeups {
+        return;
+    }
+    let build = |queue: &str| {
+        h.worker()
+            .queues([queue])
+            .poll_interval(StdDuration::from_secs(60))
+            .handle(|task: Task, _ctx: JobContext<Harness>| async move {
+                if task.n == 1 {
+                    // Runs until the shutdown's deadline stops it.
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, HandlerError>(())
+            })
+            .build()
+            .expect("build")
+    };
+    let leaving = build("handover");
+    let mut events = leaving.events();
+    let id = h.push(Task { n: 1 }.to_job().queue("handover")).await;
+    let running = leaving.start();
+    starts(&mut events, 1, "the job to start").await;
+    // The idle worker has pulled, found nothing, and waits.
+    let staying = build("handover").start();
+    tokio::time::sleep(StdDuration::from_millis(200)).await;
+    let report = within("shutdown", running.shutdown_within(StdDuration::ZERO)).await;
+    assert_eq!(report.released, 1, "{report:?}");
+    // Its next attempt must not finish (its handler never does), so watch
+    // for it to start instead.
+    within("the other worker to take the released job", async {
+        loop {
+            let job = h.job(id).await;
+            if job.status == JobStatus::Processing && job.attempts == 1 {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(20)).await;
+        }
+    })
+    .await;
+    staying.shutdown_within(StdDuration::ZERO).await;
+}
+
 /// Waits for the outcome of job `id`'s next finished attempt.
 async fn outcome_of(events: &mut relayq_core::EventStream, id: JobId) -> Outcome {
     within("the job's outcome", async {
