@@ -107,6 +107,7 @@ macro_rules! __for_each_case {
             worker::worker_shutdown_report_counts_only_the_grace_period,
             worker::worker_stops_a_handler_no_renewal_reached_for_a_whole_lease,
             worker::worker_renews_past_a_renewal_that_hangs,
+            worker::worker_without_prefetch_pulls_for_free_slots_only,
             worker::worker_shutdown_finishes_in_flight_then_releases,
             worker::worker_shutting_down_hands_its_jobs_to_an_idle_one,
             worker::worker_pair_runs_every_job_exactly_once,

@@ -777,6 +777,89 @@ pub async fn worker_stops_a_handler_no_renewal_reached_for_a_whole_lease(h: Harn
     }
 }
 
+/// With no prefetch buffer (`prefetch(0)`), every pull asks for no more
+/// jobs than the worker has free slots: the jobs it asks for plus the
+/// handlers running never exceed its concurrency (SPEC: batch pulls sized
+/// to free slots).
+pub async fn worker_without_prefetch_pulls_for_free_slots_only(h: Harness) {
+    const CONCURRENCY: u32 = 3;
+    let running = Arc::new(AtomicUsize::new(0));
+    let pulls = Arc::new(PullsBeside {
+        running: Arc::clone(&running),
+        seen: Mutex::new(Vec::new()),
+    });
+    let backend: Arc<dyn Backend> =
+        Arc::new(Faulty::new(Arc::clone(&h.backend), Arc::clone(&pulls)));
+    let worker = Worker::builder(backend)
+        .state(h.clone())
+        .queues(["slots"])
+        .concurrency(CONCURRENCY)
+        .prefetch(0)
+        .handle({
+            let running = Arc::clone(&running);
+            move |_: Task, _ctx: JobContext<Harness>| {
+                let running = Arc::clone(&running);
+                async move {
+                    running.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(StdDuration::from_millis(10)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, HandlerError>(())
+                }
+            }
+        })
+        .build()
+        .expect("build");
+    let jobs: Vec<NewJob> = (0..30)
+        .map(|n| Task { n }.to_job().queue("slots"))
+        .collect();
+    let ids: Vec<JobId> = h
+        .backend
+        .push_batch(jobs)
+        .await
+        .expect("push")
+        .iter()
+        .map(|o| o.id())
+        .collect();
+    let handle = worker.start();
+    for id in ids {
+        within("every job", handle.wait_for(id))
+            .await
+            .expect("wait_for");
+    }
+    handle.shutdown_within(LIVENESS).await;
+    let seen = pulls.seen.lock().expect("lock");
+    assert!(!seen.is_empty());
+    for &(batch, running) in seen.iter() {
+        assert!(
+            batch as usize + running <= CONCURRENCY as usize,
+            "a pull of {batch} with {running} handlers running: {seen:?}"
+        );
+    }
+}
+
+/// Records each pull's batch beside the handlers running when it is made.
+#[derive(Debug)]
+struct PullsBeside {
+    running: Arc<AtomicUsize>,
+    seen: Mutex<Vec<(u32, usize)>>,
+}
+
+#[async_trait::async_trait]
+impl crate::faults::Faults for PullsBeside {
+    async fn pull(
+        &self,
+        inner: &dyn Backend,
+        request: &relayq_core::PullRequest,
+    ) -> relayq_core::Result<Vec<relayq_core::LeasedJob>> {
+        let running = self.running.load(Ordering::SeqCst);
+        self.seen
+            .lock()
+            .expect("lock")
+            .push((request.batch, running));
+        inner.pull(request).await
+    }
+}
+
 /// A renewal that never comes back is abandoned after a third of the
 /// lease and the next one sent: a job running for several leases keeps
 /// its lease through it, and runs once.
