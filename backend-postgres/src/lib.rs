@@ -308,7 +308,7 @@ async fn set_up_connection(conn: &mut PgConnection) -> sqlx::Result<()> {
 
 /// The most jobs one statement of [`Cleaner::clean`] deletes: a few tens of
 /// milliseconds of work, so no clean holds its transaction open for long.
-pub(crate) const CLEAN_CHUNK: u64 = 10_000;
+const CLEAN_CHUNK: u64 = 10_000;
 
 /// SQLSTATE of an unrecognized configuration parameter (PostgreSQL 13 and
 /// older).
