@@ -130,9 +130,9 @@
 //! database it also polls
 //! `PRAGMA data_version` on a dedicated connection every
 //! [poll interval](SqliteOptions::poll_interval) and signals when another
-//! connection or process stored a new job, so workers in other processes
-//! wake within one interval. (Jobs another process released or retried
-//! are found at the worker's next poll.)
+//! connection or process stored a new job, released a lease or recorded a
+//! retry due at once, so workers in other processes wake within one
+//! interval.
 //!
 //! # Throughput
 //!
@@ -1004,7 +1004,7 @@ impl Puller for SqliteBackend {
         check_retry(delay, error)?;
         let status: Option<String> = write_tx!(self, |tx, now| {
             let run_at = later(now, delay, "delay")?;
-            sqlx::query_scalar(
+            let status: Option<String> = sqlx::query_scalar(
                 "UPDATE relayq_jobs SET \
                  status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'pending' END, \
                  run_at = CASE WHEN attempts >= max_attempts THEN run_at ELSE ? END, \
@@ -1018,7 +1018,11 @@ impl Puller for SqliteBackend {
             .bind(lease.job_id)
             .bind(lease.token)
             .fetch_optional(&mut *tx)
-            .await?
+            .await?;
+            if status.as_deref() == Some("pending") && !delay.is_positive() {
+                wakeups::announce(&mut tx).await?;
+            }
+            status
         })?;
         let status: JobStatus = match status {
             Some(status) => status.parse().map_err(|_| {
@@ -1040,6 +1044,7 @@ impl Puller for SqliteBackend {
             "UPDATE relayq_jobs SET status = 'dead', last_error = ?, locked_until = NULL, \
              updated_at = ? WHERE id = ? AND status = 'processing' AND lease_token = ?",
             Some(error),
+            Due::No,
         )
         .await
     }
@@ -1083,10 +1088,9 @@ impl Puller for SqliteBackend {
              locked_until = NULL, updated_at = ? \
              WHERE id = ? AND status = 'processing' AND lease_token = ?",
             None,
+            Due::Again,
         )
-        .await?;
-        self.shared.signal();
-        Ok(())
+        .await
     }
 }
 
@@ -1141,6 +1145,15 @@ async fn complete_one(
     Ok(done.rows_affected() == 0)
 }
 
+/// Whether a fenced write makes its job due.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// It does not: subscribers are not told.
+    No,
+    /// It does: subscribers here and in other processes are told.
+    Again,
+}
+
 /// Runs a fenced `UPDATE` whose parameters are `[first,] updated_at, id,
 /// token`: `LeaseLost` when it matched no row.
 async fn fenced(
@@ -1148,25 +1161,32 @@ async fn fenced(
     lease: &Lease,
     sql: &'static str,
     first: Option<&str>,
+    due: Due,
 ) -> Result<()> {
     let changed = write_tx!(backend, |tx, now| {
         let mut query = sqlx::query(sql);
         if let Some(first) = first {
             query = query.bind(first);
         }
-        query
+        let changed = query
             .bind(micros(now))
             .bind(lease.job_id)
             .bind(lease.token)
             .execute(&mut *tx)
             .await?
-            .rows_affected()
+            .rows_affected();
+        if changed == 1 && due == Due::Again {
+            wakeups::announce(&mut tx).await?;
+        }
+        changed
     })?;
-    if changed == 1 {
-        Ok(())
-    } else {
-        Err(lease.lost())
+    if changed != 1 {
+        return Err(lease.lost());
     }
+    if due == Due::Again {
+        backend.shared.signal();
+    }
+    Ok(())
 }
 
 /// The jobs table and its columns, for sea-query.
@@ -1345,9 +1365,9 @@ impl Backend for SqliteBackend {
         // Jobs stored by others after this point will be signalled; a busy
         // file is waited out as for any other read.
         let baseline = if self.shared.in_memory {
-            0
+            wakeups::Marks::default()
         } else {
-            read!(self, |pool| { wakeups::last_id(pool).await? })?
+            read!(self, |pool| { wakeups::marks(pool).await? })?
         };
         Ok(Some(wakeups::subscribe(&self.shared, baseline)))
     }

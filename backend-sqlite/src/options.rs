@@ -89,8 +89,9 @@ impl SqliteOptions {
         self
     }
 
-    /// How often a subscription checks the file for jobs pushed by other
-    /// processes (`PRAGMA data_version` on a dedicated connection).
+    /// How often a subscription checks the file for jobs other processes
+    /// pushed, released or retried due at once (`PRAGMA data_version` on a
+    /// dedicated connection).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
         self

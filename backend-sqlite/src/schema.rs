@@ -12,7 +12,7 @@ use crate::retry::Fail;
 use crate::rows::micros;
 
 /// The schema version this crate creates and expects.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// One schema change.
 struct Migration {
@@ -22,11 +22,18 @@ struct Migration {
 }
 
 /// Every migration, in version order.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "jobs table and its indexes",
-    sql: include_str!("../migrations/0001_jobs.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "jobs table and its indexes",
+        sql: include_str!("../migrations/0001_jobs.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "wake-up counter for jobs made due again",
+        sql: include_str!("../migrations/0002_wakeups.sql"),
+    },
+];
 
 /// The newest schema version this build knows.
 fn latest_version() -> i64 {

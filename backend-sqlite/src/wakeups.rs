@@ -4,9 +4,11 @@
 //!
 //! The poller runs only while someone is subscribed. It keeps one dedicated
 //! connection and asks it for `PRAGMA data_version`, which changes exactly
-//! when another connection committed; only then does it read the id
-//! sequence, and it signals when that grew (a new job was stored — retries,
-//! completions and other writes do not wake anyone).
+//! when another connection committed; only then does it read the
+//! [`Marks`], and it signals when either grew: a new job was stored, or a
+//! lease was released or a retry due at once recorded (those bump the
+//! `relayq_wakeups` counter in their transaction, see [`announce`]).
+//! Completions, delayed retries and other writes wake no one.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
@@ -49,21 +51,60 @@ impl Drop for Running {
     }
 }
 
-/// The newest id ever assigned (ids come from `AUTOINCREMENT`).
-pub(crate) async fn last_id<'c, E>(conn: E) -> std::result::Result<i64, sqlx::Error>
+/// Where the file's two wake-up sources stand; each only grows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Marks {
+    /// The newest job id ever assigned (ids come from `AUTOINCREMENT`).
+    stored: i64,
+    /// The `relayq_wakeups` counter: jobs made due again.
+    announced: i64,
+}
+
+impl Marks {
+    /// Whether `self`, read later, shows a job that became due since
+    /// `earlier`.
+    fn past(self, earlier: Marks) -> bool {
+        self.stored > earlier.stored || self.announced > earlier.announced
+    }
+
+    /// Both marks at their furthest: a mark never moves back.
+    fn max(self, other: Marks) -> Marks {
+        Marks {
+            stored: self.stored.max(other.stored),
+            announced: self.announced.max(other.announced),
+        }
+    }
+}
+
+/// Reads the [`Marks`].
+pub(crate) async fn marks<'c, E>(conn: E) -> std::result::Result<Marks, sqlx::Error>
 where
     E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
 {
-    sqlx::query_scalar(
-        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'relayq_jobs'), 0)",
+    let (stored, announced) = sqlx::query_as(
+        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'relayq_jobs'), 0), \
+                COALESCE((SELECT seq FROM relayq_wakeups), 0)",
     )
     .fetch_one(conn)
-    .await
+    .await?;
+    Ok(Marks { stored, announced })
 }
 
-/// Wake-ups for a new subscriber; `baseline` is the newest job id when it
-/// subscribed (jobs stored by others after it are signalled).
-pub(crate) fn subscribe(shared: &Arc<Shared>, baseline: i64) -> Wakeups {
+/// Tells other connections' pollers that a job became due, inside the
+/// transaction making it due; `sqlite_sequence` already tells them of new
+/// jobs.
+pub(crate) async fn announce(
+    conn: &mut sqlx::SqliteConnection,
+) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query("UPDATE relayq_wakeups SET seq = seq + 1")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Wake-ups for a new subscriber; `baseline` is where the [`Marks`] stood
+/// when it subscribed (what others do after it is signalled).
+pub(crate) fn subscribe(shared: &Arc<Shared>, baseline: Marks) -> Wakeups {
     let rx = {
         let mut state = lock(&shared.poller);
         // Subscribe and check the poller under one lock, so the poller
@@ -88,7 +129,7 @@ pub(crate) fn subscribe(shared: &Arc<Shared>, baseline: i64) -> Wakeups {
     }))
 }
 
-async fn poll(running: Running, mut last_seq: i64) {
+async fn poll(running: Running, mut last_marks: Marks) {
     let shared = running.shared.clone();
     let Some((options, interval)) = shared
         .upgrade()
@@ -122,7 +163,7 @@ async fn poll(running: Running, mut last_seq: i64) {
         let Some(c) = conn.as_mut() else {
             continue;
         };
-        match stored_new_jobs(c, &mut last_version, &mut last_seq).await {
+        match made_due(c, &mut last_version, &mut last_marks).await {
             Ok(true) => shared.signal(),
             Ok(false) => {}
             Err(_) => conn = None,
@@ -130,11 +171,12 @@ async fn poll(running: Running, mut last_seq: i64) {
     }
 }
 
-/// Whether another connection stored a job since the last call.
-async fn stored_new_jobs(
+/// Whether another connection stored a job, or made one due again, since
+/// the last call.
+async fn made_due(
     conn: &mut SqliteConnection,
     last_version: &mut Option<i64>,
-    last_seq: &mut i64,
+    last_marks: &mut Marks,
 ) -> std::result::Result<bool, sqlx::Error> {
     let version: i64 = sqlx::query_scalar("PRAGMA data_version")
         .fetch_one(&mut *conn)
@@ -143,8 +185,8 @@ async fn stored_new_jobs(
         return Ok(false);
     }
     *last_version = Some(version);
-    let seq = last_id(&mut *conn).await?;
-    let grew = seq > *last_seq;
-    *last_seq = seq.max(*last_seq);
+    let now = marks(&mut *conn).await?;
+    let grew = now.past(*last_marks);
+    *last_marks = now.max(*last_marks);
     Ok(grew)
 }

@@ -551,7 +551,11 @@ async fn migrations_are_versioned_idempotent_and_safe_concurrently() {
             .fetch_all(backend.pool())
             .await
             .expect("versions");
-    assert_eq!(versions, vec![1], "each version applied once");
+    assert_eq!(
+        versions,
+        (1..=i64::from(SCHEMA_VERSION)).collect::<Vec<_>>(),
+        "each version applied once"
+    );
     backend.migrate().await.expect("migrating again is a no-op");
     assert_eq!(
         backend.schema_version().await.expect("version"),
@@ -561,7 +565,7 @@ async fn migrations_are_versioned_idempotent_and_safe_concurrently() {
         .fetch_one(backend.pool())
         .await
         .expect("versions");
-    assert_eq!(versions, 1);
+    assert_eq!(versions, i64::from(SCHEMA_VERSION));
 
     sqlx::query("INSERT INTO relayq_schema_versions VALUES (99, 'from the future', 0)")
         .execute(backend.pool())
@@ -788,9 +792,17 @@ async fn close_ends_the_wakeup_poller() {
     .unwrap_or_else(|_| panic!("{} handles on the file after close", open_handles(&path)));
 }
 
+/// Whether `wakeups` stays silent for 300 ms.
+async fn quiet(wakeups: &mut relayq_core::Wakeups) -> bool {
+    tokio::time::timeout(StdDuration::from_millis(300), wakeups.next())
+        .await
+        .is_err()
+}
+
 /// A subscriber is woken by a push through another backend on the same
 /// file (another connection, as another process would be), by a push in the
-/// caller's transaction, and not by other writes.
+/// caller's transaction, by a release and by a retry due at once, and not
+/// by other writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wakeups_cross_connections_and_ignore_other_writes() {
     const DEADLINE: StdDuration = StdDuration::from_secs(10);
@@ -822,12 +834,7 @@ async fn wakeups_cross_connections_and_ignore_other_writes() {
         .complete(&leased[0].lease, None)
         .await
         .expect("complete");
-    assert!(
-        tokio::time::timeout(StdDuration::from_millis(300), wakeups.next())
-            .await
-            .is_err(),
-        "completions do not wake workers"
-    );
+    assert!(quiet(&mut wakeups).await, "completions do not wake workers");
 
     let mut tx = other.begin().await.expect("begin");
     other.push_in(&mut tx, job(2)).await.expect("push_in");
@@ -836,6 +843,35 @@ async fn wakeups_cross_connections_and_ignore_other_writes() {
         .await
         .expect("a committed push_in by another connection wakes the subscriber")
         .expect("open");
+
+    // Making a stored job due again wakes it too; a retry for later does not.
+    let pull = || async {
+        let leased = other
+            .pull(&PullRequest::queue("default"))
+            .await
+            .expect("pull");
+        assert_eq!(leased.len(), 1, "job 2 is due");
+        leased[0].lease.clone()
+    };
+    assert!(quiet(&mut wakeups).await, "a pull wakes no one");
+    other.release(&pull().await).await.expect("release");
+    tokio::time::timeout(DEADLINE, wakeups.next())
+        .await
+        .expect("a release by another connection wakes the subscriber")
+        .expect("open");
+    other
+        .retry(&pull().await, Duration::ZERO, "again")
+        .await
+        .expect("retry");
+    tokio::time::timeout(DEADLINE, wakeups.next())
+        .await
+        .expect("a retry due at once by another connection wakes the subscriber")
+        .expect("open");
+    other
+        .retry(&pull().await, Duration::hours(1), "later")
+        .await
+        .expect("retry");
+    assert!(quiet(&mut wakeups).await, "a retry due later wakes no one");
 
     // Dropping every backend ends the subscription.
     drop(worker_side);

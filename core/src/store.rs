@@ -137,8 +137,7 @@ pub trait Backend: Pusher + Puller + Observer + Cleaner + Debug + Send + Sync {
     /// waiting for its next poll. `None` when the backend has no push
     /// notifications (callers then poll). Signals are hints: one may be
     /// spurious, and several pushes may yield one signal. A backend that
-    /// declares cross-process wake-ups may hear of another process's
-    /// releases and retries only at its next poll (SQLite: it watches for
-    /// new jobs).
+    /// declares cross-process wake-ups also signals what other processes
+    /// did, possibly later (SQLite: within its poll interval).
     async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>>;
 }
