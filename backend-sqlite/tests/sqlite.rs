@@ -851,7 +851,7 @@ async fn wakeups_cross_connections_and_ignore_other_writes() {
             .await
             .expect("pull");
         assert_eq!(leased.len(), 1, "job 2 is due");
-        leased[0].lease.clone()
+        leased[0].lease
     };
     assert!(quiet(&mut wakeups).await, "a pull wakes no one");
     other.release(&pull().await).await.expect("release");
