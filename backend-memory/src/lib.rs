@@ -42,8 +42,8 @@ use async_trait::async_trait;
 use relayq_core::{
     Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
     Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller, PushOutcome, Pusher,
-    Result, Stats, SystemClock, Wakeups, check_lease, check_result, check_retry, check_text,
-    truncate_to_micros, validate_batch,
+    Result, Stats, SystemClock, Wakeups, check_clean, check_lease, check_result, check_retry,
+    check_text, truncate_to_micros, validate_batch,
 };
 use serde_json::Value;
 use time::{Duration, OffsetDateTime};
@@ -112,8 +112,11 @@ impl MemoryBackend {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The clock's time as stored: UTC, whole microseconds, whatever a
+    /// custom clock returns (the SQL stores keep no more).
     fn now(&self) -> OffsetDateTime {
-        self.shared.clock.now()
+        let now = self.shared.clock.now();
+        truncate_to_micros(now.checked_to_offset(time::UtcOffset::UTC).unwrap_or(now))
     }
 
     /// Tells subscribers a job may have become due.
@@ -251,12 +254,7 @@ impl Observer for MemoryBackend {
 #[async_trait]
 impl Cleaner for MemoryBackend {
     async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64> {
-        if !status.is_terminal() {
-            return Err(Error::invalid(
-                "status",
-                format!("only terminal jobs can be cleaned, not {status}"),
-            ));
-        }
+        let before = check_clean(status, before)?;
         Ok(self.lock().clean(status, before))
     }
 }

@@ -224,8 +224,8 @@ use async_trait::async_trait;
 use relayq_core::{
     Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
     LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller,
-    PushOutcome, Pusher, Result, Schedule, Stats, ValidJob, Wakeups, check_lease, check_result,
-    check_retry, check_text, truncate_to_micros, validate_batch,
+    PushOutcome, Pusher, Result, Schedule, Stats, ValidJob, Wakeups, check_clean, check_lease,
+    check_result, check_retry, check_text, truncate_to_micros, validate_batch,
 };
 use sea_query::{Alias, Expr, ExprTrait, Order, PostgresQueryBuilder, Query};
 use sea_query_sqlx::SqlxBinder;
@@ -1327,12 +1327,7 @@ impl Observer for PgBackend {
 #[async_trait]
 impl Cleaner for PgBackend {
     async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64> {
-        if !status.is_terminal() {
-            return Err(Error::invalid(
-                "status",
-                format!("only terminal jobs can be cleaned, not {status}"),
-            ));
-        }
+        let before = check_clean(status, before)?;
         let mut deleted = 0;
         loop {
             let query = sqlx::query(self.inner.sql.clean.clone())

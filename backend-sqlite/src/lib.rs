@@ -171,8 +171,8 @@ use async_trait::async_trait;
 use relayq_core::{
     Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
     LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller,
-    PushOutcome, Pusher, Result, Stats, ValidJob, Wakeups, check_lease, check_result, check_retry,
-    check_text, truncate_to_micros, validate_batch,
+    PushOutcome, Pusher, Result, Stats, ValidJob, Wakeups, check_clean, check_lease, check_result,
+    check_retry, check_text, truncate_to_micros, validate_batch,
 };
 use sea_query::{Expr, ExprTrait, Iden, Order, Query, SqliteQueryBuilder};
 use sea_query_sqlx::SqlxBinder;
@@ -1315,12 +1315,7 @@ static GET_SQL: LazyLock<String> =
 #[async_trait]
 impl Cleaner for SqliteBackend {
     async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64> {
-        if !status.is_terminal() {
-            return Err(Error::invalid(
-                "status",
-                format!("only terminal jobs can be cleaned, not {status}"),
-            ));
-        }
+        let before = check_clean(status, before)?;
         let mut deleted = 0;
         loop {
             // Each chunk in its own transaction: the write lock is free

@@ -53,12 +53,15 @@ pub async fn clean_deletes_only_old_terminal_jobs(h: Harness) {
         0,
         "before is exclusive"
     );
+    // Stores keep whole microseconds; a cutoff between two still compares
+    // exactly: the job died at t0, before t0 + 500 ns.
     assert_eq!(
         h.backend
-            .clean(JobStatus::Dead, before)
+            .clean(JobStatus::Dead, t0 + Duration::nanoseconds(500))
             .await
             .expect("clean"),
-        1
+        1,
+        "a cutoff with nanoseconds compares exactly"
     );
     assert_eq!(h.backend.get(dead_old).await.expect("get"), None);
     h.advance(Duration::seconds(1));

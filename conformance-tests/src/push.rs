@@ -395,6 +395,20 @@ pub async fn invalid_job_fields_are_named_and_nothing_is_written(h: Harness) {
         ),
         (job("k", 1).delay(Duration::seconds(-1)), "delay"),
         (job("k", 1).delay(MAX_DELAY + Duration::seconds(1)), "delay"),
+        // Stores hold the years 1 to 9999, in UTC: 23:00 at -05:00 on the
+        // last day is already the year 10000 (beyond `time`'s own range).
+        (
+            job("k", 1).run_at(datetime!(9999-12-31 23:00 -05:00)),
+            "run_at",
+        ),
+        (
+            job("k", 1).run_at(datetime!(0000-12-31 23:00 UTC)),
+            "run_at",
+        ),
+        (
+            job("k", 1).run_at(datetime!(0001-01-01 01:00 +02:00)),
+            "run_at",
+        ),
         (job("k", 1).max_attempts(0), "max_attempts"),
         (job("k", 1).max_attempts(-5), "max_attempts"),
         (job("k", 1).unique_key(""), "unique_key"),
@@ -488,7 +502,8 @@ pub async fn hostile_strings_round_trip(h: Harness) {
 }
 
 /// `run_at` is kept in UTC at whole microseconds, whatever offset and
-/// precision it was given with, and orders pulls by that instant.
+/// precision it was given with, and orders pulls by that instant; so are
+/// the store's own timestamps when its clock reads in another offset.
 pub async fn run_at_is_stored_in_utc_microseconds(h: Harness) {
     let given = (h.now() - Duration::seconds(5) + Duration::nanoseconds(123_456_789))
         .to_offset(time::macros::offset!(+02:00));
@@ -499,6 +514,21 @@ pub async fn run_at_is_stored_in_utc_microseconds(h: Harness) {
     assert_eq!(stored.nanosecond() % 1_000, 0);
     let leased = h.pull_one("default").await;
     assert_eq!(leased.job.run_at, stored);
+
+    h.clock
+        .set(h.now().to_offset(time::macros::offset!(-07:00)));
+    let id = h.push(job("k", 2)).await;
+    let leased = h.pull_one("default").await;
+    let locked_until = leased.job.locked_until.expect("leased");
+    let job = h.job(id).await;
+    for (name, at) in [
+        ("run_at", job.run_at),
+        ("created_at", job.created_at),
+        ("updated_at", job.updated_at),
+        ("locked_until", locked_until),
+    ] {
+        assert_eq!(at.offset(), time::UtcOffset::UTC, "{name}");
+    }
 }
 
 /// JSON `levels` arrays deep around a string.

@@ -61,6 +61,11 @@ impl ManualClock {
     }
 
     /// Moves the clock forward (or back, for a negative `by`).
+    ///
+    /// # Panics
+    ///
+    /// When the new time is out of `OffsetDateTime`'s range, as
+    /// `OffsetDateTime + Duration` does.
     pub fn advance(&self, by: Duration) {
         let mut now = self.now.lock().unwrap_or_else(PoisonError::into_inner);
         *now = truncate_to_micros(*now + by);

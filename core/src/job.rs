@@ -302,7 +302,10 @@ impl ValidJob {
                 .checked_add(d)
                 .ok_or_else(|| Error::invalid("delay", "puts run_at out of range"))?,
         };
-        Ok(truncate_to_micros(at.to_offset(time::UtcOffset::UTC)))
+        let utc = at
+            .checked_to_offset(time::UtcOffset::UTC)
+            .ok_or_else(|| Error::invalid("run_at", "is outside the years 1..=9999"))?;
+        Ok(truncate_to_micros(utc))
     }
 }
 
@@ -406,9 +409,38 @@ pub fn check_delay(field: &'static str, delay: Duration) -> Result<()> {
     Ok(())
 }
 
+/// Checks a [`Cleaner::clean`](crate::Cleaner::clean) call and returns
+/// the cutoff a store compares its whole-microsecond `updated_at` with.
+///
+/// Only terminal statuses can be cleaned (`InvalidInput` naming `status`).
+/// The cutoff is `before` rounded up to a whole microsecond: a job updated
+/// at `t` is cleaned exactly when `t < before`, also when `before` carries
+/// nanoseconds a store does not keep.
+pub fn check_clean(status: JobStatus, before: OffsetDateTime) -> Result<OffsetDateTime> {
+    if !status.is_terminal() {
+        return Err(Error::invalid(
+            "status",
+            format!("only terminal jobs can be cleaned, not {status}"),
+        ));
+    }
+    let down = truncate_to_micros(before);
+    Ok(if down == before {
+        before
+    } else {
+        // At the very end of `time`'s range there is no next microsecond;
+        // nothing is stored that late.
+        down.checked_add(Duration::MICROSECOND).unwrap_or(down)
+    })
+}
+
 /// Checks an instant lies in the range every store can hold (years 1–9999).
 pub fn check_instant(field: &'static str, at: OffsetDateTime) -> Result<()> {
-    let year = at.to_offset(time::UtcOffset::UTC).year();
+    // Converting an instant near the ends of `time`'s range to UTC can
+    // leave that range: such an instant is out of range here too.
+    let Some(utc) = at.checked_to_offset(time::UtcOffset::UTC) else {
+        return Err(Error::invalid(field, "is outside the years 1..=9999"));
+    };
+    let year = utc.year();
     if !(1..=9999).contains(&year) {
         return Err(Error::invalid(
             field,

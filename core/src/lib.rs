@@ -35,8 +35,8 @@ pub use compact_str::CompactString;
 pub use error::{BoxError, Error, Result};
 pub use job::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobId, JobStatus, MAX_DELAY, MAX_JSON_DEPTH,
-    MAX_NAME_LEN, NewJob, Schedule, ValidJob, check_delay, check_instant, check_json, check_name,
-    check_text, validate_batch,
+    MAX_NAME_LEN, NewJob, Schedule, ValidJob, check_clean, check_delay, check_instant, check_json,
+    check_name, check_text, validate_batch,
 };
 pub use lease::{Lease, LeasedJob, MAX_LEASE, check_lease, check_result, check_retry};
 pub use payload::Payload;
