@@ -108,7 +108,17 @@ async fn run(args: &Args) -> Result<bool, String> {
                 processing::process(label, backend, args.jobs, store.settle()).await
             }
             Workload::Latency => {
-                processing::latency(label, backend, args.jobs.min(LATENCY_JOBS), LATENCY_GAP).await
+                let pusher = store.peer().await?;
+                let line = processing::latency(
+                    label,
+                    backend,
+                    &pusher,
+                    args.jobs.min(LATENCY_JOBS),
+                    LATENCY_GAP,
+                )
+                .await;
+                pusher.close().await;
+                line
             }
             Workload::Sustained => processing::sustained(label, backend, args.jobs).await,
             Workload::ClientInsert1 | Workload::ClientIdleInsert1 => {

@@ -8,6 +8,7 @@ use relayq::{Backend, HandlerError, JobContext, NewJob, Worker};
 use tokio::sync::Notify;
 
 use crate::report::{Latencies, Line};
+use crate::store::Peer;
 use crate::workloads::{SendEmail, job, monotonic_us};
 
 /// The handler's bookkeeping: completions, a bitmap of seen `seq`s to catch
@@ -96,9 +97,46 @@ fn worker(backend: Arc<dyn Backend>, ledger: Arc<Ledger>) -> Result<Worker<Arc<L
         .map_err(|e| e.to_string())
 }
 
-async fn finished(backend: &dyn Backend) -> Result<u64, String> {
-    let stats = backend.stats().await.map_err(|e| e.to_string())?;
-    Ok(stats.queues.values().map(|c| c.done + c.dead).sum())
+/// How long the store may take to show every handled job finished.
+const RECORDING_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How the store stood once every job was finished, or when it gave up
+/// waiting.
+struct Finished {
+    done: u64,
+    dead: u64,
+    /// When the store first showed `n` jobs finished; `None` if it did not
+    /// within [`RECORDING_DEADLINE`].
+    at: Option<Instant>,
+}
+
+impl Finished {
+    /// Polls the store until `n` jobs are finished (done or dead).
+    async fn wait(backend: &dyn Backend, n: u64) -> Result<Self, String> {
+        let give_up = Instant::now() + RECORDING_DEADLINE;
+        loop {
+            let stats = backend.stats().await.map_err(|e| e.to_string())?;
+            let (done, dead) = stats
+                .queues
+                .values()
+                .fold((0, 0), |(done, dead), c| (done + c.done, dead + c.dead));
+            let now = Instant::now();
+            if done + dead >= n || now >= give_up {
+                let at = (done + dead >= n).then_some(now);
+                return Ok(Self { done, dead, at });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// `line` with the store's check: every job done exactly once, none dead.
+    fn verdict(&self, line: Line, n: u64) -> Line {
+        let Self { done, dead, .. } = *self;
+        line.check(
+            done == n && dead == 0,
+            format!("the store shows {done} of {n} done and {dead} dead"),
+        )
+    }
 }
 
 /// Enqueues `seq_range` in batches of 1,000, untimed.
@@ -128,29 +166,30 @@ pub(crate) async fn process(
     let running = worker.start();
     ledger.wait().await;
     let handled_in = started.elapsed();
-    while finished(backend.as_ref()).await? < n {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let stored_in = started.elapsed();
+    let finished = Finished::wait(backend.as_ref(), n).await?;
     running.shutdown().await;
+    let stored = finished.at.map_or("NA".to_owned(), |at| {
+        format!("{:.0}", n as f64 / (at - started).as_secs_f64())
+    });
     let handled = ledger.handled.load(Ordering::Acquire);
     let duplicates = ledger.duplicates.load(Ordering::Acquire);
     let line = Line::new(label, "process")
         .rate(n as usize, handled_in)
-        .with(
-            "stored_jobs_per_s",
-            format!("{:.0}", n as f64 / stored_in.as_secs_f64()),
-        )
+        .with("stored_jobs_per_s", stored)
         .with("handled", handled)
         .with("duplicates", duplicates)
         .with("n", n);
-    Ok(ledger.verdict(line))
+    Ok(finished.verdict(ledger.verdict(line), n))
 }
 
-/// An idle worker, then `n` jobs enqueued one at a time, `gap` apart.
+/// An idle worker on `backend`, then `n` jobs enqueued one at a time, `gap`
+/// apart, through `pusher`: on PostgreSQL another backend value with a pool
+/// of its own, as in another process, so the worker hears of each job
+/// through LISTEN/NOTIFY, not from a push of its own backend.
 pub(crate) async fn latency(
     label: &str,
     backend: Arc<dyn Backend>,
+    pusher: &Peer,
     n: u64,
     gap: Duration,
 ) -> Result<Line, String> {
@@ -159,10 +198,15 @@ pub(crate) async fn latency(
     let running = worker.start();
     tokio::time::sleep(Duration::from_secs(2)).await;
     for seq in 0..n {
-        backend.push(job(seq)).await.map_err(|e| e.to_string())?;
+        pusher
+            .backend
+            .push(job(seq))
+            .await
+            .map_err(|e| e.to_string())?;
         tokio::time::sleep(gap).await;
     }
     ledger.wait().await;
+    let finished = Finished::wait(backend.as_ref(), n).await?;
     running.shutdown().await;
     let latencies = std::mem::take(
         &mut *ledger
@@ -172,10 +216,10 @@ pub(crate) async fn latency(
     );
     let mut line = Line::new(label, "latency")
         .with("n", n)
-        .with("gap_ms", gap.as_millis());
+        .with("gap_ms", gap.as_millis())
+        .with("woken_by", pusher.woken_by);
     line.latencies = latencies;
-    let line = ledger.verdict(line);
-    Ok(line)
+    Ok(finished.verdict(ledger.verdict(line), n))
 }
 
 /// `n` jobs processed while a producer keeps enqueuing, finished rows kept;
@@ -200,7 +244,7 @@ pub(crate) async fn sustained(
             while next < n {
                 // Keep about BACKLOG jobs waiting: enough to never starve the worker.
                 let handled = ledger.handled.load(Ordering::Acquire);
-                if next - handled < BACKLOG {
+                if next.saturating_sub(handled) < BACKLOG {
                     let end = (next + 1_000).min(n);
                     preload(backend.as_ref(), next, end).await?;
                     next = end;
@@ -214,6 +258,7 @@ pub(crate) async fn sustained(
     producer.await.map_err(|e| e.to_string())??;
     ledger.wait().await;
     let took = started.elapsed();
+    let finished = Finished::wait(backend.as_ref(), n).await?;
     running.shutdown().await;
     let ends = ledger
         .slice_ends
@@ -244,5 +289,5 @@ pub(crate) async fn sustained(
         .with("slices", slices.join(","))
         .with("last_over_first", ratio)
         .with("duplicates", duplicates);
-    Ok(ledger.verdict(line))
+    Ok(finished.verdict(ledger.verdict(line), n))
 }

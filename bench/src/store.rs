@@ -40,12 +40,39 @@ enum Owned {
     #[cfg(feature = "sqlite")]
     Sqlite(relayq_sqlite::SqliteBackend, std::path::PathBuf),
     #[cfg(feature = "postgres")]
-    Postgres(relayq_postgres::PgBackend),
+    Postgres(relayq_postgres::PgBackend, relayq_postgres::PgOptions),
 }
 
-/// WORKLOAD.md: a pool of at most 20 connections.
+/// WORKLOAD.md: at most 20 connections; the backend's LISTEN connection is
+/// one of them.
 #[cfg(feature = "postgres")]
-const PG_POOL: u32 = 20;
+const PG_POOL: u32 = 19;
+
+/// The pool of the latency workload's pusher on PostgreSQL, which pushes
+/// one job at a time.
+#[cfg(feature = "postgres")]
+const PG_PUSHER_POOL: u32 = 2;
+
+/// Another handle on a store, to push from as another process would.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) backend: Arc<dyn Backend>,
+    /// How a worker on the store hears of this handle's pushes.
+    pub(crate) woken_by: &'static str,
+    #[cfg(feature = "postgres")]
+    postgres: Option<relayq_postgres::PgBackend>,
+}
+
+impl Peer {
+    /// Closes what the peer opened (the store itself stays).
+    pub(crate) async fn close(self) {
+        #[cfg(feature = "postgres")]
+        if let Some(backend) = self.postgres {
+            // Sends its last notifications first.
+            backend.close().await;
+        }
+    }
+}
 
 /// relayq's jobs table of `backend`, quoted for SQL.
 #[cfg(feature = "postgres")]
@@ -80,12 +107,12 @@ pub(crate) async fn open(kind: Kind, url: &str) -> Result<Store, String> {
             let options = relayq_postgres::PgOptions::new(url)
                 .schema(schema)
                 .max_connections(PG_POOL);
-            let backend = relayq_postgres::PgBackend::connect_with(options)
+            let backend = relayq_postgres::PgBackend::connect_with(options.clone())
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(Store {
                 backend: Arc::new(backend.clone()),
-                owned: Owned::Postgres(backend),
+                owned: Owned::Postgres(backend, options),
             })
         }
         #[allow(unreachable_patterns)]
@@ -102,8 +129,36 @@ impl Store {
     #[cfg(feature = "postgres")]
     pub(crate) fn postgres(&self) -> Option<&relayq_postgres::PgBackend> {
         match &self.owned {
-            Owned::Postgres(backend) => Some(backend),
+            Owned::Postgres(backend, _) => Some(backend),
             _ => None,
+        }
+    }
+
+    /// A handle to push from as another process would: on PostgreSQL a
+    /// second backend with a pool of its own, whose pushes reach this
+    /// store's workers through LISTEN/NOTIFY; elsewhere this backend
+    /// (single-host stores, woken in process).
+    pub(crate) async fn peer(&self) -> Result<Peer, String> {
+        match &self.owned {
+            #[cfg(feature = "postgres")]
+            Owned::Postgres(_, options) => {
+                let backend = relayq_postgres::PgBackend::connect_with(
+                    options.clone().max_connections(PG_PUSHER_POOL),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok(Peer {
+                    backend: Arc::new(backend.clone()),
+                    woken_by: "listen_notify",
+                    postgres: Some(backend),
+                })
+            }
+            _ => Ok(Peer {
+                backend: self.backend.clone(),
+                woken_by: "in_process",
+                #[cfg(feature = "postgres")]
+                postgres: None,
+            }),
         }
     }
 
@@ -115,7 +170,7 @@ impl Store {
             #[cfg(feature = "sqlite")]
             Owned::Sqlite(backend, _) => backend.checkpoint().await.map_err(|e| e.to_string()),
             #[cfg(feature = "postgres")]
-            Owned::Postgres(backend) => {
+            Owned::Postgres(backend, _) => {
                 let table = jobs_table(backend);
                 for statement in [format!("VACUUM ANALYZE {table}"), "CHECKPOINT".to_owned()] {
                     relayq_postgres::sqlx::query(relayq_postgres::sqlx::AssertSqlSafe(statement))
@@ -141,7 +196,7 @@ impl Store {
                 }
             }
             #[cfg(feature = "postgres")]
-            Owned::Postgres(backend) => {
+            Owned::Postgres(backend, _) => {
                 let drop = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", backend.schema());
                 let _ = relayq_postgres::sqlx::query(relayq_postgres::sqlx::AssertSqlSafe(drop))
                     .execute(backend.pool())

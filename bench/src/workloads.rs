@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use relayq::{Backend, JobType, NewJob};
+use relayq::{Backend, JobType, ListFilter, MAX_LIST_LIMIT, NewJob};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
@@ -51,9 +51,43 @@ pub(crate) fn job(seq: u64) -> NewJob {
     payload(seq).to_job()
 }
 
-async fn count_jobs(backend: &dyn Backend) -> Result<u64, String> {
-    let stats = backend.stats().await.map_err(|e| e.to_string())?;
-    Ok(stats.queues.values().map(|c| c.total()).sum())
+/// What the store holds after an enqueue run of jobs `0..n`.
+struct Census {
+    /// Jobs stored.
+    stored: u64,
+    /// Distinct `seq`s among them, of `0..n`.
+    distinct: u64,
+}
+
+/// Walks every stored job (untimed), so a job stored twice and another
+/// not at all cannot pass for `n` jobs.
+async fn census(backend: &dyn Backend, n: u64) -> Result<Census, String> {
+    let mut seen = vec![false; usize::try_from(n).map_err(|e| e.to_string())?];
+    let (mut stored, mut distinct) = (0, 0);
+    let mut after = None;
+    loop {
+        let page = backend
+            .list(&ListFilter::new().after(after).limit(MAX_LIST_LIMIT))
+            .await
+            .map_err(|e| e.to_string())?;
+        for job in &page.jobs {
+            stored += 1;
+            let slot = job
+                .payload
+                .get("seq")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|seq| seen.get_mut(usize::try_from(seq).ok()?));
+            if let Some(slot) = slot
+                && !std::mem::replace(slot, true)
+            {
+                distinct += 1;
+            }
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(Census { stored, distinct }),
+        }
+    }
 }
 
 /// N jobs, one per call, from `tasks` concurrent tasks.
@@ -184,10 +218,11 @@ pub(crate) async fn stored_all(
     latencies: Latencies,
 ) -> Result<Line, String> {
     let took = started.elapsed();
-    let stored = count_jobs(backend).await?;
+    let Census { stored, distinct } = census(backend, n).await?;
     let mut line = line
         .rate(n as usize, took)
-        .check(stored == n, format!("stored {stored} of {n}"));
+        .check(stored == n, format!("stored {stored} of {n}"))
+        .check(distinct == n, format!("{distinct} of {n} jobs stored"));
     line.latencies = latencies;
     Ok(line)
 }
