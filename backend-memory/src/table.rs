@@ -5,8 +5,14 @@
 //! an index, not a tree search through nodes of large values, which every
 //! pull, acknowledgement and renewal does per job. A cleaned job leaves an
 //! empty slot; slots at the front are dropped as they empty.
+//!
+//! One long-lived job (scheduled for next year, say) would otherwise hold
+//! an empty slot for every job pushed and cleaned after it. So when empty
+//! slots come to outnumber the jobs in the deque, the jobs at its front
+//! move to a map of stragglers until they no longer do: memory and walks
+//! stay proportional to the jobs held.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::{Index, IndexMut};
 
 use relayq_core::{Job, JobId};
@@ -17,16 +23,23 @@ pub(crate) struct JobTable {
     first: JobId,
     /// The job of each id from `first` on, `None` once cleaned.
     slots: VecDeque<Option<Job>>,
-    /// Jobs held (`Some` slots).
-    len: usize,
+    /// Jobs held in `slots` (its `Some` slots).
+    in_slots: usize,
+    /// Jobs older than `first`, moved out of the deque's front when empty
+    /// slots outnumbered the jobs in it.
+    stragglers: BTreeMap<JobId, Job>,
 }
+
+/// Below this many slots the deque is left as it is, holes and all.
+const COMPACT_ABOVE: usize = 1_024;
 
 impl Default for JobTable {
     fn default() -> Self {
         Self {
             first: 1,
             slots: VecDeque::new(),
-            len: 0,
+            in_slots: 0,
+            stragglers: BTreeMap::new(),
         }
     }
 }
@@ -41,11 +54,11 @@ impl JobTable {
     pub(crate) fn push(&mut self, job: Job) {
         debug_assert_eq!(job.id, self.next_id(), "ids are handed out in sequence");
         self.slots.push_back(Some(job));
-        self.len += 1;
+        self.in_slots += 1;
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.in_slots + self.stragglers.len()
     }
 
     fn slot(&self, id: JobId) -> Option<usize> {
@@ -53,35 +66,60 @@ impl JobTable {
     }
 
     pub(crate) fn get(&self, id: JobId) -> Option<&Job> {
-        self.slots.get(self.slot(id)?)?.as_ref()
+        match self.slot(id) {
+            Some(slot) => self.slots.get(slot)?.as_ref(),
+            None => self.stragglers.get(&id),
+        }
     }
 
     pub(crate) fn get_mut(&mut self, id: JobId) -> Option<&mut Job> {
-        let slot = self.slot(id)?;
-        self.slots.get_mut(slot)?.as_mut()
+        match self.slot(id) {
+            Some(slot) => self.slots.get_mut(slot)?.as_mut(),
+            None => self.stragglers.get_mut(&id),
+        }
     }
 
     /// Every job, by id.
     pub(crate) fn values(&self) -> impl Iterator<Item = &Job> {
-        self.slots.iter().flatten()
+        self.since(JobId::MIN)
     }
 
     /// The jobs from id `start` on, by id.
     pub(crate) fn since(&self, start: JobId) -> impl Iterator<Item = &Job> {
         let skip = usize::try_from(start.saturating_sub(self.first).max(0)).unwrap_or(usize::MAX);
-        self.slots.iter().skip(skip).flatten()
+        self.stragglers
+            .range(start..)
+            .map(|(_, job)| job)
+            .chain(self.slots.iter().skip(skip).flatten())
     }
 
     /// Drops the jobs `keep` says no to.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Job) -> bool) {
+        self.stragglers.retain(|_, job| keep(job));
         for slot in &mut self.slots {
             if slot.as_ref().is_some_and(|job| !keep(job)) {
                 *slot = None;
-                self.len -= 1;
+                self.in_slots -= 1;
             }
         }
-        while let Some(None) = self.slots.front() {
-            self.slots.pop_front();
+        self.compact();
+    }
+
+    /// Drops the empty slots at the deque's front and, while empty slots
+    /// outnumber its jobs, moves its front job to the stragglers.
+    fn compact(&mut self) {
+        loop {
+            let holes = self.slots.len() - self.in_slots;
+            let sparse = self.slots.len() > COMPACT_ABOVE && holes > self.in_slots;
+            match self.slots.front() {
+                Some(None) => {}
+                Some(Some(_)) if sparse => {}
+                _ => return,
+            }
+            if let Some(job) = self.slots.pop_front().flatten() {
+                self.in_slots -= 1;
+                self.stragglers.insert(job.id, job);
+            }
             self.first += 1;
         }
     }
@@ -154,5 +192,38 @@ mod tests {
         assert_eq!((table.len(), table.next_id()), (0, 7));
         table.push(job(7));
         assert_eq!(ids(table.since(JobId::MIN)), [7]);
+    }
+
+    /// Jobs pushed and cleaned behind a long-lived one leave no slots
+    /// behind; the long-lived job stays where lookups and walks find it.
+    #[test]
+    fn a_long_lived_job_holds_no_slots_for_the_jobs_cleaned_after_it() {
+        let mut table = JobTable::default();
+        let mut long_lived = job(table.next_id());
+        long_lived.status = JobStatus::Pending;
+        table.push(long_lived);
+        for round in 0..50 {
+            for _ in 0..1_000 {
+                table.push(job(table.next_id()));
+            }
+            table.retain(|job| job.status == JobStatus::Pending);
+            assert_eq!(table.len(), 1, "round {round}");
+            assert!(table.slots.len() <= COMPACT_ABOVE, "round {round}");
+        }
+        assert_eq!(table[1].status, JobStatus::Pending);
+        table[1].status = JobStatus::Done;
+        assert_eq!(ids(table.values()), [1]);
+        assert_eq!(ids(table.since(1)), [1]);
+        assert_eq!(ids(table.since(2)), Vec::<JobId>::new());
+        assert_eq!(table.next_id(), 50_002);
+
+        // Newer jobs keep their place in the deque, after the straggler.
+        let newer = table.next_id();
+        table.push(job(newer));
+        assert_eq!(ids(table.values()), [1, newer]);
+        assert_eq!(ids(table.since(2)), [newer]);
+        table.retain(|job| job.id != 1);
+        assert_eq!(ids(table.values()), [newer]);
+        assert_eq!(table.len(), 1);
     }
 }
