@@ -137,7 +137,13 @@ impl MemoryBackend {
 /// `Arc<dyn Pusher>`.
 ///
 /// A handler's failure does not fail the push (the job is retried or dead
-/// in the store, as usual); only a store error does.
+/// in the store, as usual); only a store error does, also one met while
+/// running jobs after this one was stored.
+///
+/// Only due jobs of the worker's queues run: a job for another queue, or
+/// scheduled for later, stays `Pending` in the store, where
+/// [`MemoryBackend::assert_enqueued`] finds it (advance a `ManualClock` and
+/// call [`Worker::run_until_idle`] to run the scheduled ones).
 ///
 /// ```
 /// use std::sync::Arc;
