@@ -37,6 +37,12 @@
 //! ```
 
 pub use relayq_core::*;
+/// The `serde_json` relayq's API uses (payloads, results), re-exported so
+/// applications use the same version.
+pub use serde_json;
+/// The `time` relayq's API uses (`NewJob::delay`, `run_at`, leases),
+/// re-exported so applications use the same version.
+pub use time;
 
 use std::sync::Arc;
 
@@ -51,8 +57,8 @@ use std::sync::Arc;
 ///
 /// A scheme whose feature is off, or an unknown one, is an
 /// [`Error::Config`] that says which feature to enable or which schemes
-/// exist. Error messages never repeat the URL, so a password in it stays
-/// out of logs.
+/// exist. Error messages never contain the URL's password, so it stays out
+/// of logs (PostgreSQL's name the server with the password masked).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -208,7 +214,11 @@ mod tests {
         let id = backend.push(NewJob::new("k", &1)).await.expect("push").id();
         assert!(backend.get(id).await.expect("get").is_some());
         assert!(backend.capabilities().durable);
-        drop(backend);
+        // Schemes are case-insensitive: the same file.
+        let upper = format!("SQLite://{}", dir.join("jobs.db").display());
+        let same = connect(&upper).await.expect("SQLite://");
+        assert!(same.get(id).await.expect("get").is_some(), "{upper}");
+        drop((backend, same));
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 

@@ -52,6 +52,11 @@
 //!   even if its process exits right after. [`Backend::subscribe`] listens on one dedicated connection (an
 //!   sqlx `PgListener`, not a pool connection) that reconnects when it
 //!   drops.
+//! - **TLS** with the `tls-rustls` feature (the facade's
+//!   `postgres-tls-rustls`): the URL's `sslmode` (`prefer` by default,
+//!   `require`, `verify-ca`, `verify-full`) and `sslrootcert` work as with
+//!   libpq, for every connection, the LISTEN connection included.
+//!   Without it, `sslmode=require` fails to connect.
 //! - **Server time.** `now` is the server's `statement_timestamp()` unless
 //!   a [`Clock`] is injected with [`PgOptions::clock`]; then it is bound as
 //!   a parameter, which is how the conformance suite moves time.

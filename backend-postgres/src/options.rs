@@ -170,6 +170,13 @@ impl PgOptions {
     /// connection are not bounded: some may scan a large table for longer.
     /// The LISTEN connection is bounded by
     /// [`acquire_timeout`](Self::acquire_timeout).
+    ///
+    /// A pooled connection idle for a second or more is pinged before use,
+    /// for at most half the acquire timeout (and no longer than this
+    /// timeout); one whose server went silent is then closed and replaced.
+    /// Over TLS (feature `tls-rustls`) sqlx's close of it waits to hear
+    /// from the silent server, so that call fails at the acquire timeout
+    /// instead of moving on to a new connection.
     pub fn reply_timeout(mut self, timeout: Option<StdDuration>) -> Self {
         self.reply_timeout = timeout;
         self
@@ -309,12 +316,20 @@ pub(crate) fn check_schema(schema: &str) -> Result<()> {
 /// wrong with the URL, which it shows with the password replaced.
 fn parse_url(url: &str) -> Result<PgConnectOptions> {
     let redacted = redact_url(url);
-    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
-    if !scheme.is_some_and(|s| crate::URL_SCHEMES.contains(&s)) {
-        return Err(config(format!(
-            "{redacted:?} is not a PostgreSQL URL: it must start with postgres:// or postgresql://"
-        )));
-    }
+    // Schemes are case-insensitive (RFC 3986); sqlx is told in lower case.
+    let url = match url.split_once("://") {
+        Some((scheme, rest))
+            if crate::URL_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) =>
+        {
+            format!("{}://{rest}", scheme.to_ascii_lowercase())
+        }
+        _ => {
+            return Err(config(format!(
+                "{redacted:?} is not a PostgreSQL URL: it must start with postgres:// or postgresql://"
+            )));
+        }
+    };
+    let url = url.as_str();
     PgConnectOptions::from_str(url).map_err(|e| {
         let mut reason = e.to_string();
         if let Some(password) = password_of(url) {
@@ -425,6 +440,22 @@ mod tests {
             let text = format!("{err} {err:?}");
             assert!(matches!(err, Error::Config { .. }), "{url}: {text}");
             assert!(!text.contains("s3cret"), "{url}: {text}");
+        }
+    }
+
+    #[test]
+    fn schemes_are_case_insensitive() {
+        for url in ["PostgreSQL://u@h:5433/db", "POSTGRES://u@h:5433/db"] {
+            let options = parse_url(url).expect(url);
+            assert_eq!(
+                (
+                    options.get_host(),
+                    options.get_port(),
+                    options.get_database()
+                ),
+                ("h", 5433, Some("db")),
+                "{url}"
+            );
         }
     }
 }

@@ -286,6 +286,65 @@ async fn a_schema_newer_than_the_crate_is_a_config_error() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// With the `tls-rustls` feature, `sslmode=require` encrypts every
+/// connection the backend opens, its LISTEN connection included. The test
+/// server must offer TLS, as Debian's packaged server and the throwaway
+/// clusters of scripts/postgres-env do.
+#[cfg(feature = "tls-rustls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_require_encrypts_every_connection() {
+    let url = testing::database_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let name = format!("relayq-tls-{}", std::process::id());
+    let options = PgOptions::new(format!("{url}{sep}sslmode=require"))
+        .schema(testing::unique_schema())
+        .max_connections(4)
+        .application_name(name.clone());
+    let backend = match PgBackend::connect_with(options).await {
+        Ok(backend) => backend,
+        Err(e) => panic!("sslmode=require: {e:?} (does the test server have ssl = on?)"),
+    };
+    let mut wakeups = backend
+        .subscribe(&["default".to_owned()])
+        .await
+        .expect("subscribe")
+        .expect("wake-ups");
+    backend.push(job(1)).await.expect("push");
+    expect_signal(&mut wakeups, "a push over TLS, heard over TLS").await;
+    let leased = backend
+        .pull(&PullRequest::queue("default"))
+        .await
+        .expect("pull");
+    backend
+        .complete(&leased[0].lease, None)
+        .await
+        .expect("complete");
+
+    let mut admin = testing::admin().await;
+    let connections: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT a.application_name, s.ssl FROM pg_stat_activity a \
+         JOIN pg_stat_ssl s USING (pid) WHERE a.application_name LIKE $1 || '%'",
+    )
+    .bind(&name)
+    .fetch_all(&mut admin)
+    .await
+    .expect("pg_stat_ssl");
+    let listener = format!("{name}{LISTENER_SUFFIX}");
+    assert!(
+        connections.iter().any(|(app, _)| *app == listener),
+        "the LISTEN connection is among {connections:?}"
+    );
+    assert!(
+        connections.iter().any(|(app, _)| *app == name),
+        "a pool connection is among {connections:?}"
+    );
+    assert!(
+        connections.iter().all(|(_, ssl)| *ssl),
+        "every connection is encrypted: {connections:?}"
+    );
+    testing::drop_schema(backend.schema()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_in_the_callers_transaction() {
     let backend = testing::connect(testing::options()).await;
@@ -1441,7 +1500,14 @@ impl Proxy {
 async fn behind_proxy(
     through: impl FnOnce(PgOptions) -> PgOptions,
 ) -> (Proxy, PgBackend, PgBackend) {
-    let url = testing::database_url();
+    behind_proxy_on(testing::database_url(), through).await
+}
+
+/// [`behind_proxy`], reaching the server at `url`.
+async fn behind_proxy_on(
+    url: String,
+    through: impl FnOnce(PgOptions) -> PgOptions,
+) -> (Proxy, PgBackend, PgBackend) {
     let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
     let proxy = Proxy::start(format!("{}:{}", target.get_host(), target.get_port())).await;
     let backend = testing::connect(testing::options()).await;
@@ -1693,9 +1759,16 @@ async fn a_subscription_on_a_silent_listener_fails_within_the_acquire_timeout() 
 /// (at most the reply timeout) has passed, and the call goes on with a new
 /// connection; before, the ping took the whole acquire timeout and the
 /// call failed.
+///
+/// Without TLS: over TLS, sqlx's close of the failed connection waits to
+/// hear from the silent server, so the call fails at the acquire timeout
+/// instead (documented at [`PgOptions::reply_timeout`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_idle_connection_is_replaced_as_it_is_handed_out() {
-    let (proxy, backend, through) = behind_proxy(|options| {
+    let url = testing::database_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let plain = format!("{url}{sep}sslmode=disable");
+    let (proxy, backend, through) = behind_proxy_on(plain, |options| {
         options
             .max_connections(1)
             .acquire_timeout(StdDuration::from_secs(30))

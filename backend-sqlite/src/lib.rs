@@ -163,7 +163,7 @@ mod writer;
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration as StdDuration;
 
@@ -232,6 +232,11 @@ pub(crate) struct Shared {
     signals: watch::Sender<u64>,
     /// Whether the cross-process poller task runs.
     poller: Mutex<wakeups::PollerState>,
+    /// Whether the file has the `relayq_wakeups` counter (schema version 2
+    /// on). A backend opened without migrating on an older file works
+    /// without it: other processes then hear of releases and retries at
+    /// their next poll, as before.
+    counter: AtomicBool,
     lock_retries: AtomicU64,
 }
 
@@ -403,12 +408,19 @@ impl SqliteBackend {
                 poll_interval: options.poll_interval,
                 signals: watch::Sender::new(0),
                 poller: Mutex::new(wakeups::PollerState::default()),
+                counter: AtomicBool::new(false),
                 lock_retries,
             }),
         };
         backend.check_version().await?;
         if options.migrate {
             backend.migrate().await?;
+        } else {
+            let version = backend.schema_version().await?;
+            backend
+                .shared
+                .counter
+                .store(version >= wakeups::COUNTER_SINCE, Ordering::Relaxed);
         }
         Ok(backend)
     }
@@ -435,7 +447,9 @@ impl SqliteBackend {
     /// start, so concurrent callers in any number of processes are safe. A
     /// schema newer than this crate knows is [`Error::Config`].
     pub async fn migrate(&self) -> Result<()> {
-        write_tx!(self, |tx, now| { schema::migrate(&mut tx, now).await? }).map(drop)
+        write_tx!(self, |tx, now| { schema::migrate(&mut tx, now).await? })?;
+        self.shared.counter.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The schema version recorded in `relayq_schema_versions` (0 before
@@ -1020,7 +1034,7 @@ impl Puller for SqliteBackend {
             .fetch_optional(&mut *tx)
             .await?;
             if status.as_deref() == Some("pending") && !delay.is_positive() {
-                wakeups::announce(&mut tx).await?;
+                wakeups::announce(&self.shared, &mut tx).await?;
             }
             status
         })?;
@@ -1176,7 +1190,7 @@ async fn fenced(
             .await?
             .rows_affected();
         if changed == 1 && due == Due::Again {
-            wakeups::announce(&mut tx).await?;
+            wakeups::announce(&backend.shared, &mut tx).await?;
         }
         changed
     })?;
@@ -1362,7 +1376,7 @@ impl Backend for SqliteBackend {
         let baseline = if self.shared.in_memory {
             wakeups::Marks::default()
         } else {
-            read!(self, |pool| { wakeups::marks(pool).await? })?
+            read!(self, |pool| { wakeups::marks(&self.shared, pool).await? })?
         };
         Ok(Some(wakeups::subscribe(&self.shared, baseline)))
     }

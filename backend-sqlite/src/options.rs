@@ -144,8 +144,10 @@ impl SqliteOptions {
         let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
         let in_memory = database == ":memory:" || params.split('&').any(|p| p == "mode=memory");
 
-        // Let sqlx validate the URL (unknown parameters, bad values).
-        let parsed = SqliteConnectOptions::from_str(&self.url)
+        // Let sqlx validate the URL (unknown parameters, bad values); it
+        // knows the scheme in lower case only.
+        let after_scheme = self.url.split_once(':').map_or("", |(_, rest)| rest);
+        let parsed = SqliteConnectOptions::from_str(&format!("sqlite:{after_scheme}"))
             .map_err(|e| config(format!("bad SQLite URL: {e}")))?;
         let connect = if in_memory {
             // One private in-memory database, held by the pool's single
@@ -211,8 +213,19 @@ mod tests {
         ] {
             assert!(resolve(url).map(|r| r.in_memory).unwrap_or(false), "{url}");
         }
-        for url in ["sqlite://jobs.db", "sqlite:jobs.db", "SQLITE://dir/jobs.db"] {
-            assert!(!resolve(url).map(|r| r.in_memory).unwrap_or(true), "{url}");
+        for (url, file) in [
+            ("sqlite://jobs.db", "jobs.db"),
+            ("sqlite:jobs.db", "jobs.db"),
+            ("SQLITE://dir/jobs.db", "dir/jobs.db"),
+            ("SQLite:///tmp/jobs.db", "/tmp/jobs.db"),
+        ] {
+            let resolved = resolve(url).expect(url);
+            assert!(!resolved.in_memory, "{url}");
+            assert_eq!(
+                resolved.connect.get_filename(),
+                std::path::Path::new(file),
+                "{url}"
+            );
         }
     }
 

@@ -10,6 +10,7 @@
 //! `relayq_wakeups` counter in their transaction, see [`announce`]).
 //! Completions, delayed retries and other writes wake no one.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use relayq_core::Wakeups;
@@ -76,29 +77,39 @@ impl Marks {
     }
 }
 
-/// Reads the [`Marks`].
-pub(crate) async fn marks<'c, E>(conn: E) -> std::result::Result<Marks, sqlx::Error>
+/// The schema version that added the `relayq_wakeups` counter.
+pub(crate) const COUNTER_SINCE: i32 = 2;
+
+/// Reads the [`Marks`] (without the counter on a file that has none).
+pub(crate) async fn marks<'c, E>(
+    shared: &Shared,
+    conn: E,
+) -> std::result::Result<Marks, sqlx::Error>
 where
     E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
 {
-    let (stored, announced) = sqlx::query_as(
+    let sql = if shared.counter.load(Ordering::Relaxed) {
         "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'relayq_jobs'), 0), \
-                COALESCE((SELECT seq FROM relayq_wakeups), 0)",
-    )
-    .fetch_one(conn)
-    .await?;
+                COALESCE((SELECT seq FROM relayq_wakeups), 0)"
+    } else {
+        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'relayq_jobs'), 0), 0"
+    };
+    let (stored, announced) = sqlx::query_as(sql).fetch_one(conn).await?;
     Ok(Marks { stored, announced })
 }
 
 /// Tells other connections' pollers that a job became due, inside the
 /// transaction making it due; `sqlite_sequence` already tells them of new
-/// jobs.
+/// jobs. Nothing to do on a file without the counter.
 pub(crate) async fn announce(
+    shared: &Shared,
     conn: &mut sqlx::SqliteConnection,
 ) -> std::result::Result<(), sqlx::Error> {
-    sqlx::query("UPDATE relayq_wakeups SET seq = seq + 1")
-        .execute(conn)
-        .await?;
+    if shared.counter.load(Ordering::Relaxed) {
+        sqlx::query("UPDATE relayq_wakeups SET seq = seq + 1")
+            .execute(conn)
+            .await?;
+    }
     Ok(())
 }
 
@@ -163,7 +174,7 @@ async fn poll(running: Running, mut last_marks: Marks) {
         let Some(c) = conn.as_mut() else {
             continue;
         };
-        match made_due(c, &mut last_version, &mut last_marks).await {
+        match made_due(&shared, c, &mut last_version, &mut last_marks).await {
             Ok(true) => shared.signal(),
             Ok(false) => {}
             Err(_) => conn = None,
@@ -174,6 +185,7 @@ async fn poll(running: Running, mut last_marks: Marks) {
 /// Whether another connection stored a job, or made one due again, since
 /// the last call.
 async fn made_due(
+    shared: &Shared,
     conn: &mut SqliteConnection,
     last_version: &mut Option<i64>,
     last_marks: &mut Marks,
@@ -185,7 +197,7 @@ async fn made_due(
         return Ok(false);
     }
     *last_version = Some(version);
-    let now = marks(&mut *conn).await?;
+    let now = marks(shared, &mut *conn).await?;
     let grew = now.past(*last_marks);
     *last_marks = now.max(*last_marks);
     Ok(grew)

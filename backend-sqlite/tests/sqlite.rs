@@ -881,6 +881,76 @@ async fn wakeups_cross_connections_and_ignore_other_writes() {
     assert!(end.is_ok(), "the subscription ends with its backend");
 }
 
+/// A backend opened without migrating on a version-1 file (from before
+/// the wake-up counter) releases, retries and wakes its own subscribers as
+/// before; once the file is migrated, other processes' releases wake them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_file_opened_without_migrating_works_as_before() {
+    const DEADLINE: StdDuration = StdDuration::from_secs(10);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = file_url(&dir);
+    let setup = SqliteBackend::connect(&url).await.expect("connect");
+    sqlx::raw_sql(
+        "DROP TABLE relayq_wakeups; DELETE FROM relayq_schema_versions WHERE version >= 2",
+    )
+    .execute(setup.pool())
+    .await
+    .expect("back to version 1");
+    setup.close().await;
+
+    let options = SqliteOptions::new(&url)
+        .migrate(false)
+        .poll_interval(StdDuration::from_millis(20));
+    let backend = SqliteBackend::connect_with(options.clone())
+        .await
+        .expect("connect");
+    assert_eq!(backend.schema_version().await.expect("version"), 1);
+    let mut wakeups = backend
+        .subscribe(&["default".to_owned()])
+        .await
+        .expect("subscribe on a version-1 file")
+        .expect("wake-ups declared");
+    backend.push(job(1)).await.expect("push");
+    tokio::time::timeout(DEADLINE, wakeups.next())
+        .await
+        .expect("the push wakes the subscriber")
+        .expect("open");
+    let pull = |backend: SqliteBackend| async move {
+        let leased = backend
+            .pull(&PullRequest::queue("default"))
+            .await
+            .expect("pull");
+        assert_eq!(leased.len(), 1, "job 1 is due");
+        leased[0].lease
+    };
+    backend
+        .release(&pull(backend.clone()).await)
+        .await
+        .expect("release on a version-1 file");
+    tokio::time::timeout(DEADLINE, wakeups.next())
+        .await
+        .expect("the release wakes this backend's subscriber")
+        .expect("open");
+    backend
+        .retry(&pull(backend.clone()).await, Duration::ZERO, "again")
+        .await
+        .expect("retry on a version-1 file");
+    tokio::time::timeout(DEADLINE, wakeups.next())
+        .await
+        .expect("the retry wakes this backend's subscriber")
+        .expect("open");
+
+    backend.migrate().await.expect("migrate");
+    let other = SqliteBackend::connect_with(options).await.expect("connect");
+    let lease = pull(other.clone()).await;
+    assert!(quiet(&mut wakeups).await, "a pull wakes no one");
+    other.release(&lease).await.expect("release");
+    tokio::time::timeout(DEADLINE, wakeups.next())
+        .await
+        .expect("once migrated, another connection's release wakes the subscriber")
+        .expect("open");
+}
+
 // ------------------------------------------------------------------ errors
 
 /// Bad URLs and options are `Error::Config`; a database that cannot be

@@ -54,9 +54,10 @@ pub struct ShutdownReport {
     /// Jobs whose attempt ended on its own during the grace period (done,
     /// failed or dead alike).
     pub finished: usize,
-    /// Jobs still running at the deadline, stopped and given back: they are
-    /// `Pending` and eligible at once for another worker, the attempt not
-    /// spent.
+    /// Jobs given back without an outcome: those pulled ahead but not yet
+    /// started when the shutdown began, and those still running at the
+    /// deadline, stopped. They are `Pending` and eligible at once for
+    /// another worker, the attempt not spent.
     pub released: usize,
 }
 
