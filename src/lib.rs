@@ -257,6 +257,13 @@ mod tests {
         assert!(reason.contains("`sqlite` cargo feature"), "{reason}");
     }
 
+    #[cfg(not(feature = "memory"))]
+    #[tokio::test]
+    async fn a_disabled_memory_backend_names_its_feature() {
+        let reason = config_reason(connect("memory://").await);
+        assert!(reason.contains("`memory` cargo feature"), "{reason}");
+    }
+
     #[cfg(not(feature = "postgres"))]
     #[tokio::test]
     async fn a_disabled_postgres_names_its_feature() {

@@ -446,6 +446,14 @@ impl SqliteBackend {
     /// `BEGIN IMMEDIATE` transaction, which holds the write lock from the
     /// start, so concurrent callers in any number of processes are safe. A
     /// schema newer than this crate knows is [`Error::Config`].
+    ///
+    /// Upgrading processes that share a file one at a time: the first one
+    /// that migrates makes the file newer than the others know, and an
+    /// older process that then restarts with migrations on refuses to
+    /// start; run the older ones with [`SqliteOptions::migrate`] off until
+    /// all are upgraded. Version 2 (the `relayq_wakeups` counter) only adds
+    /// a table, so older processes run on it unchanged, but their
+    /// releases and retries wake other processes only at their next poll.
     pub async fn migrate(&self) -> Result<()> {
         write_tx!(self, |tx, now| { schema::migrate(&mut tx, now).await? })?;
         self.shared.counter.store(true, Ordering::Relaxed);
