@@ -51,7 +51,12 @@
 //!   shutting down has woken the others by the time its release returns,
 //!   even if its process exits right after. [`Backend::subscribe`] listens on one dedicated connection (an
 //!   sqlx `PgListener`, not a pool connection) that reconnects when it
-//!   drops.
+//!   drops, or when its server stays silent to a check made after an
+//!   acquire timeout with nothing heard. That connection must reach the
+//!   server directly or through a session-mode pooler: through a
+//!   transaction-mode pooler (PgBouncer's `pool_mode = transaction`)
+//!   LISTEN succeeds but hears nothing, and workers find other processes'
+//!   jobs only at their polls.
 //! - **TLS** with the `tls-rustls` feature (the facade's
 //!   `postgres-tls-rustls`): the URL's `sslmode` (`prefer` by default,
 //!   `require`, `verify-ca`, `verify-full`) and `sslrootcert` work as with
@@ -376,6 +381,9 @@ struct Inner {
     vacuum: vacuum::Vacuum,
     /// Folds concurrent single pool pushes into shared statements.
     fold: fold::Folder,
+    /// Set by [`PgBackend::close`] before it stops the listener, so no
+    /// subscription starts a new one meanwhile.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for PgBackend {
@@ -463,6 +471,7 @@ impl PgBackend {
                 notifier,
                 vacuum,
                 fold: fold::Folder::default(),
+                closed: std::sync::atomic::AtomicBool::new(false),
                 schema: options.schema,
                 clock: options.clock,
                 target,
@@ -515,6 +524,9 @@ impl PgBackend {
     /// operations on this backend or its clones fail with
     /// [`Error::Backend`].
     pub async fn close(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
         let hub = self.hub_slot().take();
         drop(hub);
         self.inner.notifier.close().await;
@@ -911,7 +923,9 @@ impl PgBackend {
         let mut hub = self.hub_slot();
         match hub.as_ref() {
             Some(running) if !running.is_closed() => Ok(running.clone()),
-            _ if self.inner.pool.is_closed() => {
+            _ if self.inner.closed.load(std::sync::atomic::Ordering::Acquire)
+                || self.inner.pool.is_closed() =>
+            {
                 Err(Error::backend("relayq-postgres: the backend was closed"))
             }
             _ => {

@@ -13,10 +13,18 @@
 //! backend's pool). When it drops — server restart, `pg_terminate_backend`,
 //! network failure — the task reconnects with backoff, LISTENs again, and
 //! signals every subscriber once, since pushes made meanwhile were not
-//! notified to it. A subscription or reconnection that gets no answer
+//! notified to it. (The task reconnects itself, never sqlx: a reconnection
+//! sqlx made inside a receive that a new subscription interrupted would
+//! send no such signal.) A subscription or reconnection that gets no answer
 //! within the acquire timeout fails, as when the server went silent
 //! without a reset; a new connection is made (the silent one's socket is
 //! left to TCP, which gives up on it about a quarter of an hour later).
+//!
+//! A connection that only receives never notices its server went silent
+//! (a failover that moved the address, a NAT or firewall that dropped the
+//! idle connection): TCP has nothing to retransmit. So after an acquire
+//! timeout with nothing heard, the task asks the server `SELECT 1`, and
+//! reconnects when no answer comes within the acquire timeout.
 //!
 //! A pool push of the backend (or a clone) also signals the subscribers of
 //! its queues directly ([`Hub::wake`]) as soon as its insert committed,
@@ -160,7 +168,9 @@ impl Hub {
 enum State {
     /// No subscription yet, or reconnecting at the given instant.
     Waiting(Option<Instant>, Duration),
-    Connected,
+    /// Listening; the server is asked whether it is still there at the
+    /// given instant unless something is heard from it before.
+    Connected(Instant),
 }
 
 struct Task {
@@ -185,10 +195,11 @@ impl Drop for Task {
 impl Task {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Subscribe>) {
         let mut state = State::Waiting(None, MIN_BACKOFF);
+        let lost = || State::Waiting(Some(Instant::now() + MIN_BACKOFF), MIN_BACKOFF);
         loop {
-            let retry_at = match state {
-                State::Waiting(at, _) => at,
-                State::Connected => None,
+            let (retry_at, check_at) = match state {
+                State::Waiting(at, _) => (at, None),
+                State::Connected(check_at) => (None, Some(check_at)),
             };
             tokio::select! {
                 command = commands.recv() => {
@@ -202,25 +213,43 @@ impl Task {
                     if let Err(e) = &result {
                         tracing::warn!(error = %e, "relayq-postgres: LISTEN failed");
                         self.listener = None;
-                        if matches!(state, State::Connected) {
-                            state = State::Waiting(Some(Instant::now() + MIN_BACKOFF), MIN_BACKOFF);
+                        if matches!(state, State::Connected(_)) {
+                            state = lost();
                         }
                     } else {
-                        state = State::Connected;
+                        state = self.heard();
                     }
                     // The caller may have gone; nothing to do then.
                     let _ = command.reply.send(result);
                 }
-                received = recv(self.listener.as_mut()), if matches!(state, State::Connected) => {
+                received = recv(self.listener.as_mut()), if matches!(state, State::Connected(_)) => {
                     match received {
-                        Ok(Some(notification)) => self.subscribers.wake(&[notification.payload()]),
-                        // sqlx reconnected and re-LISTENed by itself; pushes
-                        // in between were not notified to us.
-                        Ok(None) => self.subscribers.wake_all(),
+                        Ok(Some(notification)) => {
+                            self.subscribers.wake(&[notification.payload()]);
+                            state = self.heard();
+                        }
+                        // The connection closed (sqlx does not reconnect by
+                        // itself here): reconnect, then signal everyone.
+                        Ok(None) => {
+                            tracing::warn!("relayq-postgres: listener connection closed");
+                            self.listener = None;
+                            state = lost();
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "relayq-postgres: listener connection lost");
                             self.listener = None;
-                            state = State::Waiting(Some(Instant::now() + MIN_BACKOFF), MIN_BACKOFF);
+                            state = lost();
+                        }
+                    }
+                }
+                () = sleep_until(check_at), if check_at.is_some() => {
+                    let limit = self.connect_timeout;
+                    match within(limit, self.still_there()).await {
+                        Ok(()) => state = self.heard(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "relayq-postgres: listener connection silent");
+                            self.listener = None;
+                            state = lost();
                         }
                     }
                 }
@@ -230,7 +259,7 @@ impl Task {
                     match within(limit, self.reconnect()).await {
                         Ok(()) => {
                             tracing::info!("relayq-postgres: listener reconnected");
-                            state = State::Connected;
+                            state = self.heard();
                             self.subscribers.wake_all();
                         }
                         Err(e) => {
@@ -242,6 +271,24 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Connected, and just heard from the server.
+    fn heard(&self) -> State {
+        State::Connected(Instant::now() + self.connect_timeout)
+    }
+
+    /// Asks the server for an answer on the LISTEN connection.
+    async fn still_there(&mut self) -> Result<()> {
+        let listener = self
+            .listener
+            .as_mut()
+            .ok_or_else(|| Error::backend("relayq-postgres: listener not connected"))?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *listener)
+            .await
+            .map_err(db_err)?;
+        Ok(())
     }
 
     /// Connects if not connected, LISTENing on every known channel. True
@@ -261,6 +308,8 @@ impl Task {
             .await
             .map_err(db_err)?;
         let mut listener = PgListener::connect_with(&pool).await.map_err(db_err)?;
+        // Reconnections are the task's, so each one signals (see above).
+        listener.eager_reconnect(false);
         if !self.channels.is_empty() {
             listener
                 .listen_all(self.channels.values().map(String::as_str))

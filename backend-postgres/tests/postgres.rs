@@ -1754,6 +1754,31 @@ async fn a_subscription_on_a_silent_listener_fails_within_the_acquire_timeout() 
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A LISTEN connection whose server went silent while it waited for
+/// notifications (a NAT that dropped it, say: nothing to retransmit, so
+/// TCP never gives up) is found out by the listener's check after an
+/// acquire timeout of silence and replaced; every subscriber is then
+/// signalled, for the pushes it could not hear, and hears later ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_whose_server_went_silent_is_replaced() {
+    let (proxy, backend, through) =
+        behind_proxy(|options| options.acquire_timeout(StdDuration::from_millis(500))).await;
+    let mut wakeups = subscribed(&through, &["default".to_owned()]).await;
+    drain(&mut wakeups, QUIET).await;
+    proxy.silence();
+    backend.push(job(1)).await.expect("push");
+    expect_signal(
+        &mut wakeups,
+        "the catch-up after the silent listener was replaced",
+    )
+    .await;
+    drain(&mut wakeups, QUIET).await;
+    backend.push(job(2)).await.expect("push");
+    expect_signal(&mut wakeups, "a push heard on the new listener").await;
+    proxy.cut();
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// A pooled connection idle long enough to be pinged before use, whose
 /// server went silent meanwhile, is closed once half the acquire timeout
 /// (at most the reply timeout) has passed, and the call goes on with a new
