@@ -232,10 +232,11 @@ pub(crate) struct Shared {
     signals: watch::Sender<u64>,
     /// Whether the cross-process poller task runs.
     poller: Mutex<wakeups::PollerState>,
-    /// Whether the file has the `relayq_wakeups` counter (schema version 2
-    /// on). A backend opened without migrating on an older file works
-    /// without it: other processes then hear of releases and retries at
-    /// their next poll, as before.
+    /// Whether the file is known to have the `relayq_wakeups` counter
+    /// (schema version 2 on). A backend opened without migrating on an
+    /// older file works without it (other processes then hear of its
+    /// releases and retries at their next poll, as before), and looks for
+    /// it again at each use until another process's migration added it.
     counter: AtomicBool,
     lock_retries: AtomicU64,
 }
@@ -637,12 +638,18 @@ async fn insert_jobs(
     jobs: &[ValidJob],
     now: OffsetDateTime,
 ) -> Result<Vec<PushOutcome>, Fail> {
+    // Every schedule first: one that does not fit fails the batch before
+    // anything is written, also in a caller's transaction (begun with a
+    // raw `BEGIN`) that would keep the statements before it.
+    let run_ats = jobs
+        .iter()
+        .map(|job| job.run_at(now).map(micros))
+        .collect::<relayq_core::Result<Vec<i64>>>()?;
     if jobs.iter().all(|job| job.unique_key.is_none()) {
-        return insert_keyless(conn, jobs, now).await;
+        return insert_keyless(conn, jobs, &run_ats, now).await;
     }
     let mut outcomes = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let run_at = job.run_at(now)?;
+    for (job, run_at) in jobs.iter().zip(run_ats) {
         // `ON CONFLICT DO NOTHING` covers the partial unique index on
         // (queue, unique_key) of active jobs: a duplicate inserts nothing.
         let id: Option<i64> = sqlx::query_scalar(
@@ -656,7 +663,7 @@ async fn insert_jobs(
         .bind(job.payload.as_str())
         .bind(i64::from(job.priority))
         .bind(job.max_attempts)
-        .bind(micros(run_at))
+        .bind(run_at)
         .bind(&job.unique_key)
         .bind(micros(now))
         .bind(micros(now))
@@ -703,10 +710,11 @@ const INSERT_CHUNK: usize = 1_000;
 async fn insert_keyless(
     conn: &mut SqliteConnection,
     jobs: &[ValidJob],
+    run_ats: &[i64],
     now: OffsetDateTime,
 ) -> Result<Vec<PushOutcome>, Fail> {
     let mut outcomes = Vec::with_capacity(jobs.len());
-    for chunk in jobs.chunks(INSERT_CHUNK) {
+    for (chunk, run_ats) in jobs.chunks(INSERT_CHUNK).zip(run_ats.chunks(INSERT_CHUNK)) {
         let values =
             vec!["(?, ?, ?, ?, 'pending', 0, ?, 0, ?, NULL, ?, ?)"; chunk.len()].join(", ");
         let sql = format!(
@@ -714,15 +722,19 @@ async fn insert_keyless(
              max_attempts, lease_token, run_at, unique_key, created_at, updated_at) \
              VALUES {values}"
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for job in chunk {
+        // Kept prepared for single jobs and full chunks only: a statement
+        // per batch size would fill the connection's statement cache with
+        // statements of up to 8,000 parameters.
+        let mut query = sqlx::query(AssertSqlSafe(sql))
+            .persistent(chunk.len() == 1 || chunk.len() == INSERT_CHUNK);
+        for (job, run_at) in chunk.iter().zip(run_ats) {
             query = query
                 .bind(&job.queue)
                 .bind(&job.kind)
                 .bind(job.payload.as_str())
                 .bind(i64::from(job.priority))
                 .bind(job.max_attempts)
-                .bind(micros(job.run_at(now)?))
+                .bind(*run_at)
                 .bind(micros(now))
                 .bind(micros(now));
         }
@@ -999,9 +1011,13 @@ impl Puller for SqliteBackend {
         }
         let leases: Vec<Lease> = completions.iter().map(|c| c.lease).collect();
         // One JSON array of [id, token, result text] rows, bound once: one
-        // statement for the whole batch instead of one per job.
+        // statement for the whole batch instead of one per job. A lease
+        // named twice is sent once, with its first result: the UPDATE would
+        // take any of its rows.
+        let mut named = std::collections::HashSet::with_capacity(leases.len());
         let rows: Vec<Value> = completions
             .into_iter()
+            .filter(|c| named.insert((c.lease.job_id, c.lease.token)))
             .map(|c| {
                 let result = c.result.map(|r| Value::String(r.to_string()));
                 Value::Array(vec![
@@ -1384,7 +1400,10 @@ impl Backend for SqliteBackend {
         let baseline = if self.shared.in_memory {
             wakeups::Marks::default()
         } else {
-            read!(self, |pool| { wakeups::marks(&self.shared, pool).await? })?
+            read!(self, |pool| {
+                let mut conn = pool.acquire().await?;
+                wakeups::marks(&self.shared, &mut conn).await?
+            })?
         };
         Ok(Some(wakeups::subscribe(&self.shared, baseline)))
     }

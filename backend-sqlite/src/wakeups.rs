@@ -80,21 +80,39 @@ impl Marks {
 /// The schema version that added the `relayq_wakeups` counter.
 pub(crate) const COUNTER_SINCE: i32 = 2;
 
-/// Reads the [`Marks`] (without the counter on a file that has none).
-pub(crate) async fn marks<'c, E>(
+/// Whether the file has the `relayq_wakeups` counter. Until it is seen,
+/// each call looks (another process may migrate the file meanwhile).
+async fn has_counter(
     shared: &Shared,
-    conn: E,
-) -> std::result::Result<Marks, sqlx::Error>
-where
-    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
-{
-    let sql = if shared.counter.load(Ordering::Relaxed) {
+    conn: &mut SqliteConnection,
+) -> std::result::Result<bool, sqlx::Error> {
+    if shared.counter.load(Ordering::Relaxed) {
+        return Ok(true);
+    }
+    let found: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema \
+         WHERE type = 'table' AND name = 'relayq_wakeups')",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if found {
+        shared.counter.store(true, Ordering::Relaxed);
+    }
+    Ok(found)
+}
+
+/// Reads the [`Marks`] (without the counter on a file that has none).
+pub(crate) async fn marks(
+    shared: &Shared,
+    conn: &mut SqliteConnection,
+) -> std::result::Result<Marks, sqlx::Error> {
+    let sql = if has_counter(shared, conn).await? {
         "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'relayq_jobs'), 0), \
                 COALESCE((SELECT seq FROM relayq_wakeups), 0)"
     } else {
         "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'relayq_jobs'), 0), 0"
     };
-    let (stored, announced) = sqlx::query_as(sql).fetch_one(conn).await?;
+    let (stored, announced) = sqlx::query_as(sql).fetch_one(&mut *conn).await?;
     Ok(Marks { stored, announced })
 }
 
@@ -105,7 +123,7 @@ pub(crate) async fn announce(
     shared: &Shared,
     conn: &mut sqlx::SqliteConnection,
 ) -> std::result::Result<(), sqlx::Error> {
-    if shared.counter.load(Ordering::Relaxed) {
+    if has_counter(shared, conn).await? {
         sqlx::query("UPDATE relayq_wakeups SET seq = seq + 1")
             .execute(conn)
             .await?;
@@ -197,7 +215,7 @@ async fn made_due(
         return Ok(false);
     }
     *last_version = Some(version);
-    let now = marks(shared, &mut *conn).await?;
+    let now = marks(shared, conn).await?;
     let grew = now.past(*last_marks);
     *last_marks = now.max(*last_marks);
     Ok(grew)

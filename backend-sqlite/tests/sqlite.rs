@@ -602,6 +602,42 @@ async fn migrations_are_versioned_idempotent_and_safe_concurrently() {
     fresh.push(job(1)).await.expect("push after migrating");
 }
 
+/// A batch of several statements refused at its job 1,400 (a delay past
+/// the year 9999) leaves none of its jobs in the caller's transaction,
+/// even one begun with a plain `BEGIN`, which the caller then commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refused_partway_leaves_nothing_in_a_plain_transaction() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = ManualClock::new(datetime!(9999-12-30 00:00 UTC));
+    let backend = SqliteBackend::connect_with(
+        SqliteOptions::new(file_url(&dir)).clock(Arc::new(clock.clone())),
+    )
+    .await
+    .expect("connect");
+    let mut conn = backend.pool().acquire().await.expect("connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .expect("begin");
+    let batch = (0..1_500)
+        .map(|n| match n {
+            1_400 => job(n).delay(Duration::days(2)),
+            _ => job(n).delay(Duration::hours(1)),
+        })
+        .collect();
+    match backend.push_batch_in(&mut conn, batch).await {
+        Err(Error::InvalidInput { field: "delay", .. }) => {}
+        other => panic!("expected the delay refused, got {other:?}"),
+    }
+    sqlx::query("COMMIT")
+        .execute(&mut *conn)
+        .await
+        .expect("commit");
+    drop(conn);
+    let stats = backend.stats().await.expect("stats");
+    assert_eq!(stats.queue("default").total(), 0, "nothing was written");
+}
+
 /// A clean of more jobs than one transaction deletes (10,000) runs chunk
 /// after chunk until none is left, and counts them all: an exact multiple
 /// of the chunk, and a chunk and a half; recent and active jobs stay.
@@ -883,7 +919,8 @@ async fn wakeups_cross_connections_and_ignore_other_writes() {
 
 /// A backend opened without migrating on a version-1 file (from before
 /// the wake-up counter) releases, retries and wakes its own subscribers as
-/// before; once the file is migrated, other processes' releases wake them.
+/// before; once another process migrated the file, releases wake
+/// subscribers across the two, both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_1_file_opened_without_migrating_works_as_before() {
     const DEADLINE: StdDuration = StdDuration::from_secs(10);
@@ -940,14 +977,31 @@ async fn a_version_1_file_opened_without_migrating_works_as_before() {
         .expect("the retry wakes this backend's subscriber")
         .expect("open");
 
-    backend.migrate().await.expect("migrate");
-    let other = SqliteBackend::connect_with(options).await.expect("connect");
+    let other = SqliteBackend::connect_with(options.migrate(true))
+        .await
+        .expect("connect and migrate");
+    let mut theirs = other
+        .subscribe(&["default".to_owned()])
+        .await
+        .expect("subscribe")
+        .expect("wake-ups declared");
     let lease = pull(other.clone()).await;
-    assert!(quiet(&mut wakeups).await, "a pull wakes no one");
+    // The poller's own late signals (it also sees this process's writes).
+    while !quiet(&mut wakeups).await {}
     other.release(&lease).await.expect("release");
     tokio::time::timeout(DEADLINE, wakeups.next())
         .await
-        .expect("once migrated, another connection's release wakes the subscriber")
+        .expect("once migrated, the other process's release wakes the first")
+        .expect("open");
+    let lease = pull(backend.clone()).await;
+    while tokio::time::timeout(StdDuration::from_millis(300), theirs.next())
+        .await
+        .is_ok()
+    {}
+    backend.release(&lease).await.expect("release");
+    tokio::time::timeout(DEADLINE, theirs.next())
+        .await
+        .expect("the first process's release, counted now, wakes the other")
         .expect("open");
 }
 

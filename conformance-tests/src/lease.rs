@@ -521,13 +521,20 @@ pub async fn complete_batch_is_fenced_per_lease(h: Harness) {
         vec![]
     );
 
-    // A lease named twice completes once, and is reported lost once.
-    let twice = vec![Completion::from(again.lease), Completion::from(again.lease)];
+    // A lease named twice completes once, with the first naming's result,
+    // and is reported lost once.
+    let named = |result: &str| Completion {
+        lease: again.lease,
+        result: Some(serde_json::json!(result)),
+    };
+    let twice = vec![named("first"), named("second")];
     let lost = h
         .backend
         .complete_batch(twice)
         .await
         .expect("complete_batch");
     assert_eq!(lost, vec![again.lease]);
-    assert_eq!(h.job(again.job.id).await.status, JobStatus::Done);
+    let done = h.job(again.job.id).await;
+    assert_eq!(done.status, JobStatus::Done);
+    assert_eq!(done.result, Some(serde_json::json!("first")));
 }
