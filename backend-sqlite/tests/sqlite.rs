@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use relayq_core::{
-    Backend, Cleaner, Completion, Error, JobStatus, ListFilter, ManualClock, NewJob, Observer,
-    PullRequest, Puller, PushOutcome, Pusher,
+    Backend, Cleaner, Completion, Error, JobStatus, Lease, ListFilter, ManualClock, NewJob,
+    Observer, PullRequest, Puller, PushOutcome, Pusher, Wakeups,
 };
 use relayq_sqlite::{MIN_SQLITE_VERSION, SCHEMA_VERSION, SqliteBackend, SqliteOptions};
 use serde_json::json;
@@ -829,10 +829,38 @@ async fn close_ends_the_wakeup_poller() {
 }
 
 /// Whether `wakeups` stays silent for 300 ms.
-async fn quiet(wakeups: &mut relayq_core::Wakeups) -> bool {
+async fn quiet(wakeups: &mut Wakeups) -> bool {
     tokio::time::timeout(StdDuration::from_millis(300), wakeups.next())
         .await
         .is_err()
+}
+
+/// Waits for a signal, failing the test with `why` after 10 s.
+async fn woken(wakeups: &mut Wakeups, why: &str) {
+    match tokio::time::timeout(StdDuration::from_secs(10), wakeups.next()).await {
+        Ok(Some(())) => {}
+        Ok(None) => panic!("the subscription ended; expected: {why}"),
+        Err(_) => panic!("no signal within 10 s: {why}"),
+    }
+}
+
+/// A subscription to the default queue.
+async fn subscribed(backend: &SqliteBackend) -> Wakeups {
+    backend
+        .subscribe(&["default".to_owned()])
+        .await
+        .expect("subscribe")
+        .expect("wake-ups declared")
+}
+
+/// The lease of the one due job of the default queue.
+async fn lease_of_the_due_job(backend: &SqliteBackend) -> Lease {
+    let leased = backend
+        .pull(&PullRequest::queue("default"))
+        .await
+        .expect("pull");
+    assert_eq!(leased.len(), 1, "one job is due");
+    leased[0].lease
 }
 
 /// A subscriber is woken by a push through another backend on the same
@@ -849,62 +877,51 @@ async fn wakeups_cross_connections_and_ignore_other_writes() {
         .await
         .expect("connect");
     let other = SqliteBackend::connect_with(options).await.expect("connect");
-    let mut wakeups = worker_side
-        .subscribe(&["default".to_owned()])
-        .await
-        .expect("subscribe")
-        .expect("wake-ups declared");
+    let mut wakeups = subscribed(&worker_side).await;
 
     other.push(job(1)).await.expect("push");
-    tokio::time::timeout(DEADLINE, wakeups.next())
-        .await
-        .expect("a push by another connection wakes the subscriber")
-        .expect("open");
+    woken(
+        &mut wakeups,
+        "a push by another connection wakes the subscriber",
+    )
+    .await;
 
     // Completing it is a write but stores no job: no signal.
-    let leased = other
-        .pull(&PullRequest::queue("default"))
-        .await
-        .expect("pull");
-    other
-        .complete(&leased[0].lease, None)
-        .await
-        .expect("complete");
+    let lease = lease_of_the_due_job(&other).await;
+    other.complete(&lease, None).await.expect("complete");
     assert!(quiet(&mut wakeups).await, "completions do not wake workers");
 
     let mut tx = other.begin().await.expect("begin");
     other.push_in(&mut tx, job(2)).await.expect("push_in");
     tx.commit().await.expect("commit");
-    tokio::time::timeout(DEADLINE, wakeups.next())
-        .await
-        .expect("a committed push_in by another connection wakes the subscriber")
-        .expect("open");
+    woken(
+        &mut wakeups,
+        "a committed push_in by another connection wakes the subscriber",
+    )
+    .await;
 
     // Making a stored job due again wakes it too; a retry for later does not.
-    let pull = || async {
-        let leased = other
-            .pull(&PullRequest::queue("default"))
-            .await
-            .expect("pull");
-        assert_eq!(leased.len(), 1, "job 2 is due");
-        leased[0].lease
-    };
+    let lease = lease_of_the_due_job(&other).await;
     assert!(quiet(&mut wakeups).await, "a pull wakes no one");
-    other.release(&pull().await).await.expect("release");
-    tokio::time::timeout(DEADLINE, wakeups.next())
-        .await
-        .expect("a release by another connection wakes the subscriber")
-        .expect("open");
+    other.release(&lease).await.expect("release");
+    woken(
+        &mut wakeups,
+        "a release by another connection wakes the subscriber",
+    )
+    .await;
+    let lease = lease_of_the_due_job(&other).await;
     other
-        .retry(&pull().await, Duration::ZERO, "again")
+        .retry(&lease, Duration::ZERO, "again")
         .await
         .expect("retry");
-    tokio::time::timeout(DEADLINE, wakeups.next())
-        .await
-        .expect("a retry due at once by another connection wakes the subscriber")
-        .expect("open");
+    woken(
+        &mut wakeups,
+        "a retry due at once by another connection wakes the subscriber",
+    )
+    .await;
+    let lease = lease_of_the_due_job(&other).await;
     other
-        .retry(&pull().await, Duration::hours(1), "later")
+        .retry(&lease, Duration::hours(1), "later")
         .await
         .expect("retry");
     assert!(quiet(&mut wakeups).await, "a retry due later wakes no one");
@@ -923,7 +940,6 @@ async fn wakeups_cross_connections_and_ignore_other_writes() {
 /// subscribers across the two, both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_1_file_opened_without_migrating_works_as_before() {
-    const DEADLINE: StdDuration = StdDuration::from_secs(10);
     let dir = tempfile::tempdir().expect("temp dir");
     let url = file_url(&dir);
     let setup = SqliteBackend::connect(&url).await.expect("connect");
@@ -942,67 +958,43 @@ async fn a_version_1_file_opened_without_migrating_works_as_before() {
         .await
         .expect("connect");
     assert_eq!(backend.schema_version().await.expect("version"), 1);
-    let mut wakeups = backend
-        .subscribe(&["default".to_owned()])
-        .await
-        .expect("subscribe on a version-1 file")
-        .expect("wake-ups declared");
+    let mut wakeups = subscribed(&backend).await;
     backend.push(job(1)).await.expect("push");
-    tokio::time::timeout(DEADLINE, wakeups.next())
-        .await
-        .expect("the push wakes the subscriber")
-        .expect("open");
-    let pull = |backend: SqliteBackend| async move {
-        let leased = backend
-            .pull(&PullRequest::queue("default"))
-            .await
-            .expect("pull");
-        assert_eq!(leased.len(), 1, "job 1 is due");
-        leased[0].lease
-    };
+    woken(&mut wakeups, "the push wakes the subscriber").await;
+    let lease = lease_of_the_due_job(&backend).await;
     backend
-        .release(&pull(backend.clone()).await)
+        .release(&lease)
         .await
         .expect("release on a version-1 file");
-    tokio::time::timeout(DEADLINE, wakeups.next())
-        .await
-        .expect("the release wakes this backend's subscriber")
-        .expect("open");
+    woken(&mut wakeups, "the release wakes this backend's subscriber").await;
+    let lease = lease_of_the_due_job(&backend).await;
     backend
-        .retry(&pull(backend.clone()).await, Duration::ZERO, "again")
+        .retry(&lease, Duration::ZERO, "again")
         .await
         .expect("retry on a version-1 file");
-    tokio::time::timeout(DEADLINE, wakeups.next())
-        .await
-        .expect("the retry wakes this backend's subscriber")
-        .expect("open");
+    woken(&mut wakeups, "the retry wakes this backend's subscriber").await;
 
     let other = SqliteBackend::connect_with(options.migrate(true))
         .await
         .expect("connect and migrate");
-    let mut theirs = other
-        .subscribe(&["default".to_owned()])
-        .await
-        .expect("subscribe")
-        .expect("wake-ups declared");
-    let lease = pull(other.clone()).await;
-    // The poller's own late signals (it also sees this process's writes).
+    let mut theirs = subscribed(&other).await;
+    let lease = lease_of_the_due_job(&other).await;
+    // The pollers' own late signals (each sees the other process's writes).
     while !quiet(&mut wakeups).await {}
     other.release(&lease).await.expect("release");
-    tokio::time::timeout(DEADLINE, wakeups.next())
-        .await
-        .expect("once migrated, the other process's release wakes the first")
-        .expect("open");
-    let lease = pull(backend.clone()).await;
-    while tokio::time::timeout(StdDuration::from_millis(300), theirs.next())
-        .await
-        .is_ok()
-    {}
+    woken(
+        &mut wakeups,
+        "once migrated, the other process's release wakes the first",
+    )
+    .await;
+    let lease = lease_of_the_due_job(&backend).await;
+    while !quiet(&mut theirs).await {}
     backend.release(&lease).await.expect("release");
-    tokio::time::timeout(DEADLINE, theirs.next())
-        .await
-        .expect("the first process's release, counted now, wakes the other")
-        .expect("open");
+    woken(
+        &mut theirs,
+        "the first process's release, counted now, wakes the other",
+    )
+    .await;
 }
 
 // ------------------------------------------------------------------ errors
