@@ -168,9 +168,8 @@ impl Hub {
 enum State {
     /// No subscription yet, or reconnecting at the given instant.
     Waiting(Option<Instant>, Duration),
-    /// Listening; the server is asked whether it is still there at the
-    /// given instant unless something is heard from it before.
-    Connected(Instant),
+    /// Listening.
+    Connected,
 }
 
 struct Task {
@@ -196,11 +195,18 @@ impl Task {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Subscribe>) {
         let mut state = State::Waiting(None, MIN_BACKOFF);
         let lost = || State::Waiting(Some(Instant::now() + MIN_BACKOFF), MIN_BACKOFF);
+        // While connected: when the server was last heard from, and the one
+        // timer that checks on it, re-armed only when it fires (a timer per
+        // notification would cost a driver wake-up each).
+        let mut heard = Instant::now();
+        let check = tokio::time::sleep_until(heard);
+        tokio::pin!(check);
         loop {
-            let (retry_at, check_at) = match state {
-                State::Waiting(at, _) => (at, None),
-                State::Connected(check_at) => (None, Some(check_at)),
+            let retry_at = match state {
+                State::Waiting(at, _) => at,
+                State::Connected => None,
             };
+            let connected = matches!(state, State::Connected);
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { return };
@@ -213,20 +219,25 @@ impl Task {
                     if let Err(e) = &result {
                         tracing::warn!(error = %e, "relayq-postgres: LISTEN failed");
                         self.listener = None;
-                        if matches!(state, State::Connected(_)) {
+                        if connected {
                             state = lost();
                         }
-                    } else {
-                        state = self.heard();
+                    } else if !connected {
+                        // A new connection. (A subscription on one already
+                        // up may have sent nothing: it does not count as
+                        // hearing from the server.)
+                        state = State::Connected;
+                        heard = Instant::now();
+                        check.as_mut().reset(heard + self.connect_timeout);
                     }
                     // The caller may have gone; nothing to do then.
                     let _ = command.reply.send(result);
                 }
-                received = recv(self.listener.as_mut()), if matches!(state, State::Connected(_)) => {
+                received = recv(self.listener.as_mut()), if connected => {
                     match received {
                         Ok(Some(notification)) => {
                             self.subscribers.wake(&[notification.payload()]);
-                            state = self.heard();
+                            heard = Instant::now();
                         }
                         // The connection closed (sqlx does not reconnect by
                         // itself here): reconnect, then signal everyone.
@@ -242,10 +253,17 @@ impl Task {
                         }
                     }
                 }
-                () = sleep_until(check_at), if check_at.is_some() => {
-                    let limit = self.connect_timeout;
-                    match within(limit, self.still_there()).await {
-                        Ok(()) => state = self.heard(),
+                () = &mut check, if connected => {
+                    let due = heard + self.connect_timeout;
+                    if due > Instant::now() {
+                        check.as_mut().reset(due);
+                        continue;
+                    }
+                    match within(self.connect_timeout, self.still_there()).await {
+                        Ok(()) => {
+                            heard = Instant::now();
+                            check.as_mut().reset(heard + self.connect_timeout);
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "relayq-postgres: listener connection silent");
                             self.listener = None;
@@ -259,7 +277,9 @@ impl Task {
                     match within(limit, self.reconnect()).await {
                         Ok(()) => {
                             tracing::info!("relayq-postgres: listener reconnected");
-                            state = self.heard();
+                            state = State::Connected;
+                            heard = Instant::now();
+                            check.as_mut().reset(heard + self.connect_timeout);
                             self.subscribers.wake_all();
                         }
                         Err(e) => {
@@ -271,11 +291,6 @@ impl Task {
                 }
             }
         }
-    }
-
-    /// Connected, and just heard from the server.
-    fn heard(&self) -> State {
-        State::Connected(Instant::now() + self.connect_timeout)
     }
 
     /// Asks the server for an answer on the LISTEN connection.

@@ -722,11 +722,7 @@ async fn insert_keyless(
              max_attempts, lease_token, run_at, unique_key, created_at, updated_at) \
              VALUES {values}"
         );
-        // Kept prepared for single jobs and full chunks only: a statement
-        // per batch size would fill the connection's statement cache with
-        // statements of up to 8,000 parameters.
-        let mut query = sqlx::query(AssertSqlSafe(sql))
-            .persistent(chunk.len() == 1 || chunk.len() == INSERT_CHUNK);
+        let mut query = sqlx::query(AssertSqlSafe(sql));
         for (job, run_at) in chunk.iter().zip(run_ats) {
             query = query
                 .bind(&job.queue)
