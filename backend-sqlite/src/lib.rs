@@ -233,10 +233,10 @@ pub(crate) struct Shared {
     /// Whether the cross-process poller task runs.
     poller: Mutex<wakeups::PollerState>,
     /// Whether the file is known to have the `relayq_wakeups` counter
-    /// (schema version 2 on). A backend opened without migrating on an
-    /// older file works without it (other processes then hear of its
-    /// releases and retries at their next poll, as before), and looks for
-    /// it again at each use until another process's migration added it.
+    /// (schema version 2 on); looked up at each use until found. A backend
+    /// opened without migrating on an older file works without it (other
+    /// processes then hear of its releases and retries at their next poll,
+    /// as before) until a migration adds it.
     counter: AtomicBool,
     lock_retries: AtomicU64,
 }
@@ -416,12 +416,6 @@ impl SqliteBackend {
         backend.check_version().await?;
         if options.migrate {
             backend.migrate().await?;
-        } else {
-            let version = backend.schema_version().await?;
-            backend
-                .shared
-                .counter
-                .store(version >= wakeups::COUNTER_SINCE, Ordering::Relaxed);
         }
         Ok(backend)
     }
@@ -456,9 +450,7 @@ impl SqliteBackend {
     /// a table, so older processes run on it unchanged, but their
     /// releases and retries wake other processes only at their next poll.
     pub async fn migrate(&self) -> Result<()> {
-        write_tx!(self, |tx, now| { schema::migrate(&mut tx, now).await? })?;
-        self.shared.counter.store(true, Ordering::Relaxed);
-        Ok(())
+        write_tx!(self, |tx, now| { schema::migrate(&mut tx, now).await? }).map(drop)
     }
 
     /// The schema version recorded in `relayq_schema_versions` (0 before

@@ -77,9 +77,6 @@ impl Marks {
     }
 }
 
-/// The schema version that added the `relayq_wakeups` counter.
-pub(crate) const COUNTER_SINCE: i32 = 2;
-
 /// Whether the file has the `relayq_wakeups` counter. Until it is seen,
 /// each call looks (another process may migrate the file meanwhile).
 async fn has_counter(
