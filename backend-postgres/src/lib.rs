@@ -58,10 +58,13 @@
 //!   LISTEN succeeds but hears nothing, and workers find other processes'
 //!   jobs only at their polls.
 //! - **TLS** with the `tls-rustls` feature (the facade's
-//!   `postgres-tls-rustls`): the URL's `sslmode` (`prefer` by default,
-//!   `require`, `verify-ca`, `verify-full`) and `sslrootcert` work as with
-//!   libpq, for every connection, the LISTEN connection included.
-//!   Without it, `sslmode=require` fails to connect.
+//!   `postgres-tls-rustls`), for every connection, the LISTEN connection
+//!   included. The URL's `sslmode` as sqlx reads it: `prefer` (the
+//!   default) and `require` encrypt without checking the certificate,
+//!   `verify-ca` and `verify-full` check it against Mozilla's roots plus
+//!   the CA of `sslrootcert` (unlike libpq, that CA is added to the roots
+//!   rather than trusted alone, and `require` never verifies). Without the
+//!   feature, `sslmode=require` fails to connect.
 //! - **Server time.** `now` is the server's `statement_timestamp()` unless
 //!   a [`Clock`] is injected with [`PgOptions::clock`]; then it is bound as
 //!   a parameter, which is how the conformance suite moves time.
@@ -181,10 +184,11 @@
 //! default 10) plus, once [`Backend::subscribe`] is first called, exactly
 //! one LISTEN connection, whose `application_name` ends in
 //! [`LISTENER_SUFFIX`]. Nothing else is ever opened. When that connection
-//! drops, sqlx reconnects it (retrying for up to
-//! [`PgOptions::acquire_timeout`]); if that fails the listener keeps
-//! retrying with backoff (up to 5 s apart). After any reconnection every
-//! subscriber gets one signal, since pushes in between were not heard.
+//! drops, or stays silent to a `SELECT 1` sent after an acquire timeout
+//! with nothing heard, the listener task replaces it, each attempt bounded
+//! by [`PgOptions::acquire_timeout`], retrying with backoff (50 ms
+//! doubling to 5 s). After any reconnection every subscriber gets one
+//! signal, since pushes in between were not heard.
 //! [`PgBackend::close`] closes the pool and the listener.
 //!
 //! Pool connections run at READ COMMITTED whatever the database's default

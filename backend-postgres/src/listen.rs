@@ -112,7 +112,7 @@ impl Subscriber {
 impl Hub {
     /// Starts the task. It connects on the first subscription.
     /// `connect_timeout` bounds each (re)connection attempt, including
-    /// the retries sqlx makes within one.
+    /// the retries its pool makes within one, and each silence check.
     pub(crate) fn start(
         connect: PgConnectOptions,
         connect_timeout: Duration,
@@ -312,7 +312,9 @@ impl Task {
         if self.listener.is_some() {
             return Ok(false);
         }
-        // A private pool of one: PgListener reconnects through it.
+        // A private pool of one, dropped with the listener: a lost
+        // connection is replaced by a new listener, never reconnected by
+        // sqlx (eager reconnect is off, below).
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .min_connections(0)

@@ -227,8 +227,8 @@ pub(crate) struct Shared {
     poll_interval: StdDuration,
     /// Bumped whenever a job may have become due: a push through this
     /// backend stored one, it released a lease or recorded a retry due at
-    /// once, or the poller saw another process store one. Subscribers
-    /// watch it.
+    /// once, or the poller saw another connection store a job or make one
+    /// due again. Subscribers watch it.
     signals: watch::Sender<u64>,
     /// Whether the cross-process poller task runs.
     poller: Mutex<wakeups::PollerState>,

@@ -1,6 +1,6 @@
-//! Wake-ups: an in-process watch channel bumped by every push through the
-//! backend, plus, for file databases, a poller that notices jobs stored by
-//! other connections or processes.
+//! Wake-ups: an in-process watch channel bumped by every push, release and
+//! retry due at once through the backend, plus, for file databases, a
+//! poller that notices the same done by other connections or processes.
 //!
 //! The poller runs only while someone is subscribed. It keeps one dedicated
 //! connection and asks it for `PRAGMA data_version`, which changes exactly
