@@ -38,9 +38,14 @@
 //!   holds a database-wide lock, so notifying inside each push would make
 //!   concurrent pushes commit one at a time). The task sends them just
 //!   after the push returns, and again after a failure;
-//!   [`PgBackend::close`] sends those still queued. Should the runtime
-//!   that runs it stop first, workers in other processes find the jobs at
-//!   their next poll. A pool push also wakes the
+//!   [`PgBackend::close`] sends those still queued. The task (like the
+//!   LISTEN task) runs on the Tokio runtime of the first call that needed
+//!   it: a backend shared with a runtime that is only driven now and then
+//!   (a `current_thread` runtime under occasional `block_on`) sends its
+//!   notifications only while that runtime runs. Should that runtime stop
+//!   first, workers in other processes find the jobs at their next poll,
+//!   and the next call starts the task again on its own runtime. A pool
+//!   push also wakes the
 //!   subscribers of its own backend (and its clones) directly, before it
 //!   returns, which saves them the notification's round trip (measured on
 //!   a server with `synchronous_commit = off`, so that no WAL flush hides
