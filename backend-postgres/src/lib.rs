@@ -499,7 +499,7 @@ impl PgBackend {
     /// and its tables on first use, does nothing when up to date. Runs in
     /// one transaction under an advisory lock, so concurrent callers in
     /// any number of processes are safe. A schema newer than this crate
-    /// knows is [`Error::Config`].
+    /// knows is [`Error::SchemaTooNew`].
     pub async fn migrate(&self) -> Result<()> {
         migrate::migrate(&self.inner.pool, &self.inner.schema)
             .await

@@ -146,11 +146,9 @@ async fn migrate_once(pool: &PgPool, schema: &str) -> std::result::Result<Vec<i3
     .await?
     .try_get("v")?;
     if current > SCHEMA_VERSION {
-        return Err(Failure::Refused(Error::Config {
-            reason: format!(
-                "schema {schema:?} is at version {current}, newer than this relayq-postgres \
-                 (version {SCHEMA_VERSION}); upgrade relayq-postgres"
-            ),
+        return Err(Failure::Refused(Error::SchemaTooNew {
+            found: i64::from(current),
+            supported: i64::from(SCHEMA_VERSION),
         }));
     }
     let mut applied = Vec::new();

@@ -268,7 +268,7 @@ async fn migrate_one_schema_at_once(isolation: Option<&str>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_schema_newer_than_the_crate_is_a_config_error() {
+async fn a_schema_newer_than_the_crate_is_refused() {
     let options = testing::options();
     let backend = testing::connect(options.clone()).await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -280,8 +280,11 @@ async fn a_schema_newer_than_the_crate_is_a_config_error() {
     .await
     .expect("insert");
     match backend.migrate().await {
-        Err(Error::Config { reason }) => assert!(reason.contains("newer"), "{reason}"),
-        other => panic!("expected Config, got {other:?}"),
+        Err(Error::SchemaTooNew { found, supported }) => assert_eq!(
+            (found, supported),
+            (i64::from(SCHEMA_VERSION) + 1, i64::from(SCHEMA_VERSION))
+        ),
+        other => panic!("expected SchemaTooNew, got {other:?}"),
     }
     testing::drop_schema(backend.schema()).await;
 }

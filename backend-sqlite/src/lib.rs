@@ -440,7 +440,7 @@ impl SqliteBackend {
     /// on first use, does nothing when up to date. Runs in one
     /// `BEGIN IMMEDIATE` transaction, which holds the write lock from the
     /// start, so concurrent callers in any number of processes are safe. A
-    /// schema newer than this crate knows is [`Error::Config`].
+    /// schema newer than this crate knows is [`Error::SchemaTooNew`].
     ///
     /// Upgrading processes that share a file one at a time: the first one
     /// that migrates makes the file newer than the others know, and an

@@ -77,11 +77,9 @@ pub(crate) async fn migrate(
     let current = current_version(conn).await?;
     let latest = latest_version();
     if current > latest {
-        return Err(Fail::Core(relayq_core::Error::Config {
-            reason: format!(
-                "the database's relayq schema is version {current}, newer than the \
-                 {latest} this relayq-sqlite knows: upgrade relayq-sqlite"
-            ),
+        return Err(Fail::Core(relayq_core::Error::SchemaTooNew {
+            found: current,
+            supported: latest,
         }));
     }
     let mut applied = Vec::new();

@@ -47,6 +47,20 @@ pub enum Error {
         what: &'static str,
     },
 
+    /// The store's relayq schema is newer than this build of relayq knows:
+    /// a newer relayq migrated it (say, before a rollback). Nothing was
+    /// changed; upgrade relayq to use this store.
+    #[error(
+        "the store's relayq schema is version {found}, newer than version {supported}, \
+         the newest this relayq knows: upgrade relayq"
+    )]
+    SchemaTooNew {
+        /// The version the store records.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+
     /// The configuration (a URL, a schema name, a pool setting) is unusable.
     #[error("invalid configuration: {reason}")]
     Config {
