@@ -34,6 +34,7 @@
 //! signal is still pending, since signals coalesce).
 
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ use relayq_core::{Error, Result, Wakeups};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{Row, SqlStr};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::db_err;
 use crate::deadline::within;
@@ -227,8 +228,7 @@ impl Task {
                         // up may have sent nothing: it does not count as
                         // hearing from the server.)
                         state = State::Connected;
-                        heard = Instant::now();
-                        check.as_mut().reset(heard + self.connect_timeout);
+                        heard_from_server(&mut heard, check.as_mut(), self.connect_timeout);
                     }
                     // The caller may have gone; nothing to do then.
                     let _ = command.reply.send(result);
@@ -261,8 +261,7 @@ impl Task {
                     }
                     match within(self.connect_timeout, self.still_there()).await {
                         Ok(()) => {
-                            heard = Instant::now();
-                            check.as_mut().reset(heard + self.connect_timeout);
+                            heard_from_server(&mut heard, check.as_mut(), self.connect_timeout);
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "relayq-postgres: listener connection silent");
@@ -278,8 +277,7 @@ impl Task {
                         Ok(()) => {
                             tracing::info!("relayq-postgres: listener reconnected");
                             state = State::Connected;
-                            heard = Instant::now();
-                            check.as_mut().reset(heard + self.connect_timeout);
+                            heard_from_server(&mut heard, check.as_mut(), self.connect_timeout);
                             self.subscribers.wake_all();
                         }
                         Err(e) => {
@@ -392,6 +390,13 @@ async fn recv(
         Some(listener) => listener.try_recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// The server was just heard from (or connected to): the next check on
+/// it is `timeout` away.
+fn heard_from_server(heard: &mut Instant, check: Pin<&mut Sleep>, timeout: Duration) {
+    *heard = Instant::now();
+    check.reset(*heard + timeout);
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -207,17 +207,24 @@ async fn a_migration_waiting_on_a_long_transaction_holds_up_no_queue_operation()
     testing::drop_schema(&schema).await;
 }
 
+/// The test database's URL with `param` (`key=value`) added to its query.
+fn test_url_with(param: &str) -> String {
+    let url = testing::database_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{param}")
+}
+
 /// The test database's URL, with sessions defaulting to `isolation` (as
 /// `ALTER DATABASE … SET default_transaction_isolation` would make them).
 fn url_defaulting_to(isolation: Option<&str>) -> String {
-    let url = testing::database_url();
     match isolation {
-        None => url,
+        None => testing::database_url(),
         Some(level) => {
-            let sep = if url.contains('?') { '&' } else { '?' };
             // A space in an option value is escaped with a backslash.
             let level = level.replace(' ', "%5C%20");
-            format!("{url}{sep}options=-c%20default_transaction_isolation%3D{level}")
+            test_url_with(&format!(
+                "options=-c%20default_transaction_isolation%3D{level}"
+            ))
         }
     }
 }
@@ -296,10 +303,8 @@ async fn a_schema_newer_than_the_crate_is_refused() {
 #[cfg(feature = "tls-rustls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmode_require_encrypts_every_connection() {
-    let url = testing::database_url();
-    let sep = if url.contains('?') { '&' } else { '?' };
     let name = format!("relayq-tls-{}", std::process::id());
-    let options = PgOptions::new(format!("{url}{sep}sslmode=require"))
+    let options = PgOptions::new(test_url_with("sslmode=require"))
         .schema(testing::unique_schema())
         .max_connections(4)
         .application_name(name.clone());
@@ -1807,9 +1812,7 @@ async fn a_listener_whose_server_went_silent_is_replaced() {
 /// instead (documented at [`PgOptions::reply_timeout`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_idle_connection_is_replaced_as_it_is_handed_out() {
-    let url = testing::database_url();
-    let sep = if url.contains('?') { '&' } else { '?' };
-    let plain = format!("{url}{sep}sslmode=disable");
+    let plain = test_url_with("sslmode=disable");
     let (proxy, backend, through) = behind_proxy_on(plain, |options| {
         options
             .max_connections(1)

@@ -602,18 +602,22 @@ async fn migrations_are_versioned_idempotent_and_safe_concurrently() {
     fresh.push(job(1)).await.expect("push after migrating");
 }
 
+/// A backend on a file in `dir` whose clock stands still at `now`.
+async fn with_clock_at(dir: &TempDir, now: time::OffsetDateTime) -> SqliteBackend {
+    SqliteBackend::connect_with(
+        SqliteOptions::new(file_url(dir)).clock(Arc::new(ManualClock::new(now))),
+    )
+    .await
+    .expect("connect")
+}
+
 /// A batch of several statements refused at its job 1,400 (a delay past
 /// the year 9999) leaves none of its jobs in the caller's transaction,
 /// even one begun with a plain `BEGIN`, which the caller then commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_refused_partway_leaves_nothing_in_a_plain_transaction() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let clock = ManualClock::new(datetime!(9999-12-30 00:00 UTC));
-    let backend = SqliteBackend::connect_with(
-        SqliteOptions::new(file_url(&dir)).clock(Arc::new(clock.clone())),
-    )
-    .await
-    .expect("connect");
+    let backend = with_clock_at(&dir, datetime!(9999-12-30 00:00 UTC)).await;
     let mut conn = backend.pool().acquire().await.expect("connection");
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *conn)
@@ -644,13 +648,8 @@ async fn a_batch_refused_partway_leaves_nothing_in_a_plain_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_deletes_chunk_after_chunk() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let clock = ManualClock::new(datetime!(2030-01-01 00:00 UTC));
-    let backend = SqliteBackend::connect_with(
-        SqliteOptions::new(file_url(&dir)).clock(Arc::new(clock.clone())),
-    )
-    .await
-    .expect("connect");
     let now = datetime!(2030-01-01 00:00 UTC);
+    let backend = with_clock_at(&dir, now).await;
     for (status, n, age) in [
         ("done", 20_000, Duration::days(1)),
         ("dead", 15_000, Duration::days(1)),
