@@ -30,10 +30,15 @@ const MIGRATIONS: &[Migration] = &[
         description: "claim index on pending rows only",
         sql: include_str!("migrations/0003_pending_claim_index.sql"),
     },
+    Migration {
+        version: 4,
+        description: "payload and result as json, kept as sent",
+        sql: include_str!("migrations/0004_json_payload.sql"),
+    },
 ];
 
 /// The schema version this build of relayq-postgres creates.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Namespace of the advisory lock serializing migrations (the second key is
 /// `hashtext(schema)`): "rq" in ASCII.

@@ -60,7 +60,7 @@ fn build(template: &str, quoted_schema: &str) -> SqlStr {
 const PUSH: &str = r#"
 WITH input AS (
     SELECT *
-    FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[],
+    FROM unnest($2::text[], $3::text[], $4::json[], $5::int2[], $6::int4[],
                 $7::timestamptz[], $8::int8[], $9::text[])
          WITH ORDINALITY AS t(queue, kind, payload, priority, max_attempts, run_at,
                               delay_us, unique_key, ord)
@@ -133,7 +133,7 @@ INSERT INTO {s}.jobs (queue, kind, payload, priority, status, attempts, max_atte
                       lease_token, run_at, created_at, updated_at)
 SELECT queue, kind, payload, priority, 'pending', 0, max_attempts, 0,
        COALESCE(run_at, {now} + delay_us * interval '1 microsecond'), {now}, {now}
-FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[],
+FROM unnest($2::text[], $3::text[], $4::json[], $5::int2[], $6::int4[],
             $7::timestamptz[], $8::int8[])
      WITH ORDINALITY AS t(queue, kind, payload, priority, max_attempts, run_at, delay_us, ord)
 ORDER BY ord
@@ -153,7 +153,7 @@ INSERT INTO {s}.jobs (queue, kind, payload, priority, status, attempts, max_atte
                       lease_token, run_at, created_at, updated_at)
 SELECT $2::text, $3::text, payload, $5::int2, 'pending', 0, $6::int4, 0,
        COALESCE($7::timestamptz, {now} + $8::int8 * interval '1 microsecond'), {now}, {now}
-FROM unnest($4::jsonb[]) WITH ORDINALITY AS t(payload, ord)
+FROM unnest($4::json[]) WITH ORDINALITY AS t(payload, ord)
 ORDER BY ord
 RETURNING id
 )
@@ -334,7 +334,7 @@ RETURNING id
 /// they were applied in order). Returns the input positions completed.
 const COMPLETE_BATCH: &str = r#"
 WITH input AS (
-    SELECT * FROM unnest($2::int8[], $3::int8[], $4::jsonb[])
+    SELECT * FROM unnest($2::int8[], $3::int8[], $4::json[])
         WITH ORDINALITY AS t(id, token, result, ord)
 )
 UPDATE {s}.jobs j

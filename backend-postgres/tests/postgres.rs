@@ -151,14 +151,14 @@ async fn a_migration_waiting_on_a_long_transaction_holds_up_no_queue_operation()
     let backend = testing::connect(testing::options()).await;
     let schema = backend.schema().to_owned();
     let id = backend.push(job(1)).await.expect("push").id();
-    // Version 3 pending again: it drops and rebuilds the claim index,
-    // which takes the table's exclusive lock.
+    // Version 4 pending again: it rewrites the jobs table (to the column
+    // types it already has), which takes the table's exclusive lock.
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DELETE FROM \"{schema}\".schema_version WHERE version = 3"
+        "DELETE FROM \"{schema}\".schema_version WHERE version = 4"
     )))
     .execute(backend.pool())
     .await
-    .expect("forget version 3");
+    .expect("forget version 4");
     // A caller's transaction with a push in it, left open.
     let mut holder = testing::admin().await;
     let mut tx = sqlx::Connection::begin(&mut holder).await.expect("begin");
@@ -173,9 +173,6 @@ async fn a_migration_waiting_on_a_long_transaction_holds_up_no_queue_operation()
     for _ in 0..200 {
         let waiting: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-              WHERE c.relname = 'jobs_claim_idx' AND l.mode = 'AccessExclusiveLock'
-                AND NOT l.granted)
-             OR EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
               JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE n.nspname = $1 AND c.relname = 'jobs' AND l.mode = 'AccessExclusiveLock'
                 AND NOT l.granted)",
@@ -204,6 +201,81 @@ async fn a_migration_waiting_on_a_long_transaction_holds_up_no_queue_operation()
         migrated.schema_version().await.expect("version"),
         SCHEMA_VERSION
     );
+    testing::drop_schema(&schema).await;
+}
+
+/// A store of schema version 3 (payload and result as `jsonb`) keeps its
+/// jobs through the version 4 migration to `json`, and reads them back
+/// with the same values.
+#[tokio::test]
+async fn migrating_jsonb_payloads_to_json_keeps_every_job() {
+    let backend = testing::connect(testing::options()).await;
+    let schema = backend.schema().to_owned();
+    let payload = json!({"user": 7, "tags": ["a", "b"], "ratio": 0.25});
+    let pending = backend
+        .push(NewJob::new("k", &payload))
+        .await
+        .expect("push")
+        .id();
+    let done = backend
+        .push(NewJob::new("k", &payload))
+        .await
+        .expect("push")
+        .id();
+    let leased = backend
+        .pull(&PullRequest::queue("default").batch(2))
+        .await
+        .expect("pull");
+    let lease = leased
+        .iter()
+        .find(|l| l.job.id == done)
+        .expect("leased")
+        .lease;
+    for l in &leased {
+        if l.job.id == pending {
+            backend.release(&l.lease).await.expect("release");
+        }
+    }
+    backend
+        .complete(&lease, Some(json!({"sent": true})))
+        .await
+        .expect("complete");
+    // Back to version 3, as an older relayq left it.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE \"{schema}\".jobs
+             ALTER COLUMN payload TYPE jsonb USING payload::jsonb,
+             ALTER COLUMN result TYPE jsonb USING result::jsonb;
+         DELETE FROM \"{schema}\".schema_version WHERE version = 4"
+    )))
+    .execute(backend.pool())
+    .await
+    .expect("back to version 3");
+    let migrated = PgBackend::connect_with(testing::options().schema(schema.clone()))
+        .await
+        .expect("migrate to version 4");
+    let types: Vec<String> = sqlx::query_scalar(
+        "SELECT data_type::text FROM information_schema.columns
+         WHERE table_schema = $1 AND table_name = 'jobs' AND column_name IN ('payload', 'result')",
+    )
+    .bind(&schema)
+    .fetch_all(migrated.pool())
+    .await
+    .expect("column types");
+    assert_eq!(types, ["json", "json"]);
+    let job = migrated
+        .get(pending)
+        .await
+        .expect("get")
+        .expect("pending job");
+    assert_eq!((*job.payload).clone(), payload);
+    let job = migrated.get(done).await.expect("get").expect("done job");
+    assert_eq!(job.result, Some(json!({"sent": true})));
+    let leased = migrated
+        .pull(&PullRequest::queue("default"))
+        .await
+        .expect("pull after migrating");
+    assert_eq!(leased.len(), 1);
+    assert_eq!(*leased[0].job.payload, payload);
     testing::drop_schema(&schema).await;
 }
 

@@ -53,6 +53,7 @@ macro_rules! __for_each_case {
             push::hostile_strings_round_trip,
             push::run_at_is_stored_in_utc_microseconds,
             push::deep_json_round_trips_up_to_the_limit,
+            push::numbers_read_back_as_written,
             push::huge_payloads_round_trip_and_rejections_touch_no_other_row,
             pull::pull_orders_by_priority_then_run_at_then_id,
             pull::pull_sets_the_lease_fields,

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use relayq_core::{
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Error, JobStatus, ListFilter, MAX_DELAY, MAX_NAME_LEN,
-    NewJob, PullRequest, PushOutcome, Schedule,
+    Completion, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Error, JobStatus, ListFilter, MAX_DELAY,
+    MAX_NAME_LEN, NewJob, PullRequest, PushOutcome, Schedule,
 };
 use serde::{Serialize, Serializer};
 use serde_json::{Value, json};
@@ -566,6 +566,76 @@ pub async fn deep_json_round_trips_up_to_the_limit(h: Harness) {
         (Value::clone(&job.payload), job.result),
         (deepest.clone(), Some(deepest))
     );
+}
+
+/// Numbers whose JSON text a store could normalize, as `serde_json`
+/// writes them: `1e17` is a float (an integer once normalized), `-0.0`
+/// has its sign (lost as a SQL numeric), and the rest are floats with
+/// long or short texts.
+fn numbers() -> Value {
+    json!({"float": 1e17, "neg_zero": -0.0, "tiny": 1.5e-7, "whole": 100.0, "big": u64::MAX})
+}
+
+/// `numbers()` as read back: every number of the same kind and value, and
+/// zero with its sign.
+fn assert_numbers_as_written(read: &Value, what: &str) {
+    let written = numbers();
+    assert_eq!(read, &written, "{what}");
+    for (key, number) in written.as_object().expect("an object") {
+        let back = &read[key];
+        assert_eq!(
+            (back.is_f64(), back.is_u64(), back.is_i64()),
+            (number.is_f64(), number.is_u64(), number.is_i64()),
+            "{what}: {key} read back as {back}"
+        );
+    }
+    let zero = read["neg_zero"].as_f64().expect("a float");
+    assert!(zero.is_sign_negative(), "{what}: -0.0 read back as {zero}");
+}
+
+/// Payloads and results read back with their numbers as written, pushed
+/// alone or in a batch and completed alone or in a batch: swapping one
+/// store for another never changes what a handler sees.
+pub async fn numbers_read_back_as_written(h: Harness) {
+    let alone = h.push(NewJob::new("k", &numbers())).await;
+    let batch = h
+        .backend
+        .push_batch(vec![
+            NewJob::new("k", &numbers()),
+            NewJob::new("k", &numbers()),
+        ])
+        .await
+        .expect("push_batch");
+    assert_eq!(batch.len(), 2);
+    let leased = h.pull("default", 3).await;
+    assert_eq!(leased.len(), 3);
+    for l in &leased {
+        assert_numbers_as_written(&l.job.payload, "pulled payload");
+    }
+    let (first, rest) = leased.split_first().expect("three leases");
+    h.backend
+        .complete(&first.lease, Some(numbers()))
+        .await
+        .expect("complete");
+    let completions = rest
+        .iter()
+        .map(|l| Completion {
+            lease: l.lease,
+            result: Some(numbers()),
+        })
+        .collect();
+    let lost = h
+        .backend
+        .complete_batch(completions)
+        .await
+        .expect("complete_batch");
+    assert!(lost.is_empty(), "{lost:?}");
+    let ids = std::iter::once(alone).chain(batch.iter().map(|o| o.id()));
+    for id in ids {
+        let job = h.job(id).await;
+        assert_numbers_as_written(&job.payload, "stored payload");
+        assert_numbers_as_written(job.result.as_ref().expect("a result"), "stored result");
+    }
 }
 
 /// A 2.5 MB payload and result round trip exactly, and hostile or

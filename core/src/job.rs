@@ -352,7 +352,8 @@ pub fn check_text(field: &'static str, value: &str) -> Result<()> {
 }
 
 /// Checks JSON for what every store can hold and read back: no NUL
-/// character in any string or key (PostgreSQL's `jsonb` cannot store
+/// character in any string or key (PostgreSQL's `jsonb`, which a stored
+/// payload is cast to when queried with `jsonb` operators, cannot hold
 /// `\u0000`), and at most [`MAX_JSON_DEPTH`] levels of nesting (JSON
 /// readers such as serde_json refuse deeper documents, so a deeper job
 /// could be stored but never read back).

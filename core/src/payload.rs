@@ -47,7 +47,7 @@ impl Payload {
     }
 
     /// The JSON text as serde_json's raw value, which serializes as is
-    /// (for binding it as `json`/`jsonb` without parsing it again).
+    /// (for binding it as JSON without parsing it again).
     pub fn as_raw(&self) -> &RawValue {
         &self.0
     }

@@ -1,0 +1,16 @@
+-- relayq schema version 4: payload and result are `json`, kept as sent.
+--
+-- `jsonb` rebuilt each payload into a tree on the way in and printed it
+-- back on the way out: numbers came back normalized (a float `1e17` as the
+-- integer `100000000000000000`, `-0.0` as `0.0`), unlike the SQLite and
+-- memory stores, and building the tree was the largest part of a batch
+-- insert's server time that a plain insert does not have. `json` is
+-- validated and stored as is. Cast to `jsonb` to query a payload with
+-- `jsonb` operators (`payload::jsonb @> '{"user": 7}'`).
+--
+-- This rewrites the jobs table under an exclusive lock: on a large table,
+-- clean finished jobs first, or migrate at a quiet moment.
+
+ALTER TABLE {s}.jobs
+    ALTER COLUMN payload TYPE json USING payload::json,
+    ALTER COLUMN result TYPE json USING result::json;
