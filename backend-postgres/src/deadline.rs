@@ -74,7 +74,7 @@ impl From<NoReply> for sqlx::Error {
 
 impl From<NoReply> for relayq_core::Error {
     fn from(e: NoReply) -> Self {
-        relayq_core::Error::backend(sqlx::Error::from(e))
+        relayq_core::Error::transient(sqlx::Error::from(e))
     }
 }
 

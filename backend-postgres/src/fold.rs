@@ -45,7 +45,7 @@ use tokio::runtime::{Handle, Id as RuntimeId};
 use tokio::sync::oneshot;
 
 use crate::deadline::Conn;
-use crate::{PgBackend, db_err, distinct_queues, schedule};
+use crate::{PgBackend, db_err, distinct_queues, schedule, transient};
 
 /// The most jobs folded into one statement.
 pub(crate) const MAX_FOLD: usize = 1000;
@@ -353,7 +353,7 @@ impl PgBackend {
         for (job, at) in jobs.iter().zip(schedules) {
             let Some(reply) = replies.next() else { break };
             if let Some(e) = &broken {
-                let _ = reply.send(Err(Error::backend(SharedError(e.clone()))));
+                let _ = reply.send(Err(shared_err(e)));
                 continue;
             }
             let result = conn.run(|c| self.push_one_raw(c, now, job, *at)).await;
@@ -368,7 +368,7 @@ impl PgBackend {
                 Err(e) => {
                     let e = Arc::new(e);
                     broken = Some(e.clone());
-                    Err(Error::backend(SharedError(e)))
+                    Err(shared_err(&e))
                 }
             };
             let _ = reply.send(result);
@@ -428,8 +428,13 @@ fn may_be_one_jobs_fault(e: &sqlx::Error) -> bool {
 fn answer_all(replies: Vec<oneshot::Sender<Result<JobId>>>, e: sqlx::Error) {
     let e = Arc::new(e);
     for reply in replies {
-        let _ = reply.send(Err(Error::backend(SharedError(e.clone()))));
+        let _ = reply.send(Err(shared_err(&e)));
     }
+}
+
+/// `e` as one of several callers' [`Error::Backend`], transient when `e` is.
+fn shared_err(e: &Arc<sqlx::Error>) -> Error {
+    transient::backend_error(transient::is_transient(e), SharedError(Arc::clone(e)))
 }
 
 /// One driver error reported to several callers.

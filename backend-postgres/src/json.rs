@@ -1,14 +1,13 @@
-//! JSON text bound as PostgreSQL `json`, the type of `payload` and `result`.
+//! JSON bound as PostgreSQL `json`, the type of `payload` and `result`.
 //!
 //! The store keeps JSON as the text it was given (schema version 4), as
 //! the SQLite and memory stores do: a payload reads back with its numbers
 //! as written (`1e17` stays a float, `-0.0` keeps its sign; `jsonb` turned
 //! them into the integer `100000000000000000` and `0.0`), and the server
-//! only validates the text instead of building a `jsonb` tree from it
-//! (measured with pgbench, 1,000-row inserts: about a tenth more rows per
-//! second). sqlx binds JSON as `jsonb`, hence this type.
+//! only validates the text instead of building a `jsonb` tree from it.
+//! sqlx binds JSON as `jsonb`, hence this type.
 
-use serde_json::Value;
+use serde::Serialize;
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::types::Oid;
@@ -21,31 +20,28 @@ const JSON_OID: Oid = Oid(114);
 /// `json[]`'s type OID, fixed in PostgreSQL's catalog.
 const JSON_ARRAY_OID: Oid = Oid(199);
 
-/// Checked JSON text, sent as a `json` parameter in binary format, which
-/// for `json` is the text itself.
+/// A value serialized as a `json` parameter, in binary format, which for
+/// `json` is the text itself: a checked payload's
+/// [`RawValue`](serde_json::value::RawValue) is copied as is, a result's
+/// tree written straight into the parameter buffer.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct JsonText<'a>(pub(crate) &'a str);
+pub(crate) struct AsJson<T>(pub(crate) T);
 
-impl Type<Postgres> for JsonText<'_> {
+impl<T> Type<Postgres> for AsJson<T> {
     fn type_info() -> PgTypeInfo {
         PgTypeInfo::with_oid(JSON_OID)
     }
 }
 
-impl PgHasArrayType for JsonText<'_> {
+impl<T> PgHasArrayType for AsJson<T> {
     fn array_type_info() -> PgTypeInfo {
         PgTypeInfo::with_oid(JSON_ARRAY_OID)
     }
 }
 
-impl Encode<'_, Postgres> for JsonText<'_> {
+impl<T: Serialize> Encode<'_, Postgres> for AsJson<T> {
     fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
-        buf.extend_from_slice(self.0.as_bytes());
+        serde_json::to_writer(&mut **buf, &self.0)?;
         Ok(IsNull::No)
     }
-}
-
-/// A handler's result as the text to bind (a tree always serializes).
-pub(crate) fn result_text(result: Option<&Value>) -> Option<String> {
-    result.map(Value::to_string)
 }

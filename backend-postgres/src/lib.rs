@@ -83,7 +83,9 @@
 //!   `<schema>.schema_version`. A migration that must lock the jobs table
 //!   while a long transaction uses it waits at most a second, gives way
 //!   and tries again (for about two minutes), so queue operations never
-//!   queue behind its lock request for longer.
+//!   queue behind its lock request for longer. Once it has the lock, they
+//!   wait for the migration itself: milliseconds, but version 4 rewrites
+//!   the table (see [Schema](#schema)).
 //!
 //! ```no_run
 //! use relayq_core::{NewJob, PullRequest, Puller, Pusher};
@@ -184,14 +186,23 @@
 //! 40,000 scheduled and 20,000 due jobs from one queue and from two.
 //!
 //! Payloads and results are `json`, stored as the text relayq sent (since
-//! schema version 4; `jsonb` before): a job reads back exactly as the
-//! SQLite and memory stores give it, numbers included (`jsonb` printed the
-//! float `1e17` as an integer and `-0.0` as `0.0`), and the server only
-//! validates the text rather than building a tree from it (about a tenth
-//! more jobs per second for batches of 1,000). To query payloads with
-//! `jsonb` operators, cast them: `payload::jsonb @> '{"user": 7}'`. The
-//! version 4 migration rewrites the jobs table under an exclusive lock:
-//! clean finished jobs before upgrading a large table.
+//! schema version 4; `jsonb` before): a job pushed since reads back
+//! exactly as the SQLite and memory stores give it, numbers included
+//! (`jsonb` printed the float `1e17` as the integer `100000000000000000`
+//! and `-0.0` as `0.0`, and jobs stored before keep those texts), and the
+//! server only validates the text rather than building a tree from it
+//! (`enqueue_batch` in BENCHMARKS.md). To query payloads with `jsonb`
+//! operators, cast them: `payload::jsonb @> '{"user": 7}'`.
+//!
+//! Upgrading to version 4 rewrites the jobs table and its indexes, holding
+//! its exclusive lock throughout, so queue operations wait for it: clean
+//! finished jobs first on a large table. Views, indexes or constraints of
+//! your own on `payload` or `result` make it fail until you drop them.
+//! Processes of an older relayq must be restarted after it: their pooled
+//! connections would fail every read with "cached plan must not change
+//! result type" until replaced. (This version reads both column types
+//! alike, so its processes started with [`PgOptions::migrate`]`(false)`
+//! before the upgrade need no restart.)
 //!
 //! # Connections
 //!
@@ -244,6 +255,7 @@ mod row;
 mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod transient;
 mod vacuum;
 
 use std::collections::{HashMap, HashSet};
@@ -260,11 +272,12 @@ use relayq_core::{
 use sea_query::{Alias, Expr, ExprTrait, Order, PostgresQueryBuilder, Query};
 use sea_query_sqlx::SqlxBinder;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, SqlSafeStr, SqlStr};
 use time::{Duration, OffsetDateTime};
 
-use crate::json::{JsonText, result_text};
+use crate::json::AsJson;
 
 pub use migrate::SCHEMA_VERSION;
 pub use options::{
@@ -348,9 +361,10 @@ const UNDEFINED_OBJECT: &str = "42704";
 /// needs Linux).
 const INVALID_PARAMETER_VALUE: &str = "22023";
 
-/// Wraps a driver error as [`Error::Backend`].
+/// Wraps a driver error as [`Error::Backend`], transient when a later
+/// attempt may succeed ([`transient::is_transient`]).
 pub(crate) fn db_err(e: sqlx::Error) -> Error {
-    Error::backend(e)
+    transient::backend_error(transient::is_transient(&e), e)
 }
 
 /// A failure to reach the server, naming where (password redacted).
@@ -472,10 +486,13 @@ impl PgBackend {
             .connect_with(pool_options)
             .await
             .map_err(|source| {
-                Error::backend(ConnectError {
-                    target: target.clone(),
-                    source,
-                })
+                transient::backend_error(
+                    transient::is_transient(&source),
+                    ConnectError {
+                        target: target.clone(),
+                        source,
+                    },
+                )
             })?;
         let sql = sql::Statements::new(&options.schema);
         let deadline = deadline::Deadline::new(options.reply_timeout).map_err(Error::backend)?;
@@ -765,9 +782,9 @@ impl PgBackend {
     ) -> sqlx::Result<Vec<JobId>> {
         let row = match uniform(jobs, schedules) {
             Some((first, &(run_at, delay))) => {
-                let payloads: Vec<JsonText<'_>> = jobs
+                let payloads: Vec<AsJson<&RawValue>> = jobs
                     .iter()
-                    .map(|job| JsonText(job.payload.as_str()))
+                    .map(|job| AsJson(job.payload.as_raw()))
                     .collect();
                 sqlx::query(self.inner.sql.push_uniform.clone())
                     .bind(now)
@@ -1004,7 +1021,7 @@ fn bind_one(
         .bind(now)
         .bind(&job.queue)
         .bind(&job.kind)
-        .bind(JsonText(job.payload.as_str()))
+        .bind(AsJson(job.payload.as_raw()))
         .bind(job.priority)
         .bind(job.max_attempts)
         .bind(run_at)
@@ -1016,7 +1033,7 @@ fn bind_one(
 struct Columns<'a> {
     queues: Vec<&'a str>,
     kinds: Vec<&'a str>,
-    payloads: Vec<JsonText<'a>>,
+    payloads: Vec<AsJson<&'a RawValue>>,
     priorities: Vec<i16>,
     max_attempts: Vec<i32>,
     run_ats: Vec<Option<OffsetDateTime>>,
@@ -1030,7 +1047,7 @@ impl<'a> Columns<'a> {
             kinds: jobs.iter().map(|job| job.kind.as_str()).collect(),
             payloads: jobs
                 .iter()
-                .map(|job| JsonText(job.payload.as_str()))
+                .map(|job| AsJson(job.payload.as_raw()))
                 .collect(),
             priorities: jobs.iter().map(|job| job.priority).collect(),
             max_attempts: jobs.iter().map(|job| job.max_attempts).collect(),
@@ -1168,10 +1185,9 @@ impl Puller for PgBackend {
 
     async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {
         check_result(result.as_ref())?;
-        let result = result_text(result.as_ref());
         let query = self
             .fenced(&self.inner.sql.complete, lease)
-            .bind(result.as_deref().map(JsonText));
+            .bind(result.map(AsJson));
         let (_,): (JobId,) = self.acknowledge(query, lease).await?;
         Ok(())
     }
@@ -1195,12 +1211,8 @@ impl Puller for PgBackend {
         sent.sort_by_key(|c| c.lease.job_id);
         let ids: Vec<i64> = sent.iter().map(|c| c.lease.job_id).collect();
         let tokens: Vec<i64> = sent.iter().map(|c| c.lease.token).collect();
-        let texts: Vec<Option<String>> = sent
-            .iter()
-            .map(|c| result_text(c.result.as_ref()))
-            .collect();
-        let results: Vec<Option<JsonText<'_>>> =
-            texts.iter().map(|t| t.as_deref().map(JsonText)).collect();
+        let results: Vec<Option<AsJson<&Value>>> =
+            sent.iter().map(|c| c.result.as_ref().map(AsJson)).collect();
         let query = sqlx::query_scalar(self.inner.sql.complete_batch.clone())
             .bind(self.now())
             .bind(&ids)
@@ -1323,7 +1335,7 @@ impl Observer for PgBackend {
         filter.validate()?;
         let mut query = Query::select();
         query
-            .columns(sql::JOB_COLUMNS.split(',').map(|c| Alias::new(c.trim())))
+            .expr(Expr::cust(sql::JOB_COLUMNS))
             .from((Alias::new(self.inner.schema.as_str()), Alias::new("jobs")));
         if let Some(status) = filter.status {
             query.and_where(Expr::col(Alias::new("status")).eq(status.as_str()));

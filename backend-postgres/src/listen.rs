@@ -296,7 +296,7 @@ impl Task {
         let listener = self
             .listener
             .as_mut()
-            .ok_or_else(|| Error::backend("relayq-postgres: listener not connected"))?;
+            .ok_or_else(|| Error::transient("relayq-postgres: listener not connected"))?;
         sqlx::query("SELECT 1")
             .execute(&mut *listener)
             .await
@@ -356,7 +356,7 @@ impl Task {
         let listener = self
             .listener
             .as_mut()
-            .ok_or_else(|| Error::backend("relayq-postgres: listener not connected"))?;
+            .ok_or_else(|| Error::transient("relayq-postgres: listener not connected"))?;
         if !new.is_empty() {
             let rows = sqlx::query(sql)
                 .bind(&new)

@@ -10,9 +10,16 @@ use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 const NOW: &str = "COALESCE($1::timestamptz, statement_timestamp())";
 
 /// The columns of a job, in the order [`crate::row::job`] reads them.
-pub(crate) const JOB_COLUMNS: &str = "id, queue, kind, payload, priority, status, attempts, \
-     max_attempts, lease_token, run_at, locked_until, unique_key, last_error, result, \
-     created_at, updated_at";
+/// `payload` and `result` are cast to `json`, their type since schema
+/// version 4, so that a statement returns the same types before and after
+/// that migration: a process started with `PgOptions::migrate(false)`
+/// before it would otherwise fail every read on the connections that had
+/// prepared it (PostgreSQL will not run a prepared statement whose result
+/// types changed: "cached plan must not change result type"). On a `json`
+/// column the cast is dropped when the statement is planned.
+pub(crate) const JOB_COLUMNS: &str = "id, queue, kind, payload::json AS payload, priority, \
+     status, attempts, max_attempts, lease_token, run_at, locked_until, unique_key, last_error, \
+     result::json AS result, created_at, updated_at";
 
 /// The statements of one schema.
 #[derive(Debug)]

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use relayq_core::{
-    Backend, Cleaner, Clock, Completion, Error, JobStatus, Lease, ManualClock, NewJob, Observer,
-    PullRequest, Puller, PushOutcome, Pusher, Wakeups,
+    Backend, Cleaner, Clock, Completion, Error, JobStatus, Lease, ListFilter, ManualClock, NewJob,
+    Observer, PullRequest, Puller, PushOutcome, Pusher, Wakeups,
 };
 use relayq_postgres::{LISTENER_SUFFIX, PgBackend, PgOptions, SCHEMA_VERSION};
 use serde_json::json;
@@ -151,8 +151,9 @@ async fn a_migration_waiting_on_a_long_transaction_holds_up_no_queue_operation()
     let backend = testing::connect(testing::options()).await;
     let schema = backend.schema().to_owned();
     let id = backend.push(job(1)).await.expect("push").id();
-    // Version 4 pending again: it rewrites the jobs table (to the column
-    // types it already has), which takes the table's exclusive lock.
+    // Version 4 pending again: it alters the jobs table's columns (to the
+    // types they already have, so nothing is rewritten), which takes the
+    // table's exclusive lock.
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DELETE FROM \"{schema}\".schema_version WHERE version = 4"
     )))
@@ -206,10 +207,13 @@ async fn a_migration_waiting_on_a_long_transaction_holds_up_no_queue_operation()
 
 /// A store of schema version 3 (payload and result as `jsonb`) keeps its
 /// jobs through the version 4 migration to `json`, and reads them back
-/// with the same values.
+/// with the same values; a process running on version 3 (started with
+/// `migrate(false)`) goes on reading through the statements it prepared
+/// there.
 #[tokio::test]
 async fn migrating_jsonb_payloads_to_json_keeps_every_job() {
-    let backend = testing::connect(testing::options()).await;
+    // One connection, so its prepared statements are the ones reused.
+    let backend = testing::connect(testing::options().max_connections(1)).await;
     let schema = backend.schema().to_owned();
     let payload = json!({"user": 7, "tags": ["a", "b"], "ratio": 0.25});
     let pending = backend
@@ -250,9 +254,13 @@ async fn migrating_jsonb_payloads_to_json_keeps_every_job() {
     .execute(backend.pool())
     .await
     .expect("back to version 3");
+    // Prepared on version 3, then run again on version 4.
+    assert_reads(&backend, (pending, done), &payload).await;
     let migrated = PgBackend::connect_with(testing::options().schema(schema.clone()))
         .await
         .expect("migrate to version 4");
+    assert_reads(&backend, (pending, done), &payload).await;
+    assert_reads(&migrated, (pending, done), &payload).await;
     let types: Vec<String> = sqlx::query_scalar(
         "SELECT data_type::text FROM information_schema.columns
          WHERE table_schema = $1 AND table_name = 'jobs' AND column_name IN ('payload', 'result')",
@@ -262,21 +270,32 @@ async fn migrating_jsonb_payloads_to_json_keeps_every_job() {
     .await
     .expect("column types");
     assert_eq!(types, ["json", "json"]);
-    let job = migrated
-        .get(pending)
-        .await
-        .expect("get")
-        .expect("pending job");
-    assert_eq!((*job.payload).clone(), payload);
-    let job = migrated.get(done).await.expect("get").expect("done job");
-    assert_eq!(job.result, Some(json!({"sent": true})));
-    let leased = migrated
+    let leased = backend
         .pull(&PullRequest::queue("default"))
         .await
         .expect("pull after migrating");
     assert_eq!(leased.len(), 1);
     assert_eq!(*leased[0].job.payload, payload);
     testing::drop_schema(&schema).await;
+}
+
+/// `get` and `list` on `backend` read the pending job's `payload` and the
+/// done job's result of `migrating_jsonb_payloads_to_json_keeps_every_job`.
+async fn assert_reads(
+    backend: &PgBackend,
+    (pending, done): (i64, i64),
+    payload: &serde_json::Value,
+) {
+    let job = backend
+        .get(pending)
+        .await
+        .expect("get")
+        .expect("pending job");
+    assert_eq!(*job.payload, *payload);
+    let job = backend.get(done).await.expect("get").expect("done job");
+    assert_eq!(job.result, Some(json!({"sent": true})));
+    let page = backend.list(&ListFilter::new()).await.expect("list");
+    assert_eq!(page.jobs.len(), 2);
 }
 
 /// The test database's URL with `param` (`key=value`) added to its query.
@@ -854,6 +873,10 @@ async fn bad_configuration_is_a_typed_error_without_the_password() {
         Err(e @ Error::Backend { .. }) => {
             assert!(!shows_secret(&e), "{e}");
             assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+            assert!(
+                e.is_transient(),
+                "a refused connection may be accepted later: {e:?}"
+            );
         }
         other => panic!("expected Backend, got {other:?}"),
     }
@@ -1748,6 +1771,7 @@ async fn queue_operations_on_a_silent_connection_fail_within_the_reply_timeout()
             .unwrap_or_else(|_| panic!("{what} still waits after {SIGNAL_DEADLINE:?}"));
         let e = outcome.expect_err(what);
         assert!(timed_out(&e), "{what}: {e}");
+        assert!(e.is_transient(), "{what}: {e:?}");
     }
     // Nothing the silenced statements carried reached the server.
     let stats = backend.stats().await.expect("stats");
@@ -2208,6 +2232,7 @@ async fn a_rejected_job_among_folded_pushes_fails_only_its_caller() {
             Err(e) => {
                 assert_eq!(n % 10, 7, "job {n} was fine, yet failed: {e}");
                 assert!(matches!(e, Error::Backend { .. }), "{e:?}");
+                assert!(!e.is_transient(), "a constraint rejects it again: {e:?}");
             }
         }
     }

@@ -41,12 +41,16 @@ pub(crate) fn is_lock_contention(e: &sqlx::Error) -> bool {
         .is_some_and(|code| matches!(code & 0xff, SQLITE_BUSY | SQLITE_LOCKED))
 }
 
-/// Maps a driver error that is not retried into relayq's error.
+/// Maps a driver error that is not retried into relayq's error: transient
+/// when no pooled connection came free in time, or an I/O error happened
+/// outside SQLite (SQLite's own I/O errors, a full disk or a corrupt file,
+/// come as database errors, which waiting does not mend).
 pub(crate) fn map_sqlx(e: sqlx::Error) -> Error {
     match e {
         sqlx::Error::Configuration(source) => Error::Config {
             reason: source.to_string(),
         },
+        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => Error::transient(e),
         other => Error::backend(other),
     }
 }
@@ -106,7 +110,7 @@ impl Backoff {
         };
         let waited = self.started.elapsed();
         if waited >= self.limit {
-            return Err(Error::backend(LockTimeout { waited, last: e }));
+            return Err(Error::transient(LockTimeout { waited, last: e }));
         }
         retries.fetch_add(1, Ordering::Relaxed);
         // A little jitter so several waiters do not retry in lockstep.

@@ -1048,10 +1048,49 @@ async fn bad_urls_and_unopenable_paths_are_typed_errors() {
     ] {
         let url = format!("sqlite://{}", path.display());
         match SqliteBackend::connect(&url).await {
-            Err(Error::Backend { .. }) => {}
+            // Waiting mends none of them.
+            Err(e @ Error::Backend { .. }) => assert!(!e.is_transient(), "{url}: {e:?}"),
             other => panic!("{url}: expected Error::Backend, got {other:?}"),
         }
     }
+}
+
+/// A write that cannot take the database's write lock within the lock
+/// timeout (another process holds it) fails with a transient
+/// `Error::Backend` and writes nothing; the same write succeeds once the
+/// lock is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_locked_out_past_the_lock_timeout_is_transient() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = file_url(&dir);
+    let holder = SqliteBackend::connect(&url).await.expect("holder");
+    let backend = SqliteBackend::connect_with(
+        SqliteOptions::new(&url)
+            .busy_timeout(std::time::Duration::from_millis(10))
+            .lock_timeout(std::time::Duration::from_millis(200)),
+    )
+    .await
+    .expect("backend");
+    let mut conn = holder.pool().acquire().await.expect("connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .expect("take the write lock");
+    match backend.push(job(1)).await {
+        Err(e @ Error::Backend { .. }) => assert!(e.is_transient(), "{e:?}"),
+        other => panic!("expected a transient Backend error, got {other:?}"),
+    }
+    sqlx::query("ROLLBACK")
+        .execute(&mut *conn)
+        .await
+        .expect("release the write lock");
+    drop(conn);
+    let stats = backend.stats().await.expect("stats");
+    assert_eq!(stats.queue("default").total(), 0, "nothing was written");
+    backend
+        .push(job(1))
+        .await
+        .expect("push once the lock is free");
 }
 
 /// Debug output names the database and never panics.

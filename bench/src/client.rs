@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use relayq::{DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, JobType};
 use relayq_postgres::PgBackend;
-use relayq_postgres::sqlx::{self, AssertSqlSafe, SqlSafeStr, SqlStr, types::Json};
+use relayq_postgres::sqlx::{self, AssertSqlSafe, SqlSafeStr, SqlStr};
 
 use crate::report::{Latencies, Line};
 use crate::store::jobs_table;
@@ -29,7 +29,7 @@ use crate::workloads::{SendEmail, payload, spread_with, stored_all};
 fn statement(backend: &PgBackend) -> SqlStr {
     AssertSqlSafe(format!(
         "INSERT INTO {} (queue, kind, payload, max_attempts, run_at, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, now(), now(), now())",
+         VALUES ($1, $2, $3::json, $4, now(), now(), now())",
         jobs_table(backend)
     ))
     .into_sql_str()
@@ -37,11 +37,13 @@ fn statement(backend: &PgBackend) -> SqlStr {
 
 /// Inserts job `seq` with `statement` on `conn`.
 async fn insert(statement: SqlStr, conn: &mut sqlx::PgConnection, seq: u64) -> Result<(), String> {
-    let job: SendEmail = payload(seq);
+    // The payload's text, as relayq sends it (a `Json` would be bound as
+    // `jsonb`, and parsed and printed again on its way into the column).
+    let job = serde_json::to_string(&payload(seq)).map_err(|e| e.to_string())?;
     sqlx::query(statement)
         .bind(DEFAULT_QUEUE)
         .bind(SendEmail::KIND)
-        .bind(Json(&job))
+        .bind(job)
         .bind(DEFAULT_MAX_ATTEMPTS)
         .execute(conn)
         .await

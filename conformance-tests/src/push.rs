@@ -386,7 +386,7 @@ pub async fn invalid_job_fields_are_named_and_nothing_is_written(h: Harness) {
         (NewJob::new("k", &json!({"s": "nul\0inside"})), "payload"),
         (NewJob::new("k", &json!({"nul\0key": 1})), "payload"),
         // Pre-serialized JSON is checked as well: an escaped NUL, and a
-        // lone UTF-16 surrogate (which `jsonb` refuses).
+        // lone UTF-16 surrogate (which serde_json cannot read back).
         (NewJob::new("k", &raw_json(r#"{"s":"\u0000"}"#)), "payload"),
         (NewJob::new("k", &raw_json(r#"["\ud800"]"#)), "payload"),
         (

@@ -74,6 +74,9 @@ pub enum Error {
         /// The driver's error.
         #[source]
         source: BoxError,
+        /// Whether the same call may succeed if made again: see
+        /// [`Error::is_transient`].
+        transient: bool,
     },
 }
 
@@ -86,10 +89,20 @@ impl Error {
         }
     }
 
-    /// Wraps a driver error as [`Error::Backend`].
+    /// Wraps a driver error as [`Error::Backend`], not transient.
     pub fn backend(source: impl Into<BoxError>) -> Self {
         Self::Backend {
             source: source.into(),
+            transient: false,
+        }
+    }
+
+    /// Wraps a driver error as a transient [`Error::Backend`]: the store
+    /// was unreachable, too slow or too busy, and a later call may succeed.
+    pub fn transient(source: impl Into<BoxError>) -> Self {
+        Self::Backend {
+            source: source.into(),
+            transient: true,
         }
     }
 
@@ -104,5 +117,43 @@ impl Error {
     /// True for [`Error::LeaseLost`].
     pub fn is_lease_lost(&self) -> bool {
         matches!(self, Self::LeaseLost { .. })
+    }
+
+    /// True when the same call may succeed if made again, later: the store
+    /// could not be reached or did not answer in time (a connection lost or
+    /// refused, no pooled connection free within the acquire timeout, the
+    /// server starting up, shutting down or at its connection limit), or
+    /// it turned the call down for contention that passes (a serialization
+    /// failure or deadlock, a lock not obtained in time, a SQLite database
+    /// locked by another process past the lock timeout).
+    ///
+    /// False for everything else: bad input, a lost lease, a missing job or
+    /// feature, a configuration or schema problem, and store failures that
+    /// waiting does not mend (a full disk, a permission refused, a
+    /// constraint a caller added).
+    ///
+    /// A transient failure of a write says nothing about whether it took
+    /// effect: a connection lost after a push was sent may have stored the
+    /// job. Retry pushes with a [`unique_key`](crate::NewJob::unique_key)
+    /// when a duplicate would matter. (The worker needs no such choice: a
+    /// failed pull is tried again at the next poll, whatever the error, and
+    /// a job whose outcome was not recorded runs again once its lease
+    /// expires.)
+    ///
+    /// ```
+    /// use relayq_core::Error;
+    ///
+    /// let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    /// assert!(Error::transient(refused).is_transient());
+    /// assert!(!Error::invalid("kind", "must not be empty").is_transient());
+    /// ```
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Backend {
+                transient: true,
+                ..
+            }
+        )
     }
 }

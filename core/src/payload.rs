@@ -47,7 +47,7 @@ impl Payload {
     }
 
     /// The JSON text as serde_json's raw value, which serializes as is
-    /// (for binding it as JSON without parsing it again).
+    /// (for binding it as `json` without parsing it again).
     pub fn as_raw(&self) -> &RawValue {
         &self.0
     }
@@ -81,8 +81,8 @@ impl fmt::Display for Payload {
 
 /// [`check_json`](crate::check_json) on JSON text, which must be valid JSON
 /// (serde_json's output): no `\u0000` escape in any string or key (nor a
-/// raw NUL byte), no unpaired UTF-16 surrogate escape (`jsonb` rejects
-/// one), and no value nested deeper than [`MAX_JSON_DEPTH`] levels, the
+/// raw NUL byte), no unpaired UTF-16 surrogate escape (serde_json cannot
+/// read one back, nor can `jsonb` hold one), and no value nested deeper than [`MAX_JSON_DEPTH`] levels, the
 /// top-level value being at level 0.
 pub(crate) fn check_json_text(field: &'static str, text: &str) -> Result<()> {
     let bytes = text.as_bytes();

@@ -8,8 +8,12 @@
 -- validated and stored as is. Cast to `jsonb` to query a payload with
 -- `jsonb` operators (`payload::jsonb @> '{"user": 7}'`).
 --
--- This rewrites the jobs table under an exclusive lock: on a large table,
--- clean finished jobs first, or migrate at a quiet moment.
+-- This rewrites the jobs table and its indexes under an exclusive lock:
+-- on a large table, clean finished jobs first. Views, indexes or
+-- constraints added on payload or result make it fail until dropped.
+-- Restart processes of an older relayq after it: their prepared reads
+-- return jsonb and fail ("cached plan must not change result type") until
+-- their connections are replaced.
 
 ALTER TABLE {s}.jobs
     ALTER COLUMN payload TYPE json USING payload::json,
