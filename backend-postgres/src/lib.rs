@@ -243,6 +243,14 @@
 //! that cannot be reached, or any failure of the database, is
 //! [`Error::Backend`]. Neither, nor `Debug` of [`PgBackend`] or
 //! [`PgOptions`], ever shows a password.
+//!
+//! [`Error::is_transient`] is true for a connection refused, lost or
+//! silent past [`PgOptions::reply_timeout`], no pooled connection free
+//! within [`PgOptions::acquire_timeout`], and the SQLSTATEs of a broken
+//! connection (class `08`), a serialization failure (`40001`), a deadlock
+//! (`40P01`), a lock or statement timeout (`55P03`, `57014`), a server
+//! shutting down or starting up (`57P01`–`57P03`) and the connection
+//! limit (`53300`); false for the rest, constraint violations included.
 
 mod deadline;
 mod fold;

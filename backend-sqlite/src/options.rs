@@ -83,7 +83,8 @@ impl SqliteOptions {
     /// How long an operation keeps retrying, with backoff, when the database
     /// stays locked past [`Self::busy_timeout`]. `SQLITE_BUSY` never reaches
     /// the caller before this much time has passed; after it, the operation
-    /// fails with [`Error::Backend`] saying the write lock was not obtained.
+    /// fails with a transient [`Error::Backend`] saying the write lock was
+    /// not obtained ([`Error::is_transient`]).
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
         self.lock_timeout = timeout;
         self
