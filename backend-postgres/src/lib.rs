@@ -275,7 +275,7 @@ use relayq_core::{
     Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
     LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller,
     PushOutcome, Pusher, Result, Schedule, Stats, ValidJob, Wakeups, check_clean, check_lease,
-    check_result, check_retry, check_text, truncate_to_micros, validate_batch,
+    check_result, check_retry, check_text, kill_unreadable, truncate_to_micros, validate_batch,
 };
 use sea_query::{Alias, Expr, ExprTrait, Order, PostgresQueryBuilder, Query};
 use sea_query_sqlx::SqlxBinder;
@@ -286,6 +286,7 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, SqlSafeStr, SqlSt
 use time::{Duration, OffsetDateTime};
 
 use crate::json::AsJson;
+use crate::row::Unread;
 
 pub use migrate::SCHEMA_VERSION;
 pub use options::{
@@ -1177,18 +1178,23 @@ impl Puller for PgBackend {
             .await
             .map_err(db_err)?;
         self.inner.vacuum.record(rows.len() as u64);
-        rows.iter()
-            .map(|row| {
-                let job = row::job(row)?;
-                Ok(LeasedJob {
+        let mut leased = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for row in &rows {
+            match row::job(row) {
+                Ok(job) => leased.push(LeasedJob {
                     lease: Lease {
                         job_id: job.id,
                         token: job.lease_token,
                     },
                     job,
-                })
-            })
-            .collect()
+                }),
+                Err(Unread::Json(job)) => unreadable.push(job),
+                Err(Unread::Column(e)) => return Err(e),
+            }
+        }
+        kill_unreadable(self, unreadable).await;
+        Ok(leased)
     }
 
     async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {
@@ -1336,7 +1342,7 @@ impl Observer for PgBackend {
             .run(|c| query.fetch_optional(c))
             .await
             .map_err(db_err)?;
-        row.as_ref().map(row::job).transpose()
+        Ok(row.as_ref().map(row::job).transpose()?)
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<JobPage> {
@@ -1366,7 +1372,7 @@ impl Observer for PgBackend {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(db_err)?;
-        let mut jobs = rows.iter().map(row::job).collect::<Result<Vec<_>>>()?;
+        let mut jobs = rows.iter().map(row::job).collect::<Result<Vec<_>, _>>()?;
         let next = if jobs.len() > limit {
             jobs.truncate(limit);
             jobs.last().map(|job| job.id)

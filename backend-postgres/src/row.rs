@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use relayq_core::{Error, Job, JobStatus, Result};
+use relayq_core::{Error, Job, JobStatus, Lease, Result, Unreadable};
+use serde_json::Value;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
@@ -14,29 +15,63 @@ pub(crate) fn status(text: &str) -> Result<JobStatus> {
         .map_err(|_| Error::backend(format!("unknown job status {text:?} in the jobs table")))
 }
 
+/// Why a row could not be read as a job.
+pub(crate) enum Unread {
+    /// A column did not decode: the table is not as relayq made it.
+    Column(Error),
+    /// The job's stored JSON does not parse.
+    Json(Unreadable),
+}
+
+impl From<Unread> for Error {
+    fn from(e: Unread) -> Self {
+        match e {
+            Unread::Column(e) => e,
+            Unread::Json(u) => Error::backend(format!("job {}: {}", u.lease.job_id, u.reason)),
+        }
+    }
+}
+
 /// A job from a row holding [`crate::sql::JOB_COLUMNS`].
-pub(crate) fn job(row: &PgRow) -> Result<Job> {
+pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
+    let column = |e| Unread::Column(db_err(e));
+    let id = row.try_get("id").map_err(column)?;
+    let lease_token = row.try_get("lease_token").map_err(column)?;
+    // Parsed here rather than decoded by sqlx, so that JSON another
+    // program stored, which `json` accepts and serde_json refuses, is told
+    // apart from a column that does not decode.
+    let json = |name: &'static str, text: &str| {
+        serde_json::from_str::<Value>(text).map_err(|e| {
+            let lease = Lease {
+                job_id: id,
+                token: lease_token,
+            };
+            Unread::Json(Unreadable::new(lease, name, e))
+        })
+    };
     // Borrowed from the row: a status and names of up to 24 bytes cost no
     // allocation.
-    let status_text: &str = row.try_get("status").map_err(db_err)?;
-    let queue: &str = row.try_get("queue").map_err(db_err)?;
-    let kind: &str = row.try_get("kind").map_err(db_err)?;
+    let status_text: &str = row.try_get("status").map_err(column)?;
+    let queue: &str = row.try_get("queue").map_err(column)?;
+    let kind: &str = row.try_get("kind").map_err(column)?;
+    let payload: &str = row.try_get("payload").map_err(column)?;
+    let result: Option<&str> = row.try_get("result").map_err(column)?;
     Ok(Job {
-        id: row.try_get("id").map_err(db_err)?,
+        id,
         queue: queue.into(),
         kind: kind.into(),
-        payload: Arc::new(row.try_get("payload").map_err(db_err)?),
-        priority: row.try_get("priority").map_err(db_err)?,
-        status: status(status_text)?,
-        attempts: row.try_get("attempts").map_err(db_err)?,
-        max_attempts: row.try_get("max_attempts").map_err(db_err)?,
-        lease_token: row.try_get("lease_token").map_err(db_err)?,
-        run_at: row.try_get("run_at").map_err(db_err)?,
-        locked_until: row.try_get("locked_until").map_err(db_err)?,
-        unique_key: row.try_get("unique_key").map_err(db_err)?,
-        last_error: row.try_get("last_error").map_err(db_err)?,
-        result: row.try_get("result").map_err(db_err)?,
-        created_at: row.try_get("created_at").map_err(db_err)?,
-        updated_at: row.try_get("updated_at").map_err(db_err)?,
+        payload: Arc::new(json("payload", payload)?),
+        priority: row.try_get("priority").map_err(column)?,
+        status: status(status_text).map_err(Unread::Column)?,
+        attempts: row.try_get("attempts").map_err(column)?,
+        max_attempts: row.try_get("max_attempts").map_err(column)?,
+        lease_token,
+        run_at: row.try_get("run_at").map_err(column)?,
+        locked_until: row.try_get("locked_until").map_err(column)?,
+        unique_key: row.try_get("unique_key").map_err(column)?,
+        last_error: row.try_get("last_error").map_err(column)?,
+        result: result.map(|r| json("result", r)).transpose()?,
+        created_at: row.try_get("created_at").map_err(column)?,
+        updated_at: row.try_get("updated_at").map_err(column)?,
     })
 }

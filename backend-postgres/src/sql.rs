@@ -10,16 +10,17 @@ use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 const NOW: &str = "COALESCE($1::timestamptz, statement_timestamp())";
 
 /// The columns of a job, in the order [`crate::row::job`] reads them.
-/// `payload` and `result` are cast to `json`, their type since schema
-/// version 4, so that a statement returns the same types before and after
-/// that migration: a process started with `PgOptions::migrate(false)`
-/// before it would otherwise fail every read on the connections that had
-/// prepared it (PostgreSQL will not run a prepared statement whose result
-/// types changed: "cached plan must not change result type"). On a `json`
-/// column the cast is dropped when the statement is planned.
-pub(crate) const JOB_COLUMNS: &str = "id, queue, kind, payload::json AS payload, priority, \
+/// `payload` and `result` come as text, which `row::job` parses (telling
+/// JSON it cannot read from a column that does not decode), and which is
+/// the same result type whether they are `json` (schema version 4) or
+/// `jsonb` (before): a process started with `PgOptions::migrate(false)`
+/// before that migration would otherwise fail every read on connections
+/// that had prepared it (PostgreSQL will not run a prepared statement
+/// whose result types changed: "cached plan must not change result type").
+/// For `json`, the text is what is stored.
+pub(crate) const JOB_COLUMNS: &str = "id, queue, kind, payload::text AS payload, priority, \
      status, attempts, max_attempts, lease_token, run_at, locked_until, unique_key, last_error, \
-     result::json AS result, created_at, updated_at";
+     result::text AS result, created_at, updated_at";
 
 /// The statements of one schema.
 #[derive(Debug)]

@@ -298,6 +298,60 @@ async fn assert_reads(
     assert_eq!(page.jobs.len(), 2);
 }
 
+/// A pulled job whose stored payload serde_json cannot read (another
+/// program wrote it: `json` takes a lone surrogate escape or a number
+/// beyond `f64`) is marked dead with the reason, and the jobs pulled with
+/// it are handed out; before, the whole pull failed, again at every lease
+/// expiry, spending the attempts of every job pulled with it.
+#[tokio::test]
+async fn a_pulled_job_with_unreadable_json_is_dead_and_the_rest_are_leased() {
+    let backend = testing::connect(testing::options()).await;
+    let schema = backend.schema().to_owned();
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(backend.push(job(n)).await.expect("push").id());
+    }
+    let poisoned = [(ids[1], r#"{"s":"\ud800"}"#), (ids[2], r#"{"n":1e400}"#)];
+    for (id, payload) in poisoned {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE \"{schema}\".jobs SET payload = $2::json WHERE id = $1"
+        )))
+        .bind(id)
+        .bind(payload)
+        .execute(backend.pool())
+        .await
+        .expect("another program's payload");
+    }
+    let leased = backend
+        .pull(&PullRequest::queue("default").batch(10))
+        .await
+        .expect("the pull succeeds");
+    let leased: Vec<i64> = leased.iter().map(|l| l.job.id).collect();
+    assert_eq!(leased, [ids[0], ids[3]]);
+    for (id, _) in poisoned {
+        let (status, error): (String, String) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT status, last_error FROM \"{schema}\".jobs WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_one(backend.pool())
+        .await
+        .expect("row");
+        assert_eq!(status, "dead");
+        assert!(error.contains("payload"), "{error}");
+        // Reading it names the job.
+        let e = backend.get(id).await.expect_err("unreadable");
+        assert!(e.to_string().contains(&format!("job {id}")), "{e}");
+    }
+    assert!(
+        backend
+            .pull(&PullRequest::queue("default").batch(10))
+            .await
+            .expect("pull")
+            .is_empty()
+    );
+    testing::drop_schema(&schema).await;
+}
+
 /// The test database's URL with `param` (`key=value`) added to its query.
 fn test_url_with(param: &str) -> String {
     let url = testing::database_url();

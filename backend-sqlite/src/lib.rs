@@ -172,7 +172,7 @@ use relayq_core::{
     Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
     LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller,
     PushOutcome, Pusher, Result, Stats, ValidJob, Wakeups, check_clean, check_lease, check_result,
-    check_retry, check_text, truncate_to_micros, validate_batch,
+    check_retry, check_text, kill_unreadable, truncate_to_micros, validate_batch,
 };
 use sea_query::{Expr, ExprTrait, Iden, Order, Query, SqliteQueryBuilder};
 use sea_query_sqlx::SqlxBinder;
@@ -189,7 +189,7 @@ pub use schema::SCHEMA_VERSION;
 pub use sqlx;
 
 use retry::{Backoff, Fail};
-use rows::{COLUMNS, TABLE, job_from_row, micros};
+use rows::{COLUMNS, TABLE, Unread, job_from_row, micros};
 use writer::Writer;
 
 /// URL schemes this backend accepts in a connection URL.
@@ -957,25 +957,31 @@ impl Puller for SqliteBackend {
         let statements = PullStatements::new(request);
         // Two statements, each atomic alone: the sweep only marks abandoned
         // last attempts `Dead`, and the claim never leases one itself.
-        let mut leased = write_each!(self, |conn, now| {
+        let (mut leased, unreadable) = write_each!(self, |conn, now| {
             let until = later(now, request.lease, "lease")?;
             let rows = statements
                 .sweep_and_claim(now, until)
                 .fetch_all(&mut *conn)
                 .await?;
-            rows.iter()
-                .map(|row| {
-                    let job = job_from_row(row)?;
-                    Ok(LeasedJob {
+            let mut leased = Vec::with_capacity(rows.len());
+            let mut unreadable = Vec::new();
+            for row in &rows {
+                match job_from_row(row) {
+                    Ok(job) => leased.push(LeasedJob {
                         lease: Lease {
                             job_id: job.id,
                             token: job.lease_token,
                         },
                         job,
-                    })
-                })
-                .collect::<std::result::Result<Vec<_>, Fail>>()?
+                    }),
+                    Err(Unread::Json(job)) => unreadable.push(job),
+                    Err(Unread::Fail(e)) => return Err(e),
+                }
+            }
+            (leased, unreadable)
         })?;
+        // Outside the write lock, which each kill takes.
+        kill_unreadable(self, unreadable).await;
         // RETURNING yields rows in no promised order.
         leased.sort_unstable_by_key(|l| (l.job.priority, l.job.run_at, l.job.id));
         Ok(leased)
@@ -1297,7 +1303,7 @@ impl Observer for SqliteBackend {
                 .await?;
             rows.iter()
                 .map(job_from_row)
-                .collect::<std::result::Result<Vec<_>, Fail>>()?
+                .collect::<std::result::Result<Vec<_>, Unread>>()?
         })?;
         let next = if jobs.len() > limit {
             jobs.truncate(limit);

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use relayq_core::{Error, Job, JobStatus};
+use relayq_core::{Error, Job, JobStatus, Lease, Unreadable};
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
@@ -36,14 +36,50 @@ fn corrupt(what: String) -> Fail {
     Fail::Core(Error::backend(format!("unreadable job row: {what}")))
 }
 
-/// Parses stored JSON. The core caps nesting at `MAX_JSON_DEPTH`, below
-/// serde_json's own limit, so everything accepted reads back.
-fn json(column: &str, text: &str) -> Result<Value, Fail> {
-    serde_json::from_str(text).map_err(|e| corrupt(format!("{column} is not JSON: {e}")))
+/// Why a row could not be read as a job.
+pub(crate) enum Unread {
+    /// A column did not decode, or holds what relayq never stores.
+    Fail(Fail),
+    /// The job's stored JSON does not parse: another program wrote it
+    /// (relayq caps nesting at `MAX_JSON_DEPTH`, below serde_json's own
+    /// limit, and checks strings, so everything it stores reads back).
+    Json(Unreadable),
+}
+
+impl From<sqlx::Error> for Unread {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Fail(Fail::Db(e))
+    }
+}
+
+impl From<Fail> for Unread {
+    fn from(e: Fail) -> Self {
+        Self::Fail(e)
+    }
+}
+
+impl From<Unread> for Fail {
+    fn from(e: Unread) -> Self {
+        match e {
+            Unread::Fail(e) => e,
+            Unread::Json(u) => corrupt(format!("job {}: {}", u.lease.job_id, u.reason)),
+        }
+    }
 }
 
 /// Decodes a row selected with [`COLUMNS`].
-pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Fail> {
+pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Unread> {
+    let id = row.try_get("id")?;
+    let lease_token = row.try_get("lease_token")?;
+    let json = |column: &'static str, text: &str| {
+        serde_json::from_str::<Value>(text).map_err(|e| {
+            let lease = Lease {
+                job_id: id,
+                token: lease_token,
+            };
+            Unread::Json(Unreadable::new(lease, column, e))
+        })
+    };
     let priority: i64 = row.try_get("priority")?;
     // Borrowed from the row: a status and names of up to 24 bytes cost no
     // allocation, and JSON is parsed from the row's text.
@@ -54,7 +90,7 @@ pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Fail> {
     let result: Option<&str> = row.try_get("result")?;
     let locked_until: Option<i64> = row.try_get("locked_until")?;
     Ok(Job {
-        id: row.try_get("id")?,
+        id,
         queue: queue.into(),
         kind: kind.into(),
         payload: Arc::new(json("payload", payload)?),
@@ -65,7 +101,7 @@ pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Fail> {
             .map_err(|_| corrupt(format!("unknown status {status:?}")))?,
         attempts: row.try_get("attempts")?,
         max_attempts: row.try_get("max_attempts")?,
-        lease_token: row.try_get("lease_token")?,
+        lease_token,
         run_at: from_micros(row.try_get("run_at")?)?,
         locked_until: locked_until.map(from_micros).transpose()?,
         unique_key: row.try_get("unique_key")?,

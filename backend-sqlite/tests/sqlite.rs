@@ -1093,6 +1093,55 @@ async fn a_write_locked_out_past_the_lock_timeout_is_transient() {
         .expect("push once the lock is free");
 }
 
+/// A pulled job whose stored payload is not JSON serde_json reads
+/// (another program wrote it) is marked dead with the reason, and the
+/// jobs pulled with it are handed out; before, the whole pull failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulled_job_with_unreadable_json_is_dead_and_the_rest_are_leased() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = SqliteBackend::connect(&file_url(&dir))
+        .await
+        .expect("connect");
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(backend.push(job(n)).await.expect("push").id());
+    }
+    let poisoned = [(ids[1], r#"{"s":"\ud800"}"#), (ids[2], "not json")];
+    for (id, payload) in poisoned {
+        sqlx::query("UPDATE relayq_jobs SET payload = ? WHERE id = ?")
+            .bind(payload)
+            .bind(id)
+            .execute(backend.pool())
+            .await
+            .expect("another program's payload");
+    }
+    let leased = backend
+        .pull(&PullRequest::queue("default").batch(10))
+        .await
+        .expect("the pull succeeds");
+    let leased: Vec<i64> = leased.iter().map(|l| l.job.id).collect();
+    assert_eq!(leased, [ids[0], ids[3]]);
+    for (id, _) in poisoned {
+        let (status, error): (String, String) =
+            sqlx::query_as("SELECT status, last_error FROM relayq_jobs WHERE id = ?")
+                .bind(id)
+                .fetch_one(backend.pool())
+                .await
+                .expect("row");
+        assert_eq!(status, "dead");
+        assert!(error.contains("payload"), "{error}");
+        let e = backend.get(id).await.expect_err("unreadable");
+        assert!(e.to_string().contains(&format!("job {id}")), "{e}");
+    }
+    assert!(
+        backend
+            .pull(&PullRequest::queue("default").batch(10))
+            .await
+            .expect("pull")
+            .is_empty()
+    );
+}
+
 /// Debug output names the database and never panics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debug_names_the_database() {

@@ -5,6 +5,7 @@ use time::Duration;
 
 use crate::error::{Error, Result};
 use crate::job::{Job, JobId};
+use crate::store::Puller;
 
 /// The right to finish one job, returned by `pull`.
 ///
@@ -35,6 +36,45 @@ pub struct LeasedJob {
     pub lease: Lease,
     /// The job as it was just after it was leased.
     pub job: Job,
+}
+
+/// A job a `pull` leased whose stored JSON does not read back: a row
+/// another program wrote, since a SQL store accepts JSON that serde_json
+/// refuses (a lone surrogate escape, a number beyond `f64`, nesting deeper
+/// than it reads). See [`kill_unreadable`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// The lease the pull took on the job.
+    pub lease: Lease,
+    /// Why it cannot be read, stored as the job's `last_error`.
+    pub reason: String,
+}
+
+impl Unreadable {
+    /// The job of `lease`, whose stored `column` (`"payload"` or
+    /// `"result"`) failed to parse with `error`.
+    pub fn new(lease: Lease, column: &str, error: impl std::fmt::Display) -> Self {
+        Self {
+            lease,
+            reason: format!("relayq cannot read this job's stored {column}: {error}"),
+        }
+    }
+}
+
+/// For backends' `pull`: marks each unreadable job `Dead` through its
+/// lease, with `last_error` saying why, rather than failing the pull. A
+/// failed pull would leave every job it leased to no one until the leases
+/// expired, and the unreadable one would come back at each expiry: a
+/// poison job stalling its queue and spending the attempts of the jobs
+/// pulled with it. A kill that fails is logged; the job then dies when its
+/// lease expires on its last attempt.
+pub async fn kill_unreadable<P: Puller + ?Sized>(puller: &P, unreadable: Vec<Unreadable>) {
+    for Unreadable { lease, reason } in unreadable {
+        tracing::error!(job = lease.job_id, %reason, "a pulled job cannot be read; marking it dead");
+        if let Err(e) = puller.kill(&lease, &reason).await {
+            tracing::warn!(job = lease.job_id, error = %e, "could not mark an unreadable job dead");
+        }
+    }
 }
 
 /// The longest lease one `pull` or `extend` may grant (one day).

@@ -38,7 +38,10 @@ pub use job::{
     MAX_NAME_LEN, NewJob, Schedule, ValidJob, check_clean, check_delay, check_instant, check_json,
     check_name, check_text, validate_batch,
 };
-pub use lease::{Lease, LeasedJob, MAX_LEASE, check_lease, check_result, check_retry};
+pub use lease::{
+    Lease, LeasedJob, MAX_LEASE, Unreadable, check_lease, check_result, check_retry,
+    kill_unreadable,
+};
 pub use payload::Payload;
 pub use request::{
     Completion, JobPage, ListFilter, MAX_LIST_LIMIT, MAX_PULL_BATCH, MAX_PULL_QUEUES, PullRequest,
