@@ -45,7 +45,7 @@ use tokio::runtime::{Handle, Id as RuntimeId};
 use tokio::sync::oneshot;
 
 use crate::deadline::Conn;
-use crate::{PgBackend, db_err, distinct_queues, schedule, transient};
+use crate::{PgBackend, distinct_queues, error_from, schedule, transient};
 
 /// The most jobs folded into one statement.
 pub(crate) const MAX_FOLD: usize = 1000;
@@ -248,7 +248,7 @@ impl PgBackend {
         }
         outcome
             .await
-            .map_err(|_| Error::backend("relayq-postgres: the push's insert task ended early"))?
+            .map_err(|_| Error::transient("relayq-postgres: the push's insert task ended early"))?
     }
 
     /// Inserts `batch`, answering every caller in it, on `conn` (acquired
@@ -295,7 +295,7 @@ impl PgBackend {
                     if !may_be_one_jobs_fault(&e) {
                         *conn = None;
                     }
-                    Err(db_err(e))
+                    Err(error_from(e))
                 }
             };
             if let Some(reply) = replies.pop() {
@@ -364,7 +364,7 @@ impl PgBackend {
                     self.announce(vec![job.queue.clone()]);
                     Ok(id)
                 }
-                Err(e) if may_be_one_jobs_fault(&e) => Err(db_err(e)),
+                Err(e) if may_be_one_jobs_fault(&e) => Err(error_from(e)),
                 Err(e) => {
                     let e = Arc::new(e);
                     broken = Some(e.clone());

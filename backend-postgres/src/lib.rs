@@ -97,10 +97,10 @@
 //! queue.push(NewJob::new("greet", &json!({"name": "Ada"}))).await?;
 //!
 //! // Enqueue atomically with the caller's own writes.
-//! let mut tx = queue.pool().begin().await.map_err(relayq_core::Error::backend)?;
+//! let mut tx = queue.pool().begin().await.map_err(relayq_postgres::error_from)?;
 //! // … the application's own statements on `tx` …
 //! queue.push_in(&mut tx, NewJob::new("welcome", &json!({"user": 7}))).await?;
-//! tx.commit().await.map_err(relayq_core::Error::backend)?;
+//! tx.commit().await.map_err(relayq_postgres::error_from)?;
 //!
 //! for leased in queue.pull(&PullRequest::queue("default").batch(10)).await? {
 //!     queue.complete(&leased.lease, None).await?;
@@ -197,7 +197,8 @@
 //! Upgrading to version 4 rewrites the jobs table and its indexes, holding
 //! its exclusive lock throughout, so queue operations wait for it: clean
 //! finished jobs first on a large table. Views, indexes or constraints of
-//! your own on `payload` or `result` make it fail until you drop them.
+//! your own on `payload` or `result` that need `jsonb` (its operators or
+//! index classes) make it fail until you drop them.
 //! Processes of an older relayq must be restarted after it: their pooled
 //! connections would fail every read with "cached plan must not change
 //! result type" until replaced. (This version reads both column types
@@ -244,13 +245,17 @@
 //! [`Error::Backend`]. Neither, nor `Debug` of [`PgBackend`] or
 //! [`PgOptions`], ever shows a password.
 //!
-//! [`Error::is_transient`] is true for a connection refused, lost or
-//! silent past [`PgOptions::reply_timeout`], no pooled connection free
-//! within [`PgOptions::acquire_timeout`], and the SQLSTATEs of a broken
+//! [`Error::is_transient`] is true for a connection lost, reset or silent
+//! past [`PgOptions::reply_timeout`], no pooled connection free within
+//! [`PgOptions::acquire_timeout`] (which is also how a refused connection
+//! ends: sqlx retries it until then), and the SQLSTATEs of a broken
 //! connection (class `08`), a serialization failure (`40001`), a deadlock
-//! (`40P01`), a lock or statement timeout (`55P03`, `57014`), a server
-//! shutting down or starting up (`57P01`–`57P03`) and the connection
-//! limit (`53300`); false for the rest, constraint violations included.
+//! (`40P01`), a lock timeout (`55P03`), a session ended by the server
+//! (`57P01`, `57P02`, `57P05`), a server starting up (`57P03`) and the
+//! connection limit (`53300`); false for the rest: constraint violations,
+//! a statement cancelled (`57014`), a TLS certificate refused. For your
+//! own statements around [`PgBackend::push_in`], [`error_from`] maps a
+//! sqlx error the same way.
 
 mod deadline;
 mod fold;
@@ -370,9 +375,12 @@ const UNDEFINED_OBJECT: &str = "42704";
 /// needs Linux).
 const INVALID_PARAMETER_VALUE: &str = "22023";
 
-/// Wraps a driver error as [`Error::Backend`], transient when a later
-/// attempt may succeed ([`transient::is_transient`]).
-pub(crate) fn db_err(e: sqlx::Error) -> Error {
+/// A sqlx error as relayq's [`Error::Backend`], transient when a later
+/// attempt may succeed (see [Errors](crate#errors)), as this backend's
+/// own calls return it: for the caller's own statements around
+/// [`PgBackend::push_in`], so that one test of
+/// [`Error::is_transient`] decides whether to retry the transaction.
+pub fn error_from(e: sqlx::Error) -> Error {
     transient::backend_error(transient::is_transient(&e), e)
 }
 
@@ -550,7 +558,7 @@ impl PgBackend {
             .bind(format!("\"{}\".schema_version", self.inner.schema))
             .fetch_one(&self.inner.pool)
             .await
-            .map_err(db_err)?;
+            .map_err(error_from)?;
         if !exists {
             return Ok(0);
         }
@@ -560,7 +568,7 @@ impl PgBackend {
         )))
         .fetch_one(&self.inner.pool)
         .await
-        .map_err(db_err)
+        .map_err(error_from)
     }
 
     /// Closes every connection: stops the listener (open subscriptions
@@ -630,7 +638,7 @@ impl PgBackend {
                 .bind(&queues)
                 .execute(&mut *conn)
                 .await
-                .map_err(db_err)?;
+                .map_err(error_from)?;
         }
         Ok(outcomes)
     }
@@ -663,7 +671,7 @@ impl PgBackend {
             .bind(&keys)
             .fetch_all(&mut *conn)
             .await
-            .map_err(db_err)?;
+            .map_err(error_from)?;
         if rows.len() != n {
             return Err(Error::backend(format!(
                 "push returned {} rows for {n} jobs",
@@ -673,8 +681,8 @@ impl PgBackend {
         let mut created_keys: HashMap<(&str, &str), JobId> = HashMap::new();
         let mut outcomes = Vec::with_capacity(n);
         for (job, row) in jobs.iter().zip(&rows) {
-            let id: JobId = row.try_get("id").map_err(db_err)?;
-            let created: bool = row.try_get("created").map_err(db_err)?;
+            let id: JobId = row.try_get("id").map_err(error_from)?;
+            let created: bool = row.try_get("created").map_err(error_from)?;
             let key = job.unique_key.as_deref();
             if created {
                 if let Some(key) = key {
@@ -686,7 +694,10 @@ impl PgBackend {
             let key = key.ok_or_else(|| Error::backend("a job without unique_key was skipped"))?;
             let holder = match created_keys.get(&(job.queue.as_str(), key)) {
                 Some(&earlier) => earlier,
-                None => match row.try_get::<Option<JobId>, _>("holder").map_err(db_err)? {
+                None => match row
+                    .try_get::<Option<JobId>, _>("holder")
+                    .map_err(error_from)?
+                {
                     Some(holder) => holder,
                     // The key's holder committed after the statement's
                     // snapshot: look again with a fresh one.
@@ -695,9 +706,9 @@ impl PgBackend {
                         .bind(key)
                         .fetch_optional(&mut *conn)
                         .await
-                        .map_err(db_err)?
+                        .map_err(error_from)?
                         .ok_or_else(|| {
-                            Error::backend("the job holding a unique_key vanished during push")
+                            Error::transient("the job holding a unique_key vanished during push")
                         })?,
                 },
             };
@@ -715,7 +726,7 @@ impl PgBackend {
                 .push_one_raw(conn, now, job, (run_at, delay))
                 .await
                 .map(PushOutcome::Created)
-                .map_err(db_err);
+                .map_err(error_from);
         };
         let sql = &self.inner.sql;
         let created: Option<JobId> =
@@ -723,7 +734,7 @@ impl PgBackend {
                 .bind(key)
                 .fetch_optional(&mut *conn)
                 .await
-                .map_err(db_err)?;
+                .map_err(error_from)?;
         if let Some(id) = created {
             return Ok(PushOutcome::Created(id));
         }
@@ -735,8 +746,8 @@ impl PgBackend {
             .bind(key)
             .fetch_optional(&mut *conn)
             .await
-            .map_err(db_err)?
-            .ok_or_else(|| Error::backend("the job holding a unique_key vanished during push"))?;
+            .map_err(error_from)?
+            .ok_or_else(|| Error::transient("the job holding a unique_key vanished during push"))?;
         Ok(PushOutcome::Duplicate(holder))
     }
 
@@ -770,7 +781,7 @@ impl PgBackend {
         let ids = self
             .insert_keyless(conn, now, jobs, &schedules)
             .await
-            .map_err(db_err)?;
+            .map_err(error_from)?;
         if ids.len() != n {
             return Err(Error::backend(format!(
                 "push returned {} rows for {n} jobs",
@@ -826,16 +837,16 @@ impl PgBackend {
     /// (see the crate docs). Nothing is leased.
     pub async fn explain_pull(&self, request: &PullRequest) -> Result<String> {
         request.validate()?;
-        let mut tx = self.inner.pool.begin().await.map_err(db_err)?;
+        let mut tx = self.inner.pool.begin().await.map_err(error_from)?;
         let rows = self
             .pull_query(request, Some("EXPLAIN (ANALYZE, BUFFERS)"))
             .fetch_all(&mut *tx)
             .await
-            .map_err(db_err)?;
-        tx.rollback().await.map_err(db_err)?;
+            .map_err(error_from)?;
+        tx.rollback().await.map_err(error_from)?;
         let lines = rows
             .iter()
-            .map(|row| row.try_get::<String, _>(0).map_err(db_err))
+            .map(|row| row.try_get::<String, _>(0).map_err(error_from))
             .collect::<Result<Vec<_>>>()?;
         Ok(lines.join("\n"))
     }
@@ -907,7 +918,7 @@ impl PgBackend {
             .await?
             .run(|c| query.fetch_optional(c))
             .await
-            .map_err(db_err)?;
+            .map_err(error_from)?;
         let row = row.ok_or_else(|| lease.lost())?;
         self.inner.vacuum.record(1);
         Ok(row)
@@ -918,7 +929,7 @@ impl PgBackend {
     async fn conn(&self) -> Result<deadline::Conn> {
         deadline::Conn::acquire(&self.inner.pool, self.inner.deadline.as_ref())
             .await
-            .map_err(db_err)
+            .map_err(error_from)
     }
 
     /// The injected clock's time, or `None` for the server's.
@@ -1176,7 +1187,7 @@ impl Puller for PgBackend {
             .await?
             .run(|c| query.fetch_all(c))
             .await
-            .map_err(db_err)?;
+            .map_err(error_from)?;
         self.inner.vacuum.record(rows.len() as u64);
         let mut leased = Vec::with_capacity(rows.len());
         let mut unreadable = Vec::new();
@@ -1237,7 +1248,7 @@ impl Puller for PgBackend {
             .await?
             .run(|c| query.fetch_all(c))
             .await
-            .map_err(db_err)?;
+            .map_err(error_from)?;
         self.inner.vacuum.record(done.len() as u64);
         let mut completed: HashSet<Lease> = HashSet::with_capacity(done.len());
         for ord in done {
@@ -1308,7 +1319,7 @@ impl Puller for PgBackend {
             .await?
             .run(|c| query.fetch_all(c))
             .await
-            .map_err(db_err)?;
+            .map_err(error_from)?;
         self.inner.vacuum.record(rows.len() as u64);
         let held: HashMap<(JobId, i64), OffsetDateTime> = rows
             .into_iter()
@@ -1341,7 +1352,7 @@ impl Observer for PgBackend {
             .await?
             .run(|c| query.fetch_optional(c))
             .await
-            .map_err(db_err)?;
+            .map_err(error_from)?;
         Ok(row.as_ref().map(row::job).transpose()?)
     }
 
@@ -1371,7 +1382,7 @@ impl Observer for PgBackend {
         let rows = sqlx::query_with(AssertSqlSafe(sql), values)
             .fetch_all(&self.inner.pool)
             .await
-            .map_err(db_err)?;
+            .map_err(error_from)?;
         let mut jobs = rows.iter().map(row::job).collect::<Result<Vec<_>, _>>()?;
         let next = if jobs.len() > limit {
             jobs.truncate(limit);
@@ -1386,12 +1397,12 @@ impl Observer for PgBackend {
         let rows = sqlx::query(self.inner.sql.stats.clone())
             .fetch_all(&self.inner.pool)
             .await
-            .map_err(db_err)?;
+            .map_err(error_from)?;
         let mut stats = Stats::default();
         for row in rows {
-            let queue: String = row.try_get("queue").map_err(db_err)?;
-            let status: String = row.try_get("status").map_err(db_err)?;
-            let n: i64 = row.try_get("n").map_err(db_err)?;
+            let queue: String = row.try_get("queue").map_err(error_from)?;
+            let status: String = row.try_get("status").map_err(error_from)?;
+            let n: i64 = row.try_get("n").map_err(error_from)?;
             stats
                 .queues
                 .entry(queue)
@@ -1417,7 +1428,7 @@ impl Cleaner for PgBackend {
                 .await?
                 .run(|c| query.execute(c))
                 .await
-                .map_err(db_err)?
+                .map_err(error_from)?
                 .rows_affected();
             self.inner.vacuum.record(chunk);
             deleted += chunk;

@@ -44,8 +44,8 @@ use sqlx::{Row, SqlStr};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Sleep};
 
-use crate::db_err;
 use crate::deadline::within;
+use crate::error_from;
 
 /// The longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -151,7 +151,7 @@ impl Hub {
     pub(crate) async fn subscribe(&self, queues: &[String]) -> Result<Wakeups> {
         let (signal, mut signals) = mpsc::channel(1);
         let (reply, replied) = oneshot::channel();
-        let closed = || Error::backend("relayq-postgres: the listener task has stopped");
+        let closed = || Error::transient("relayq-postgres: the listener task has stopped");
         self.commands
             .send(Subscribe {
                 queues: queues.to_vec(),
@@ -300,7 +300,7 @@ impl Task {
         sqlx::query("SELECT 1")
             .execute(&mut *listener)
             .await
-            .map_err(db_err)?;
+            .map_err(error_from)?;
         Ok(())
     }
 
@@ -321,15 +321,15 @@ impl Task {
             .acquire_timeout(self.connect_timeout)
             .connect_with(self.connect.clone())
             .await
-            .map_err(db_err)?;
-        let mut listener = PgListener::connect_with(&pool).await.map_err(db_err)?;
+            .map_err(error_from)?;
+        let mut listener = PgListener::connect_with(&pool).await.map_err(error_from)?;
         // Reconnections are the task's, so each one signals (see above).
         listener.eager_reconnect(false);
         if !self.channels.is_empty() {
             listener
                 .listen_all(self.channels.values().map(String::as_str))
                 .await
-                .map_err(db_err)?;
+                .map_err(error_from)?;
         }
         self.listener = Some(listener);
         Ok(!self.channels.is_empty())
@@ -362,17 +362,17 @@ impl Task {
                 .bind(&new)
                 .fetch_all(&mut *listener)
                 .await
-                .map_err(db_err)?;
+                .map_err(error_from)?;
             let mut named = Vec::with_capacity(rows.len());
             for row in rows {
-                let queue: String = row.try_get("queue").map_err(db_err)?;
-                let channel: String = row.try_get("channel").map_err(db_err)?;
+                let queue: String = row.try_get("queue").map_err(error_from)?;
+                let channel: String = row.try_get("channel").map_err(error_from)?;
                 named.push((queue, channel));
             }
             listener
                 .listen_all(named.iter().map(|(_, c)| c.as_str()))
                 .await
-                .map_err(db_err)?;
+                .map_err(error_from)?;
             self.channels.extend(named);
         }
         self.subscribers.lock().push(Subscriber {

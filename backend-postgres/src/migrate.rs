@@ -3,7 +3,7 @@
 use relayq_core::{Error, Result};
 use sqlx::{AssertSqlSafe, Connection, PgPool, Row};
 
-use crate::db_err;
+use crate::error_from;
 
 /// One schema change. `sql` may hold several statements; `{s}` stands for
 /// the quoted schema name, `{lit}` for the name as a string literal.
@@ -85,7 +85,7 @@ pub(crate) async fn migrate(pool: &PgPool, schema: &str) -> Result<Vec<i32>> {
                 attempt += 1;
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
-            Err(Failure::Sql(e)) => return Err(db_err(e)),
+            Err(Failure::Sql(e)) => return Err(error_from(e)),
         }
     }
 }

@@ -7,7 +7,7 @@ use serde_json::Value;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
-use crate::db_err;
+use crate::error_from;
 
 /// A status read from the table.
 pub(crate) fn status(text: &str) -> Result<JobStatus> {
@@ -34,7 +34,7 @@ impl From<Unread> for Error {
 
 /// A job from a row holding [`crate::sql::JOB_COLUMNS`].
 pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
-    let column = |e| Unread::Column(db_err(e));
+    let column = |e| Unread::Column(error_from(e));
     let id = row.try_get("id").map_err(column)?;
     let lease_token = row.try_get("lease_token").map_err(column)?;
     // Parsed here rather than decoded by sqlx, so that JSON another

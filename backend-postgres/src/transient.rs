@@ -1,29 +1,51 @@
 //! Which driver errors are transient ([`relayq_core::Error::is_transient`]).
 
+use std::io::ErrorKind;
+
 use relayq_core::{BoxError, Error};
 
-/// SQLSTATEs of a refusal that a later attempt may not meet: the server
-/// starting, shutting down or at its connection limit, and contention
-/// between transactions.
+/// SQLSTATEs outside class `08` (a broken connection) after which the same
+/// call may succeed later: contention between transactions, and a server
+/// that ended the session, is starting or shutting down, or is at its
+/// connection limit. (Not `57014`: a statement cancelled, by its timeout or
+/// by someone, is likely cancelled again.)
 const TRANSIENT_STATES: &[&str] = &[
     "40001", // serialization_failure
     "40P01", // deadlock_detected
     "55P03", // lock_not_available (lock_timeout)
-    "57014", // query_canceled (statement_timeout)
     "57P01", // admin_shutdown
     "57P02", // crash_shutdown
     "57P03", // cannot_connect_now (starting up, recovering)
+    "57P05", // idle_session_timeout
     "53300", // too_many_connections
 ];
 
-/// Whether a later attempt of what failed with `e` may succeed: the server
-/// could not be reached or did not answer ([`sqlx::Error::Io`], which is
-/// also how a passed reply deadline fails), no pooled connection came free
-/// in time, the connection broke (SQLSTATE class 08), or the server turned
+/// Whether a later attempt of what failed with `e` may succeed: the
+/// network failed or the server did not answer (an I/O error of a
+/// connection, which is also how a passed reply deadline fails; not a TLS
+/// certificate refused or a certificate file missing, which sqlx reports
+/// as I/O too), no pooled connection came free in time (which is also how
+/// a refused connection ends, once sqlx has retried it for the acquire
+/// timeout), the connection broke (SQLSTATE class `08`, which includes
+/// `08P01`, how PgBouncer reports a server it lost), or the server turned
 /// the statement down for one of [`TRANSIENT_STATES`].
 pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Io(io) => matches!(
+            io.kind(),
+            ErrorKind::ConnectionRefused
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::NotConnected
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof
+                | ErrorKind::TimedOut
+                | ErrorKind::HostUnreachable
+                | ErrorKind::NetworkUnreachable
+                | ErrorKind::NetworkDown
+                | ErrorKind::Interrupted
+        ),
+        sqlx::Error::PoolTimedOut => true,
         sqlx::Error::Database(db) => db
             .code()
             .is_some_and(|code| code.starts_with("08") || TRANSIENT_STATES.contains(&&*code)),
@@ -34,9 +56,10 @@ pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
 /// `source`, caused by a driver error that [`is_transient`] or not, as an
 /// [`Error::Backend`].
 pub(crate) fn backend_error(transient: bool, source: impl Into<BoxError>) -> Error {
-    Error::Backend {
-        source: source.into(),
-        transient,
+    if transient {
+        Error::transient(source)
+    } else {
+        Error::backend(source)
     }
 }
 
@@ -45,12 +68,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn io_errors_and_pool_timeouts_are_transient_configuration_is_not() {
-        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert!(is_transient(&sqlx::Error::Io(refused)));
+    fn network_failures_and_pool_timeouts_are_transient() {
+        for kind in [
+            ErrorKind::ConnectionRefused,
+            ErrorKind::ConnectionReset,
+            ErrorKind::UnexpectedEof,
+            ErrorKind::TimedOut,
+        ] {
+            assert!(is_transient(&sqlx::Error::Io(kind.into())), "{kind:?}");
+        }
         assert!(is_transient(&sqlx::Error::PoolTimedOut));
+    }
+
+    #[test]
+    fn certificates_configuration_and_closed_pools_are_not() {
+        // rustls reports a certificate it refused as InvalidData; a
+        // missing or unreadable certificate file is NotFound or
+        // PermissionDenied.
+        for kind in [
+            ErrorKind::InvalidData,
+            ErrorKind::NotFound,
+            ErrorKind::PermissionDenied,
+            ErrorKind::InvalidInput,
+        ] {
+            assert!(!is_transient(&sqlx::Error::Io(kind.into())), "{kind:?}");
+        }
         assert!(!is_transient(&sqlx::Error::PoolClosed));
         assert!(!is_transient(&sqlx::Error::RowNotFound));
         assert!(!is_transient(&sqlx::Error::Protocol("bad".into())));
+        assert!(!is_transient(&sqlx::Error::Configuration("bad".into())));
     }
 }

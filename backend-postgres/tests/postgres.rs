@@ -254,6 +254,56 @@ async fn migrating_jsonb_payloads_to_json_keeps_every_job() {
     .execute(backend.pool())
     .await
     .expect("back to version 3");
+    // This version writes to version 3 as well (`json` parameters into
+    // `jsonb` columns); the job is gone again before the checks below.
+    let extra = backend
+        .push(NewJob::new("k", &payload))
+        .await
+        .expect("push on version 3")
+        .id();
+    let leased = backend
+        .pull(&PullRequest::queue("default").batch(2))
+        .await
+        .expect("pull on version 3");
+    let extra_lease = leased
+        .iter()
+        .find(|l| l.job.id == extra)
+        .expect("leased")
+        .lease;
+    for l in leased.iter().filter(|l| l.job.id != extra) {
+        backend.release(&l.lease).await.expect("release");
+    }
+    backend
+        .complete(&extra_lease, Some(json!({"v": 3})))
+        .await
+        .expect("complete on version 3");
+    let cleaned = backend
+        .clean(
+            JobStatus::Done,
+            time::OffsetDateTime::now_utc() + Duration::hours(1),
+        )
+        .await
+        .expect("clean");
+    assert_eq!(cleaned, 2);
+    let done = backend
+        .push(NewJob::new("k", &payload))
+        .await
+        .expect("push")
+        .id();
+    let leased = backend
+        .pull(&PullRequest::queue("default").batch(2))
+        .await
+        .expect("pull on version 3");
+    for l in &leased {
+        if l.job.id == done {
+            backend
+                .complete(&l.lease, Some(json!({"sent": true})))
+                .await
+                .expect("complete on version 3");
+        } else {
+            backend.release(&l.lease).await.expect("release");
+        }
+    }
     // Prepared on version 3, then run again on version 4.
     assert_reads(&backend, (pending, done), &payload).await;
     let migrated = PgBackend::connect_with(testing::options().schema(schema.clone()))
@@ -350,6 +400,35 @@ async fn a_pulled_job_with_unreadable_json_is_dead_and_the_rest_are_leased() {
             .is_empty()
     );
     testing::drop_schema(&schema).await;
+}
+
+/// A pooled connection the server ended (an administrator, a failover)
+/// fails the call made on it with a transient error, and the next call
+/// gets a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_server_ended_fails_transiently() {
+    let backend = testing::connect(testing::options().max_connections(1)).await;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(backend.pool())
+        .await
+        .expect("pid");
+    let mut admin = testing::admin().await;
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 10000)")
+        .bind(pid)
+        .fetch_one(&mut admin)
+        .await
+        .expect("terminate");
+    assert!(ended, "the connection ended");
+    let e = backend
+        .push(job(1))
+        .await
+        .expect_err("its connection is gone");
+    assert!(e.is_transient(), "{e:?}");
+    backend
+        .push(job(2))
+        .await
+        .expect("a push on a new connection");
+    testing::drop_schema(backend.schema()).await;
 }
 
 /// The test database's URL with `param` (`key=value`) added to its query.

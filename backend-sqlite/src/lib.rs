@@ -203,6 +203,14 @@ const CLEAN_CHUNK: u64 = 10_000;
 /// `STRICT` tables 3.37.
 pub const MIN_SQLITE_VERSION: &str = "3.37.0";
 
+/// A sqlx error as relayq's [`Error`], as this backend's own calls return
+/// it (a lock error transient, see [`Error::is_transient`]): for the
+/// caller's own statements around [`SqliteBackend::push_in`], so that one
+/// test decides whether to retry the transaction.
+pub fn error_from(e: sqlx::Error) -> Error {
+    retry::map_sqlx(e)
+}
+
 /// A job store in one SQLite database. Clones share the pool, the write
 /// lock and the wake-up channel.
 ///
@@ -489,8 +497,8 @@ impl SqliteBackend {
     /// job is stored if and only if that transaction commits. Validation,
     /// defaults and unique keys work as in [`Pusher::push`]. Start the
     /// transaction with `BEGIN IMMEDIATE` ([`Self::begin`]); a lock error
-    /// here is returned as [`Error::Backend`] since only the caller can
-    /// retry its transaction.
+    /// here is returned as a transient [`Error::Backend`] since only the
+    /// caller can retry its transaction.
     pub async fn push_in(&self, conn: &mut SqliteConnection, job: NewJob) -> Result<PushOutcome> {
         let mut outcomes = self.push_batch_in(conn, vec![job]).await?;
         outcomes

@@ -42,15 +42,21 @@ pub(crate) fn is_lock_contention(e: &sqlx::Error) -> bool {
 }
 
 /// Maps a driver error that is not retried into relayq's error: transient
-/// when no pooled connection came free in time, or an I/O error happened
-/// outside SQLite (SQLite's own I/O errors, a full disk or a corrupt file,
-/// come as database errors, which waiting does not mend).
+/// when the database was locked (which reaches a caller only from its own
+/// transaction: retry that transaction), no pooled connection came free in
+/// time, or a connection's worker thread died (the next write opens a new
+/// connection). SQLite's own I/O errors, a full disk and a corrupt file
+/// are not: waiting does not mend them.
 pub(crate) fn map_sqlx(e: sqlx::Error) -> Error {
     match e {
         sqlx::Error::Configuration(source) => Error::Config {
             reason: source.to_string(),
         },
-        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => Error::transient(e),
+        e if is_lock_contention(&e)
+            || matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed) =>
+        {
+            Error::transient(e)
+        }
         other => Error::backend(other),
     }
 }

@@ -1077,7 +1077,10 @@ async fn a_write_locked_out_past_the_lock_timeout_is_transient() {
         .await
         .expect("take the write lock");
     match backend.push(job(1)).await {
-        Err(e @ Error::Backend { .. }) => assert!(e.is_transient(), "{e:?}"),
+        Err(e @ Error::Backend { .. }) => {
+            assert!(e.is_transient(), "{e:?}");
+            assert!(e.to_string().contains("lock timeout"), "{e}");
+        }
         other => panic!("expected a transient Backend error, got {other:?}"),
     }
     sqlx::query("ROLLBACK")

@@ -69,7 +69,9 @@ pub enum Error {
     },
 
     /// The store failed: connection lost, server unavailable, I/O error.
+    /// Built with [`Error::backend`] or [`Error::transient`].
     #[error("backend error: {source}")]
+    #[non_exhaustive]
     Backend {
         /// The driver's error.
         #[source]
@@ -134,8 +136,12 @@ impl Error {
     ///
     /// A transient failure of a write says nothing about whether it took
     /// effect: a connection lost after a push was sent may have stored the
-    /// job. Retry pushes with a [`unique_key`](crate::NewJob::unique_key)
-    /// when a duplicate would matter. (The worker needs no such choice: a
+    /// job, and an acknowledgement retried after it took effect finds its
+    /// lease gone ([`Error::LeaseLost`]). A push retried with a
+    /// [`unique_key`](crate::NewJob::unique_key) is not stored twice while
+    /// the first is pending or running (a key is held only then). Within a
+    /// caller's transaction (`push_in`), retry the whole transaction, on a
+    /// fresh one: the failed one is aborted. (The worker needs no such choice: a
     /// failed pull is tried again at the next poll, whatever the error, and
     /// a job whose outcome was not recorded runs again once its lease
     /// expires.)

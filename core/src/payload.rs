@@ -81,9 +81,10 @@ impl fmt::Display for Payload {
 
 /// [`check_json`](crate::check_json) on JSON text, which must be valid JSON
 /// (serde_json's output): no `\u0000` escape in any string or key (nor a
-/// raw NUL byte), no unpaired UTF-16 surrogate escape (serde_json cannot
-/// read one back, nor can `jsonb` hold one), and no value nested deeper than [`MAX_JSON_DEPTH`] levels, the
-/// top-level value being at level 0.
+/// raw NUL byte), no unpaired UTF-16 surrogate escape (serde_json
+/// cannot read one back, nor can `jsonb` hold one), and no value nested
+/// deeper than [`MAX_JSON_DEPTH`] levels, the top-level value being at
+/// level 0.
 pub(crate) fn check_json_text(field: &'static str, text: &str) -> Result<()> {
     let bytes = text.as_bytes();
     // Most payloads have no escape that could name a NUL or a surrogate,

@@ -10,7 +10,8 @@
 --
 -- This rewrites the jobs table and its indexes under an exclusive lock:
 -- on a large table, clean finished jobs first. Views, indexes or
--- constraints added on payload or result make it fail until dropped.
+-- constraints added on payload or result that need jsonb (its operators
+-- or index classes) make it fail until dropped.
 -- Restart processes of an older relayq after it: their prepared reads
 -- return jsonb and fail ("cached plan must not change result type") until
 -- their connections are replaced.
