@@ -279,8 +279,9 @@ use async_trait::async_trait;
 use relayq_core::{
     Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
     LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller,
-    PushOutcome, Pusher, Result, Schedule, Stats, ValidJob, Wakeups, check_clean, check_lease,
-    check_result, check_retry, check_text, kill_unreadable, truncate_to_micros, validate_batch,
+    PushOutcome, Pusher, Result, Schedule, Stats, Unreadable, ValidJob, Wakeups, check_clean,
+    check_lease, check_result, check_retry, check_text, pull_readable, truncate_to_micros,
+    validate_batch,
 };
 use sea_query::{Alias, Expr, ExprTrait, Order, PostgresQueryBuilder, Query};
 use sea_query_sqlx::SqlxBinder;
@@ -887,6 +888,44 @@ impl PgBackend {
             .bind(micros(request.lease))
     }
 
+    /// Marks `job` dead with its JSON quoted ([`sql`]'s `KILL_UNREADABLE`).
+    async fn kill_unreadable(&self, job: Unreadable) -> Result<()> {
+        let query = self
+            .fenced(&self.inner.sql.kill_unreadable, &job.lease)
+            .bind(job.reason);
+        let (_,): (JobId,) = self.acknowledge(query, &job.lease).await?;
+        Ok(())
+    }
+
+    /// One claim statement for [`Puller::pull`]: the jobs it leased and
+    /// read, and those it leased but could not read.
+    async fn claim(&self, request: PullRequest) -> Result<(Vec<LeasedJob>, Vec<Unreadable>)> {
+        let query = self.pull_query(&request, None);
+        let rows = self
+            .conn()
+            .await?
+            .run(|c| query.fetch_all(c))
+            .await
+            .map_err(error_from)?;
+        self.inner.vacuum.record(rows.len() as u64);
+        let mut leased = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for row in &rows {
+            match row::job(row) {
+                Ok(job) => leased.push(LeasedJob {
+                    lease: Lease {
+                        job_id: job.id,
+                        token: job.lease_token,
+                    },
+                    job,
+                }),
+                Err(Unread::Json(job)) => unreadable.push(job),
+                Err(Unread::Column(e)) => return Err(e),
+            }
+        }
+        Ok((leased, unreadable))
+    }
+
     /// A fenced acknowledgement: `sql` with `$1`–`$3` bound to `now`, the
     /// lease's job id and its token; the caller binds the rest.
     fn fenced<'q, T>(
@@ -1181,31 +1220,12 @@ impl Puller for PgBackend {
     async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>> {
         request.validate()?;
         self.check_after(request.lease, "lease", "locked_until")?;
-        let query = self.pull_query(request, None);
-        let rows = self
-            .conn()
-            .await?
-            .run(|c| query.fetch_all(c))
-            .await
-            .map_err(error_from)?;
-        self.inner.vacuum.record(rows.len() as u64);
-        let mut leased = Vec::with_capacity(rows.len());
-        let mut unreadable = Vec::new();
-        for row in &rows {
-            match row::job(row) {
-                Ok(job) => leased.push(LeasedJob {
-                    lease: Lease {
-                        job_id: job.id,
-                        token: job.lease_token,
-                    },
-                    job,
-                }),
-                Err(Unread::Json(job)) => unreadable.push(job),
-                Err(Unread::Column(e)) => return Err(e),
-            }
-        }
-        kill_unreadable(self, unreadable).await;
-        Ok(leased)
+        pull_readable(
+            request,
+            |round| self.claim(round),
+            |job| self.kill_unreadable(job),
+        )
+        .await
     }
 
     async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {

@@ -17,7 +17,8 @@ pub(crate) fn status(text: &str) -> Result<JobStatus> {
 
 /// Why a row could not be read as a job.
 pub(crate) enum Unread {
-    /// A column did not decode: the table is not as relayq made it.
+    /// A column did not decode, or holds a value relayq never stores (an
+    /// unknown status).
     Column(Error),
     /// The job's stored JSON does not parse.
     Json(Unreadable),
@@ -56,11 +57,11 @@ pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
     let kind: &str = row.try_get("kind").map_err(column)?;
     let payload: &str = row.try_get("payload").map_err(column)?;
     let result: Option<&str> = row.try_get("result").map_err(column)?;
-    Ok(Job {
+    let mut job = Job {
         id,
         queue: queue.into(),
         kind: kind.into(),
-        payload: Arc::new(json("payload", payload)?),
+        payload: Arc::new(Value::Null),
         priority: row.try_get("priority").map_err(column)?,
         status: status(status_text).map_err(Unread::Column)?,
         attempts: row.try_get("attempts").map_err(column)?,
@@ -70,8 +71,13 @@ pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
         locked_until: row.try_get("locked_until").map_err(column)?,
         unique_key: row.try_get("unique_key").map_err(column)?,
         last_error: row.try_get("last_error").map_err(column)?,
-        result: result.map(|r| json("result", r)).transpose()?,
+        result: None,
         created_at: row.try_get("created_at").map_err(column)?,
         updated_at: row.try_get("updated_at").map_err(column)?,
-    })
+    };
+    // Last: a row with a column that does not decode is an error, whatever
+    // its JSON.
+    job.payload = Arc::new(json("payload", payload)?);
+    job.result = result.map(|r| json("result", r)).transpose()?;
+    Ok(job)
 }

@@ -37,6 +37,7 @@ pub(crate) struct Statements {
     pub(crate) complete_batch: SqlStr,
     pub(crate) retry: SqlStr,
     pub(crate) kill: SqlStr,
+    pub(crate) kill_unreadable: SqlStr,
     pub(crate) extend: SqlStr,
     pub(crate) extend_batch: SqlStr,
     pub(crate) release: SqlStr,
@@ -187,7 +188,9 @@ LIMIT 1
 /// PostgreSQL allows no `FOR UPDATE` in a `UNION`). The `UPDATE …
 /// RETURNING` leases them. The killed and chosen sets are disjoint, so one
 /// statement may update both. Candidates locked but not chosen stay
-/// pending and are unlocked at commit.
+/// pending and are unlocked at commit. The leased rows come back in no
+/// order (the caller sorts them): sorted here, their payloads would be
+/// read and converted to text before the sort rather than after it.
 ///
 /// `{queue}` is `queue = $2` for one queue or `queue = ANY($2)` for
 /// several; `{levels}` and `{claimable}` choose the due jobs, see
@@ -228,7 +231,7 @@ WITH RECURSIVE {levels}expired_last AS (
     WHERE j.id = c.id
     RETURNING j.*
 )
-SELECT {cols} FROM claimed ORDER BY priority, run_at, id
+SELECT {cols} FROM claimed
 "#;
 
 /// The due jobs of one queue, in pull order, one priority level at a time.
@@ -369,6 +372,16 @@ WHERE id = $2 AND lease_token = $3 AND status = 'processing'
 RETURNING id
 "#;
 
+/// [`KILL`] for a job whose stored JSON does not read back: each of its
+/// payload and result becomes a JSON string holding the text, which reads.
+const KILL_UNREADABLE: &str = r#"
+UPDATE {s}.jobs
+SET status = 'dead', last_error = $4, locked_until = NULL, updated_at = {now},
+    payload = to_json(payload::text), result = to_json(result::text)
+WHERE id = $2 AND lease_token = $3 AND status = 'processing'
+RETURNING id
+"#;
+
 const EXTEND: &str = r#"
 UPDATE {s}.jobs
 SET locked_until = {now} + $4 * interval '1 microsecond', updated_at = {now}
@@ -471,6 +484,7 @@ impl Statements {
             complete_batch: build(COMPLETE_BATCH, &s),
             retry: build(RETRY, &s),
             kill: build(KILL, &s),
+            kill_unreadable: build(KILL_UNREADABLE, &s),
             extend: build(EXTEND, &s),
             extend_batch: build(EXTEND_BATCH, &s),
             release: build(RELEASE, &s),

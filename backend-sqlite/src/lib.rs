@@ -171,8 +171,8 @@ use async_trait::async_trait;
 use relayq_core::{
     Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
     LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller,
-    PushOutcome, Pusher, Result, Stats, ValidJob, Wakeups, check_clean, check_lease, check_result,
-    check_retry, check_text, kill_unreadable, truncate_to_micros, validate_batch,
+    PushOutcome, Pusher, Result, Stats, Unreadable, ValidJob, Wakeups, check_clean, check_lease,
+    check_result, check_retry, check_text, pull_readable, truncate_to_micros, validate_batch,
 };
 use sea_query::{Expr, ExprTrait, Iden, Order, Query, SqliteQueryBuilder};
 use sea_query_sqlx::SqlxBinder;
@@ -958,14 +958,31 @@ impl Pusher for SqliteBackend {
 const EXTEND: &str = "UPDATE relayq_jobs SET locked_until = ?, updated_at = ? \
                       WHERE id = ? AND status = 'processing' AND lease_token = ?";
 
-#[async_trait]
-impl Puller for SqliteBackend {
-    async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>> {
-        request.validate()?;
-        let statements = PullStatements::new(request);
+impl SqliteBackend {
+    /// Marks `job` dead, as `kill` does, and replaces its payload and
+    /// result with JSON strings holding their text, which read back.
+    async fn kill_unreadable(&self, job: Unreadable) -> Result<()> {
+        fenced(
+            self,
+            &job.lease,
+            "UPDATE relayq_jobs SET status = 'dead', last_error = ?, locked_until = NULL, \
+             payload = json_quote(CAST(payload AS TEXT)), \
+             result = CASE WHEN result IS NULL THEN NULL ELSE json_quote(CAST(result AS TEXT)) END, \
+             updated_at = ? WHERE id = ? AND status = 'processing' AND lease_token = ?",
+            Some(job.reason.as_str()),
+            Due::No,
+        )
+        .await
+    }
+
+    /// One claim for [`Puller::pull`]: the jobs it leased and read, and
+    /// those it leased but could not read (killed by `pull_readable` once
+    /// the write lock is released: each kill takes it).
+    async fn claim(&self, request: PullRequest) -> Result<(Vec<LeasedJob>, Vec<Unreadable>)> {
+        let statements = PullStatements::new(&request);
         // Two statements, each atomic alone: the sweep only marks abandoned
         // last attempts `Dead`, and the claim never leases one itself.
-        let (mut leased, unreadable) = write_each!(self, |conn, now| {
+        write_each!(self, |conn, now| {
             let until = later(now, request.lease, "lease")?;
             let rows = statements
                 .sweep_and_claim(now, until)
@@ -987,12 +1004,21 @@ impl Puller for SqliteBackend {
                 }
             }
             (leased, unreadable)
-        })?;
-        // Outside the write lock, which each kill takes.
-        kill_unreadable(self, unreadable).await;
-        // RETURNING yields rows in no promised order.
-        leased.sort_unstable_by_key(|l| (l.job.priority, l.job.run_at, l.job.id));
-        Ok(leased)
+        })
+    }
+}
+
+#[async_trait]
+impl Puller for SqliteBackend {
+    async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>> {
+        request.validate()?;
+        // Sorted there: RETURNING yields rows in no promised order.
+        pull_readable(
+            request,
+            |round| self.claim(round),
+            |job| self.kill_unreadable(job),
+        )
+        .await
     }
 
     async fn complete(&self, lease: &Lease, result: Option<Value>) -> Result<()> {

@@ -71,8 +71,9 @@ impl From<Unread> for Fail {
 pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Unread> {
     let id = row.try_get("id")?;
     let lease_token = row.try_get("lease_token")?;
-    let json = |column: &'static str, text: &str| {
-        serde_json::from_str::<Value>(text).map_err(|e| {
+    // Bytes, not `&str`: text that is not UTF-8 is unreadable JSON too.
+    let json = |column: &'static str, text: &[u8]| {
+        serde_json::from_slice::<Value>(text).map_err(|e| {
             let lease = Lease {
                 job_id: id,
                 token: lease_token,
@@ -86,14 +87,14 @@ pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Unread> {
     let status: &str = row.try_get("status")?;
     let queue: &str = row.try_get("queue")?;
     let kind: &str = row.try_get("kind")?;
-    let payload: &str = row.try_get("payload")?;
-    let result: Option<&str> = row.try_get("result")?;
+    let payload: &[u8] = row.try_get("payload")?;
+    let result: Option<&[u8]> = row.try_get("result")?;
     let locked_until: Option<i64> = row.try_get("locked_until")?;
-    Ok(Job {
+    let mut job = Job {
         id,
         queue: queue.into(),
         kind: kind.into(),
-        payload: Arc::new(json("payload", payload)?),
+        payload: Arc::new(Value::Null),
         priority: i16::try_from(priority)
             .map_err(|_| corrupt(format!("priority {priority} out of range")))?,
         status: status
@@ -106,10 +107,15 @@ pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Unread> {
         locked_until: locked_until.map(from_micros).transpose()?,
         unique_key: row.try_get("unique_key")?,
         last_error: row.try_get("last_error")?,
-        result: result.map(|r| json("result", r)).transpose()?,
+        result: None,
         created_at: from_micros(row.try_get("created_at")?)?,
         updated_at: from_micros(row.try_get("updated_at")?)?,
-    })
+    };
+    // Last: a row with a column that does not decode is an error, whatever
+    // its JSON.
+    job.payload = Arc::new(json("payload", payload)?);
+    job.result = result.map(|r| json("result", r)).transpose()?;
+    Ok(job)
 }
 
 #[cfg(test)]

@@ -388,6 +388,9 @@ pub async fn invalid_job_fields_are_named_and_nothing_is_written(h: Harness) {
         // Pre-serialized JSON is checked as well: an escaped NUL, and a
         // lone UTF-16 surrogate (which serde_json cannot read back).
         (NewJob::new("k", &raw_json(r#"{"s":"\u0000"}"#)), "payload"),
+        // A number serde_json would not read back (pre-serialized JSON is
+        // not range-checked).
+        (NewJob::new("k", &raw_json("[1e400]")), "payload"),
         (NewJob::new("k", &raw_json(r#"["\ud800"]"#)), "payload"),
         (
             NewJob::new("k", &raw_json(r#"{"s":"\udc00\ud800"}"#)),

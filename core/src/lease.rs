@@ -3,9 +3,11 @@
 use serde::{Deserialize, Serialize};
 use time::Duration;
 
+use std::future::Future;
+
 use crate::error::{Error, Result};
 use crate::job::{Job, JobId};
-use crate::store::Puller;
+use crate::request::PullRequest;
 
 /// The right to finish one job, returned by `pull`.
 ///
@@ -41,7 +43,8 @@ pub struct LeasedJob {
 /// A job a `pull` leased whose stored JSON does not read back: a row
 /// another program wrote, since a SQL store accepts JSON that serde_json
 /// refuses (a lone surrogate escape, a number beyond `f64`, nesting deeper
-/// than it reads). See [`kill_unreadable`].
+/// than it reads, text that is not UTF-8). See [`pull_readable`].
+/// relayq itself never stores one: it checks JSON before writing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unreadable {
     /// The lease the pull took on the job.
@@ -61,20 +64,63 @@ impl Unreadable {
     }
 }
 
-/// For backends' `pull`: marks each unreadable job `Dead` through its
-/// lease, with `last_error` saying why, rather than failing the pull. A
-/// failed pull would leave every job it leased to no one until the leases
-/// expired, and the unreadable one would come back at each expiry: a
-/// poison job stalling its queue and spending the attempts of the jobs
-/// pulled with it. A kill that fails is logged; the job then dies when its
-/// lease expires on its last attempt.
-pub async fn kill_unreadable<P: Puller + ?Sized>(puller: &P, unreadable: Vec<Unreadable>) {
-    for Unreadable { lease, reason } in unreadable {
-        tracing::error!(job = lease.job_id, %reason, "a pulled job cannot be read; marking it dead");
-        if let Err(e) = puller.kill(&lease, &reason).await {
-            tracing::warn!(job = lease.job_id, error = %e, "could not mark an unreadable job dead");
+/// The most claims one pull makes, replacing jobs it found unreadable.
+const CLAIM_ROUNDS: usize = 8;
+
+/// For backends' `pull`: runs `claim` (one claim: the jobs it leased and
+/// read, and those it leased but could not read), hands each unreadable
+/// job to `kill` (which marks it `Dead` through its lease with the reason
+/// as `last_error`, and should replace its stored JSON with a JSON string
+/// holding the text, so that `get` and `list` can show it), and claims
+/// again as many as it killed, so that a pull comes back short only when
+/// the queue had no more (a worker takes a short pull for an empty queue).
+/// Returns the jobs in pull order (priority, `run_at`, id).
+///
+/// Failing the pull instead would leave every job it leased to no one
+/// until the leases expired, and the unreadable one would come back at
+/// each expiry: a poison job stalling its queue and spending the attempts
+/// of the jobs pulled with it. A kill that fails is logged; the job comes
+/// back when its lease expires and is killed then, or, on its last
+/// attempt, dies with the lease's expiry as its error. An error of a claim
+/// after the first is logged, and the jobs leased so far are returned.
+pub async fn pull_readable<C, F, K, KF>(
+    request: &PullRequest,
+    mut claim: C,
+    mut kill: K,
+) -> Result<Vec<LeasedJob>>
+where
+    C: FnMut(PullRequest) -> F,
+    F: Future<Output = Result<(Vec<LeasedJob>, Vec<Unreadable>)>>,
+    K: FnMut(Unreadable) -> KF,
+    KF: Future<Output = Result<()>>,
+{
+    let mut leased = Vec::new();
+    let mut round = request.clone();
+    for n in 0..CLAIM_ROUNDS {
+        let (jobs, unreadable) = match claim(round.clone()).await {
+            Ok(claimed) => claimed,
+            Err(e) if n == 0 => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "a claim replacing unreadable jobs failed");
+                break;
+            }
+        };
+        leased.extend(jobs);
+        if unreadable.is_empty() {
+            break;
         }
+        let killed = u32::try_from(unreadable.len()).unwrap_or(u32::MAX);
+        for job in unreadable {
+            let id = job.lease.job_id;
+            tracing::error!(job = id, reason = %job.reason, "a pulled job cannot be read; marking it dead");
+            if let Err(e) = kill(job).await {
+                tracing::warn!(job = id, error = %e, "could not mark an unreadable job dead");
+            }
+        }
+        round = round.batch(killed);
     }
+    leased.sort_unstable_by_key(|l| (l.job.priority, l.job.run_at, l.job.id));
+    Ok(leased)
 }
 
 /// The longest lease one `pull` or `extend` may grant (one day).

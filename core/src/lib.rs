@@ -39,8 +39,7 @@ pub use job::{
     check_name, check_text, validate_batch,
 };
 pub use lease::{
-    Lease, LeasedJob, MAX_LEASE, Unreadable, check_lease, check_result, check_retry,
-    kill_unreadable,
+    Lease, LeasedJob, MAX_LEASE, Unreadable, check_lease, check_result, check_retry, pull_readable,
 };
 pub use payload::Payload;
 pub use request::{

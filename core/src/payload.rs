@@ -84,14 +84,28 @@ impl fmt::Display for Payload {
 /// raw NUL byte), no unpaired UTF-16 surrogate escape (serde_json
 /// cannot read one back, nor can `jsonb` hold one), and no value nested
 /// deeper than [`MAX_JSON_DEPTH`] levels, the top-level value being at
-/// level 0.
+/// level 0, and no number beyond `f64`'s range (a pre-serialized
+/// [`RawValue`] is not range-checked, and serde_json cannot read one back).
 pub(crate) fn check_json_text(field: &'static str, text: &str) -> Result<()> {
     let bytes = text.as_bytes();
     // Most payloads have no escape that could name a NUL or a surrogate,
-    // and fewer brackets than the depth allowed: two quick searches and a
-    // count settle them, without reading the text a byte at a time.
+    // fewer brackets than the depth allowed, and no number that could pass
+    // `f64`'s range (one needs an exponent after a digit, or 309 digits):
+    // quick searches and a count settle them, without reading the text a
+    // token at a time.
     let brackets = bytes.iter().filter(|&&b| b == b'[' || b == b'{').count();
-    if brackets <= MAX_JSON_DEPTH && !text.contains("\\u") && !bytes.contains(&0) {
+    let exponent = bytes
+        .windows(2)
+        .any(|w| w[0].is_ascii_digit() && matches!(w[1], b'e' | b'E'));
+    let long_digits = bytes
+        .split(|b| !b.is_ascii_digit())
+        .any(|run| run.len() >= 309);
+    if brackets <= MAX_JSON_DEPTH
+        && !exponent
+        && !long_digits
+        && !text.contains("\\u")
+        && !bytes.contains(&0)
+    {
         return Ok(());
     }
     // Arrays and objects open around the current position: a value that
@@ -111,6 +125,22 @@ pub(crate) fn check_json_text(field: &'static str, text: &str) -> Result<()> {
             b'[' | b'{' => open += 1,
             b'"' => {
                 i = string_end(field, bytes, i + 1)?;
+                continue;
+            }
+            b'-' | b'0'..=b'9' => {
+                let end = bytes[i..]
+                    .iter()
+                    .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                    .map_or(bytes.len(), |n| i + n);
+                let number = &text[i..end];
+                if !number.parse::<f64>().is_ok_and(f64::is_finite) {
+                    let shown: String = number.chars().take(32).collect();
+                    return Err(Error::invalid(
+                        field,
+                        format!("number {shown} is beyond the range of f64"),
+                    ));
+                }
+                i = end;
                 continue;
             }
             _ => {}
@@ -186,6 +216,22 @@ mod tests {
                 json!({ "k": inner })
             }
         })
+    }
+
+    #[test]
+    fn numbers_beyond_f64_are_refused_and_the_rest_pass() {
+        let long = format!("[{}]", "9".repeat(400));
+        for bad in ["[1e400]", r#"{"n":-2E+309}"#, long.as_str()] {
+            let err = check_json_text("payload", bad).expect_err(bad);
+            assert_eq!(err.invalid_field(), Some("payload"), "{bad}");
+        }
+        for good in [
+            "[1e300, -1.5e-400, 0.1, -0]",
+            r#"{"e":"1e400","s":"9e999"}"#,
+            "[123456789012345678901234567890]",
+        ] {
+            check_json_text("payload", good).expect(good);
+        }
     }
 
     #[test]
