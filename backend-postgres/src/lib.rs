@@ -888,11 +888,18 @@ impl PgBackend {
             .bind(micros(request.lease))
     }
 
-    /// Marks `job` dead with its JSON quoted ([`sql`]'s `KILL_UNREADABLE`).
+    /// Marks `job` dead, its unreadable column replaced by
+    /// [`Unreadable::readable`].
     async fn kill_unreadable(&self, job: Unreadable) -> Result<()> {
+        let sql = match job.column {
+            "result" => &self.inner.sql.kill_unreadable_result,
+            _ => &self.inner.sql.kill_unreadable_payload,
+        };
+        let readable = RawValue::from_string(job.readable).map_err(Error::backend)?;
         let query = self
-            .fenced(&self.inner.sql.kill_unreadable, &job.lease)
-            .bind(job.reason);
+            .fenced(sql, &job.lease)
+            .bind(job.reason)
+            .bind(AsJson(readable));
         let (_,): (JobId,) = self.acknowledge(query, &job.lease).await?;
         Ok(())
     }

@@ -47,7 +47,7 @@ pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
                 job_id: id,
                 token: lease_token,
             };
-            Unread::Json(Unreadable::new(lease, name, e))
+            Unread::Json(Unreadable::new(lease, name, text.as_bytes(), e))
         })
     };
     // Borrowed from the row: a status and names of up to 24 bytes cost no

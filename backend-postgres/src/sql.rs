@@ -37,7 +37,8 @@ pub(crate) struct Statements {
     pub(crate) complete_batch: SqlStr,
     pub(crate) retry: SqlStr,
     pub(crate) kill: SqlStr,
-    pub(crate) kill_unreadable: SqlStr,
+    pub(crate) kill_unreadable_payload: SqlStr,
+    pub(crate) kill_unreadable_result: SqlStr,
     pub(crate) extend: SqlStr,
     pub(crate) extend_batch: SqlStr,
     pub(crate) release: SqlStr,
@@ -189,8 +190,9 @@ LIMIT 1
 /// RETURNING` leases them. The killed and chosen sets are disjoint, so one
 /// statement may update both. Candidates locked but not chosen stay
 /// pending and are unlocked at commit. The leased rows come back in no
-/// order (the caller sorts them): sorted here, their payloads would be
-/// read and converted to text before the sort rather than after it.
+/// order (the caller sorts them): a sort here would sort whole rows,
+/// payloads included, which for large payloads can spill past
+/// `work_mem`.
 ///
 /// `{queue}` is `queue = $2` for one queue or `queue = ANY($2)` for
 /// several; `{levels}` and `{claimable}` choose the due jobs, see
@@ -372,12 +374,11 @@ WHERE id = $2 AND lease_token = $3 AND status = 'processing'
 RETURNING id
 "#;
 
-/// [`KILL`] for a job whose stored JSON does not read back: each of its
-/// payload and result becomes a JSON string holding the text, which reads.
+/// [`KILL`] for a job whose stored JSON in `{column}` does not read back:
+/// that column becomes `$5`, JSON that does.
 const KILL_UNREADABLE: &str = r#"
 UPDATE {s}.jobs
-SET status = 'dead', last_error = $4, locked_until = NULL, updated_at = {now},
-    payload = to_json(payload::text), result = to_json(result::text)
+SET status = 'dead', last_error = $4, locked_until = NULL, updated_at = {now}, {column} = $5
 WHERE id = $2 AND lease_token = $3 AND status = 'processing'
 RETURNING id
 "#;
@@ -484,7 +485,8 @@ impl Statements {
             complete_batch: build(COMPLETE_BATCH, &s),
             retry: build(RETRY, &s),
             kill: build(KILL, &s),
-            kill_unreadable: build(KILL_UNREADABLE, &s),
+            kill_unreadable_payload: build(&KILL_UNREADABLE.replace("{column}", "payload"), &s),
+            kill_unreadable_result: build(&KILL_UNREADABLE.replace("{column}", "result"), &s),
             extend: build(EXTEND, &s),
             extend_batch: build(EXTEND_BATCH, &s),
             release: build(RELEASE, &s),

@@ -959,17 +959,26 @@ const EXTEND: &str = "UPDATE relayq_jobs SET locked_until = ?, updated_at = ? \
                       WHERE id = ? AND status = 'processing' AND lease_token = ?";
 
 impl SqliteBackend {
-    /// Marks `job` dead, as `kill` does, and replaces its payload and
-    /// result with JSON strings holding their text, which read back.
+    /// Marks `job` dead, as `kill` does, its unreadable column replaced by
+    /// [`Unreadable::readable`].
     async fn kill_unreadable(&self, job: Unreadable) -> Result<()> {
+        let sql = match job.column {
+            "result" => {
+                "UPDATE relayq_jobs SET status = 'dead', last_error = ?, result = ?, \
+                 locked_until = NULL, updated_at = ? \
+                 WHERE id = ? AND status = 'processing' AND lease_token = ?"
+            }
+            _ => {
+                "UPDATE relayq_jobs SET status = 'dead', last_error = ?, payload = ?, \
+                 locked_until = NULL, updated_at = ? \
+                 WHERE id = ? AND status = 'processing' AND lease_token = ?"
+            }
+        };
         fenced(
             self,
             &job.lease,
-            "UPDATE relayq_jobs SET status = 'dead', last_error = ?, locked_until = NULL, \
-             payload = json_quote(CAST(payload AS TEXT)), \
-             result = CASE WHEN result IS NULL THEN NULL ELSE json_quote(CAST(result AS TEXT)) END, \
-             updated_at = ? WHERE id = ? AND status = 'processing' AND lease_token = ?",
-            Some(job.reason.as_str()),
+            sql,
+            &[&job.reason, &job.readable],
             Due::No,
         )
         .await
@@ -1109,7 +1118,7 @@ impl Puller for SqliteBackend {
             lease,
             "UPDATE relayq_jobs SET status = 'dead', last_error = ?, locked_until = NULL, \
              updated_at = ? WHERE id = ? AND status = 'processing' AND lease_token = ?",
-            Some(error),
+            &[error],
             Due::No,
         )
         .await
@@ -1153,7 +1162,7 @@ impl Puller for SqliteBackend {
             "UPDATE relayq_jobs SET status = 'pending', attempts = attempts - 1, \
              locked_until = NULL, updated_at = ? \
              WHERE id = ? AND status = 'processing' AND lease_token = ?",
-            None,
+            &[],
             Due::Again,
         )
         .await
@@ -1220,19 +1229,19 @@ enum Due {
     Again,
 }
 
-/// Runs a fenced `UPDATE` whose parameters are `[first,] updated_at, id,
+/// Runs a fenced `UPDATE` whose parameters are `first…, updated_at, id,
 /// token`: `LeaseLost` when it matched no row.
 async fn fenced(
     backend: &SqliteBackend,
     lease: &Lease,
     sql: &'static str,
-    first: Option<&str>,
+    first: &[&str],
     due: Due,
 ) -> Result<()> {
     let changed = write_tx!(backend, |tx, now| {
         let mut query = sqlx::query(sql);
-        if let Some(first) = first {
-            query = query.bind(first);
+        for text in first {
+            query = query.bind(*text);
         }
         let changed = query
             .bind(micros(now))

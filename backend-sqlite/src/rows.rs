@@ -78,7 +78,7 @@ pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Unread> {
                 job_id: id,
                 token: lease_token,
             };
-            Unread::Json(Unreadable::new(lease, column, e))
+            Unread::Json(Unreadable::new(lease, column, text, e))
         })
     };
     let priority: i64 = row.try_get("priority")?;

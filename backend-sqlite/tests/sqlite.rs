@@ -1143,8 +1143,13 @@ async fn a_pulled_job_with_unreadable_json_is_dead_and_the_rest_are_leased() {
             (JobStatus::Dead, &json!(payload))
         );
     }
-    let page = backend.list(&ListFilter::new()).await.expect("list");
-    assert_eq!(page.jobs.len(), 4);
+    // Text that is not UTF-8 is unreadable too, and kept with U+FFFD.
+    let bytes = backend.push(job(4)).await.expect("push").id();
+    sqlx::query("UPDATE relayq_jobs SET payload = CAST(x'7b22ff227d' AS TEXT) WHERE id = ?")
+        .bind(bytes)
+        .execute(backend.pool())
+        .await
+        .expect("another program's bytes");
     assert!(
         backend
             .pull(&PullRequest::queue("default").batch(10))
@@ -1152,6 +1157,13 @@ async fn a_pulled_job_with_unreadable_json_is_dead_and_the_rest_are_leased() {
             .expect("pull")
             .is_empty()
     );
+    let job = backend.get(bytes).await.expect("get").expect("job");
+    assert_eq!(
+        (job.status, &*job.payload),
+        (JobStatus::Dead, &json!("{\"\u{fffd}\"}"))
+    );
+    let page = backend.list(&ListFilter::new()).await.expect("list");
+    assert_eq!(page.jobs.len(), 5);
 }
 
 /// Debug output names the database and never panics.

@@ -49,32 +49,48 @@ pub struct LeasedJob {
 pub struct Unreadable {
     /// The lease the pull took on the job.
     pub lease: Lease,
+    /// The column that does not read back: `"payload"` or `"result"`.
+    pub column: &'static str,
     /// Why it cannot be read, stored as the job's `last_error`.
     pub reason: String,
+    /// What to store in `column` instead: a JSON string holding the
+    /// stored text (bytes that are not UTF-8 replaced by U+FFFD), which
+    /// reads back.
+    pub readable: String,
 }
 
 impl Unreadable {
     /// The job of `lease`, whose stored `column` (`"payload"` or
-    /// `"result"`) failed to parse with `error`.
-    pub fn new(lease: Lease, column: &str, error: impl std::fmt::Display) -> Self {
+    /// `"result"`), `stored`, failed to parse with `error`.
+    pub fn new(
+        lease: Lease,
+        column: &'static str,
+        stored: &[u8],
+        error: impl std::fmt::Display,
+    ) -> Self {
+        let text = String::from_utf8_lossy(stored);
         Self {
             lease,
+            column,
             reason: format!("relayq cannot read this job's stored {column}: {error}"),
+            readable: serde_json::Value::from(text).to_string(),
         }
     }
 }
 
 /// The most claims one pull makes, replacing jobs it found unreadable.
-const CLAIM_ROUNDS: usize = 8;
+pub const CLAIM_ROUNDS: usize = 8;
 
 /// For backends' `pull`: runs `claim` (one claim: the jobs it leased and
 /// read, and those it leased but could not read), hands each unreadable
 /// job to `kill` (which marks it `Dead` through its lease with the reason
-/// as `last_error`, and should replace its stored JSON with a JSON string
-/// holding the text, so that `get` and `list` can show it), and claims
-/// again as many as it killed, so that a pull comes back short only when
-/// the queue had no more (a worker takes a short pull for an empty queue).
-/// Returns the jobs in pull order (priority, `run_at`, id).
+/// as `last_error`, and stores [`Unreadable::readable`] in its column, so
+/// that `get` and `list` can show it), and claims again as many as it
+/// killed, so that a pull comes back short only when the queue had no
+/// more (a worker takes a short pull for an empty queue), or after
+/// [`CLAIM_ROUNDS`] claims that met unreadable jobs. Returns the jobs in
+/// pull order (priority, `run_at`, id). Such a pull takes several
+/// statements, each atomic.
 ///
 /// Failing the pull instead would leave every job it leased to no one
 /// until the leases expired, and the unreadable one would come back at
@@ -95,17 +111,23 @@ where
     KF: Future<Output = Result<()>>,
 {
     let mut leased = Vec::new();
-    let mut round = request.clone();
+    let mut round = Some(request.clone());
     for n in 0..CLAIM_ROUNDS {
-        let (jobs, unreadable) = match claim(round.clone()).await {
+        let Some(this) = round.take() else { break };
+        let batch = this.clone();
+        let (jobs, unreadable) = match claim(this).await {
             Ok(claimed) => claimed,
-            Err(e) if n == 0 => return Err(e),
+            Err(e) if n == 0 || leased.is_empty() => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "a claim replacing unreadable jobs failed");
                 break;
             }
         };
-        leased.extend(jobs);
+        if leased.is_empty() {
+            leased = jobs;
+        } else {
+            leased.extend(jobs);
+        }
         if unreadable.is_empty() {
             break;
         }
@@ -117,7 +139,7 @@ where
                 tracing::warn!(job = id, error = %e, "could not mark an unreadable job dead");
             }
         }
-        round = round.batch(killed);
+        round = Some(batch.batch(killed));
     }
     leased.sort_unstable_by_key(|l| (l.job.priority, l.job.run_at, l.job.id));
     Ok(leased)
@@ -152,4 +174,102 @@ pub fn check_retry(delay: Duration, error: &str) -> Result<()> {
 /// Checks the result handed to `complete`.
 pub fn check_result(result: Option<&serde_json::Value>) -> Result<()> {
     result.map_or(Ok(()), |r| crate::job::check_json("result", r))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::job::leased_for_tests;
+
+    /// A queue of jobs, `true` for readable ones, claimed from the front in
+    /// id order (ids from 1); returns what `pull_readable` returned and the
+    /// ids it killed.
+    async fn pull(queue: &[bool], batch: u32) -> (Result<Vec<JobId>>, Vec<JobId>) {
+        let jobs: Mutex<VecDeque<(JobId, bool)>> =
+            Mutex::new((1..).zip(queue.iter().copied()).collect());
+        let killed = Mutex::new(Vec::new());
+        let claim = |request: PullRequest| {
+            let mut jobs = jobs.lock().unwrap();
+            let n = jobs.len().min(request.batch as usize);
+            let mut claimed = (Vec::new(), Vec::new());
+            for (id, readable) in jobs.drain(..n) {
+                let lease = Lease {
+                    job_id: id,
+                    token: 1,
+                };
+                if readable {
+                    claimed.0.push(LeasedJob {
+                        lease,
+                        job: leased_for_tests(id),
+                    });
+                } else {
+                    claimed.1.push(Unreadable::new(
+                        lease,
+                        "payload",
+                        b"[1e400]",
+                        "out of range",
+                    ));
+                }
+            }
+            std::future::ready(Ok(claimed))
+        };
+        let kill = |job: Unreadable| {
+            killed.lock().unwrap().push(job.lease.job_id);
+            std::future::ready(Ok(()))
+        };
+        let request = PullRequest::queue("q").batch(batch);
+        let leased = pull_readable(&request, claim, kill).await;
+        let leased = leased.map(|l| l.iter().map(|l| l.job.id).collect());
+        (leased, killed.into_inner().unwrap())
+    }
+
+    #[tokio::test]
+    async fn unreadable_jobs_are_killed_and_replaced_up_to_the_batch() {
+        let (leased, killed) = pull(&[true, false, false, true, true], 2).await;
+        assert_eq!((leased.unwrap(), killed), (vec![1, 4], vec![2, 3]));
+        // Never more than the batch, never a readable job killed.
+        let (leased, killed) = pull(&[false, true, true, true], 2).await;
+        assert_eq!((leased.unwrap(), killed), (vec![2, 3], vec![1]));
+    }
+
+    #[tokio::test]
+    async fn a_pull_stops_after_its_claim_rounds() {
+        let mut queue = vec![false; CLAIM_ROUNDS];
+        queue.push(true);
+        let (leased, killed) = pull(&queue, 1).await;
+        assert_eq!(leased.unwrap(), Vec::<JobId>::new());
+        assert_eq!(killed.len(), CLAIM_ROUNDS);
+        let (leased, _) = pull(&queue[1..], 1).await;
+        assert_eq!(leased.unwrap(), vec![CLAIM_ROUNDS as JobId]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_later_claim_returns_what_was_leased() {
+        let request = PullRequest::queue("q").batch(2);
+        let mut round = 0;
+        let claim = |_: PullRequest| {
+            round += 1;
+            let lease = |id| Lease {
+                job_id: id,
+                token: 1,
+            };
+            std::future::ready(match round {
+                1 => Ok((
+                    vec![LeasedJob {
+                        lease: lease(1),
+                        job: leased_for_tests(1),
+                    }],
+                    vec![Unreadable::new(lease(2), "payload", b"x", "bad")],
+                )),
+                _ => Err(Error::transient("gone")),
+            })
+        };
+        let leased = pull_readable(&request, claim, |_| std::future::ready(Ok(())))
+            .await
+            .expect("the first round's job");
+        assert_eq!(leased.len(), 1);
+    }
 }

@@ -39,7 +39,8 @@ pub use job::{
     check_name, check_text, validate_batch,
 };
 pub use lease::{
-    Lease, LeasedJob, MAX_LEASE, Unreadable, check_lease, check_result, check_retry, pull_readable,
+    CLAIM_ROUNDS, Lease, LeasedJob, MAX_LEASE, Unreadable, check_lease, check_result, check_retry,
+    pull_readable,
 };
 pub use payload::Payload;
 pub use request::{

@@ -5,7 +5,8 @@
 //! a small payload building the tree (an allocation per key and string,
 //! and as many frees) costs more than the rest of an enqueue's client work.
 //! The checks [`check_json`](crate::check_json) makes on a tree are made
-//! here on the text, in one pass.
+//! here on the text: one quick pass, and a second only for a text that
+//! may need it.
 
 use std::fmt;
 
@@ -17,7 +18,8 @@ use crate::job::MAX_JSON_DEPTH;
 
 /// A validated job's payload: compact JSON text that every store can hold
 /// and read back (no `\u0000` in any string or key, no lone UTF-16
-/// surrogate, at most [`MAX_JSON_DEPTH`] levels of nesting).
+/// surrogate, at most [`MAX_JSON_DEPTH`] levels of nesting, no number
+/// beyond `f64`'s range).
 ///
 /// Only [`NewJob::validate`](crate::NewJob::validate) makes one. Two
 /// payloads are equal when their texts are.
@@ -90,22 +92,27 @@ pub(crate) fn check_json_text(field: &'static str, text: &str) -> Result<()> {
     let bytes = text.as_bytes();
     // Most payloads have no escape that could name a NUL or a surrogate,
     // fewer brackets than the depth allowed, and no number that could pass
-    // `f64`'s range (one needs an exponent after a digit, or 309 digits):
-    // quick searches and a count settle them, without reading the text a
+    // `f64`'s range (that takes an exponent after a digit, or 300 digits):
+    // one pass over the bytes settles them, without reading the text a
     // token at a time.
-    let brackets = bytes.iter().filter(|&&b| b == b'[' || b == b'{').count();
-    let exponent = bytes
-        .windows(2)
-        .any(|w| w[0].is_ascii_digit() && matches!(w[1], b'e' | b'E'));
-    let long_digits = bytes
-        .split(|b| !b.is_ascii_digit())
-        .any(|run| run.len() >= 309);
-    if brackets <= MAX_JSON_DEPTH
-        && !exponent
-        && !long_digits
-        && !text.contains("\\u")
-        && !bytes.contains(&0)
-    {
+    let (mut brackets, mut digits, mut suspect) = (0usize, 0usize, false);
+    let mut previous = 0u8;
+    for &byte in bytes {
+        match byte {
+            b'[' | b'{' => brackets += 1,
+            b'0'..=b'9' => digits += 1,
+            b'e' | b'E' if previous.is_ascii_digit() => suspect = true,
+            b'u' if previous == b'\\' => suspect = true,
+            0 => suspect = true,
+            _ => {}
+        }
+        if !byte.is_ascii_digit() {
+            digits = 0;
+        }
+        suspect |= digits >= 300;
+        previous = byte;
+    }
+    if brackets <= MAX_JSON_DEPTH && !suspect {
         return Ok(());
     }
     // Arrays and objects open around the current position: a value that
@@ -133,7 +140,9 @@ pub(crate) fn check_json_text(field: &'static str, text: &str) -> Result<()> {
                     .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
                     .map_or(bytes.len(), |n| i + n);
                 let number = &text[i..end];
-                if !number.parse::<f64>().is_ok_and(f64::is_finite) {
+                // serde_json's own reading (it rounds differently from
+                // `str::parse`: `1.7976931348623158e308` overflows there).
+                if serde_json::from_str::<f64>(number).is_err() {
                     let shown: String = number.chars().take(32).collect();
                     return Err(Error::invalid(
                         field,
