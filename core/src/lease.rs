@@ -1,9 +1,9 @@
 //! Leases: the right to finish one job, checked by a fencing token.
 
+use std::future::Future;
+
 use serde::{Deserialize, Serialize};
 use time::Duration;
-
-use std::future::Future;
 
 use crate::error::{Error, Result};
 use crate::job::{Job, JobId};
@@ -98,7 +98,8 @@ pub const CLAIM_ROUNDS: usize = 8;
 /// of the jobs pulled with it. A kill that fails is logged; the job comes
 /// back when its lease expires and is killed then, or, on its last
 /// attempt, dies with the lease's expiry as its error. An error of a claim
-/// after the first is logged, and the jobs leased so far are returned.
+/// after the first is logged, and the jobs leased so far are returned
+/// (the error itself when there are none).
 pub async fn pull_readable<C, F, K, KF>(
     request: &PullRequest,
     mut claim: C,
@@ -112,12 +113,12 @@ where
 {
     let mut leased = Vec::new();
     let mut round = Some(request.clone());
-    for n in 0..CLAIM_ROUNDS {
+    for _ in 0..CLAIM_ROUNDS {
         let Some(this) = round.take() else { break };
         let batch = this.clone();
         let (jobs, unreadable) = match claim(this).await {
             Ok(claimed) => claimed,
-            Err(e) if n == 0 || leased.is_empty() => return Err(e),
+            Err(e) if leased.is_empty() => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "a claim replacing unreadable jobs failed");
                 break;
