@@ -132,13 +132,7 @@ fn grant(job: &mut Job, now: OffsetDateTime, until: OffsetDateTime) -> LeasedJob
     job.lease_token += 1;
     job.locked_until = Some(until);
     job.updated_at = now;
-    LeasedJob {
-        lease: Lease {
-            job_id: job.id,
-            token: job.lease_token,
-        },
-        job: job.clone(),
-    }
+    LeasedJob::from(job.clone())
 }
 
 /// Takes the first `n` keys out of `set`, in order. Split off as one

@@ -919,13 +919,7 @@ impl PgBackend {
         let mut unreadable = Vec::new();
         for row in &rows {
             match row::job(row) {
-                Ok(job) => leased.push(LeasedJob {
-                    lease: Lease {
-                        job_id: job.id,
-                        token: job.lease_token,
-                    },
-                    job,
-                }),
+                Ok(job) => leased.push(LeasedJob::from(job)),
                 Err(Unread::Json(job)) => unreadable.push(job),
                 Err(Unread::Column(e)) => return Err(e),
             }

@@ -1001,13 +1001,7 @@ impl SqliteBackend {
             let mut unreadable = Vec::new();
             for row in &rows {
                 match job_from_row(row) {
-                    Ok(job) => leased.push(LeasedJob {
-                        lease: Lease {
-                            job_id: job.id,
-                            token: job.lease_token,
-                        },
-                        job,
-                    }),
+                    Ok(job) => leased.push(LeasedJob::from(job)),
                     Err(Unread::Json(job)) => unreadable.push(job),
                     Err(Unread::Fail(e)) => return Err(e),
                 }

@@ -962,9 +962,11 @@ pub async fn worker_shutdown_finishes_in_flight_then_releases(h: Harness) {
     let running = worker.start();
     starts(&mut events, 2, "both jobs to start").await;
 
+    // A grace period the finishing job's push fits in on a loaded box
+    // (with 1 s it once did not, with the whole suite running on 2 cores).
     let report = within(
         "shutdown",
-        running.shutdown_within(StdDuration::from_secs(1)),
+        running.shutdown_within(StdDuration::from_secs(3)),
     )
     .await;
     assert_eq!(

@@ -40,6 +40,19 @@ pub struct LeasedJob {
     pub job: Job,
 }
 
+impl From<Job> for LeasedJob {
+    /// A job just leased, with the lease its id and `lease_token` name.
+    fn from(job: Job) -> Self {
+        Self {
+            lease: Lease {
+                job_id: job.id,
+                token: job.lease_token,
+            },
+            job,
+        }
+    }
+}
+
 /// A job a `pull` leased whose stored JSON does not read back: a row
 /// another program wrote, since a SQL store accepts JSON that serde_json
 /// refuses (a lone surrogate escape, a number beyond `f64`, nesting deeper
