@@ -226,24 +226,7 @@ async fn migrating_jsonb_payloads_to_json_keeps_every_job() {
         .await
         .expect("push")
         .id();
-    let leased = backend
-        .pull(&PullRequest::queue("default").batch(2))
-        .await
-        .expect("pull");
-    let lease = leased
-        .iter()
-        .find(|l| l.job.id == done)
-        .expect("leased")
-        .lease;
-    for l in &leased {
-        if l.job.id == pending {
-            backend.release(&l.lease).await.expect("release");
-        }
-    }
-    backend
-        .complete(&lease, Some(json!({"sent": true})))
-        .await
-        .expect("complete");
+    complete_only(&backend, done, json!({"sent": true})).await;
     // Back to version 3, as an older relayq left it.
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "ALTER TABLE \"{schema}\".jobs
@@ -262,22 +245,7 @@ async fn migrating_jsonb_payloads_to_json_keeps_every_job() {
         .await
         .expect("push on version 3")
         .id();
-    let leased = backend
-        .pull(&PullRequest::queue("default").batch(2))
-        .await
-        .expect("pull on version 3");
-    let extra_lease = leased
-        .iter()
-        .find(|l| l.job.id == extra)
-        .expect("leased")
-        .lease;
-    for l in leased.iter().filter(|l| l.job.id != extra) {
-        backend.release(&l.lease).await.expect("release");
-    }
-    backend
-        .complete(&extra_lease, Some(json!({"v": 3})))
-        .await
-        .expect("complete on version 3");
+    complete_only(&backend, extra, json!({"v": 3})).await;
     let cleaned = backend
         .clean(
             JobStatus::Done,
@@ -291,20 +259,7 @@ async fn migrating_jsonb_payloads_to_json_keeps_every_job() {
         .await
         .expect("push")
         .id();
-    let leased = backend
-        .pull(&PullRequest::queue("default").batch(2))
-        .await
-        .expect("pull on version 3");
-    for l in &leased {
-        if l.job.id == done {
-            backend
-                .complete(&l.lease, Some(json!({"sent": true})))
-                .await
-                .expect("complete on version 3");
-        } else {
-            backend.release(&l.lease).await.expect("release");
-        }
-    }
+    complete_only(&backend, done, json!({"sent": true})).await;
     // Prepared on version 3, then run again on version 4.
     assert_reads(&backend, (pending, done), &payload).await;
     let migrated = PgBackend::connect_with(testing::options().schema(schema.clone()))
@@ -328,6 +283,24 @@ async fn migrating_jsonb_payloads_to_json_keeps_every_job() {
     assert_eq!(leased.len(), 1);
     assert_eq!(*leased[0].job.payload, payload);
     testing::drop_schema(&schema).await;
+}
+
+/// Pulls the two pending jobs of `migrating_jsonb_payloads_to_json_keeps_every_job`,
+/// completes job `id` with `result` and releases the other.
+async fn complete_only(backend: &PgBackend, id: i64, result: serde_json::Value) {
+    let leased = backend
+        .pull(&PullRequest::queue("default").batch(2))
+        .await
+        .expect("pull");
+    assert!(leased.iter().any(|l| l.job.id == id), "job {id} leased");
+    for l in &leased {
+        if l.job.id == id {
+            let result = Some(result.clone());
+            backend.complete(&l.lease, result).await.expect("complete");
+        } else {
+            backend.release(&l.lease).await.expect("release");
+        }
+    }
 }
 
 /// `get` and `list` on `backend` read the pending job's `payload` and the

@@ -183,6 +183,7 @@ use time::{Duration, OffsetDateTime};
 use tokio::sync::watch;
 
 pub use options::SqliteOptions;
+pub use retry::error_from;
 pub use schema::SCHEMA_VERSION;
 /// The sqlx this crate is built on, for naming its types
 /// ([`sqlx::SqliteConnection`], [`sqlx::Transaction`]) at the same version.
@@ -202,14 +203,6 @@ const CLEAN_CHUNK: u64 = 10_000;
 /// The oldest SQLite this backend runs on: `RETURNING` needs 3.35 and
 /// `STRICT` tables 3.37.
 pub const MIN_SQLITE_VERSION: &str = "3.37.0";
-
-/// A sqlx error as relayq's [`Error`], as this backend's own calls return
-/// it (a lock error transient, see [`Error::is_transient`]): for the
-/// caller's own statements around [`SqliteBackend::push_in`], so that one
-/// test decides whether to retry the transaction.
-pub fn error_from(e: sqlx::Error) -> Error {
-    retry::map_sqlx(e)
-}
 
 /// A job store in one SQLite database. Clones share the pool, the write
 /// lock and the wake-up channel.
@@ -522,7 +515,7 @@ impl SqliteBackend {
             .await
             .map_err(|fail| match fail {
                 Fail::Core(e) => e,
-                Fail::Db(e) => retry::map_sqlx(e),
+                Fail::Db(e) => error_from(e),
             })?;
         // The insert holds the write lock until the caller's transaction
         // ends, so a woken worker's pull waits for the commit and sees the job.

@@ -41,13 +41,16 @@ pub(crate) fn is_lock_contention(e: &sqlx::Error) -> bool {
         .is_some_and(|code| matches!(code & 0xff, SQLITE_BUSY | SQLITE_LOCKED))
 }
 
-/// Maps a driver error that is not retried into relayq's error: transient
-/// when the database was locked (which reaches a caller only from its own
-/// transaction: retry that transaction), no pooled connection came free in
-/// time, or a connection's worker thread died (the next write opens a new
-/// connection). SQLite's own I/O errors, a full disk and a corrupt file
-/// are not: waiting does not mend them.
-pub(crate) fn map_sqlx(e: sqlx::Error) -> Error {
+/// A sqlx error as relayq's [`Error`], as this backend's own calls return
+/// it when they do not retry it: for the caller's own statements around
+/// [`SqliteBackend::push_in`](crate::SqliteBackend::push_in), so that one
+/// test of [`Error::is_transient`] decides whether to retry the
+/// transaction. Transient when the database was locked (which reaches a
+/// caller only from its own transaction: retry that transaction), no
+/// pooled connection came free in time, or a connection's worker thread
+/// died (the next write opens a new connection). SQLite's own I/O errors,
+/// a full disk and a corrupt file are not: waiting does not mend them.
+pub fn error_from(e: sqlx::Error) -> Error {
     match e {
         sqlx::Error::Configuration(source) => Error::Config {
             reason: source.to_string(),
@@ -112,7 +115,7 @@ impl Backoff {
         let e = match fail {
             Fail::Core(e) => return Err(e),
             Fail::Db(e) if is_lock_contention(&e) => e,
-            Fail::Db(e) => return Err(map_sqlx(e)),
+            Fail::Db(e) => return Err(error_from(e)),
         };
         let waited = self.started.elapsed();
         if waited >= self.limit {
