@@ -37,7 +37,17 @@
 //!   one statement, without waiting for a WAL flush (a notifying commit
 //!   holds a database-wide lock, so notifying inside each push would make
 //!   concurrent pushes commit one at a time). The task sends them just
-//!   after the push returns, and again after a failure;
+//!   after the push returns, and again after a failure. A push made when
+//!   no other push of the backend is under way notifies in its own
+//!   statement instead, committed without waiting for the WAL flush, and
+//!   then waits for the flush with a one-record transaction (a logical
+//!   decoding message, prefix `relayq`, which logical decoding clients
+//!   that ask for messages see) before it returns: its notification
+//!   leaves at its commit, and no job runs before its insert is durable,
+//!   since a claim commits durably, later in the WAL (unless the claiming
+//!   session set `synchronous_commit` to `off`). A role that may not run
+//!   `pg_logical_emit_message` (PUBLIC may, unless revoked) notifies
+//!   through the task.
 //!   [`PgBackend::close`] sends those still queued. The task (like the
 //!   LISTEN task) runs on the Tokio runtime of the first call that needed
 //!   it: a backend shared with a runtime that is only driven now and then
@@ -364,6 +374,21 @@ async fn set_up_connection(conn: &mut PgConnection) -> sqlx::Result<()> {
     }
 }
 
+/// Whether the pool's role may wait for a WAL flush as pushes on an idle
+/// backend do (see [`fold`]); false, so pushes notify as before, if the
+/// server cannot tell.
+async fn can_await_flush(pool: &PgPool, deadline: Option<&deadline::Deadline>) -> bool {
+    let asked = async {
+        let mut conn = deadline::Conn::acquire(pool, deadline).await?;
+        conn.run(|c| sqlx::query_scalar(sql::CAN_AWAIT_FLUSH).fetch_one(c))
+            .await
+    };
+    asked.await.unwrap_or_else(|e: sqlx::Error| {
+        tracing::debug!(error = %e, "relayq-postgres: cannot tell whether pushes may wait for a WAL flush; they notify through the notifier");
+        false
+    })
+}
+
 /// The most jobs one statement of [`Cleaner::clean`] deletes: a few tens of
 /// milliseconds of work, so no clean holds its transaction open for long.
 const CLEAN_CHUNK: u64 = 10_000;
@@ -433,6 +458,10 @@ struct Inner {
     vacuum: vacuum::Vacuum,
     /// Folds concurrent single pool pushes into shared statements.
     fold: fold::Folder,
+    /// Whether a pool push on an idle backend may notify with its insert
+    /// and wait for the WAL flush after (see [`fold`]): the role may run
+    /// `pg_logical_emit_message`.
+    early_notify: std::sync::atomic::AtomicBool,
     /// Set by [`PgBackend::close`] before it stops the listener, so no
     /// subscription starts a new one meanwhile.
     closed: std::sync::atomic::AtomicBool,
@@ -514,6 +543,7 @@ impl PgBackend {
             })?;
         let sql = sql::Statements::new(&options.schema);
         let deadline = deadline::Deadline::new(options.reply_timeout).map_err(Error::backend)?;
+        let early_notify = can_await_flush(&pool, deadline.as_ref()).await;
         let notifier =
             notify::Notifier::new(pool.clone(), deadline.clone(), sql.notify_async.clone());
         let vacuum =
@@ -526,6 +556,7 @@ impl PgBackend {
                 notifier,
                 vacuum,
                 fold: fold::Folder::default(),
+                early_notify: std::sync::atomic::AtomicBool::new(early_notify),
                 closed: std::sync::atomic::AtomicBool::new(false),
                 schema: options.schema,
                 clock: options.clock,
@@ -1000,7 +1031,7 @@ impl PgBackend {
     }
 
     /// Wakes the subscribers of this backend (and its clones) to `queues`.
-    fn wake_here(&self, queues: &[String]) {
+    pub(crate) fn wake_here(&self, queues: &[String]) {
         let hub = self.hub_slot().clone();
         if let Some(hub) = hub {
             hub.wake(queues);

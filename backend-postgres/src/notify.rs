@@ -8,7 +8,9 @@
 //!
 //! So a push through the pool ([`Pusher::push`](relayq_core::Pusher::push))
 //! commits its insert alone, then hands the queues it added jobs to to one
-//! [`Notifier`] task per backend. The task sends them in one statement,
+//! [`Notifier`] task per backend (except a push on an idle backend, which
+//! notifies in its insert's transaction committed without a flush, then
+//! waits for the flush: see [`crate::fold`]). The task sends them in one statement,
 //! folding every push that arrived while the previous statement ran (and
 //! at most one statement per [`MIN_INTERVAL`]), in a
 //! transaction with `synchronous_commit = off`: a notification is not

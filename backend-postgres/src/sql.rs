@@ -27,6 +27,8 @@ pub(crate) const JOB_COLUMNS: &str = "id, queue, kind, payload::text AS payload,
 pub(crate) struct Statements {
     pub(crate) push: SqlStr,
     pub(crate) push_one: SqlStr,
+    pub(crate) push_one_notifying: SqlStr,
+    pub(crate) await_flush: SqlStr,
     pub(crate) push_one_keyed: SqlStr,
     pub(crate) push_keyless: SqlStr,
     pub(crate) push_uniform: SqlStr,
@@ -100,17 +102,55 @@ FROM numbered n LEFT JOIN inserted i ON i.id = n.id
 ORDER BY n.ord
 "#;
 
-/// Pushes one job without a unique key: a plain single-row `INSERT`, the
-/// cheapest statement PostgreSQL has for it (no arrays to unpack, no
-/// speculative insertion, nothing to join). `$2`–`$8`: queue, kind,
-/// payload, priority, max_attempts, run_at (or NULL), delay in µs.
-const PUSH_ONE: &str = r#"
+/// The single-row `INSERT` of one job without a unique key, the cheapest
+/// statement PostgreSQL has for it (no arrays to unpack, no speculative
+/// insertion, nothing to join). `$2`–`$8`: queue, kind, payload,
+/// priority, max_attempts, run_at (or NULL), delay in µs.
+macro_rules! insert_one {
+    () => {
+        r#"
 INSERT INTO {s}.jobs (queue, kind, payload, priority, status, attempts, max_attempts,
                       lease_token, run_at, created_at, updated_at)
 VALUES ($2, $3, $4, $5, 'pending', 0, $6, 0,
         COALESCE($7, {now} + $8 * interval '1 microsecond'), {now}, {now})
-RETURNING id
-"#;
+"#
+    };
+}
+
+/// Pushes one job without a unique key: [`insert_one!`], returning its id.
+const PUSH_ONE: &str = concat!(insert_one!(), "RETURNING id");
+
+/// [`PUSH_ONE`] with its queue's notification, committed without waiting
+/// for the WAL flush, so the notification leaves at once and the commit
+/// holds the database-wide notify lock only briefly. Not yet durable when
+/// it returns: the caller waits for the flush with [`AWAIT_FLUSH`] before
+/// it reports the push (see [`crate::fold`]).
+const PUSH_ONE_NOTIFYING: &str = concat!(
+    "WITH job AS (",
+    insert_one!(),
+    "RETURNING id, queue) ",
+    "SELECT job.id FROM job, ",
+    "pg_catalog.set_config('synchronous_commit', 'off', true), ",
+    "pg_catalog.pg_notify({s}.notify_channel(job.queue), job.queue)"
+);
+
+/// Returns once the WAL is flushed (as the session's `synchronous_commit`
+/// asks) through everything committed before it, on any connection: a
+/// transaction that writes one WAL record, a transactional logical
+/// decoding message with prefix `relayq` and no content, and commits. (A
+/// transaction that writes no WAL commits without a flush.) Logical
+/// decoding clients that ask for messages see one per such call.
+const AWAIT_FLUSH: &str =
+    "SELECT pg_catalog.pg_logical_emit_message(true, 'relayq'::text, ''::text)";
+
+/// Whether the session's role may run [`AWAIT_FLUSH`] (PUBLIC may, unless
+/// an administrator revoked it); false where the function does not exist.
+/// PostgreSQL 17 added a fourth argument with a default (`flush`).
+pub(crate) const CAN_AWAIT_FLUSH: &str = "SELECT coalesce(bool_or(\
+     pg_catalog.has_function_privilege(f, 'EXECUTE')), false) FROM unnest(ARRAY[\
+     pg_catalog.to_regprocedure('pg_catalog.pg_logical_emit_message(boolean,text,text)'), \
+     pg_catalog.to_regprocedure('pg_catalog.pg_logical_emit_message(boolean,text,text,boolean)')\
+     ]) AS f";
 
 /// [`PUSH_ONE`] for a job with a unique key (`$9`): inserts nothing and
 /// returns no row when an active job of the queue holds the key (the
@@ -475,6 +515,8 @@ impl Statements {
         Self {
             push: build(PUSH, &s),
             push_one: build(PUSH_ONE, &s),
+            push_one_notifying: build(PUSH_ONE_NOTIFYING, &s),
+            await_flush: build(AWAIT_FLUSH, &s),
             push_one_keyed: build(PUSH_ONE_KEYED, &s),
             push_keyless: build(PUSH_KEYLESS, &s),
             push_uniform: build(PUSH_UNIFORM, &s),
