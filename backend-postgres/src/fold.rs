@@ -7,7 +7,7 @@
 //!
 //! - A push arriving while fewer than [`MAX_RUNNING`] insert statements
 //!   are under way starts one at once, on a task of its own: no push ever
-//!   waits to gather company, so an idle backend adds no latency.
+//!   waits to gather company.
 //! - A push arriving while [`MAX_RUNNING`] statements are under way
 //!   waits; when one of them finishes, its task answers its callers, lets
 //!   them run ([`ANSWERED_YIELDS`]) so that their next pushes join, takes
@@ -17,10 +17,11 @@
 //!   once nothing is waiting.
 //!
 //! Each caller gets its own id (the statement draws ids in input order),
-//! its own error, and its queue's notification once the insert committed.
-//! A push arriving when nothing is under way sends its notification with
-//! its insert, and waits for the WAL flush after the commit instead of in
-//! it (see `PgBackend::insert_one`), so workers start its job sooner.
+//! its own error, and its queue's notification once the insert committed,
+//! from the notifier. A statement of one push with no other statement of
+//! the backend's pushes under way instead sends the notification with the
+//! insert, and waits for the WAL flush after the commit instead of in it
+//! (see `PgBackend::insert_notifying`), so workers start its job sooner.
 //! If the folded statement fails with an error that one job's data may
 //! have caused (a data exception, a constraint, a limit, a trigger's
 //! `RAISE`), nothing was inserted, and the jobs are inserted one by one so
@@ -286,7 +287,7 @@ impl PgBackend {
     /// Inserts `batch`, answering every caller in it, on `conn` (acquired
     /// if `None`; set back to `None` after a failure that may have broken
     /// it). `alone`: no other statement of the backend's pushes is under
-    /// way (see [`Self::insert_one`]).
+    /// way (see [`Self::insert_notifying`]).
     async fn insert_folded(&self, conn: &mut Option<Conn>, batch: Vec<Entry>, alone: bool) {
         // `now` once for the statement, as a batch push takes it; a job
         // whose schedule does not fit (checked at push time already, but an
@@ -319,14 +320,22 @@ impl PgBackend {
         };
         if let ([job], [at]) = (jobs.as_slice(), schedules.as_slice()) {
             // Alone: the single-row statement, exactly a lone push.
-            let result = match self.insert_one(c, now, job, *at, alone).await {
-                Ok(id) => Ok(id),
-                Err(e) => {
+            let notified = match alone {
+                true => self.insert_notifying(c, now, job, *at).await,
+                false => None,
+            };
+            let result = match notified {
+                Some(Ok(id)) => Ok(id),
+                Some(Err(e)) => {
+                    *conn = None;
+                    Err(e)
+                }
+                None => self.insert_plain(c, now, job, *at).await.map_err(|e| {
                     if !may_be_one_jobs_fault(&e) {
                         *conn = None;
                     }
-                    Err(error_from(e))
-                }
+                    error_from(e)
+                }),
             };
             if let Some(reply) = replies.pop() {
                 let _ = reply.send(result);
@@ -366,80 +375,93 @@ impl PgBackend {
         }
     }
 
-    /// Inserts one job and wakes its queue's workers, this process's before
-    /// it returns (so the caller's workers are awake when its push
-    /// returns).
-    ///
-    /// When its statement is the only one of the backend's pushes under
-    /// way (`alone`), and the role may wait for a flush (see
-    /// `AWAIT_FLUSH` in [`crate::sql`]), the job's notification goes in
-    /// the insert's own transaction, committed without waiting for the WAL
-    /// flush, and the flush is waited for after, before the push is
-    /// reported; both statements share one reply timeout. The notification
-    /// so leaves with the commit, and workers claim the job while its flush
-    /// is under way, instead of hearing of it only after the flush and one
-    /// more statement: on a server otherwise idle, each statement costs
-    /// about as much as a commit, as it wakes a sleeping server process
-    /// (enqueue-to-start p50 on a stock cluster, 5 alternating pairs: 1.52–1.77 ms
-    /// against 1.96–2.25 ms). No job runs before its insert is durable: a
-    /// claim commits durably (unless the claiming session turned
-    /// `synchronous_commit` off), later in the WAL. A crash before the
-    /// flush loses a job whose push had not returned, as a crash during a
-    /// commit may. Under a stream of pushes, the notifier folds
-    /// notifications instead.
-    ///
-    /// A notifying insert refused before its commit inserted nothing: it
-    /// is sent again without its notification, for the notifier to send (a
-    /// full notification queue fails the notification, not the push; a
-    /// job at fault fails that statement too). After a refusal of the
-    /// statement itself (class 42: say, a privilege revoked) or a failed
-    /// wait for the flush, the backend's pushes notify through the
-    /// notifier from then on.
-    async fn insert_one(
+    /// Inserts one job, committed durably, and wakes its queue's workers:
+    /// this process's before it returns (so the caller's workers are awake
+    /// when its push returns), other processes' through the notifier.
+    async fn insert_plain(
         &self,
         conn: &mut Conn,
         now: Option<OffsetDateTime>,
         job: &ValidJob,
         at: (Option<OffsetDateTime>, i64),
-        alone: bool,
     ) -> sqlx::Result<JobId> {
-        if alone && self.inner.early_notify.load(Ordering::Relaxed) {
-            let sql = &self.inner.sql;
-            let sent = conn
-                .run(|c| async move {
-                    let inserted = bind_one(sql.push_one_notifying.clone(), now, job, at)
-                        .fetch_one(&mut *c)
-                        .await;
-                    let id = match inserted {
-                        Ok(id) => id,
-                        Err(e) if refused_before_commit(&e) => return Ok(Notifying::Refused(e)),
-                        Err(e) => return Err(e),
-                    };
-                    self.wake_here(std::slice::from_ref(&job.queue));
-                    match sqlx::query(sql.await_flush.clone()).execute(c).await {
-                        Ok(_) => Ok(Notifying::Durable(id)),
-                        Err(e) => Ok(Notifying::Unconfirmed(e)),
-                    }
-                })
-                .await?;
-            match sent {
-                Notifying::Durable(id) => return Ok(id),
-                Notifying::Refused(e) => {
-                    if in_class(&e, &["42"]) {
-                        self.inner.early_notify.store(false, Ordering::Relaxed);
-                    }
-                }
-                Notifying::Unconfirmed(e) => {
-                    if matches!(e, sqlx::Error::Database(_)) {
-                        self.inner.early_notify.store(false, Ordering::Relaxed);
-                    }
-                    return Err(e);
-                }
-            }
-        }
         let id = conn.run(|c| self.push_one_raw(c, now, job, at)).await?;
         self.announce(vec![job.queue.clone()]);
         Ok(id)
+    }
+
+    /// Inserts one job whose statement is the only one of the backend's
+    /// pushes under way, with its notification in the insert's own
+    /// transaction, committed without waiting for the WAL flush; wakes
+    /// this process's workers; then waits for the flush before the push is
+    /// reported. Both statements share one reply timeout. `None` when the
+    /// job is to be inserted with [`Self::insert_plain`] instead: the role
+    /// may not wait for a flush (see `AWAIT_FLUSH` in [`crate::sql`]), or
+    /// the statement was refused before its commit, so inserted nothing (a
+    /// full notification queue fails the notification, not the push; a job
+    /// at fault fails the plain insert too).
+    ///
+    /// The notification so leaves with the commit, and workers claim the
+    /// job while its flush is under way, instead of hearing of it only
+    /// after the flush and one more statement: on a server otherwise idle,
+    /// each statement costs about as much as a commit, as it wakes a
+    /// sleeping server process (enqueue-to-start p50 on a stock cluster,
+    /// 5 alternating pairs: 1.53–1.71 ms against 1.83–2.16 ms). The push
+    /// itself returns one round trip later than a plain one. No job runs
+    /// before its insert is durable: a claim commits durably (unless the
+    /// claiming session turned `synchronous_commit` off), later in the WAL.
+    /// A crash before the flush loses a job whose push had not returned,
+    /// as a crash during a commit may. A failed wait for the flush fails
+    /// the push, naming the job it stored.
+    ///
+    /// After a refusal for an undefined object or a missing privilege
+    /// (class 42, of either statement), the backend's pushes notify
+    /// through the notifier from then on.
+    async fn insert_notifying(
+        &self,
+        conn: &mut Conn,
+        now: Option<OffsetDateTime>,
+        job: &ValidJob,
+        at: (Option<OffsetDateTime>, i64),
+    ) -> Option<Result<JobId>> {
+        if !self.inner.early_notify.load(Ordering::Relaxed) {
+            return None;
+        }
+        let sql = &self.inner.sql;
+        let sent = conn
+            .run(|c| async move {
+                let inserted = bind_one(sql.push_one_notifying.clone(), now, job, at)
+                    .fetch_one(&mut *c)
+                    .await;
+                let id = match inserted {
+                    Ok(id) => id,
+                    Err(e) if refused_before_commit(&e) => return Ok(Notifying::Refused(e)),
+                    Err(e) => return Err(e),
+                };
+                self.wake_here(std::slice::from_ref(&job.queue));
+                match sqlx::query(sql.await_flush.clone()).execute(c).await {
+                    Ok(_) => Ok(Notifying::Durable(id)),
+                    Err(source) => Ok(Notifying::Unconfirmed(Unconfirmed { id, source })),
+                }
+            })
+            .await;
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(e) => return Some(Err(error_from(e))),
+        };
+        if let Notifying::Refused(e) | Notifying::Unconfirmed(Unconfirmed { source: e, .. }) = &sent
+            && in_class(e, &["42"])
+        {
+            self.inner.early_notify.store(false, Ordering::Relaxed);
+        }
+        match sent {
+            Notifying::Durable(id) => Some(Ok(id)),
+            Notifying::Refused(_) => None,
+            Notifying::Unconfirmed(u) => Some(Err(transient::backend_error(
+                transient::is_transient(&u.source),
+                u,
+            ))),
+        }
     }
 
     /// Inserts `jobs` one statement each after their folded statement
@@ -462,7 +484,7 @@ impl PgBackend {
                 let _ = reply.send(Err(shared_err(e)));
                 continue;
             }
-            let result = match self.insert_one(conn, now, job, *at, false).await {
+            let result = match self.insert_plain(conn, now, job, *at).await {
                 Ok(id) => Ok(id),
                 Err(e) if may_be_one_jobs_fault(&e) => Err(error_from(e)),
                 Err(e) => {
@@ -526,14 +548,38 @@ fn may_be_one_jobs_fault(e: &sqlx::Error) -> bool {
     in_class(e, &["22", "23", "54", "P0"])
 }
 
-/// What became of a notifying insert (see [`PgBackend::insert_one`]).
+/// What became of a notifying insert (see [`PgBackend::insert_notifying`]).
 enum Notifying {
     /// Inserted, and the WAL flushed through its commit.
     Durable(JobId),
     /// Refused before its commit: nothing was inserted.
     Refused(sqlx::Error),
-    /// Committed, but the wait for its flush failed.
-    Unconfirmed(sqlx::Error),
+    /// Committed and notified, but the wait for its flush failed.
+    Unconfirmed(Unconfirmed),
+}
+
+/// A job stored and notified whose WAL flush could not be waited for: it
+/// may run, and may be lost if the server crashes before the flush.
+#[derive(Debug)]
+struct Unconfirmed {
+    id: JobId,
+    source: sqlx::Error,
+}
+
+impl std::fmt::Display for Unconfirmed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "job {} was stored and its queue notified, but waiting for its WAL flush failed",
+            self.id
+        )
+    }
+}
+
+impl std::error::Error for Unconfirmed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
 }
 
 /// Whether a failed statement was refused before it could commit, so
@@ -663,12 +709,12 @@ mod tests {
     /// not count.
     #[test]
     fn a_statement_is_alone_when_no_other_is_under_way() {
-        let runtime = |_| {
+        let runtime = || {
             tokio::runtime::Builder::new_current_thread()
                 .build()
                 .expect("runtime")
         };
-        let (one, other) = (runtime(1), runtime(2));
+        let (one, other) = (runtime(), runtime());
         let (one, other) = (one.handle().id(), other.handle().id());
         let fold = Folder::default();
         let (first, _a) = entry(1);
@@ -692,6 +738,11 @@ mod tests {
         fold.inserted(one);
         let (_, alone) = fold.next(one).expect("the waiting push");
         assert!(alone, "the other runner is between batches");
+        // A runner dropped mid-statement (its runtime shut down) gives its
+        // statement back with its slot.
+        fold.abandon(one, true);
+        let (fifth, _e) = entry(1);
+        assert!(fold.enqueue(other, fifth).is_some_and(|(_, alone)| alone));
     }
 
     #[test]

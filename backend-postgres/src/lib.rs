@@ -37,12 +37,13 @@
 //!   one statement, without waiting for a WAL flush (a notifying commit
 //!   holds a database-wide lock, so notifying inside each push would make
 //!   concurrent pushes commit one at a time). The task sends them just
-//!   after the push returns, and again after a failure. A push made when
-//!   no other push of the backend is under way notifies in its own
-//!   statement instead, committed without waiting for the WAL flush, and
-//!   then waits for the flush with a one-record transaction (a logical
-//!   decoding message, prefix `relayq`, which logical decoding clients
-//!   that ask for messages see) before it returns: its notification
+//!   after the push returns, and again after a failure. A single pool
+//!   push of a job without a unique key made when no other of the
+//!   backend's pool inserts is under way notifies in its own statement
+//!   instead, committed without waiting for the WAL flush, and then waits
+//!   for the flush with a transaction that writes one WAL record (a
+//!   logical decoding message, prefix `relayq`, which logical decoding
+//!   clients that ask for messages see) before it returns: its notification
 //!   leaves at its commit, and no job runs before its insert is durable,
 //!   since a claim commits durably, later in the WAL (unless the claiming
 //!   session set `synchronous_commit` to `off`). A role that may not run

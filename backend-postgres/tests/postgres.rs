@@ -391,6 +391,8 @@ async fn a_pulled_job_with_unreadable_json_is_dead_and_the_rest_are_leased() {
 async fn a_connection_the_server_ended_fails_transiently() {
     let backend = testing::connect(testing::options().max_connections(1)).await;
     let mut admin = testing::admin().await;
+    // Before the connection goes back to the pool: it is idle for less.
+    let idle_since = std::time::Instant::now();
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(backend.pool())
         .await
@@ -398,7 +400,6 @@ async fn a_connection_the_server_ended_fails_transiently() {
     // Back in the pool (sqlx checks a returned connection first), so the
     // push below takes the connection that is about to end.
     idle_connections(&backend, 1).await;
-    let idle_since = std::time::Instant::now();
     let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 10000)")
         .bind(pid)
         .fetch_one(&mut admin)
