@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
-use relayq_core::{Error, Job, JobStatus, Lease, Result, Unreadable};
+use relayq_core::{Error, Job, JobStatus, Lease, Result, Unreadable, from_unix_micros};
 use serde_json::Value;
-use sqlx::Row;
-use sqlx::postgres::PgRow;
+use sqlx::postgres::{PgRow, PgTypeInfo, PgValueFormat, PgValueRef};
+use sqlx::{Decode, Postgres, Row, Type};
+use time::OffsetDateTime;
 
 use crate::error_from;
 
@@ -13,6 +14,38 @@ use crate::error_from;
 pub(crate) fn status(text: &str) -> Result<JobStatus> {
     text.parse()
         .map_err(|_| Error::backend(format!("unknown job status {text:?} in the jobs table")))
+}
+
+/// A `timestamptz` column, read without sqlx's conversion, which panics
+/// past the years `OffsetDateTime` holds: a time another program stored
+/// out of them (`infinity`, the year 10000) reads as the nearest one
+/// instead (see [`from_unix_micros`]).
+struct Timestamp(OffsetDateTime);
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC), from
+/// which a binary `timestamptz` counts.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+impl Type<Postgres> for Timestamp {
+    fn type_info() -> PgTypeInfo {
+        <OffsetDateTime as Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <OffsetDateTime as Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for Timestamp {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        if value.format() == PgValueFormat::Text {
+            return <OffsetDateTime as Decode<Postgres>>::decode(value).map(Self);
+        }
+        let micros: i64 = Decode::<Postgres>::decode(value)?;
+        Ok(Self(from_unix_micros(
+            micros.saturating_add(PG_EPOCH_MICROS),
+        )))
+    }
 }
 
 /// Why a row could not be read as a job.
@@ -67,13 +100,16 @@ pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
         attempts: row.try_get("attempts").map_err(column)?,
         max_attempts: row.try_get("max_attempts").map_err(column)?,
         lease_token,
-        run_at: row.try_get("run_at").map_err(column)?,
-        locked_until: row.try_get("locked_until").map_err(column)?,
+        run_at: row.try_get::<Timestamp, _>("run_at").map_err(column)?.0,
+        locked_until: row
+            .try_get::<Option<Timestamp>, _>("locked_until")
+            .map_err(column)?
+            .map(|t| t.0),
         unique_key: row.try_get("unique_key").map_err(column)?,
         last_error: row.try_get("last_error").map_err(column)?,
         result: None,
-        created_at: row.try_get("created_at").map_err(column)?,
-        updated_at: row.try_get("updated_at").map_err(column)?,
+        created_at: row.try_get::<Timestamp, _>("created_at").map_err(column)?.0,
+        updated_at: row.try_get::<Timestamp, _>("updated_at").map_err(column)?.0,
     };
     // Last: a row with a column that does not decode is an error, whatever
     // its JSON.

@@ -384,6 +384,43 @@ async fn a_pulled_job_with_unreadable_json_is_dead_and_the_rest_are_leased() {
     testing::drop_schema(&schema).await;
 }
 
+/// A job whose times another program stored beyond the years relayq holds
+/// (-9999 to 9999: PostgreSQL's `infinity`, the year 10000) reads as the
+/// nearest instant it holds, so it is pulled, run and observed like any
+/// other (sqlx's own conversion panicked, in every read of it, the pulls
+/// that met it included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_beyond_what_relayq_holds_read_as_the_nearest() {
+    use time::macros::datetime;
+    let backend = testing::connect(testing::options()).await;
+    let id = backend.push(job(1)).await.expect("push").id();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE \"{}\".jobs SET run_at = '-infinity', created_at = 'infinity', \
+         updated_at = '10000-01-01 00:00 UTC' WHERE id = $1",
+        backend.schema()
+    )))
+    .bind(id)
+    .execute(backend.pool())
+    .await
+    .expect("another program's times");
+    let latest = datetime!(9999-12-31 23:59:59.999999 UTC);
+    let stored = backend.get(id).await.expect("get").expect("stored");
+    assert_eq!(stored.run_at, datetime!(-9999-01-01 00:00 UTC));
+    assert_eq!((stored.created_at, stored.updated_at), (latest, latest));
+    let leased = backend
+        .pull(&PullRequest::queue("default"))
+        .await
+        .expect("pull");
+    assert_eq!(leased.iter().map(|l| l.job.id).collect::<Vec<_>>(), [id]);
+    backend
+        .complete(&leased[0].lease, None)
+        .await
+        .expect("complete");
+    let done = backend.get(id).await.expect("get").expect("stored");
+    assert_eq!(done.status, JobStatus::Done);
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// A pooled connection the server ended (an administrator, a failover)
 /// fails the call made on it with a transient error, and the next call
 /// gets a new connection.

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use relayq_core::{Error, Job, JobStatus, Lease, Unreadable};
+use relayq_core::{Error, Job, JobStatus, Lease, Unreadable, from_unix_micros};
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
@@ -24,12 +24,6 @@ pub(crate) fn micros(t: OffsetDateTime) -> i64 {
     let m = t.unix_timestamp_nanos().div_euclid(1_000);
     // `OffsetDateTime` spans at most ±999,999 years: always within i64.
     i64::try_from(m).unwrap_or(if m < 0 { i64::MIN } else { i64::MAX })
-}
-
-/// The instant `m` microseconds after the Unix epoch, in UTC.
-pub(crate) fn from_micros(m: i64) -> Result<OffsetDateTime, Fail> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(m) * 1_000)
-        .map_err(|e| corrupt(format!("timestamp {m} out of range: {e}")))
 }
 
 fn corrupt(what: String) -> Fail {
@@ -103,13 +97,13 @@ pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Unread> {
         attempts: row.try_get("attempts")?,
         max_attempts: row.try_get("max_attempts")?,
         lease_token,
-        run_at: from_micros(row.try_get("run_at")?)?,
-        locked_until: locked_until.map(from_micros).transpose()?,
+        run_at: from_unix_micros(row.try_get("run_at")?),
+        locked_until: locked_until.map(from_unix_micros),
         unique_key: row.try_get("unique_key")?,
         last_error: row.try_get("last_error")?,
         result: None,
-        created_at: from_micros(row.try_get("created_at")?)?,
-        updated_at: from_micros(row.try_get("updated_at")?)?,
+        created_at: from_unix_micros(row.try_get("created_at")?),
+        updated_at: from_unix_micros(row.try_get("updated_at")?),
     };
     // Last: a row with a column that does not decode is an error, whatever
     // its JSON.
@@ -131,7 +125,7 @@ mod tests {
             datetime!(0001-01-01 00:00 UTC),
             datetime!(9999-12-31 23:59:59.999999 UTC),
         ] {
-            assert_eq!(from_micros(micros(t)).unwrap(), t);
+            assert_eq!(from_unix_micros(micros(t)), t);
         }
         assert_eq!(micros(datetime!(1970-01-01 00:00:00.000001999 UTC)), 1);
         assert_eq!(micros(datetime!(1969-12-31 23:59:59.999999001 UTC)), -1);

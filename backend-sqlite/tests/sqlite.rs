@@ -1100,6 +1100,42 @@ async fn a_write_locked_out_past_the_lock_timeout_is_transient() {
 /// (another program wrote it) is marked dead with the reason, and the
 /// jobs pulled with it are handed out, as many as asked for while the
 /// queue has them; before, the whole pull failed.
+/// A job whose times another program stored beyond the years relayq holds
+/// (-9999 to 9999) reads as the nearest instant it holds, so it is
+/// pulled, run and observed like any other (it used to fail every read of
+/// it, the pulls that met it included).
+#[tokio::test]
+async fn times_beyond_what_relayq_holds_read_as_the_nearest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = SqliteBackend::connect(&file_url(&dir))
+        .await
+        .expect("connect");
+    let id = backend.push(job(1)).await.expect("push").id();
+    sqlx::query("UPDATE relayq_jobs SET run_at = ?, created_at = ?, updated_at = ? WHERE id = ?")
+        .bind(i64::MIN)
+        .bind(i64::MAX)
+        .bind(253_402_300_800_000_000_i64) // 10000-01-01
+        .bind(id)
+        .execute(backend.pool())
+        .await
+        .expect("another program's times");
+    let latest = datetime!(9999-12-31 23:59:59.999999 UTC);
+    let stored = backend.get(id).await.expect("get").expect("stored");
+    assert_eq!(stored.run_at, datetime!(-9999-01-01 00:00 UTC));
+    assert_eq!((stored.created_at, stored.updated_at), (latest, latest));
+    let leased = backend
+        .pull(&PullRequest::queue("default"))
+        .await
+        .expect("pull");
+    assert_eq!(leased.iter().map(|l| l.job.id).collect::<Vec<_>>(), [id]);
+    backend
+        .complete(&leased[0].lease, None)
+        .await
+        .expect("complete");
+    let done = backend.get(id).await.expect("get").expect("stored");
+    assert_eq!(done.status, JobStatus::Done);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pulled_job_with_unreadable_json_is_dead_and_the_rest_are_leased() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -8,7 +8,7 @@
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use time::{Duration, OffsetDateTime};
+use time::{Duration, OffsetDateTime, PrimitiveDateTime};
 
 /// A source of the current time.
 pub trait Clock: Debug + Send + Sync {
@@ -20,6 +20,31 @@ pub trait Clock: Debug + Send + Sync {
 pub fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
     let nanos = t.nanosecond();
     t.replace_nanosecond(nanos - nanos % 1_000).unwrap_or(t)
+}
+
+/// The instant `micros` microseconds after the Unix epoch, in UTC; past
+/// the years `OffsetDateTime` holds (-9999 to 9999), the nearest instant
+/// it holds. How backends read stored timestamps: one that another program
+/// wrote out of that range (PostgreSQL's `infinity`, the year 10000) reads
+/// as the far past or future, so its job can still be read and run.
+///
+/// ```
+/// use relayq_core::from_unix_micros;
+/// use time::macros::datetime;
+///
+/// assert_eq!(from_unix_micros(1), datetime!(1970-01-01 00:00:00.000001 UTC));
+/// assert_eq!(from_unix_micros(i64::MAX), datetime!(9999-12-31 23:59:59.999999 UTC));
+/// assert_eq!(from_unix_micros(i64::MIN), datetime!(-9999-01-01 00:00:00 UTC));
+/// ```
+pub fn from_unix_micros(micros: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000).unwrap_or_else(|_| {
+        let nearest = if micros < 0 {
+            PrimitiveDateTime::MIN
+        } else {
+            PrimitiveDateTime::MAX
+        };
+        truncate_to_micros(nearest.assume_utc())
+    })
 }
 
 /// The host's wall clock.

@@ -29,7 +29,7 @@ mod wakeups;
 pub mod worker;
 
 pub use capabilities::Capabilities;
-pub use clock::{Clock, ManualClock, SystemClock, truncate_to_micros};
+pub use clock::{Clock, ManualClock, SystemClock, from_unix_micros, truncate_to_micros};
 /// The string type of a [`Job`]'s queue and kind (re-exported from `compact_str`).
 pub use compact_str::CompactString;
 pub use error::{BoxError, Error, Result};
