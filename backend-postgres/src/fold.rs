@@ -18,10 +18,11 @@
 //!
 //! Each caller gets its own id (the statement draws ids in input order),
 //! its own error, and its queue's notification once the insert committed,
-//! from the notifier. A statement of one push with no other statement of
-//! the backend's pushes under way instead sends the notification with the
-//! insert, and waits for the WAL flush after the commit instead of in it
-//! (see `PgBackend::insert_notifying`), so workers start its job sooner.
+//! from the notifier. A statement of one push after a quiet spell of the
+//! backend's folded pushes (none under way, none finished in the last
+//! [`QUIET_FOR`]) instead sends the notification with the insert, and
+//! waits for the WAL flush after the commit instead of in it (see
+//! `PgBackend::insert_notifying`), so workers start its job sooner.
 //! If the folded statement fails with an error that one job's data may
 //! have caused (a data exception, a constraint, a limit, a trigger's
 //! `RAISE`), nothing was inserted, and the jobs are inserted one by one so
@@ -43,6 +44,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use relayq_core::{Error, JobId, Result, ValidJob};
 use time::OffsetDateTime;
@@ -87,11 +89,52 @@ pub(crate) struct Entry {
     pub(crate) reply: oneshot::Sender<Result<JobId>>,
 }
 
+/// How long the backend's folded pushes must have had no statement under
+/// way for the next to count as quiet, and send its notification with its
+/// insert (see [`PgBackend::insert_notifying`]). Pushes sent back to back
+/// (a task pushing one job after another, about 0.3 ms apart here) find
+/// the server's processes awake, and the notifier's statement runs beside
+/// the next push: with every such push notifying, the extra statement
+/// slowed that task by a quarter (2,130–2,450 pushes/s, against
+/// 3,040–3,320 for `ba8f9f2`, which only had the notifier); with this
+/// window, 3,050–3,280 against 2,920–3,030 (3 alternating pairs). After a
+/// quiet spell, each statement wakes a sleeping server process, and
+/// sending the notification with the insert saves one.
+const QUIET_FOR: Duration = Duration::from_millis(1);
+
 /// The pushes waiting, and how many statements are under way, for each
-/// runtime pushing.
+/// runtime pushing; and when the last statement finished.
 #[derive(Default)]
 pub(crate) struct Folder {
-    runtimes: Mutex<Vec<(RuntimeId, State)>>,
+    shared: Mutex<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    runtimes: Vec<(RuntimeId, State)>,
+    /// When a statement of the backend's folded pushes last finished.
+    last_inserted: Option<Instant>,
+}
+
+/// What [`Folder::with`] tells its function about the backend's other
+/// folded pushes.
+#[derive(Clone, Copy)]
+struct Around {
+    /// Whether another runtime's pushes have a statement under way.
+    others_inserting: bool,
+    /// When a statement last finished.
+    last_inserted: Option<Instant>,
+}
+
+impl Around {
+    /// Whether no other runtime's statement is under way, and none
+    /// finished within [`QUIET_FOR`].
+    fn quiet(self) -> bool {
+        !self.others_inserting
+            && self
+                .last_inserted
+                .is_none_or(|at| at.elapsed() >= QUIET_FOR)
+    }
 }
 
 #[derive(Default)]
@@ -152,12 +195,19 @@ impl State {
 impl Folder {
     /// Runs `f` on `runtime`'s state, which is created on first use and
     /// forgotten once it has nothing waiting or running; `f` is also told
-    /// whether another runtime's pushes have a statement under way.
-    fn with<T>(&self, runtime: RuntimeId, f: impl FnOnce(&mut State, bool) -> T) -> T {
-        let mut runtimes = self.lock();
-        let busy_elsewhere = runtimes
-            .iter()
-            .any(|(id, state)| *id != runtime && state.inserting > 0);
+    /// about the other pushes.
+    fn with<T>(&self, runtime: RuntimeId, f: impl FnOnce(&mut State, Around) -> T) -> T {
+        let mut shared = self.lock();
+        let Shared {
+            runtimes,
+            last_inserted,
+        } = &mut *shared;
+        let around = Around {
+            others_inserting: runtimes
+                .iter()
+                .any(|(id, state)| *id != runtime && state.inserting > 0),
+            last_inserted: *last_inserted,
+        };
         let i = match runtimes.iter().position(|(id, _)| *id == runtime) {
             Some(i) => i,
             None => {
@@ -166,23 +216,24 @@ impl Folder {
             }
         };
         let state = &mut runtimes[i].1;
-        let out = f(state, busy_elsewhere);
+        let out = f(state, around);
         if state.running == 0 && state.waiting.is_empty() {
             runtimes.swap_remove(i);
         }
         out
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<(RuntimeId, State)>> {
-        self.runtimes.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Queues `entry`; returns the batch to start a statement with when
     /// fewer than [`MAX_RUNNING`] are under way for `runtime` (the caller
-    /// then holds a slot), and whether it is the only statement of the
-    /// backend's pushes under way.
+    /// then holds a slot), and whether the backend's folded pushes were
+    /// quiet before it: none of their statements under way, on any
+    /// runtime, and none finished within [`QUIET_FOR`].
     fn enqueue(&self, runtime: RuntimeId, entry: Entry) -> Option<(Vec<Entry>, bool)> {
-        self.with(runtime, |state, busy_elsewhere| {
+        self.with(runtime, |state, around| {
             state.waiting.push_back(entry);
             state.forget_left_when_long();
             if state.running >= MAX_RUNNING {
@@ -192,10 +243,10 @@ impl Folder {
             if batch.is_empty() {
                 return None;
             }
-            let alone = state.inserting == 0 && !busy_elsewhere;
+            let quiet = state.inserting == 0 && around.quiet();
             state.running += 1;
             state.inserting += 1;
-            Some((batch, alone))
+            Some((batch, quiet))
         })
     }
 
@@ -206,22 +257,24 @@ impl Folder {
 
     /// A runner's statement is done (answered).
     fn inserted(&self, runtime: RuntimeId) {
+        // The time first: a push in between sees the statement still under
+        // way, not a quiet spell.
+        self.lock().last_inserted = Some(Instant::now());
         self.with(runtime, |state, _| state.inserting -= 1);
     }
 
-    /// After a statement: the next batch for the same slot, and whether
-    /// its statement is the only one of the backend's pushes under way; or
-    /// `None`, having given the slot back, when nothing waits.
-    fn next(&self, runtime: RuntimeId) -> Option<(Vec<Entry>, bool)> {
-        self.with(runtime, |state, busy_elsewhere| {
+    /// After a statement: the next batch for the same slot (never after a
+    /// quiet spell: a statement just finished); or `None`, having given the
+    /// slot back, when nothing waits.
+    fn next(&self, runtime: RuntimeId) -> Option<Vec<Entry>> {
+        self.with(runtime, |state, _| {
             let batch = state.take();
             if batch.is_empty() {
                 state.running -= 1;
                 return None;
             }
-            let alone = state.inserting == 0 && !busy_elsewhere;
             state.inserting += 1;
-            Some((batch, alone))
+            Some(batch)
         })
     }
 
@@ -268,7 +321,7 @@ impl PgBackend {
     /// concurrent ones; returns its id.
     pub(crate) async fn push_folded(&self, runtime: &Handle, job: ValidJob) -> Result<JobId> {
         let (reply, outcome) = oneshot::channel();
-        if let Some((batch, alone)) = self.inner.fold.enqueue(runtime.id(), Entry { job, reply }) {
+        if let Some((batch, quiet)) = self.inner.fold.enqueue(runtime.id(), Entry { job, reply }) {
             // Made before the task, so that the slot is given back even if
             // the task is dropped unpolled (its runtime shutting down).
             let slot = Slot {
@@ -277,7 +330,7 @@ impl PgBackend {
                 inserting: true,
                 ended: false,
             };
-            runtime.spawn(run(slot, batch, alone));
+            runtime.spawn(run(slot, batch, quiet));
         }
         outcome
             .await
@@ -286,9 +339,9 @@ impl PgBackend {
 
     /// Inserts `batch`, answering every caller in it, on `conn` (acquired
     /// if `None`; set back to `None` after a failure that may have broken
-    /// it). `alone`: no other statement of the backend's pushes is under
-    /// way (see [`Self::insert_notifying`]).
-    async fn insert_folded(&self, conn: &mut Option<Conn>, batch: Vec<Entry>, alone: bool) {
+    /// it). `quiet`: the backend's pushes were quiet before it (see
+    /// [`Folder::enqueue`] and [`Self::insert_notifying`]).
+    async fn insert_folded(&self, conn: &mut Option<Conn>, batch: Vec<Entry>, quiet: bool) {
         // `now` once for the statement, as a batch push takes it; a job
         // whose schedule does not fit (checked at push time already, but an
         // injected clock may have moved) fails alone.
@@ -320,7 +373,7 @@ impl PgBackend {
         };
         if let ([job], [at]) = (jobs.as_slice(), schedules.as_slice()) {
             // Alone: the single-row statement, exactly a lone push.
-            let notified = match alone {
+            let notified = match quiet {
                 true => self.insert_notifying(c, now, job, *at).await,
                 false => None,
             };
@@ -390,8 +443,9 @@ impl PgBackend {
         Ok(id)
     }
 
-    /// Inserts one job whose statement is the only one of the backend's
-    /// pushes under way, with its notification in the insert's own
+    /// Inserts one job after a quiet spell of the backend's folded pushes (no
+    /// statement of theirs under way, none finished within [`QUIET_FOR`]),
+    /// with its notification in the insert's own
     /// transaction, committed without waiting for the WAL flush; wakes
     /// this process's workers; then waits for the flush before the push is
     /// reported. Both statements share one reply timeout. `None` when the
@@ -406,7 +460,7 @@ impl PgBackend {
     /// after the flush and one more statement: on a server otherwise idle,
     /// each statement costs about as much as a commit, as it wakes a
     /// sleeping server process (enqueue-to-start p50 on a stock cluster,
-    /// 5 alternating pairs: 1.53–1.71 ms against 1.83–2.16 ms). The push
+    /// 4 alternating pairs: 1.32–1.43 ms against 1.73–1.80 ms). The push
     /// itself returns one round trip later than a plain one. No job runs
     /// before its insert is durable: a claim commits durably (unless the
     /// claiming session turned `synchronous_commit` off), later in the WAL.
@@ -499,15 +553,15 @@ impl PgBackend {
     }
 }
 
-/// A slot's task: inserts batches until nothing waits. `alone`: the first
-/// batch's statement is the only one of the backend's pushes under way.
-async fn run(mut slot: Slot, mut batch: Vec<Entry>, mut alone: bool) {
+/// A slot's task: inserts batches until nothing waits. `quiet`: the
+/// backend's pushes were quiet before the first batch.
+async fn run(mut slot: Slot, mut batch: Vec<Entry>, mut quiet: bool) {
     let backend = slot.backend.clone();
     let fold = &backend.inner.fold;
     let mut conn = None;
     loop {
         let answered = batch.len();
-        backend.insert_folded(&mut conn, batch, alone).await;
+        backend.insert_folded(&mut conn, batch, quiet).await;
         fold.inserted(slot.runtime);
         slot.inserting = false;
         // Given back after the batch when the pool is full with none idle:
@@ -530,7 +584,7 @@ async fn run(mut slot: Slot, mut batch: Vec<Entry>, mut alone: bool) {
         }
         match fold.next(slot.runtime) {
             Some(next) => {
-                (batch, alone) = next;
+                (batch, quiet) = (next, false);
                 slot.inserting = true;
             }
             None => break,
@@ -704,45 +758,62 @@ mod tests {
         assert!(flushed, "the WAL is flushed through {written}");
     }
 
-    /// A statement is alone when no other statement of the backend's
-    /// pushes is under way, on any runtime; a runner between batches does
-    /// not count.
+    /// A statement is quiet when no other statement of the backend's
+    /// folded pushes is under way, on any runtime, and none finished
+    /// within [`QUIET_FOR`]; a runner between batches does not count.
     #[test]
-    fn a_statement_is_alone_when_no_other_is_under_way() {
+    fn a_statement_is_quiet_after_a_quiet_spell_of_the_backends_pushes() {
         let runtime = || {
             tokio::runtime::Builder::new_current_thread()
                 .build()
                 .expect("runtime")
         };
-        let (one, other) = (runtime(), runtime());
-        let (one, other) = (one.handle().id(), other.handle().id());
+        let (here, elsewhere) = (runtime(), runtime());
+        let (one, other) = (here.handle().id(), elsewhere.handle().id());
         let fold = Folder::default();
+        let quiet = |started: Option<(Vec<Entry>, bool)>| started.expect("a slot").1;
+        let long_ago = || fold.lock().last_inserted = Some(Instant::now() - QUIET_FOR);
         let (first, _a) = entry(1);
-        let (_, alone) = fold.enqueue(one, first).expect("a slot");
-        assert!(alone, "nothing else under way");
+        assert!(quiet(fold.enqueue(one, first)), "nothing before it");
         let (second, _b) = entry(1);
-        let (_, alone) = fold.enqueue(one, second).expect("a second slot");
-        assert!(!alone, "the first statement is under way");
+        assert!(!quiet(fold.enqueue(one, second)), "the first is under way");
         let (third, _c) = entry(1);
         assert!(
-            fold.enqueue(other, third).is_some_and(|(_, alone)| !alone),
+            !quiet(fold.enqueue(other, third)),
             "under way on another runtime"
         );
-        fold.inserted(one);
+        for _ in 0..2 {
+            fold.inserted(one);
+            assert!(fold.next(one).is_none());
+        }
+        long_ago();
+        let (fourth, _d) = entry(1);
+        assert!(
+            !quiet(fold.enqueue(one, fourth)),
+            "still under way on the other runtime"
+        );
         fold.inserted(other);
         assert!(fold.next(other).is_none());
-        let (fourth, _d) = entry(1);
-        assert!(fold.enqueue(one, fourth).is_none(), "both slots taken");
-        // The second statement is done: its runner takes the waiting push,
-        // alone though the first runner still holds its slot.
+        // The fourth's runner finishes, and stays between batches.
         fold.inserted(one);
-        let (_, alone) = fold.next(one).expect("the waiting push");
-        assert!(alone, "the other runner is between batches");
-        // A runner dropped mid-statement (its runtime shut down) gives its
-        // statement back with its slot.
-        fold.abandon(one, true);
         let (fifth, _e) = entry(1);
-        assert!(fold.enqueue(other, fifth).is_some_and(|(_, alone)| alone));
+        assert!(
+            !quiet(fold.enqueue(other, fifth)),
+            "a statement just finished, on any runtime"
+        );
+        fold.inserted(other);
+        assert!(fold.next(other).is_none());
+        long_ago();
+        let (sixth, _f) = entry(1);
+        assert!(
+            quiet(fold.enqueue(one, sixth)),
+            "after a quiet spell, a runner between batches too"
+        );
+        // A runner dropped mid-statement (its runtime shut down) gives
+        // its statement back with its slot.
+        fold.abandon(one, true);
+        let (seventh, _g) = entry(1);
+        assert!(quiet(fold.enqueue(other, seventh)));
     }
 
     #[test]

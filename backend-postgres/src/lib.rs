@@ -38,8 +38,9 @@
 //!   holds a database-wide lock, so notifying inside each push would make
 //!   concurrent pushes commit one at a time). The task sends them just
 //!   after the push returns, and again after a failure. A single pool
-//!   push of a job without a unique key made when no other of the
-//!   backend's pool inserts is under way notifies in its own statement
+//!   push of a job without a unique key made after a quiet spell (no
+//!   other such push's insert under way, none finished in the last
+//!   millisecond) notifies in its own statement
 //!   instead, committed without waiting for the WAL flush, and then waits
 //!   for the flush with a transaction that writes one WAL record (a
 //!   logical decoding message, prefix `relayq`, which logical decoding

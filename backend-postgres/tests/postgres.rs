@@ -829,12 +829,12 @@ async fn a_pool_push_wakes_local_subscribers_before_it_returns() {
     testing::drop_schema(backend.schema()).await;
 }
 
-/// A push on an idle backend notifies in its own transaction: by the time
-/// it returns, its notification is committed, so a listening session has
-/// it once its next query completes (the server hands pending
-/// notifications over before saying it is ready). Sent in a statement
-/// after the push, it would have to win that race at every push. Each
-/// push notifies once.
+/// A push on an idle backend (after a quiet spell) notifies in its own
+/// transaction: by the time it returns, its notification is committed, so
+/// a listening session has it once its next query completes (the server
+/// hands pending notifications over before saying it is ready). Sent in a
+/// statement after the push, it would have to win that race at every
+/// push. Each push notifies once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_on_an_idle_backend_has_notified_when_it_returns() {
     let backend = testing::connect(testing::options()).await;
@@ -850,6 +850,9 @@ async fn a_push_on_an_idle_backend_has_notified_when_it_returns() {
         .expect("listener");
     listener.listen(&channel).await.expect("listen");
     for n in 0..5 {
+        // After a quiet spell: pushes back to back notify through the
+        // notifier, beside the next push.
+        tokio::time::sleep(StdDuration::from_millis(20)).await;
         // spread_job(0) goes to q0.
         backend.push(spread_job(0)).await.expect("push");
         sqlx::query("SELECT 1")
@@ -2343,7 +2346,7 @@ async fn concurrent_pushes_are_folded_and_each_gets_its_own_id() {
         statements < rows,
         "16 concurrent tasks' pushes were never folded: {statements} statements for {rows} jobs"
     );
-    // A push on an idle backend goes out alone, at once.
+    // A push after the others goes out alone, at once.
     let alone = backend.push(spread_job(5000)).await.expect("push").id();
     assert_is_job(&backend, alone, 5000).await;
     testing::drop_schema(backend.schema()).await;

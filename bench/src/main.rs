@@ -37,8 +37,9 @@ enum Workload {
     /// does, beside pgbench's `insert1` (see `client.rs`).
     ClientInsert1,
     /// Not relayq: 200 single-row inserts 50 ms apart on one connection
-    /// (PostgreSQL only): the cost of one commit on an idle server, of
-    /// which a job of the `latency` workload waits for two.
+    /// (PostgreSQL only): the cost of one commit on an idle server. A job
+    /// of the `latency` workload waits for its push's insert (committed
+    /// without a flush, with its notification) and its claim's commit.
     ClientIdleInsert1,
 }
 
