@@ -373,9 +373,10 @@ impl PgBackend {
         };
         if let ([job], [at]) = (jobs.as_slice(), schedules.as_slice()) {
             // Alone: the single-row statement, exactly a lone push.
-            let notified = match quiet {
-                true => self.insert_notifying(c, now, job, *at).await,
-                false => None,
+            let notified = if quiet {
+                self.insert_notifying(c, now, job, *at).await
+            } else {
+                None
             };
             let result = match notified {
                 Some(Ok(id)) => Ok(id),
@@ -709,16 +710,23 @@ mod tests {
             .await
             .expect("connect");
         let statements = crate::sql::Statements::new("unused");
-        conn.execute("BEGIN").await.expect("begin");
-        let before: String =
-            sqlx::query_scalar("SELECT pg_catalog.pg_current_wal_insert_lsn()::text")
-                .fetch_one(&mut conn)
+        // Where the WAL ends now, then the statement under test.
+        async fn await_flush_after_reading_the_end(
+            conn: &mut sqlx::PgConnection,
+            statements: &crate::sql::Statements,
+        ) -> String {
+            let end = sqlx::query_scalar("SELECT pg_catalog.pg_current_wal_insert_lsn()::text")
+                .fetch_one(&mut *conn)
                 .await
                 .expect("insert position");
-        sqlx::query(statements.await_flush.clone())
-            .execute(&mut conn)
-            .await
-            .expect("await the flush");
+            sqlx::query(statements.await_flush.clone())
+                .execute(conn)
+                .await
+                .expect("await the flush");
+            end
+        }
+        conn.execute("BEGIN").await.expect("begin");
+        let before = await_flush_after_reading_the_end(&mut conn, &statements).await;
         let row = sqlx::query(
             "SELECT pg_catalog.txid_current_if_assigned() IS NOT NULL AS has_id, \
              pg_catalog.pg_current_wal_insert_lsn() > $1::pg_lsn AS wrote",
@@ -740,15 +748,7 @@ mod tests {
         )
         .await
         .expect("commit without a flush");
-        let written: String =
-            sqlx::query_scalar("SELECT pg_catalog.pg_current_wal_insert_lsn()::text")
-                .fetch_one(&mut conn)
-                .await
-                .expect("insert position");
-        sqlx::query(statements.await_flush.clone())
-            .execute(&mut conn)
-            .await
-            .expect("await the flush");
+        let written = await_flush_after_reading_the_end(&mut conn, &statements).await;
         let flushed: bool =
             sqlx::query_scalar("SELECT pg_catalog.pg_current_wal_flush_lsn() >= $1::pg_lsn")
                 .bind(&written)
