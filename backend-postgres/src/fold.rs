@@ -483,8 +483,11 @@ impl PgBackend {
             return None;
         }
         let sql = &self.inner.sql;
+        // The id once the insert committed: a reply timeout after it (during
+        // the wait for the flush) is a stored job, not a failed push.
+        let mut stored = None;
         let sent = conn
-            .run(|c| async move {
+            .run(|c| async {
                 let inserted = bind_one(sql.push_one_notifying.clone(), now, job, at)
                     .fetch_one(&mut *c)
                     .await;
@@ -493,6 +496,7 @@ impl PgBackend {
                     Err(e) if refused_before_commit(&e) => return Ok(Notifying::Refused(e)),
                     Err(e) => return Err(e),
                 };
+                stored = Some(id);
                 self.wake_here(std::slice::from_ref(&job.queue));
                 match sqlx::query(sql.await_flush.clone()).execute(c).await {
                     Ok(_) => Ok(Notifying::Durable(id)),
@@ -500,9 +504,10 @@ impl PgBackend {
                 }
             })
             .await;
-        let sent = match sent {
-            Ok(sent) => sent,
-            Err(e) => return Some(Err(error_from(e))),
+        let sent = match (sent, stored) {
+            (Ok(sent), _) => sent,
+            (Err(source), Some(id)) => Notifying::Unconfirmed(Unconfirmed { id, source }),
+            (Err(e), None) => return Some(Err(error_from(e))),
         };
         if let Notifying::Refused(e) | Notifying::Unconfirmed(Unconfirmed { source: e, .. }) = &sent
             && in_class(e, &["42"])

@@ -38,6 +38,8 @@ impl Type<Postgres> for Timestamp {
 
 impl<'r> Decode<'r, Postgres> for Timestamp {
     fn decode(value: PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        // relayq reads jobs with prepared statements, whose results come in
+        // binary; text is only decoded (not saturated) for completeness.
         if value.format() == PgValueFormat::Text {
             return <OffsetDateTime as Decode<Postgres>>::decode(value).map(Self);
         }

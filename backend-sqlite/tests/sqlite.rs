@@ -1096,10 +1096,6 @@ async fn a_write_locked_out_past_the_lock_timeout_is_transient() {
         .expect("push once the lock is free");
 }
 
-/// A pulled job whose stored payload is not JSON serde_json reads
-/// (another program wrote it) is marked dead with the reason, and the
-/// jobs pulled with it are handed out, as many as asked for while the
-/// queue has them; before, the whole pull failed.
 /// A job whose times another program stored beyond the years relayq holds
 /// (-9999 to 9999) reads as the nearest instant it holds, so it is
 /// pulled, run and observed like any other (it used to fail every read of
@@ -1136,6 +1132,10 @@ async fn times_beyond_what_relayq_holds_read_as_the_nearest() {
     assert_eq!(done.status, JobStatus::Done);
 }
 
+/// A pulled job whose stored payload is not JSON serde_json reads
+/// (another program wrote it) is marked dead with the reason, and the
+/// jobs pulled with it are handed out, as many as asked for while the
+/// queue has them; before, the whole pull failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pulled_job_with_unreadable_json_is_dead_and_the_rest_are_leased() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -23,8 +23,8 @@ pub fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
 }
 
 /// The instant `micros` microseconds after the Unix epoch, in UTC; past
-/// the years `OffsetDateTime` holds (-9999 to 9999), the nearest instant
-/// it holds. How backends read stored timestamps: one that another program
+/// the years `OffsetDateTime` holds (-9999 to 9999, unless `time`'s
+/// `large-dates` feature is on), the nearest instant it holds. How backends read stored timestamps: one that another program
 /// wrote out of that range (PostgreSQL's `infinity`, the year 10000) reads
 /// as the far past or future, so its job can still be read and run.
 ///
