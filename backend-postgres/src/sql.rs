@@ -136,10 +136,11 @@ const PUSH_ONE_NOTIFYING: &str = concat!(
 
 /// Returns once the WAL is flushed (as the session's `synchronous_commit`
 /// asks) through everything committed before it, on any connection: a
-/// transaction that writes one WAL record (besides its commit), a transactional logical
-/// decoding message with prefix `relayq` and no content, and commits. (A
-/// transaction that writes no WAL commits without a flush.) Logical
-/// decoding clients that ask for messages see one per such call.
+/// transaction that writes one WAL record besides its commit (a
+/// transactional logical decoding message with prefix `relayq` and no
+/// content), and commits. (A transaction that writes no WAL commits
+/// without a flush.) Logical decoding clients that ask for messages see
+/// one per such call.
 const AWAIT_FLUSH: &str =
     "SELECT pg_catalog.pg_logical_emit_message(true, 'relayq'::text, ''::text)";
 
