@@ -7,6 +7,7 @@
 
 #[cfg(feature = "postgres")]
 mod client;
+mod cpu;
 mod processing;
 mod report;
 mod store;

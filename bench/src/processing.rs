@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use relayq::{Backend, HandlerError, JobContext, NewJob, Worker};
 use tokio::sync::Notify;
 
+use crate::cpu;
 use crate::report::{Latencies, Line};
 use crate::store::Peer;
 use crate::workloads::{SendEmail, job, monotonic_us};
@@ -162,10 +163,12 @@ pub(crate) async fn process(
     settle.await?;
     let ledger = Ledger::new(n, 1, false);
     let worker = worker(backend.clone(), ledger.clone())?;
+    let cpu_before = cpu::process_cpu();
     let started = Instant::now();
     let running = worker.start();
     ledger.wait().await;
     let handled_in = started.elapsed();
+    let cpu_after = cpu::process_cpu();
     let finished = Finished::wait(backend.as_ref(), n).await?;
     running.shutdown().await;
     let stored = finished.at.map_or("NA".to_owned(), |at| {
@@ -176,6 +179,7 @@ pub(crate) async fn process(
     let line = Line::new(label, "process")
         .rate(n as usize, handled_in)
         .with("stored_jobs_per_s", stored)
+        .with("cpu_us_per_job", cpu::per_job_us(cpu_before, cpu_after, n))
         .with("handled", handled)
         .with("duplicates", duplicates)
         .with("n", n);

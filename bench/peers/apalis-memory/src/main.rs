@@ -3,7 +3,7 @@
 //! standard format so `bench/run` can put relayq ÷ apalis next to it:
 //!
 //! ```text
-//! peer apalis-memory process jobs_per_s=<n> p50_ms=NA p99_ms=NA handled=<n> duplicates=<n> n=<n>
+//! peer apalis-memory process jobs_per_s=<n> p50_ms=NA p99_ms=NA cpu_us_per_job=<x> handled=<n> duplicates=<n> n=<n>
 //! ```
 //!
 //! Same shape as relayq's run: N jobs pushed before the clock starts (in a
@@ -14,6 +14,10 @@
 //! `.parallelize(tokio::spawn)` (about 850,000 against 400,000–750,000
 //! jobs/s in one loaded run). apalis's memory storage is a channel: no
 //! leases, no acknowledgements, nothing to record.
+
+// relayq-bench's CPU clock, so both report CPU per job the same way.
+#[path = "../../../src/cpu.rs"]
+mod cpu;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,10 +100,12 @@ async fn process(n: u64) -> Result<(), String> {
         .concurrency(16)
         .data(Arc::clone(&ledger))
         .build(handle);
+    let cpu_before = cpu::process_cpu();
     let started = Instant::now();
     let running = tokio::spawn(worker.run());
     ledger.reached.notified().await;
     let took = started.elapsed();
+    let cpu_after = cpu::process_cpu();
     running.abort();
     let handled = ledger.handled.load(Ordering::Acquire);
     let duplicates = ledger.duplicates.load(Ordering::Acquire);
@@ -109,8 +115,9 @@ async fn process(n: u64) -> Result<(), String> {
         format!(" CHECK_FAILED=handled_{handled}_of_{n}_duplicates_{duplicates}")
     };
     println!(
-        "peer apalis-memory process jobs_per_s={:.0} p50_ms=NA p99_ms=NA handled={handled} duplicates={duplicates} n={n}{check}",
-        n as f64 / took.as_secs_f64()
+        "peer apalis-memory process jobs_per_s={:.0} p50_ms=NA p99_ms=NA cpu_us_per_job={} handled={handled} duplicates={duplicates} n={n}{check}",
+        n as f64 / took.as_secs_f64(),
+        cpu::per_job_us(cpu_before, cpu_after, n),
     );
     Ok(())
 }
