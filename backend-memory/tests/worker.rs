@@ -455,6 +455,67 @@ async fn error_messages_with_nul_are_sanitized() {
     assert_eq!(job.last_error.as_deref(), Some("bad\u{FFFD}byte"));
 }
 
+/// On a started worker, a handler registered before `state()` keeps the
+/// state it was registered with, one registered after gets the new one, and
+/// both see the worker begin to shut down (their contexts share one view
+/// of the worker per runner, built for adapted handlers per job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_handlers_see_their_own_state_and_the_shutdown() {
+    let (b, _) = store();
+    let entered = Arc::new(tokio::sync::Semaphore::new(0));
+    let wait_then = |entered: &Arc<tokio::sync::Semaphore>| {
+        let entered = Arc::clone(entered);
+        move |shutting_down_at_start: bool| {
+            assert!(!shutting_down_at_start, "the worker is running");
+            entered.add_permits(1);
+        }
+    };
+    let (email_entered, report_entered) = (wait_then(&entered), wait_then(&entered));
+    let worker = Worker::builder(dyn_backend(&b))
+        .state(String::from("hello"))
+        .handle(move |e: Email, ctx: JobContext<String>| {
+            email_entered(ctx.is_shutting_down());
+            async move {
+                ctx.shutdown_requested().await;
+                assert!(ctx.is_shutting_down());
+                Ok::<_, HandlerError>(format!("{} {}", ctx.state(), e.to))
+            }
+        })
+        .state(7u32)
+        .handle(move |r: Report, ctx: JobContext<u32>| {
+            report_entered(ctx.is_shutting_down());
+            async move {
+                ctx.shutdown_requested().await;
+                Ok::<_, HandlerError>(r.id + *ctx.state())
+            }
+        })
+        .concurrency(4)
+        .build()
+        .expect("build");
+    let email = b
+        .push(Email { to: "ada".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    let report = b.push(Report { id: 35 }.to_job()).await.expect("push").id();
+    let handle = worker.start();
+    let both = entered.acquire_many(2);
+    let _both = tokio::time::timeout(StdDuration::from_secs(20), both)
+        .await
+        .expect("both handlers started in time")
+        .expect("semaphore open");
+    let shutdown = handle.shutdown_within(StdDuration::from_secs(20)).await;
+    assert_eq!((shutdown.finished, shutdown.released), (2, 0));
+    let result = |id| {
+        b.jobs()
+            .into_iter()
+            .find(|j| j.id == id)
+            .and_then(|j| j.result)
+    };
+    assert_eq!(result(email), Some(json!("hello ada")));
+    assert_eq!(result(report), Some(json!(42)));
+}
+
 /// Dropping the handle shuts the worker down: it stops pulling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_handle_stops_the_worker() {

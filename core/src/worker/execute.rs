@@ -6,6 +6,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
@@ -18,7 +19,7 @@ use tracing::Instrument;
 
 use super::board::Board;
 use super::events::{Event, JobInfo, Outcome, Subscription};
-use super::handler::{Entry, HandlerError, JobContext, Phase, RunFuture};
+use super::handler::{Entry, HandlerError, JobContext, Phase, RunFuture, WorkerView};
 use super::keeper::{Hold, LeaseWatch, WatchRef};
 use super::slots::Slot;
 use crate::error::Error;
@@ -104,7 +105,7 @@ impl<S> Shared<S> {
 }
 
 /// How an outcome reaches the backend.
-pub(crate) enum Mode<'a> {
+pub(crate) enum Mode<'a, S> {
     /// In the calling task, one call per acknowledgement, no timers but the
     /// handler's timeout.
     Inline,
@@ -114,6 +115,8 @@ pub(crate) enum Mode<'a> {
     Spawned {
         /// What the worker's jobs share.
         started: &'a Started,
+        /// What the contexts of the runner's jobs see of the worker.
+        view: &'a Arc<WorkerView<S>>,
         /// The worker's concurrency slot, given back once the handler has
         /// returned: recording the outcome does not count against the
         /// concurrency, so the next pull need not wait for it.
@@ -169,41 +172,120 @@ impl Attempt {
     }
 }
 
-/// Runs one leased job to an outcome and reports it.
+/// A job's run, begun: its handler has been polled once.
+pub(crate) enum Begun<F> {
+    /// The run ended at that poll: on a started worker, the handler
+    /// returned at once and its completion was handed on to be recorded
+    /// with others.
+    Ended(Ended),
+    /// The rest of the run: the handler still running, or its outcome to
+    /// record, then report.
+    Running(F),
+}
+
+/// What is left of a run after its handler's first poll.
+enum Rest<'a, S> {
+    /// The handler has not returned.
+    Running(&'a Entry<S>, RunFuture),
+    /// The attempt is over; its outcome is to be recorded.
+    Done(&'a Entry<S>, Attempt),
+    /// The handler succeeded, and no batcher takes its completion (an
+    /// inline run, or the batcher is gone): it is recorded here.
+    Complete(Completion),
+    /// The job cannot run (no handler for its kind, or a payload its
+    /// handler cannot decode): it is killed with this error.
+    Unrunnable(String),
+}
+
+/// Runs one leased job to an outcome and reports it (the test mode's
+/// inline runs, and a lane's runs beyond those it begins in place): see
+/// [`begin`].
+pub(crate) async fn execute<S: Send + Sync + 'static>(
+    shared: &Shared<S>,
+    lease: Lease,
+    job: Arc<Job>,
+    mode: Mode<'_, S>,
+) -> Ended {
+    let mut job = Some((job, mode));
+    let begun = std::future::poll_fn(|cx| {
+        let (job, mode) = job.take().expect("polled once: it is ready at once");
+        Poll::Ready(begin(shared, lease, job, mode, cx))
+    })
+    .await;
+    match begun {
+        Begun::Ended(ended) => ended,
+        Begun::Running(rest) => rest.await,
+    }
+}
+
+/// Begins the run of one leased job with `cx`: dispatches it, decodes its
+/// payload and polls its handler once. On a started worker, a handler that
+/// returns at that poll (most quick jobs) ends the run there, its
+/// completion handed on to be recorded with others, without the future
+/// the rest of a run takes: building it, allocating it and moving it
+/// there cost about a tenth of a quick job on the memory store
+/// (measured). Every other run goes on in the returned future.
 ///
 /// The job comes behind an `Arc` rather than by value: a started worker
 /// keeps one such future per running job, and a smaller one is cheaper to
 /// allocate and move. It borrows what the worker shares rather than
 /// holding a count on it: runners on other threads would otherwise
-/// contend for that count's cache line on every job. Keep it under about 1 KiB
-/// (about 800 bytes when last measured): glibc's malloc serves larger blocks by sorting its
-/// free lists on every allocation; at 1,120 bytes the memory backend
-/// processed 18% fewer jobs per second.
-pub(crate) fn execute<'a, S: Send + Sync + 'static>(
+/// contend for that count's cache line on every job. Keep it under about
+/// 1 KiB: glibc's malloc serves larger blocks by sorting its free lists on
+/// every allocation; at 1,120 bytes the memory backend processed 18% fewer
+/// jobs per second.
+pub(crate) fn begin<'a, S: Send + Sync + 'static>(
     shared: &'a Shared<S>,
     lease: Lease,
     job: Arc<Job>,
-    mode: Mode<'a>,
-) -> impl Future<Output = Ended> + Send + 'a {
+    mode: Mode<'a, S>,
+    cx: &mut Context<'_>,
+) -> Begun<impl Future<Output = Ended> + Send + use<'a, S>> {
+    let (worker, view, mut slot, mut hold) = match mode {
+        Mode::Spawned {
+            started,
+            view,
+            slot,
+            hold,
+        } => (Some(started), Some(view), slot, hold),
+        Mode::Inline => (None, None, None, None),
+    };
     let span = job_span(&job);
-    async move {
-        // Building events costs work per job (a `JobInfo` each, sent on a
-        // broadcast channel): skip them when nobody is listening (no hook,
-        // no subscriber) when the attempt starts.
-        let observed = shared.is_observed();
+    // Building events costs work per job (a `JobInfo` each, sent on a
+    // broadcast channel): skip them when nobody is listening (no hook, no
+    // subscriber) when the attempt starts.
+    let observed = shared.is_observed();
+    let first = span.in_scope(|| {
         if observed {
             shared.emit(Event::Started {
                 job: JobInfo::from(&*job),
             });
         }
         tracing::debug!("started");
-        let ended = run_and_record(shared, Arc::clone(&job), lease, mode).await;
+        first_poll(shared, &job, lease, view, hold.as_ref(), cx)
+    });
+    let rest = match (first, worker) {
+        (Rest::Done(_, Attempt::Succeeded(result)), Some(started))
+            if check_result(result.as_ref()).is_ok() =>
+        {
+            // The handler is done; only the acknowledgement is left.
+            drop(slot.take());
+            let completion = Completion { lease, result };
+            match hand_on(shared, started, &job, completion, &mut hold) {
+                Ok(ended) => return Begun::Ended(ended),
+                Err(completion) => Rest::Complete(completion),
+            }
+        }
+        (rest, _) => rest,
+    };
+    let run = async move {
+        let ended = finish(shared, &job, lease, rest, worker, slot, hold).await;
         if let Ended::Recorded(outcome) = &ended {
             report(shared, &job, outcome, observed);
         }
         ended
-    }
-    .instrument(span)
+    };
+    Begun::Running(run.instrument(span))
 }
 
 /// The span of a job's attempt; a disabled one when no subscriber takes
@@ -252,62 +334,108 @@ fn report<S>(shared: &Shared<S>, job: &Job, outcome: &Outcome, observed: bool) {
     }
 }
 
-async fn run_and_record<S: Send + Sync + 'static>(
-    shared: &Shared<S>,
-    job: Arc<Job>,
+/// Dispatches `job`, decodes its payload and polls its handler once.
+fn first_poll<'a, S: Send + Sync + 'static>(
+    shared: &'a Shared<S>,
+    job: &Arc<Job>,
     lease: Lease,
-    mode: Mode<'_>,
-) -> Ended {
-    let (worker, slot, hold) = match mode {
-        Mode::Spawned {
-            started,
-            slot,
-            hold,
-        } => (Some(started), slot, hold),
-        Mode::Inline => (None, None, None),
-    };
-    let backend = &*shared.backend;
+    view: Option<&Arc<WorkerView<S>>>,
+    hold: Option<&Hold>,
+    cx: &mut Context<'_>,
+) -> Rest<'a, S> {
     let Some(entry) = shared.handlers.get(job.kind.as_str()) else {
         let mut kinds: Vec<&str> = shared.handlers.keys().map(String::as_str).collect();
         kinds.sort_unstable();
-        let error = format!(
+        return Rest::Unrunnable(format!(
             "no handler is registered for kind {:?} (this worker handles {kinds:?})",
             job.kind
-        );
-        return Ended::Recorded(record_kill(backend, &lease, error).await);
+        ));
     };
-
-    let lease_watch = match &hold {
+    let lease_watch = match hold {
         Some(hold) => hold.watch.clone(),
         None => WatchRef::alone(
             lease,
             job.locked_until.unwrap_or(OffsetDateTime::UNIX_EPOCH),
         ),
     };
-    let phase = match &worker {
-        Some(worker) => worker.phase.clone(),
-        // Nothing shuts an inline run down.
-        None => watch::channel(Phase::Running).1,
+    let view = match view {
+        Some(view) => Arc::clone(view),
+        None => Arc::new(WorkerView {
+            state: Arc::clone(&shared.state),
+            // Nothing shuts an inline run down.
+            phase: watch::channel(Phase::Running).1,
+        }),
     };
-    let ctx = JobContext::new(
-        Arc::clone(&job),
-        lease,
-        lease_watch,
-        Arc::clone(&shared.state),
-        phase,
-    );
-    // Decoding the payload and building the handler run user code too.
+    let ctx = JobContext::new(Arc::clone(job), lease, lease_watch, view);
+    // Decoding the payload, building the handler's future and polling it
+    // run user code: a panic in any is the attempt's.
     let started = std::panic::catch_unwind(AssertUnwindSafe(|| (entry.run)(&job.payload, ctx)));
-    let timeout = entry.timeout.or(shared.config.timeout);
-    let attempt = match started {
-        Err(panic) => Attempt::Panicked(panic_message(&*panic)),
-        Ok(Err(unusable)) => return Ended::Recorded(record_kill(backend, &lease, unusable).await),
-        Ok(Ok(fut)) => match (&worker, &hold) {
-            (Some(worker), Some(hold)) => {
-                run_spawned(fut, timeout, &hold.watch, &worker.phase).await
-            }
-            _ => run_inline(fut, timeout).await,
-        },
+    let mut run = match started {
+        Err(panic) => return Rest::Done(entry, Attempt::Panicked(panic_message(&*panic))),
+        Ok(Err(unusable)) => return Rest::Unrunnable(unusable),
+        Ok(Ok(run)) => run,
+    };
+    match std::panic::catch_unwind(AssertUnwindSafe(|| run.as_mut().poll(cx))) {
+        Ok(Poll::Pending) => Rest::Running(entry, run),
+        Ok(Poll::Ready(returned)) => Rest::Done(entry, Attempt::of(Ok(returned))),
+        Err(panic) => Rest::Done(entry, Attempt::of(Err(panic))),
+    }
+}
+
+/// Hands a started worker's completion on without waiting: to its lane on
+/// a backend with instant writes, else to the batcher. Gives it back if
+/// the batcher is gone (`hold` then holds the lease again).
+fn hand_on<S>(
+    shared: &Shared<S>,
+    started: &Started,
+    job: &Arc<Job>,
+    completion: Completion,
+    hold: &mut Option<Hold>,
+) -> Result<Ended, Completion> {
+    if shared.instant_writes {
+        let ack = ack(shared, started, completion, Arc::clone(job), hold.take());
+        return Ok(Ended::Completed(ack));
+    }
+    match hand(shared, started, completion, Arc::clone(job), hold.take()) {
+        Ok(()) => Ok(Ended::Handed),
+        Err(ack) => {
+            *hold = ack.hold;
+            Err(ack.completion)
+        }
+    }
+}
+
+/// The rest of a run begun by [`begin`]: the handler run to its end, then
+/// its outcome recorded.
+async fn finish<S: Send + Sync + 'static>(
+    shared: &Shared<S>,
+    job: &Arc<Job>,
+    lease: Lease,
+    rest: Rest<'_, S>,
+    worker: Option<&Started>,
+    slot: Option<Slot>,
+    mut hold: Option<Hold>,
+) -> Ended {
+    let backend = &*shared.backend;
+    let (entry, attempt) = match rest {
+        Rest::Unrunnable(error) => {
+            return Ended::Recorded(record_kill(backend, &lease, error).await);
+        }
+        Rest::Complete(completion) => {
+            drop(slot);
+            return Ended::Recorded(record_here(shared, worker, completion, hold).await);
+        }
+        Rest::Done(entry, attempt) => (entry, attempt),
+        Rest::Running(entry, run) => {
+            let timeout = entry.timeout.or(shared.config.timeout);
+            let attempt = match (worker, &hold) {
+                (Some(worker), Some(hold)) => {
+                    run_spawned(run, timeout, &hold.watch, &worker.phase).await
+                }
+                _ => run_inline(run, timeout).await,
+            };
+            (entry, attempt)
+        }
     };
     // The handler is done; only the acknowledgement is left.
     drop(slot);
@@ -316,39 +444,29 @@ async fn run_and_record<S: Send + Sync + 'static>(
         Attempt::Succeeded(result) => match check_result(result.as_ref()) {
             Ok(()) => {
                 let completion = Completion { lease, result };
-                let (completion, hold) = match &worker {
-                    Some(worker) if shared.instant_writes => {
-                        return Ended::Completed(ack(shared, worker, completion, job, hold));
-                    }
-                    Some(worker) => match hand(shared, worker, completion, job, hold) {
-                        Ok(()) => return Ended::Handed,
-                        // The batcher is gone: recorded here instead.
-                        Err(ack) => (ack.completion, ack.hold),
+                let completion = match worker {
+                    Some(worker) => match hand_on(shared, worker, job, completion, &mut hold) {
+                        Ok(ended) => return ended,
+                        Err(completion) => completion,
                     },
-                    None => (completion, hold),
+                    None => completion,
                 };
-                // The outcome's copy of the result: for the test mode's
-                // report, or for whoever listens.
-                let keep = worker.is_none() || shared.is_observed();
-                let outcome = complete(backend, completion, keep).await;
-                // Renewed until recorded.
-                drop(hold);
-                return Ended::Recorded(outcome);
+                record_here(shared, worker, completion, hold).await
             }
             Err(e) => {
                 let error =
                     HandlerError::new(format!("the handler's result cannot be stored: {e}"));
-                record_failure(shared, entry, &job, lease, error).await
+                record_failure(shared, entry, job, lease, error).await
             }
         },
-        Attempt::Failed(error) => record_failure(shared, entry, &job, lease, error).await,
+        Attempt::Failed(error) => record_failure(shared, entry, job, lease, error).await,
         Attempt::Panicked(message) => {
             let error = HandlerError::new(format!("the handler panicked: {message}"));
-            record_failure(shared, entry, &job, lease, error).await
+            record_failure(shared, entry, job, lease, error).await
         }
         Attempt::TimedOut(after) => {
             let error = HandlerError::new(format!("the handler timed out after {after:?}"));
-            record_failure(shared, entry, &job, lease, error).await
+            record_failure(shared, entry, job, lease, error).await
         }
         Attempt::LeaseLost => Outcome::LeaseLost,
         Attempt::Abandoned => match backend.release(&lease).await {
@@ -357,6 +475,23 @@ async fn run_and_record<S: Send + Sync + 'static>(
         },
     };
     Ended::Recorded(outcome)
+}
+
+/// Records a completion no batcher takes (see [`Rest::Complete`]); lets
+/// the lease go after.
+async fn record_here<S>(
+    shared: &Shared<S>,
+    worker: Option<&Started>,
+    completion: Completion,
+    hold: Option<Hold>,
+) -> Outcome {
+    // The outcome's copy of the result: for the test mode's report, or for
+    // whoever listens.
+    let keep = worker.is_none() || shared.is_observed();
+    let outcome = complete(&*shared.backend, completion, keep).await;
+    // Renewed until recorded.
+    drop(hold);
+    outcome
 }
 
 async fn run_inline(fut: RunFuture, timeout: Option<Duration>) -> Attempt {

@@ -173,8 +173,18 @@ pub struct JobContext<S = ()> {
     job: Arc<Job>,
     lease: Lease,
     lease_watch: WatchRef,
-    state: Arc<S>,
-    phase: watch::Receiver<Phase>,
+    worker: Arc<WorkerView<S>>,
+}
+
+/// What a job's context sees of its worker: the shared state and the
+/// worker's phase. A started worker makes one per runner and every context
+/// its jobs get holds a count on it, rather than one each on the state and
+/// on the phase's channel: those counts are the worker's alone, so every
+/// runtime thread would take their cache lines from the others on every
+/// job (several percent of a quick job's cost, measured).
+pub(crate) struct WorkerView<S> {
+    pub(crate) state: Arc<S>,
+    pub(crate) phase: watch::Receiver<Phase>,
 }
 
 impl<S> Clone for JobContext<S> {
@@ -183,8 +193,7 @@ impl<S> Clone for JobContext<S> {
             job: Arc::clone(&self.job),
             lease: self.lease,
             lease_watch: self.lease_watch.clone(),
-            state: Arc::clone(&self.state),
-            phase: self.phase.clone(),
+            worker: Arc::clone(&self.worker),
         }
     }
 }
@@ -205,15 +214,13 @@ impl<S> JobContext<S> {
         job: Arc<Job>,
         lease: Lease,
         lease_watch: WatchRef,
-        state: Arc<S>,
-        phase: watch::Receiver<Phase>,
+        worker: Arc<WorkerView<S>>,
     ) -> Self {
         Self {
             job,
             lease,
             lease_watch,
-            state,
-            phase,
+            worker,
         }
     }
 
@@ -256,24 +263,24 @@ impl<S> JobContext<S> {
 
     /// The state shared by every handler of the worker.
     pub fn state(&self) -> &S {
-        &self.state
+        &self.worker.state
     }
 
     /// The shared state as an `Arc`, to move into spawned tasks.
     pub fn state_arc(&self) -> Arc<S> {
-        Arc::clone(&self.state)
+        Arc::clone(&self.worker.state)
     }
 
     /// True once the worker has begun shutting down: a long handler may
     /// wrap up early (an unfinished job is released, not failed, when the
     /// shutdown deadline passes).
     pub fn is_shutting_down(&self) -> bool {
-        *self.phase.borrow() != Phase::Running
+        *self.worker.phase.borrow() != Phase::Running
     }
 
     /// Resolves once the worker begins shutting down (never, if it does not).
     pub async fn shutdown_requested(&self) {
-        let mut phase = self.phase.clone();
+        let mut phase = self.worker.phase.clone();
         if phase.wait_for(|p| *p != Phase::Running).await.is_err() {
             // The worker is gone without a shutdown: nothing will come.
             std::future::pending::<()>().await;
@@ -283,12 +290,15 @@ impl<S> JobContext<S> {
     /// The same context over other state; used to run handlers registered
     /// before the state was set.
     pub(crate) fn with_state<T>(self, state: Arc<T>) -> JobContext<T> {
+        let worker = Arc::new(WorkerView {
+            state,
+            phase: self.worker.phase.clone(),
+        });
         JobContext {
             job: self.job,
             lease: self.lease,
             lease_watch: self.lease_watch,
-            state,
-            phase: self.phase,
+            worker,
         }
     }
 }

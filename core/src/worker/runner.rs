@@ -20,7 +20,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use futures::future::OptionFuture;
 use futures::stream::FuturesUnordered;
@@ -33,11 +33,11 @@ use super::board::Board;
 use super::buffer::Buffered;
 use super::events::Outcome;
 use super::execute::{
-    Ack, Ended, MAX_ACK_BATCH, Mode, Shared, Started, batch_completions, contained, execute,
-    panic_message, record_contained,
+    Ack, Begun, Ended, MAX_ACK_BATCH, Mode, Shared, Started, batch_completions, begin, contained,
+    execute, panic_message, record_contained,
 };
-use super::handler::Phase;
-use super::keeper::LeaseKeeper;
+use super::handler::{Phase, WorkerView};
+use super::keeper::{Hold, LeaseKeeper};
 use super::slots::{Slot, Slots};
 use super::stock::{PULLS_AT_ONCE, Reserve, Stock};
 use super::{WorkerBuilder, after};
@@ -98,6 +98,8 @@ struct Crew {
 struct Starter<S> {
     shared: Arc<Shared<S>>,
     started: Started,
+    /// What the contexts of the runner's jobs see of the worker.
+    view: Arc<WorkerView<S>>,
     stock: Arc<Stock>,
     /// The worker's runners, whose keeper holds the leases a lane pulls.
     crew: Arc<Crew>,
@@ -191,14 +193,35 @@ impl<S: Send + Sync + 'static> Starter<S> {
         }
     }
 
-    /// The run of a buffered job on the slot taken for it.
+    /// Begins the run of a buffered job on the slot taken for it, with the
+    /// lane's `cx` (see [`begin`]).
+    fn begin<'a>(
+        &'a self,
+        job: Buffered,
+        slot: Slot,
+        cx: &mut Context<'_>,
+    ) -> Begun<impl Future<Output = Ended> + Send + use<'a, S>> {
+        begin(
+            &self.shared,
+            job.lease,
+            job.job,
+            self.mode(slot, job.hold),
+            cx,
+        )
+    }
+
+    /// The whole run of a buffered job on the slot taken for it.
     fn run(&self, job: Buffered, slot: Slot) -> impl Future<Output = Ended> + Send + '_ {
-        let mode = Mode::Spawned {
+        execute(&self.shared, job.lease, job.job, self.mode(slot, job.hold))
+    }
+
+    fn mode(&self, slot: Slot, hold: Hold) -> Mode<'_, S> {
+        Mode::Spawned {
             started: &self.started,
+            view: &self.view,
             slot: Some(slot),
-            hold: Some(job.hold),
-        };
-        execute(&self.shared, job.lease, job.job, mode)
+            hold: Some(hold),
+        }
     }
 }
 
@@ -211,9 +234,12 @@ type Start = (Buffered, Slot);
 /// What a job's run came to, or the panic that escaped it.
 type RunEnd = std::thread::Result<Ended>;
 
-/// The most jobs a lane polls in place in one turn; the rest of the turn's
-/// jobs go to its `FuturesUnordered`, which polls them in turn with its
-/// other runs.
+/// A run a lane drives beside its others.
+type Run<'a> = Pin<Box<dyn Future<Output = RunEnd> + Send + 'a>>;
+
+/// The most jobs a lane begins in place in one turn; the rest of the
+/// turn's jobs go to its `FuturesUnordered`, which polls them in turn with
+/// its other runs.
 const FIRST_POLLS_AT_ONCE: usize = 64;
 
 /// Counts a run's end on the lane's `board` and, once the worker is
@@ -260,10 +286,10 @@ fn settle(
 /// itself once the buffer is dry: see [`Starter::pull_here`]), until its
 /// sender is gone and its jobs have all ended; returns what they came to.
 ///
-/// A job is polled once in place as it starts: a quick handler ends right
-/// there, and only a job that is not done is given a task in `running`
-/// (moving its future there, and each later wake-up, costs more than most
-/// quick handlers).
+/// A job is begun in place as it starts (see [`begin`]): a quick handler
+/// ends right there, and only the rest of a job that is not done is given
+/// a task in `running` (building that future, moving it there, and each
+/// later wake-up, cost more than most quick handlers).
 async fn lane<S: Send + Sync + 'static>(
     starter: Arc<Starter<S>>,
     index: usize,
@@ -272,8 +298,7 @@ async fn lane<S: Send + Sync + 'static>(
     let board = &*starter.started.board;
     let stock = &*starter.stock;
     let in_flight = &board.in_flight[index];
-    let start = |job, slot| Box::pin(AssertUnwindSafe(starter.run(job, slot)).catch_unwind());
-    let mut running = FuturesUnordered::new();
+    let mut running: FuturesUnordered<Run<'_>> = FuturesUnordered::new();
     let mut report = ShutdownReport::default();
     let mut open = true;
     let mut batch = Vec::new();
@@ -348,17 +373,33 @@ async fn lane<S: Send + Sync + 'static>(
             if started.is_multiple_of(STARTS_BETWEEN_YIELDS) {
                 tokio::task::yield_now().await;
             }
-            let mut run = start(job, slot);
             if polled < FIRST_POLLS_AT_ONCE && acks.len() < MAX_ACK_BATCH {
                 polled += 1;
-                let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
-                if let Poll::Ready(ended) = first {
-                    settle(ended, board, index, &mut report, &mut acks);
-                    refill = true;
-                    continue;
+                let mut start = Some((job, slot));
+                let begun = std::future::poll_fn(|cx| {
+                    let (job, slot) = start.take().expect("polled once: it is ready at once");
+                    let begin = AssertUnwindSafe(|| starter.begin(job, slot, cx));
+                    Poll::Ready(std::panic::catch_unwind(begin))
+                })
+                .await;
+                match begun {
+                    Ok(Begun::Running(rest)) => {
+                        running.push(Box::pin(AssertUnwindSafe(rest).catch_unwind()))
+                    }
+                    Ok(Begun::Ended(ended)) => {
+                        settle(Ok(ended), board, index, &mut report, &mut acks);
+                        refill = true;
+                    }
+                    Err(panic) => {
+                        settle(Err(panic), board, index, &mut report, &mut acks);
+                        refill = true;
+                    }
                 }
+                continue;
             }
-            running.push(run);
+            running.push(Box::pin(
+                AssertUnwindSafe(starter.run(job, slot)).catch_unwind(),
+            ));
         }
         drop(sent);
         if !acks.is_empty() {
@@ -615,6 +656,10 @@ async fn run<S: Send + Sync + 'static>(
     });
     let starter = Arc::new(Starter {
         shared: Arc::clone(&shared),
+        view: Arc::new(WorkerView {
+            state: Arc::clone(&shared.state),
+            phase: phase_rx.clone(),
+        }),
         started: Started {
             phase: phase_rx,
             acks: ack_tx,
