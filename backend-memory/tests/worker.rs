@@ -458,7 +458,7 @@ async fn error_messages_with_nul_are_sanitized() {
 /// On a started worker, a handler registered before `state()` keeps the
 /// state it was registered with, one registered after gets the new one, and
 /// both see the worker begin to shut down (their contexts share one view
-/// of the worker per runner, built for adapted handlers per job).
+/// of the worker per lane, built for adapted handlers per job).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn started_handlers_see_their_own_state_and_the_shutdown() {
     let (b, _) = store();

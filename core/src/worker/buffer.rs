@@ -167,7 +167,11 @@ impl Buffer {
             }
             let waited = now.saturating_duration_since(job.buffered_at).as_micros();
             let waited = u64::try_from(waited).unwrap_or(u64::MAX);
-            self.longest_wait.fetch_max(waited, Ordering::Relaxed);
+            // Read first: most jobs waited no longer than one taken before
+            // them, and a read costs far less than a read-modify-write.
+            if waited > self.longest_wait.load(Ordering::Relaxed) {
+                self.longest_wait.fetch_max(waited, Ordering::Relaxed);
+            }
             return Some((job, slot));
         }
     }

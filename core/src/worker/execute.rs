@@ -15,6 +15,7 @@ use rustc_hash::FxHashMap;
 use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::board::Board;
@@ -115,7 +116,7 @@ pub(crate) enum Mode<'a, S> {
     Spawned {
         /// What the worker's jobs share.
         started: &'a Started,
-        /// What the contexts of the runner's jobs see of the worker.
+        /// What the contexts of the lane's jobs see of the worker.
         view: &'a Arc<WorkerView<S>>,
         /// The worker's concurrency slot, given back once the handler has
         /// returned: recording the outcome does not count against the
@@ -172,74 +173,100 @@ impl Attempt {
     }
 }
 
-/// A job's run, begun: its handler has been polled once.
+/// A job's run, begun (see [`begin`]).
 pub(crate) enum Begun<F> {
-    /// The run ended at that poll: on a started worker, the handler
-    /// returned at once and its completion was handed on to be recorded
-    /// with others.
+    /// The run ended there: on a started worker, the handler returned at
+    /// its first poll and its completion was handed on to be recorded with
+    /// others.
     Ended(Ended),
-    /// The rest of the run: the handler still running, or its outcome to
-    /// record, then report.
-    Running(F),
+    /// The handler is running: the rest of the run waits for it, then
+    /// records its outcome. Its first poll registered the caller's waker.
+    Waiting(F),
+    /// The handler is done, or the job cannot run: the rest of the run
+    /// records the outcome, which a first poll may finish at once.
+    Recording(F),
 }
 
-/// What is left of a run after its handler's first poll.
+/// What is left of a run once it is begun.
 enum Rest<'a, S> {
-    /// The handler has not returned.
-    Running(&'a Entry<S>, RunFuture),
-    /// The attempt is over; its outcome is to be recorded.
-    Done(&'a Entry<S>, Attempt),
-    /// The handler succeeded, and no batcher takes its completion (an
-    /// inline run, or the batcher is gone): it is recorded here.
-    Complete(Completion),
+    /// The handler has not returned, or not been polled yet.
+    Running(&'a Entry<S>, RunFuture, Option<Deadline>),
+    /// An outcome to record.
+    Record(Record<'a, S>),
+}
+
+/// When a handler's time is up.
+#[derive(Clone, Copy)]
+struct Deadline {
+    limit: Duration,
+    at: Instant,
+}
+
+impl Deadline {
+    /// `limit` from now; none if that is too far off to represent (a
+    /// timeout of `Duration::MAX` means none).
+    fn after(limit: Option<Duration>) -> Option<Self> {
+        let limit = limit?;
+        Some(Self {
+            limit,
+            at: Instant::now().checked_add(limit)?,
+        })
+    }
+}
+
+/// An outcome to record.
+enum Record<'a, S> {
+    /// The attempt failed (its handler erred, panicked, timed out or
+    /// returned a result that cannot be stored): retried or dead, as its
+    /// retry policy says.
+    Failure(&'a Entry<S>, HandlerError),
+    /// The lease was lost: nothing is recorded.
+    LeaseLost,
+    /// Abandoned at the shutdown deadline: the job is given back.
+    Abandoned,
+    /// A success no batcher takes (the test mode's runs, or the batcher is
+    /// gone): recorded here.
+    Completion(Completion),
     /// The job cannot run (no handler for its kind, or a payload its
     /// handler cannot decode): it is killed with this error.
-    Unrunnable(String),
+    Kill(String),
 }
 
-/// Runs one leased job to an outcome and reports it (the test mode's
-/// inline runs, and a lane's runs beyond those it begins in place): see
-/// [`begin`].
+/// Runs one leased job to an outcome and reports it: [`begin`], without
+/// polling the handler there.
 pub(crate) async fn execute<S: Send + Sync + 'static>(
     shared: &Shared<S>,
     lease: Lease,
     job: Arc<Job>,
     mode: Mode<'_, S>,
 ) -> Ended {
-    let mut job = Some((job, mode));
-    let begun = std::future::poll_fn(|cx| {
-        let (job, mode) = job.take().expect("polled once: it is ready at once");
-        Poll::Ready(begin(shared, lease, job, mode, cx))
-    })
-    .await;
-    match begun {
+    match begin(shared, lease, job, mode, None) {
         Begun::Ended(ended) => ended,
-        Begun::Running(rest) => rest.await,
+        Begun::Waiting(rest) | Begun::Recording(rest) => rest.await,
     }
 }
 
-/// Begins the run of one leased job with `cx`: dispatches it, decodes its
-/// payload and polls its handler once. On a started worker, a handler that
-/// returns at that poll (most quick jobs) ends the run there, its
-/// completion handed on to be recorded with others, without the future
-/// the rest of a run takes: building it, allocating it and moving it
-/// there cost about a tenth of a quick job on the memory store
-/// (measured). Every other run goes on in the returned future.
+/// Begins the run of one leased job: dispatches it and decodes its
+/// payload, then, given the lane's `cx`, polls its handler once there. On
+/// a started worker a handler that returns at that poll (most quick jobs)
+/// ends the run right there, its completion handed on to be recorded with
+/// others, and the future the rest of a run takes is never made: building
+/// it, allocating it and moving it cost about a tenth of a quick job on
+/// the memory store (measured). Every other run goes on in the returned
+/// future, whose first poll, without `cx`, makes the handler's first.
 ///
-/// The job comes behind an `Arc` rather than by value: a started worker
-/// keeps one such future per running job, and a smaller one is cheaper to
-/// allocate and move. It borrows what the worker shares rather than
-/// holding a count on it: runners on other threads would otherwise
-/// contend for that count's cache line on every job. Keep it under about
-/// 1 KiB: glibc's malloc serves larger blocks by sorting its free lists on
-/// every allocation; at 1,120 bytes the memory backend processed 18% fewer
-/// jobs per second.
+/// The rest of a run borrows what the worker shares rather than holding a
+/// count on it: runners on other threads would otherwise contend for that
+/// count's cache line on every job. Keep it under about 1 KiB: glibc's
+/// malloc serves larger blocks by sorting its free lists on every
+/// allocation; at 1,120 bytes the memory backend processed 18% fewer jobs
+/// per second.
 pub(crate) fn begin<'a, S: Send + Sync + 'static>(
     shared: &'a Shared<S>,
     lease: Lease,
     job: Arc<Job>,
     mode: Mode<'a, S>,
-    cx: &mut Context<'_>,
+    cx: Option<&mut Context<'_>>,
 ) -> Begun<impl Future<Output = Ended> + Send + use<'a, S>> {
     let (worker, view, mut slot, mut hold) = match mode {
         Mode::Spawned {
@@ -255,37 +282,210 @@ pub(crate) fn begin<'a, S: Send + Sync + 'static>(
     // broadcast channel): skip them when nobody is listening (no hook, no
     // subscriber) when the attempt starts.
     let observed = shared.is_observed();
-    let first = span.in_scope(|| {
+    let job_run = JobRun {
+        shared,
+        worker,
+        job,
+        lease,
+    };
+    let begun = span.in_scope(|| {
         if observed {
             shared.emit(Event::Started {
-                job: JobInfo::from(&*job),
+                job: JobInfo::from(&*job_run.job),
             });
         }
         tracing::debug!("started");
-        first_poll(shared, &job, lease, view, hold.as_ref(), cx)
+        job_run.first_poll(view, &mut hold, cx)
     });
-    let rest = match (first, worker) {
-        (Rest::Done(_, Attempt::Succeeded(result)), Some(started))
-            if check_result(result.as_ref()).is_ok() =>
-        {
-            // The handler is done; only the acknowledgement is left.
-            drop(slot.take());
-            let completion = Completion { lease, result };
-            match hand_on(shared, started, &job, completion, &mut hold) {
-                Ok(ended) => return Begun::Ended(ended),
-                Err(completion) => Rest::Complete(completion),
+    let rest = match begun {
+        Ok(ended) => return Begun::Ended(ended),
+        Err(rest) => rest,
+    };
+    let waiting = matches!(rest, Rest::Running(..));
+    if !waiting {
+        // The handler is done (or never ran): its slot is free.
+        drop(slot.take());
+    }
+    let run = finish(job_run, rest, slot, hold, observed).instrument(span);
+    if waiting {
+        Begun::Waiting(run)
+    } else {
+        Begun::Recording(run)
+    }
+}
+
+/// One job's run: the job, its lease, and the worker it runs on.
+struct JobRun<'a, S> {
+    shared: &'a Shared<S>,
+    /// `None` for the test mode's runs.
+    worker: Option<&'a Started>,
+    job: Arc<Job>,
+    lease: Lease,
+}
+
+impl<'a, S: Send + Sync + 'static> JobRun<'a, S> {
+    /// Dispatches the job, decodes its payload and, given `cx`, polls its
+    /// handler once. `Ok` if the run ended there (see [`Self::conclude`]).
+    fn first_poll(
+        &self,
+        view: Option<&Arc<WorkerView<S>>>,
+        hold: &mut Option<Hold>,
+        cx: Option<&mut Context<'_>>,
+    ) -> Result<Ended, Rest<'a, S>> {
+        let (shared, job) = (self.shared, &self.job);
+        let Some(entry) = shared.handlers.get(job.kind.as_str()) else {
+            let mut kinds: Vec<&str> = shared.handlers.keys().map(String::as_str).collect();
+            kinds.sort_unstable();
+            return Err(Rest::Record(Record::Kill(format!(
+                "no handler is registered for kind {:?} (this worker handles {kinds:?})",
+                job.kind
+            ))));
+        };
+        let lease_watch = match hold {
+            Some(hold) => hold.watch.clone(),
+            None => WatchRef::alone(
+                self.lease,
+                job.locked_until.unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            ),
+        };
+        let view = match view {
+            Some(view) => Arc::clone(view),
+            None => Arc::new(WorkerView {
+                state: Arc::clone(&shared.state),
+                // Nothing shuts an inline run down.
+                phase: watch::channel(Phase::Running).1,
+            }),
+        };
+        let ctx = JobContext::new(Arc::clone(job), self.lease, lease_watch, view);
+        // The handler's time starts as its work does.
+        let deadline = Deadline::after(entry.timeout.or(shared.config.timeout));
+        // Decoding the payload, building the handler's future and polling
+        // it run user code: a panic in any is the attempt's.
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| (entry.run)(&job.payload, ctx)));
+        let mut run = match started {
+            Err(panic) => {
+                let attempt = Attempt::Panicked(panic_message(&*panic));
+                return self.conclude(entry, attempt, hold).map_err(Rest::Record);
+            }
+            Ok(Err(unusable)) => return Err(Rest::Record(Record::Kill(unusable))),
+            Ok(Ok(run)) => run,
+        };
+        let Some(cx) = cx else {
+            return Err(Rest::Running(entry, run, deadline));
+        };
+        let attempt = match std::panic::catch_unwind(AssertUnwindSafe(|| run.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => return Err(Rest::Running(entry, run, deadline)),
+            Ok(Poll::Ready(returned)) => Attempt::of(Ok(returned)),
+            Err(panic) => Attempt::of(Err(panic)),
+        };
+        self.conclude(entry, attempt, hold).map_err(Rest::Record)
+    }
+
+    /// What an attempt comes to. On a started worker a success is handed
+    /// on without waiting (`Ok`): to the lane on a backend with instant
+    /// writes, else to the batcher. Anything else is to be recorded here,
+    /// a success too if the batcher is gone (`hold` then holds the lease
+    /// again).
+    fn conclude(
+        &self,
+        entry: &'a Entry<S>,
+        attempt: Attempt,
+        hold: &mut Option<Hold>,
+    ) -> Result<Ended, Record<'a, S>> {
+        let result = match attempt {
+            Attempt::Succeeded(result) => result,
+            Attempt::Failed(error) => return Err(Record::Failure(entry, error)),
+            Attempt::Panicked(message) => {
+                let error = HandlerError::new(format!("the handler panicked: {message}"));
+                return Err(Record::Failure(entry, error));
+            }
+            Attempt::TimedOut(after) => {
+                let error = HandlerError::new(format!("the handler timed out after {after:?}"));
+                return Err(Record::Failure(entry, error));
+            }
+            Attempt::LeaseLost => return Err(Record::LeaseLost),
+            Attempt::Abandoned => return Err(Record::Abandoned),
+        };
+        if let Err(e) = check_result(result.as_ref()) {
+            let error = HandlerError::new(format!("the handler's result cannot be stored: {e}"));
+            return Err(Record::Failure(entry, error));
+        }
+        let completion = Completion {
+            lease: self.lease,
+            result,
+        };
+        let Some(started) = self.worker else {
+            return Err(Record::Completion(completion));
+        };
+        let (shared, job) = (self.shared, Arc::clone(&self.job));
+        if shared.instant_writes {
+            let ack = ack(shared, started, completion, job, hold.take());
+            return Ok(Ended::Completed(ack));
+        }
+        match hand(shared, started, completion, job, hold.take()) {
+            Ok(()) => Ok(Ended::Handed),
+            Err(ack) => {
+                *hold = ack.hold;
+                Err(Record::Completion(ack.completion))
             }
         }
-        (rest, _) => rest,
-    };
-    let run = async move {
-        let ended = finish(shared, &job, lease, rest, worker, slot, hold).await;
-        if let Ended::Recorded(outcome) = &ended {
-            report(shared, &job, outcome, observed);
+    }
+
+    /// Records `record`; the lease is let go after.
+    async fn record(&self, record: Record<'a, S>, hold: Option<Hold>) -> Outcome {
+        let (shared, backend) = (self.shared, &*self.shared.backend);
+        let outcome = match record {
+            Record::Failure(entry, error) => {
+                record_failure(shared, entry, &self.job, self.lease, error).await
+            }
+            Record::LeaseLost => Outcome::LeaseLost,
+            Record::Abandoned => match backend.release(&self.lease).await {
+                Ok(()) => Outcome::Released,
+                Err(e) => unrecorded(e),
+            },
+            Record::Completion(completion) => {
+                // The outcome's copy of the result: for the test mode's
+                // report, or for whoever listens.
+                let keep = self.worker.is_none() || shared.is_observed();
+                complete(backend, completion, keep).await
+            }
+            Record::Kill(error) => record_kill(backend, &self.lease, error).await,
+        };
+        // Renewed until recorded.
+        drop(hold);
+        outcome
+    }
+}
+
+/// The rest of a run [`begin`] began: the handler run to its end, then
+/// its outcome recorded and reported.
+async fn finish<S: Send + Sync + 'static>(
+    run: JobRun<'_, S>,
+    rest: Rest<'_, S>,
+    slot: Option<Slot>,
+    mut hold: Option<Hold>,
+    observed: bool,
+) -> Ended {
+    let record = match rest {
+        Rest::Record(record) => record,
+        Rest::Running(entry, handler, deadline) => {
+            let attempt = match (run.worker, &hold) {
+                (Some(worker), Some(hold)) => {
+                    run_spawned(handler, deadline, &hold.watch, &worker.phase).await
+                }
+                _ => run_inline(handler, deadline).await,
+            };
+            // The handler is done; only the acknowledgement is left.
+            drop(slot);
+            match run.conclude(entry, attempt, &mut hold) {
+                Ok(ended) => return ended,
+                Err(record) => record,
+            }
         }
-        ended
     };
-    Begun::Running(run.instrument(span))
+    let outcome = run.record(record, hold).await;
+    report(run.shared, &run.job, &outcome, observed);
+    Ended::Recorded(outcome)
 }
 
 /// The span of a job's attempt; a disabled one when no subscriber takes
@@ -334,173 +534,13 @@ fn report<S>(shared: &Shared<S>, job: &Job, outcome: &Outcome, observed: bool) {
     }
 }
 
-/// Dispatches `job`, decodes its payload and polls its handler once.
-fn first_poll<'a, S: Send + Sync + 'static>(
-    shared: &'a Shared<S>,
-    job: &Arc<Job>,
-    lease: Lease,
-    view: Option<&Arc<WorkerView<S>>>,
-    hold: Option<&Hold>,
-    cx: &mut Context<'_>,
-) -> Rest<'a, S> {
-    let Some(entry) = shared.handlers.get(job.kind.as_str()) else {
-        let mut kinds: Vec<&str> = shared.handlers.keys().map(String::as_str).collect();
-        kinds.sort_unstable();
-        return Rest::Unrunnable(format!(
-            "no handler is registered for kind {:?} (this worker handles {kinds:?})",
-            job.kind
-        ));
-    };
-    let lease_watch = match hold {
-        Some(hold) => hold.watch.clone(),
-        None => WatchRef::alone(
-            lease,
-            job.locked_until.unwrap_or(OffsetDateTime::UNIX_EPOCH),
-        ),
-    };
-    let view = match view {
-        Some(view) => Arc::clone(view),
-        None => Arc::new(WorkerView {
-            state: Arc::clone(&shared.state),
-            // Nothing shuts an inline run down.
-            phase: watch::channel(Phase::Running).1,
-        }),
-    };
-    let ctx = JobContext::new(Arc::clone(job), lease, lease_watch, view);
-    // Decoding the payload, building the handler's future and polling it
-    // run user code: a panic in any is the attempt's.
-    let started = std::panic::catch_unwind(AssertUnwindSafe(|| (entry.run)(&job.payload, ctx)));
-    let mut run = match started {
-        Err(panic) => return Rest::Done(entry, Attempt::Panicked(panic_message(&*panic))),
-        Ok(Err(unusable)) => return Rest::Unrunnable(unusable),
-        Ok(Ok(run)) => run,
-    };
-    match std::panic::catch_unwind(AssertUnwindSafe(|| run.as_mut().poll(cx))) {
-        Ok(Poll::Pending) => Rest::Running(entry, run),
-        Ok(Poll::Ready(returned)) => Rest::Done(entry, Attempt::of(Ok(returned))),
-        Err(panic) => Rest::Done(entry, Attempt::of(Err(panic))),
-    }
-}
-
-/// Hands a started worker's completion on without waiting: to its lane on
-/// a backend with instant writes, else to the batcher. Gives it back if
-/// the batcher is gone (`hold` then holds the lease again).
-fn hand_on<S>(
-    shared: &Shared<S>,
-    started: &Started,
-    job: &Arc<Job>,
-    completion: Completion,
-    hold: &mut Option<Hold>,
-) -> Result<Ended, Completion> {
-    if shared.instant_writes {
-        let ack = ack(shared, started, completion, Arc::clone(job), hold.take());
-        return Ok(Ended::Completed(ack));
-    }
-    match hand(shared, started, completion, Arc::clone(job), hold.take()) {
-        Ok(()) => Ok(Ended::Handed),
-        Err(ack) => {
-            *hold = ack.hold;
-            Err(ack.completion)
-        }
-    }
-}
-
-/// The rest of a run begun by [`begin`]: the handler run to its end, then
-/// its outcome recorded.
-async fn finish<S: Send + Sync + 'static>(
-    shared: &Shared<S>,
-    job: &Arc<Job>,
-    lease: Lease,
-    rest: Rest<'_, S>,
-    worker: Option<&Started>,
-    slot: Option<Slot>,
-    mut hold: Option<Hold>,
-) -> Ended {
-    let backend = &*shared.backend;
-    let (entry, attempt) = match rest {
-        Rest::Unrunnable(error) => {
-            return Ended::Recorded(record_kill(backend, &lease, error).await);
-        }
-        Rest::Complete(completion) => {
-            drop(slot);
-            return Ended::Recorded(record_here(shared, worker, completion, hold).await);
-        }
-        Rest::Done(entry, attempt) => (entry, attempt),
-        Rest::Running(entry, run) => {
-            let timeout = entry.timeout.or(shared.config.timeout);
-            let attempt = match (worker, &hold) {
-                (Some(worker), Some(hold)) => {
-                    run_spawned(run, timeout, &hold.watch, &worker.phase).await
-                }
-                _ => run_inline(run, timeout).await,
-            };
-            (entry, attempt)
-        }
-    };
-    // The handler is done; only the acknowledgement is left.
-    drop(slot);
-
-    let outcome = match attempt {
-        Attempt::Succeeded(result) => match check_result(result.as_ref()) {
-            Ok(()) => {
-                let completion = Completion { lease, result };
-                let completion = match worker {
-                    Some(worker) => match hand_on(shared, worker, job, completion, &mut hold) {
-                        Ok(ended) => return ended,
-                        Err(completion) => completion,
-                    },
-                    None => completion,
-                };
-                record_here(shared, worker, completion, hold).await
-            }
-            Err(e) => {
-                let error =
-                    HandlerError::new(format!("the handler's result cannot be stored: {e}"));
-                record_failure(shared, entry, job, lease, error).await
-            }
-        },
-        Attempt::Failed(error) => record_failure(shared, entry, job, lease, error).await,
-        Attempt::Panicked(message) => {
-            let error = HandlerError::new(format!("the handler panicked: {message}"));
-            record_failure(shared, entry, job, lease, error).await
-        }
-        Attempt::TimedOut(after) => {
-            let error = HandlerError::new(format!("the handler timed out after {after:?}"));
-            record_failure(shared, entry, job, lease, error).await
-        }
-        Attempt::LeaseLost => Outcome::LeaseLost,
-        Attempt::Abandoned => match backend.release(&lease).await {
-            Ok(()) => Outcome::Released,
-            Err(e) => unrecorded(e),
-        },
-    };
-    Ended::Recorded(outcome)
-}
-
-/// Records a completion no batcher takes (see [`Rest::Complete`]); lets
-/// the lease go after.
-async fn record_here<S>(
-    shared: &Shared<S>,
-    worker: Option<&Started>,
-    completion: Completion,
-    hold: Option<Hold>,
-) -> Outcome {
-    // The outcome's copy of the result: for the test mode's report, or for
-    // whoever listens.
-    let keep = worker.is_none() || shared.is_observed();
-    let outcome = complete(&*shared.backend, completion, keep).await;
-    // Renewed until recorded.
-    drop(hold);
-    outcome
-}
-
-async fn run_inline(fut: RunFuture, timeout: Option<Duration>) -> Attempt {
+async fn run_inline(fut: RunFuture, deadline: Option<Deadline>) -> Attempt {
     let run = AssertUnwindSafe(fut).catch_unwind();
-    let finished = match timeout {
+    let finished = match deadline {
         None => run.await,
-        Some(limit) => match tokio::time::timeout(limit, run).await {
+        Some(deadline) => match tokio::time::timeout_at(deadline.at, run).await {
             Ok(finished) => finished,
-            Err(_) => return Attempt::TimedOut(limit),
+            Err(_) => return Attempt::TimedOut(deadline.limit),
         },
     };
     Attempt::of(finished)
@@ -511,7 +551,7 @@ async fn run_inline(fut: RunFuture, timeout: Option<Duration>) -> Attempt {
 /// last three drop the handler's future, stopping it.
 async fn run_spawned(
     fut: RunFuture,
-    timeout: Option<Duration>,
+    deadline: Option<Deadline>,
     lease: &LeaseWatch,
     phase: &watch::Receiver<Phase>,
 ) -> Attempt {
@@ -521,8 +561,8 @@ async fn run_spawned(
     let run = AssertUnwindSafe(fut).catch_unwind();
     // Boxed: a timer is large, and most jobs have no timeout.
     let expiry = async {
-        match timeout {
-            Some(limit) => Box::pin(tokio::time::sleep(limit)).await,
+        match deadline {
+            Some(deadline) => Box::pin(tokio::time::sleep_until(deadline.at)).await,
             None => std::future::pending().await,
         }
     };
@@ -534,9 +574,8 @@ async fn run_spawned(
             std::future::pending::<()>().await;
         }
     };
-    // The handler first: one that is done at its first poll (most quick
-    // jobs) ends the run before the other three are ever polled, so they
-    // register no waker. The timeout and the shutdown deadline are exempt
+    // The handler first: one that is done at this poll ends the run before
+    // the other three are ever polled, so they register no waker. The timeout and the shutdown deadline are exempt
     // from Tokio's cooperative budget: polled after a handler that spends
     // the lane's whole budget on every poll (a loop over ready I/O, say),
     // a budgeted timer would never fire. Each resolves once, so it cannot
@@ -547,7 +586,9 @@ async fn run_spawned(
         biased;
         finished = run => Attempt::of(finished),
         () = lease.lost() => Attempt::LeaseLost,
-        () = tokio::task::unconstrained(expiry) => Attempt::TimedOut(timeout.unwrap_or_default()),
+        () = tokio::task::unconstrained(expiry) => {
+            Attempt::TimedOut(deadline.map_or(Duration::ZERO, |d| d.limit))
+        }
         () = tokio::task::unconstrained(abandoned) => Attempt::Abandoned,
     }
 }

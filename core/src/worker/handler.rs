@@ -177,11 +177,12 @@ pub struct JobContext<S = ()> {
 }
 
 /// What a job's context sees of its worker: the shared state and the
-/// worker's phase. A started worker makes one per runner and every context
-/// its jobs get holds a count on it, rather than one each on the state and
-/// on the phase's channel: those counts are the worker's alone, so every
-/// runtime thread would take their cache lines from the others on every
-/// job (several percent of a quick job's cost, measured).
+/// worker's phase. A started worker makes one per lane (a lane runs its
+/// jobs on one thread at a time) and every context its jobs get holds a
+/// count on it, rather than one each on the state and on the phase's
+/// channel: those counts are the worker's alone, so every runtime thread
+/// would take their cache lines from the others on every job (several
+/// percent of a quick job's cost, measured).
 pub(crate) struct WorkerView<S> {
     pub(crate) state: Arc<S>,
     pub(crate) phase: watch::Receiver<Phase>,
@@ -288,7 +289,8 @@ impl<S> JobContext<S> {
     }
 
     /// The same context over other state; used to run handlers registered
-    /// before the state was set.
+    /// before the state was set. Such a context gets a view of its own,
+    /// one allocation per job.
     pub(crate) fn with_state<T>(self, state: Arc<T>) -> JobContext<T> {
         let worker = Arc::new(WorkerView {
             state,

@@ -98,8 +98,6 @@ struct Crew {
 struct Starter<S> {
     shared: Arc<Shared<S>>,
     started: Started,
-    /// What the contexts of the runner's jobs see of the worker.
-    view: Arc<WorkerView<S>>,
     stock: Arc<Stock>,
     /// The worker's runners, whose keeper holds the leases a lane pulls.
     crew: Arc<Crew>,
@@ -194,31 +192,32 @@ impl<S: Send + Sync + 'static> Starter<S> {
     }
 
     /// Begins the run of a buffered job on the slot taken for it, with the
-    /// lane's `cx` (see [`begin`]).
+    /// lane's `cx` and `view` (see [`begin`]).
     fn begin<'a>(
         &'a self,
-        job: Buffered,
-        slot: Slot,
+        start: Start,
+        view: &'a Arc<WorkerView<S>>,
         cx: &mut Context<'_>,
     ) -> Begun<impl Future<Output = Ended> + Send + use<'a, S>> {
-        begin(
-            &self.shared,
-            job.lease,
-            job.job,
-            self.mode(slot, job.hold),
-            cx,
-        )
+        let (job, slot) = start;
+        let mode = self.mode(slot, job.hold, view);
+        begin(&self.shared, job.lease, job.job, mode, Some(cx))
     }
 
     /// The whole run of a buffered job on the slot taken for it.
-    fn run(&self, job: Buffered, slot: Slot) -> impl Future<Output = Ended> + Send + '_ {
-        execute(&self.shared, job.lease, job.job, self.mode(slot, job.hold))
+    fn run<'a>(
+        &'a self,
+        (job, slot): Start,
+        view: &'a Arc<WorkerView<S>>,
+    ) -> impl Future<Output = Ended> + Send + 'a {
+        let mode = self.mode(slot, job.hold, view);
+        execute(&self.shared, job.lease, job.job, mode)
     }
 
-    fn mode(&self, slot: Slot, hold: Hold) -> Mode<'_, S> {
+    fn mode<'a>(&'a self, slot: Slot, hold: Hold, view: &'a Arc<WorkerView<S>>) -> Mode<'a, S> {
         Mode::Spawned {
             started: &self.started,
-            view: &self.view,
+            view,
             slot: Some(slot),
             hold: Some(hold),
         }
@@ -236,6 +235,12 @@ type RunEnd = std::thread::Result<Ended>;
 
 /// A run a lane drives beside its others.
 type Run<'a> = Pin<Box<dyn Future<Output = RunEnd> + Send + 'a>>;
+
+/// What `f` returns, given the calling task's context: a call made in
+/// place, in the task's current poll.
+async fn in_place<T>(mut f: impl FnMut(&mut Context<'_>) -> T) -> T {
+    std::future::poll_fn(|cx| Poll::Ready(f(cx))).await
+}
 
 /// The most jobs a lane begins in place in one turn; the rest of the
 /// turn's jobs go to its `FuturesUnordered`, which polls them in turn with
@@ -270,7 +275,7 @@ fn settle(
             report.finished += usize::from(in_grace);
         }
         Err(panic) => {
-            // `execute` contains handler panics, so this is a bug in
+            // `begin` and `finish` contain handler panics, so this is a bug in
             // relayq itself; the lane and its other jobs go on.
             board.ended(index, Some(&Outcome::LeaseLost));
             tracing::error!(
@@ -287,9 +292,10 @@ fn settle(
 /// sender is gone and its jobs have all ended; returns what they came to.
 ///
 /// A job is begun in place as it starts (see [`begin`]): a quick handler
-/// ends right there, and only the rest of a job that is not done is given
-/// a task in `running` (building that future, moving it there, and each
-/// later wake-up, cost more than most quick handlers).
+/// ends right there, an outcome a store records at once is recorded there
+/// too, and only a run that is not done is given a task in `running`
+/// (building its future, moving it there, and each later wake-up, cost
+/// more than most quick handlers).
 async fn lane<S: Send + Sync + 'static>(
     starter: Arc<Starter<S>>,
     index: usize,
@@ -298,6 +304,12 @@ async fn lane<S: Send + Sync + 'static>(
     let board = &*starter.started.board;
     let stock = &*starter.stock;
     let in_flight = &board.in_flight[index];
+    // What the contexts of the lane's jobs see of the worker: one per lane,
+    // as a lane's jobs run on its thread (see `WorkerView`).
+    let view = Arc::new(WorkerView {
+        state: Arc::clone(&starter.shared.state),
+        phase: starter.started.phase.clone(),
+    });
     let mut running: FuturesUnordered<Run<'_>> = FuturesUnordered::new();
     let mut report = ShutdownReport::default();
     let mut open = true;
@@ -373,33 +385,42 @@ async fn lane<S: Send + Sync + 'static>(
             if started.is_multiple_of(STARTS_BETWEEN_YIELDS) {
                 tokio::task::yield_now().await;
             }
-            if polled < FIRST_POLLS_AT_ONCE && acks.len() < MAX_ACK_BATCH {
-                polled += 1;
-                let mut start = Some((job, slot));
-                let begun = std::future::poll_fn(|cx| {
-                    let (job, slot) = start.take().expect("polled once: it is ready at once");
-                    let begin = AssertUnwindSafe(|| starter.begin(job, slot, cx));
-                    Poll::Ready(std::panic::catch_unwind(begin))
-                })
-                .await;
-                match begun {
-                    Ok(Begun::Running(rest)) => {
-                        running.push(Box::pin(AssertUnwindSafe(rest).catch_unwind()))
-                    }
-                    Ok(Begun::Ended(ended)) => {
-                        settle(Ok(ended), board, index, &mut report, &mut acks);
-                        refill = true;
-                    }
-                    Err(panic) => {
-                        settle(Err(panic), board, index, &mut report, &mut acks);
-                        refill = true;
-                    }
-                }
+            let start = (job, slot);
+            if polled >= FIRST_POLLS_AT_ONCE || acks.len() >= MAX_ACK_BATCH {
+                running.push(Box::pin(
+                    AssertUnwindSafe(starter.run(start, &view)).catch_unwind(),
+                ));
                 continue;
             }
-            running.push(Box::pin(
-                AssertUnwindSafe(starter.run(job, slot)).catch_unwind(),
-            ));
+            polled += 1;
+            let mut start = Some(start);
+            let begun = in_place(|cx| {
+                let start = start.take().expect("begun once: it is ready at once");
+                std::panic::catch_unwind(AssertUnwindSafe(|| starter.begin(start, &view, cx)))
+            })
+            .await;
+            let ended = match begun {
+                Ok(Begun::Ended(ended)) => Ok(ended),
+                Ok(Begun::Waiting(rest)) => {
+                    running.push(Box::pin(AssertUnwindSafe(rest).catch_unwind()));
+                    continue;
+                }
+                Ok(Begun::Recording(rest)) => {
+                    // Most records on a store with instant writes are
+                    // done at their first poll, here.
+                    let mut rest: Run<'_> = Box::pin(AssertUnwindSafe(rest).catch_unwind());
+                    match in_place(|cx| rest.as_mut().poll(cx)).await {
+                        Poll::Ready(ended) => ended,
+                        Poll::Pending => {
+                            running.push(rest);
+                            continue;
+                        }
+                    }
+                }
+                Err(panic) => Err(panic),
+            };
+            settle(ended, board, index, &mut report, &mut acks);
+            refill = true;
         }
         drop(sent);
         if !acks.is_empty() {
@@ -656,10 +677,6 @@ async fn run<S: Send + Sync + 'static>(
     });
     let starter = Arc::new(Starter {
         shared: Arc::clone(&shared),
-        view: Arc::new(WorkerView {
-            state: Arc::clone(&shared.state),
-            phase: phase_rx.clone(),
-        }),
         started: Started {
             phase: phase_rx,
             acks: ack_tx,
