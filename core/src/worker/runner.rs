@@ -8,7 +8,7 @@
 //! future copied into a task cell, and a join per job cost more than a
 //! quick handler itself. Each lane polls its jobs' futures side by side,
 //! so handlers still run concurrently, on as many threads as there are
-//! lanes; a handler panic is caught by `execute`, its lease renewed by
+//! lanes; a handler panic is caught by `begin` or `finish`, its lease renewed by
 //! the keeper's own task, its timeout and lease loss watched in its own
 //! future. The price: a handler that blocks its thread (which async code
 //! must not do) holds up the other jobs of its lane, not just those
@@ -238,8 +238,13 @@ type Run<'a> = Pin<Box<dyn Future<Output = RunEnd> + Send + 'a>>;
 
 /// What `f` returns, given the calling task's context: a call made in
 /// place, in the task's current poll.
-async fn in_place<T>(mut f: impl FnMut(&mut Context<'_>) -> T) -> T {
-    std::future::poll_fn(|cx| Poll::Ready(f(cx))).await
+async fn in_place<T>(f: impl FnOnce(&mut Context<'_>) -> T) -> T {
+    let mut f = Some(f);
+    std::future::poll_fn(|cx| {
+        let f = f.take().expect("called once: it is ready at once");
+        Poll::Ready(f(cx))
+    })
+    .await
 }
 
 /// The most jobs a lane begins in place in one turn; the rest of the
@@ -393,9 +398,7 @@ async fn lane<S: Send + Sync + 'static>(
                 continue;
             }
             polled += 1;
-            let mut start = Some(start);
             let begun = in_place(|cx| {
-                let start = start.take().expect("begun once: it is ready at once");
                 std::panic::catch_unwind(AssertUnwindSafe(|| starter.begin(start, &view, cx)))
             })
             .await;
