@@ -713,9 +713,13 @@ pub(crate) struct Ack {
 }
 
 /// How many `complete_batch` calls may be under way at once. On a durable
-/// store each waits for its commit to reach disk; overlapping a few lets
-/// the database flush them together instead of one after another.
-const ACK_BATCHES_AT_ONCE: usize = 4;
+/// store each waits for its commit to reach disk; overlapping two lets the
+/// database flush one while the other runs, and more split the same
+/// completions into smaller statements and commits. Measured with two
+/// claims at once (see `stock::PULLS_AT_ONCE`), PostgreSQL `process` at
+/// 100,000 jobs, 5 alternating pairs: two ahead of four in all five
+/// (medians 46,000 against 43,000 stored jobs/s).
+const ACK_BATCHES_AT_ONCE: usize = 2;
 
 /// Records completions with `complete_batch`: whatever is queued when a
 /// call may start goes in it (up to [`ACK_BATCHES_AT_ONCE`] calls at once),
