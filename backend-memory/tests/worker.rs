@@ -516,45 +516,6 @@ async fn started_handlers_see_their_own_state_and_the_shutdown() {
     assert_eq!(result(report), Some(json!(42)));
 }
 
-/// On a started worker, a handler that never wakes is stopped by its
-/// timeout (armed when its first poll came back pending, though nothing
-/// wakes the run), and a timeout of `Duration::MAX` means none.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn started_handlers_time_out_even_if_never_woken() {
-    let (b, _) = store();
-    let worker = Worker::builder(dyn_backend(&b))
-        .timeout(StdDuration::MAX)
-        .timeout_for::<Email>(StdDuration::from_millis(50))
-        .handle(|_e: Email, _ctx| std::future::pending::<Result<(), HandlerError>>())
-        .handle(|r: Report, _ctx| async move { Ok::<_, HandlerError>(r.id) })
-        .build()
-        .expect("build");
-    let stuck = b
-        .push(Email { to: "ada".into() }.to_job().max_attempts(1))
-        .await
-        .expect("push")
-        .id();
-    let quick = b.push(Report { id: 7 }.to_job()).await.expect("push").id();
-    let handle = worker.start();
-    for id in [stuck, quick] {
-        tokio::time::timeout(StdDuration::from_secs(20), handle.wait_for(id))
-            .await
-            .expect("in time")
-            .expect("wait_for");
-    }
-    let job = |id| b.jobs().into_iter().find(|j| j.id == id).expect("job");
-    let stuck = job(stuck);
-    assert_eq!(stuck.status, JobStatus::Dead);
-    let error = stuck.last_error.expect("an error");
-    assert!(error.contains("timed out after 50ms"), "{error}");
-    let quick = job(quick);
-    assert_eq!(
-        (quick.status, quick.result),
-        (JobStatus::Done, Some(json!(7)))
-    );
-    handle.shutdown_within(StdDuration::from_secs(20)).await;
-}
-
 /// Dropping the handle shuts the worker down: it stops pulling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_handle_stops_the_worker() {

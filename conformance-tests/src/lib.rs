@@ -97,6 +97,7 @@ macro_rules! __for_each_case {
             worker::worker_marks_dead_after_max_attempts,
             worker::worker_kills_unusable_jobs_once,
             worker::worker_times_out_a_slow_handler,
+            worker::worker_times_out_a_started_handler_that_never_wakes,
             worker::worker_contains_a_busy_handler,
             worker::worker_contains_a_panic,
             worker::worker_renews_the_lease_of_a_long_job,

@@ -321,6 +321,34 @@ pub async fn worker_times_out_a_slow_handler(h: Harness) {
     assert!(error.contains("timed out"), "{error}");
 }
 
+/// On a started worker, a handler whose first poll comes back pending and
+/// that nothing ever wakes is still stopped by its timeout; a timeout of
+/// `Duration::MAX` means none, and a job under it runs to its end.
+pub async fn worker_times_out_a_started_handler_that_never_wakes(h: Harness) {
+    let handler = |task: Task, _ctx: JobContext<Harness>| async move {
+        if task.n < 0 {
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, HandlerError>(task.n)
+    };
+    for (timeout, n) in [(StdDuration::MAX, 7), (StdDuration::from_millis(50), -1)] {
+        let worker = h.worker().timeout(timeout).handle(handler).build();
+        let running = worker.expect("build").start();
+        let id = h.push(Task { n }.to_job().max_attempts(1)).await;
+        let job = within("a job under a timeout", running.wait_for(id))
+            .await
+            .expect("wait_for");
+        if n < 0 {
+            assert_eq!(job.status, JobStatus::Dead);
+            let error = job.last_error.expect("an error");
+            assert!(error.contains("timed out after 50ms"), "{error}");
+        } else {
+            assert_eq!((job.status, job.result), (JobStatus::Done, Some(json!(7))));
+        }
+        running.shutdown_within(LIVENESS).await;
+    }
+}
+
 /// A handler that keeps its lane busy, with work that is always ready
 /// (here Tokio's cooperative budget spent on every poll), is still stopped
 /// by its timeout in a started worker and by the deadline at shutdown, and

@@ -371,7 +371,7 @@ impl<'a, S: Send + Sync + 'static> JobRun<'a, S> {
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| (entry.run)(&job.payload, ctx)));
         let mut run = match started {
             Err(panic) => {
-                let attempt = Attempt::Panicked(panic_message(&*panic));
+                let attempt = Attempt::of(Err(panic));
                 return self.conclude(entry, attempt, hold).map_err(Rest::Record);
             }
             Ok(Err(unusable)) => return Err(Rest::Record(Record::Kill(unusable))),

@@ -195,11 +195,10 @@ impl<S: Send + Sync + 'static> Starter<S> {
     /// lane's `cx` and `view` (see [`begin`]).
     fn begin<'a>(
         &'a self,
-        start: Start,
+        (job, slot): Start,
         view: &'a Arc<WorkerView<S>>,
         cx: &mut Context<'_>,
     ) -> Begun<impl Future<Output = Ended> + Send + use<'a, S>> {
-        let (job, slot) = start;
         let mode = self.mode(slot, job.hold, view);
         begin(&self.shared, job.lease, job.job, mode, Some(cx))
     }
@@ -235,6 +234,11 @@ type RunEnd = std::thread::Result<Ended>;
 
 /// A run a lane drives beside its others.
 type Run<'a> = Pin<Box<dyn Future<Output = RunEnd> + Send + 'a>>;
+
+/// `run` as a lane drives it: boxed, a panic that escapes it caught.
+fn contained_run<'a>(run: impl Future<Output = Ended> + Send + 'a) -> Run<'a> {
+    Box::pin(AssertUnwindSafe(run).catch_unwind())
+}
 
 /// What `f` returns, given the calling task's context: a call made in
 /// place, in the task's current poll.
@@ -392,9 +396,7 @@ async fn lane<S: Send + Sync + 'static>(
             }
             let start = (job, slot);
             if polled >= FIRST_POLLS_AT_ONCE || acks.len() >= MAX_ACK_BATCH {
-                running.push(Box::pin(
-                    AssertUnwindSafe(starter.run(start, &view)).catch_unwind(),
-                ));
+                running.push(contained_run(starter.run(start, &view)));
                 continue;
             }
             polled += 1;
@@ -405,13 +407,13 @@ async fn lane<S: Send + Sync + 'static>(
             let ended = match begun {
                 Ok(Begun::Ended(ended)) => Ok(ended),
                 Ok(Begun::Waiting(rest)) => {
-                    running.push(Box::pin(AssertUnwindSafe(rest).catch_unwind()));
+                    running.push(contained_run(rest));
                     continue;
                 }
                 Ok(Begun::Recording(rest)) => {
                     // Most records on a store with instant writes are
                     // done at their first poll, here.
-                    let mut rest: Run<'_> = Box::pin(AssertUnwindSafe(rest).catch_unwind());
+                    let mut rest = contained_run(rest);
                     match in_place(|cx| rest.as_mut().poll(cx)).await {
                         Poll::Ready(ended) => ended,
                         Poll::Pending => {
