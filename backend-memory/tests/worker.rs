@@ -584,19 +584,24 @@ async fn indefinite_durations_mean_far_off_deadlines() {
 }
 
 /// A store whose wake-up subscription closes at once: the worker falls
-/// back to polling, and tries to subscribe again at its poll ticks.
+/// back to polling, and tries to subscribe again every poll interval.
 #[derive(Debug)]
 struct ClosingWakeups {
     subscribes: Arc<AtomicUsize>,
     /// Whether subscribing again never ends (a listener that cannot
     /// reconnect and is not bounded).
     hang_again: bool,
+    /// Whether the store declares instant writes, so that a lane listens,
+    /// not the pull loop.
+    instant_writes: bool,
 }
 
 #[async_trait::async_trait]
 impl Faults for ClosingWakeups {
     fn capabilities(&self, _inner: &dyn Backend) -> Capabilities {
-        Capabilities::none().in_process_wakeups(true)
+        Capabilities::none()
+            .in_process_wakeups(true)
+            .instant_writes(self.instant_writes)
     }
 
     async fn subscribe(&self, _inner: &dyn Backend, _queues: &[String]) -> Result<Option<Wakeups>> {
@@ -609,17 +614,25 @@ impl Faults for ClosingWakeups {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_subscription_falls_back_to_polling() {
-    polls_after_the_subscription_closed(false).await;
+    polls_after_the_subscription_closed(false, false).await;
 }
 
-/// Subscribing again goes on beside the pull loop: one that never ends
-/// holds up neither the polls nor the shutdown.
+/// As [`a_closed_subscription_falls_back_to_polling`], where a lane
+/// listens for the signals (a store with instant writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_subscription_a_lane_listened_to_falls_back_to_polling() {
+    polls_after_the_subscription_closed(false, true).await;
+}
+
+/// Subscribing again goes on beside the pull loop and the lanes: one that
+/// never ends holds up neither the polls nor the shutdown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_resubscription_holds_up_nothing() {
-    polls_after_the_subscription_closed(true).await;
+    polls_after_the_subscription_closed(true, false).await;
+    polls_after_the_subscription_closed(true, true).await;
 }
 
-async fn polls_after_the_subscription_closed(hang_again: bool) {
+async fn polls_after_the_subscription_closed(hang_again: bool, instant_writes: bool) {
     let (inner, _) = store();
     let subscribes = Arc::new(AtomicUsize::new(0));
     let backend = Arc::new(Faulty::new(
@@ -627,9 +640,12 @@ async fn polls_after_the_subscription_closed(hang_again: bool) {
         ClosingWakeups {
             subscribes: Arc::clone(&subscribes),
             hang_again,
+            instant_writes,
         },
     ));
+    // One runner, so one subscription at the start.
     let worker = Worker::builder(backend.clone())
+        .concurrency(1)
         .poll_interval(StdDuration::from_millis(20))
         .handle(ok_email())
         .build()
@@ -731,6 +747,41 @@ fn lane_pulling_worker(backend: &Arc<dyn Backend>) -> Worker<()> {
         })
         .build()
         .expect("build")
+}
+
+/// A push to an idle worker on the memory store wakes the lane that runs
+/// the job, which pulls it itself: no hand-over from the pull loop (whose
+/// first pull, at the start, found the queue empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_an_idle_worker_is_pulled_by_the_lane_that_runs_it() {
+    let (inner, _) = store();
+    let log = Arc::new(PullLog::default());
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(dyn_backend(&inner), Arc::clone(&log)));
+    let running = lane_pulling_worker(&backend).start();
+    let pull_loop = tokio::time::timeout(StdDuration::from_secs(20), async {
+        loop {
+            if let Some(task) = log.first_puller() {
+                return task;
+            }
+            tokio::time::sleep(StdDuration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the pull loop pulls at the start");
+    let id = backend
+        .push(Email { to: "idle".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    let job = tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id))
+        .await
+        .expect("the push is heard: the poll interval is an hour")
+        .expect("wait_for");
+    assert_eq!(job.status, JobStatus::Done);
+    let (puller, _) = log.pull_of(id).expect("pulled");
+    assert!(puller.is_some(), "pulls are made in tasks");
+    assert_ne!(puller, pull_loop, "the lane pulled it, not the pull loop");
+    running.shutdown_within(StdDuration::from_secs(20)).await;
 }
 
 /// Starts [`lane_pulling_worker`] on `backend` and waits until its first
@@ -917,19 +968,28 @@ async fn run_quick_jobs(
     }
 }
 
-/// The ids each pull returned.
+/// The task that made each pull, and the ids it returned.
 #[derive(Debug, Default)]
-struct PullLog(std::sync::Mutex<Vec<Vec<relayq_core::JobId>>>);
+struct PullLog(std::sync::Mutex<Vec<(Option<tokio::task::Id>, Vec<relayq_core::JobId>)>>);
 
 impl PullLog {
     /// The ids pulled with `id`, by the pull that returned it.
     fn pulled_with(&self, id: relayq_core::JobId) -> Vec<relayq_core::JobId> {
+        self.pull_of(id).map(|(_, ids)| ids).unwrap_or_default()
+    }
+
+    /// The pull that returned `id`.
+    fn pull_of(
+        &self,
+        id: relayq_core::JobId,
+    ) -> Option<(Option<tokio::task::Id>, Vec<relayq_core::JobId>)> {
         let pulls = self.0.lock().expect("lock");
-        pulls
-            .iter()
-            .find(|ids| ids.contains(&id))
-            .cloned()
-            .unwrap_or_default()
+        pulls.iter().find(|(_, ids)| ids.contains(&id)).cloned()
+    }
+
+    /// The task that made the first pull, once one was made.
+    fn first_puller(&self) -> Option<Option<tokio::task::Id>> {
+        self.0.lock().expect("lock").first().map(|(task, _)| *task)
     }
 }
 
@@ -942,7 +1002,10 @@ impl Faults for PullLog {
     ) -> Result<Vec<relayq_core::LeasedJob>> {
         let jobs = inner.pull(request).await?;
         let ids = jobs.iter().map(|leased| leased.job.id).collect();
-        self.0.lock().expect("lock").push(ids);
+        self.0
+            .lock()
+            .expect("lock")
+            .push((tokio::task::try_id(), ids));
         Ok(jobs)
     }
 }

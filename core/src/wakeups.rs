@@ -2,8 +2,9 @@
 
 use std::fmt;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 
 /// A subscription to "jobs were pushed" signals, from
 /// [`Backend::subscribe`](crate::Backend::subscribe). Dropping it unsubscribes.
@@ -28,6 +29,11 @@ impl Wakeups {
 
     /// Waits for the next signal; `None` once the source has closed.
     pub async fn next(&mut self) -> Option<()> {
-        self.signals.next().await
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Polls for the next signal; `Ready(None)` once the source has closed.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<()>> {
+        self.signals.as_mut().poll_next(cx)
     }
 }

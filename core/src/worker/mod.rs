@@ -60,6 +60,7 @@ mod handler;
 mod keeper;
 mod prefetch;
 mod runner;
+mod signals;
 mod slots;
 mod stock;
 

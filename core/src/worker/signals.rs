@@ -1,0 +1,134 @@
+//! A runner's subscription to its backend's push signals ("jobs were
+//! pushed"), renewed when it closes, and given up when the runner stops.
+//!
+//! The pull loop subscribes and stops listening when it stops. On a backend
+//! with instant writes a lane listens instead (see `runner::lane`): a push
+//! then wakes the task that pulls the job and begins it, not a pull loop
+//! that would pull it and hand it to a lane (each hand-over costs a task's
+//! wake-up, about a tenth of an idle memory worker's enqueue-to-start
+//! latency). The lock is only ever contended when the pull loop stops.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use crate::store::Backend;
+use crate::wakeups::Wakeups;
+
+/// A subscription being made again, after the last one closed.
+type Renewal = Pin<Box<dyn Future<Output = Option<Wakeups>> + Send>>;
+
+enum State {
+    /// Subscribed.
+    Open(Wakeups),
+    /// Subscribing again, once a poll interval has passed.
+    Renewing(Renewal),
+    /// No signals: the backend sends none, or the runner stopped.
+    Off,
+}
+
+/// What one runner hears of pushes (see the module documentation).
+pub(crate) struct Signals {
+    state: Mutex<State>,
+    backend: Arc<dyn Backend>,
+    queues: Vec<String>,
+    /// How long after a subscription closed, or failed, it is tried again.
+    retry_after: Duration,
+}
+
+impl Signals {
+    /// Subscribes to `backend`'s signals for `queues`. Without a
+    /// subscription the runner polls. A backend that declares signals but
+    /// failed to subscribe (or whose subscription closes) is tried again
+    /// every `retry_after`; one that declares none and returned none is not.
+    pub(crate) async fn subscribe(
+        backend: Arc<dyn Backend>,
+        queues: Vec<String>,
+        retry_after: Duration,
+    ) -> Self {
+        let caps = backend.capabilities();
+        let declared = caps.in_process_wakeups || caps.cross_process_wakeups;
+        let state = match subscribe(&*backend, &queues).await {
+            Some(wakeups) => State::Open(wakeups),
+            None if declared => State::Renewing(renewal(&backend, &queues, retry_after)),
+            None => State::Off,
+        };
+        Self {
+            state: Mutex::new(state),
+            backend,
+            queues,
+            retry_after,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for the next sign that jobs were pushed: a signal, or a
+    /// subscription made again after the last closed or failed (pushes
+    /// made meanwhile went unheard). Never ends once off. Cancel-safe:
+    /// a renewal under way is kept in `self`, not in the future.
+    pub(crate) async fn next(&self) {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await;
+    }
+
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self.state();
+        loop {
+            match &mut *state {
+                State::Open(wakeups) => match wakeups.poll_next(cx) {
+                    Poll::Ready(Some(())) => return Poll::Ready(()),
+                    Poll::Ready(None) => {
+                        tracing::warn!("wake-up subscription closed; polling until it is back");
+                        *state =
+                            State::Renewing(renewal(&self.backend, &self.queues, self.retry_after));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                State::Renewing(renewing) => match renewing.as_mut().poll(cx) {
+                    Poll::Ready(Some(wakeups)) => {
+                        *state = State::Open(wakeups);
+                        return Poll::Ready(());
+                    }
+                    Poll::Ready(None) => {
+                        *state =
+                            State::Renewing(renewal(&self.backend, &self.queues, self.retry_after));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                State::Off => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Unsubscribes for good (a renewal under way is dropped): the runner
+    /// stops pulling.
+    pub(crate) fn stop(&self) {
+        let off = std::mem::replace(&mut *self.state(), State::Off);
+        drop(off);
+    }
+}
+
+/// `backend`'s subscription for `queues`, if it makes one.
+async fn subscribe(backend: &dyn Backend, queues: &[String]) -> Option<Wakeups> {
+    match backend.subscribe(queues).await {
+        Ok(wakeups) => wakeups,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not subscribe to wake-ups; polling instead");
+            None
+        }
+    }
+}
+
+/// Subscribing again after `after`. Runs beside the runner's work, never
+/// in its way: on PostgreSQL it waits for the listener to reconnect.
+fn renewal(backend: &Arc<dyn Backend>, queues: &[String], after: Duration) -> Renewal {
+    let (backend, queues) = (Arc::clone(backend), queues.to_vec());
+    Box::pin(async move {
+        tokio::time::sleep(after).await;
+        subscribe(&*backend, &queues).await
+    })
+}
