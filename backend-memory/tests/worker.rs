@@ -751,7 +751,10 @@ fn lane_pulling_worker(backend: &Arc<dyn Backend>) -> Worker<()> {
 
 /// A push to an idle worker on the memory store wakes the lane that runs
 /// the job, which pulls it itself: no hand-over from the pull loop (whose
-/// first pull, at the start, found the queue empty).
+/// first pull, at the start, found the queue empty). Three pushes, one
+/// after another's job is done: in the microseconds between the pull
+/// loop's logged first pull and its landing, the lane would leave the
+/// push to the pull loop's pull then under way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_to_an_idle_worker_is_pulled_by_the_lane_that_runs_it() {
     let (inner, _) = store();
@@ -768,19 +771,25 @@ async fn a_push_to_an_idle_worker_is_pulled_by_the_lane_that_runs_it() {
     })
     .await
     .expect("the pull loop pulls at the start");
-    let id = backend
-        .push(Email { to: "idle".into() }.to_job())
-        .await
-        .expect("push")
-        .id();
-    let job = tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id))
-        .await
-        .expect("the push is heard: the poll interval is an hour")
-        .expect("wait_for");
-    assert_eq!(job.status, JobStatus::Done);
-    let (puller, _) = log.pull_of(id).expect("pulled");
-    assert!(puller.is_some(), "pulls are made in tasks");
-    assert_ne!(puller, pull_loop, "the lane pulled it, not the pull loop");
+    assert!(pull_loop.is_some(), "pulls are made in tasks");
+    let mut pullers = Vec::new();
+    for to in ["idle 1", "idle 2", "idle 3"] {
+        let id = backend
+            .push(Email { to: to.into() }.to_job())
+            .await
+            .expect("push")
+            .id();
+        let job = tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id))
+            .await
+            .expect("the push is heard: the poll interval is an hour")
+            .expect("wait_for");
+        assert_eq!(job.status, JobStatus::Done);
+        pullers.push(log.pull_of(id).expect("pulled").0);
+    }
+    assert!(
+        pullers.iter().any(|puller| *puller != pull_loop),
+        "the lane pulled them, not the pull loop: {pullers:?}, pull loop {pull_loop:?}"
+    );
     running.shutdown_within(StdDuration::from_secs(20)).await;
 }
 
@@ -801,8 +810,8 @@ async fn past_the_first_job(backend: &Arc<dyn Backend>) -> relayq_core::WorkerHa
     running
 }
 
-/// A push whose wake-up comes while a lane's own pull is under way (the
-/// pull loop, counting that pull, finds nothing worth pulling) is pulled
+/// A push whose wake-up comes while a lane's own pull is under way (on
+/// the memory store the lane hears it, once that pull is over) is pulled
 /// once the lane's pull comes back empty, not at the next poll tick.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_during_a_lanes_empty_pull_is_not_missed() {

@@ -26,7 +26,8 @@ pub(crate) struct Board {
     pub(crate) stopping: AtomicBool,
     /// Wakes the pull loop: signalled on `due_now`, while `wants_ends` on
     /// every end, by the buffer when it runs low, and by a lane that pulls
-    /// for itself when it finds the buffer dry (see `runner::Starter::pull_here`).
+    /// for itself when it finds the buffer dry (see `runner::Starter::pull_here`)
+    /// or hears a push (see `runner::Starter::listens`).
     pub(crate) ended: Notify,
 }
 

@@ -157,10 +157,11 @@ impl<S: Send + Sync + 'static> Starter<S> {
     /// (see [`Buffer::take`](super::buffer::Buffer::take)); once it has
     /// found the buffer dry with a slot free, and its pull (if it made one)
     /// has landed, it tells the pull loop, which then sees to what the
-    /// lane's pull did not: a wake-up that came while it was under way
-    /// (the pull loop, counting the lane's pull as asked for, had found
-    /// nothing worth pulling), jobs left over for sibling runners with a
-    /// slot free, or a lack of room under the bound on leases held.
+    /// lane's pull did not: jobs left over for sibling runners with a
+    /// slot free, a lack of room under the bound on leases held, or the
+    /// pull made for a share of the buffer. (A push signalled while the
+    /// lane's pull was under way is heard by the lane next: see
+    /// [`Self::listens`].)
     async fn pull_here(&self) -> Refill {
         if !self.shared.instant_writes {
             // The lane's `take` told the pull loop.
@@ -373,13 +374,14 @@ async fn lane<S: Send + Sync + 'static>(
                 }
                 false
             }
-            () = starter.signals.next(), if listens && open => {
+            // Exempt from the budget too, for the same reason: a push
+            // would go unheard while such a handler runs.
+            () = tokio::task::unconstrained(starter.signals.next()), if listens && open => {
                 stock.may_have_more();
-                // No slot to pull for: the pull loop pulls ahead into the
-                // buffer, as it would have on hearing the signal itself.
-                if stock.slots.free() == 0 {
-                    board.ended.notify_one();
-                }
+                // The pull loop pulls ahead into the buffer what this lane
+                // does not pull for its free slots (it runs after the
+                // lane's turn, in which the lane pulls for them itself).
+                board.ended.notify_one();
                 true
             }
         };
@@ -498,9 +500,9 @@ impl Share {
 /// One, unless the backend's writes are instant (calls into this process,
 /// as with the memory store): then one per runtime thread, each with its
 /// share of the concurrency and prefetch. A runner's lanes are woken by
-/// its pull loop, and Tokio runs a woken task on the waking thread (in a
-/// slot no other thread may steal), so one runner's work gathers on one
-/// thread however many lanes it has; runners that each pull for
+/// its pull loop (or by a push: see `Starter::listens`), and Tokio runs a
+/// woken task on the waking thread (in a slot no other thread may steal),
+/// so one runner's work gathers on one thread however many lanes it has; runners that each pull for
 /// themselves keep a thread each busy, and share nothing per job. A
 /// runner with a free slot and an empty buffer takes the jobs a sibling
 /// buffered but has no free slot for, so a job never waits behind one
@@ -832,9 +834,9 @@ async fn run<S: Send + Sync + 'static>(
                 refused.extend(pulled.land(&stock, keeper, starved));
             }
             // The buffer ran low (or dry with a slot free; or a lane that
-            // pulls for itself found it dry and pulled), a job went back
-            // due at once, or one ended while the held leases were at the
-            // bound.
+            // pulls for itself found it dry and pulled, or heard a push), a
+            // job went back due at once, or one ended while the held leases
+            // were at the bound.
             () = board.ended.notified() => {}
             () = starter.signals.next(), if listens_here => stock.may_have_more(),
             () = &mut poll => {

@@ -29,11 +29,16 @@ enum State {
     Off,
 }
 
-/// What one runner hears of pushes (see the module documentation).
+/// What one runner hears of pushes (see the module documentation). One
+/// task polls it (a subscription wakes one waker): the pull loop, or the
+/// lane that listens; the other only stops it.
 pub(crate) struct Signals {
     state: Mutex<State>,
     backend: Arc<dyn Backend>,
     queues: Vec<String>,
+    /// Whether the backend declares signals: then a subscription that
+    /// failed or closed is made again.
+    declared: bool,
     /// How long after a subscription closed, or failed, it is tried again.
     retry_after: Duration,
 }
@@ -59,7 +64,17 @@ impl Signals {
             state: Mutex::new(state),
             backend,
             queues,
+            declared,
             retry_after,
+        }
+    }
+
+    /// What follows a subscription that closed or could not be made.
+    fn after_loss(&self) -> State {
+        if self.declared {
+            State::Renewing(renewal(&self.backend, &self.queues, self.retry_after))
+        } else {
+            State::Off
         }
     }
 
@@ -67,10 +82,12 @@ impl Signals {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits for the next sign that jobs were pushed: a signal, or a
-    /// subscription made again after the last closed or failed (pushes
-    /// made meanwhile went unheard). Never ends once off. Cancel-safe:
-    /// a renewal under way is kept in `self`, not in the future.
+    /// Waits for the next sign that jobs were pushed: a signal, the
+    /// subscription closing (pushes made as it closed may have gone
+    /// unheard), or a subscription made again after the last closed or
+    /// failed (pushes made meanwhile went unheard). Never ends once off.
+    /// Cancel-safe: a renewal under way is kept in `self`, not in the
+    /// future.
     pub(crate) async fn next(&self) {
         std::future::poll_fn(|cx| self.poll_next(cx)).await;
     }
@@ -83,8 +100,10 @@ impl Signals {
                     Poll::Ready(Some(())) => return Poll::Ready(()),
                     Poll::Ready(None) => {
                         tracing::warn!("wake-up subscription closed; polling until it is back");
-                        *state =
-                            State::Renewing(renewal(&self.backend, &self.queues, self.retry_after));
+                        // The renewal is polled (and so registered) when
+                        // the caller waits again.
+                        *state = self.after_loss();
+                        return Poll::Ready(());
                     }
                     Poll::Pending => return Poll::Pending,
                 },
@@ -93,10 +112,7 @@ impl Signals {
                         *state = State::Open(wakeups);
                         return Poll::Ready(());
                     }
-                    Poll::Ready(None) => {
-                        *state =
-                            State::Renewing(renewal(&self.backend, &self.queues, self.retry_after));
-                    }
+                    Poll::Ready(None) => *state = self.after_loss(),
                     Poll::Pending => return Poll::Pending,
                 },
                 State::Off => return Poll::Pending,
