@@ -16,7 +16,9 @@
 //!   [`Capabilities::instant_writes`](crate::Capabilities::instant_writes)
 //!   completions are recorded one by one, as handlers return, and the
 //!   worker runs one pull loop per runtime thread, each with its share of
-//!   the concurrency, so that all threads do work.
+//!   the concurrency, so that all threads do work; a push wakes a task
+//!   that pulls the job and runs it at once, not a pull loop that would
+//!   hand it on.
 //! - [`Worker::run_until_idle`] runs every due job in the calling task,
 //!   deterministically: the test mode.
 //!
