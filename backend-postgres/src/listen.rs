@@ -26,6 +26,10 @@
 //! timeout with nothing heard, the task asks the server `SELECT 1`, and
 //! reconnects when no answer comes within the acquire timeout.
 //!
+//! The channels LISTENed follow the live subscriptions: one that only
+//! dropped subscriptions named is UNLISTENed when the next subscription
+//! is made, and left out when the connection is replaced.
+//!
 //! A pool push of the backend (or a clone) also signals the subscribers of
 //! its queues directly ([`Hub::wake`]) as soon as its insert committed,
 //! without waiting for its notification's round trip through the server;
@@ -304,11 +308,29 @@ impl Task {
         Ok(())
     }
 
-    /// Connects if not connected, LISTENing on every known channel. True
-    /// when this replaced a lost connection (so pushes may have been missed).
+    /// The queues LISTENed for that no live subscription, nor `keep`,
+    /// names; forgets the dropped subscriptions.
+    fn unused(&self, keep: &[String]) -> Vec<String> {
+        let mut subscribers = self.subscribers.lock();
+        subscribers.retain(|s| !s.signal.is_closed());
+        self.channels
+            .keys()
+            .filter(|queue| {
+                !keep.contains(queue) && !subscribers.iter().any(|s| s.queues.contains(*queue))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Connects if not connected, LISTENing on the channels of the live
+    /// subscriptions. True when this replaced a lost connection (so pushes
+    /// may have been missed).
     async fn ensure_connected(&mut self) -> Result<bool> {
         if self.listener.is_some() {
             return Ok(false);
+        }
+        for queue in self.unused(&[]) {
+            self.channels.remove(&queue);
         }
         // A private pool of one, dropped with the listener: a lost
         // connection is replaced by a new listener, never reconnected by
@@ -341,6 +363,26 @@ impl Task {
     }
 
     async fn subscribe(&mut self, queues: Vec<String>, signal: mpsc::Sender<()>) -> Result<()> {
+        let sql = self.channels_sql.clone();
+        let reconnected = self.ensure_connected().await?;
+        if reconnected {
+            self.subscribers.wake_all();
+        }
+        // Channels LISTENed for subscriptions since dropped (a worker of
+        // queues no longer served) are let go as each new one comes, so
+        // the set follows the live subscriptions instead of only growing.
+        // Forgotten first: were an UNLISTEN to fail, the connection is
+        // replaced, and the new one LISTENs only on what is still known.
+        let unused = self.unused(&queues);
+        let listener = self
+            .listener
+            .as_mut()
+            .ok_or_else(|| Error::transient("relayq-postgres: listener not connected"))?;
+        for queue in unused {
+            if let Some(channel) = self.channels.remove(&queue) {
+                listener.unlisten(&channel).await.map_err(error_from)?;
+            }
+        }
         let new: Vec<String> = queues
             .iter()
             .filter(|q| !self.channels.contains_key(*q))
@@ -348,15 +390,6 @@ impl Task {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let sql = self.channels_sql.clone();
-        let reconnected = self.ensure_connected().await?;
-        if reconnected {
-            self.subscribers.wake_all();
-        }
-        let listener = self
-            .listener
-            .as_mut()
-            .ok_or_else(|| Error::transient("relayq-postgres: listener not connected"))?;
         if !new.is_empty() {
             let rows = sqlx::query(sql)
                 .bind(&new)
@@ -403,5 +436,93 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+
+    /// The channels the task's connection LISTENs on, as the server has them.
+    async fn listening(task: &mut Task) -> Vec<String> {
+        let listener = task.listener.as_mut().expect("connected");
+        let mut channels: Vec<String> = sqlx::query_scalar("SELECT pg_listening_channels()")
+            .fetch_all(&mut *listener)
+            .await
+            .expect("pg_listening_channels");
+        channels.sort();
+        channels
+    }
+
+    /// The channels of `queues`, as the task named them.
+    fn channels_of(task: &Task, queues: &[&str]) -> Vec<String> {
+        let mut channels: Vec<String> = queues
+            .iter()
+            .map(|q| task.channels.get(*q).expect("a known queue").clone())
+            .collect();
+        channels.sort();
+        channels
+    }
+
+    /// The LISTEN set follows the live subscriptions: a channel only
+    /// dropped subscriptions named is let go when the next subscription is
+    /// made, and left out when the connection is replaced; one a live
+    /// subscription still names is kept.
+    #[tokio::test]
+    async fn only_the_channels_of_live_subscriptions_are_listened_on() {
+        let backend = testing::connect(testing::options()).await;
+        let inner = &backend.inner;
+        let mut task = Task {
+            connect: inner.listen_options.clone(),
+            connect_timeout: inner.listen_timeout,
+            channels_sql: inner.sql.channels.clone(),
+            listener: None,
+            channels: HashMap::new(),
+            subscribers: Subscribers::default(),
+        };
+        let queues = |names: &[&str]| names.iter().map(|q| (*q).to_owned()).collect::<Vec<_>>();
+
+        let (first, first_rx) = mpsc::channel(1);
+        task.subscribe(queues(&["a", "b"]), first)
+            .await
+            .expect("subscribe");
+        let (second, second_rx) = mpsc::channel(1);
+        task.subscribe(queues(&["b", "c"]), second)
+            .await
+            .expect("subscribe");
+        let abc = channels_of(&task, &["a", "b", "c"]);
+        assert_eq!(listening(&mut task).await, abc);
+
+        // The first dropped: "a" is let go, "b" kept for the second.
+        drop(first_rx);
+        let (third, third_rx) = mpsc::channel(1);
+        task.subscribe(queues(&["d"]), third)
+            .await
+            .expect("subscribe");
+        assert!(!task.channels.contains_key("a"));
+        let bcd = channels_of(&task, &["b", "c", "d"]);
+        assert_eq!(listening(&mut task).await, bcd);
+
+        // The second dropped too: a new connection LISTENs for the third only.
+        drop(second_rx);
+        task.reconnect().await.expect("reconnect");
+        let d = channels_of(&task, &["d"]);
+        assert_eq!(listening(&mut task).await, d);
+        assert_eq!(task.channels.len(), 1);
+
+        // A queue let go is LISTENed again for a new subscription.
+        let (fourth, _fourth_rx) = mpsc::channel(1);
+        task.subscribe(queues(&["a"]), fourth)
+            .await
+            .expect("subscribe");
+        let ad = channels_of(&task, &["a", "d"]);
+        assert_eq!(listening(&mut task).await, ad);
+        drop(third_rx);
+
+        let schema = inner.schema.clone();
+        drop(task);
+        backend.close().await;
+        testing::drop_schema(&schema).await;
     }
 }
