@@ -28,7 +28,8 @@
 //!
 //! The channels LISTENed follow the live subscriptions: one that only
 //! dropped subscriptions named is UNLISTENed when the next subscription
-//! is made, and left out when the connection is replaced.
+//! is made, and left out when the connection is replaced. (Until then its
+//! notifications still arrive, and wake no one.)
 //!
 //! A pool push of the backend (or a clone) also signals the subscribers of
 //! its queues directly ([`Hub::wake`]) as soon as its insert committed,
@@ -182,7 +183,8 @@ struct Task {
     connect_timeout: Duration,
     channels_sql: SqlStr,
     listener: Option<PgListener>,
-    /// queue -> channel, for every queue LISTENed.
+    /// queue -> channel, for every queue LISTENed (but one whose UNLISTEN
+    /// failed, until the connection it failed on is replaced).
     channels: HashMap<String, String>,
     subscribers: Subscribers,
 }
@@ -311,20 +313,27 @@ impl Task {
     /// The queues LISTENed for that no live subscription, nor `keep`,
     /// names; forgets the dropped subscriptions.
     fn unused(&self, keep: &[String]) -> Vec<String> {
-        let mut subscribers = self.subscribers.lock();
-        subscribers.retain(|s| !s.signal.is_closed());
+        // Read under the lock pushes take to wake subscribers; compared
+        // after it is let go.
+        let live: HashSet<String> = {
+            let mut subscribers = self.subscribers.lock();
+            subscribers.retain(|s| !s.signal.is_closed());
+            subscribers
+                .iter()
+                .flat_map(|s| s.queues.iter().cloned())
+                .collect()
+        };
         self.channels
             .keys()
-            .filter(|queue| {
-                !keep.contains(queue) && !subscribers.iter().any(|s| s.queues.contains(*queue))
-            })
+            .filter(|queue| !keep.contains(queue) && !live.contains(*queue))
             .cloned()
             .collect()
     }
 
     /// Connects if not connected, LISTENing on the channels of the live
-    /// subscriptions. True when this replaced a lost connection (so pushes
-    /// may have been missed).
+    /// subscriptions. True when it made a connection and LISTENed on any:
+    /// a connection replacing one that was lost, so their subscribers may
+    /// have missed pushes.
     async fn ensure_connected(&mut self) -> Result<bool> {
         if self.listener.is_some() {
             return Ok(false);
@@ -371,8 +380,9 @@ impl Task {
         // Channels LISTENed for subscriptions since dropped (a worker of
         // queues no longer served) are let go as each new one comes, so
         // the set follows the live subscriptions instead of only growing.
-        // Forgotten first: were an UNLISTEN to fail, the connection is
-        // replaced, and the new one LISTENs only on what is still known.
+        // Each is forgotten before its UNLISTEN: were one to fail, the
+        // connection is replaced, and the new one LISTENs only on the
+        // queues still known that a live subscription names.
         let unused = self.unused(&queues);
         let listener = self
             .listener
@@ -512,13 +522,30 @@ mod tests {
         assert_eq!(task.channels.len(), 1);
 
         // A queue let go is LISTENed again for a new subscription.
-        let (fourth, _fourth_rx) = mpsc::channel(1);
+        let (fourth, mut fourth_rx) = mpsc::channel(1);
         task.subscribe(queues(&["a"]), fourth)
             .await
             .expect("subscribe");
         let ad = channels_of(&task, &["a", "d"]);
         assert_eq!(listening(&mut task).await, ad);
+
+        // The connection lost with the third subscription gone: the next
+        // subscription, to its queue, reconnects, leaves out "d" as the
+        // new connection is made, LISTENs on it again for itself, and
+        // signals the live subscriptions (pushes may have been missed).
         drop(third_rx);
+        task.listener = None;
+        let (fifth, mut fifth_rx) = mpsc::channel(1);
+        task.subscribe(queues(&["d"]), fifth)
+            .await
+            .expect("subscribe");
+        assert_eq!(listening(&mut task).await, ad);
+        assert_eq!(
+            fourth_rx.try_recv(),
+            Ok(()),
+            "the live subscription is signalled"
+        );
+        assert!(fifth_rx.try_recv().is_err(), "not the new one, added after");
 
         let schema = inner.schema.clone();
         drop(task);
