@@ -275,10 +275,10 @@ async fn in_place<T>(f: impl FnOnce(&mut Context<'_>) -> T) -> T {
 /// its other runs. As many as a completion batch holds: at 64, a busy
 /// lane sent one job in five to nine that way (as many as its slots, each
 /// turn), each built, boxed, moved and woken as a run (memory `process`,
-/// 300,000 jobs, alternating runs: CPU per job lower at 256 in 30 of 32
-/// pairs, medians 0.68 against 0.73 µs on one thread). The price: a run
-/// under way that is woken waits for up to 256 first polls, not 64,
-/// before its next poll.
+/// 300,000 jobs, alternating runs: CPU per job lower at 256 in 24 of 26
+/// pairs on one thread, medians 0.64–0.68 against 0.68–0.73 µs over three
+/// sets, and in 6 of 6 on two). The price: a run under way that is woken
+/// waits for up to 256 first polls, not 64, before its next poll.
 const FIRST_POLLS_AT_ONCE: usize = MAX_ACK_BATCH;
 
 /// Counts a run's end on the lane's `board` and, once the worker is
