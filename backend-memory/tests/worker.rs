@@ -761,16 +761,7 @@ async fn a_push_to_an_idle_worker_is_pulled_by_the_lane_that_runs_it() {
     let log = Arc::new(PullLog::default());
     let backend: Arc<dyn Backend> = Arc::new(Faulty::new(dyn_backend(&inner), Arc::clone(&log)));
     let running = lane_pulling_worker(&backend).start();
-    let pull_loop = tokio::time::timeout(StdDuration::from_secs(20), async {
-        loop {
-            if let Some(task) = log.first_puller() {
-                return task;
-            }
-            tokio::time::sleep(StdDuration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the pull loop pulls at the start");
+    let pull_loop = once_some(|| log.first_puller(), "the pull loop pulls at the start").await;
     assert!(pull_loop.is_some(), "pulls are made in tasks");
     let mut pullers = Vec::new();
     for to in ["idle 1", "idle 2", "idle 3"] {
@@ -824,22 +815,28 @@ async fn a_push_during_a_lanes_empty_pull_is_not_missed() {
     let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::new(inner), Arc::clone(&racing)));
     let running = past_the_first_job(&backend).await;
     let within = |id| tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id));
-    let late = tokio::time::timeout(StdDuration::from_secs(20), async {
-        loop {
-            if let Some(id) = racing.pushed() {
-                return id;
-            }
-            tokio::time::sleep(StdDuration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("an empty pull was made");
+    let late = once_some(|| racing.pushed(), "an empty pull was made").await;
     let job = within(late)
         .await
         .expect("the late push is pulled before the next poll tick")
         .expect("wait_for");
     assert_eq!(job.status, JobStatus::Done);
     running.shutdown_within(StdDuration::from_secs(20)).await;
+}
+
+/// What `probe` returns once it returns something, looked at every 5 ms;
+/// fails the test, saying `what` did not happen, after 20 s.
+async fn once_some<T>(probe: impl Fn() -> Option<T>, what: &str) -> T {
+    tokio::time::timeout(StdDuration::from_secs(20), async {
+        loop {
+            if let Some(found) = probe() {
+                return found;
+            }
+            tokio::time::sleep(StdDuration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("in time: {what}"))
 }
 
 /// Notifies when dropped.
