@@ -754,7 +754,9 @@ fn lane_pulling_worker(backend: &Arc<dyn Backend>) -> Worker<()> {
 /// first pull, at the start, found the queue empty). Three pushes, one
 /// after another's job is done: in the microseconds between the pull
 /// loop's logged first pull and its landing, the lane would leave the
-/// push to the pull loop's pull then under way.
+/// push to the pull loop's pull then under way. Pulls are told apart by
+/// task: one slot makes one runner (one pull loop, one lane), and a pull
+/// runs in the task that sends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_to_an_idle_worker_is_pulled_by_the_lane_that_runs_it() {
     let (inner, _) = store();

@@ -27,7 +27,7 @@ pub(crate) struct Board {
     /// Wakes the pull loop: signalled on `due_now`, while `wants_ends` on
     /// every end, by the buffer when it runs low, and by a lane that pulls
     /// for itself when it finds the buffer dry (see `runner::Starter::pull_here`)
-    /// or hears a push (see `runner::Starter::listens`).
+    /// or hears a push (see `runner::Starter::lane_listens`).
     pub(crate) ended: Notify,
 }
 

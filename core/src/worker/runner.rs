@@ -107,7 +107,7 @@ struct Starter<S> {
     /// no more from then on, before its pull loop has seen it.
     stop: watch::Receiver<Option<Instant>>,
     /// The runner's push signals, heard by its pull loop or, on a backend
-    /// with instant writes, by its first lane (see [`Self::listens`]).
+    /// with instant writes, by its first lane (see [`Self::lane_listens`]).
     signals: Signals,
 }
 
@@ -134,19 +134,21 @@ fn hold(keeper: &LeaseKeeper, jobs: Vec<LeasedJob>, sent: Instant) -> VecDeque<B
 }
 
 impl<S: Send + Sync + 'static> Starter<S> {
-    /// Whether lane `lane` (the pull loop for `None`) hears the runner's
-    /// push signals. The pull loop, unless the backend's writes are
-    /// instant; then the first lane, as a lane pulls for itself there: a
-    /// push to an idle worker wakes the task that pulls the job and begins
-    /// it at once, where through the pull loop it took one more task's
-    /// wake-up (memory, 10 alternating pairs of 200 jobs: median p50
-    /// enqueue-to-start latency 0.085 ms before, 0.075 after). One lane
-    /// only, as every lane woken would pull.
-    fn listens(&self, lane: Option<usize>) -> bool {
-        match lane {
-            None => !self.shared.instant_writes,
-            Some(index) => self.shared.instant_writes && index == 0,
-        }
+    /// Whether the pull loop hears the runner's push signals: unless the
+    /// backend's writes are instant (see [`Self::lane_listens`]).
+    fn pull_loop_listens(&self) -> bool {
+        !self.shared.instant_writes
+    }
+
+    /// Whether lane `index` hears the runner's push signals: the first
+    /// lane, on a backend with instant writes, where a lane pulls for
+    /// itself. A push to an idle worker then wakes the task that pulls the
+    /// job and begins it at once, where through the pull loop it took one
+    /// more task's wake-up (memory, 10 alternating pairs of 200 jobs:
+    /// median p50 enqueue-to-start latency 0.085 ms before, 0.076 after).
+    /// One lane only, as every lane woken would pull.
+    fn lane_listens(&self, index: usize) -> bool {
+        !self.pull_loop_listens() && index == 0
     }
 
     /// On a backend with instant writes, a lane that finds the buffer empty
@@ -165,7 +167,7 @@ impl<S: Send + Sync + 'static> Starter<S> {
     /// slot free, a lack of room under the bound on leases held, or the
     /// pull made for a share of the buffer. (A push signalled while the
     /// lane's pull was under way is heard by the lane next: see
-    /// [`Self::listens`].)
+    /// [`Self::lane_listens`].)
     async fn pull_here(&self) -> Refill {
         if !self.shared.instant_writes {
             // The lane's `take` told the pull loop.
@@ -355,8 +357,10 @@ async fn lane<S: Send + Sync + 'static>(
     let tell = !starter.shared.instant_writes;
     // Completions of the runs that ended together, recorded in one call.
     let mut acks = Vec::new();
-    let listens = starter.listens(Some(index));
+    let listens = starter.lane_listens(index);
     while open || !running.is_empty() {
+        // Whether jobs were pushed (a signal heard this turn).
+        let mut heard = false;
         // Whether to start buffered jobs on the free slots (pulling for
         // them if the buffer is dry): runs ended, or jobs were pushed.
         let refill = tokio::select! {
@@ -388,10 +392,7 @@ async fn lane<S: Send + Sync + 'static>(
             // would go unheard while such a handler runs.
             () = tokio::task::unconstrained(starter.signals.next()), if listens && open => {
                 stock.may_have_more();
-                // The pull loop pulls ahead into the buffer what this lane
-                // does not pull for its free slots (it runs after the
-                // lane's turn, in which the lane pulls for them itself).
-                board.ended.notify_one();
+                heard = true;
                 true
             }
         };
@@ -465,6 +466,12 @@ async fn lane<S: Send + Sync + 'static>(
             refill = true;
         }
         drop(sent);
+        if heard {
+            // Told once the lane has pulled for its free slots, so that the
+            // pull loop pulls ahead into the buffer only what the lane did
+            // not, and never races it for the pushed job.
+            board.ended.notify_one();
+        }
         if !acks.is_empty() {
             let n = acks.len();
             // The next turn's completions get as much room as this one's.
@@ -510,7 +517,7 @@ impl Share {
 /// One, unless the backend's writes are instant (calls into this process,
 /// as with the memory store): then one per runtime thread, each with its
 /// share of the concurrency and prefetch. A runner's lanes are woken by
-/// its pull loop (or by a push: see `Starter::listens`), and Tokio runs a
+/// its pull loop (or by a push: see `Starter::lane_listens`), and Tokio runs a
 /// woken task on the waking thread (in a slot no other thread may steal),
 /// so one runner's work gathers on one thread however many lanes it has;
 /// runners that each pull for themselves keep a thread each busy, and
@@ -846,7 +853,7 @@ async fn run<S: Send + Sync + 'static>(
             // job went back due at once, or one ended while the held leases
             // were at the bound.
             () = board.ended.notified() => {}
-            () = starter.signals.next(), if starter.listens(None) => stock.may_have_more(),
+            () = starter.signals.next(), if starter.pull_loop_listens() => stock.may_have_more(),
             () = &mut poll => {
                 let due = after(last_pull, config.poll_interval);
                 let now = Instant::now();

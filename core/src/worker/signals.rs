@@ -1,12 +1,13 @@
 //! A runner's subscription to its backend's push signals ("jobs were
 //! pushed"), renewed when it closes, and given up when the runner stops.
 //!
-//! The pull loop subscribes and stops listening when it stops. On a backend
-//! with instant writes a lane listens instead (see `runner::lane`): a push
-//! then wakes the task that pulls the job and begins it, not a pull loop
-//! that would pull it and hand it to a lane (each hand-over costs a task's
-//! wake-up, about a tenth of an idle memory worker's enqueue-to-start
-//! latency). The lock is only ever contended when the pull loop stops.
+//! The runner subscribes when it starts and unsubscribes when it stops.
+//! Its pull loop listens; on a backend with instant writes one of its lanes
+//! does (see `runner::Starter::lane_listens`): a push then wakes the task
+//! that pulls the job and begins it, not a pull loop that would pull it and
+//! hand it to a lane (each hand-over costs a task's wake-up, about a tenth
+//! of an idle memory worker's enqueue-to-start latency). The lock is only
+//! ever contended when the runner stops.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,9 +37,9 @@ pub(crate) struct Signals {
     state: Mutex<State>,
     backend: Arc<dyn Backend>,
     queues: Vec<String>,
-    /// Whether the backend declares signals: then a subscription that
-    /// failed or closed is made again.
-    declared: bool,
+    /// Whether a subscription that failed or closed is made again: the
+    /// backend declares signals.
+    renews: bool,
     /// How long after a subscription closed, or failed, it is tried again.
     retry_after: Duration,
 }
@@ -54,24 +55,24 @@ impl Signals {
         retry_after: Duration,
     ) -> Self {
         let caps = backend.capabilities();
-        let declared = caps.in_process_wakeups || caps.cross_process_wakeups;
-        let state = match subscribe(&*backend, &queues).await {
+        let renews = caps.in_process_wakeups || caps.cross_process_wakeups;
+        let state = match try_subscribe(&*backend, &queues).await {
             Some(wakeups) => State::Open(wakeups),
-            None if declared => State::Renewing(renewal(&backend, &queues, retry_after)),
+            None if renews => State::Renewing(renewal(&backend, &queues, retry_after)),
             None => State::Off,
         };
         Self {
             state: Mutex::new(state),
             backend,
             queues,
-            declared,
+            renews,
             retry_after,
         }
     }
 
     /// What follows a subscription that closed or could not be made.
     fn after_loss(&self) -> State {
-        if self.declared {
+        if self.renews {
             State::Renewing(renewal(&self.backend, &self.queues, self.retry_after))
         } else {
             State::Off
@@ -129,7 +130,7 @@ impl Signals {
 }
 
 /// `backend`'s subscription for `queues`, if it makes one.
-async fn subscribe(backend: &dyn Backend, queues: &[String]) -> Option<Wakeups> {
+async fn try_subscribe(backend: &dyn Backend, queues: &[String]) -> Option<Wakeups> {
     match backend.subscribe(queues).await {
         Ok(wakeups) => wakeups,
         Err(e) => {
@@ -145,6 +146,6 @@ fn renewal(backend: &Arc<dyn Backend>, queues: &[String], after: Duration) -> Re
     let (backend, queues) = (Arc::clone(backend), queues.to_vec());
     Box::pin(async move {
         tokio::time::sleep(after).await;
-        subscribe(&*backend, &queues).await
+        try_subscribe(&*backend, &queues).await
     })
 }
