@@ -90,6 +90,16 @@ impl Subscribers {
     fn wake_all(&self) {
         self.lock().retain(Subscriber::wake);
     }
+
+    /// The queues the live subscriptions name; forgets dropped ones.
+    fn live_queues(&self) -> HashSet<String> {
+        let mut subscribers = self.lock();
+        subscribers.retain(|s| !s.signal.is_closed());
+        subscribers
+            .iter()
+            .flat_map(|s| s.queues.iter().cloned())
+            .collect()
+    }
 }
 
 struct Subscribe {
@@ -315,14 +325,7 @@ impl Task {
     fn unused(&self, keep: &[String]) -> Vec<String> {
         // Read under the lock pushes take to wake subscribers; compared
         // after it is let go.
-        let live: HashSet<String> = {
-            let mut subscribers = self.subscribers.lock();
-            subscribers.retain(|s| !s.signal.is_closed());
-            subscribers
-                .iter()
-                .flat_map(|s| s.queues.iter().cloned())
-                .collect()
-        };
+        let live = self.subscribers.live_queues();
         self.channels
             .keys()
             .filter(|queue| !keep.contains(queue) && !live.contains(*queue))

@@ -363,7 +363,7 @@ async fn lane<S: Send + Sync + 'static>(
         let mut heard = false;
         // Whether to start buffered jobs on the free slots (pulling for
         // them if the buffer is dry): runs ended, or jobs were pushed.
-        let refill = tokio::select! {
+        let mut refill = tokio::select! {
             biased;
             Some(ended) = running.next(), if !running.is_empty() => {
                 // This run's end and those of the runs ready to end now.
@@ -399,7 +399,7 @@ async fn lane<S: Send + Sync + 'static>(
         // The jobs sent here, then (if runs ended or jobs were pushed)
         // buffered jobs on the free slots, and on those freed by the jobs
         // that end at their first poll.
-        let (mut refill, mut polled) = (refill, 0);
+        let mut polled = 0;
         let mut sent = batch.drain(..);
         let mut now = Instant::now();
         loop {
@@ -517,15 +517,15 @@ impl Share {
 /// One, unless the backend's writes are instant (calls into this process,
 /// as with the memory store): then one per runtime thread, each with its
 /// share of the concurrency and prefetch. A runner's lanes are woken by
-/// its pull loop (or by a push: see `Starter::lane_listens`), and Tokio runs a
-/// woken task on the waking thread (in a slot no other thread may steal),
-/// so one runner's work gathers on one thread however many lanes it has;
-/// runners that each pull for themselves keep a thread each busy, and
-/// share nothing per job. A runner with a free slot and an empty buffer
-/// takes the jobs a sibling buffered but has no free slot for, so a job
-/// never waits behind one runner's long handlers while the worker has a
-/// slot free. For a backend with round trips a single runner keeps its
-/// pulls large and its completions in one batch.
+/// its pull loop (or by a push: see `Starter::lane_listens`), and Tokio
+/// runs a woken task on the waking thread (in a slot no other thread may
+/// steal), so one runner's work gathers on one thread however many lanes
+/// it has; runners that each pull for themselves keep a thread each busy,
+/// and share nothing per job. A runner with a free slot and an empty
+/// buffer takes the jobs a sibling buffered but has no free slot for, so
+/// a job never waits behind one runner's long handlers while the worker
+/// has a slot free. For a backend with round trips a single runner keeps
+/// its pulls large and its completions in one batch.
 fn runner_count(instant_writes: bool, concurrency: u32) -> usize {
     if instant_writes {
         runtime_threads().clamp(1, concurrency.max(1) as usize)

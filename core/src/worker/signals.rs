@@ -55,19 +55,19 @@ impl Signals {
         retry_after: Duration,
     ) -> Self {
         let caps = backend.capabilities();
-        let renews = caps.in_process_wakeups || caps.cross_process_wakeups;
-        let state = match try_subscribe(&*backend, &queues).await {
-            Some(wakeups) => State::Open(wakeups),
-            None if renews => State::Renewing(renewal(&backend, &queues, retry_after)),
-            None => State::Off,
-        };
-        Self {
-            state: Mutex::new(state),
+        let mut signals = Self {
+            state: Mutex::new(State::Off),
             backend,
             queues,
-            renews,
+            renews: caps.in_process_wakeups || caps.cross_process_wakeups,
             retry_after,
-        }
+        };
+        let state = match try_subscribe(&*signals.backend, &signals.queues).await {
+            Some(wakeups) => State::Open(wakeups),
+            None => signals.after_loss(),
+        };
+        signals.state = Mutex::new(state);
+        signals
     }
 
     /// What follows a subscription that closed or could not be made.
