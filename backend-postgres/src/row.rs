@@ -9,6 +9,52 @@ use sqlx::{Decode, Postgres, Row, Type};
 use time::OffsetDateTime;
 
 use crate::error_from;
+use crate::sql::JOB_COLUMN_NAMES;
+
+/// The position of column `name` in [`JOB_COLUMN_NAMES`]; evaluated at
+/// compile time, where a name not there fails the build.
+const fn at(name: &str) -> usize {
+    let mut i = 0;
+    while i < JOB_COLUMN_NAMES.len() {
+        if same(JOB_COLUMN_NAMES[i].as_bytes(), name.as_bytes()) {
+            return i;
+        }
+        i += 1;
+    }
+    panic!("not a job column");
+}
+
+/// `a == b`, for [`at`] (`==` on slices is not `const`).
+const fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+const ID: usize = at("id");
+const QUEUE: usize = at("queue");
+const KIND: usize = at("kind");
+const PAYLOAD: usize = at("payload");
+const PRIORITY: usize = at("priority");
+const STATUS: usize = at("status");
+const ATTEMPTS: usize = at("attempts");
+const MAX_ATTEMPTS: usize = at("max_attempts");
+const LEASE_TOKEN: usize = at("lease_token");
+const RUN_AT: usize = at("run_at");
+const LOCKED_UNTIL: usize = at("locked_until");
+const UNIQUE_KEY: usize = at("unique_key");
+const LAST_ERROR: usize = at("last_error");
+const RESULT: usize = at("result");
+const CREATED_AT: usize = at("created_at");
+const UPDATED_AT: usize = at("updated_at");
 
 /// A status read from the table.
 pub(crate) fn status(text: &str) -> Result<JobStatus> {
@@ -68,11 +114,11 @@ impl From<Unread> for Error {
     }
 }
 
-/// A job from a row holding [`crate::sql::JOB_COLUMNS`].
+/// A job from a row holding [`crate::sql::JOB_COLUMNS`], in their order.
 pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
     let column = |e| Unread::Column(error_from(e));
-    let id = row.try_get("id").map_err(column)?;
-    let lease_token = row.try_get("lease_token").map_err(column)?;
+    let id = row.try_get(ID).map_err(column)?;
+    let lease_token = row.try_get(LEASE_TOKEN).map_err(column)?;
     // Parsed here rather than decoded by sqlx, so that JSON another
     // program stored, which `json` accepts and serde_json refuses, is told
     // apart from a column that does not decode.
@@ -87,31 +133,31 @@ pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
     };
     // Borrowed from the row: a status and names of up to 24 bytes cost no
     // allocation.
-    let status_text: &str = row.try_get("status").map_err(column)?;
-    let queue: &str = row.try_get("queue").map_err(column)?;
-    let kind: &str = row.try_get("kind").map_err(column)?;
-    let payload: &str = row.try_get("payload").map_err(column)?;
-    let result: Option<&str> = row.try_get("result").map_err(column)?;
+    let status_text: &str = row.try_get(STATUS).map_err(column)?;
+    let queue: &str = row.try_get(QUEUE).map_err(column)?;
+    let kind: &str = row.try_get(KIND).map_err(column)?;
+    let payload: &str = row.try_get(PAYLOAD).map_err(column)?;
+    let result: Option<&str> = row.try_get(RESULT).map_err(column)?;
     let mut job = Job {
         id,
         queue: queue.into(),
         kind: kind.into(),
         payload: Arc::new(Value::Null),
-        priority: row.try_get("priority").map_err(column)?,
+        priority: row.try_get(PRIORITY).map_err(column)?,
         status: status(status_text).map_err(Unread::Column)?,
-        attempts: row.try_get("attempts").map_err(column)?,
-        max_attempts: row.try_get("max_attempts").map_err(column)?,
+        attempts: row.try_get(ATTEMPTS).map_err(column)?,
+        max_attempts: row.try_get(MAX_ATTEMPTS).map_err(column)?,
         lease_token,
-        run_at: row.try_get::<Timestamp, _>("run_at").map_err(column)?.0,
+        run_at: row.try_get::<Timestamp, _>(RUN_AT).map_err(column)?.0,
         locked_until: row
-            .try_get::<Option<Timestamp>, _>("locked_until")
+            .try_get::<Option<Timestamp>, _>(LOCKED_UNTIL)
             .map_err(column)?
             .map(|t| t.0),
-        unique_key: row.try_get("unique_key").map_err(column)?,
-        last_error: row.try_get("last_error").map_err(column)?,
+        unique_key: row.try_get(UNIQUE_KEY).map_err(column)?,
+        last_error: row.try_get(LAST_ERROR).map_err(column)?,
         result: None,
-        created_at: row.try_get::<Timestamp, _>("created_at").map_err(column)?.0,
-        updated_at: row.try_get::<Timestamp, _>("updated_at").map_err(column)?.0,
+        created_at: row.try_get::<Timestamp, _>(CREATED_AT).map_err(column)?.0,
+        updated_at: row.try_get::<Timestamp, _>(UPDATED_AT).map_err(column)?.0,
     };
     // Last: a row with a column that does not decode is an error, whatever
     // its JSON.

@@ -22,6 +22,28 @@ pub(crate) const JOB_COLUMNS: &str = "id, queue, kind, payload::text AS payload,
      status, attempts, max_attempts, lease_token, run_at, locked_until, unique_key, last_error, \
      result::text AS result, created_at, updated_at";
 
+/// The names [`JOB_COLUMNS`] gives its columns, in its order: rows are read
+/// by position (see [`crate::row::job`]), as a lookup by name hashes the
+/// name, once per column of every row.
+pub(crate) const JOB_COLUMN_NAMES: [&str; 16] = [
+    "id",
+    "queue",
+    "kind",
+    "payload",
+    "priority",
+    "status",
+    "attempts",
+    "max_attempts",
+    "lease_token",
+    "run_at",
+    "locked_until",
+    "unique_key",
+    "last_error",
+    "result",
+    "created_at",
+    "updated_at",
+];
+
 /// The statements of one schema.
 #[derive(Debug)]
 pub(crate) struct Statements {
@@ -541,5 +563,21 @@ impl Statements {
             notify_async: build(NOTIFY_ASYNC, &s),
             vacuum: build(VACUUM, &s),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows are read by position: each column of `JOB_COLUMNS` must be
+    /// named, in order, as `JOB_COLUMN_NAMES` says.
+    #[test]
+    fn job_columns_are_named_in_order() {
+        let names: Vec<&str> = JOB_COLUMNS
+            .split(',')
+            .map(|column| column.split_whitespace().last().unwrap_or_default())
+            .collect();
+        assert_eq!(names, JOB_COLUMN_NAMES);
     }
 }
