@@ -5,7 +5,7 @@ use std::sync::Arc;
 use relayq_core::{Error, Job, JobStatus, Lease, Result, Unreadable, from_unix_micros};
 use serde_json::Value;
 use sqlx::postgres::{PgRow, PgTypeInfo, PgValueFormat, PgValueRef};
-use sqlx::{Decode, Postgres, Row, Type};
+use sqlx::{Column, Decode, Postgres, Row, Type};
 use time::OffsetDateTime;
 
 use crate::error_from;
@@ -114,11 +114,32 @@ impl From<Unread> for Error {
     }
 }
 
+/// Column `at` of a job row, or why it does not decode, naming the column
+/// (sqlx, given a position, would name it by its number).
+fn get<'r, T>(row: &'r PgRow, at: usize) -> Result<T, Unread>
+where
+    T: Decode<'r, Postgres> + Type<Postgres>,
+{
+    row.try_get(at).map_err(|e| {
+        let e = match e {
+            sqlx::Error::ColumnDecode { source, .. } => sqlx::Error::ColumnDecode {
+                index: format!("{:?}", JOB_COLUMN_NAMES[at]),
+                source,
+            },
+            e => e,
+        };
+        Unread::Column(error_from(e))
+    })
+}
+
 /// A job from a row holding [`crate::sql::JOB_COLUMNS`], in their order.
 pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
-    let column = |e| Unread::Column(error_from(e));
-    let id = row.try_get(ID).map_err(column)?;
-    let lease_token = row.try_get(LEASE_TOKEN).map_err(column)?;
+    debug_assert!(
+        row.columns().iter().map(Column::name).eq(JOB_COLUMN_NAMES),
+        "a job row holds JOB_COLUMNS, in order"
+    );
+    let id = get(row, ID)?;
+    let lease_token = get(row, LEASE_TOKEN)?;
     // Parsed here rather than decoded by sqlx, so that JSON another
     // program stored, which `json` accepts and serde_json refuses, is told
     // apart from a column that does not decode.
@@ -133,31 +154,28 @@ pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
     };
     // Borrowed from the row: a status and names of up to 24 bytes cost no
     // allocation.
-    let status_text: &str = row.try_get(STATUS).map_err(column)?;
-    let queue: &str = row.try_get(QUEUE).map_err(column)?;
-    let kind: &str = row.try_get(KIND).map_err(column)?;
-    let payload: &str = row.try_get(PAYLOAD).map_err(column)?;
-    let result: Option<&str> = row.try_get(RESULT).map_err(column)?;
+    let status_text: &str = get(row, STATUS)?;
+    let queue: &str = get(row, QUEUE)?;
+    let kind: &str = get(row, KIND)?;
+    let payload: &str = get(row, PAYLOAD)?;
+    let result: Option<&str> = get(row, RESULT)?;
     let mut job = Job {
         id,
         queue: queue.into(),
         kind: kind.into(),
         payload: Arc::new(Value::Null),
-        priority: row.try_get(PRIORITY).map_err(column)?,
+        priority: get(row, PRIORITY)?,
         status: status(status_text).map_err(Unread::Column)?,
-        attempts: row.try_get(ATTEMPTS).map_err(column)?,
-        max_attempts: row.try_get(MAX_ATTEMPTS).map_err(column)?,
+        attempts: get(row, ATTEMPTS)?,
+        max_attempts: get(row, MAX_ATTEMPTS)?,
         lease_token,
-        run_at: row.try_get::<Timestamp, _>(RUN_AT).map_err(column)?.0,
-        locked_until: row
-            .try_get::<Option<Timestamp>, _>(LOCKED_UNTIL)
-            .map_err(column)?
-            .map(|t| t.0),
-        unique_key: row.try_get(UNIQUE_KEY).map_err(column)?,
-        last_error: row.try_get(LAST_ERROR).map_err(column)?,
+        run_at: get::<Timestamp>(row, RUN_AT)?.0,
+        locked_until: get::<Option<Timestamp>>(row, LOCKED_UNTIL)?.map(|t| t.0),
+        unique_key: get(row, UNIQUE_KEY)?,
+        last_error: get(row, LAST_ERROR)?,
         result: None,
-        created_at: row.try_get::<Timestamp, _>(CREATED_AT).map_err(column)?.0,
-        updated_at: row.try_get::<Timestamp, _>(UPDATED_AT).map_err(column)?.0,
+        created_at: get::<Timestamp>(row, CREATED_AT)?.0,
+        updated_at: get::<Timestamp>(row, UPDATED_AT)?.0,
     };
     // Last: a row with a column that does not decode is an error, whatever
     // its JSON.

@@ -9,7 +9,8 @@ use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 /// `now` in every statement.
 const NOW: &str = "COALESCE($1::timestamptz, statement_timestamp())";
 
-/// The columns of a job, in the order [`crate::row::job`] reads them.
+/// The columns of a job, named and ordered as [`JOB_COLUMN_NAMES`] says:
+/// [`crate::row::job`] reads them by position.
 /// `payload` and `result` come as text, which `row::job` parses (telling
 /// JSON it cannot read from a column that does not decode), and which is
 /// the same result type whether they are `json` (schema version 4) or

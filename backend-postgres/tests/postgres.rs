@@ -421,6 +421,29 @@ async fn times_beyond_what_relayq_holds_read_as_the_nearest() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A column another program changed to a type relayq does not read fails
+/// the read with an error that names the column (rows are read by
+/// position, which sqlx's own error would give as a number).
+#[tokio::test]
+async fn a_column_that_does_not_decode_is_named() {
+    let backend = testing::connect(testing::options()).await;
+    let id = backend.push(job(1)).await.expect("push").id();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE \"{}\".jobs ALTER COLUMN max_attempts TYPE numeric",
+        backend.schema()
+    )))
+    .execute(backend.pool())
+    .await
+    .expect("another program's column type");
+    let e = backend
+        .get(id)
+        .await
+        .expect_err("max_attempts is not an int4");
+    assert!(matches!(e, Error::Backend { .. }), "{e:?}");
+    assert!(e.to_string().contains("\"max_attempts\""), "{e}");
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// A pooled connection the server ended (an administrator, a failover)
 /// fails the call made on it with a transient error, and the next call
 /// gets a new connection.
