@@ -946,11 +946,6 @@ impl Pusher for SqliteBackend {
     }
 }
 
-/// Moves a held lease's end (`?` 1) and the job's `updated_at` (2), fenced
-/// by id (3) and token (4).
-const EXTEND: &str = "UPDATE relayq_jobs SET locked_until = ?, updated_at = ? \
-                      WHERE id = ? AND status = 'processing' AND lease_token = ?";
-
 impl SqliteBackend {
     /// Marks `job` dead, as `kill` does, its unreadable column replaced by
     /// [`Unreadable::readable`].
@@ -1122,24 +1117,33 @@ impl Puller for SqliteBackend {
             later(self.shared.clock.now(), by, "by")?;
             return Ok(Vec::new());
         }
-        // One write transaction for all: one commit, and one turn at the
-        // file's write lock, which every other writer queues for.
-        write_tx!(self, |tx, now| {
+        // One statement for all (one commit, one turn at the file's write
+        // lock, which every other writer queues for), the leases bound as
+        // one JSON array of [id, token] pairs, as `complete_batch` does.
+        let pairs = Value::Array(
+            leases
+                .iter()
+                .map(|lease| Value::Array(vec![lease.job_id.into(), lease.token.into()]))
+                .collect(),
+        )
+        .to_string();
+        let (until, held): (OffsetDateTime, Vec<(i64, i64)>) = write_each!(self, |conn, now| {
             // As stored: whole microseconds.
             let until = truncate_to_micros(later(now, by, "by")?);
-            let mut ends = Vec::with_capacity(leases.len());
-            for lease in leases {
-                let done = sqlx::query(EXTEND)
-                    .bind(micros(until))
-                    .bind(micros(now))
-                    .bind(lease.job_id)
-                    .bind(lease.token)
-                    .execute(&mut *tx)
-                    .await?;
-                ends.push((done.rows_affected() == 1).then_some(until));
-            }
-            ends
-        })
+            let held = sqlx::query_as(EXTEND_BATCH_SQL)
+                .bind(micros(until))
+                .bind(micros(now))
+                .bind(&pairs)
+                .fetch_all(&mut *conn)
+                .await?;
+            (until, held)
+        })?;
+        // A lease named twice is renewed (or lost) twice, as one call each.
+        let held: std::collections::HashSet<(i64, i64)> = held.into_iter().collect();
+        Ok(leases
+            .iter()
+            .map(|lease| held.contains(&(lease.job_id, lease.token)).then_some(until))
+            .collect())
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
@@ -1172,6 +1176,18 @@ const COMPLETE_BATCH_SQL: &str = "UPDATE relayq_jobs NOT INDEXED SET status = 'd
      FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS token, \
            json_extract(value, '$[2]') AS result FROM json_each(?2)) AS c \
      WHERE relayq_jobs.id = c.id AND relayq_jobs.lease_token = c.token \
+     AND relayq_jobs.status = 'processing' \
+     RETURNING relayq_jobs.id, relayq_jobs.lease_token";
+
+/// Moves the end of every `[id, token]` lease of the JSON array `?3` that
+/// is held to `?1` (and the job's `updated_at` to `?2`), in one statement;
+/// returns the (id, token) of each renewed. A lease named twice is renewed
+/// once. `NOT INDEXED` for the reason [`COMPLETE_BATCH_SQL`] gives.
+const EXTEND_BATCH_SQL: &str = "UPDATE relayq_jobs NOT INDEXED SET locked_until = ?1, \
+     updated_at = ?2 \
+     FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS token \
+           FROM json_each(?3)) AS e \
+     WHERE relayq_jobs.id = e.id AND relayq_jobs.lease_token = e.token \
      AND relayq_jobs.status = 'processing' \
      RETURNING relayq_jobs.id, relayq_jobs.lease_token";
 
