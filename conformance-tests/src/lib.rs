@@ -50,6 +50,7 @@ macro_rules! __for_each_case {
             push::batches_alike_but_for_one_job_round_trip_every_field,
             push::invalid_job_fields_are_named_and_nothing_is_written,
             push::invalid_arguments_are_named,
+            push::arguments_are_refused_just_past_their_bounds,
             push::hostile_strings_round_trip,
             push::run_at_is_stored_in_utc_microseconds,
             push::deep_json_round_trips_up_to_the_limit,

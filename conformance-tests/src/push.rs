@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use relayq_core::{
     Completion, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Error, JobStatus, ListFilter, MAX_DELAY,
-    MAX_NAME_LEN, NewJob, PullRequest, PushOutcome, Schedule,
+    MAX_LEASE, MAX_LIST_LIMIT, MAX_NAME_LEN, MAX_PULL_BATCH, MAX_PULL_QUEUES, NewJob, PullRequest,
+    PushOutcome, Schedule,
 };
 use serde::{Serialize, Serializer};
 use serde_json::{Value, json};
@@ -469,6 +470,78 @@ pub async fn invalid_arguments_are_named(h: Harness) {
         h.job(id).await,
         before,
         "rejected acknowledgements change nothing"
+    );
+}
+
+/// Every upper bound on an argument holds at the bound and is refused
+/// just past it, named, with nothing changed.
+pub async fn arguments_are_refused_just_past_their_bounds(h: Harness) {
+    let id = h.push(job("k", 1)).await;
+    let b = &h.backend;
+    let long = "q".repeat(MAX_NAME_LEN + 1);
+    let queues =
+        |n: usize| PullRequest::queues((0..n).map(|i| format!("q{i}")).collect::<Vec<_>>());
+    let batch = |n: u32| PullRequest::queue("nothing-here").batch(n);
+    let lease = |d: Duration| PullRequest::queue("nothing-here").lease(d);
+    let step = Duration::microseconds(1);
+    b.pull(&queues(MAX_PULL_QUEUES))
+        .await
+        .expect("the most queues");
+    assert_invalid(b.pull(&queues(MAX_PULL_QUEUES + 1)).await, "queues");
+    b.pull(&batch(MAX_PULL_BATCH))
+        .await
+        .expect("the largest batch");
+    assert_invalid(b.pull(&batch(MAX_PULL_BATCH + 1)).await, "batch");
+    b.pull(&lease(MAX_LEASE)).await.expect("the longest lease");
+    assert_invalid(b.pull(&lease(MAX_LEASE + step)).await, "lease");
+    assert_invalid(b.pull(&PullRequest::queue(long.clone())).await, "queue");
+    b.list(&ListFilter::new().limit(MAX_LIST_LIMIT))
+        .await
+        .expect("the largest page");
+    assert_invalid(
+        b.list(&ListFilter::new().limit(MAX_LIST_LIMIT + 1)).await,
+        "limit",
+    );
+    assert_invalid(
+        b.list(&ListFilter::new().queue(long.clone())).await,
+        "queue",
+    );
+    assert_invalid(b.list(&ListFilter::new().kind(long)).await, "kind");
+    assert_eq!(
+        h.job(id).await.status,
+        JobStatus::Pending,
+        "refused pulls lease nothing"
+    );
+
+    let leased = h.pull_one("default").await;
+    let before = h.job(id).await;
+    let lease = &leased.lease;
+    assert_invalid(b.extend(lease, MAX_LEASE + step).await, "by");
+    assert_invalid(
+        b.extend_batch(std::slice::from_ref(lease), MAX_LEASE + step)
+            .await,
+        "by",
+    );
+    assert_invalid(b.retry(lease, MAX_DELAY + step, "e").await, "delay");
+    let bad = Completion {
+        lease: *lease,
+        result: Some(json!("nul\0")),
+    };
+    assert_invalid(b.complete_batch(vec![bad]).await, "result");
+    assert_eq!(
+        h.job(id).await,
+        before,
+        "refused acknowledgements change nothing"
+    );
+    // At the bounds, they go through.
+    b.extend(lease, MAX_LEASE)
+        .await
+        .expect("the longest extension");
+    assert_eq!(
+        b.retry(lease, MAX_DELAY, "again in a century")
+            .await
+            .expect("the longest delay"),
+        JobStatus::Pending
     );
 }
 
