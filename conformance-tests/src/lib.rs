@@ -101,6 +101,7 @@ macro_rules! __for_each_case {
             worker::worker_times_out_a_started_handler_that_never_wakes,
             worker::worker_contains_a_busy_handler,
             worker::worker_contains_a_panic,
+            worker::worker_contains_a_panic_before_the_handlers_future,
             worker::worker_renews_the_lease_of_a_long_job,
             worker::worker_discards_the_result_of_a_lost_lease,
             worker::worker_stops_a_handler_whose_lease_was_taken,

@@ -476,6 +476,48 @@ pub async fn worker_contains_a_panic(h: Harness) {
     );
 }
 
+/// A handler that panics before it returns its future (in the closure's
+/// own body, as a payload type's `Deserialize` might) is a failed attempt
+/// too, in the background runner as in test mode, and the worker goes on.
+pub async fn worker_contains_a_panic_before_the_handlers_future(h: Harness) {
+    let worker = h
+        .worker()
+        .retry(RetryPolicy::fixed(StdDuration::ZERO))
+        .poll_interval(StdDuration::from_millis(50))
+        .handle(|task: Task, _ctx: JobContext<Harness>| {
+            if task.n == 1 {
+                panic!("boom before the future of task {}", task.n);
+            }
+            async move { Ok::<_, HandlerError>(json!({ "doubled": task.n * 2 })) }
+        })
+        .build()
+        .expect("build");
+    let panicky = h.push(Task { n: 1 }.to_job().max_attempts(2)).await;
+    let running = worker.start();
+    let job = within("the panicking job", running.wait_for(panicky))
+        .await
+        .expect("wait_for");
+    assert_eq!((job.status, job.attempts), (JobStatus::Dead, 2));
+    let error = job.last_error.expect("an error");
+    assert!(error.contains("panicked"), "{error}");
+    assert!(
+        error.contains("boom before the future of task 1"),
+        "{error}"
+    );
+    let later = h.push(Task { n: 3 }.to_job()).await;
+    let job = within("a job after the panics", running.wait_for(later))
+        .await
+        .expect("wait_for");
+    assert_eq!(job.result, Some(json!({ "doubled": 6 })));
+    running.shutdown_within(LIVENESS).await;
+
+    let inline = h.push(Task { n: 1 }.to_job().max_attempts(1)).await;
+    let report = worker.run_until_idle().await.expect("run");
+    assert_eq!(report.dead(), 1);
+    let error = h.job(inline).await.last_error.unwrap_or_default();
+    assert!(error.contains("boom before the future"), "{error}");
+}
+
 /// A started worker reports each completion (`Event::Finished`, with the
 /// handler's result) only once the store has recorded it: the hook reads
 /// the store as it is told.
