@@ -681,6 +681,97 @@ async fn polls_after_the_subscription_closed(hang_again: bool, instant_writes: b
     );
 }
 
+/// A store with no wake-ups to give, or whose subscription fails.
+#[derive(Debug)]
+struct NoWakeups {
+    subscribes: Arc<AtomicUsize>,
+    /// Whether subscribing fails (the store declares wake-ups it cannot
+    /// give now); else the store declares none and returns none.
+    fails: bool,
+    /// Whether the store declares instant writes, so that a lane listens,
+    /// not the pull loop.
+    instant_writes: bool,
+}
+
+#[async_trait::async_trait]
+impl Faults for NoWakeups {
+    fn capabilities(&self, _inner: &dyn Backend) -> Capabilities {
+        Capabilities::none()
+            .in_process_wakeups(self.fails)
+            .instant_writes(self.instant_writes)
+    }
+
+    async fn subscribe(&self, _inner: &dyn Backend, _queues: &[String]) -> Result<Option<Wakeups>> {
+        self.subscribes.fetch_add(1, Ordering::SeqCst);
+        if self.fails {
+            return Err(relayq_core::Error::transient("the listener is down"));
+        }
+        Ok(None)
+    }
+}
+
+/// A store that declares no wake-ups and gives none: the worker polls,
+/// and does not ask again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_without_wake_ups_is_polled() {
+    for instant_writes in [false, true] {
+        let subscribes = polls_without_wake_ups(false, instant_writes).await;
+        assert_eq!(subscribes, 1, "asked once, by its one runner");
+    }
+}
+
+/// A store whose subscription fails: the worker polls, and tries to
+/// subscribe again every poll interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_subscription_falls_back_to_polling() {
+    for instant_writes in [false, true] {
+        let subscribes = polls_without_wake_ups(true, instant_writes).await;
+        assert!(subscribes >= 2, "asked again after it failed: {subscribes}");
+    }
+}
+
+/// Runs three jobs pushed one by one to a one-runner worker on a
+/// [`NoWakeups`] store; returns how often it subscribed.
+async fn polls_without_wake_ups(fails: bool, instant_writes: bool) -> usize {
+    let (inner, _) = store();
+    let subscribes = Arc::new(AtomicUsize::new(0));
+    let backend = Arc::new(Faulty::new(
+        Arc::new(inner),
+        NoWakeups {
+            subscribes: Arc::clone(&subscribes),
+            fails,
+            instant_writes,
+        },
+    ));
+    let worker = Worker::builder(backend.clone())
+        .concurrency(1)
+        .poll_interval(StdDuration::from_millis(20))
+        .handle(ok_email())
+        .build()
+        .expect("build");
+    let running = worker.start();
+    for to in ["a", "b", "c"] {
+        let id = backend
+            .push(Email { to: to.into() }.to_job())
+            .await
+            .expect("push")
+            .id();
+        let job = tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id))
+            .await
+            .expect("polling finds it in time")
+            .expect("wait_for");
+        assert_eq!(job.status, JobStatus::Done);
+        tokio::time::sleep(StdDuration::from_millis(30)).await;
+    }
+    tokio::time::timeout(
+        StdDuration::from_secs(20),
+        running.shutdown_within(StdDuration::from_secs(20)),
+    )
+    .await
+    .expect("the shutdown is not held up");
+    subscribes.load(Ordering::SeqCst)
+}
+
 /// On one runtime thread, a lane that keeps pulling quick jobs for itself
 /// (it never waits while the queue has them) still lets the lease keeper
 /// run: a long job leased with them keeps its lease, and runs once, however
