@@ -1352,6 +1352,58 @@ async fn racing_pushes_of_one_unique_key_create_one_job() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A batch whose key is held by a push still uncommitted in another
+/// transaction waits for it (`ON CONFLICT` does), then finds the job that
+/// holds the key: committed after the batch statement's snapshot, so found
+/// by a second look. The batch's other jobs are created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_racing_an_uncommitted_holder_of_its_key_names_it() {
+    let backend = testing::connect(testing::options()).await;
+    let mut tx = backend.pool().begin().await.expect("begin");
+    let holder = backend
+        .push_in(&mut tx, job(0).unique_key("raced"))
+        .await
+        .expect("push_in")
+        .id();
+    let batch = {
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            backend
+                .push_batch(vec![job(1), job(2).unique_key("raced"), job(3)])
+                .await
+        })
+    };
+    // Committed once the batch waits on the uncommitted key.
+    let schema = backend.schema().to_owned();
+    let waiting_on_the_key = async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'",
+            )
+            .bind(&schema)
+            .fetch_one(backend.pool())
+            .await
+            .expect("pg_stat_activity");
+            if waiting > 0 {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(StdDuration::from_secs(10), waiting_on_the_key)
+        .await
+        .expect("the batch waits on the uncommitted key");
+    tx.commit().await.expect("commit");
+    let outcomes = batch.await.expect("task").expect("push_batch");
+    assert_eq!(outcomes[1], PushOutcome::Duplicate(holder), "{outcomes:?}");
+    assert!(
+        !outcomes[0].is_duplicate() && !outcomes[2].is_duplicate(),
+        "{outcomes:?}"
+    );
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// Fills a schema with `finished` done/dead jobs and `pending` due jobs.
 async fn fill(backend: &PgBackend, finished: i64, pending: i64) {
     let schema = backend.schema();
