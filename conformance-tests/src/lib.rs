@@ -66,6 +66,7 @@ macro_rules! __for_each_case {
             pull::expired_leases_take_their_place_in_pull_order,
             pull::pull_honours_batch_size_and_queues,
             pull::concurrent_pullers_receive_each_job_exactly_once,
+            pull::concurrent_pullers_take_back_each_expired_lease_once,
             lease::expired_lease_is_pulled_again_with_a_new_token,
             lease::stale_lease_acknowledgements_fail_and_change_nothing,
             lease::acknowledgements_of_an_ended_lease_fail_and_change_nothing,

@@ -246,6 +246,70 @@ pub async fn pull_honours_batch_size_and_queues(h: Harness) {
     assert_eq!(h.pull("c", 10).await.len(), 1);
 }
 
+/// 8 concurrent pullers over 400 expired leases (half on their last
+/// attempt) and 200 pending jobs: every expired lease with attempts left
+/// and every pending job is leased again exactly once, every expired lease
+/// on its last attempt is `Dead`, and the stale leases stay refused.
+pub async fn concurrent_pullers_take_back_each_expired_lease_once(h: Harness) {
+    const EXPIRED: i64 = 400;
+    const PENDING: i64 = 200;
+    const PULLERS: usize = 8;
+    let batch: Vec<NewJob> = (0..EXPIRED)
+        .map(|n| job("k", n).max_attempts(if n % 2 == 0 { 1 } else { 3 }))
+        .collect();
+    h.backend.push_batch(batch).await.expect("push_batch");
+    let first = h.pull("default", EXPIRED as u32).await;
+    assert_eq!(first.len(), EXPIRED as usize);
+    h.advance(Duration::minutes(10));
+    h.backend
+        .push_batch((EXPIRED..EXPIRED + PENDING).map(|n| job("k", n)).collect())
+        .await
+        .expect("push_batch");
+    let mut tasks = Vec::new();
+    for puller in 0..PULLERS {
+        let backend = h.backend.clone();
+        tasks.push(tokio::spawn(async move {
+            let request = PullRequest::queue("default").batch(1 + (puller as u32 % 5) * 7);
+            let mut seen = Vec::new();
+            loop {
+                let leased = backend.pull(&request).await.expect("pull");
+                if leased.is_empty() {
+                    return seen;
+                }
+                seen.extend(leased.iter().map(|l| (l.job.id, l.lease.token)));
+            }
+        }));
+    }
+    let mut deliveries: HashMap<i64, Vec<i64>> = HashMap::new();
+    for task in tasks {
+        for (id, token) in task.await.expect("puller task") {
+            deliveries.entry(id).or_default().push(token);
+        }
+    }
+    let twice: Vec<_> = deliveries.iter().filter(|(_, t)| t.len() > 1).collect();
+    assert!(twice.is_empty(), "leased twice: {twice:?}");
+    assert_eq!(
+        deliveries.len() as i64,
+        EXPIRED / 2 + PENDING,
+        "every expired lease with attempts left and every pending job"
+    );
+    for leased in &first {
+        let job = h.job(leased.job.id).await;
+        if leased.job.max_attempts == 1 {
+            assert_eq!(job.status, JobStatus::Dead, "{job:?}");
+            assert!(!deliveries.contains_key(&job.id), "{job:?}");
+        } else {
+            assert_eq!(deliveries[&job.id], [leased.lease.token + 1], "{job:?}");
+            assert_eq!((job.status, job.attempts), (JobStatus::Processing, 2));
+        }
+        assert!(
+            h.backend.complete(&leased.lease, None).await.is_err(),
+            "the stale lease of job {} is refused",
+            job.id
+        );
+    }
+}
+
 /// 16 concurrent pullers over 2,000 jobs in two queues, each job at a
 /// priority level of its own, half of the pullers pulling from both: each
 /// stops at its first empty pull, and together they deliver every job
