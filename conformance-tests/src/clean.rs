@@ -90,3 +90,42 @@ pub async fn clean_rejects_active_statuses(h: Harness) {
     }
     assert_eq!(h.job(id).await.status, JobStatus::Pending);
 }
+
+/// Ids are never reused, even once every job was cleaned: a lease kept
+/// from a cleaned job (id and token) can never match a later job, which
+/// fencing relies on.
+pub async fn ids_are_not_reused_after_clean(h: Harness) {
+    let first = h.push(job("k", 1)).await;
+    let second = h.push(job("k", 2)).await;
+    let mut stale = Vec::new();
+    for _ in 0..2 {
+        let leased = h.pull_one("default").await;
+        h.backend
+            .complete(&leased.lease, None)
+            .await
+            .expect("complete");
+        stale.push(leased.lease);
+    }
+    h.advance(Duration::hours(1));
+    assert_eq!(
+        h.backend
+            .clean(JobStatus::Done, h.now())
+            .await
+            .expect("clean"),
+        2
+    );
+    let next = h.push(job("k", 3)).await;
+    assert!(next > first.max(second), "{next} after {first}, {second}");
+    let leased = h.pull_one("default").await;
+    for lease in stale {
+        assert!(
+            h.backend.complete(&lease, None).await.is_err(),
+            "the cleaned job's lease {lease:?} completes nothing"
+        );
+    }
+    assert_eq!(h.job(next).await.status, JobStatus::Processing);
+    h.backend
+        .complete(&leased.lease, None)
+        .await
+        .expect("the new job's own lease");
+}
