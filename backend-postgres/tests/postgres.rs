@@ -1246,6 +1246,98 @@ async fn server_clock_by_default() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// On the server's clock too, a lease ends when its time has passed: the
+/// next pull takes back the job with attempts left and marks the one on
+/// its last attempt `Dead`; release, kill and complete stamp the server's
+/// time; clean deletes what finished before the server's `now`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_expire_and_jobs_finish_on_the_server_clock() {
+    let backend = testing::connect(testing::options()).await;
+    let again = backend.push(job(1)).await.expect("push").id();
+    let last = backend
+        .push(job(2).max_attempts(1))
+        .await
+        .expect("push")
+        .id();
+    let short = PullRequest::queue("default")
+        .batch(2)
+        .lease(Duration::seconds(1));
+    let first = backend.pull(&short).await.expect("pull");
+    assert_eq!(first.len(), 2);
+    assert!(
+        backend.pull(&short).await.expect("pull").is_empty(),
+        "held until the leases end"
+    );
+    tokio::time::sleep(StdDuration::from_millis(1_500)).await;
+    let taken_back = backend.pull(&short).await.expect("pull");
+    assert_eq!(
+        taken_back
+            .iter()
+            .map(|l| (l.job.id, l.lease.token))
+            .collect::<Vec<_>>(),
+        [(again, 2)]
+    );
+    let dead = backend.get(last).await.expect("get").expect("job");
+    assert_eq!(dead.status, JobStatus::Dead);
+    assert_eq!(
+        dead.last_error.as_deref(),
+        Some(relayq_core::LEASE_EXPIRED_ERROR)
+    );
+
+    let server_now = || async {
+        sqlx::query_scalar::<_, time::OffsetDateTime>("SELECT now()")
+            .fetch_one(backend.pool())
+            .await
+            .expect("now")
+    };
+    let before = server_now().await;
+    backend
+        .release(&taken_back[0].lease)
+        .await
+        .expect("release");
+    let released = backend.get(again).await.expect("get").expect("job");
+    assert_eq!(
+        (released.status, released.attempts),
+        (JobStatus::Pending, 1)
+    );
+    assert!(released.updated_at >= before, "{released:?}");
+    let leased = backend
+        .pull(&PullRequest::queue("default"))
+        .await
+        .expect("pull");
+    backend.kill(&leased[0].lease, "no").await.expect("kill");
+    let killed = backend.get(again).await.expect("get").expect("job");
+    assert_eq!(killed.status, JobStatus::Dead);
+    assert!(killed.updated_at >= released.updated_at, "{killed:?}");
+    let done = backend.push(job(3)).await.expect("push").id();
+    let leased = backend
+        .pull(&PullRequest::queue("default"))
+        .await
+        .expect("pull");
+    backend
+        .complete(&leased[0].lease, None)
+        .await
+        .expect("complete");
+    let completed = backend.get(done).await.expect("get").expect("job");
+    assert!((completed.updated_at - server_now().await).abs() < Duration::minutes(1));
+    assert_eq!(
+        backend
+            .clean(JobStatus::Done, server_now().await + Duration::seconds(1))
+            .await
+            .expect("clean"),
+        1
+    );
+    assert_eq!(
+        backend
+            .clean(JobStatus::Dead, completed.updated_at - Duration::hours(1))
+            .await
+            .expect("clean"),
+        0,
+        "nothing finished an hour before"
+    );
+    testing::drop_schema(backend.schema()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_batch_fences_each_lease_in_one_statement() {
     let clock = ManualClock::new(relayq_conformance::EPOCH);
