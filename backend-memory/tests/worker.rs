@@ -633,16 +633,25 @@ async fn a_hanging_resubscription_holds_up_nothing() {
 }
 
 async fn polls_after_the_subscription_closed(hang_again: bool, instant_writes: bool) {
-    let (inner, _) = store();
     let subscribes = Arc::new(AtomicUsize::new(0));
-    let backend = Arc::new(Faulty::new(
-        Arc::new(inner),
-        ClosingWakeups {
-            subscribes: Arc::clone(&subscribes),
-            hang_again,
-            instant_writes,
-        },
-    ));
+    runs_pushed_jobs_by_polling(ClosingWakeups {
+        subscribes: Arc::clone(&subscribes),
+        hang_again,
+        instant_writes,
+    })
+    .await;
+    assert!(
+        subscribes.load(Ordering::SeqCst) >= 2,
+        "the worker subscribes again after the subscription closed"
+    );
+}
+
+/// Pushes three jobs, 30 ms apart, to a one-runner worker polling every
+/// 20 ms on the memory store with `faults`; each must run in time, and
+/// the shutdown must not be held up.
+async fn runs_pushed_jobs_by_polling(faults: impl Faults + 'static) {
+    let (inner, _) = store();
+    let backend = Arc::new(Faulty::new(Arc::new(inner), faults));
     // One runner, so one subscription at the start.
     let worker = Worker::builder(backend.clone())
         .concurrency(1)
@@ -675,10 +684,6 @@ async fn polls_after_the_subscription_closed(hang_again: bool, instant_writes: b
     )
     .await
     .expect("the shutdown is not held up");
-    assert!(
-        subscribes.load(Ordering::SeqCst) >= 2,
-        "the worker subscribes again after the subscription closed"
-    );
 }
 
 /// A store with no wake-ups to give, or whose subscription fails.
@@ -730,45 +735,16 @@ async fn a_failed_subscription_falls_back_to_polling() {
     }
 }
 
-/// Runs three jobs pushed one by one to a one-runner worker on a
-/// [`NoWakeups`] store; returns how often it subscribed.
+/// Runs three pushed jobs on a [`NoWakeups`] store (see
+/// [`runs_pushed_jobs_by_polling`]); returns how often it subscribed.
 async fn polls_without_wake_ups(fails: bool, instant_writes: bool) -> usize {
-    let (inner, _) = store();
     let subscribes = Arc::new(AtomicUsize::new(0));
-    let backend = Arc::new(Faulty::new(
-        Arc::new(inner),
-        NoWakeups {
-            subscribes: Arc::clone(&subscribes),
-            fails,
-            instant_writes,
-        },
-    ));
-    let worker = Worker::builder(backend.clone())
-        .concurrency(1)
-        .poll_interval(StdDuration::from_millis(20))
-        .handle(ok_email())
-        .build()
-        .expect("build");
-    let running = worker.start();
-    for to in ["a", "b", "c"] {
-        let id = backend
-            .push(Email { to: to.into() }.to_job())
-            .await
-            .expect("push")
-            .id();
-        let job = tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(id))
-            .await
-            .expect("polling finds it in time")
-            .expect("wait_for");
-        assert_eq!(job.status, JobStatus::Done);
-        tokio::time::sleep(StdDuration::from_millis(30)).await;
-    }
-    tokio::time::timeout(
-        StdDuration::from_secs(20),
-        running.shutdown_within(StdDuration::from_secs(20)),
-    )
-    .await
-    .expect("the shutdown is not held up");
+    runs_pushed_jobs_by_polling(NoWakeups {
+        subscribes: Arc::clone(&subscribes),
+        fails,
+        instant_writes,
+    })
+    .await;
     subscribes.load(Ordering::SeqCst)
 }
 
