@@ -1119,7 +1119,10 @@ impl Puller for SqliteBackend {
         }
         // One statement for all (one commit, one turn at the file's write
         // lock, which every other writer queues for), the leases bound as
-        // one JSON array of [id, token] pairs, as `complete_batch` does.
+        // one JSON array of [id, token] pairs, as `complete_batch` does. In
+        // a transaction begun with the file's lock, so that `now` is read
+        // once it is held: a renewal waiting for another process's write
+        // would otherwise end that much sooner than asked.
         let pairs = Value::Array(
             leases
                 .iter()
@@ -1127,18 +1130,18 @@ impl Puller for SqliteBackend {
                 .collect(),
         )
         .to_string();
-        let (until, held): (OffsetDateTime, Vec<(i64, i64)>) = write_each!(self, |conn, now| {
+        let (until, held): (OffsetDateTime, Vec<(i64, i64)>) = write_tx!(self, |tx, now| {
             // As stored: whole microseconds.
             let until = truncate_to_micros(later(now, by, "by")?);
             let held = sqlx::query_as(EXTEND_BATCH_SQL)
                 .bind(micros(until))
                 .bind(micros(now))
                 .bind(&pairs)
-                .fetch_all(&mut *conn)
+                .fetch_all(&mut *tx)
                 .await?;
             (until, held)
         })?;
-        // A lease named twice is renewed (or lost) twice, as one call each.
+        // A lease named twice was renewed once: both entries report its end.
         let held: std::collections::HashSet<(i64, i64)> = held.into_iter().collect();
         Ok(leases
             .iter()
@@ -1455,10 +1458,10 @@ mod tests {
 
     /// Planner statistics gathered while no job is leased (the lease index
     /// then looks empty, e.g. `checkpoint` after a bulk load) must not turn
-    /// `complete_batch` into a scan of the leased jobs per completion: it
-    /// walks the batch and looks each job up by id.
+    /// `complete_batch` or `extend_batch` into a scan of the leased jobs
+    /// per entry: each walks its batch and looks each job up by id.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn complete_batch_looks_jobs_up_by_id_whatever_the_statistics() {
+    async fn batch_statements_look_jobs_up_by_id_whatever_the_statistics() {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
         let backend = SqliteBackend::connect(&url).await.expect("connect");
@@ -1472,22 +1475,26 @@ mod tests {
             .await
             .expect("pull");
         assert_eq!(leased.len(), 256);
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "EXPLAIN QUERY PLAN {COMPLETE_BATCH_SQL}"
-        )))
-        .bind(0_i64)
-        .bind("[]")
-        .fetch_all(backend.pool())
-        .await
-        .expect("explain");
-        let plan = render_plan(&rows).expect("plan");
-        println!("{plan}");
-        let lines: Vec<&str> = plan.lines().collect();
-        assert!(lines[0].contains("json_each"), "{plan}");
-        assert!(
-            lines[1].contains("SEARCH relayq_jobs USING INTEGER PRIMARY KEY"),
-            "{plan}"
-        );
+        // Both batch statements: completions and renewals.
+        for (statement, params) in [(COMPLETE_BATCH_SQL, 1), (EXTEND_BATCH_SQL, 2)] {
+            let mut explain = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {statement}")));
+            for _ in 0..params {
+                explain = explain.bind(0_i64);
+            }
+            let rows = explain
+                .bind("[]")
+                .fetch_all(backend.pool())
+                .await
+                .expect("explain");
+            let plan = render_plan(&rows).expect("plan");
+            println!("{plan}");
+            let lines: Vec<&str> = plan.lines().collect();
+            assert!(lines[0].contains("json_each"), "{plan}");
+            assert!(
+                lines[1].contains("SEARCH relayq_jobs USING INTEGER PRIMARY KEY"),
+                "{plan}"
+            );
+        }
         let completions = leased.iter().map(|l| Completion::from(l.lease)).collect();
         let lost = backend.complete_batch(completions).await.expect("complete");
         assert!(lost.is_empty());

@@ -299,7 +299,11 @@ pub async fn concurrent_pullers_take_back_each_expired_lease_once(h: Harness) {
             assert_eq!(job.status, JobStatus::Dead, "{job:?}");
             assert!(!deliveries.contains_key(&job.id), "{job:?}");
         } else {
-            assert_eq!(deliveries[&job.id], [leased.lease.token + 1], "{job:?}");
+            let tokens = &deliveries[&job.id];
+            assert!(
+                tokens.len() == 1 && tokens[0] > leased.lease.token,
+                "{job:?} {tokens:?}"
+            );
             assert_eq!((job.status, job.attempts), (JobStatus::Processing, 2));
         }
         assert!(

@@ -474,7 +474,8 @@ pub async fn invalid_arguments_are_named(h: Harness) {
 }
 
 /// Every upper bound on an argument holds at the bound and is refused
-/// just past it, named, with nothing changed.
+/// just past it, named, with nothing changed (and an unstorable result in
+/// a `complete_batch`, which the other acknowledgements' case leaves out).
 pub async fn arguments_are_refused_just_past_their_bounds(h: Harness) {
     let id = h.push(job("k", 1)).await;
     let b = &h.backend;
@@ -494,6 +495,10 @@ pub async fn arguments_are_refused_just_past_their_bounds(h: Harness) {
     assert_invalid(b.pull(&batch(MAX_PULL_BATCH + 1)).await, "batch");
     b.pull(&lease(MAX_LEASE)).await.expect("the longest lease");
     assert_invalid(b.pull(&lease(MAX_LEASE + step)).await, "lease");
+    let longest = "q".repeat(MAX_NAME_LEN);
+    b.pull(&PullRequest::queue(longest.clone()))
+        .await
+        .expect("the longest queue name");
     assert_invalid(b.pull(&PullRequest::queue(long.clone())).await, "queue");
     b.list(&ListFilter::new().limit(MAX_LIST_LIMIT))
         .await
@@ -502,6 +507,9 @@ pub async fn arguments_are_refused_just_past_their_bounds(h: Harness) {
         b.list(&ListFilter::new().limit(MAX_LIST_LIMIT + 1)).await,
         "limit",
     );
+    b.list(&ListFilter::new().queue(longest.clone()).kind(longest))
+        .await
+        .expect("the longest names");
     assert_invalid(
         b.list(&ListFilter::new().queue(long.clone())).await,
         "queue",
@@ -537,6 +545,9 @@ pub async fn arguments_are_refused_just_past_their_bounds(h: Harness) {
     b.extend(lease, MAX_LEASE)
         .await
         .expect("the longest extension");
+    b.extend_batch(std::slice::from_ref(lease), MAX_LEASE)
+        .await
+        .expect("the longest extensions");
     assert_eq!(
         b.retry(lease, MAX_DELAY, "again in a century")
             .await
