@@ -853,6 +853,62 @@ async fn a_push_to_an_idle_worker_is_pulled_by_the_lane_that_runs_it() {
     running.shutdown_within(StdDuration::from_secs(20)).await;
 }
 
+/// On the memory store only the first runner hears pushes: a push it has
+/// no free slot for runs on a sibling runner at once (the first tells its
+/// siblings with a free slot), not at the next poll tick an hour later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_the_listening_runner_has_no_slot_for_runs_on_a_sibling() {
+    let (inner, _) = store();
+    let backend = dyn_backend(&inner);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let slow_started = Arc::new(AtomicUsize::new(0));
+    let worker = {
+        let (release, slow_started) = (Arc::clone(&release), Arc::clone(&slow_started));
+        Worker::builder(backend.clone())
+            // Two runners (one per runtime thread), a slot each, and no
+            // buffer, from which a sibling would also take the job.
+            .concurrency(2)
+            .prefetch(0)
+            .poll_interval(StdDuration::from_secs(3600))
+            .handle(move |email: Email, _ctx: JobContext<()>| {
+                let (release, slow_started) = (Arc::clone(&release), Arc::clone(&slow_started));
+                async move {
+                    if email.to == "slow" {
+                        slow_started.fetch_add(1, Ordering::SeqCst);
+                        release.notified().await;
+                    }
+                    Ok::<_, HandlerError>(email.to)
+                }
+            })
+            .build()
+            .expect("build")
+    };
+    let running = worker.start();
+    // The runners' first pulls (of nothing) are over.
+    tokio::time::sleep(StdDuration::from_millis(100)).await;
+    let push = |to: &str| backend.push(Email { to: to.into() }.to_job());
+    // Heard, pulled and begun by the first runner's lane: its one slot.
+    let slow = push("slow").await.expect("push").id();
+    once_some(
+        || (slow_started.load(Ordering::SeqCst) > 0).then_some(()),
+        "the slow job starts",
+    )
+    .await;
+    let quick = push("quick").await.expect("push").id();
+    let job = tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(quick))
+        .await
+        .expect("a sibling runs it: the poll interval is an hour")
+        .expect("wait_for");
+    assert_eq!(job.status, JobStatus::Done);
+    release.notify_one();
+    let job = tokio::time::timeout(StdDuration::from_secs(20), running.wait_for(slow))
+        .await
+        .expect("in time")
+        .expect("wait_for");
+    assert_eq!(job.status, JobStatus::Done);
+    running.shutdown_within(StdDuration::from_secs(20)).await;
+}
+
 /// Starts [`lane_pulling_worker`] on `backend` and waits until its first
 /// job (to "first") is done: as that job ends, the lane pulls for itself.
 async fn past_the_first_job(backend: &Arc<dyn Backend>) -> relayq_core::WorkerHandle<()> {

@@ -109,6 +109,10 @@ struct Starter<S> {
     /// The runner's push signals, heard by its pull loop or, on a backend
     /// with instant writes, by its first lane (see [`Self::lane_listens`]).
     signals: Signals,
+    /// Whether the runner subscribes to push signals at all: not a sibling
+    /// of the first runner on a backend with instant writes (see
+    /// [`Self::lane_listens`]).
+    subscribes: bool,
 }
 
 /// What a lane's own pull (see [`Starter::pull_here`]) came to.
@@ -147,8 +151,30 @@ impl<S: Send + Sync + 'static> Starter<S> {
     /// more task's wake-up (memory, 10 alternating pairs of 200 jobs:
     /// median p50 enqueue-to-start latency 0.085 ms before, 0.076 after).
     /// One lane only, as every lane woken would pull.
+    ///
+    /// And one runner only (the first): a push then wakes one task, which
+    /// Tokio runs on the pushing thread once the pusher yields, where waking
+    /// every runner's lane also had the pushing thread wake a parked one for
+    /// the second task, before its own yield. The listening lane tells the
+    /// sibling runners with a free slot once its turn is over (see
+    /// [`Self::tell_siblings`]), as it tells its own pull loop.
     fn lane_listens(&self, index: usize) -> bool {
-        !self.pull_loop_listens() && index == 0
+        self.subscribes && !self.pull_loop_listens() && index == 0
+    }
+
+    /// Tells the sibling runners with a free slot that the queues may hold
+    /// due jobs (a push the first runner's lane heard): their pull loops
+    /// pull for those slots.
+    fn tell_siblings(&self) {
+        let siblings = self
+            .crew
+            .stocks
+            .iter()
+            .filter(|s| !Arc::ptr_eq(s, &self.stock));
+        for sibling in siblings.filter(|sibling| sibling.slots.free() > 0) {
+            sibling.may_have_more();
+            sibling.board.ended.notify_one();
+        }
     }
 
     /// On a backend with instant writes, a lane that finds the buffer empty
@@ -471,6 +497,7 @@ async fn lane<S: Send + Sync + 'static>(
             // pull loop pulls ahead into the buffer only what the lane did
             // not, and never races it for the pushed job.
             board.ended.notify_one();
+            starter.tell_siblings();
         }
         if !acks.is_empty() {
             let n = acks.len();
@@ -676,12 +703,19 @@ async fn run<S: Send + Sync + 'static>(
     let config = &shared.config;
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     let keeper = &crew.keeper;
-    let signals = Signals::subscribe(
-        Arc::clone(&shared.backend),
-        config.queues.clone(),
-        config.poll_interval,
-    )
-    .await;
+    // On a backend with instant writes only the first runner subscribes
+    // (see `Starter::lane_listens`).
+    let subscribes = index == 0 || !shared.instant_writes;
+    let signals = if subscribes {
+        Signals::subscribe(
+            Arc::clone(&shared.backend),
+            config.queues.clone(),
+            config.poll_interval,
+        )
+        .await
+    } else {
+        Signals::none(Arc::clone(&shared.backend))
+    };
     let request = PullRequest::queues(config.queues.clone()).lease(config.backend_lease);
     // The lanes that run started jobs until their outcomes are recorded
     // or handed to the completion batcher.
@@ -717,6 +751,7 @@ async fn run<S: Send + Sync + 'static>(
         request: request.clone(),
         stop: stop.clone(),
         signals,
+        subscribes,
     });
     let (slots, buffer) = (&stock.slots, &stock.buffer);
     let mut lane_tasks: JoinSet<ShutdownReport> = JoinSet::new();

@@ -70,6 +70,18 @@ impl Signals {
         signals
     }
 
+    /// Signals that never come, for a runner that hears of pushes from a
+    /// sibling instead (see `runner::Starter::lane_listens`).
+    pub(crate) fn none(backend: Arc<dyn Backend>) -> Self {
+        Self {
+            state: Mutex::new(State::Off),
+            backend,
+            queues: Vec::new(),
+            renews: false,
+            retry_after: Duration::ZERO,
+        }
+    }
+
     /// What follows a subscription that closed or could not be made.
     fn after_loss(&self) -> State {
         if self.renews {
