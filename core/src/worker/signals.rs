@@ -2,12 +2,14 @@
 //! pushed"), renewed when it closes, and given up when the runner stops.
 //!
 //! The runner subscribes when it starts and unsubscribes when it stops.
-//! Its pull loop listens; on a backend with instant writes one of its lanes
-//! does (see `runner::Starter::lane_listens`): a push then wakes the task
-//! that pulls the job and begins it, not a pull loop that would pull it and
+//! Its pull loop listens; on a backend with instant writes only the first
+//! runner subscribes, and its first lane listens (see
+//! `runner::Starter::lane_listens`): a push then wakes the one task that
+//! pulls the job and begins it, not a pull loop that would pull it and
 //! hand it to a lane (each hand-over costs a task's wake-up, about a tenth
-//! of an idle memory worker's enqueue-to-start latency). The lock is only
-//! ever contended when the runner stops.
+//! of an idle memory worker's enqueue-to-start latency); that lane tells
+//! the sibling runners. The lock is only ever contended when the runner
+//! stops.
 
 use std::future::Future;
 use std::pin::Pin;
