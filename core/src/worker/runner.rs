@@ -157,8 +157,9 @@ impl<S: Send + Sync + 'static> Starter<S> {
     /// Tokio runs on the pushing thread once the pusher yields, where waking
     /// every runner's lane also had the pushing thread wake a parked one for
     /// the second task, before its own yield. The listening lane tells the
-    /// sibling runners with a free slot once its turn is over (see
-    /// [`Self::tell_siblings`]), as it tells its own pull loop.
+    /// sibling runners once the pushed job has begun (see
+    /// [`Self::tell_siblings`]), and its own pull loop once its turn is
+    /// over.
     fn lane_listens(&self, index: usize) -> bool {
         self.subscribes && !self.pull_loop_listens() && index == 0
     }
@@ -454,13 +455,6 @@ async fn lane<S: Send + Sync + 'static>(
                 },
                 None => break,
             };
-            // A lane kept busy (by a deep buffer, or by pulling for itself)
-            // may never wait; it yields every so many starts, so the tasks
-            // sharing its thread (the pull loop, which watches for the
-            // shutdown, and the keeper, which renews leases) still run.
-            // Counted here rather than with Tokio's cooperative budget,
-            // which costs a thread-local access on every start and a
-            // yield every 128 (4% of quick jobs' throughput, measured).
             // The siblings are told of a push heard this turn once its first
             // job (the pushed one, as a rule) has begun, not before: told
             // first, they would have this thread wake a parked one before
@@ -471,6 +465,13 @@ async fn lane<S: Send + Sync + 'static>(
                 starter.tell_siblings();
             }
             begun += 1;
+            // A lane kept busy (by a deep buffer, or by pulling for itself)
+            // may never wait; it yields every so many starts, so the tasks
+            // sharing its thread (the pull loop, which watches for the
+            // shutdown, and the keeper, which renews leases) still run.
+            // Counted here rather than with Tokio's cooperative budget,
+            // which costs a thread-local access on every start and a
+            // yield every 128 (4% of quick jobs' throughput, measured).
             started += 1;
             if started.is_multiple_of(STARTS_BETWEEN_YIELDS) {
                 tokio::task::yield_now().await;
@@ -747,15 +748,6 @@ async fn run<S: Send + Sync + 'static>(
             .filter(move |&(i, _)| i != index)
             .map(|(_, sibling)| &**sibling)
     };
-    if subscribes && shared.instant_writes {
-        // The siblings subscribe to nothing: a push made after their first
-        // pulls and before this subscription was made went unheard. They
-        // look once more.
-        for sibling in siblings() {
-            sibling.may_have_more();
-            sibling.board.ended.notify_one();
-        }
-    }
     let board = Arc::clone(&stock.board);
     let lanes = board.in_flight.len();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -782,6 +774,12 @@ async fn run<S: Send + Sync + 'static>(
         signals,
         subscribes,
     });
+    if subscribes && shared.instant_writes {
+        // The siblings subscribe to nothing: a push made after their first
+        // pulls and before this subscription was made went unheard. They
+        // look once more.
+        starter.tell_siblings();
+    }
     let (slots, buffer) = (&stock.slots, &stock.buffer);
     let mut lane_tasks: JoinSet<ShutdownReport> = JoinSet::new();
     let mut starts = Vec::with_capacity(lanes);
