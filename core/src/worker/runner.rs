@@ -164,16 +164,21 @@ impl<S: Send + Sync + 'static> Starter<S> {
         self.subscribes && !self.pull_loop_listens() && index == 0
     }
 
+    /// The stocks of the worker's other runners.
+    fn siblings(&self) -> impl Iterator<Item = &Stock> {
+        let stocks = self.crew.stocks.iter();
+        stocks
+            .filter(|sibling| !Arc::ptr_eq(sibling, &self.stock))
+            .map(|sibling| &**sibling)
+    }
+
     /// Tells the sibling runners that the queues may hold due jobs (a push
     /// the first runner's lane heard), as their own subscriptions would:
     /// every sibling counts the sign, so that one whose slot frees later
     /// pulls for it (its lane, or its pull loop); those with a slot free
     /// now have their pull loops woken to pull for it.
     fn tell_siblings(&self) {
-        for sibling in &self.crew.stocks {
-            if Arc::ptr_eq(sibling, &self.stock) {
-                continue;
-            }
+        for sibling in self.siblings() {
             sibling.may_have_more();
             if sibling.slots.free() > 0 {
                 sibling.board.ended.notify_one();
@@ -741,13 +746,6 @@ async fn run<S: Send + Sync + 'static>(
     // The lanes that run started jobs until their outcomes are recorded
     // or handed to the completion batcher.
     let stock = Arc::clone(&crew.stocks[index]);
-    let siblings = || {
-        crew.stocks
-            .iter()
-            .enumerate()
-            .filter(move |&(i, _)| i != index)
-            .map(|(_, sibling)| &**sibling)
-    };
     let board = Arc::clone(&stock.board);
     let lanes = board.in_flight.len();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -831,14 +829,17 @@ async fn run<S: Send + Sync + 'static>(
         };
         start_from(&stock, false);
         if stop.borrow().is_none() {
-            for sibling in siblings() {
+            for sibling in starter.siblings() {
                 start_from(sibling, true);
             }
         }
         // Jobs buffered here with no slot free: a sibling with one takes
         // them (told only then, so not for every job).
         if free_slots(slots) == 0 && !buffer.is_empty() {
-            for sibling in siblings().filter(|sibling| sibling.slots.free() > 0) {
+            for sibling in starter
+                .siblings()
+                .filter(|sibling| sibling.slots.free() > 0)
+            {
                 sibling.board.ended.notify_one();
             }
         }

@@ -58,11 +58,10 @@ impl Signals {
     ) -> Self {
         let caps = backend.capabilities();
         let mut signals = Self {
-            state: Mutex::new(State::Off),
-            backend,
             queues,
             renews: caps.in_process_wakeups || caps.cross_process_wakeups,
             retry_after,
+            ..Self::none(backend)
         };
         let state = match try_subscribe(&*signals.backend, &signals.queues).await {
             Some(wakeups) => State::Open(wakeups),
