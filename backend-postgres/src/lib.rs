@@ -258,7 +258,8 @@
 //! [`PgOptions`], ever shows a password.
 //!
 //! [`Error::is_transient`] is true for a connection lost, reset or silent
-//! past [`PgOptions::reply_timeout`], no pooled connection free within
+//! past [`PgOptions::reply_timeout`], a host name that did not resolve, no
+//! pooled connection free within
 //! [`PgOptions::acquire_timeout`] (which is also how a refused connection
 //! ends: sqlx retries it until then), and the SQLSTATEs of a broken
 //! connection (class `08`), a serialization failure (`40001`), a deadlock

@@ -24,33 +24,48 @@ const TRANSIENT_STATES: &[&str] = &[
 /// network failed or the server did not answer (an I/O error of a
 /// connection, which is also how a passed reply deadline fails; not a TLS
 /// certificate refused or a certificate file missing, which sqlx reports
-/// as I/O too), no pooled connection came free in time (which is also how
-/// a refused connection ends, once sqlx has retried it for the acquire
-/// timeout), the connection broke (SQLSTATE class `08`, which includes
+/// as I/O too), the server's host name did not resolve (see
+/// [`is_failed_lookup`]), no pooled connection came free in time (which is
+/// also how a refused connection ends, once sqlx has retried it for the
+/// acquire timeout), the connection broke (SQLSTATE class `08`, which includes
 /// `08P01`, how PgBouncer reports a server it lost), or the server turned
 /// the statement down for one of [`TRANSIENT_STATES`].
 pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(io) => matches!(
-            io.kind(),
-            ErrorKind::ConnectionRefused
-                | ErrorKind::ConnectionReset
-                | ErrorKind::ConnectionAborted
-                | ErrorKind::NotConnected
-                | ErrorKind::BrokenPipe
-                | ErrorKind::UnexpectedEof
-                | ErrorKind::TimedOut
-                | ErrorKind::HostUnreachable
-                | ErrorKind::NetworkUnreachable
-                | ErrorKind::NetworkDown
-                | ErrorKind::Interrupted
-        ),
+        sqlx::Error::Io(io) => {
+            matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::NotConnected
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+                    | ErrorKind::TimedOut
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+                    | ErrorKind::NetworkDown
+                    | ErrorKind::Interrupted
+            ) || is_failed_lookup(io)
+        }
         sqlx::Error::PoolTimedOut => true,
         sqlx::Error::Database(db) => db
             .code()
             .is_some_and(|code| code.starts_with("08") || TRANSIENT_STATES.contains(&&*code)),
         _ => false,
     }
+}
+
+/// Whether `io` is the standard library's report of a host name that did
+/// not resolve, at connect: it has no [`ErrorKind`] of its own to match
+/// (it is `Uncategorized`, which stable Rust cannot name), only its
+/// message. Transient because a name may resolve later (a DNS server that
+/// timed out, a database whose service name is being recreated), as a
+/// refused connection may be accepted later; a misspelled name looks the
+/// same, and so does a wrong port.
+fn is_failed_lookup(io: &std::io::Error) -> bool {
+    io.to_string()
+        .starts_with("failed to lookup address information")
 }
 
 /// `source`, caused by a driver error that [`is_transient`] or not, as an
@@ -78,6 +93,20 @@ mod tests {
             assert!(is_transient(&sqlx::Error::Io(kind.into())), "{kind:?}");
         }
         assert!(is_transient(&sqlx::Error::PoolTimedOut));
+    }
+
+    #[test]
+    fn a_host_name_that_does_not_resolve_is_transient() {
+        use std::net::ToSocketAddrs;
+        // `.invalid` never resolves (RFC 6761); the error is the one sqlx
+        // passes on from tokio, which asks the standard library.
+        let lookup = ("relayq-test.invalid", 5432)
+            .to_socket_addrs()
+            .expect_err("an .invalid name does not resolve");
+        assert!(is_transient(&sqlx::Error::Io(lookup)));
+        assert!(!is_transient(&sqlx::Error::Io(std::io::Error::other(
+            "failed to look at something else"
+        ))));
     }
 
     #[test]

@@ -1105,6 +1105,19 @@ async fn bad_configuration_is_a_typed_error_without_the_password() {
         other => panic!("expected Backend, got {other:?}"),
     }
 
+    // A host name that does not resolve (`.invalid` never does): the same,
+    // as a name may resolve later.
+    let unresolved = PgOptions::new(format!("postgres://u:{secret}@relayq-test.invalid/db"))
+        .acquire_timeout(StdDuration::from_secs(5));
+    match PgBackend::connect_with(unresolved).await {
+        Err(e @ Error::Backend { .. }) => {
+            assert!(!shows_secret(&e), "{e}");
+            assert!(e.to_string().contains("relayq-test.invalid"), "{e}");
+            assert!(e.is_transient(), "a name may resolve later: {e:?}");
+        }
+        other => panic!("expected Backend, got {other:?}"),
+    }
+
     // A working backend's Debug hides the password too (trust auth ignores
     // one added to a URL that has none).
     let with_password = if url.contains('@') || !url.contains("://") {
