@@ -1274,6 +1274,8 @@ async fn shutdown_while_releasing(delay: StdDuration, panics: bool) -> relayq_co
         .queues(["mail"])
         .concurrency(1)
         .prefetch(16)
+        // Buffered jobs are given back after a poll interval's wait.
+        .poll_interval(StdDuration::from_secs(60))
         .handle({
             let (entered, stopped) = (Arc::clone(&entered), Arc::clone(&stopped));
             move |e: Email, _ctx: JobContext<()>| {

@@ -1334,6 +1334,8 @@ pub async fn worker_shutdown_releases_prefetched_jobs(h: Harness) {
     let worker = h
         .worker()
         .concurrency(1)
+        // Buffered jobs are given back after a poll interval's wait.
+        .poll_interval(LIVENESS)
         .handle(|task: Task, ctx: JobContext<Harness>| async move {
             if task.n == 0 {
                 ctx.shutdown_requested().await;
@@ -1377,6 +1379,79 @@ pub async fn worker_shutdown_releases_prefetched_jobs(h: Harness) {
     }
 }
 
+/// Jobs leased ahead of the only slot, which a slow job then holds, are
+/// given back once they have waited a poll interval, their attempt not
+/// spent: another worker with a free slot runs them meanwhile, and the
+/// first leases none again while its slot stays busy.
+pub async fn worker_gives_back_jobs_held_behind_a_busy_slot(h: Harness) {
+    const POLL: StdDuration = StdDuration::from_millis(200);
+    let ids: Arc<Mutex<Vec<JobId>>> = Arc::default();
+    let waiting = Arc::clone(&ids);
+    let slow = h
+        .worker()
+        .concurrency(1)
+        .poll_interval(POLL)
+        .handle(move |task: Task, ctx: JobContext<Harness>| {
+            let ids = Arc::clone(&waiting);
+            async move {
+                if task.n == 0 {
+                    // Holds the slot until every other job is done.
+                    let others: Vec<JobId> = ids.lock().expect("lock")[1..].to_vec();
+                    for id in others {
+                        status_reached(ctx.state(), id, JobStatus::Done).await;
+                    }
+                }
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .build()
+        .expect("build");
+    for n in 0..3 {
+        let id = h.push(Task { n }.to_job()).await;
+        ids.lock().expect("lock").push(id);
+    }
+    let ids: Vec<JobId> = ids.lock().expect("lock").clone();
+    let slow = slow.start();
+    // The first job runs on the only slot; the pull that filled it came back
+    // full with the slot waiting, so the worker leases one more ahead.
+    within(
+        "a job leased ahead of the busy slot",
+        status_reached(&h, ids[1], JobStatus::Processing),
+    )
+    .await;
+    within(
+        "the job to be given back",
+        status_reached(&h, ids[1], JobStatus::Pending),
+    )
+    .await;
+    tokio::time::sleep(2 * POLL).await;
+    for &id in &ids[1..] {
+        let job = h.job(id).await;
+        assert_eq!(
+            (job.status, job.attempts),
+            (JobStatus::Pending, 0),
+            "job {id}: given back with its attempt, none leased again by a worker with no free slot"
+        );
+    }
+    let other = h
+        .worker()
+        .poll_interval(POLL)
+        .handle(|_task: Task, _ctx: JobContext<Harness>| async move { Ok::<_, HandlerError>(()) })
+        .build()
+        .expect("build")
+        .start();
+    for &id in &ids {
+        within(
+            "every job to be done",
+            status_reached(&h, id, JobStatus::Done),
+        )
+        .await;
+        assert_eq!(h.job(id).await.attempts, 1, "job {id} ran once");
+    }
+    slow.shutdown_within(LIVENESS).await;
+    other.shutdown_within(LIVENESS).await;
+}
+
 /// A job leased ahead of a free slot (the prefetch buffer) keeps its lease
 /// renewed while it waits, like a running one: no other puller gets it.
 pub async fn worker_renews_the_leases_of_prefetched_jobs(h: Harness) {
@@ -1389,6 +1464,8 @@ pub async fn worker_renews_the_leases_of_prefetched_jobs(h: Harness) {
         .worker()
         .concurrency(1)
         .lease(LEASE)
+        // Buffered jobs are given back after a poll interval's wait.
+        .poll_interval(LIVENESS)
         .handle(move |task: Task, ctx: JobContext<Harness>| {
             let (problems, ids) = (Arc::clone(&report), Arc::clone(&waiting));
             async move {

@@ -176,6 +176,16 @@ impl Buffer {
         }
     }
 
+    /// Takes out every buffered job if the first one (the longest
+    /// buffered, as a rule) was buffered by `since`; else none.
+    pub(crate) fn take_all_if_buffered_by(&self, since: Instant) -> VecDeque<Buffered> {
+        let mut jobs = self.lock();
+        match jobs.queue.front() {
+            Some(first) if first.buffered_at <= since => std::mem::take(&mut jobs.queue),
+            _ => VecDeque::new(),
+        }
+    }
+
     /// Stops all starts and returns the jobs left, to be given back.
     pub(crate) fn close(&self) -> VecDeque<Buffered> {
         let mut jobs = self.lock();
@@ -223,5 +233,21 @@ mod tests {
                 .take(&slots, false, &running, Instant::now())
                 .is_none()
         );
+    }
+
+    #[test]
+    fn jobs_are_taken_out_once_the_first_has_waited_long_enough() {
+        let buffer = Buffer::new(Arc::new(Board::new(1)));
+        let first = buffered(1);
+        let since = first.buffered_at;
+        let _ = buffer.extend([first, buffered(2)].into());
+        let before = since
+            .checked_sub(Duration::from_millis(1))
+            .expect("a clock past its start");
+        assert!(buffer.take_all_if_buffered_by(before).is_empty());
+        assert_eq!(buffer.len(), 2, "none waited since then");
+        assert_eq!(ids(&buffer.take_all_if_buffered_by(since)), [1, 2]);
+        assert!(buffer.is_empty());
+        assert!(buffer.take_all_if_buffered_by(since).is_empty());
     }
 }

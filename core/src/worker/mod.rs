@@ -556,10 +556,12 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     /// keeps a buffer of leased jobs to start while its next pull is under
     /// way, instead of leaving its slots idle. The buffer's depth adapts:
     /// the jobs the handlers start during about two pulls' round trips, up
-    /// to this bound. Handlers much slower than a round trip get no buffer,
-    /// so one worker never hoards slow jobs while another idles. Buffered
-    /// leases are renewed like running ones, and given back at once on
-    /// shutdown. 0 pulls only for free slots.
+    /// to this bound. Handlers much slower than a round trip get no buffer;
+    /// jobs buffered behind slow ones that took every slot are given back
+    /// once they have waited a [poll interval](Self::poll_interval), for
+    /// any worker with a free slot. So one worker never hoards jobs while
+    /// another idles. Buffered leases are renewed like running ones, and
+    /// given back at once on shutdown. 0 pulls only for free slots.
     pub fn prefetch(mut self, limit: u32) -> Self {
         self.prefetch = limit;
         self
@@ -575,7 +577,9 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     }
 
     /// How often to look for due jobs when no wake-up came (delayed jobs and
-    /// retries become due silently; backends without wake-ups rely on it).
+    /// retries become due silently; backends without wake-ups rely on it),
+    /// and how long a buffered job may wait for a slot before it is given
+    /// back (see [`prefetch`](Self::prefetch)).
     pub fn poll_interval(mut self, every: Duration) -> Self {
         self.poll_interval = every;
         self

@@ -16,8 +16,12 @@
 //!
 //! Quick handlers thus get a deep buffer (up to the configured limit);
 //! handlers much slower than a round trip get next to none (the depth
-//! settles between 0 and 1), so one worker never hoards slow jobs while
-//! another idles.
+//! settles between 0 and 1). And when quick handlers have deepened it and
+//! slow ones then take every slot, the buffered jobs are not kept waiting
+//! behind them: once the first has waited a whole poll interval, the
+//! buffer is given back, for any worker with a free slot, and its depth
+//! starts over from 0 ([`Prefetch::restart`]). So one worker never hoards
+//! jobs while another idles.
 
 use std::time::Duration;
 
@@ -69,6 +73,12 @@ impl Prefetch {
             self.target /= 2;
             self.shrunk = true;
         }
+    }
+
+    /// The buffer was given back (its jobs waited too long for a slot):
+    /// the depth starts over from 0, as for a new worker.
+    pub(crate) fn restart(&mut self) {
+        self.target = 0;
     }
 
     /// How many jobs to hold beyond the free slots now.
@@ -123,6 +133,20 @@ mod tests {
             p.waited(Duration::from_millis(500));
         }
         assert_eq!(p.target(), 0, "slow handlers get no buffer");
+    }
+
+    #[test]
+    fn a_restart_empties_it_until_slots_starve_again() {
+        let mut p = Prefetch::new(256);
+        for _ in 0..12 {
+            p.pulled(RTT, true, true);
+        }
+        p.restart();
+        assert_eq!(p.target(), 0);
+        p.pulled(RTT, true, false);
+        assert_eq!(p.target(), 0, "busy slots leave it empty");
+        p.pulled(RTT, true, true);
+        assert_eq!(p.target(), 1);
     }
 
     #[test]

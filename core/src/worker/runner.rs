@@ -789,6 +789,9 @@ async fn run<S: Send + Sync + 'static>(
     let mut pulls: FuturesUnordered<Pulling> = FuturesUnordered::new();
     // Jobs the buffer refused (none: see where they are added).
     let mut refused = VecDeque::new();
+    // Buffered jobs being given back for waiting too long; their leases
+    // are renewed until they are.
+    let mut giving_back: JoinSet<usize> = JoinSet::new();
     // When the last pull was sent; the poll timer fires a poll interval
     // after it. Re-arming a timer costs more than a pull on a quick store,
     // so the timer is only moved once it fires.
@@ -841,6 +844,23 @@ async fn run<S: Send + Sync + 'static>(
                 .filter(|sibling| sibling.slots.free() > 0)
             {
                 sibling.board.ended.notify_one();
+            }
+        }
+        // Jobs buffered here that waited a whole poll interval for a slot:
+        // quick jobs deepened the buffer, and slow ones now hold every slot
+        // (a sibling with one free took them above). They go back, for any
+        // worker with a free slot, and the buffer starts over from empty.
+        while giving_back.try_join_next().is_some() {}
+        if let Some(since) = now.checked_sub(config.poll_interval) {
+            let held = buffer.take_all_if_buffered_by(since);
+            if !held.is_empty() {
+                stock.prefetch().restart();
+                tracing::debug!(
+                    jobs = held.len(),
+                    "giving back buffered jobs that waited a poll interval for a slot"
+                );
+                let shared = Arc::clone(&shared);
+                giving_back.spawn(async move { release_all(&shared, held).await });
             }
         }
         stock.prefetch().waited(buffer.take_longest_wait());
@@ -972,6 +992,12 @@ async fn run<S: Send + Sync + 'static>(
         }
     }
     report.released += released.unwrap_or(0);
+    // Given back before the shutdown: not counted in its report.
+    while let Some(joined) = giving_back.join_next().await {
+        if let Err(e) = joined {
+            log_join_error("a release of buffered jobs", &e);
+        }
+    }
     // The batcher ends once every sender is gone: the last is the lanes'.
     drop(starter);
     if let Some(Err(e)) = OptionFuture::from(completer).await {
