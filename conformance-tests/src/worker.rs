@@ -194,6 +194,34 @@ pub async fn worker_retry_overrides_apply(h: Harness) {
     );
 }
 
+/// A custom retry policy that panics (its bug) does not lose the failed
+/// attempt: the job is retried as the default policy says, with the
+/// handler's error.
+pub async fn worker_retries_by_default_when_the_policy_panics(h: Harness) {
+    let worker = h
+        .worker()
+        .retry(RetryPolicy::custom(|_job, _attempt| panic!("a policy bug")))
+        .handle(|_task: Task, _ctx: JobContext<Harness>| async move {
+            Err::<(), _>(HandlerError::new("try later"))
+        })
+        .build()
+        .expect("build");
+    let id = h.push(Task { n: 1 }.to_job()).await;
+    let report = worker.run_until_idle().await.expect("run");
+    assert_eq!((report.ran(), report.retrying()), (1, 1), "{report:?}");
+    let job = h.job(id).await;
+    assert_eq!(
+        (job.status, job.attempts, job.last_error.as_deref()),
+        (JobStatus::Pending, 1, Some("try later"))
+    );
+    // The default policy's first delay: 1 s, with equal jitter.
+    let delay = job.run_at - h.now();
+    assert!(
+        (Duration::milliseconds(500)..=Duration::seconds(1)).contains(&delay),
+        "{delay}"
+    );
+}
+
 /// A job that fails on every attempt is `Dead` after `max_attempts`, with
 /// the last error; a permanent error makes it `Dead` at once. Every attempt
 /// is reported as an event.

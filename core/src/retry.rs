@@ -125,7 +125,8 @@ impl RetryPolicy {
     }
 
     /// Any function of the failed job (as it was leased) and the attempt
-    /// that failed (1 for the first).
+    /// that failed (1 for the first). Should it panic, the worker retries
+    /// the job as [`RetryPolicy::default`] says, and logs the panic.
     ///
     /// ```
     /// use std::time::Duration;

@@ -612,13 +612,9 @@ async fn record_failure<S>(
     if failure.is_permanent() {
         return record_kill(&*shared.backend, &lease, error).await;
     }
-    let delay = failure.retry_delay().unwrap_or_else(|| {
-        entry
-            .retry
-            .as_ref()
-            .unwrap_or(&shared.config.retry)
-            .delay(job, job.attempts)
-    });
+    let delay = failure
+        .retry_delay()
+        .unwrap_or_else(|| policy_delay(entry.retry.as_ref().unwrap_or(&shared.config.retry), job));
     let backend_delay = time::Duration::try_from(delay)
         .unwrap_or(MAX_DELAY)
         .min(MAX_DELAY);
@@ -627,6 +623,22 @@ async fn record_failure<S>(
         Ok(_) => Outcome::Retrying { error, delay },
         Err(e) => unrecorded(e),
     }
+}
+
+/// The delay `policy` sets after `job`'s failed attempt; the default
+/// policy's if it panics (a custom policy's bug), so that the job is still
+/// retried, with a backoff, rather than left to its lease's end.
+fn policy_delay(policy: &RetryPolicy, job: &Job) -> Duration {
+    std::panic::catch_unwind(AssertUnwindSafe(|| policy.delay(job, job.attempts))).unwrap_or_else(
+        |panic| {
+            tracing::error!(
+                job = job.id,
+                panic = %panic_message(&*panic),
+                "the retry policy panicked; the job is retried as the default policy says"
+            );
+            RetryPolicy::default().delay(job, job.attempts)
+        },
+    )
 }
 
 async fn record_kill(backend: &dyn Backend, lease: &Lease, error: String) -> Outcome {

@@ -61,7 +61,9 @@ pub trait JobType: Serialize + DeserializeOwned + Send + 'static {
 
 /// Why a handler's attempt failed.
 ///
-/// Any `std::error::Error` converts into it, so `?` works in handlers. By
+/// Any `std::error::Error` converts into it, so `?` works in handlers on
+/// such errors (an `anyhow::Error` or a boxed error is not one: map it
+/// with `.map_err(|e| HandlerError::new(format!("{e:#}")))`). By
 /// default a failure is retried after the worker's [`RetryPolicy`](crate::RetryPolicy)
 /// delay; [`Self::permanent`] makes the job `Dead` at once, and
 /// [`Self::retry_after`] picks the delay.

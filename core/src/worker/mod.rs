@@ -159,7 +159,7 @@ impl<S: Send + Sync + 'static> Worker<S> {
     ///
     /// Each call starts an independent runner with its own concurrency
     /// budget; one is the norm.
-    #[must_use = "dropping the handle shuts the worker down at once"]
+    #[must_use = "dropping the handle starts the worker's shutdown at once"]
     pub fn start(&self) -> WorkerHandle<S> {
         let (stop, stopped) = watch::channel(None);
         let task = tokio::spawn(runner::run_all(Arc::clone(&self.shared), stopped));
@@ -297,7 +297,7 @@ impl IdleReport {
 
 /// A started worker. Shut it down with [`shutdown`](Self::shutdown);
 /// dropping it starts the same graceful shutdown without waiting for it.
-#[must_use = "dropping the handle shuts the worker down at once"]
+#[must_use = "dropping the handle starts the worker's shutdown at once"]
 pub struct WorkerHandle<S = ()> {
     worker: Worker<S>,
     stop: watch::Sender<Option<Instant>>,
@@ -528,8 +528,9 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
         self
     }
 
-    /// Pulls from `queue` too. Naming any queue replaces the default (the
-    /// registered kinds' queues).
+    /// Pulls from `queue`, besides the queues named so far. Naming any queue
+    /// replaces the default (the registered kinds' queues): name those too
+    /// if the worker is to pull from them.
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
         self.queues.get_or_insert_with(Vec::new).push(queue.into());
         self

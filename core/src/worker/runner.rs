@@ -52,7 +52,8 @@ use crate::store::Backend;
 #[non_exhaustive]
 pub struct ShutdownReport {
     /// Jobs whose attempt ended on its own during the grace period (done,
-    /// failed or dead alike).
+    /// failed or dead alike, or with its outcome refused as its lease was
+    /// lost, or not recorded for a store error).
     pub finished: usize,
     /// Jobs given back without an outcome: those pulled ahead but not yet
     /// started when the shutdown began, and those still running at the
