@@ -1,7 +1,7 @@
 //! A backend that forwards every call to another, for tests that change
-//! one call of a real store: make its completions slow, close its wake-up
-//! subscriptions, let a push land during a pull, slow its releases, fail
-//! its renewals, declare other capabilities.
+//! one call of a real store: make its completions slow or fail, close its
+//! wake-up subscriptions, let a push land during a pull, slow its releases,
+//! fail its renewals or retries, declare other capabilities.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -65,6 +65,17 @@ pub trait Faults: fmt::Debug + Send + Sync + 'static {
         inner.complete(lease, result).await
     }
 
+    /// [`Puller::retry`].
+    async fn retry(
+        &self,
+        inner: &dyn Backend,
+        lease: &Lease,
+        delay: Duration,
+        error: &str,
+    ) -> Result<JobStatus> {
+        inner.retry(lease, delay, error).await
+    }
+
     /// [`Puller::release`].
     async fn release(&self, inner: &dyn Backend, lease: &Lease) -> Result<()> {
         inner.release(lease).await
@@ -120,6 +131,16 @@ impl<F: Faults> Faults for Arc<F> {
         completions: Vec<Completion>,
     ) -> Result<Vec<Lease>> {
         (**self).complete_batch(inner, completions).await
+    }
+
+    async fn retry(
+        &self,
+        inner: &dyn Backend,
+        lease: &Lease,
+        delay: Duration,
+        error: &str,
+    ) -> Result<JobStatus> {
+        (**self).retry(inner, lease, delay, error).await
     }
 
     async fn release(&self, inner: &dyn Backend, lease: &Lease) -> Result<()> {
@@ -236,7 +257,7 @@ impl<F: Faults> Puller for Faulty<F> {
         self.faults.complete_batch(&*self.inner, completions).await
     }
     async fn retry(&self, lease: &Lease, delay: Duration, error: &str) -> Result<JobStatus> {
-        self.inner.retry(lease, delay, error).await
+        self.faults.retry(&*self.inner, lease, delay, error).await
     }
     async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
         self.inner.kill(lease, error).await

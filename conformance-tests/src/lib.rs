@@ -98,6 +98,7 @@ macro_rules! __for_each_case {
             worker::worker_retries_follow_the_backoff_schedule,
             worker::worker_retry_overrides_apply,
             worker::worker_retries_by_default_when_the_policy_panics,
+            worker::worker_makes_outcome_writes_that_failed_transiently_again,
             worker::worker_marks_dead_after_max_attempts,
             worker::worker_kills_unusable_jobs_once,
             worker::worker_times_out_a_slow_handler,

@@ -222,6 +222,132 @@ pub async fn worker_retries_by_default_when_the_policy_panics(h: Harness) {
     );
 }
 
+/// Outcome writes that fail transiently (a connection lost, a failover, a
+/// deadlock) are made again while the lease is held: a completion, alone
+/// or batched, and a retry are each recorded, and no handler runs twice.
+pub async fn worker_makes_outcome_writes_that_failed_transiently_again(h: Harness) {
+    let flaky = Arc::new(FlakyWrites::default());
+    let backend: Arc<dyn Backend> =
+        Arc::new(Faulty::new(Arc::clone(&h.backend), Arc::clone(&flaky)));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::builder(backend)
+        .state(h.clone())
+        .retry(RetryPolicy::fixed(StdDuration::from_secs(3600)))
+        .handle({
+            let runs = Arc::clone(&runs);
+            move |task: Task, _ctx: JobContext<Harness>| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if task.n == 1 {
+                        Ok(())
+                    } else {
+                        Err(HandlerError::new("fails"))
+                    }
+                }
+            }
+        })
+        .build()
+        .expect("build");
+    // The test mode records each outcome alone.
+    flaky.fail_next(2);
+    let done = h.push(Task { n: 1 }.to_job()).await;
+    let report = worker.run_until_idle().await.expect("run");
+    assert_eq!((report.ran(), report.completed()), (1, 1), "{report:?}");
+    flaky.fail_next(2);
+    let failed = h.push(Task { n: 2 }.to_job()).await;
+    let report = worker.run_until_idle().await.expect("run");
+    assert_eq!((report.ran(), report.retrying()), (1, 1), "{report:?}");
+    // A started worker batches its completions.
+    flaky.fail_next(2);
+    let batched = h.push(Task { n: 1 }.to_job()).await;
+    let running = worker.start();
+    let job = within("the batched completion", running.wait_for(batched))
+        .await
+        .expect("wait_for");
+    running.shutdown_within(LIVENESS).await;
+    assert_eq!((job.status, job.attempts), (JobStatus::Done, 1), "{job:?}");
+    assert_eq!(h.job(done).await.status, JobStatus::Done);
+    let failed = h.job(failed).await;
+    assert_eq!(
+        (failed.status, failed.attempts, failed.last_error.as_deref()),
+        (JobStatus::Pending, 1, Some("fails"))
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "each handler ran once");
+    assert_eq!(
+        flaky.left.load(Ordering::SeqCst),
+        0,
+        "every failure was met"
+    );
+}
+
+/// Fails the next outcome writes (completions, alone or batched, and
+/// retries) transiently, without making them; declares no instant writes,
+/// so that a worker batches its completions on any store.
+#[derive(Debug, Default)]
+struct FlakyWrites {
+    left: AtomicUsize,
+}
+
+impl FlakyWrites {
+    fn fail_next(&self, n: usize) {
+        self.left.store(n, Ordering::SeqCst);
+    }
+
+    /// Whether this write fails (counted).
+    fn fails(&self) -> bool {
+        self.left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn failure() -> relayq_core::Error {
+        relayq_core::Error::transient("the store is briefly unreachable")
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::faults::Faults for FlakyWrites {
+    fn capabilities(&self, inner: &dyn Backend) -> relayq_core::Capabilities {
+        inner.capabilities().instant_writes(false)
+    }
+
+    async fn complete(
+        &self,
+        inner: &dyn Backend,
+        lease: &relayq_core::Lease,
+        result: Option<serde_json::Value>,
+    ) -> relayq_core::Result<()> {
+        if self.fails() {
+            return Err(Self::failure());
+        }
+        inner.complete(lease, result).await
+    }
+
+    async fn complete_batch(
+        &self,
+        inner: &dyn Backend,
+        completions: Vec<relayq_core::Completion>,
+    ) -> relayq_core::Result<Vec<relayq_core::Lease>> {
+        if self.fails() {
+            return Err(Self::failure());
+        }
+        inner.complete_batch(completions).await
+    }
+
+    async fn retry(
+        &self,
+        inner: &dyn Backend,
+        lease: &relayq_core::Lease,
+        delay: Duration,
+        error: &str,
+    ) -> relayq_core::Result<JobStatus> {
+        if self.fails() {
+            return Err(Self::failure());
+        }
+        inner.retry(lease, delay, error).await
+    }
+}
+
 /// A job that fails on every attempt is `Dead` after `max_attempts`, with
 /// the last error; a permanent error makes it `Dead` at once. Every attempt
 /// is reported as an event.

@@ -21,8 +21,10 @@ pub struct Capabilities {
     /// to a server or a file: the worker records each completion as its
     /// handler returns instead of gathering them into batches, and a lane
     /// of running jobs pulls for itself when it runs out, its other jobs
-    /// waiting meanwhile. A wrapper that adds latency to a backend that
-    /// declares it (a proxy, a fault injector) should clear it.
+    /// waiting meanwhile; and a batch of completions that failed is not
+    /// sent again (a call into this process has no failure that passes).
+    /// A wrapper that adds latency or failures to a backend that declares
+    /// it (a proxy, a fault injector) should clear it.
     pub instant_writes: bool,
 }
 

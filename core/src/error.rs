@@ -141,10 +141,11 @@ impl Error {
     /// [`unique_key`](crate::NewJob::unique_key) is not stored twice while
     /// the first is pending or running (a key is held only then). Within a
     /// caller's transaction (`push_in`), retry the whole transaction, on a
-    /// fresh one: the failed one is aborted. (The worker needs no such choice: a
-    /// failed pull is tried again at the next poll, whatever the error, and
-    /// a job whose outcome was not recorded runs again once its lease
-    /// expires.)
+    /// fresh one: the failed one is aborted. (The worker makes this choice
+    /// itself: a failed pull is tried again at the next poll, whatever the
+    /// error; an outcome whose write failed transiently is written again,
+    /// with a growing pause, for as long as a lease lasts; a job whose
+    /// outcome was not recorded runs again once its lease expires.)
     ///
     /// ```
     /// use relayq_core::Error;

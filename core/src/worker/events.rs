@@ -69,8 +69,9 @@ pub enum Outcome {
     /// an extension found it gone): the handler was stopped and its outcome
     /// discarded, as the new holder owns the job now.
     LeaseLost,
-    /// The backend failed to record the outcome; the job comes back when its
-    /// lease expires.
+    /// The backend failed to record the outcome (for good, or transiently
+    /// on every try for as long as a lease lasts); the job comes back when
+    /// its lease expires.
     Unrecorded {
         /// The backend's error.
         error: String,

@@ -454,9 +454,9 @@ impl<'a, S: Send + Sync + 'static> JobRun<'a, S> {
                 // The outcome's copy of the result: for the test mode's
                 // report, or for whoever listens.
                 let keep = self.worker.is_none() || shared.is_observed();
-                complete(backend, completion, keep).await
+                complete(shared, completion, keep).await
             }
-            Record::Kill(error) => record_kill(backend, &self.lease, error).await,
+            Record::Kill(error) => record_kill(shared, &self.lease, error).await,
         };
         // Renewed until recorded.
         drop(hold);
@@ -610,7 +610,7 @@ async fn record_failure<S>(
 ) -> Outcome {
     let error = sanitize(failure.message());
     if failure.is_permanent() {
-        return record_kill(&*shared.backend, &lease, error).await;
+        return record_kill(shared, &lease, error).await;
     }
     let delay = failure
         .retry_delay()
@@ -618,7 +618,11 @@ async fn record_failure<S>(
     let backend_delay = time::Duration::try_from(delay)
         .unwrap_or(MAX_DELAY)
         .min(MAX_DELAY);
-    match shared.backend.retry(&lease, backend_delay, &error).await {
+    match persist(shared, || {
+        shared.backend.retry(&lease, backend_delay, &error)
+    })
+    .await
+    {
         Ok(crate::job::JobStatus::Dead) => Outcome::Dead { error },
         Ok(_) => Outcome::Retrying { error, delay },
         Err(e) => unrecorded(e),
@@ -641,9 +645,9 @@ fn policy_delay(policy: &RetryPolicy, job: &Job) -> Duration {
     )
 }
 
-async fn record_kill(backend: &dyn Backend, lease: &Lease, error: String) -> Outcome {
+async fn record_kill<S>(shared: &Shared<S>, lease: &Lease, error: String) -> Outcome {
     let error = sanitize(&error);
-    match backend.kill(lease, &error).await {
+    match persist(shared, || shared.backend.kill(lease, &error)).await {
         Ok(()) => Outcome::Dead { error },
         Err(e) => unrecorded(e),
     }
@@ -691,15 +695,48 @@ fn hand<S>(
 
 /// Records one completion on its own; the outcome carries the result if
 /// `keep_result`.
-async fn complete(backend: &dyn Backend, completion: Completion, keep_result: bool) -> Outcome {
-    let kept = if keep_result {
-        completion.result.clone()
-    } else {
-        None
-    };
-    match backend.complete(&completion.lease, completion.result).await {
-        Ok(()) => Outcome::Completed { result: kept },
+async fn complete<S>(shared: &Shared<S>, completion: Completion, keep_result: bool) -> Outcome {
+    let Completion { lease, result } = completion;
+    let write = || shared.backend.complete(&lease, result.clone());
+    let recorded = persist(shared, write).await;
+    match recorded {
+        Ok(()) => Outcome::Completed {
+            result: if keep_result { result } else { None },
+        },
         Err(e) => unrecorded(e),
+    }
+}
+
+/// The first pause before an outcome write that failed transiently is made
+/// again; each next one doubles, up to [`MAX_WRITE_PAUSE`].
+const FIRST_WRITE_PAUSE: Duration = Duration::from_millis(50);
+
+/// The longest pause between two tries of an outcome write.
+const MAX_WRITE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Makes the outcome write `write` until it is recorded, refused, or has
+/// failed transiently ([`Error::is_transient`]: a connection lost, a
+/// failover, a deadlock, no pooled connection free) for as long as a
+/// lease lasts. A job whose outcome is not recorded runs again once its
+/// lease ends; a failure that passes spares it that run. Safe to make
+/// again: the write is fenced, so the same write takes effect once or
+/// finds the lease gone, and the worker's keeper renews the lease
+/// meanwhile (a store down for a whole lease loses it anyway).
+async fn persist<S, T, F>(shared: &Shared<S>, mut write: impl FnMut() -> F) -> Result<T, Error>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    let give_up = Instant::now() + shared.config.lease;
+    let mut pause = FIRST_WRITE_PAUSE;
+    loop {
+        match write().await {
+            Err(e) if e.is_transient() && Instant::now() + pause < give_up => {
+                tracing::warn!(error = %e, retry_in = ?pause, "recording an outcome failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_WRITE_PAUSE);
+            }
+            written => return written,
+        }
     }
 }
 
@@ -788,7 +825,15 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
         rest.push((ack.completion.lease, ack.job, ack.reported, ack.hold));
         completions.push(ack.completion);
     }
-    let recorded = shared.backend.complete_batch(completions).await;
+    let recorded = if shared.instant_writes {
+        // A call into this process: no failure passes by trying again.
+        shared.backend.complete_batch(completions).await
+    } else {
+        persist(shared, || {
+            shared.backend.complete_batch(completions.clone())
+        })
+        .await
+    };
     for (lease, job, reported, hold) in rest {
         // Recorded (or given up on): the lease is let go.
         drop(hold);
