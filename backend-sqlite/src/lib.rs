@@ -979,7 +979,7 @@ impl SqliteBackend {
         let statements = PullStatements::new(&request);
         // Two statements, each atomic alone: the sweep only marks abandoned
         // last attempts `Dead`, and the claim never leases one itself.
-        write_each!(self, |conn, now| {
+        let (leased, unreadable, waited) = write_each!(self, |conn, now| {
             let until = later(now, request.lease, "lease")?;
             let rows = statements
                 .sweep_and_claim(now, until)
@@ -994,8 +994,39 @@ impl SqliteBackend {
                     Err(Unread::Fail(e)) => return Err(e),
                 }
             }
-            (leased, unreadable)
-        })
+            (leased, unreadable, self.shared.clock.now() - now)
+        })?;
+        // `now` was read before SQLite's busy handler waited for the file's
+        // write lock (another process's write): the leases end that much
+        // sooner than asked, already if the wait outlasted them. Rare, so
+        // put right after the fact, not with a transaction begun before
+        // `now` is read (two more round trips on every pull).
+        let leased = if waited > request.lease / 10 {
+            self.renew_claimed(leased, request.lease).await?
+        } else {
+            leased
+        };
+        Ok((leased, unreadable))
+    }
+
+    /// Renews the leases of `leased`, just claimed, to `lease` from now;
+    /// drops the jobs whose lease another puller took meanwhile (it had
+    /// ended by the time the claim returned).
+    async fn renew_claimed(
+        &self,
+        leased: Vec<LeasedJob>,
+        lease: Duration,
+    ) -> Result<Vec<LeasedJob>> {
+        let leases: Vec<Lease> = leased.iter().map(|l| l.lease).collect();
+        let renewed = self.extend_batch(&leases, lease).await?;
+        Ok(leased
+            .into_iter()
+            .zip(renewed)
+            .filter_map(|(mut leased, until)| {
+                leased.job.locked_until = Some(until?);
+                Some(leased)
+            })
+            .collect())
     }
 }
 

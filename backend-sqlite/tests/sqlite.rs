@@ -1096,6 +1096,67 @@ async fn a_write_locked_out_past_the_lock_timeout_is_transient() {
         .expect("push once the lock is free");
 }
 
+/// A pull that waited for the file's write lock (another process's write)
+/// longer than its lease still hands out a live lease of the length
+/// asked for: before, `now` was read before the wait, and the lease it
+/// granted had ended by the time the pull returned, free for any other
+/// puller to take while the first ran the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_that_waited_for_the_write_lock_leases_from_when_it_got_it() {
+    const LEASE: Duration = Duration::milliseconds(300);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = file_url(&dir);
+    let holder = SqliteBackend::connect(&url).await.expect("holder");
+    let backend = SqliteBackend::connect(&url).await.expect("backend");
+    let id = backend.push(job(1)).await.expect("push").id();
+    let mut conn = holder.pool().acquire().await.expect("connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .expect("take the write lock");
+    let pulling = tokio::spawn({
+        let backend = backend.clone();
+        async move {
+            backend
+                .pull(&PullRequest::queue("default").lease(LEASE))
+                .await
+        }
+    });
+    // Longer than the lease; shorter than the busy timeout (5 s), so the
+    // pull waits in SQLite's busy handler rather than trying again.
+    tokio::time::sleep(StdDuration::from_secs(1)).await;
+    sqlx::query("COMMIT")
+        .execute(&mut *conn)
+        .await
+        .expect("release the write lock");
+    drop(conn);
+    let leased = pulling.await.expect("task").expect("pull");
+    assert_eq!(leased.iter().map(|l| l.job.id).collect::<Vec<_>>(), [id]);
+    let until = leased[0].job.locked_until.expect("leased");
+    assert!(
+        until > time::OffsetDateTime::now_utc(),
+        "the lease ended at {until}"
+    );
+    assert_eq!(
+        backend
+            .get(id)
+            .await
+            .expect("get")
+            .expect("stored")
+            .locked_until,
+        Some(until)
+    );
+    let other = holder
+        .pull(&PullRequest::queue("default").lease(LEASE))
+        .await
+        .expect("another pull");
+    assert!(other.is_empty(), "another puller took the job: {other:?}");
+    backend
+        .complete(&leased[0].lease, None)
+        .await
+        .expect("complete");
+}
+
 /// A job whose times another program stored beyond the years relayq holds
 /// (-9999 to 9999) reads as the nearest instant it holds, so it is
 /// pulled, run and observed like any other (it used to fail every read of
