@@ -92,6 +92,13 @@ fn build(template: &str, quoted_schema: &str) -> SqlStr {
 /// index skips rows whose key is held by an active job (or by an earlier
 /// row of the batch). For a skipped row, `holder` is the active job that
 /// held the key when the statement began, if any.
+///
+/// Rows are inserted in key order (then input order, so that of a key
+/// named twice the first wins), not in input order: an insert waits on an
+/// uncommitted holder of its key while holding the keys it inserted
+/// before, so two batches naming shared keys in different orders could
+/// each wait on the other (a deadlock, one aborted after a second). In one
+/// order, the one that waits holds no key the other needs.
 const PUSH: &str = r#"
 WITH input AS (
     SELECT *
@@ -109,7 +116,7 @@ WITH input AS (
            COALESCE(run_at, {now} + delay_us * interval '1 microsecond'),
            unique_key, {now}, {now}
     FROM numbered
-    ORDER BY ord
+    ORDER BY queue, unique_key, ord
     ON CONFLICT (queue, unique_key)
         WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing')
         DO NOTHING
@@ -460,10 +467,12 @@ RETURNING locked_until
 ///
 /// A worker's keeper may renew leases whose completions its lanes are
 /// recording at the same moment, so this and [`COMPLETE_BATCH`] can name
-/// the same rows in one instant. Both are sent sorted by id and run as a
-/// nested loop over the primary key in input order, so they lock shared
-/// rows in the same order and cannot deadlock each other (each holding one
-/// row the other waits for).
+/// the same rows in one instant. Both are sent sorted by id, and planned as
+/// a nested loop over the primary key in input order they lock shared rows
+/// in the same order. The planner may choose another plan (a hash join
+/// over a small table, say), which locks rows in another order: should
+/// the two then deadlock, PostgreSQL aborts one after `deadlock_timeout`
+/// (`40P01`, transient), and the worker makes that write again.
 const EXTEND_BATCH: &str = r#"
 UPDATE {s}.jobs j
 SET locked_until = {now} + $4 * interval '1 microsecond', updated_at = {now}

@@ -1540,6 +1540,60 @@ async fn a_batch_racing_an_uncommitted_holder_of_its_key_names_it() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// Two batches naming the same unique keys in opposite orders never
+/// deadlock: each inserts its keys in one order (by queue and key), so the
+/// one that waits on the other holds none the other needs. Both wait on a
+/// key an uncommitted transaction holds, then race once it rolls back;
+/// inserting in input order, the one that got that key next waited on the
+/// other's first key while holding it (40P01 after a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_naming_keys_in_opposite_orders_do_not_deadlock() {
+    let backend = testing::connect(testing::options()).await;
+    let mut tx = backend.pool().begin().await.expect("begin");
+    backend
+        .push_in(&mut tx, job(0).unique_key("gate"))
+        .await
+        .expect("push_in");
+    let batch = |keys: [&str; 3]| {
+        let backend = backend.clone();
+        let jobs: Vec<NewJob> = keys.iter().map(|key| job(1).unique_key(*key)).collect();
+        tokio::spawn(async move { backend.push_batch(jobs).await })
+    };
+    let forward = batch(["k1", "gate", "k2"]);
+    let backward = batch(["k2", "gate", "k1"]);
+    let schema = backend.schema().to_owned();
+    let both_wait = async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'",
+            )
+            .bind(&schema)
+            .fetch_one(backend.pool())
+            .await
+            .expect("pg_stat_activity");
+            if waiting >= 2 {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(StdDuration::from_secs(10), both_wait)
+        .await
+        .expect("both batches wait on the uncommitted key");
+    tx.rollback().await.expect("rollback");
+    let forward = forward.await.expect("task").expect("the forward batch");
+    let backward = backward.await.expect("task").expect("the backward batch");
+    // One batch stored all three keys, the other found each held.
+    let created = |outcomes: &[PushOutcome]| outcomes.iter().filter(|o| !o.is_duplicate()).count();
+    let mut counts = [created(&forward), created(&backward)];
+    counts.sort_unstable();
+    assert_eq!(counts, [0, 3], "{forward:?} {backward:?}");
+    let stats = backend.stats().await.expect("stats");
+    assert_eq!(stats.queue("default").pending, 3, "{stats:?}");
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// Fills a schema with `finished` done/dead jobs and `pending` due jobs.
 async fn fill(backend: &PgBackend, finished: i64, pending: i64) {
     let schema = backend.schema();
