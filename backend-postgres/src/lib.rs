@@ -1242,10 +1242,26 @@ impl Pusher for PgBackend {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
+        // A batch with unique keys may look a key's holder up after its
+        // insert (one that committed after the insert's snapshot): both in
+        // one transaction, so that a failure of the look stores nothing,
+        // as a batch is all or nothing. Others commit by themselves.
+        let keyed = jobs.len() > 1 && jobs.iter().any(|job| job.unique_key.is_some());
         let mut conn = self.conn().await?;
-        let outcomes = conn.run(|c| self.push_valid(c, &jobs)).await?;
+        let valid = &jobs;
+        let outcomes = conn
+            .run(|c| async move {
+                if !keyed {
+                    return self.push_valid(c, valid).await;
+                }
+                let mut tx = sqlx::Connection::begin(c).await.map_err(error_from)?;
+                let outcomes = self.push_valid(&mut tx, valid).await?;
+                tx.commit().await.map_err(error_from)?;
+                Ok(outcomes)
+            })
+            .await?;
         drop(conn);
-        // Committed (autocommit): wake the listeners, off this call's path.
+        // Committed: wake the listeners, off this call's path.
         self.announce(created_queues(&jobs, &outcomes));
         Ok(outcomes)
     }

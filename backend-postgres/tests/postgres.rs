@@ -1540,6 +1540,123 @@ async fn a_batch_racing_an_uncommitted_holder_of_its_key_names_it() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A batch whose second look for a key's holder fails stores nothing: the
+/// holder committed after the batch's insert began (so the insert skipped
+/// the key, and its snapshot cannot name the holder), then finished and
+/// was cleaned before the look. The batch fails transiently,
+/// and, all or nothing, none of its other jobs is stored; before, they
+/// were, unannounced, while the caller was told the push failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_look_for_a_holder_fails_stores_nothing() {
+    let backend = testing::connect(testing::options()).await;
+    let schema = backend.schema().to_owned();
+    // The batch's rows (priority 7) named `gate-…` wait, as they are
+    // inserted, for the test to let them go (an advisory lock per key).
+    for statement in [
+        format!(
+            "CREATE FUNCTION \"{schema}\".gate() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             PERFORM pg_advisory_lock_shared(hashtext(NEW.unique_key)); \
+             PERFORM pg_advisory_unlock_shared(hashtext(NEW.unique_key)); RETURN NEW; END $$"
+        ),
+        format!(
+            "CREATE TRIGGER gate BEFORE INSERT ON \"{schema}\".jobs FOR EACH ROW \
+             WHEN (NEW.priority = 7 AND NEW.unique_key LIKE 'gate-%') \
+             EXECUTE FUNCTION \"{schema}\".gate()"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(backend.pool())
+            .await
+            .expect("the gate");
+    }
+    let mut gates = backend.pool().acquire().await.expect("connection");
+    for key in ["gate-a", "gate-b"] {
+        sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+            .bind(key)
+            .execute(&mut *gates)
+            .await
+            .expect("close the gate");
+    }
+    let open = |key: &'static str| sqlx::query("SELECT pg_advisory_unlock(hashtext($1))").bind(key);
+    let at_a_gate = || async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event = 'advisory' AND query LIKE '%' || $1 || '%'",
+            )
+            .bind(&schema)
+            .fetch_one(backend.pool())
+            .await
+            .expect("pg_stat_activity");
+            if waiting > 0 {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(5)).await;
+        }
+    };
+    let batch = {
+        let backend = backend.clone();
+        let jobs = ["before", "gate-a", "gate-b"]
+            .map(|key| job(1).priority(7).unique_key(key))
+            .to_vec();
+        tokio::spawn(async move { backend.push_batch(jobs).await })
+    };
+    tokio::time::timeout(StdDuration::from_secs(10), at_a_gate())
+        .await
+        .expect("the batch waits at gate-a");
+    // Committed after the batch's snapshot, before its insert of the key.
+    let holder = backend
+        .push(job(0).unique_key("gate-a"))
+        .await
+        .expect("holder")
+        .id();
+    open("gate-a")
+        .execute(&mut *gates)
+        .await
+        .expect("open gate-a");
+    tokio::time::timeout(StdDuration::from_secs(10), at_a_gate())
+        .await
+        .expect("the batch waits at gate-b");
+    // The holder finishes, and is cleaned, before the batch looks for it.
+    let leased = backend
+        .pull(&PullRequest::queue("default"))
+        .await
+        .expect("pull");
+    assert_eq!(
+        leased.iter().map(|l| l.job.id).collect::<Vec<_>>(),
+        [holder]
+    );
+    backend
+        .complete(&leased[0].lease, None)
+        .await
+        .expect("complete");
+    let cleaned = backend
+        .clean(
+            JobStatus::Done,
+            time::OffsetDateTime::now_utc() + Duration::hours(1),
+        )
+        .await
+        .expect("clean");
+    assert_eq!(cleaned, 1);
+    open("gate-b")
+        .execute(&mut *gates)
+        .await
+        .expect("open gate-b");
+    let e = batch
+        .await
+        .expect("task")
+        .expect_err("no job holds gate-a any more");
+    assert!(e.is_transient(), "{e:?}");
+    let stats = backend.stats().await.expect("stats");
+    assert_eq!(
+        stats.queue("default").total(),
+        0,
+        "nothing is stored: {stats:?}"
+    );
+    drop(gates);
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// Two batches naming the same unique keys in opposite orders never
 /// deadlock: each inserts its keys in one order (by queue and key), so the
 /// one that waits on the other holds none the other needs. Both wait on a
