@@ -66,7 +66,10 @@ impl Vacuum {
             return;
         }
         let before = self.changed.fetch_add(rows, Ordering::Relaxed);
-        if before < threshold && before + rows >= threshold {
+        // At every multiple of the threshold, not only the first: were the
+        // task gone with its wake-up pending (its runtime shut down), the
+        // count would never be reset, nor cross the threshold again.
+        if before / threshold != before.saturating_add(rows) / threshold {
             self.start();
         }
     }
@@ -148,6 +151,29 @@ mod tests {
         assert!(!started(&v));
         v.record(1);
         assert!(started(&v));
+    }
+
+    #[tokio::test]
+    async fn a_task_gone_with_its_wake_up_pending_is_started_again() {
+        let v = vacuum(Some(10));
+        // A task that ended (its runtime shut down) with the count past the
+        // threshold, its wake-up pending.
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        *v.wake.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        v.changed.store(15, Ordering::Relaxed);
+        v.record(4);
+        assert!(is_closed(&v), "no new task before the next multiple");
+        v.record(1);
+        assert!(!is_closed(&v), "a new task");
+    }
+
+    fn is_closed(v: &Vacuum) -> bool {
+        v.wake
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(mpsc::Sender::is_closed)
     }
 
     #[tokio::test]
