@@ -49,6 +49,10 @@ pub trait Puller: Send + Sync {
     /// `locked_until = now + request.lease`. An expired lease on the job's
     /// last allowed attempt is not re-leased: the job becomes `Dead` with
     /// `last_error` saying the lease expired.
+    ///
+    /// A pull whose future is dropped once the store has it (under a
+    /// timeout, say) may still lease jobs that no one then holds: they come
+    /// back when their lease ends, the attempt spent.
     async fn pull(&self, request: &PullRequest) -> Result<Vec<LeasedJob>>;
 
     /// Marks the job `Done`, storing the handler's result.

@@ -192,7 +192,8 @@ impl<S: Send + Sync + 'static> Worker<S> {
     /// gives it back, as a shutdown would, rather than leave it leased: on
     /// the memory backend before the drop returns, elsewhere from a
     /// spawned task (should the runtime end first, the job comes back when
-    /// its lease ends).
+    /// its lease ends). Dropped during its pull, it may leave the job that
+    /// pull leased until its lease ends (see [`Puller::pull`](crate::Puller::pull)).
     pub async fn run_until_idle(&self) -> Result<IdleReport> {
         let request = PullRequest::queues(self.shared.config.queues.clone())
             .lease(self.shared.config.backend_lease)
