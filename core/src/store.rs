@@ -108,6 +108,12 @@ pub trait Observer: Send + Sync {
     async fn get(&self, id: JobId) -> Result<Option<Job>>;
 
     /// One page of jobs matching `filter`, by ascending id.
+    ///
+    /// The cursor ([`JobPage::next`](crate::JobPage::next)) is an id: pages
+    /// never repeat a job nor skip one committed when the first page was
+    /// read. A job committed later with a lower id than a page already
+    /// read (on PostgreSQL, ids are drawn as rows are inserted, not as
+    /// they commit: a long `push_in` transaction) is not on the later pages.
     async fn list(&self, filter: &ListFilter) -> Result<JobPage>;
 
     /// Counts of jobs per queue and status.
