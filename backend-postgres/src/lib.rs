@@ -264,9 +264,8 @@
 //! ends: sqlx retries it until then), and the SQLSTATEs of a broken
 //! connection (class `08`), a serialization failure (`40001`), a deadlock
 //! (`40P01`), a lock timeout (`55P03`), a session ended by the server
-//! (`57P01`, `57P02`, `57P05`), a server starting up (`57P03`), the
-//! connection limit (`53300`) and a server demoted by a failover that the
-//! URL still names (`25006`, read-only); false for the rest: constraint violations,
+//! (`57P01`, `57P02`, `57P05`), a server starting up (`57P03`) and the
+//! connection limit (`53300`); false for the rest: constraint violations,
 //! a statement cancelled (`57014`), a TLS certificate refused. For your
 //! own statements around [`PgBackend::push_in`], [`error_from`] maps a
 //! sqlx error the same way.

@@ -18,7 +18,6 @@ const TRANSIENT_STATES: &[&str] = &[
     "57P03", // cannot_connect_now (starting up, recovering)
     "57P05", // idle_session_timeout
     "53300", // too_many_connections
-    "25006", // read_only_sql_transaction: a server demoted by a failover, still named by the URL
 ];
 
 /// Whether a later attempt of what failed with `e` may succeed: the

@@ -482,35 +482,6 @@ async fn a_connection_the_server_ended_fails_transiently() {
     testing::drop_schema(backend.schema()).await;
 }
 
-/// A server that takes no writes (a primary demoted by a failover, still
-/// named by the URL, answers so until the URL or DNS moves on) fails a
-/// push transiently, and writes nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_only_server_fails_writes_transiently() {
-    let backend = testing::connect(testing::options()).await;
-    let read_only = PgBackend::connect_with(
-        PgOptions::new(test_url_with(
-            "options=-c%20default_transaction_read_only%3Don",
-        ))
-        .schema(backend.schema()),
-    )
-    .await
-    .expect("connect to a migrated schema read-only");
-    let e = read_only.push(job(1)).await.expect_err("a read-only push");
-    assert!(e.is_transient(), "{e:?}");
-    assert_eq!(
-        backend
-            .stats()
-            .await
-            .expect("stats")
-            .queue("default")
-            .total(),
-        0
-    );
-    read_only.close().await;
-    testing::drop_schema(backend.schema()).await;
-}
-
 /// The test database's URL with `param` (`key=value`) added to its query.
 fn test_url_with(param: &str) -> String {
     let url = testing::database_url();
