@@ -1002,7 +1002,7 @@ impl SqliteBackend {
         // put right after the fact, not with a transaction begun before
         // `now` is read (two more round trips on every pull).
         let leased = if waited > request.lease / 10 {
-            self.renew_claimed(leased, request.lease).await?
+            self.renew_claimed(leased, request.lease).await
         } else {
             leased
         };
@@ -1011,22 +1011,30 @@ impl SqliteBackend {
 
     /// Renews the leases of `leased`, just claimed, to `lease` from now;
     /// drops the jobs whose lease another puller took meanwhile (it had
-    /// ended by the time the claim returned).
-    async fn renew_claimed(
-        &self,
-        leased: Vec<LeasedJob>,
-        lease: Duration,
-    ) -> Result<Vec<LeasedJob>> {
+    /// ended by the time the claim returned). Should the renewal fail (the
+    /// file's lock is contended, which is why it runs), the jobs are handed
+    /// out as claimed: failing the pull would leave them leased to no one.
+    async fn renew_claimed(&self, leased: Vec<LeasedJob>, lease: Duration) -> Vec<LeasedJob> {
         let leases: Vec<Lease> = leased.iter().map(|l| l.lease).collect();
-        let renewed = self.extend_batch(&leases, lease).await?;
-        Ok(leased
+        let renewed = match self.extend_batch(&leases, lease).await {
+            Ok(renewed) => renewed,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    jobs = leases.len(),
+                    "relayq-sqlite: could not renew the leases of a pull that waited for the write lock"
+                );
+                return leased;
+            }
+        };
+        leased
             .into_iter()
             .zip(renewed)
             .filter_map(|(mut leased, until)| {
                 leased.job.locked_until = Some(until?);
                 Some(leased)
             })
-            .collect())
+            .collect()
     }
 }
 

@@ -1103,7 +1103,7 @@ async fn a_write_locked_out_past_the_lock_timeout_is_transient() {
 /// puller to take while the first ran the job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_that_waited_for_the_write_lock_leases_from_when_it_got_it() {
-    const LEASE: Duration = Duration::milliseconds(300);
+    const LEASE: Duration = Duration::seconds(2);
     let dir = tempfile::tempdir().expect("temp dir");
     let url = file_url(&dir);
     let holder = SqliteBackend::connect(&url).await.expect("holder");
@@ -1124,7 +1124,7 @@ async fn a_pull_that_waited_for_the_write_lock_leases_from_when_it_got_it() {
     });
     // Longer than the lease; shorter than the busy timeout (5 s), so the
     // pull waits in SQLite's busy handler rather than trying again.
-    tokio::time::sleep(StdDuration::from_secs(1)).await;
+    tokio::time::sleep(StdDuration::from_secs(3)).await;
     sqlx::query("COMMIT")
         .execute(&mut *conn)
         .await
