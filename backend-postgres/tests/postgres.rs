@@ -1519,19 +1519,22 @@ async fn a_batch_racing_an_uncommitted_holder_of_its_key_names_it() {
 /// were, unannounced, while the caller was told the push failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_look_for_a_holder_fails_stores_nothing() {
+    // The advisory lock keys of the gates: (GATES, 1) and (GATES, 2).
+    const GATES: i32 = 7_242;
     let backend = testing::connect(testing::options()).await;
     let schema = backend.schema().to_owned();
-    // The batch's rows (priority 7) named `gate-…` wait, as they are
-    // inserted, for the test to let them go (an advisory lock per key).
+    // The batch's rows (priority 7) keyed `gate-1` and `gate-2` wait, as
+    // they are inserted, for the test to open their gate (an advisory lock).
     for statement in [
         format!(
             "CREATE FUNCTION \"{schema}\".gate() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-             PERFORM pg_advisory_lock_shared(hashtext(NEW.unique_key)); \
-             PERFORM pg_advisory_unlock_shared(hashtext(NEW.unique_key)); RETURN NEW; END $$"
+             PERFORM pg_advisory_lock_shared({GATES}, right(NEW.unique_key, 1)::int); \
+             PERFORM pg_advisory_unlock_shared({GATES}, right(NEW.unique_key, 1)::int); \
+             RETURN NEW; END $$"
         ),
         format!(
             "CREATE TRIGGER gate BEFORE INSERT ON \"{schema}\".jobs FOR EACH ROW \
-             WHEN (NEW.priority = 7 AND NEW.unique_key LIKE 'gate-%') \
+             WHEN (NEW.priority = 7 AND NEW.unique_key LIKE 'gate-_') \
              EXECUTE FUNCTION \"{schema}\".gate()"
         ),
     ] {
@@ -1541,53 +1544,62 @@ async fn a_batch_whose_look_for_a_holder_fails_stores_nothing() {
             .expect("the gate");
     }
     let mut gates = backend.pool().acquire().await.expect("connection");
-    for key in ["gate-a", "gate-b"] {
-        sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
-            .bind(key)
+    for gate in [1, 2] {
+        sqlx::query("SELECT pg_advisory_lock($1, $2)")
+            .bind(GATES)
+            .bind(gate)
             .execute(&mut *gates)
             .await
             .expect("close the gate");
     }
-    let open = |key: &'static str| sqlx::query("SELECT pg_advisory_unlock(hashtext($1))").bind(key);
-    let at_a_gate = || async {
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event = 'advisory' AND query LIKE '%' || $1 || '%'",
-            )
-            .bind(&schema)
-            .fetch_one(backend.pool())
-            .await
-            .expect("pg_stat_activity");
-            if waiting > 0 {
-                return;
+    let open = |gate: i32| {
+        sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+            .bind(GATES)
+            .bind(gate)
+    };
+    // Waits at that gate (its lock asked for, not granted): not merely
+    // seen waiting at one, which a batch just let through still is.
+    let pool = backend.pool().clone();
+    let at_gate = |gate: i32| {
+        let pool = pool.clone();
+        async move {
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+                 AND classid = $1 AND objid = $2 AND objsubid = 2 AND NOT granted",
+                )
+                .bind(i64::from(GATES))
+                .bind(i64::from(gate))
+                .fetch_one(&pool)
+                .await
+                .expect("pg_locks");
+                if waiting > 0 {
+                    return;
+                }
+                tokio::time::sleep(StdDuration::from_millis(5)).await;
             }
-            tokio::time::sleep(StdDuration::from_millis(5)).await;
         }
     };
     let batch = {
         let backend = backend.clone();
-        let jobs = ["before", "gate-a", "gate-b"]
+        let jobs = ["before", "gate-1", "gate-2"]
             .map(|key| job(1).priority(7).unique_key(key))
             .to_vec();
         tokio::spawn(async move { backend.push_batch(jobs).await })
     };
-    tokio::time::timeout(StdDuration::from_secs(10), at_a_gate())
+    tokio::time::timeout(StdDuration::from_secs(10), at_gate(1))
         .await
-        .expect("the batch waits at gate-a");
+        .expect("the batch waits at gate 1");
     // Committed after the batch's snapshot, before its insert of the key.
     let holder = backend
-        .push(job(0).unique_key("gate-a"))
+        .push(job(0).unique_key("gate-1"))
         .await
         .expect("holder")
         .id();
-    open("gate-a")
-        .execute(&mut *gates)
+    open(1).execute(&mut *gates).await.expect("open gate 1");
+    tokio::time::timeout(StdDuration::from_secs(10), at_gate(2))
         .await
-        .expect("open gate-a");
-    tokio::time::timeout(StdDuration::from_secs(10), at_a_gate())
-        .await
-        .expect("the batch waits at gate-b");
+        .expect("the batch waits at gate 2");
     // The holder finishes, and is cleaned, before the batch looks for it.
     let leased = backend
         .pull(&PullRequest::queue("default"))
@@ -1609,14 +1621,11 @@ async fn a_batch_whose_look_for_a_holder_fails_stores_nothing() {
         .await
         .expect("clean");
     assert_eq!(cleaned, 1);
-    open("gate-b")
-        .execute(&mut *gates)
-        .await
-        .expect("open gate-b");
+    open(2).execute(&mut *gates).await.expect("open gate 2");
     let e = batch
         .await
         .expect("task")
-        .expect_err("no job holds gate-a any more");
+        .expect_err("no job holds gate-1 any more");
     assert!(e.is_transient(), "{e:?}");
     let stats = backend.stats().await.expect("stats");
     assert_eq!(

@@ -1,7 +1,7 @@
 //! A backend that forwards every call to another, for tests that change
 //! one call of a real store: make its completions slow or fail, close its
 //! wake-up subscriptions, let a push land during a pull, slow its releases,
-//! fail its renewals or retries, declare other capabilities.
+//! fail its renewals, retries or kills, declare other capabilities.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -76,6 +76,11 @@ pub trait Faults: fmt::Debug + Send + Sync + 'static {
         inner.retry(lease, delay, error).await
     }
 
+    /// [`Puller::kill`].
+    async fn kill(&self, inner: &dyn Backend, lease: &Lease, error: &str) -> Result<()> {
+        inner.kill(lease, error).await
+    }
+
     /// [`Puller::release`].
     async fn release(&self, inner: &dyn Backend, lease: &Lease) -> Result<()> {
         inner.release(lease).await
@@ -141,6 +146,10 @@ impl<F: Faults> Faults for Arc<F> {
         error: &str,
     ) -> Result<JobStatus> {
         (**self).retry(inner, lease, delay, error).await
+    }
+
+    async fn kill(&self, inner: &dyn Backend, lease: &Lease, error: &str) -> Result<()> {
+        (**self).kill(inner, lease, error).await
     }
 
     async fn release(&self, inner: &dyn Backend, lease: &Lease) -> Result<()> {
@@ -260,7 +269,7 @@ impl<F: Faults> Puller for Faulty<F> {
         self.faults.retry(&*self.inner, lease, delay, error).await
     }
     async fn kill(&self, lease: &Lease, error: &str) -> Result<()> {
-        self.inner.kill(lease, error).await
+        self.faults.kill(&*self.inner, lease, error).await
     }
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<OffsetDateTime> {
         self.inner.extend(lease, by).await

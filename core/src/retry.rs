@@ -214,7 +214,7 @@ impl RetryPolicy {
     }
 }
 
-fn apply_jitter(delay: Duration, jitter: Jitter) -> Duration {
+pub(crate) fn apply_jitter(delay: Duration, jitter: Jitter) -> Duration {
     match jitter {
         Jitter::None => delay,
         Jitter::Full => delay.mul_f64(unit_random()),

@@ -59,6 +59,9 @@ pub(crate) struct Buffer {
     /// The longest wait for a slot among the jobs taken since the pull
     /// loop last asked, in microseconds.
     longest_wait: AtomicU64,
+    /// Jobs taken out to be given back (see [`Self::take_all_if_buffered_by`])
+    /// whose leases are still held: raised under the lock as they leave.
+    leaving: AtomicUsize,
     board: Arc<Board>,
 }
 
@@ -72,6 +75,7 @@ impl Buffer {
             }),
             low_water: AtomicUsize::new(1),
             longest_wait: AtomicU64::new(0),
+            leaving: AtomicUsize::new(0),
             board,
         }
     }
@@ -87,6 +91,13 @@ impl Buffer {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The leases the buffer holds: its jobs, and those taken out to be
+    /// given back and not yet given back.
+    pub(crate) fn held(&self) -> usize {
+        let jobs = self.lock();
+        jobs.queue.len() + self.leaving.load(Ordering::SeqCst)
     }
 
     /// Adds jobs at the back; once the buffer is closed, refuses them and
@@ -176,14 +187,23 @@ impl Buffer {
         }
     }
 
-    /// Takes out every buffered job if the first one (the longest
-    /// buffered, as a rule) was buffered by `since`; else none.
+    /// Takes out every buffered job, to be given back, if the first one
+    /// (the longest buffered, as a rule) was buffered by `since`; else
+    /// none. They count as [held](Self::held) until [`Self::given_back`].
     pub(crate) fn take_all_if_buffered_by(&self, since: Instant) -> VecDeque<Buffered> {
         let mut jobs = self.lock();
         match jobs.queue.front() {
-            Some(first) if first.buffered_at <= since => std::mem::take(&mut jobs.queue),
+            Some(first) if first.buffered_at <= since => {
+                self.leaving.fetch_add(jobs.queue.len(), Ordering::SeqCst);
+                std::mem::take(&mut jobs.queue)
+            }
             _ => VecDeque::new(),
         }
+    }
+
+    /// `n` jobs taken out to be given back are (or could not be).
+    pub(crate) fn given_back(&self, n: usize) {
+        self.leaving.fetch_sub(n, Ordering::SeqCst);
     }
 
     /// Stops all starts and returns the jobs left, to be given back.
@@ -248,6 +268,9 @@ mod tests {
         assert_eq!(buffer.len(), 2, "none waited since then");
         assert_eq!(ids(&buffer.take_all_if_buffered_by(since)), [1, 2]);
         assert!(buffer.is_empty());
+        assert_eq!(buffer.held(), 2, "held until given back");
+        buffer.given_back(2);
+        assert_eq!(buffer.held(), 0);
         assert!(buffer.take_all_if_buffered_by(since).is_empty());
     }
 }

@@ -22,9 +22,10 @@ use super::board::Board;
 use super::events::{Event, JobInfo, Outcome, Subscription};
 use super::handler::{Entry, HandlerError, JobContext, Phase, RunFuture, WorkerView};
 use super::keeper::{Hold, LeaseWatch, WatchRef};
+use super::persist::{effect, persist};
 use super::slots::Slot;
 use crate::error::Error;
-use crate::job::{Job, MAX_DELAY};
+use crate::job::{Job, JobStatus, MAX_DELAY};
 use crate::lease::{Lease, check_result};
 use crate::request::Completion;
 use crate::retry::RetryPolicy;
@@ -331,6 +332,11 @@ struct JobRun<'a, S> {
 }
 
 impl<'a, S: Send + Sync + 'static> JobRun<'a, S> {
+    /// The board of the runner the job runs on; none in the test mode.
+    fn board(&self) -> Option<&'a Board> {
+        self.worker.map(|started| &*started.board)
+    }
+
     /// Dispatches the job, decodes its payload and, given `cx`, polls its
     /// handler once. `Ok` if the run ended there (see [`Self::conclude`]).
     fn dispatch(
@@ -443,7 +449,7 @@ impl<'a, S: Send + Sync + 'static> JobRun<'a, S> {
         let (shared, backend) = (self.shared, &*self.shared.backend);
         let outcome = match record {
             Record::Failure(entry, error) => {
-                record_failure(shared, entry, &self.job, self.lease, error).await
+                record_failure(shared, self.board(), entry, &self.job, self.lease, error).await
             }
             Record::LeaseLost => Outcome::LeaseLost,
             Record::Abandoned => match backend.release(&self.lease).await {
@@ -454,9 +460,9 @@ impl<'a, S: Send + Sync + 'static> JobRun<'a, S> {
                 // The outcome's copy of the result: for the test mode's
                 // report, or for whoever listens.
                 let keep = self.worker.is_none() || shared.is_observed();
-                complete(shared, completion, keep).await
+                complete(shared, self.board(), completion, keep).await
             }
-            Record::Kill(error) => record_kill(shared, &self.lease, error).await,
+            Record::Kill(error) => record_kill(shared, self.board(), &self.lease, error).await,
         };
         // Renewed until recorded.
         drop(hold);
@@ -603,6 +609,7 @@ async fn run_spawned(
 
 async fn record_failure<S>(
     shared: &Shared<S>,
+    board: Option<&Board>,
     entry: &Entry<S>,
     job: &Job,
     lease: Lease,
@@ -610,7 +617,7 @@ async fn record_failure<S>(
 ) -> Outcome {
     let error = sanitize(failure.message());
     if failure.is_permanent() {
-        return record_kill(shared, &lease, error).await;
+        return record_kill(shared, board, &lease, error).await;
     }
     let delay = failure
         .retry_delay()
@@ -618,14 +625,24 @@ async fn record_failure<S>(
     let backend_delay = time::Duration::try_from(delay)
         .unwrap_or(MAX_DELAY)
         .min(MAX_DELAY);
-    match persist(shared, || {
+    let written = persist(shared, board, || {
         shared.backend.retry(&lease, backend_delay, &error)
     })
-    .await
-    {
-        Ok(crate::job::JobStatus::Dead) => Outcome::Dead { error },
-        Ok(_) => Outcome::Retrying { error, delay },
-        Err(e) => unrecorded(e),
+    .await;
+    let status = match written.result {
+        Ok(status) => status,
+        Err(e) if written.retried && e.is_lease_lost() => {
+            match effect(&*shared.backend, &lease, Some(&error)).await {
+                Some(status) => status,
+                None => return Outcome::LeaseLost,
+            }
+        }
+        Err(e) => return unrecorded(e),
+    };
+    if status == JobStatus::Dead {
+        Outcome::Dead { error }
+    } else {
+        Outcome::Retrying { error, delay }
     }
 }
 
@@ -645,10 +662,22 @@ fn policy_delay(policy: &RetryPolicy, job: &Job) -> Duration {
     )
 }
 
-async fn record_kill<S>(shared: &Shared<S>, lease: &Lease, error: String) -> Outcome {
+async fn record_kill<S>(
+    shared: &Shared<S>,
+    board: Option<&Board>,
+    lease: &Lease,
+    error: String,
+) -> Outcome {
     let error = sanitize(&error);
-    match persist(shared, || shared.backend.kill(lease, &error)).await {
+    let written = persist(shared, board, || shared.backend.kill(lease, &error)).await;
+    match written.result {
         Ok(()) => Outcome::Dead { error },
+        Err(e) if written.retried && e.is_lease_lost() => {
+            match effect(&*shared.backend, lease, Some(&error)).await {
+                Some(JobStatus::Dead) => Outcome::Dead { error },
+                _ => Outcome::LeaseLost,
+            }
+        }
         Err(e) => unrecorded(e),
     }
 }
@@ -695,48 +724,27 @@ fn hand<S>(
 
 /// Records one completion on its own; the outcome carries the result if
 /// `keep_result`.
-async fn complete<S>(shared: &Shared<S>, completion: Completion, keep_result: bool) -> Outcome {
+async fn complete<S>(
+    shared: &Shared<S>,
+    board: Option<&Board>,
+    completion: Completion,
+    keep_result: bool,
+) -> Outcome {
     let Completion { lease, result } = completion;
     let write = || shared.backend.complete(&lease, result.clone());
-    let recorded = persist(shared, write).await;
-    match recorded {
-        Ok(()) => Outcome::Completed {
-            result: if keep_result { result } else { None },
-        },
-        Err(e) => unrecorded(e),
-    }
-}
-
-/// The first pause before an outcome write that failed transiently is made
-/// again; each next one doubles, up to [`MAX_WRITE_PAUSE`].
-const FIRST_WRITE_PAUSE: Duration = Duration::from_millis(50);
-
-/// The longest pause between two tries of an outcome write.
-const MAX_WRITE_PAUSE: Duration = Duration::from_secs(1);
-
-/// Makes the outcome write `write` until it is recorded, refused, or has
-/// failed transiently ([`Error::is_transient`]: a connection lost, a
-/// failover, a deadlock, no pooled connection free) for as long as a
-/// lease lasts. A job whose outcome is not recorded runs again once its
-/// lease ends; a failure that passes spares it that run. Safe to make
-/// again: the write is fenced, so the same write takes effect once or
-/// finds the lease gone, and the worker's keeper renews the lease
-/// meanwhile (a store down for a whole lease loses it anyway).
-async fn persist<S, T, F>(shared: &Shared<S>, mut write: impl FnMut() -> F) -> Result<T, Error>
-where
-    F: Future<Output = Result<T, Error>>,
-{
-    let give_up = Instant::now() + shared.config.lease;
-    let mut pause = FIRST_WRITE_PAUSE;
-    loop {
-        match write().await {
-            Err(e) if e.is_transient() && Instant::now() + pause < give_up => {
-                tracing::warn!(error = %e, retry_in = ?pause, "recording an outcome failed; trying again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(MAX_WRITE_PAUSE);
+    let written = persist(shared, board, write).await;
+    let completed = Outcome::Completed {
+        result: if keep_result { result } else { None },
+    };
+    match written.result {
+        Ok(()) => completed,
+        Err(e) if written.retried && e.is_lease_lost() => {
+            match effect(&*shared.backend, &lease, None).await {
+                Some(JobStatus::Done) => completed,
+                _ => Outcome::LeaseLost,
             }
-            written => return written,
         }
+        Err(e) => unrecorded(e),
     }
 }
 
@@ -829,10 +837,14 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
         // A call into this process: no failure passes by trying again.
         shared.backend.complete_batch(completions).await
     } else {
-        persist(shared, || {
+        let written = persist(shared, Some(board), || {
             shared.backend.complete_batch(completions.clone())
         })
-        .await
+        .await;
+        match written.result {
+            Ok(lost) if written.retried => Ok(still_lost(&*shared.backend, lost).await),
+            recorded => recorded,
+        }
     };
     for (lease, job, reported, hold) in rest {
         // Recorded (or given up on): the lease is let go.
@@ -858,6 +870,18 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
         }
     }
     board.recorded(n);
+}
+
+/// Of the leases a retried batch of completions found gone, those whose
+/// job an earlier try completed (its reply lost) are not lost.
+async fn still_lost(backend: &dyn Backend, lost: Vec<Lease>) -> Vec<Lease> {
+    let mut still = Vec::with_capacity(lost.len());
+    for lease in lost {
+        if effect(backend, &lease, None).await != Some(JobStatus::Done) {
+            still.push(lease);
+        }
+    }
+    still
 }
 
 /// Makes a message storable: NUL (which PostgreSQL's `text` rejects) becomes

@@ -60,6 +60,7 @@ mod events;
 mod execute;
 mod handler;
 mod keeper;
+mod persist;
 mod prefetch;
 mod runner;
 mod signals;
@@ -560,9 +561,9 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     /// the jobs the handlers start during about two pulls' round trips, up
     /// to this bound. Handlers much slower than a round trip get no buffer;
     /// jobs buffered behind slow ones that took every slot are given back
-    /// once they have waited a [poll interval](Self::poll_interval), for
-    /// any worker with a free slot. So one worker never hoards jobs while
-    /// another idles. Buffered leases are renewed like running ones, and
+    /// once they have waited a [poll interval](Self::poll_interval) (at the
+    /// next poll: within two), for any worker with a free slot. So one
+    /// worker does not hoard jobs while another idles. Buffered leases are renewed like running ones, and
     /// given back at once on shutdown. 0 pulls only for free slots.
     pub fn prefetch(mut self, limit: u32) -> Self {
         self.prefetch = limit;

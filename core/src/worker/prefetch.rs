@@ -18,10 +18,13 @@
 //! handlers much slower than a round trip get next to none (the depth
 //! settles between 0 and 1). And when quick handlers have deepened it and
 //! slow ones then take every slot, the buffered jobs are not kept waiting
-//! behind them: once the first has waited a whole poll interval, the
-//! buffer is given back, for any worker with a free slot, and its depth
-//! starts over from 0 ([`Prefetch::restart`]). So one worker never hoards
-//! jobs while another idles.
+//! behind them: once the first has waited a whole poll interval (seen at
+//! the next poll), the buffer is given back, for any worker with a free
+//! slot, and its depth starts over from 0 ([`Prefetch::restart`]). So one
+//! worker does not hoard jobs while another idles. (Handlers slower than
+//! the poll interval on all of a worker's slots may so see the one job
+//! buffered behind them given back and pulled again: a release and a pull
+//! per such job, little next to it.)
 
 use std::time::Duration;
 

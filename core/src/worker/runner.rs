@@ -38,6 +38,7 @@ use super::execute::{
 };
 use super::handler::{Phase, WorkerView};
 use super::keeper::{Hold, LeaseKeeper};
+use super::persist::persist;
 use super::signals::Signals;
 use super::slots::{Slot, Slots};
 use super::stock::{PULLS_AT_ONCE, Reserve, Stock};
@@ -236,7 +237,13 @@ impl<S: Send + Sync + 'static> Starter<S> {
         };
         let batch = u32::try_from(want).unwrap_or(MAX_PULL_BATCH);
         let request = self.request.clone().batch(batch);
-        let pulled = Pulled::send(Arc::clone(&self.shared.backend), request, stock.signs()).await;
+        let pulled = Pulled::send(
+            Arc::clone(&self.shared.backend),
+            request,
+            stock.signs(),
+            Arc::clone(&stock.board),
+        )
+        .await;
         // Slots were free with nothing buffered: starved.
         let refused = pulled.land(stock, &self.crew.keeper, true);
         if !refused.is_empty() {
@@ -454,7 +461,8 @@ async fn lane<S: Send + Sync + 'static>(
                         }
                         Refill::Wait => break,
                         Refill::Refused(jobs) => {
-                            report.released += release_all(&starter.shared, jobs).await;
+                            report.released +=
+                                release_all(&starter.shared, Some(board), jobs).await;
                             break;
                         }
                     },
@@ -680,9 +688,24 @@ impl Pulled {
     /// that the lane or pull loop that sent it goes on and the pull is not
     /// counted as asked for ever after; the jobs it may have leased come
     /// back when their leases end.
-    async fn send(backend: Arc<dyn Backend>, request: PullRequest, signs: u64) -> Self {
+    ///
+    /// Sent at its first poll, which may come once the runner (whose board
+    /// is `board`) is shutting down (its pull loop stops before polling the
+    /// pull it just made): then not sent at all, as the jobs it leased
+    /// would only go back (a handler's push made during the shutdown among
+    /// them), and it comes back empty.
+    async fn send(
+        backend: Arc<dyn Backend>,
+        request: PullRequest,
+        signs: u64,
+        board: Arc<Board>,
+    ) -> Self {
         let sent = Instant::now();
-        let jobs = contained("pull", backend.pull(&request)).await;
+        let jobs = if board.stopping.load(Ordering::SeqCst) {
+            Ok(Vec::new())
+        } else {
+            contained("pull", backend.pull(&request)).await
+        };
         Self {
             jobs,
             asked: request.batch,
@@ -860,8 +883,13 @@ async fn run<S: Send + Sync + 'static>(
                     jobs = held.len(),
                     "giving back buffered jobs that waited a poll interval for a slot"
                 );
-                let shared = Arc::clone(&shared);
-                giving_back.spawn(async move { release_all(&shared, held).await });
+                let (shared, stock) = (Arc::clone(&shared), Arc::clone(&stock));
+                giving_back.spawn(async move {
+                    let n = held.len();
+                    let released = release_all(&shared, Some(&stock.board), held).await;
+                    stock.buffer.given_back(n);
+                    released
+                });
             }
         }
         stock.prefetch().waited(buffer.take_longest_wait());
@@ -896,7 +924,12 @@ async fn run<S: Send + Sync + 'static>(
             let batch = u32::try_from(want).unwrap_or(MAX_PULL_BATCH);
             let request = request.clone().batch(batch);
             last_pull = Instant::now();
-            let pull = Pulled::send(Arc::clone(&shared.backend), request, stock.signs());
+            let pull = Pulled::send(
+                Arc::clone(&shared.backend),
+                request,
+                stock.signs(),
+                Arc::clone(&board),
+            );
             pulls.push(Box::pin(pull) as Pulling);
         }
 
@@ -973,7 +1006,7 @@ async fn run<S: Send + Sync + 'static>(
             unstarted.extend(hold(keeper, pulled.jobs.unwrap_or_default(), pulled.sent));
             stock.landed(pulled.asked as usize);
         }
-        release_all(&shared, unstarted).await
+        release_all(&shared, Some(&board), unstarted).await
     };
     tokio::pin!(releasing);
     let at_deadline = tokio::time::sleep_until(deadline);
@@ -1012,16 +1045,26 @@ async fn run<S: Send + Sync + 'static>(
     report
 }
 
-/// Releases buffered jobs; returns how many went back.
-async fn release_all<S>(shared: &Shared<S>, buffer: VecDeque<Buffered>) -> usize {
+/// Releases buffered jobs; returns how many went back. A release that
+/// fails transiently is made again while the worker (whose `board` this
+/// is) runs, as any outcome write (see [`persist`]): given back while the
+/// worker runs, a job left leased would wait for its lease's end.
+async fn release_all<S>(
+    shared: &Shared<S>,
+    board: Option<&Board>,
+    buffer: VecDeque<Buffered>,
+) -> usize {
     futures::stream::iter(buffer)
         .map(|Buffered { lease, hold, .. }| async move {
             // Renewed until released.
             let _hold = hold;
             // A panic (a backend's bug) fails this release alone: in the
             // runner, it would abort the lanes in their grace period.
-            let released = contained("release", shared.backend.release(&lease)).await;
-            match released {
+            let released = persist(shared, board, || {
+                contained("release", shared.backend.release(&lease))
+            })
+            .await;
+            match released.result {
                 Ok(()) => 1,
                 Err(e) => {
                     tracing::warn!(error = %e, job = lease.job_id, "could not release a buffered job; it returns when its lease ends");

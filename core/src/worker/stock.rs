@@ -105,14 +105,15 @@ impl Stock {
         self.asked.load(Ordering::SeqCst)
     }
 
-    /// The leases held: asked for by the pulls under way, buffered, and
-    /// started (running or awaiting their record). Read in that order,
-    /// none is missed: a pull that lands adds its jobs to the buffer
-    /// before it stops counting them as asked, and a job a lane takes is
-    /// counted as started before it leaves the buffer.
+    /// The leases held: asked for by the pulls under way, buffered (or
+    /// taken out of the buffer to be given back), and started (running or
+    /// awaiting their record). Read in that order, none is missed: a pull
+    /// that lands adds its jobs to the buffer before it stops counting them
+    /// as asked, and a job a lane takes is counted as started before it
+    /// leaves the buffer.
     pub(crate) fn leases_held(&self) -> usize {
         let asked = self.asked();
-        asked + self.buffer.len() + self.board.started()
+        asked + self.buffer.held() + self.board.started()
     }
 
     /// Sizes a pull for the `free` slots and its share of what the buffer
@@ -127,7 +128,7 @@ impl Stock {
         let target = prefetch.target() as usize;
         let asked = self.asked();
         let buffered = self.buffer.len();
-        let held = asked + buffered + self.board.started();
+        let held = asked + self.buffer.held() + self.board.started();
         let room = self.max_held.saturating_sub(held);
         let lacking = (free + target).saturating_sub(buffered + asked);
         let share = free + target.div_ceil(PULLS_AT_ONCE);
