@@ -381,7 +381,7 @@ impl<S> Drop for WorkerHandle<S> {
 ///
 /// Defaults: the queues of the registered kinds' [`JobType::QUEUE`]s,
 /// concurrency 10, an adaptive prefetch buffer of at most 1,024 jobs, lease 30 s, poll every 1 s, [`RetryPolicy::default`], no
-/// timeout, 30 s to shut down.
+/// timeout, 25 s to shut down.
 pub struct WorkerBuilder<S = ()> {
     backend: Arc<dyn Backend>,
     state: Arc<S>,
@@ -439,8 +439,11 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     pub const MIN_LEASE: Duration = Duration::from_millis(100);
     /// The default poll interval.
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
-    /// The default time in-flight jobs get to finish at shutdown.
-    pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+    /// The default time in-flight jobs get to finish at shutdown: 25 s,
+    /// leaving room for the releases that follow within the 30 s that
+    /// Kubernetes (`terminationGracePeriodSeconds`) and Heroku give a
+    /// process between its SIGTERM and its SIGKILL.
+    pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
 
     fn new(backend: Arc<dyn Backend>, state: Arc<S>) -> Self {
         Self {
@@ -614,7 +617,10 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     }
 
     /// How long [`WorkerHandle::shutdown`] lets in-flight jobs finish before
-    /// releasing them.
+    /// releasing them ([`Self::DEFAULT_SHUTDOWN_TIMEOUT`] by default). Keep
+    /// it a few seconds below the time the process is given to exit after
+    /// its stop signal (an orchestrator's grace period), so that the jobs
+    /// still running are released, not abandoned with their leases.
     pub fn shutdown_timeout(mut self, grace: Duration) -> Self {
         self.shutdown_timeout = grace;
         self
