@@ -693,6 +693,9 @@ struct NoWakeups {
     /// Whether subscribing fails (the store declares wake-ups it cannot
     /// give now); else the store declares none and returns none.
     fails: bool,
+    /// Whether a failing subscription panics (a backend's bug) rather than
+    /// return an error.
+    panics: bool,
     /// Whether the store declares instant writes, so that a lane listens,
     /// not the pull loop.
     instant_writes: bool,
@@ -708,6 +711,9 @@ impl Faults for NoWakeups {
 
     async fn subscribe(&self, _inner: &dyn Backend, _queues: &[String]) -> Result<Option<Wakeups>> {
         self.subscribes.fetch_add(1, Ordering::SeqCst);
+        if self.fails && self.panics {
+            panic!("a backend's bug in subscribe");
+        }
         if self.fails {
             return Err(relayq_core::Error::transient("the listener is down"));
         }
@@ -720,7 +726,7 @@ impl Faults for NoWakeups {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_without_wake_ups_is_polled() {
     for instant_writes in [false, true] {
-        let subscribes = polls_without_wake_ups(false, instant_writes).await;
+        let subscribes = polls_without_wake_ups(false, false, instant_writes).await;
         assert_eq!(subscribes, 1, "asked once, by its one runner");
     }
 }
@@ -730,18 +736,31 @@ async fn a_store_without_wake_ups_is_polled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_subscription_falls_back_to_polling() {
     for instant_writes in [false, true] {
-        let subscribes = polls_without_wake_ups(true, instant_writes).await;
+        let subscribes = polls_without_wake_ups(true, false, instant_writes).await;
         assert!(subscribes >= 2, "asked again after it failed: {subscribes}");
+    }
+}
+
+/// A subscription that panics (a backend's bug) fails like one that
+/// returns an error: the worker polls rather than end. (That it asks again
+/// is the failed subscription's case: printing the panic's backtrace can
+/// outlast this one's run.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_subscription_falls_back_to_polling() {
+    for instant_writes in [false, true] {
+        let subscribes = polls_without_wake_ups(true, true, instant_writes).await;
+        assert!(subscribes >= 1, "{subscribes}");
     }
 }
 
 /// Runs three pushed jobs on a [`NoWakeups`] store (see
 /// [`runs_pushed_jobs_by_polling`]); returns how often it subscribed.
-async fn polls_without_wake_ups(fails: bool, instant_writes: bool) -> usize {
+async fn polls_without_wake_ups(fails: bool, panics: bool, instant_writes: bool) -> usize {
     let subscribes = Arc::new(AtomicUsize::new(0));
     runs_pushed_jobs_by_polling(NoWakeups {
         subscribes: Arc::clone(&subscribes),
         fails,
+        panics,
         instant_writes,
     })
     .await;

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::execute::contained;
 use crate::store::Backend;
 use crate::wakeups::Wakeups;
 
@@ -142,9 +143,11 @@ impl Signals {
     }
 }
 
-/// `backend`'s subscription for `queues`, if it makes one.
+/// `backend`'s subscription for `queues`, if it makes one. A panic in the
+/// backend's `subscribe` (a bug) counts as a failed subscription: in the
+/// runner, it would end the worker.
 async fn try_subscribe(backend: &dyn Backend, queues: &[String]) -> Option<Wakeups> {
-    match backend.subscribe(queues).await {
+    match contained("subscribe", backend.subscribe(queues)).await {
         Ok(wakeups) => wakeups,
         Err(e) => {
             tracing::warn!(error = %e, "could not subscribe to wake-ups; polling instead");
