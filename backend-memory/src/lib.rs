@@ -280,3 +280,47 @@ impl Backend for MemoryBackend {
         ))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use relayq_core::{Cleaner, JobStatus, NewJob, PullRequest, Puller, Pusher};
+    use serde_json::json;
+
+    use super::*;
+
+    /// A clean forgets the indexes of queues with no job left pending or
+    /// running, and keeps the others.
+    #[tokio::test]
+    async fn clean_forgets_the_indexes_of_queues_left_empty() {
+        let b = MemoryBackend::new();
+        for queue in 0..100 {
+            let job = NewJob::new("k", &json!({})).queue(format!("q{queue}"));
+            b.push(job).await.expect("push");
+        }
+        b.push(NewJob::new("k", &json!({})).queue("waiting"))
+            .await
+            .expect("push");
+        for queue in 0..100 {
+            let leased = b
+                .pull(&PullRequest::queue(format!("q{queue}")))
+                .await
+                .expect("pull");
+            b.complete(&leased[0].lease, None).await.expect("complete");
+        }
+        assert_eq!(b.lock().queue_count(), 101);
+        let far = OffsetDateTime::now_utc() + Duration::days(1);
+        assert_eq!(b.clean(JobStatus::Done, far).await.expect("clean"), 100);
+        assert_eq!(
+            b.lock().queue_count(),
+            1,
+            "the queue with a job pending stays"
+        );
+        let leased = b.pull(&PullRequest::queue("waiting")).await.expect("pull");
+        assert_eq!(leased.len(), 1);
+        b.push(NewJob::new("k", &json!({})).queue("q0"))
+            .await
+            .expect("a queue forgotten takes jobs again");
+        let again = b.pull(&PullRequest::queue("q0")).await.expect("pull");
+        assert_eq!(again.len(), 1);
+    }
+}

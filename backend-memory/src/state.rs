@@ -102,6 +102,12 @@ impl Leases {
 }
 
 impl QueueIndex {
+    /// Whether it indexes no job (every job of the queue finished, or none
+    /// was ever pushed).
+    fn is_empty(&self) -> bool {
+        self.scheduled.is_empty() && self.ready.is_empty() && self.leased.0.is_empty()
+    }
+
     /// Indexes pending job `id`: in `ready` at once if it is due at `now`
     /// (most jobs are pushed to run at once), else in `scheduled` until a
     /// pull finds it due.
@@ -454,6 +460,18 @@ impl State {
         let before_len = self.jobs.len();
         self.jobs
             .retain(|job| !(job.status == status && job.updated_at < before));
+        // The indexes of queues with no job pending or running go too: a
+        // long-lived store whose queue names come and go (one per tenant,
+        // say) would otherwise keep one for every name it ever saw. Here,
+        // not as a queue empties: a queue emptied and filled again on every
+        // job would make and drop its index each time.
+        self.queues.retain(|_, index| !index.is_empty());
         (before_len - self.jobs.len()) as u64
+    }
+
+    /// How many queues are indexed.
+    #[cfg(test)]
+    pub(crate) fn queue_count(&self) -> usize {
+        self.queues.len()
     }
 }
