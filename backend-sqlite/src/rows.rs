@@ -61,6 +61,12 @@ impl From<Unread> for Fail {
     }
 }
 
+/// A count stored as an `INTEGER` (another program may have stored one
+/// beyond `i32`; relayq never does): the nearest `i32`.
+fn nearest_i32(stored: i64) -> i32 {
+    i32::try_from(stored).unwrap_or(if stored < 0 { i32::MIN } else { i32::MAX })
+}
+
 /// Decodes a row selected with [`COLUMNS`].
 pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Unread> {
     let id = row.try_get("id")?;
@@ -77,30 +83,36 @@ pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Unread> {
     };
     let priority: i64 = row.try_get("priority")?;
     // Borrowed from the row: a status and names of up to 24 bytes cost no
-    // allocation, and JSON is parsed from the row's text.
+    // allocation, and JSON is parsed from the row's text. Text as bytes:
+    // SQLite keeps text that is not UTF-8 (another program wrote it), read
+    // with U+FFFD for the bytes that are not, rather than failing every
+    // read of the row, the pulls that meet it included (and the whole
+    // batch such a pull had leased with it).
     let status: &str = row.try_get("status")?;
-    let queue: &str = row.try_get("queue")?;
-    let kind: &str = row.try_get("kind")?;
+    let queue: &[u8] = row.try_get("queue")?;
+    let kind: &[u8] = row.try_get("kind")?;
+    let unique_key: Option<&[u8]> = row.try_get("unique_key")?;
+    let last_error: Option<&[u8]> = row.try_get("last_error")?;
     let payload: &[u8] = row.try_get("payload")?;
     let result: Option<&[u8]> = row.try_get("result")?;
     let locked_until: Option<i64> = row.try_get("locked_until")?;
     let mut job = Job {
         id,
-        queue: queue.into(),
-        kind: kind.into(),
+        queue: String::from_utf8_lossy(queue).as_ref().into(),
+        kind: String::from_utf8_lossy(kind).as_ref().into(),
         payload: Arc::new(Value::Null),
         priority: i16::try_from(priority)
             .map_err(|_| corrupt(format!("priority {priority} out of range")))?,
         status: status
             .parse::<JobStatus>()
             .map_err(|_| corrupt(format!("unknown status {status:?}")))?,
-        attempts: row.try_get("attempts")?,
-        max_attempts: row.try_get("max_attempts")?,
+        attempts: nearest_i32(row.try_get("attempts")?),
+        max_attempts: nearest_i32(row.try_get("max_attempts")?),
         lease_token,
         run_at: from_unix_micros(row.try_get("run_at")?),
         locked_until: locked_until.map(from_unix_micros),
-        unique_key: row.try_get("unique_key")?,
-        last_error: row.try_get("last_error")?,
+        unique_key: unique_key.map(|key| String::from_utf8_lossy(key).into_owned()),
+        last_error: last_error.map(|error| String::from_utf8_lossy(error).into_owned()),
         result: None,
         created_at: from_unix_micros(row.try_get("created_at")?),
         updated_at: from_unix_micros(row.try_get("updated_at")?),

@@ -1157,6 +1157,52 @@ async fn a_pull_that_waited_for_the_write_lock_leases_from_when_it_got_it() {
         .expect("complete");
 }
 
+/// A job whose text another program stored as bytes that are not UTF-8
+/// (SQLite keeps them) reads with U+FFFD in their place, and counts beyond
+/// `i32` read as the nearest: pulled (with the job pulled beside it),
+/// failed for its kind no handler has, and observed, where every read of
+/// it used to fail, a pull's included, leaving the jobs that pull had
+/// leased with it to no one.
+#[tokio::test]
+async fn text_that_is_not_utf8_and_counts_beyond_i32_read_as_the_nearest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = SqliteBackend::connect(&file_url(&dir))
+        .await
+        .expect("connect");
+    let odd = backend.push(job(1)).await.expect("push").id();
+    let plain = backend.push(job(2)).await.expect("push").id();
+    sqlx::query(
+        "UPDATE relayq_jobs SET kind = CAST(X'6BFF' AS TEXT), \
+         last_error = CAST(X'FE6F6B' AS TEXT), unique_key = CAST(X'FF' AS TEXT), \
+         max_attempts = 5000000000 WHERE id = ?",
+    )
+    .bind(odd)
+    .execute(backend.pool())
+    .await
+    .expect("another program's bytes");
+    let leased = backend
+        .pull(&PullRequest::queue("default").batch(10))
+        .await
+        .expect("pull");
+    assert_eq!(
+        leased.iter().map(|l| l.job.id).collect::<Vec<_>>(),
+        [odd, plain]
+    );
+    let read = &leased[0].job;
+    assert_eq!(read.kind, "k\u{FFFD}");
+    assert_eq!(read.last_error.as_deref(), Some("\u{FFFD}ok"));
+    assert_eq!(read.unique_key.as_deref(), Some("\u{FFFD}"));
+    assert_eq!(read.max_attempts, i32::MAX);
+    backend
+        .kill(&leased[0].lease, "no handler")
+        .await
+        .expect("kill");
+    let stored = backend.get(odd).await.expect("get").expect("stored");
+    assert_eq!(stored.status, JobStatus::Dead);
+    let page = backend.list(&ListFilter::default()).await.expect("list");
+    assert_eq!(page.jobs.len(), 2);
+}
+
 /// A job whose times another program stored beyond the years relayq holds
 /// (-9999 to 9999) reads as the nearest instant it holds, so it is
 /// pulled, run and observed like any other (it used to fail every read of
