@@ -1481,24 +1481,7 @@ async fn a_batch_racing_an_uncommitted_holder_of_its_key_names_it() {
         })
     };
     // Committed once the batch waits on the uncommitted key.
-    let schema = backend.schema().to_owned();
-    let waiting_on_the_key = async {
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'",
-            )
-            .bind(&schema)
-            .fetch_one(backend.pool())
-            .await
-            .expect("pg_stat_activity");
-            if waiting > 0 {
-                return;
-            }
-            tokio::time::sleep(StdDuration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(StdDuration::from_secs(10), waiting_on_the_key)
+    tokio::time::timeout(StdDuration::from_secs(10), waiting_on_locks(&backend, 1))
         .await
         .expect("the batch waits on the uncommitted key");
     tx.commit().await.expect("commit");
@@ -1658,24 +1641,7 @@ async fn batches_naming_keys_in_opposite_orders_do_not_deadlock() {
     };
     let forward = batch(["k1", "gate", "k2"]);
     let backward = batch(["k2", "gate", "k1"]);
-    let schema = backend.schema().to_owned();
-    let both_wait = async {
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'",
-            )
-            .bind(&schema)
-            .fetch_one(backend.pool())
-            .await
-            .expect("pg_stat_activity");
-            if waiting >= 2 {
-                return;
-            }
-            tokio::time::sleep(StdDuration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(StdDuration::from_secs(10), both_wait)
+    tokio::time::timeout(StdDuration::from_secs(10), waiting_on_locks(&backend, 2))
         .await
         .expect("both batches wait on the uncommitted key");
     tx.rollback().await.expect("rollback");
@@ -1689,6 +1655,25 @@ async fn batches_naming_keys_in_opposite_orders_do_not_deadlock() {
     let stats = backend.stats().await.expect("stats");
     assert_eq!(stats.queue("default").pending, 3, "{stats:?}");
     testing::drop_schema(backend.schema()).await;
+}
+
+/// Returns once at least `statements` statements on `backend`'s schema
+/// wait for a lock (bound it with a timeout).
+async fn waiting_on_locks(backend: &PgBackend, statements: i64) {
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'",
+        )
+        .bind(backend.schema())
+        .fetch_one(backend.pool())
+        .await
+        .expect("pg_stat_activity");
+        if waiting >= statements {
+            return;
+        }
+        tokio::time::sleep(StdDuration::from_millis(5)).await;
+    }
 }
 
 /// Fills a schema with `finished` done/dead jobs and `pending` due jobs.
