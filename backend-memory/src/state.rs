@@ -466,6 +466,10 @@ impl State {
         // not as a queue empties: a queue emptied and filled again on every
         // job would make and drop its index each time.
         self.queues.retain(|_, index| !index.is_empty());
+        // The map keeps its peak capacity unless asked.
+        if self.queues.len() < self.queues.capacity() / 4 {
+            self.queues.shrink_to_fit();
+        }
         (before_len - self.jobs.len()) as u64
     }
 

@@ -690,7 +690,7 @@ impl PgBackend {
         if let [job] = jobs {
             return self.push_one(conn, job).await.map(|outcome| vec![outcome]);
         }
-        if jobs.iter().all(|job| job.unique_key.is_none()) {
+        if !is_keyed_batch(jobs) {
             return self.push_keyless(conn, jobs).await;
         }
         let now = self.now();
@@ -1208,6 +1208,13 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.whole_microseconds()).unwrap_or(i64::MAX)
 }
 
+/// Whether `jobs` go in as a batch with unique keys ([`sql::Statements::push`]),
+/// whose insert may be followed by a second look for a key's holder: more
+/// than one job (one goes in alone), one with a key at least.
+fn is_keyed_batch(jobs: &[ValidJob]) -> bool {
+    jobs.len() > 1 && jobs.iter().any(|job| job.unique_key.is_some())
+}
+
 #[async_trait]
 impl Pusher for PgBackend {
     async fn push(&self, job: NewJob) -> Result<PushOutcome> {
@@ -1245,7 +1252,7 @@ impl Pusher for PgBackend {
         // insert (one that committed after the insert's snapshot): both in
         // one transaction, so that a failure of the look stores nothing,
         // as a batch is all or nothing. Others commit by themselves.
-        let keyed = jobs.len() > 1 && jobs.iter().any(|job| job.unique_key.is_some());
+        let keyed = is_keyed_batch(&jobs);
         let mut conn = self.conn().await?;
         let valid = &jobs;
         let outcomes = conn

@@ -1013,8 +1013,10 @@ impl SqliteBackend {
     /// drops the jobs whose lease another puller took meanwhile (it had
     /// ended by the time the claim returned). Should the renewal fail (the
     /// file's lock is contended, which is why it runs), the jobs are handed
-    /// out as claimed: failing the pull would leave them leased to no one.
-    async fn renew_claimed(&self, leased: Vec<LeasedJob>, lease: Duration) -> Vec<LeasedJob> {
+    /// out as claimed, those whose lease has not ended yet (failing the
+    /// pull would leave them leased to no one; the others any puller may
+    /// take again, and run beside this one's caller).
+    async fn renew_claimed(&self, mut leased: Vec<LeasedJob>, lease: Duration) -> Vec<LeasedJob> {
         let leases: Vec<Lease> = leased.iter().map(|l| l.lease).collect();
         let renewed = match self.extend_batch(&leases, lease).await {
             Ok(renewed) => renewed,
@@ -1024,6 +1026,8 @@ impl SqliteBackend {
                     jobs = leases.len(),
                     "relayq-sqlite: could not renew the leases of a pull that waited for the write lock"
                 );
+                let now = self.shared.clock.now();
+                leased.retain(|l| l.job.locked_until.is_some_and(|until| until > now));
                 return leased;
             }
         };

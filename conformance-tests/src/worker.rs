@@ -225,7 +225,8 @@ pub async fn worker_retries_by_default_when_the_policy_panics(h: Harness) {
 /// Outcome writes that fail transiently (a connection lost, a failover, a
 /// deadlock) are made again while the lease is held: a completion, alone
 /// or batched, a retry and a kill are each recorded, no handler runs
-/// twice, and each outcome is reported as it was recorded, also where the
+/// twice (a job finishing in a shutdown's grace period included), and each
+/// outcome is reported as it was recorded, also where the
 /// failed try had taken effect and only its reply was lost (the next try
 /// then finds the lease gone).
 pub async fn worker_makes_outcome_writes_that_failed_transiently_again(h: Harness) {
@@ -247,13 +248,18 @@ async fn outcome_writes_made_again(h: &Harness, lose_replies: bool) {
         .retry(RetryPolicy::fixed(StdDuration::from_secs(3600)))
         .handle({
             let runs = Arc::clone(&runs);
-            move |task: Task, _ctx: JobContext<Harness>| {
+            move |task: Task, ctx: JobContext<Harness>| {
                 runs.fetch_add(1, Ordering::SeqCst);
                 async move {
                     match task.n {
                         1 => Ok(()),
                         2 => Err(HandlerError::new("fails")),
-                        _ => Err(HandlerError::permanent("fails for good")),
+                        3 => Err(HandlerError::permanent("fails for good")),
+                        // Finishes once the worker is shutting down.
+                        _ => {
+                            ctx.shutdown_requested().await;
+                            Ok(())
+                        }
                     }
                 }
             }
@@ -281,13 +287,17 @@ async fn outcome_writes_made_again(h: &Harness, lose_replies: bool) {
     let mut events = worker.events();
     let running = worker.start();
     let outcome = outcome_of(&mut events, batched).await;
-    running.shutdown_within(LIVENESS).await;
     assert!(
         matches!(outcome, Outcome::Completed { .. }),
         "{case}: {outcome:?}"
     );
+    // And during a shutdown's grace period: a job that finishes then.
+    let finishing = h.push(Task { n: 4 }.to_job()).await;
+    starts(&mut events, 1, "the job that finishes at shutdown to start").await;
+    flaky.fail_next(2);
+    running.shutdown_within(LIVENESS).await;
     let mut seen = Vec::new();
-    for id in [ids[0], ids[1], ids[2], batched] {
+    for id in [ids[0], ids[1], ids[2], batched, finishing] {
         let job = h.job(id).await;
         seen.push((job.status, job.attempts, job.last_error));
     }
@@ -298,12 +308,13 @@ async fn outcome_writes_made_again(h: &Harness, lose_replies: bool) {
             (JobStatus::Pending, 1, Some("fails".to_owned())),
             (JobStatus::Dead, 1, Some("fails for good".to_owned())),
             (JobStatus::Done, 1, None),
+            (JobStatus::Done, 1, None),
         ],
         "{case}"
     );
     assert_eq!(
         runs.load(Ordering::SeqCst),
-        4,
+        5,
         "{case}: each handler ran once"
     );
     assert_eq!(

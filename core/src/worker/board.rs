@@ -24,6 +24,9 @@ pub(crate) struct Board {
     /// The worker is shutting down: runs that end from now on ended in
     /// the grace period, and count in the shutdown report.
     pub(crate) stopping: AtomicBool,
+    /// The worker's shutdown deadline has passed: runs still going are
+    /// stopped and given back, and outcome writes are not made again.
+    pub(crate) abandoning: AtomicBool,
     /// Wakes the pull loop: signalled on `due_now`, while `wants_ends` on
     /// every end, by the buffer when it runs low, and by a lane that pulls
     /// for itself when it finds the buffer dry (see `runner::Starter::pull_here`)

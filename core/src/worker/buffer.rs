@@ -201,9 +201,14 @@ impl Buffer {
         }
     }
 
-    /// `n` jobs taken out to be given back are (or could not be).
+    /// `n` jobs taken out to be given back are (or could not be): their
+    /// leases no longer count, which the pull loop hears of if it waits for
+    /// held leases to be let go.
     pub(crate) fn given_back(&self, n: usize) {
         self.leaving.fetch_sub(n, Ordering::SeqCst);
+        if self.board.wants_ends.load(Ordering::SeqCst) {
+            self.board.ended.notify_one();
+        }
     }
 
     /// Stops all starts and returns the jobs left, to be given back.

@@ -22,7 +22,7 @@ use super::board::Board;
 use super::events::{Event, JobInfo, Outcome, Subscription};
 use super::handler::{Entry, HandlerError, JobContext, Phase, RunFuture, WorkerView};
 use super::keeper::{Hold, LeaseWatch, WatchRef};
-use super::persist::{effect, persist};
+use super::persist::{Fenced, effect, persist, write_fenced};
 use super::slots::Slot;
 use crate::error::Error;
 use crate::job::{Job, JobStatus, MAX_DELAY};
@@ -625,24 +625,17 @@ async fn record_failure<S>(
     let backend_delay = time::Duration::try_from(delay)
         .unwrap_or(MAX_DELAY)
         .min(MAX_DELAY);
-    let written = persist(shared, board, || {
+    // Left `Pending` to run again, or `Dead` with its attempts spent.
+    let left = |status| matches!(status, JobStatus::Pending | JobStatus::Dead).then_some(status);
+    let written = write_fenced(shared, board, &lease, Some(&error), left, || {
         shared.backend.retry(&lease, backend_delay, &error)
     })
     .await;
-    let status = match written.result {
-        Ok(status) => status,
-        Err(e) if written.retried && e.is_lease_lost() => {
-            match effect(&*shared.backend, &lease, Some(&error)).await {
-                Some(status) => status,
-                None => return Outcome::LeaseLost,
-            }
-        }
-        Err(e) => return unrecorded(e),
-    };
-    if status == JobStatus::Dead {
-        Outcome::Dead { error }
-    } else {
-        Outcome::Retrying { error, delay }
+    match written {
+        Fenced::Recorded(JobStatus::Dead) => Outcome::Dead { error },
+        Fenced::Recorded(_) => Outcome::Retrying { error, delay },
+        Fenced::LeaseLost => Outcome::LeaseLost,
+        Fenced::Failed(e) => unrecorded(e),
     }
 }
 
@@ -669,16 +662,15 @@ async fn record_kill<S>(
     error: String,
 ) -> Outcome {
     let error = sanitize(&error);
-    let written = persist(shared, board, || shared.backend.kill(lease, &error)).await;
-    match written.result {
-        Ok(()) => Outcome::Dead { error },
-        Err(e) if written.retried && e.is_lease_lost() => {
-            match effect(&*shared.backend, lease, Some(&error)).await {
-                Some(JobStatus::Dead) => Outcome::Dead { error },
-                _ => Outcome::LeaseLost,
-            }
-        }
-        Err(e) => unrecorded(e),
+    let dead = |status| (status == JobStatus::Dead).then_some(());
+    let written = write_fenced(shared, board, lease, Some(&error), dead, || {
+        shared.backend.kill(lease, &error)
+    })
+    .await;
+    match written {
+        Fenced::Recorded(()) => Outcome::Dead { error },
+        Fenced::LeaseLost => Outcome::LeaseLost,
+        Fenced::Failed(e) => unrecorded(e),
     }
 }
 
@@ -731,20 +723,17 @@ async fn complete<S>(
     keep_result: bool,
 ) -> Outcome {
     let Completion { lease, result } = completion;
-    let write = || shared.backend.complete(&lease, result.clone());
-    let written = persist(shared, board, write).await;
-    let completed = Outcome::Completed {
-        result: if keep_result { result } else { None },
-    };
-    match written.result {
-        Ok(()) => completed,
-        Err(e) if written.retried && e.is_lease_lost() => {
-            match effect(&*shared.backend, &lease, None).await {
-                Some(JobStatus::Done) => completed,
-                _ => Outcome::LeaseLost,
-            }
-        }
-        Err(e) => unrecorded(e),
+    let done = |status| (status == JobStatus::Done).then_some(());
+    let written = write_fenced(shared, board, &lease, None, done, || {
+        shared.backend.complete(&lease, result.clone())
+    })
+    .await;
+    match written {
+        Fenced::Recorded(()) => Outcome::Completed {
+            result: if keep_result { result } else { None },
+        },
+        Fenced::LeaseLost => Outcome::LeaseLost,
+        Fenced::Failed(e) => unrecorded(e),
     }
 }
 
@@ -842,7 +831,9 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
         })
         .await;
         match written.result {
-            Ok(lost) if written.retried => Ok(still_lost(&*shared.backend, lost).await),
+            Ok(lost) if written.retried && !lost.is_empty() => {
+                still_lost(&*shared.backend, lost).await
+            }
             recorded => recorded,
         }
     };
@@ -873,16 +864,25 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
 }
 
 /// Of the leases a retried batch of completions found gone, those whose
-/// job an earlier try completed (its reply lost) are not lost.
-async fn still_lost(backend: &dyn Backend, lost: Vec<Lease>) -> Vec<Lease> {
-    let mut still = Vec::with_capacity(lost.len());
-    for lease in lost {
-        if effect(backend, &lease, None).await != Some(JobStatus::Done) {
+/// job an earlier try completed (its reply lost) are not lost; an error if
+/// a job cannot be read (whether it was completed is then unknown).
+async fn still_lost(backend: &dyn Backend, lost: Vec<Lease>) -> Result<Vec<Lease>, Error> {
+    let read: Vec<(Lease, Result<Option<JobStatus>, Error>)> = futures::stream::iter(lost)
+        .map(|lease| async move { (lease, effect(backend, &lease, None).await) })
+        .buffered(READS_AT_ONCE)
+        .collect()
+        .await;
+    let mut still = Vec::new();
+    for (lease, status) in read {
+        if status? != Some(JobStatus::Done) {
             still.push(lease);
         }
     }
-    still
+    Ok(still)
 }
+
+/// How many jobs [`still_lost`] reads at once.
+const READS_AT_ONCE: usize = 8;
 
 /// Makes a message storable: NUL (which PostgreSQL's `text` rejects) becomes
 /// U+FFFD, and the length is capped at [`MAX_ERROR_LEN`] bytes.

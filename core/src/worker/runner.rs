@@ -30,7 +30,7 @@ use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
 use super::board::Board;
-use super::buffer::Buffered;
+use super::buffer::{Buffer, Buffered};
 use super::events::Outcome;
 use super::execute::{
     Ack, Begun, Ended, MAX_ACK_BATCH, Mode, Shared, Started, batch_completions, begin, contained,
@@ -38,12 +38,13 @@ use super::execute::{
 };
 use super::handler::{Phase, WorkerView};
 use super::keeper::{Hold, LeaseKeeper};
-use super::persist::persist;
+use super::persist::{Fenced, write_fenced};
 use super::signals::Signals;
 use super::slots::{Slot, Slots};
 use super::stock::{PULLS_AT_ONCE, Reserve, Stock};
 use super::{WorkerBuilder, after};
 use crate::error::Result;
+use crate::job::JobStatus;
 use crate::lease::LeasedJob;
 use crate::request::{MAX_PULL_BATCH, PullRequest};
 use crate::store::Backend;
@@ -462,7 +463,7 @@ async fn lane<S: Send + Sync + 'static>(
                         Refill::Wait => break,
                         Refill::Refused(jobs) => {
                             report.released +=
-                                release_all(&starter.shared, Some(board), jobs).await;
+                                release_all(&starter.shared, Some(board), jobs, None).await;
                             break;
                         }
                     },
@@ -885,10 +886,7 @@ async fn run<S: Send + Sync + 'static>(
                 );
                 let (shared, stock) = (Arc::clone(&shared), Arc::clone(&stock));
                 giving_back.spawn(async move {
-                    let n = held.len();
-                    let released = release_all(&shared, Some(&stock.board), held).await;
-                    stock.buffer.given_back(n);
-                    released
+                    release_all(&shared, Some(&stock.board), held, Some(&stock.buffer)).await
                 });
             }
         }
@@ -1006,7 +1004,7 @@ async fn run<S: Send + Sync + 'static>(
             unstarted.extend(hold(keeper, pulled.jobs.unwrap_or_default(), pulled.sent));
             stock.landed(pulled.asked as usize);
         }
-        release_all(&shared, Some(&board), unstarted).await
+        release_all(&shared, Some(&board), unstarted, None).await
     };
     tokio::pin!(releasing);
     let at_deadline = tokio::time::sleep_until(deadline);
@@ -1021,6 +1019,7 @@ async fn run<S: Send + Sync + 'static>(
             },
             () = &mut at_deadline, if lanes_running && !abandoning => {
                 abandoning = true;
+                board.abandoning.store(true, Ordering::SeqCst);
                 let _ = phase_tx.send(Phase::Abandoning);
             }
         }
@@ -1046,27 +1045,38 @@ async fn run<S: Send + Sync + 'static>(
 }
 
 /// Releases buffered jobs; returns how many went back. A release that
-/// fails transiently is made again while the worker (whose `board` this
-/// is) runs, as any outcome write (see [`persist`]): given back while the
-/// worker runs, a job left leased would wait for its lease's end.
+/// fails transiently is made again until the worker (whose `board` this
+/// is) passes its shutdown deadline, as any outcome write (see
+/// [`write_fenced`]): given back while the worker runs, a job left leased
+/// would wait for its lease's end. Jobs taken out of `leaving` (given
+/// back while the worker runs) are counted out of it one by one.
 async fn release_all<S>(
     shared: &Shared<S>,
     board: Option<&Board>,
     buffer: VecDeque<Buffered>,
+    leaving: Option<&Buffer>,
 ) -> usize {
     futures::stream::iter(buffer)
         .map(|Buffered { lease, hold, .. }| async move {
             // Renewed until released.
             let _hold = hold;
+            let pending = |status| (status == JobStatus::Pending).then_some(());
             // A panic (a backend's bug) fails this release alone: in the
             // runner, it would abort the lanes in their grace period.
-            let released = persist(shared, board, || {
+            let released = write_fenced(shared, board, &lease, None, pending, || {
                 contained("release", shared.backend.release(&lease))
             })
             .await;
-            match released.result {
-                Ok(()) => 1,
-                Err(e) => {
+            if let Some(leaving) = leaving {
+                leaving.given_back(1);
+            }
+            match released {
+                Fenced::Recorded(()) => 1,
+                Fenced::LeaseLost => {
+                    tracing::debug!(job = lease.job_id, "a buffered job's lease was gone before its release");
+                    0
+                }
+                Fenced::Failed(e) => {
                     tracing::warn!(error = %e, job = lease.job_id, "could not release a buffered job; it returns when its lease ends");
                     0
                 }
