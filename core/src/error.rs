@@ -144,8 +144,9 @@ impl Error {
     /// fresh one: the failed one is aborted. (The worker makes this choice
     /// itself: a failed pull is tried again at the next poll, whatever the
     /// error; an outcome whose write failed transiently is written again,
-    /// with a growing pause, for as long as a lease lasts; a job whose
-    /// outcome was not recorded runs again once its lease expires.)
+    /// with a growing pause, for up to a lease (not past a shutdown's
+    /// deadline); a job whose outcome was not recorded runs again once its
+    /// lease expires.)
     ///
     /// ```
     /// use relayq_core::Error;

@@ -70,8 +70,8 @@ pub enum Outcome {
     /// discarded, as the new holder owns the job now.
     LeaseLost,
     /// The backend failed to record the outcome (for good, or transiently
-    /// on every try for as long as a lease lasts); the job comes back when
-    /// its lease expires.
+    /// on every try for up to a lease, or until the shutdown's deadline);
+    /// the job comes back when its lease expires.
     Unrecorded {
         /// The backend's error.
         error: String,
