@@ -822,20 +822,28 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
         rest.push((ack.completion.lease, ack.job, ack.reported, ack.hold));
         completions.push(ack.completion);
     }
-    let recorded = if shared.instant_writes {
+    let (result, retried) = if shared.instant_writes {
         // A call into this process: no failure passes by trying again.
-        shared.backend.complete_batch(completions).await
+        (shared.backend.complete_batch(completions).await, false)
     } else {
         let written = persist(shared, Some(board), || {
             shared.backend.complete_batch(completions.clone())
         })
         .await;
-        match written.result {
-            Ok(lost) if written.retried && !lost.is_empty() => {
-                still_lost(&*shared.backend, lost).await
-            }
-            recorded => recorded,
+        (written.result, written.retried)
+    };
+    let (recorded, gone) = match result {
+        Ok(lost) if retried && !lost.is_empty() => {
+            (Ok(()), still_lost(&*shared.backend, lost).await)
         }
+        Ok(lost) => (
+            Ok(()),
+            Gone {
+                lost,
+                unread: Vec::new(),
+            },
+        ),
+        Err(e) => (Err(e), Gone::default()),
     };
     for (lease, job, reported, hold) in rest {
         // Recorded (or given up on): the lease is let go.
@@ -843,13 +851,14 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
         // Also told to whoever subscribed since the handler returned (a
         // `wait_for` that read the job as still processing).
         let observed = reported.is_some() || shared.is_observed();
-        let outcome = match &recorded {
-            Ok(lost) if lost.contains(&lease) => Outcome::LeaseLost,
-            Ok(_) => Outcome::Completed {
-                result: reported.flatten(),
-            },
-            Err(e) => Outcome::Unrecorded {
+        let unread = gone.unread.iter().find(|(gone, _)| *gone == lease);
+        let outcome = match (&recorded, unread) {
+            (Err(e), _) | (Ok(()), Some((_, e))) => Outcome::Unrecorded {
                 error: e.to_string(),
+            },
+            (Ok(()), None) if gone.lost.contains(&lease) => Outcome::LeaseLost,
+            (Ok(()), None) => Outcome::Completed {
+                result: reported.flatten(),
             },
         };
         // Only what is seen is built: a quiet, successful batch costs
@@ -863,22 +872,34 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
     board.recorded(n);
 }
 
+/// What became of the leases a retried batch of completions found gone
+/// (see [`still_lost`]).
+#[derive(Default)]
+struct Gone {
+    /// Lost: their job was not completed under them.
+    lost: Vec<Lease>,
+    /// Their job could not be read: whether an earlier try completed it is
+    /// unknown.
+    unread: Vec<(Lease, Error)>,
+}
+
 /// Of the leases a retried batch of completions found gone, those whose
-/// job an earlier try completed (its reply lost) are not lost; an error if
-/// a job cannot be read (whether it was completed is then unknown).
-async fn still_lost(backend: &dyn Backend, lost: Vec<Lease>) -> Result<Vec<Lease>, Error> {
-    let read: Vec<(Lease, Result<Option<JobStatus>, Error>)> = futures::stream::iter(lost)
+/// job an earlier try completed (its reply lost) are not lost.
+async fn still_lost(backend: &dyn Backend, found_gone: Vec<Lease>) -> Gone {
+    let read: Vec<(Lease, Result<Option<JobStatus>, Error>)> = futures::stream::iter(found_gone)
         .map(|lease| async move { (lease, effect(backend, &lease, None).await) })
         .buffered(READS_AT_ONCE)
         .collect()
         .await;
-    let mut still = Vec::new();
+    let mut gone = Gone::default();
     for (lease, status) in read {
-        if status? != Some(JobStatus::Done) {
-            still.push(lease);
+        match status {
+            Ok(Some(JobStatus::Done)) => {}
+            Ok(_) => gone.lost.push(lease),
+            Err(e) => gone.unread.push((lease, e)),
         }
     }
-    Ok(still)
+    gone
 }
 
 /// How many jobs [`still_lost`] reads at once.

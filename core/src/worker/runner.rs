@@ -463,7 +463,7 @@ async fn lane<S: Send + Sync + 'static>(
                         Refill::Wait => break,
                         Refill::Refused(jobs) => {
                             report.released +=
-                                release_all(&starter.shared, Some(board), jobs, None).await;
+                                release_all(&starter.shared, board, jobs, None).await;
                             break;
                         }
                     },
@@ -886,7 +886,7 @@ async fn run<S: Send + Sync + 'static>(
                 );
                 let (shared, stock) = (Arc::clone(&shared), Arc::clone(&stock));
                 giving_back.spawn(async move {
-                    release_all(&shared, Some(&stock.board), held, Some(&stock.buffer)).await
+                    release_all(&shared, &stock.board, held, Some(&stock.buffer)).await
                 });
             }
         }
@@ -1004,7 +1004,7 @@ async fn run<S: Send + Sync + 'static>(
             unstarted.extend(hold(keeper, pulled.jobs.unwrap_or_default(), pulled.sent));
             stock.landed(pulled.asked as usize);
         }
-        release_all(&shared, Some(&board), unstarted, None).await
+        release_all(&shared, &board, unstarted, None).await
     };
     tokio::pin!(releasing);
     let at_deadline = tokio::time::sleep_until(deadline);
@@ -1052,7 +1052,7 @@ async fn run<S: Send + Sync + 'static>(
 /// back while the worker runs) are counted out of it one by one.
 async fn release_all<S>(
     shared: &Shared<S>,
-    board: Option<&Board>,
+    board: &Board,
     buffer: VecDeque<Buffered>,
     leaving: Option<&Buffer>,
 ) -> usize {
@@ -1063,7 +1063,7 @@ async fn release_all<S>(
             let pending = |status| (status == JobStatus::Pending).then_some(());
             // A panic (a backend's bug) fails this release alone: in the
             // runner, it would abort the lanes in their grace period.
-            let released = write_fenced(shared, board, &lease, None, pending, || {
+            let released = write_fenced(shared, Some(board), &lease, None, pending, || {
                 contained("release", shared.backend.release(&lease))
             })
             .await;
