@@ -97,7 +97,10 @@
 //!   and tries again (for about two minutes), so queue operations never
 //!   queue behind its lock request for longer. Once it has the lock, they
 //!   wait for the migration itself: milliseconds, but version 4 rewrites
-//!   the table (see [Schema](#schema)).
+//!   the table (see [Schema](#schema)). A migrator that hangs inside its
+//!   transaction (a stopped process, a network cut) is ended by the server
+//!   after 10 s idle, releasing its locks, instead of holding them until
+//!   TCP keepalive notices.
 //!
 //! ```no_run
 //! use relayq_core::{NewJob, PullRequest, Puller, Pusher};

@@ -54,6 +54,15 @@ const LOCK_TIMEOUT: &str = "1s";
 /// minutes, pauses included).
 const LOCK_ATTEMPTS: u32 = 60;
 
+/// How long the server lets a migration's transaction sit idle, waiting for
+/// its client, before ending the session. Between two statements it waits
+/// one round trip; a migrator that hangs there (a stopped process, a
+/// network cut the server sees no reset of) would otherwise hold the
+/// migration lock, and the jobs table's lock when it has one, until TCP
+/// keepalive notices, two hours by default: every queue operation and
+/// every other migrator would wait that long.
+const IDLE_TIMEOUT: &str = "10s";
+
 /// SQLSTATE of a lock not taken within `lock_timeout`.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 
@@ -106,6 +115,10 @@ async fn migrate_once(pool: &PgPool, schema: &str) -> std::result::Result<Vec<i3
     let quoted = format!("\"{schema}\"");
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
+    sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
+        .bind(IDLE_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
         .bind(LOCK_NAMESPACE)
         .bind(schema)

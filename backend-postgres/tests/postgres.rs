@@ -205,6 +205,70 @@ async fn a_migration_waiting_on_a_long_transaction_holds_up_no_queue_operation()
     testing::drop_schema(&schema).await;
 }
 
+/// A migrator that hangs inside its transaction (a stopped process, a cut
+/// the server sees no reset of), here with the jobs table locked by a
+/// migration, holds up queue operations and other migrators only until
+/// the server ends its idle session, not until TCP keepalive notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrator_hung_in_its_transaction_is_ended_by_the_server() {
+    let backend = testing::connect(testing::options()).await;
+    let schema = backend.schema().to_owned();
+    let id = backend.push(job(1)).await.expect("push").id();
+    // Version 4 pending again: it takes the jobs table's exclusive lock.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM \"{schema}\".schema_version WHERE version = 4"
+    )))
+    .execute(backend.pool())
+    .await
+    .expect("forget version 4");
+    let url = testing::database_url();
+    let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
+    let proxy = Proxy::stalling_on(
+        format!("{}:{}", target.get_host(), target.get_port()),
+        b"ALTER COLUMN payload TYPE json",
+    )
+    .await;
+    // In clear text, so the proxy sees the statement.
+    let clear = proxy.url(&url);
+    let clear = format!(
+        "{clear}{}sslmode=disable",
+        if clear.contains('?') { '&' } else { '?' }
+    );
+    let hung = tokio::spawn(PgBackend::connect_with(
+        PgOptions::new(clear)
+            .schema(schema.clone())
+            .max_connections(1),
+    ));
+    tokio::time::timeout(SIGNAL_DEADLINE, proxy.stalled.notified())
+        .await
+        .expect("the migrator reached version 4");
+
+    // Within the server's idle timeout (10 s) and well before the reply
+    // timeout, not two hours.
+    let within = StdDuration::from_secs(40);
+    let found = tokio::time::timeout(within, backend.get(id))
+        .await
+        .expect("the jobs table is free again")
+        .expect("get")
+        .expect("job");
+    assert_eq!(found.status, JobStatus::Pending);
+    let migrated = tokio::time::timeout(
+        within,
+        PgBackend::connect_with(testing::options().schema(schema.clone())),
+    )
+    .await
+    .expect("the migration lock is free again")
+    .expect("migrate");
+    assert_eq!(
+        migrated.schema_version().await.expect("version"),
+        SCHEMA_VERSION
+    );
+    assert!(!hung.is_finished(), "the hung migrator still hangs");
+    hung.abort();
+    proxy.cut();
+    testing::drop_schema(&schema).await;
+}
+
 /// A store of schema version 3 (payload and result as `jsonb`) keeps its
 /// jobs through the version 4 migration to `json`, and reads them back
 /// with the same values; a process running on version 3 (started with
@@ -2060,10 +2124,25 @@ struct Proxy {
     /// Bumped by [`Proxy::silence`]: a connection made before stops
     /// forwarding either way, and stays open.
     silenced: Arc<tokio::sync::watch::Sender<u64>>,
+    /// With [`Proxy::stalling_on`]: what a client sends last.
+    stall_on: Option<&'static [u8]>,
+    /// Notified when a client sent `stall_on`.
+    stalled: Arc<tokio::sync::Notify>,
 }
 
 impl Proxy {
     async fn start(upstream: String) -> Self {
+        Self::start_with(upstream, None).await
+    }
+
+    /// A proxy whose connections, once their client sent `pattern`,
+    /// forward it to the server and then nothing more either way, and stay
+    /// open: a client that hangs right after that statement.
+    async fn stalling_on(upstream: String, pattern: &'static [u8]) -> Self {
+        Self::start_with(upstream, Some(pattern)).await
+    }
+
+    async fn start_with(upstream: String, stall_on: Option<&'static [u8]>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -2073,6 +2152,8 @@ impl Proxy {
             upstream,
             tasks: Arc::default(),
             silenced: Arc::new(tokio::sync::watch::Sender::new(0)),
+            stall_on,
+            stalled: Arc::default(),
         };
         proxy.serve(listener);
         proxy
@@ -2082,15 +2163,20 @@ impl Proxy {
         let upstream = self.upstream.clone();
         let tasks = self.tasks.clone();
         let silenced = self.silenced.clone();
+        let (stall_on, stalled) = (self.stall_on, self.stalled.clone());
         let acceptor = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let upstream = upstream.clone();
                 let mut silence = silenced.subscribe();
                 let born = *silence.borrow_and_update();
+                let stalled = stalled.clone();
                 let pipe = tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
                         return;
                     };
+                    if let Some(pattern) = stall_on {
+                        return forward_until(client, server, pattern, &stalled).await;
+                    }
                     let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
                     // Biased: a pipe woken by data a client wrote after
                     // `silence` returned sees the silence first.
@@ -2144,6 +2230,54 @@ impl Proxy {
         let path = hostpath.find(['/', '?']).map_or("", |i| &hostpath[i..]);
         format!("{scheme}://{userinfo}127.0.0.1:{}{path}", self.port)
     }
+}
+
+/// Forwards between `client` and `server` until the client sent `pattern`:
+/// that goes to the server, then nothing more either way, and both
+/// connections stay open until the task is aborted.
+async fn forward_until(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    pattern: &[u8],
+    stalled: &tokio::sync::Notify,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let cut = AtomicBool::new(false);
+    let replies = async {
+        let mut buf = vec![0; 8192];
+        while let Ok(n @ 1..) = server_read.read(&mut buf).await {
+            if cut.load(Ordering::SeqCst) || client_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        if cut.load(Ordering::SeqCst) {
+            // Closing would tell the client; a hung one hears nothing.
+            std::future::pending::<()>().await;
+        }
+    };
+    let requests = async {
+        let mut buf = vec![0; 8192];
+        let mut seen = Vec::new();
+        while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(pattern.len()).any(|w| w == pattern) {
+                // Cut before the server can answer.
+                cut.store(true, Ordering::SeqCst);
+                let _ = server_write.write_all(&buf[..n]).await;
+                stalled.notify_one();
+                std::future::pending::<()>().await;
+            }
+            seen.drain(..seen.len().saturating_sub(pattern.len()));
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::join!(replies, requests);
 }
 
 /// A backend on a schema of its own, and a second backend on that schema
