@@ -583,6 +583,104 @@ async fn indefinite_durations_mean_far_off_deadlines() {
     drop(worker.start());
 }
 
+/// A log that tests read back: what the worker warned of.
+#[derive(Clone, Default)]
+struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Log {
+    /// Collects what this thread logs until the guard is dropped.
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let log = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || log.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.0.lock().expect("log")).into_owned();
+        text.lines()
+            .filter(|line| line.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A handler with no timeout that runs for long is logged, naming its job
+/// and kind, once it has run ten minutes, and again as that time doubles;
+/// one with a timeout, however long, is not.
+#[tokio::test(start_paused = true)]
+async fn a_handler_running_long_with_no_timeout_is_logged() {
+    let log = Log::default();
+    let _capture = log.capture();
+    let (b, _) = store();
+    let finish = Arc::new(tokio::sync::Notify::new());
+    let worker = Worker::builder(dyn_backend(&b))
+        .queues(["mail", "default"])
+        .handle({
+            let finish = Arc::clone(&finish);
+            move |_: Email, _ctx: JobContext<()>| {
+                let finish = Arc::clone(&finish);
+                async move {
+                    finish.notified().await;
+                    Ok::<_, HandlerError>(())
+                }
+            }
+        })
+        .handle({
+            let finish = Arc::clone(&finish);
+            move |_: Report, _ctx: JobContext<()>| {
+                let finish = Arc::clone(&finish);
+                async move {
+                    finish.notified().await;
+                    Ok::<_, HandlerError>(())
+                }
+            }
+        })
+        .timeout_for::<Report>(StdDuration::from_secs(24 * 60 * 60))
+        .build()
+        .expect("build");
+    let handle = worker.start();
+    let email = b
+        .push(Email { to: "a".into() }.to_job())
+        .await
+        .expect("push")
+        .id();
+    let report = b.push(Report { id: 1 }.to_job()).await.expect("push").id();
+    let warned = |id| log.lines_with(&format!("job={id} kind=")).len();
+
+    tokio::time::sleep(StdDuration::from_secs(9 * 60)).await;
+    assert_eq!(warned(email), 0, "not before ten minutes");
+    tokio::time::sleep(StdDuration::from_secs(2 * 60)).await;
+    let lines = log.lines_with(&format!("job={email} kind=\"email\""));
+    assert_eq!(lines.len(), 1, "once at ten minutes: {lines:?}");
+    assert!(lines[0].contains("WARN") && lines[0].contains("no timeout"));
+    tokio::time::sleep(StdDuration::from_secs(8 * 60)).await;
+    assert_eq!(warned(email), 1, "not again before twenty minutes");
+    tokio::time::sleep(StdDuration::from_secs(2 * 60)).await;
+    assert_eq!(warned(email), 2, "again at twenty minutes");
+    assert_eq!(warned(report), 0, "a handler with a timeout is not logged");
+
+    finish.notify_waiters();
+    for id in [email, report] {
+        let done = handle.wait_for(id).await.expect("wait_for");
+        assert_eq!(done.status, JobStatus::Done);
+    }
+    handle.shutdown().await;
+}
+
 /// A store whose wake-up subscription closes at once: the worker falls
 /// back to polling, and tries to subscribe again every poll interval.
 #[derive(Debug)]

@@ -52,6 +52,9 @@ pub(crate) struct Config {
     pub(crate) retry: RetryPolicy,
     pub(crate) timeout: Option<Duration>,
     pub(crate) shutdown_timeout: Duration,
+    /// The kinds whose handlers have no timeout, which the lease keeper
+    /// names when one runs long (see [`Entry::untimed`]).
+    pub(crate) untimed_kinds: Arc<[&'static str]>,
 }
 
 /// Everything the worker's tasks share.
@@ -372,6 +375,11 @@ impl<'a, S: Send + Sync + 'static> JobRun<'a, S> {
         let ctx = JobContext::new(Arc::clone(job), self.lease, lease_watch, view);
         // The handler's time starts as its work does.
         let deadline = Deadline::after(entry.timeout.or(shared.config.timeout));
+        if entry.untimed != 0
+            && let Some(hold) = hold
+        {
+            hold.watch.runs_untimed(entry.untimed);
+        }
         // Decoding the payload, building the handler's future and polling
         // it run user code: a panic in any is the attempt's.
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| (entry.run)(&job.payload, ctx)));

@@ -367,6 +367,11 @@ pub(crate) type ErasedHandler<S> =
 /// One registered kind.
 pub(crate) struct Entry<S> {
     pub(crate) run: ErasedHandler<S>,
+    pub(crate) kind: &'static str,
+    /// What a lease keeper knows this kind by while its handler runs with
+    /// no timeout: its place in [`Config::untimed_kinds`](super::execute::Config)
+    /// plus one; 0 if the handler has a timeout.
+    pub(crate) untimed: u32,
     pub(crate) queue: &'static str,
     pub(crate) timeout: Option<Duration>,
     pub(crate) retry: Option<crate::RetryPolicy>,
@@ -376,6 +381,8 @@ impl<S> Clone for Entry<S> {
     fn clone(&self) -> Self {
         Self {
             run: Arc::clone(&self.run),
+            kind: self.kind,
+            untimed: self.untimed,
             queue: self.queue,
             timeout: self.timeout,
             retry: self.retry.clone(),
@@ -417,6 +424,8 @@ impl<S: Send + Sync + 'static> Entry<S> {
     fn new<J: JobType>(run: ErasedHandler<S>) -> Self {
         Self {
             run,
+            kind: J::KIND,
+            untimed: 0,
             queue: J::QUEUE,
             timeout: None,
             retry: None,
@@ -432,6 +441,8 @@ impl<S: Send + Sync + 'static> Entry<S> {
         });
         Entry {
             run,
+            kind: self.kind,
+            untimed: self.untimed,
             queue: self.queue,
             timeout: self.timeout,
             retry: self.retry,

@@ -18,9 +18,13 @@
 //! leases are let go or lost and the list is swept: at every renewal tick,
 //! and whenever the leases its pulls hold have doubled since the last
 //! sweep.
+//!
+//! The keeper also tells of handlers that run for long with no timeout
+//! (see [`LONG_RUN`]): a handler that never returns would otherwise hold
+//! its slot, and its lease, for as long as the worker runs, unnoticed.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -33,6 +37,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::execute::contained;
+use crate::job::JobId;
 use crate::lease::{Lease, LeasedJob};
 use crate::store::Backend;
 
@@ -53,6 +58,11 @@ const ROUNDS_AT_ONCE: usize = 2;
 /// The list of registered pulls is not swept before their leases, held or
 /// not, are this many.
 const LEAST_SWEEP: usize = 1024;
+
+/// How long after its pull a job whose handler has no timeout may be held
+/// before the keeper logs a warning naming it; it warns again each time
+/// that time has doubled.
+pub(crate) const LONG_RUN: Duration = Duration::from_secs(10 * 60);
 
 /// A lease's end as last renewed, and when that renewal (or the pull) was
 /// sent.
@@ -75,6 +85,11 @@ pub(crate) struct LeaseWatch {
     released: AtomicBool,
     /// The task waiting in [`Self::lost`], if any.
     waiter: AtomicWaker,
+    /// Once a handler with no timeout runs the job: its kind, as the
+    /// worker numbers those (see `Entry::untimed`); else 0.
+    untimed: AtomicU32,
+    /// How many times the keeper has warned that it runs long.
+    long_run_warnings: AtomicU32,
 }
 
 impl LeaseWatch {
@@ -90,6 +105,8 @@ impl LeaseWatch {
             lost: AtomicBool::new(false),
             released: AtomicBool::new(false),
             waiter: AtomicWaker::new(),
+            untimed: AtomicU32::new(0),
+            long_run_warnings: AtomicU32::new(0),
         }
     }
 
@@ -141,6 +158,30 @@ impl LeaseWatch {
         .await;
     }
 
+    /// Tells the keeper that a handler with no timeout, of the kind the
+    /// worker numbers `kind`, runs the job, so it warns once that has gone
+    /// on for [`LONG_RUN`]. A plain store: it is made for most jobs.
+    pub(crate) fn runs_untimed(&self, kind: u32) {
+        self.untimed.store(kind, Ordering::Relaxed);
+    }
+
+    /// The warning due for a job held for `held`, if any: its kind's
+    /// number, if a handler with no timeout runs it and `held` has reached
+    /// the next doubling of [`LONG_RUN`] since the last warning.
+    fn long_run_due(&self, held: Duration) -> Option<u32> {
+        let kind = self.untimed.load(Ordering::Relaxed);
+        if kind == 0 {
+            return None;
+        }
+        let warned = self.long_run_warnings.load(Ordering::Relaxed);
+        let next = LONG_RUN.saturating_mul(1u32.checked_shl(warned).unwrap_or(u32::MAX));
+        if held < next {
+            return None;
+        }
+        self.long_run_warnings.store(warned + 1, Ordering::Relaxed);
+        Some(kind)
+    }
+
     fn mark_lost(&self) {
         self.lost.store(true, Ordering::Release);
         self.waiter.wake();
@@ -163,6 +204,9 @@ impl LeaseWatch {
 #[derive(Debug)]
 pub(crate) struct PulledLeases {
     leases: Box<[(Lease, LeaseWatch)]>,
+    /// When the pull was sent: its jobs' runs start at most a couple of
+    /// poll intervals later (a job buffered longer is given back).
+    pulled_at: Instant,
 }
 
 impl PulledLeases {
@@ -186,6 +230,7 @@ impl WatchRef {
         Self {
             pull: Arc::new(PulledLeases {
                 leases: Box::new([(lease, LeaseWatch::new(deadline))]),
+                pulled_at: Instant::now(),
             }),
             index: 0,
         }
@@ -249,14 +294,22 @@ pub(crate) struct LeaseKeeper {
 
 impl LeaseKeeper {
     /// Starts renewing: every lease is extended by `backend_lease` once a
-    /// third of `lease` has passed since its last renewal.
+    /// third of `lease` has passed since its last renewal. `untimed_kinds`
+    /// names the kinds [`LeaseWatch::runs_untimed`] is told of, by number.
     pub(crate) fn start(
         backend: Arc<dyn Backend>,
         lease: Duration,
         backend_lease: time::Duration,
+        untimed_kinds: Arc<[&'static str]>,
     ) -> Self {
         let registry = Registry::default();
-        let task = tokio::spawn(renew(backend, Arc::clone(&registry), lease, backend_lease));
+        let task = tokio::spawn(renew(
+            backend,
+            Arc::clone(&registry),
+            lease,
+            backend_lease,
+            untimed_kinds,
+        ));
         Self { registry, task }
     }
 
@@ -283,6 +336,7 @@ impl LeaseKeeper {
                         (leased.lease, LeaseWatch::renewed_at(until, Some(pulled_at)))
                     })
                     .collect(),
+                pulled_at,
             });
             let holds = (0..jobs.len())
                 .map(|index| Hold {
@@ -330,6 +384,7 @@ async fn renew(
     registry: Registry,
     lease_length: Duration,
     backend_lease: time::Duration,
+    untimed_kinds: Arc<[&'static str]>,
 ) {
     let every = lease_length / 3;
     // Ticking twice per renewal period renews each lease between a third
@@ -380,14 +435,19 @@ async fn renew(
             || newest.is_some_and(|sent| ticked.duration_since(sent) < period);
         let mut lapsed = 0usize;
         let mut due: Vec<WatchRef> = Vec::new();
+        let mut long_runs: Vec<(JobId, u32, Duration)> = Vec::new();
         {
             let mut held = lock(&registry);
             held.sweep();
             for pull in &held.pulls {
-                for (index, (_, watch)) in pull.leases.iter().enumerate() {
+                let held_for = now.duration_since(pull.pulled_at);
+                for (index, (lease, watch)) in pull.leases.iter().enumerate() {
                     let Some(sent) = watch.renewal().sent.filter(|_| watch.is_held()) else {
                         continue;
                     };
+                    if let Some(kind) = watch.long_run_due(held_for) {
+                        long_runs.push((lease.job_id, kind, held_for));
+                    }
                     let since = now.duration_since(sent);
                     if since >= give_up {
                         // Renewals failed or went unanswered for (nearly)
@@ -403,6 +463,17 @@ async fn renew(
                     }
                 }
             }
+        }
+        for (job, kind, held_for) in long_runs {
+            let kind = untimed_kinds.get(kind as usize - 1).copied().unwrap_or("?");
+            tracing::warn!(
+                job,
+                kind,
+                running_s = held_for.as_secs(),
+                "a handler with no timeout has held this job for a long time (counted from \
+                 its pull); if it never returns, it holds its slot and the job's lease for as long as the worker \
+                 runs (set WorkerBuilder::timeout or timeout_for to bound it)"
+            );
         }
         if lapsed > 0 {
             tracing::warn!(

@@ -604,7 +604,10 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     }
 
     /// The longest a handler may run before its attempt fails, for kinds
-    /// without their own. None by default.
+    /// without their own. None by default: a started worker logs a
+    /// warning naming a job whose handler has none once it has held the
+    /// job for ten minutes since its pull, and again each time that time
+    /// doubles.
     pub fn timeout(mut self, limit: Duration) -> Self {
         self.timeout = Some(limit);
         self
@@ -716,6 +719,13 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
         if let Some(limit) = self.timeout {
             check_positive("timeout", limit)?;
         }
+        let mut untimed_kinds = Vec::new();
+        for entry in handlers.values_mut() {
+            if entry.timeout.or(self.timeout).is_none() {
+                untimed_kinds.push(entry.kind);
+                entry.untimed = untimed_kinds.len() as u32;
+            }
+        }
         let (events, _) = broadcast::channel(EventStream::CAPACITY);
         Ok(Worker {
             shared: Arc::new(Shared {
@@ -733,6 +743,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
                     retry: self.retry,
                     timeout: self.timeout,
                     shutdown_timeout: self.shutdown_timeout,
+                    untimed_kinds: untimed_kinds.into(),
                 },
                 events,
                 listeners: Arc::default(),

@@ -632,6 +632,7 @@ pub(crate) async fn run_all<S: Send + Sync + 'static>(
             Arc::clone(&shared.backend),
             config.lease,
             config.backend_lease,
+            Arc::clone(&config.untimed_kinds),
         ),
     });
     if runners == 1 {
