@@ -18,11 +18,10 @@
 //!   `unique_key` enforced by a partial unique index and `ON CONFLICT DO
 //!   NOTHING`, so a duplicate is reported instead of failing the batch.
 //! - **Group commit for single pushes.** Concurrent [`Pusher::push`]
-//!   calls on the pool (jobs without a `unique_key`) that arrive while
-//!   inserts are under way are folded into one multi-row `INSERT` and one
-//!   commit (at most 1,000 jobs, at most two such statements at once per
-//!   Tokio runtime); a push arriving when nothing is under way goes out
-//!   at once. Each caller
+//!   calls on the pool (jobs without a `unique_key`) that arrive while two
+//!   inserts are already under way (per Tokio runtime) wait for one of
+//!   them to end and are folded into one multi-row `INSERT` and one commit
+//!   (at most 1,000 jobs); any other push goes out at once. Each caller
 //!   still gets its own id, its own error and its queue's notification; a
 //!   job the database rejects fails only its own push. Keyed pushes,
 //!   [`Pusher::push_batch`] and [`PgBackend::push_in`] are their own

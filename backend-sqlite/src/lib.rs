@@ -23,7 +23,7 @@
 //! - **SQLite 3.37 or newer** ([`MIN_SQLITE_VERSION`]): claims use
 //!   `UPDATE … RETURNING` (3.35) and the table is `STRICT` (3.37). sqlx's
 //!   `sqlite` feature compiles in its own copy of SQLite (3.51.x with
-//!   sqlx 0.9.0 / libsqlite3-sys 0.37), and connecting checks the version.
+//!   sqlx 0.9.1 / libsqlite3-sys 0.37), and connecting checks the version.
 //! - **WAL**, `synchronous = NORMAL` (or `FULL`, see
 //!   [`SqliteOptions::full_sync`]), `foreign_keys = ON` and a busy timeout
 //!   on every connection: readers never block the writer or each other.

@@ -15,7 +15,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// No job has this id.
+    /// No job has this id: from [`Worker::wait_for`](crate::Worker::wait_for)
+    /// (an acknowledgement of a job that is gone is [`Error::LeaseLost`];
+    /// [`Observer::get`](crate::Observer::get) returns `None`).
     #[error("job {id} not found")]
     NotFound {
         /// The id that was looked up.
@@ -24,7 +26,8 @@ pub enum Error {
 
     /// The lease is no longer held: the job was completed, retried, killed or
     /// released through it already, or its lease expired and it was leased
-    /// again (with a newer fencing token). Nothing was changed.
+    /// again (with a newer fencing token), or the job is gone (cleaned).
+    /// Nothing was changed.
     #[error("lease on job {} with fencing token {} is no longer held", .lease.job_id, .lease.token)]
     LeaseLost {
         /// The lease that was presented.
@@ -40,7 +43,8 @@ pub enum Error {
         reason: String,
     },
 
-    /// The backend cannot do this at all (see its `Capabilities`).
+    /// The backend cannot do this at all (see its `Capabilities`). Reserved:
+    /// no backend of this workspace returns it yet.
     #[error("unsupported by this backend: {what}")]
     Unsupported {
         /// What was asked for.

@@ -39,9 +39,10 @@ pub trait Pusher: Send + Sync {
 /// the lease as lost instead) and nothing changes for that job.
 #[async_trait]
 pub trait Puller: Send + Sync {
-    /// Leases up to `request.batch` eligible jobs from the named queues, in
-    /// one atomic step, ordered by priority (lower first), then `run_at`,
-    /// then id.
+    /// Leases up to `request.batch` eligible jobs from the named queues,
+    /// ordered by priority (lower first), then `run_at`, then id. Each claim
+    /// is atomic (no job is leased twice); a backend may make a pull of
+    /// several (SQLite sweeps expired last attempts first).
     ///
     /// Eligible: `Pending` with `run_at <= now`, or `Processing` whose
     /// lease expired (`locked_until < now`). Each leased job becomes
@@ -97,7 +98,9 @@ pub trait Puller: Send + Sync {
     /// Gives the job back: `Pending`, eligible now (in its place in line:
     /// `run_at` is kept), without spending the attempt, and signals the
     /// queue's subscribers (see [`Backend::subscribe`]). The released lease
-    /// never becomes valid again. Used at shutdown.
+    /// never becomes valid again. The worker uses it at shutdown, for
+    /// buffered jobs it gives back to other workers, and for the job of a
+    /// dropped [`run_until_idle`](crate::Worker::run_until_idle).
     async fn release(&self, lease: &Lease) -> Result<()>;
 }
 

@@ -66,8 +66,10 @@ pub enum Outcome {
     /// given back, eligible at once, without spending the attempt.
     Released,
     /// The lease was lost (it expired and another worker took the job, or
-    /// an extension found it gone): the handler was stopped and its outcome
-    /// discarded, as the new holder owns the job now.
+    /// an extension found it gone), or no renewal of it was answered for
+    /// nearly a whole lease, so it may have ended on the store: the handler
+    /// was stopped and its outcome discarded, as a new holder owns (or may
+    /// soon own) the job.
     LeaseLost,
     /// The backend failed to record the outcome (for good, or transiently
     /// on every try for up to a lease, or until the shutdown's deadline);

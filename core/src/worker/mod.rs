@@ -14,7 +14,8 @@
 //!   [`Backend::subscribe`] with polling as the fallback, completions
 //!   batched. On a backend with
 //!   [`Capabilities::instant_writes`](crate::Capabilities::instant_writes)
-//!   completions are recorded one by one, as handlers return, and the
+//!   completions are recorded by their lane as handlers return (those
+//!   that end in the same turn together), and the
 //!   worker runs one pull loop per runtime thread, each with its share of
 //!   the concurrency, so that all threads do work; a push wakes a task
 //!   that pulls the job and runs it at once, not a pull loop that would
@@ -184,7 +185,8 @@ impl<S: Send + Sync + 'static> Worker<S> {
     /// until a pull finds none; returns what each attempt came to.
     ///
     /// Deterministic: jobs run in pull order (priority, `run_at`, id); no
-    /// timer runs but a configured handler timeout; a job retried with a
+    /// timer runs but a configured handler timeout and the pauses before
+    /// an outcome write that failed transiently is made again; a job retried with a
     /// delay is not due again until the backend's clock (a
     /// [`ManualClock`](crate::ManualClock) in tests) has moved past it; jobs
     /// pushed by handlers run in the same call when due. Leases are not
@@ -425,9 +427,11 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     /// The most finished jobs that wait for their outcome to be recorded
     /// by the completion batcher (a backend with
     /// [`instant_writes`](crate::Capabilities::instant_writes) records each
-    /// at once, in its lane). Their leases are renewed while they wait;
-    /// while this many wait, the worker pulls no more. So a started worker
-    /// holds at most `concurrency + prefetch + MAX_AWAITING_ACK` leases. (On
+    /// at once, in its lane). Their leases are renewed while they wait,
+    /// and count toward those a worker may hold: a started worker holds at
+    /// most `concurrency + prefetch + MAX_AWAITING_ACK` leases, buffered,
+    /// running or awaiting their record, and pulls no more while it holds
+    /// that many. (On
     /// a backend with instant writes a started worker runs a runner per
     /// runtime thread, each bounded alike by its share of the concurrency
     /// and prefetch plus this many, so the bound is this many per runner;
@@ -563,9 +567,10 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     /// way, instead of leaving its slots idle. The buffer's depth adapts:
     /// the jobs the handlers start during about two pulls' round trips, up
     /// to this bound. Handlers much slower than a round trip get no buffer;
-    /// jobs buffered behind slow ones that took every slot are given back
-    /// once they have waited a [poll interval](Self::poll_interval) (at the
-    /// next poll: within two), for any worker with a free slot. So one
+    /// once the oldest buffered job has waited a
+    /// [poll interval](Self::poll_interval) behind slow ones that took
+    /// every slot (seen at the next poll: within two), the whole buffer is
+    /// given back, for any worker with a free slot. So one
     /// worker does not hoard jobs while another idles. Buffered leases are renewed like running ones, and
     /// given back at once on shutdown. 0 pulls only for free slots.
     pub fn prefetch(mut self, limit: u32) -> Self {
@@ -629,8 +634,12 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
         self
     }
 
-    /// Calls `hook` on every event, in the task that runs the job. Keep it
-    /// quick; a panic in it is logged and ignored.
+    /// Calls `hook` on every event: in the task that runs the job, but for
+    /// completions recorded in batches (on a backend without
+    /// [`instant_writes`](crate::Capabilities::instant_writes)), whose
+    /// events come from the worker's completion task once recorded. Keep
+    /// it quick (a slow hook there holds up the next batch); a panic in it
+    /// is logged and ignored.
     pub fn on_event(mut self, hook: impl Fn(&Event) + Send + Sync + 'static) -> Self {
         self.hooks.push(Arc::new(hook));
         self
