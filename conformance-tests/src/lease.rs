@@ -10,7 +10,7 @@ use time::Duration;
 
 use crate::harness::{Harness, job};
 
-fn assert_lost<T: std::fmt::Debug>(result: Result<T, Error>, lease: Lease) {
+pub(crate) fn assert_lost<T: std::fmt::Debug>(result: Result<T, Error>, lease: Lease) {
     match result {
         Err(Error::LeaseLost { lease: l }) if l == lease => {}
         other => panic!("expected LeaseLost for {lease:?}, got {other:?}"),

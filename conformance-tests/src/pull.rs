@@ -6,6 +6,7 @@ use relayq_core::{Completion, JobStatus, LeasedJob, NewJob, PullRequest};
 use time::Duration;
 
 use crate::harness::{Harness, job};
+use crate::lease::assert_lost;
 
 /// Lower priority first, then earlier `run_at`, then lower id — both in one
 /// batch (which comes back in that order) and one job at a time.
@@ -306,11 +307,8 @@ pub async fn concurrent_pullers_take_back_each_expired_lease_once(h: Harness) {
             );
             assert_eq!((job.status, job.attempts), (JobStatus::Processing, 2));
         }
-        assert!(
-            h.backend.complete(&leased.lease, None).await.is_err(),
-            "the stale lease of job {} is refused",
-            job.id
-        );
+        // The stale lease is refused.
+        assert_lost(h.backend.complete(&leased.lease, None).await, leased.lease);
     }
 }
 

@@ -1,5 +1,7 @@
 //! Deduplication by `unique_key`.
 
+use std::sync::Arc;
+
 use relayq_core::{JobStatus, PushOutcome};
 use time::Duration;
 
@@ -131,4 +133,46 @@ pub async fn unique_key_dedupes_within_a_batch(h: Harness) {
     let stats = h.backend.stats().await.expect("stats");
     assert_eq!(stats.queue("default").total(), 3);
     assert_eq!(stats.queue("q2").total(), 1);
+}
+
+/// Pushes of one key that race (single pushes and batches naming it, all
+/// released at once) create one job: every other push reports it.
+pub async fn racing_pushes_of_one_key_create_one_job(h: Harness) {
+    let start = Arc::new(tokio::sync::Barrier::new(20));
+    let mut racers = tokio::task::JoinSet::new();
+    for n in 0..20 {
+        let (backend, start) = (Arc::clone(&h.backend), Arc::clone(&start));
+        racers.spawn(async move {
+            start.wait().await;
+            if n % 5 == 0 {
+                // A batch: the keyed job between two keyless ones.
+                let outcomes = backend
+                    .push_batch(vec![
+                        job("k", 1000 + n),
+                        job("k", n).unique_key("raced"),
+                        job("k", 2000 + n),
+                    ])
+                    .await
+                    .expect("push_batch");
+                assert!(!outcomes[0].is_duplicate() && !outcomes[2].is_duplicate());
+                outcomes[1]
+            } else {
+                backend
+                    .push(job("k", n).unique_key("raced"))
+                    .await
+                    .expect("push")
+            }
+        });
+    }
+    let outcomes = racers.join_all().await;
+    let created: Vec<_> = outcomes.iter().filter(|o| !o.is_duplicate()).collect();
+    assert_eq!(created.len(), 1, "one push creates the job: {outcomes:?}");
+    let id = created[0].id();
+    assert!(
+        outcomes.iter().all(|o| o.id() == id),
+        "every other push names it: {outcomes:?}"
+    );
+    let stats = h.backend.stats().await.expect("stats");
+    // The keyed job and the 8 keyless ones of the 4 batches.
+    assert_eq!(stats.queue("default").total(), 9);
 }

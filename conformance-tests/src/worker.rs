@@ -508,6 +508,103 @@ pub async fn worker_kills_unusable_jobs_once(h: Harness) {
     assert_eq!(worker.run_until_idle().await.expect("run").ran(), 0);
 }
 
+/// A started worker, too, kills a payload that does not decode and a kind
+/// it has no handler for at once (through its batched or per-lane outcome
+/// writes), runs neither again, and runs the good job beside them.
+pub async fn started_worker_kills_unusable_jobs_once(h: Harness) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let worker = h
+        .worker()
+        .poll_interval(StdDuration::from_millis(50))
+        .handle(move |task: Task, _ctx: JobContext<Harness>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move { Ok::<_, HandlerError>(task.n * 10) }
+        })
+        .build()
+        .expect("build");
+    let bad_payload = h
+        .push(NewJob::new(Task::KIND, &json!({ "n": "seven" })))
+        .await;
+    let unknown = h
+        .push(NewJob::new("conformance.nobody_handles_this", &json!({})))
+        .await;
+    let good = h.push(Task { n: 4 }.to_job()).await;
+    let running = worker.start();
+    for (id, status) in [
+        (bad_payload, JobStatus::Dead),
+        (unknown, JobStatus::Dead),
+        (good, JobStatus::Done),
+    ] {
+        let job = within("each job's outcome", running.wait_for(id))
+            .await
+            .expect("wait_for");
+        assert_eq!((job.status, job.attempts), (status, 1), "{job:?}");
+    }
+    let error = h.job(bad_payload).await.last_error.expect("an error");
+    assert!(error.contains("does not deserialize"), "{error}");
+    let error = h.job(unknown).await.last_error.expect("an error");
+    assert!(error.contains("no handler"), "{error}");
+    // A day on, over several polls, neither is run again.
+    h.advance(Duration::days(1));
+    tokio::time::sleep(StdDuration::from_millis(300)).await;
+    for id in [bad_payload, unknown] {
+        let job = h.job(id).await;
+        assert_eq!((job.status, job.attempts), (JobStatus::Dead, 1), "{job:?}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "only the good job ran");
+    running.shutdown_within(LIVENESS).await;
+}
+
+/// Jobs that fall due as time passes, with no push or release to signal
+/// them (a delayed job, a failed attempt's retry), are run by a started
+/// worker at its next poll, its wake-up subscription open or not.
+pub async fn worker_runs_jobs_that_fall_due_without_a_signal(h: Harness) {
+    let worker = h
+        .worker()
+        .poll_interval(StdDuration::from_millis(50))
+        .retry(RetryPolicy::fixed(StdDuration::from_secs(5)))
+        .handle(|task: Task, ctx: JobContext<Harness>| async move {
+            if task.n == 1 && ctx.job().attempts == 1 {
+                return Err(HandlerError::new("the first attempt fails"));
+            }
+            Ok::<_, HandlerError>(task.n)
+        })
+        .build()
+        .expect("build");
+    let delayed = h
+        .push(Task { n: 0 }.to_job().delay(Duration::seconds(10)))
+        .await;
+    let failing = h.push(Task { n: 1 }.to_job()).await;
+    let running = worker.start();
+    within("the failed first attempt", async {
+        loop {
+            let job = h.job(failing).await;
+            if (job.status, job.attempts) == (JobStatus::Pending, 1) {
+                break;
+            }
+            tokio::time::sleep(StdDuration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Several polls while neither is due: neither runs.
+    tokio::time::sleep(StdDuration::from_millis(300)).await;
+    assert_eq!(
+        (h.job(delayed).await.status, h.job(delayed).await.attempts),
+        (JobStatus::Pending, 0)
+    );
+    assert_eq!(h.job(failing).await.attempts, 1);
+    // Both fall due; nothing signals it.
+    h.advance(Duration::seconds(10));
+    for (id, attempts) in [(delayed, 1), (failing, 2)] {
+        let job = within("a job fallen due", running.wait_for(id))
+            .await
+            .expect("wait_for");
+        assert_eq!((job.status, job.attempts), (JobStatus::Done, attempts));
+    }
+    running.shutdown_within(LIVENESS).await;
+}
+
 /// A handler that overruns its kind's timeout fails the attempt with an
 /// error saying so.
 pub async fn worker_times_out_a_slow_handler(h: Harness) {
