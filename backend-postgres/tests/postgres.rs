@@ -1213,6 +1213,123 @@ async fn bad_configuration_is_a_typed_error_without_the_password() {
     }
 }
 
+/// With no clock injected, every statement takes `now` from the server,
+/// never from this host: here from a server whose clock runs a day ahead
+/// (for this backend's sessions, `statement_timestamp` is shadowed through
+/// their search_path by one that adds a day).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_statement_reads_the_servers_clock() {
+    let skew = testing::unique_schema();
+    let mut admin = testing::admin().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA \"{skew}\";
+         CREATE FUNCTION \"{skew}\".statement_timestamp() RETURNS timestamptz
+             LANGUAGE sql STABLE AS $$ SELECT pg_catalog.statement_timestamp() + interval '1 day' $$"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("a clock a day ahead");
+    let url = testing::database_url();
+    let url = format!(
+        "{url}{}options=-c%20search_path%3D{skew}%2Cpg_catalog",
+        if url.contains('?') { '&' } else { '?' }
+    );
+    let backend = testing::connect(
+        PgOptions::new(url)
+            .schema(testing::unique_schema())
+            .max_connections(4),
+    )
+    .await;
+    let ahead = time::OffsetDateTime::now_utc() + Duration::days(1);
+    let near = |at: time::OffsetDateTime, what: &str| {
+        assert!(
+            (at - ahead).abs() < Duration::minutes(1),
+            "{what}: {at}, not the server's {ahead}"
+        );
+    };
+
+    // Single pushes, folded ones among them, and a batch.
+    let mut ids: Vec<i64> = futures::future::join_all((0..20).map(|n| backend.push(job(n))))
+        .await
+        .into_iter()
+        .map(|pushed| pushed.expect("push").id())
+        .collect();
+    ids.extend(
+        backend
+            .push_batch(vec![job(20), job(21)])
+            .await
+            .expect("push_batch")
+            .iter()
+            .map(|outcome| outcome.id()),
+    );
+    // Due in an hour by this host's clock: already due on the server's.
+    ids.push(
+        backend
+            .push(job(22).run_at(time::OffsetDateTime::now_utc() + Duration::hours(1)))
+            .await
+            .expect("push")
+            .id(),
+    );
+    for &id in &ids[..22] {
+        near(
+            backend.get(id).await.expect("get").expect("job").created_at,
+            "created_at",
+        );
+    }
+    let leased = backend
+        .pull(&PullRequest::queue("default").batch(100))
+        .await
+        .expect("pull");
+    assert_eq!(leased.len(), ids.len(), "every job is due on the server");
+    for l in &leased {
+        let until = l.job.locked_until.expect("leased");
+        near(until - Duration::seconds(30), "the pull's lease");
+    }
+    let until = backend
+        .extend(&leased[0].lease, Duration::minutes(5))
+        .await
+        .expect("extend");
+    near(until - Duration::minutes(5), "an extension");
+    backend
+        .retry(&leased[1].lease, Duration::ZERO, "again")
+        .await
+        .expect("retry");
+    near(
+        backend
+            .get(leased[1].job.id)
+            .await
+            .expect("get")
+            .expect("job")
+            .run_at,
+        "a retry's run_at",
+    );
+    backend
+        .complete(&leased[2].lease, None)
+        .await
+        .expect("complete");
+    near(
+        backend
+            .get(leased[2].job.id)
+            .await
+            .expect("get")
+            .expect("job")
+            .updated_at,
+        "a completion",
+    );
+    backend.release(&leased[3].lease).await.expect("release");
+    near(
+        backend
+            .get(leased[3].job.id)
+            .await
+            .expect("get")
+            .expect("job")
+            .updated_at,
+        "a release",
+    );
+    testing::drop_schema(backend.schema()).await;
+    testing::drop_schema(&skew).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_clock_by_default() {
     let backend = testing::connect(testing::options()).await;
