@@ -92,6 +92,16 @@ pub(crate) async fn open(kind: Kind, url: &str) -> Result<Store, String> {
         #[cfg(feature = "sqlite")]
         Kind::Sqlite => {
             let path = std::env::temp_dir().join(format!("relayq-bench-{}.db", std::process::id()));
+            // Named by PID alone: a file left by an earlier run whose PID
+            // this one reuses would otherwise be opened with its jobs.
+            for file in sqlite_files(&path) {
+                match std::fs::remove_file(&file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(format!("removing {}: {e}", file.display()));
+                    }
+                    _ => {}
+                }
+            }
             let backend =
                 relayq_sqlite::SqliteBackend::connect(&format!("sqlite://{}", path.display()))
                     .await
@@ -107,9 +117,15 @@ pub(crate) async fn open(kind: Kind, url: &str) -> Result<Store, String> {
             let options = relayq_postgres::PgOptions::new(url)
                 .schema(schema)
                 .max_connections(PG_POOL);
-            let backend = relayq_postgres::PgBackend::connect_with(options.clone())
+            // Migrated only once the schema is gone: named by PID alone, a
+            // schema left by an earlier run whose PID this one reuses would
+            // otherwise be kept with its jobs.
+            let backend = relayq_postgres::PgBackend::connect_with(options.clone().migrate(false))
                 .await
                 .map_err(|e| e.to_string())?;
+            execute(&backend, drop_schema(&backend)).await?;
+            backend.migrate().await.map_err(|e| e.to_string())?;
+            warm(backend.pool(), PG_POOL).await?;
             Ok(Store {
                 backend: Arc::new(backend.clone()),
                 owned: Owned::Postgres(backend, options),
@@ -147,6 +163,7 @@ impl Store {
                 )
                 .await
                 .map_err(|e| e.to_string())?;
+                warm(backend.pool(), PG_PUSHER_POOL).await?;
                 Ok(Peer {
                     backend: Arc::new(backend.clone()),
                     woken_by: "listen_notify",
@@ -173,10 +190,7 @@ impl Store {
             Owned::Postgres(backend, _) => {
                 let table = jobs_table(backend);
                 for statement in [format!("VACUUM ANALYZE {table}"), "CHECKPOINT".to_owned()] {
-                    relayq_postgres::sqlx::query(relayq_postgres::sqlx::AssertSqlSafe(statement))
-                        .execute(backend.pool())
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    execute(backend, statement).await?;
                 }
                 Ok(())
             }
@@ -191,18 +205,69 @@ impl Store {
             #[cfg(feature = "sqlite")]
             Owned::Sqlite(backend, path) => {
                 backend.close().await;
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                for file in sqlite_files(&path) {
+                    let _ = std::fs::remove_file(file);
                 }
             }
             #[cfg(feature = "postgres")]
             Owned::Postgres(backend, _) => {
-                let drop = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", backend.schema());
-                let _ = relayq_postgres::sqlx::query(relayq_postgres::sqlx::AssertSqlSafe(drop))
-                    .execute(backend.pool())
-                    .await;
+                // The line is printed already; a schema left behind is
+                // worth a word, not a failed run.
+                if let Err(e) = execute(&backend, drop_schema(&backend)).await {
+                    eprintln!("relayq-bench: schema {} left behind: {e}", backend.schema());
+                }
                 backend.close().await;
             }
         }
     }
+}
+
+/// The SQLite database at `path` and the files SQLite keeps beside it.
+#[cfg(feature = "sqlite")]
+fn sqlite_files(path: &std::path::Path) -> Vec<std::path::PathBuf> {
+    ["", "-wal", "-shm"]
+        .iter()
+        .map(|suffix| format!("{}{suffix}", path.display()).into())
+        .collect()
+}
+
+/// Runs `statement` on a connection of `backend`'s pool.
+#[cfg(feature = "postgres")]
+async fn execute(backend: &relayq_postgres::PgBackend, statement: String) -> Result<(), String> {
+    relayq_postgres::sqlx::query(relayq_postgres::sqlx::AssertSqlSafe(statement))
+        .execute(backend.pool())
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// The statement that drops `backend`'s schema, if there is one.
+#[cfg(feature = "postgres")]
+fn drop_schema(backend: &relayq_postgres::PgBackend) -> String {
+    format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", backend.schema())
+}
+
+/// Opens `size` connections of `pool` (the pool's size) before the clock
+/// starts: the pool opens them lazily, as the first statements on them
+/// come, and a workload would otherwise time connecting (a few
+/// milliseconds each, TLS and session set-up included), which its baseline
+/// does not: pgbench reports its rate excluding the time its clients take
+/// to connect. All are held at once, so none is handed out twice.
+#[cfg(feature = "postgres")]
+async fn warm(pool: &relayq_postgres::sqlx::PgPool, size: u32) -> Result<(), String> {
+    let mut acquiring = tokio::task::JoinSet::new();
+    for _ in 0..size {
+        let pool = pool.clone();
+        acquiring.spawn(async move { pool.acquire().await });
+    }
+    let mut held = Vec::new();
+    while let Some(joined) = acquiring.join_next().await {
+        held.push(
+            joined
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    drop(held);
+    Ok(())
 }
