@@ -29,11 +29,15 @@ struct Ledger {
 }
 
 impl Ledger {
-    fn new(n: u64, slices: u64, record_latency: bool) -> Arc<Self> {
+    /// A ledger for jobs of `seq` below `capacity`, whose run is timed
+    /// until `n` are handled, in `slices` slices.
+    fn new(capacity: u64, n: u64, slices: u64, record_latency: bool) -> Arc<Self> {
         Arc::new(Self {
             handled: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
-            seen: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            seen: (0..capacity.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             target: n,
             reached: Notify::new(),
             slice_ends: Mutex::new(Vec::new()),
@@ -57,7 +61,7 @@ impl Ledger {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
         }
         let handled = self.handled.fetch_add(1, Ordering::AcqRel) + 1;
-        if handled.is_multiple_of(self.slice) {
+        if handled.is_multiple_of(self.slice) && handled <= self.target {
             self.slice_ends
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -68,9 +72,9 @@ impl Ledger {
         }
     }
 
-    /// `line` with WORKLOAD.md's checks: every job handled, none twice.
-    fn verdict(&self, line: Line) -> Line {
-        let n = self.target;
+    /// `line` with WORKLOAD.md's checks: every one of the `n` jobs
+    /// handled, none twice.
+    fn verdict(&self, line: Line, n: u64) -> Line {
         let handled = self.handled.load(Ordering::Acquire);
         let duplicates = self.duplicates.load(Ordering::Acquire);
         line.check(handled == n, format!("handled {handled} of {n}"))
@@ -161,7 +165,7 @@ pub(crate) async fn process(
 ) -> Result<Line, String> {
     preload(backend.as_ref(), 0, n).await?;
     settle.await?;
-    let ledger = Ledger::new(n, 1, false);
+    let ledger = Ledger::new(n, n, 1, false);
     let worker = worker(backend.clone(), ledger.clone())?;
     let cpu_before = cpu::process_cpu();
     let started = Instant::now();
@@ -183,7 +187,7 @@ pub(crate) async fn process(
         .with("handled", handled)
         .with("duplicates", duplicates)
         .with("n", n);
-    Ok(finished.verdict(ledger.verdict(line), n))
+    Ok(finished.verdict(ledger.verdict(line, n), n))
 }
 
 /// An idle worker on `backend`, then `n` jobs enqueued one at a time, `gap`
@@ -197,7 +201,7 @@ pub(crate) async fn latency(
     n: u64,
     gap: Duration,
 ) -> Result<Line, String> {
-    let ledger = Ledger::new(n, 1, true);
+    let ledger = Ledger::new(n, n, 1, true);
     let worker = worker(backend.clone(), ledger.clone())?;
     let running = worker.start();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -223,20 +227,25 @@ pub(crate) async fn latency(
         .with("gap_ms", gap.as_millis())
         .with("woken_by", pusher.woken_by);
     line.latencies = latencies;
-    Ok(finished.verdict(ledger.verdict(line), n))
+    Ok(finished.verdict(ledger.verdict(line, n), n))
 }
 
 /// `n` jobs processed while a producer keeps enqueuing, finished rows kept;
 /// the rate of each tenth of the run shows decay as finished rows pile up.
+/// The producer goes on until the `n`th job is handled, so the last tenth
+/// runs under the same load as the others; the jobs it enqueued beyond `n`
+/// (at most a backlog's worth and a batch) are run and checked too, after
+/// the clock stopped.
 pub(crate) async fn sustained(
     label: &str,
     backend: Arc<dyn Backend>,
     n: u64,
 ) -> Result<Line, String> {
     const BACKLOG: u64 = 20_000;
-    let head = n.min(BACKLOG);
-    preload(backend.as_ref(), 0, head).await?;
-    let ledger = Ledger::new(n, 10, false);
+    const BATCH: u64 = 1_000;
+    let backlog = n.min(BACKLOG);
+    preload(backend.as_ref(), 0, backlog).await?;
+    let ledger = Ledger::new(n + backlog + BATCH, n, 10, false);
     let worker = worker(backend.clone(), ledger.clone())?;
     let started = Instant::now();
     let running = worker.start();
@@ -244,25 +253,26 @@ pub(crate) async fn sustained(
         let backend = backend.clone();
         let ledger = ledger.clone();
         tokio::spawn(async move {
-            let mut next = head;
-            while next < n {
-                // Keep about BACKLOG jobs waiting: enough to never starve the worker.
+            let mut next = backlog;
+            loop {
+                // Keep about `backlog` jobs waiting: enough to never starve the worker.
                 let handled = ledger.handled.load(Ordering::Acquire);
-                if next.saturating_sub(handled) < BACKLOG {
-                    let end = (next + 1_000).min(n);
-                    preload(backend.as_ref(), next, end).await?;
-                    next = end;
+                if handled >= n {
+                    return Ok::<_, String>(next);
+                }
+                if next.saturating_sub(handled) < backlog {
+                    preload(backend.as_ref(), next, next + BATCH).await?;
+                    next += BATCH;
                 } else {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }
-            Ok::<_, String>(())
         })
     };
-    producer.await.map_err(|e| e.to_string())??;
     ledger.wait().await;
     let took = started.elapsed();
-    let finished = Finished::wait(backend.as_ref(), n).await?;
+    let produced = producer.await.map_err(|e| e.to_string())??;
+    let finished = Finished::wait(backend.as_ref(), produced).await?;
     running.shutdown().await;
     let ends = ledger
         .slice_ends
@@ -290,8 +300,9 @@ pub(crate) async fn sustained(
     let line = Line::new(label, "sustained")
         .rate(n as usize, took)
         .with("n", n)
+        .with("produced", produced)
         .with("slices", slices.join(","))
         .with("last_over_first", ratio)
         .with("duplicates", duplicates);
-    Ok(finished.verdict(ledger.verdict(line), n))
+    Ok(finished.verdict(ledger.verdict(line, produced), produced))
 }
