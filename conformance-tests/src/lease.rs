@@ -219,6 +219,43 @@ pub async fn the_sweep_takes_every_abandoned_last_attempt_whatever_the_batch(h: 
     }
 }
 
+/// A last attempt's lease that has not ended (up to and at its very end:
+/// expired means `locked_until < now`) is left alone by every pull, of
+/// its queue alone or with others: not swept Dead, not re-leased, and its
+/// holder still completes it.
+pub async fn the_sweep_leaves_a_live_last_attempt_alone(h: Harness) {
+    let id = h.push(job("k", 1).queue("a").max_attempts(1)).await;
+    let leased = h.pull_one("a").await;
+    let before = h.job(id).await;
+    for by in [Duration::seconds(29), Duration::seconds(1)] {
+        h.advance(by);
+        assert!(h.pull("a", 10).await.is_empty());
+        let got = h
+            .backend
+            .pull(&PullRequest::queues(["a", "b"]).batch(10))
+            .await
+            .expect("pull");
+        assert!(got.is_empty(), "{got:?}");
+        let job = h.job(id).await;
+        assert_eq!(
+            (job.status, job.lease_token, job.locked_until, job.attempts),
+            (
+                JobStatus::Processing,
+                before.lease_token,
+                before.locked_until,
+                1
+            ),
+            "the live lease is untouched {by} on"
+        );
+    }
+    assert_eq!(h.job(id).await.locked_until, Some(h.now()));
+    h.backend
+        .complete(&leased.lease, None)
+        .await
+        .expect("the holder completes it");
+    assert_eq!(h.job(id).await.status, JobStatus::Done);
+}
+
 /// `extend` moves `locked_until` to `now + by`, so the job stays leased past
 /// its first lease, and becomes pullable only after the extension ends.
 pub async fn extend_keeps_the_job_invisible_past_its_first_lease(h: Harness) {

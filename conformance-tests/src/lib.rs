@@ -72,6 +72,7 @@ macro_rules! __for_each_case {
             lease::acknowledgements_of_an_ended_lease_fail_and_change_nothing,
             lease::an_expired_lease_not_yet_taken_back_still_acknowledges,
             lease::the_sweep_takes_every_abandoned_last_attempt_whatever_the_batch,
+            lease::the_sweep_leaves_a_live_last_attempt_alone,
             lease::extend_keeps_the_job_invisible_past_its_first_lease,
             lease::extend_batch_extends_the_held_and_names_the_lost,
             lease::retry_reschedules_after_the_delay,
