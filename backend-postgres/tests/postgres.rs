@@ -1838,6 +1838,109 @@ async fn batches_naming_keys_in_opposite_orders_do_not_deadlock() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// Every acknowledgement of a stale lease that finds its job's row locked
+/// by another worker's claim of it, and waits, then judges the row that
+/// claim committed: the lease is lost and the new holder's row unchanged.
+/// (Each acknowledgement is one fenced `UPDATE`, which PostgreSQL checks
+/// again on the row it waited for; a token read before the wait would
+/// write over the new holder.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_acknowledgement_waiting_on_a_reclaim_changes_nothing() {
+    let backend = testing::connect(testing::options()).await;
+    let schema = backend.schema().to_owned();
+    for op in [
+        "complete",
+        "complete_batch",
+        "retry",
+        "kill",
+        "release",
+        "extend",
+        "extend_batch",
+    ] {
+        backend.push(job(1)).await.expect("push");
+        let stale = backend
+            .pull(&PullRequest::queue("default").batch(1))
+            .await
+            .expect("pull")
+            .remove(0)
+            .lease;
+        // Another worker's claim of the job once that lease ended, not
+        // committed yet.
+        let mut other = testing::admin().await;
+        let mut claim = sqlx::Connection::begin(&mut other).await.expect("begin");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE \"{schema}\".jobs SET lease_token = lease_token + 1, attempts = attempts + 1,
+                 locked_until = now() + interval '1 hour' WHERE id = $1"
+        )))
+        .bind(stale.job_id)
+        .execute(&mut *claim)
+        .await
+        .expect("reclaim");
+        let acknowledging = {
+            let backend = backend.clone();
+            tokio::spawn(async move {
+                let by = Duration::seconds(30);
+                match op {
+                    "complete" => backend.complete(&stale, Some(json!("stale"))).await,
+                    "complete_batch" => backend
+                        .complete_batch(vec![stale.into()])
+                        .await
+                        .map(|lost| assert_eq!(lost, [stale], "reported lost")),
+                    "retry" => backend.retry(&stale, by, "stale").await.map(drop),
+                    "kill" => backend.kill(&stale, "stale").await,
+                    "release" => backend.release(&stale).await,
+                    "extend" => backend.extend(&stale, by).await.map(drop),
+                    _ => backend
+                        .extend_batch(&[stale], by)
+                        .await
+                        .map(|ends| assert_eq!(ends, [None], "reported lost")),
+                }
+            })
+        };
+        tokio::time::timeout(StdDuration::from_secs(10), waiting_on_locks(&backend, 1))
+            .await
+            .unwrap_or_else(|_| panic!("{op} waits for the claim's row lock"));
+        claim.commit().await.expect("commit the claim");
+        let outcome = acknowledging.await.expect("task");
+        if !op.ends_with("batch") {
+            assert!(
+                matches!(outcome, Err(Error::LeaseLost { lease }) if lease == stale),
+                "{op}: {outcome:?}"
+            );
+        } else {
+            outcome.unwrap_or_else(|e| panic!("{op}: {e}"));
+        }
+        let held = backend.get(stale.job_id).await.expect("get").expect("job");
+        assert_eq!(
+            (
+                held.status,
+                held.lease_token,
+                held.attempts,
+                held.result,
+                held.last_error
+            ),
+            (JobStatus::Processing, stale.token + 1, 2, None, None),
+            "{op} changed the new holder's row"
+        );
+        assert!(
+            held.locked_until.expect("leased")
+                > time::OffsetDateTime::now_utc() + Duration::minutes(59),
+            "{op} moved the new holder's lease"
+        );
+        backend
+            .kill(
+                &relayq_core::Lease {
+                    job_id: held.id,
+                    token: held.lease_token,
+                },
+                "done with it",
+            )
+            .await
+            .expect("the new holder's lease holds");
+    }
+    testing::drop_schema(&schema).await;
+}
+
 /// Returns once at least `statements` statements on `backend`'s schema
 /// wait for a lock (bound it with a timeout).
 async fn waiting_on_locks(backend: &PgBackend, statements: i64) {
