@@ -3,7 +3,9 @@
 //!
 //! [`TempCluster::start`] runs `initdb` into a temporary directory and
 //! `pg_ctl start` on a free port (binaries from `PATH` or
-//! `/usr/lib/postgresql/*/bin`). `initdb` refuses to run as root, so as
+//! `/usr/lib/postgresql/*/bin`), without durable commits (fast), or with
+//! PostgreSQL's stock durability ([`TempCluster::start_durable`], for
+//! tests that crash the server). `initdb` refuses to run as root, so as
 //! root the cluster belongs to the `postgres` OS user and every command
 //! runs through `runuser`. Dropping the value stops the server and removes
 //! the directory.
@@ -23,12 +25,25 @@ pub struct TempCluster {
     bin: PathBuf,
     owner: Option<String>,
     port: u16,
+    /// fsync, synchronous commits and full-page writes on, as shipped.
+    durable: bool,
 }
 
 impl TempCluster {
     /// Creates and starts a cluster (trust authentication, user
     /// `postgres`, fsync off). The error says what is missing.
     pub fn start() -> Result<Self, String> {
+        Self::start_with(false)
+    }
+
+    /// [`Self::start`] with PostgreSQL's stock durability: a commit is
+    /// flushed to disk before it is reported (unless its session turned
+    /// `synchronous_commit` off), so it survives [`Self::crash`].
+    pub fn start_durable() -> Result<Self, String> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Result<Self, String> {
         let bin = bindir().ok_or(
             "no PostgreSQL server binaries (initdb and pg_ctl on PATH or under \
              /usr/lib/postgresql/*/bin): install the PostgreSQL server package",
@@ -60,6 +75,7 @@ impl TempCluster {
             bin,
             owner,
             port,
+            durable,
         };
         if let Some(owner) = &cluster.owner {
             run(Command::new("chown").arg(owner).arg(cluster.dir.path()))?;
@@ -85,7 +101,16 @@ impl TempCluster {
     /// machine cannot make one and [`OPT_OUT_ENV`] is `1`. Without the
     /// opt-out, failing to make one panics with the reason.
     pub fn start_or_opt_out() -> Option<Self> {
-        match Self::start() {
+        Self::opt_out_unless(Self::start())
+    }
+
+    /// [`Self::start_durable`], or `None` as [`Self::start_or_opt_out`].
+    pub fn start_durable_or_opt_out() -> Option<Self> {
+        Self::opt_out_unless(Self::start_durable())
+    }
+
+    fn opt_out_unless(started: Result<Self, String>) -> Option<Self> {
+        match started {
             Ok(cluster) => Some(cluster),
             Err(e) if std::env::var(OPT_OUT_ENV).as_deref() == Ok("1") => {
                 eprintln!("skipped: no throwaway PostgreSQL cluster ({e}); {OPT_OUT_ENV}=1");
@@ -126,6 +151,26 @@ impl TempCluster {
         .map(drop)
     }
 
+    /// Crashes the server: `pg_ctl stop -m immediate` kills every server
+    /// process at once, with no shutdown checkpoint, and WAL not yet
+    /// written from shared memory is lost; then starts it again, which
+    /// recovers from the WAL on disk. What a crash of the database host's
+    /// PostgreSQL does (not of its operating system).
+    pub fn crash(&self) -> Result<(), String> {
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data().to_string_lossy(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        )?;
+        self.ctl("start")
+    }
+
     /// Starts it again after [`Self::stop`].
     pub fn start_again(&self) -> Result<(), String> {
         self.ctl("start")
@@ -136,12 +181,14 @@ impl TempCluster {
     }
 
     fn ctl(&self, action: &str) -> Result<(), String> {
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100 \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+        let mut options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100",
             self.port,
             self.dir.path().display()
         );
+        if !self.durable {
+            options.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+        }
         let log = self.dir.path().join("server.log");
         self.pg(
             "pg_ctl",

@@ -16,7 +16,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use relayq_core::{Backend, JobId, Pusher};
+use relayq_core::{Backend, JobId, JobType, Puller, Pusher};
 use relayq_postgres::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
 use relayq_postgres::{PgBackend, PgOptions, testing};
 use relayq_reliability::crash::{
@@ -330,4 +330,196 @@ async fn workers_survive_terminated_connections() {
     let schema = backend.schema().to_owned();
     backend.close().await;
     testing::drop_schema(&schema).await;
+}
+
+/// What the writers of [`a_server_crash_loses_no_acknowledged_write`] were
+/// told was done.
+#[derive(Default)]
+struct Acknowledged {
+    pushed: std::sync::Mutex<Vec<JobId>>,
+    completed: std::sync::Mutex<Vec<JobId>>,
+    /// Writes that failed (the crash cut them off).
+    failed: std::sync::atomic::AtomicUsize,
+}
+
+impl Acknowledged {
+    fn pushed(&self, ids: impl IntoIterator<Item = JobId>) {
+        self.pushed.lock().expect("lock").extend(ids);
+    }
+
+    fn completed(&self, ids: impl IntoIterator<Item = JobId>) {
+        self.completed.lock().expect("lock").extend(ids);
+    }
+
+    fn failed(&self) {
+        self.failed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Lets `writers` run for a while, crashes `cluster` under them, and
+/// checks that every write they were told was done survived: each push
+/// stored, each completion `Done`. `busy` is the fewest pushes and
+/// completions acknowledged before the crash for the run to count.
+async fn crash_under(
+    cluster: std::sync::Arc<TempCluster>,
+    options: PgOptions,
+    mut writers: tokio::task::JoinSet<()>,
+    acked: &Acknowledged,
+    busy: (usize, usize),
+) {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The writers go on until the server is gone, and a little after.
+    tokio::task::spawn_blocking(move || cluster.crash())
+        .await
+        .expect("crash task")
+        .expect("crash and restart");
+    writers.shutdown().await;
+    let pushed = acked.pushed.lock().expect("lock").clone();
+    let completed = acked.completed.lock().expect("lock").clone();
+    let failed = acked.failed.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        pushed.len() >= busy.0 && completed.len() >= busy.1 && failed > 0,
+        "the writers were busy when the server crashed: {} pushes, {} completions \
+         acknowledged, {failed} writes failed",
+        pushed.len(),
+        completed.len()
+    );
+    let after = PgBackend::connect_with(options).await.expect("reconnect");
+    let stored: std::collections::HashMap<JobId, String> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT id, status FROM \"{}\".jobs",
+        after.schema()
+    )))
+    .fetch_all(after.pool())
+    .await
+    .expect("read every job")
+    .into_iter()
+    .collect();
+    let lost: Vec<JobId> = pushed
+        .iter()
+        .filter(|id| !stored.contains_key(id))
+        .copied()
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged pushes were lost: {lost:?}",
+        lost.len(),
+        pushed.len()
+    );
+    let undone: Vec<JobId> = completed
+        .iter()
+        .filter(|id| stored.get(id).map(String::as_str) != Some("done"))
+        .copied()
+        .collect();
+    assert!(
+        undone.is_empty(),
+        "{} of {} acknowledged completions were lost: {undone:?}",
+        undone.len(),
+        completed.len()
+    );
+    after.close().await;
+}
+
+/// A crash of the server (every PostgreSQL process killed at once, WAL not
+/// yet written lost: `pg_ctl stop -m immediate`) on a cluster with stock
+/// durability loses nothing relayq reported done.
+///
+/// First, single pushes after quiet spells, alone: each commits without
+/// waiting for the WAL flush (its notification leaves with the commit) and
+/// then waits for the flush before it is reported, which only a crash
+/// with no other writer's commit after it can check. Then pushes folded
+/// together, batches, and completions, single and batched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_crash_loses_no_acknowledged_write() {
+    let Some(cluster) = TempCluster::start_durable_or_opt_out() else {
+        return;
+    };
+    let cluster = std::sync::Arc::new(cluster);
+    let options = |schema: &str| {
+        PgOptions::new(cluster.url())
+            .schema(schema)
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(2))
+            .reply_timeout(Some(Duration::from_secs(2)))
+    };
+
+    let quiet = PgBackend::connect_with(options("quiet"))
+        .await
+        .expect("connect");
+    let acked = std::sync::Arc::new(Acknowledged::default());
+    let mut writers = tokio::task::JoinSet::new();
+    let (b, a) = (quiet.clone(), acked.clone());
+    writers.spawn(async move {
+        for seq in 0.. {
+            match b.push(CrashJob { seq }.to_job()).await {
+                Ok(pushed) => a.pushed([pushed.id()]),
+                Err(_) => a.failed(),
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    crash_under(cluster.clone(), options("quiet"), writers, &acked, (100, 0)).await;
+
+    let backend = PgBackend::connect_with(options("busy"))
+        .await
+        .expect("connect");
+    let acked = std::sync::Arc::new(Acknowledged::default());
+    let mut writers = tokio::task::JoinSet::new();
+    // Pushes back to back from four tasks: folded together.
+    for task in 0..4 {
+        let (b, a) = (backend.clone(), acked.clone());
+        writers.spawn(async move {
+            for n in 0.. {
+                let seq = 1_000_000 * (task + 1) + n;
+                match b.push(CrashJob { seq }.to_job()).await {
+                    Ok(pushed) => a.pushed([pushed.id()]),
+                    Err(_) => a.failed(),
+                }
+            }
+        });
+    }
+    let (b, a) = (backend.clone(), acked.clone());
+    writers.spawn(async move {
+        for n in 0.. {
+            match b.push_batch(CrashJob::batch(10 * n, 10)).await {
+                Ok(pushed) => a.pushed(pushed.iter().map(|o| o.id())),
+                Err(_) => a.failed(),
+            }
+        }
+    });
+    let (b, a) = (backend.clone(), acked.clone());
+    writers.spawn(async move {
+        loop {
+            let Ok(leased) = b
+                .pull(&relayq_core::PullRequest::queue(CrashJob::QUEUE).batch(20))
+                .await
+            else {
+                a.failed();
+                continue;
+            };
+            let (one, rest) = leased.split_at(leased.len().min(5));
+            for l in one {
+                match b.complete(&l.lease, None).await {
+                    Ok(()) => a.completed([l.job.id]),
+                    Err(_) => a.failed(),
+                }
+            }
+            let batch: Vec<relayq_core::Completion> = rest.iter().map(|l| l.lease.into()).collect();
+            match b.complete_batch(batch).await {
+                Ok(lost) => {
+                    assert!(lost.is_empty(), "nothing else holds these: {lost:?}");
+                    a.completed(rest.iter().map(|l| l.job.id));
+                }
+                Err(_) => a.failed(),
+            }
+        }
+    });
+    crash_under(
+        cluster.clone(),
+        options("busy"),
+        writers,
+        &acked,
+        (1000, 100),
+    )
+    .await;
 }
