@@ -269,9 +269,22 @@ pub(crate) async fn sustained(
             }
         })
     };
-    ledger.wait().await;
+    // A producer that fails ends the run with its error, rather than
+    // leaving it to wait for jobs never enqueued.
+    let mut producer = AbortOnDrop(producer);
+    let produced = tokio::select! {
+        () = ledger.wait() => None,
+        // It ends well only once the nth job was handled.
+        ended = &mut producer.0 => Some(ended.map_err(|e| e.to_string())??),
+    };
+    if produced.is_some() {
+        ledger.wait().await;
+    }
     let took = started.elapsed();
-    let produced = producer.await.map_err(|e| e.to_string())??;
+    let produced = match produced {
+        Some(produced) => produced,
+        None => (&mut producer.0).await.map_err(|e| e.to_string())??,
+    };
     let finished = Finished::wait(backend.as_ref(), produced).await?;
     running.shutdown().await;
     let ends = ledger
@@ -305,4 +318,13 @@ pub(crate) async fn sustained(
         .with("last_over_first", ratio)
         .with("duplicates", duplicates);
     Ok(finished.verdict(ledger.verdict(line, produced), produced))
+}
+
+/// Aborts the task when dropped: an early return leaves no task enqueuing.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
