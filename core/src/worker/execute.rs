@@ -375,11 +375,6 @@ impl<'a, S: Send + Sync + 'static> JobRun<'a, S> {
         let ctx = JobContext::new(Arc::clone(job), self.lease, lease_watch, view);
         // The handler's time starts as its work does.
         let deadline = Deadline::after(entry.timeout.or(shared.config.timeout));
-        if entry.untimed != 0
-            && let Some(hold) = hold
-        {
-            hold.watch.runs_untimed(entry.untimed);
-        }
         // Decoding the payload, building the handler's future and polling
         // it run user code: a panic in any is the attempt's.
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| (entry.run)(&job.payload, ctx)));
@@ -492,7 +487,13 @@ async fn finish<S: Send + Sync + 'static>(
         Rest::Running(entry, handler, deadline) => {
             let attempt = match (run.worker, &hold) {
                 (Some(worker), Some(hold)) => {
-                    run_spawned(handler, deadline, &hold.watch, &worker.phase).await
+                    // Only a handler not done at its first poll can run
+                    // long: the keeper is told of it here, off the path of
+                    // quick jobs.
+                    hold.watch.runs_untimed(entry.untimed);
+                    let attempt = run_spawned(handler, deadline, &hold.watch, &worker.phase).await;
+                    hold.watch.runs_untimed(0);
+                    attempt
                 }
                 _ => run_inline(handler, deadline).await,
             };

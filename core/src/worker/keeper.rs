@@ -160,25 +160,29 @@ impl LeaseWatch {
 
     /// Tells the keeper that a handler with no timeout, of the kind the
     /// worker numbers `kind`, runs the job, so it warns once that has gone
-    /// on for [`LONG_RUN`]. A plain store: it is made for most jobs.
+    /// on for [`LONG_RUN`]; 0 once it returned (or when it has a timeout).
     pub(crate) fn runs_untimed(&self, kind: u32) {
         self.untimed.store(kind, Ordering::Relaxed);
     }
 
     /// The warning due for a job held for `held`, if any: its kind's
     /// number, if a handler with no timeout runs it and `held` has reached
-    /// the next doubling of [`LONG_RUN`] since the last warning.
+    /// a doubling of [`LONG_RUN`] it was not warned of yet. Several reached
+    /// since the last look (the keeper looks every sixth of a lease, and a
+    /// lease may be long) make one warning.
     fn long_run_due(&self, held: Duration) -> Option<u32> {
         let kind = self.untimed.load(Ordering::Relaxed);
         if kind == 0 {
             return None;
         }
-        let warned = self.long_run_warnings.load(Ordering::Relaxed);
-        let next = LONG_RUN.saturating_mul(1u32.checked_shl(warned).unwrap_or(u32::MAX));
-        if held < next {
+        // How many of LONG_RUN, 2 × LONG_RUN, 4 × LONG_RUN, … `held` reached.
+        let reached = (0..u32::BITS)
+            .take_while(|&k| held >= LONG_RUN.saturating_mul(1 << k))
+            .count() as u32;
+        if reached <= self.long_run_warnings.load(Ordering::Relaxed) {
             return None;
         }
-        self.long_run_warnings.store(warned + 1, Ordering::Relaxed);
+        self.long_run_warnings.store(reached, Ordering::Relaxed);
         Some(kind)
     }
 
@@ -464,15 +468,20 @@ async fn renew(
                 }
             }
         }
-        for (job, kind, held_for) in long_runs {
+        // One warning for all, naming the job held longest: a service
+        // every handler waits on that hangs would otherwise log a line per
+        // job.
+        if let Some(&(job, kind, held_for)) = long_runs.iter().max_by_key(|(.., held)| *held) {
             let kind = untimed_kinds.get(kind as usize - 1).copied().unwrap_or("?");
             tracing::warn!(
+                jobs = long_runs.len(),
                 job,
                 kind,
                 running_s = held_for.as_secs(),
-                "a handler with no timeout has held this job for a long time (counted from \
-                 its pull); if it never returns, it holds its slot and the job's lease for as long as the worker \
-                 runs (set WorkerBuilder::timeout or timeout_for to bound it)"
+                "jobs whose handler has no timeout have been held a long time (counted from \
+                 their pull; the longest is named); a handler that never returns holds its \
+                 slot and the job's lease for as long as the worker runs (set \
+                 WorkerBuilder::timeout or timeout_for to bound it)"
             );
         }
         if lapsed > 0 {
@@ -600,6 +609,29 @@ mod tests {
         assert!(watch.is_lost());
         // Once lost, waiting again ends at once.
         watch.lost().await;
+    }
+
+    #[test]
+    fn a_long_run_is_warned_of_once_per_doubling_reached() {
+        let watch = LeaseWatch::new(OffsetDateTime::UNIX_EPOCH);
+        let minutes = |m: u64| Duration::from_secs(60 * m);
+        assert_eq!(
+            watch.long_run_due(minutes(60)),
+            None,
+            "a handler with a timeout"
+        );
+        watch.runs_untimed(3);
+        assert_eq!(watch.long_run_due(minutes(9)), None);
+        assert_eq!(watch.long_run_due(minutes(10)), Some(3));
+        assert_eq!(watch.long_run_due(minutes(19)), None);
+        // 20 and 40 minutes both passed since the last look: one warning.
+        assert_eq!(watch.long_run_due(minutes(45)), Some(3));
+        assert_eq!(watch.long_run_due(minutes(79)), None);
+        assert_eq!(watch.long_run_due(minutes(80)), Some(3));
+        assert_eq!(watch.long_run_due(Duration::MAX), Some(3));
+        assert_eq!(watch.long_run_due(Duration::MAX), None);
+        watch.runs_untimed(0);
+        assert_eq!(watch.long_run_due(Duration::MAX), None, "returned");
     }
 
     #[test]

@@ -610,9 +610,10 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
 
     /// The longest a handler may run before its attempt fails, for kinds
     /// without their own. None by default: a started worker logs a
-    /// warning naming a job whose handler has none once it has held the
-    /// job for ten minutes since its pull, and again each time that time
-    /// doubles.
+    /// warning naming a job whose handler has none and is still running
+    /// once it has held the job for ten minutes since its pull, and again
+    /// each time that time doubles (seen when its lease keeper looks, every
+    /// sixth of a lease).
     pub fn timeout(mut self, limit: Duration) -> Self {
         self.timeout = Some(limit);
         self
