@@ -99,7 +99,7 @@
 //!   the table (see [Schema](#schema)). A migrator that hangs inside its
 //!   transaction (a stopped process, a network cut) is ended by the server
 //!   after 10 s idle, releasing its locks, instead of holding them until
-//!   TCP keepalive notices.
+//!   TCP keepalive notices; continued, it migrates again.
 //!
 //! ```no_run
 //! use relayq_core::{NewJob, PullRequest, Puller, Pusher};

@@ -66,6 +66,11 @@ const IDLE_TIMEOUT: &str = "10s";
 /// SQLSTATE of a lock not taken within `lock_timeout`.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 
+/// SQLSTATE of a session the server ended after [`IDLE_TIMEOUT`]: its
+/// migration was rolled back, so it is tried again, as a process that was
+/// only stopped for a while (a paused VM, say) would want.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+
 /// Applies every pending migration to `schema`, in one transaction holding a
 /// transaction-scoped advisory lock, so concurrent callers (threads or
 /// processes) apply each migration exactly once and the lock is released
@@ -82,6 +87,18 @@ pub(crate) async fn migrate(pool: &PgPool, schema: &str) -> Result<Vec<i32>> {
         match migrate_once(pool, schema).await {
             Ok(applied) => return Ok(applied),
             Err(Failure::Refused(e)) => return Err(e),
+            Err(Failure::Sql(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some(IDLE_IN_TRANSACTION_TIMEOUT)
+                    && attempt < LOCK_ATTEMPTS =>
+            {
+                tracing::warn!(
+                    schema,
+                    attempt,
+                    "relayq-postgres: the server ended a migration that waited {IDLE_TIMEOUT} \
+                     for this process; trying again"
+                );
+                attempt += 1;
+            }
             Err(Failure::Sql(sqlx::Error::Database(e)))
                 if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) && attempt < LOCK_ATTEMPTS =>
             {

@@ -242,6 +242,28 @@ async fn a_migrator_hung_in_its_transaction_is_ended_by_the_server() {
     tokio::time::timeout(SIGNAL_DEADLINE, proxy.stalled.notified())
         .await
         .expect("the migrator reached version 4");
+    // The hung migrator holds the jobs table.
+    let mut admin = testing::admin().await;
+    tokio::time::timeout(SIGNAL_DEADLINE, async {
+        loop {
+            let locked: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                  JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = 'jobs'
+                    AND l.mode = 'AccessExclusiveLock' AND l.granted)",
+            )
+            .bind(&schema)
+            .fetch_one(&mut admin)
+            .await
+            .expect("locks");
+            if locked {
+                break;
+            }
+            tokio::time::sleep(StdDuration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the hung migrator locked the jobs table");
 
     // Within the server's idle timeout (10 s) and well before the reply
     // timeout, not two hours.
@@ -264,7 +286,18 @@ async fn a_migrator_hung_in_its_transaction_is_ended_by_the_server() {
         SCHEMA_VERSION
     );
     assert!(!hung.is_finished(), "the hung migrator still hangs");
-    hung.abort();
+    // Continued, it finds its session ended (a rolled-back transaction) and
+    // migrates again: nothing is left to apply.
+    proxy.resume();
+    let resumed = tokio::time::timeout(within, hung)
+        .await
+        .expect("the resumed migrator ends")
+        .expect("task")
+        .expect("the resumed migrator tries again");
+    assert_eq!(
+        resumed.schema_version().await.expect("version"),
+        SCHEMA_VERSION
+    );
     proxy.cut();
     testing::drop_schema(&schema).await;
 }
@@ -2348,6 +2381,8 @@ struct Proxy {
     stall_on: Option<&'static [u8]>,
     /// Notified when a client sent `stall_on`.
     stalled: Arc<tokio::sync::Notify>,
+    /// Set by [`Proxy::resume`]: stalled connections forward again.
+    resumed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Proxy {
@@ -2374,6 +2409,7 @@ impl Proxy {
             silenced: Arc::new(tokio::sync::watch::Sender::new(0)),
             stall_on,
             stalled: Arc::default(),
+            resumed: Arc::new(tokio::sync::watch::Sender::new(false)),
         };
         proxy.serve(listener);
         proxy
@@ -2384,18 +2420,20 @@ impl Proxy {
         let tasks = self.tasks.clone();
         let silenced = self.silenced.clone();
         let (stall_on, stalled) = (self.stall_on, self.stalled.clone());
+        let resumed = self.resumed.clone();
         let acceptor = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let upstream = upstream.clone();
                 let mut silence = silenced.subscribe();
                 let born = *silence.borrow_and_update();
                 let stalled = stalled.clone();
+                let resumed = resumed.subscribe();
                 let pipe = tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
                         return;
                     };
                     if let Some(pattern) = stall_on {
-                        return forward_until(client, server, pattern, &stalled).await;
+                        return stall_after(client, server, pattern, &stalled, resumed).await;
                     }
                     let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
                     // Biased: a pipe woken by data a client wrote after
@@ -2417,6 +2455,13 @@ impl Proxy {
             .lock()
             .expect("tasks")
             .push(acceptor.abort_handle());
+    }
+
+    /// Lets stalled connections go on: what their server sent meanwhile
+    /// reaches their client, and they forward again, like a process that
+    /// was stopped and is continued.
+    fn resume(&self) {
+        self.resumed.send_replace(true);
     }
 
     /// Drops every connection and stops listening.
@@ -2453,13 +2498,15 @@ impl Proxy {
 }
 
 /// Forwards between `client` and `server` until the client sent `pattern`:
-/// that goes to the server, then nothing more either way, and both
-/// connections stay open until the task is aborted.
-async fn forward_until(
+/// that goes to the server, then nothing more either way, both connections
+/// staying open, until `resumed`: then what the server sent meanwhile goes
+/// to the client, and forwarding goes on.
+async fn stall_after(
     client: tokio::net::TcpStream,
     server: tokio::net::TcpStream,
     pattern: &[u8],
     stalled: &tokio::sync::Notify,
+    resumed: tokio::sync::watch::Receiver<bool>,
 ) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -2467,31 +2514,56 @@ async fn forward_until(
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let cut = AtomicBool::new(false);
+    let resume = || {
+        let mut resumed = resumed.clone();
+        async move {
+            let _ = resumed.wait_for(|on| *on).await;
+        }
+    };
     let replies = async {
         let mut buf = vec![0; 8192];
-        while let Ok(n @ 1..) = server_read.read(&mut buf).await {
-            if cut.load(Ordering::SeqCst) || client_write.write_all(&buf[..n]).await.is_err() {
+        let mut held = Vec::new();
+        let mut resuming = std::pin::pin!(resume());
+        let mut flushed = false;
+        loop {
+            let read = tokio::select! {
+                read = server_read.read(&mut buf) => read,
+                () = &mut resuming, if !flushed && cut.load(Ordering::SeqCst) => {
+                    flushed = true;
+                    let _ = client_write.write_all(&std::mem::take(&mut held)).await;
+                    continue;
+                }
+            };
+            let Ok(n @ 1..) = read else { break };
+            if cut.load(Ordering::SeqCst) && !*resumed.borrow() {
+                held.extend_from_slice(&buf[..n]);
+            } else if client_write.write_all(&buf[..n]).await.is_err() {
                 break;
             }
         }
+        // The server closed: the client hears of it (once resumed).
         if cut.load(Ordering::SeqCst) {
-            // Closing would tell the client; a hung one hears nothing.
-            std::future::pending::<()>().await;
+            resume().await;
+            let _ = client_write.write_all(&held).await;
         }
+        let _ = client_write.shutdown().await;
     };
     let requests = async {
         let mut buf = vec![0; 8192];
         let mut seen = Vec::new();
         while let Ok(n @ 1..) = client_read.read(&mut buf).await {
             seen.extend_from_slice(&buf[..n]);
-            if seen.windows(pattern.len()).any(|w| w == pattern) {
+            let stall =
+                !cut.load(Ordering::SeqCst) && seen.windows(pattern.len()).any(|w| w == pattern);
+            seen.drain(..seen.len().saturating_sub(pattern.len()));
+            if stall {
                 // Cut before the server can answer.
                 cut.store(true, Ordering::SeqCst);
                 let _ = server_write.write_all(&buf[..n]).await;
                 stalled.notify_one();
-                std::future::pending::<()>().await;
+                resume().await;
+                continue;
             }
-            seen.drain(..seen.len().saturating_sub(pattern.len()));
             if server_write.write_all(&buf[..n]).await.is_err() {
                 break;
             }
