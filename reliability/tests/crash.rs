@@ -166,11 +166,68 @@ async fn crash_run(run: Run) {
     );
 }
 
+/// Records every change of a job row's status, fencing token or lease
+/// end, with the changing statement's `now` (the server's
+/// `statement_timestamp()`, which relayq's statements read too), so the
+/// run can be checked change by change, not only at its end.
+async fn record_lease_history(backend: &relayq_postgres::PgBackend) {
+    let schema = backend.schema();
+    relayq_postgres::sqlx::raw_sql(relayq_postgres::sqlx::AssertSqlSafe(format!(
+        r#"CREATE TABLE "{schema}".lease_history (
+               id bigint, old_status text, new_status text, old_token bigint,
+               new_token bigint, old_until timestamptz, now timestamptz);
+           CREATE FUNCTION "{schema}".record_lease() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               INSERT INTO "{schema}".lease_history VALUES (OLD.id, OLD.status, NEW.status,
+                   OLD.lease_token, NEW.lease_token, OLD.locked_until,
+                   pg_catalog.statement_timestamp());
+               RETURN NULL;
+           END $$;
+           CREATE TRIGGER record_lease AFTER UPDATE ON "{schema}".jobs FOR EACH ROW
+               WHEN (OLD.status IS DISTINCT FROM NEW.status
+                     OR OLD.lease_token IS DISTINCT FROM NEW.lease_token
+                     OR OLD.locked_until IS DISTINCT FROM NEW.locked_until)
+               EXECUTE FUNCTION "{schema}".record_lease();"#
+    )))
+    .execute(backend.pool())
+    .await
+    .expect("lease history");
+}
+
+/// Checks every recorded change: a job was leased again (a new token) only
+/// while pending or once its lease had ended (`locked_until < now`, as
+/// the claim reads it), never while another worker's lease was live; and
+/// a finished job never changed again.
+async fn check_lease_history(backend: &relayq_postgres::PgBackend) {
+    let schema = backend.schema();
+    let (changes, reclaims, early, after_end): (i64, i64, i64, i64) =
+        relayq_postgres::sqlx::query_as(relayq_postgres::sqlx::AssertSqlSafe(format!(
+            r#"SELECT count(*),
+                  count(*) FILTER (WHERE new_token <> old_token AND old_status = 'processing'),
+                  count(*) FILTER (WHERE new_token <> old_token
+                      AND NOT (old_status = 'pending'
+                               OR (old_status = 'processing' AND old_until < now))),
+                  count(*) FILTER (WHERE old_status IN ('done', 'dead'))
+               FROM "{schema}".lease_history"#
+        )))
+        .fetch_one(backend.pool())
+        .await
+        .expect("read the lease history");
+    eprintln!("lease history: {changes} changes, {reclaims} expired leases taken back");
+    assert_eq!(early, 0, "jobs leased again while a lease on them was live");
+    assert_eq!(after_end, 0, "finished jobs changed");
+    assert!(
+        reclaims > 0,
+        "no expired lease was taken back: the history tested nothing"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_workers_killed_mid_job_lose_nothing() {
     let options = testing::options();
     let backend = testing::connect(options).await;
     let schema = backend.schema().to_owned();
+    record_lease_history(&backend).await;
     let app = format!("rq-crash-{}", std::process::id());
     let mut template = WorkerArgs::new(Store::Postgres {
         url: testing::database_url(),
@@ -203,6 +260,7 @@ async fn postgres_workers_killed_mid_job_lose_nothing() {
         expect_refused_completion: true,
     })
     .await;
+    check_lease_history(&backend).await;
     backend.close().await;
     testing::drop_schema(&schema).await;
 }
