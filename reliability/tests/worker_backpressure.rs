@@ -131,5 +131,15 @@ async fn finished_jobs_waiting_for_slow_acknowledgements_keep_their_leases() {
         most <= bound,
         "{most} jobs were leased at once; a worker of concurrency {CONCURRENCY} holds at most {bound}"
     );
+    // The shutdown gave back what it held: nothing is left leased, no job
+    // is lost, and each run job is done (its completion was waited for).
+    let queue = stats.queue(CrashJob::QUEUE);
+    assert_eq!(queue.processing, 0, "leases left held: {queue:?}");
+    assert_eq!(queue.done + queue.pending, JOBS as u64, "{queue:?}");
+    let ran = runs.iter().filter(|n| n.load(Ordering::SeqCst) > 0).count();
+    assert_eq!(
+        ran as u64, queue.done,
+        "every run job is done, and only those"
+    );
     eprintln!("at most {most} jobs leased at once; {done} done");
 }
