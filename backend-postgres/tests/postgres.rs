@@ -143,23 +143,29 @@ async fn claims_race_cleanly_whatever_the_databases_default_isolation() {
     testing::drop_schema(backend.schema()).await;
 }
 
-/// A migration that must lock the jobs table while a long transaction
-/// uses it gives way instead of queueing every queue operation behind its
-/// lock request, and finishes once that transaction ends.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_migration_waiting_on_a_long_transaction_holds_up_no_queue_operation() {
+/// A backend on a schema of its own holding one pending job, whose
+/// version 4 is pending again: it alters the jobs table's columns (to the
+/// types they already have, so nothing is rewritten), which takes the
+/// table's exclusive lock. Returns the backend, its schema and the job.
+async fn version_4_pending() -> (PgBackend, String, i64) {
     let backend = testing::connect(testing::options()).await;
     let schema = backend.schema().to_owned();
     let id = backend.push(job(1)).await.expect("push").id();
-    // Version 4 pending again: it alters the jobs table's columns (to the
-    // types they already have, so nothing is rewritten), which takes the
-    // table's exclusive lock.
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DELETE FROM \"{schema}\".schema_version WHERE version = 4"
     )))
     .execute(backend.pool())
     .await
     .expect("forget version 4");
+    (backend, schema, id)
+}
+
+/// A migration that must lock the jobs table while a long transaction
+/// uses it gives way instead of queueing every queue operation behind its
+/// lock request, and finishes once that transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_waiting_on_a_long_transaction_holds_up_no_queue_operation() {
+    let (backend, schema, id) = version_4_pending().await;
     // A caller's transaction with a push in it, left open.
     let mut holder = testing::admin().await;
     let mut tx = sqlx::Connection::begin(&mut holder).await.expect("begin");
@@ -211,16 +217,7 @@ async fn a_migration_waiting_on_a_long_transaction_holds_up_no_queue_operation()
 /// the server ends its idle session, not until TCP keepalive notices.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migrator_hung_in_its_transaction_is_ended_by_the_server() {
-    let backend = testing::connect(testing::options()).await;
-    let schema = backend.schema().to_owned();
-    let id = backend.push(job(1)).await.expect("push").id();
-    // Version 4 pending again: it takes the jobs table's exclusive lock.
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DELETE FROM \"{schema}\".schema_version WHERE version = 4"
-    )))
-    .execute(backend.pool())
-    .await
-    .expect("forget version 4");
+    let (backend, schema, id) = version_4_pending().await;
     let url = testing::database_url();
     let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
     let proxy = Proxy::stalling_on(

@@ -467,23 +467,8 @@ pub async fn worker_marks_dead_after_max_attempts(h: Harness) {
 /// `Dead` after one attempt with an error saying why; the handler never
 /// runs for them and nothing is retried. Good jobs around them complete.
 pub async fn worker_kills_unusable_jobs_once(h: Harness) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&calls);
-    let worker = h
-        .worker()
-        .handle(move |task: Task, _ctx: JobContext<Harness>| {
-            counter.fetch_add(1, Ordering::SeqCst);
-            async move { Ok::<_, HandlerError>(task.n * 10) }
-        })
-        .build()
-        .expect("build");
-    let bad_payload = h
-        .push(NewJob::new(Task::KIND, &json!({ "n": "seven" })))
-        .await;
-    let unknown = h
-        .push(NewJob::new("conformance.nobody_handles_this", &json!({})))
-        .await;
-    let good = h.push(Task { n: 4 }.to_job()).await;
+    let (worker, calls) = counting_tens(h.worker());
+    let (bad_payload, unknown, good) = push_two_unusable_and_a_good_one(&h).await;
 
     let report = worker.run_until_idle().await.expect("run");
     assert_eq!((report.ran(), report.dead(), report.completed()), (3, 2, 1));
@@ -508,21 +493,24 @@ pub async fn worker_kills_unusable_jobs_once(h: Harness) {
     assert_eq!(worker.run_until_idle().await.expect("run").ran(), 0);
 }
 
-/// A started worker, too, kills a payload that does not decode and a kind
-/// it has no handler for at once (through its batched or per-lane outcome
-/// writes), runs neither again, and runs the good job beside them.
-pub async fn started_worker_kills_unusable_jobs_once(h: Harness) {
+/// A worker whose handler returns ten times its task's `n`, counting its
+/// calls.
+fn counting_tens(builder: WorkerBuilder<Harness>) -> (Worker<Harness>, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&calls);
-    let worker = h
-        .worker()
-        .poll_interval(StdDuration::from_millis(50))
+    let worker = builder
         .handle(move |task: Task, _ctx: JobContext<Harness>| {
             counter.fetch_add(1, Ordering::SeqCst);
             async move { Ok::<_, HandlerError>(task.n * 10) }
         })
         .build()
         .expect("build");
+    (worker, calls)
+}
+
+/// Pushes a task whose payload does not decode, a job of a kind no one
+/// handles, and a good task (`n` = 4), returning their ids in that order.
+async fn push_two_unusable_and_a_good_one(h: &Harness) -> (JobId, JobId, JobId) {
     let bad_payload = h
         .push(NewJob::new(Task::KIND, &json!({ "n": "seven" })))
         .await;
@@ -530,6 +518,15 @@ pub async fn started_worker_kills_unusable_jobs_once(h: Harness) {
         .push(NewJob::new("conformance.nobody_handles_this", &json!({})))
         .await;
     let good = h.push(Task { n: 4 }.to_job()).await;
+    (bad_payload, unknown, good)
+}
+
+/// A started worker, too, kills a payload that does not decode and a kind
+/// it has no handler for at once (through its batched or per-lane outcome
+/// writes), runs neither again, and runs the good job beside them.
+pub async fn started_worker_kills_unusable_jobs_once(h: Harness) {
+    let (worker, calls) = counting_tens(h.worker().poll_interval(StdDuration::from_millis(50)));
+    let (bad_payload, unknown, good) = push_two_unusable_and_a_good_one(&h).await;
     let mut events = worker.events();
     let running = worker.start();
     for (id, status) in [

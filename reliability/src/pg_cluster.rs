@@ -137,18 +137,7 @@ impl TempCluster {
 
     /// Stops the server (`-m fast`).
     pub fn stop(&self) -> Result<(), String> {
-        self.pg(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data().to_string_lossy(),
-                "-m",
-                "fast",
-                "-w",
-                "stop",
-            ],
-        )
-        .map(drop)
+        self.stop_with("fast")
     }
 
     /// Crashes the server: `pg_ctl stop -m immediate` kills every server
@@ -157,18 +146,24 @@ impl TempCluster {
     /// recovers from the WAL on disk. What a crash of the database host's
     /// PostgreSQL does (not of its operating system).
     pub fn crash(&self) -> Result<(), String> {
+        self.stop_with("immediate")?;
+        self.ctl("start")
+    }
+
+    /// `pg_ctl stop` in shutdown `mode`.
+    fn stop_with(&self, mode: &str) -> Result<(), String> {
         self.pg(
             "pg_ctl",
             &[
                 "-D",
                 &self.data().to_string_lossy(),
                 "-m",
-                "immediate",
+                mode,
                 "-w",
                 "stop",
             ],
-        )?;
-        self.ctl("start")
+        )
+        .map(drop)
     }
 
     /// Starts it again after [`Self::stop`].
@@ -231,17 +226,7 @@ impl TempCluster {
 
 impl Drop for TempCluster {
     fn drop(&mut self) {
-        let _ = self.pg(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data().to_string_lossy(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
+        let _ = self.stop_with("immediate");
     }
 }
 
