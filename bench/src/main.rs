@@ -98,7 +98,13 @@ async fn main() -> ExitCode {
 
 async fn run(args: &Args) -> Result<bool, String> {
     let label = args.backend.label();
-    let store = store::open(args.backend, &args.url).await?;
+    // The latency workload's jobs come one at a time after a settle: its
+    // pools open as they are used, as a quiet application's do (a pool
+    // opened to its size beforehand hands each statement to the connection
+    // idle longest, a server process asleep: measured, 0.3-0.5 ms more p50
+    // and twice the p99, see BENCHMARKS.md).
+    let warm = !matches!(args.workload, Workload::Latency);
+    let store = store::open(args.backend, &args.url, warm).await?;
     let backend = store.backend.clone();
     let work = async {
         match args.workload {

@@ -80,8 +80,9 @@ pub(crate) fn jobs_table(backend: &relayq_postgres::PgBackend) -> String {
     format!("\"{}\".jobs", backend.schema())
 }
 
-/// Opens a fresh store of `kind`. `url` is the Postgres server to use.
-pub(crate) async fn open(kind: Kind, url: &str) -> Result<Store, String> {
+/// Opens a fresh store of `kind`. `url` is the Postgres server to use;
+/// with `warm_pool`, its pool is opened to its size (see [`warm`]).
+pub(crate) async fn open(kind: Kind, url: &str, warm_pool: bool) -> Result<Store, String> {
     let _ = url;
     match kind {
         #[cfg(feature = "memory")]
@@ -125,7 +126,9 @@ pub(crate) async fn open(kind: Kind, url: &str) -> Result<Store, String> {
                 .map_err(|e| e.to_string())?;
             execute(&backend, drop_schema(&backend)).await?;
             backend.migrate().await.map_err(|e| e.to_string())?;
-            warm(backend.pool(), PG_POOL).await?;
+            if warm_pool {
+                warm(backend.pool(), PG_POOL).await?;
+            }
             Ok(Store {
                 backend: Arc::new(backend.clone()),
                 owned: Owned::Postgres(backend, options),
@@ -163,7 +166,6 @@ impl Store {
                 )
                 .await
                 .map_err(|e| e.to_string())?;
-                warm(backend.pool(), PG_PUSHER_POOL).await?;
                 Ok(Peer {
                     backend: Arc::new(backend.clone()),
                     woken_by: "listen_notify",
