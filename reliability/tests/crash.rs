@@ -222,6 +222,54 @@ async fn check_lease_history(backend: &relayq_postgres::PgBackend) {
     );
 }
 
+/// [`record_lease_history`] in a SQLite file. SQLite's statements bind
+/// `now` from the process clock, so the history takes the trigger's own
+/// time (this host's clock, read a moment after the statement's, to the
+/// millisecond).
+async fn record_sqlite_lease_history(backend: &SqliteBackend) {
+    relayq_postgres::sqlx::raw_sql(
+        "CREATE TABLE lease_history (
+             id INTEGER, old_status TEXT, new_status TEXT, old_token INTEGER,
+             new_token INTEGER, old_until INTEGER, now INTEGER);
+         CREATE TRIGGER record_lease AFTER UPDATE ON relayq_jobs
+         WHEN OLD.status IS NOT NEW.status OR OLD.lease_token IS NOT NEW.lease_token
+              OR OLD.locked_until IS NOT NEW.locked_until
+         BEGIN
+             INSERT INTO lease_history VALUES (OLD.id, OLD.status, NEW.status,
+                 OLD.lease_token, NEW.lease_token, OLD.locked_until,
+                 CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER));
+         END;",
+    )
+    .execute(backend.pool())
+    .await
+    .expect("lease history");
+}
+
+/// [`check_lease_history`] on [`record_sqlite_lease_history`]'s record,
+/// with a millisecond's slack for the trigger's clock.
+async fn check_sqlite_lease_history(backend: &SqliteBackend) {
+    let (changes, reclaims, early, after_end): (i64, i64, i64, i64) =
+        relayq_postgres::sqlx::query_as(
+            "SELECT count(*),
+                 coalesce(sum(new_token <> old_token AND old_status = 'processing'), 0),
+                 coalesce(sum(new_token <> old_token
+                     AND NOT (old_status = 'pending'
+                              OR (old_status = 'processing' AND old_until < now + 1000))), 0),
+                 coalesce(sum(old_status IN ('done', 'dead')), 0)
+             FROM lease_history",
+        )
+        .fetch_one(backend.pool())
+        .await
+        .expect("read the lease history");
+    eprintln!("lease history: {changes} changes, {reclaims} expired leases taken back");
+    assert_eq!(early, 0, "jobs leased again while a lease on them was live");
+    assert_eq!(after_end, 0, "finished jobs changed");
+    assert!(
+        reclaims > 0,
+        "no expired lease was taken back: the history tested nothing"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_workers_killed_mid_job_lose_nothing() {
     let options = testing::options();
@@ -272,6 +320,7 @@ async fn sqlite_workers_killed_mid_job_lose_nothing() {
     let backend = SqliteBackend::connect(&url)
         .await
         .expect("open SQLite file");
+    record_sqlite_lease_history(&backend).await;
     let mut template = WorkerArgs::new(Store::Sqlite { url });
     template.concurrency = 8;
     template.pool = 4;
@@ -301,5 +350,6 @@ async fn sqlite_workers_killed_mid_job_lose_nothing() {
         expect_refused_completion: false,
     })
     .await;
+    check_sqlite_lease_history(&backend).await;
     backend.close().await;
 }
