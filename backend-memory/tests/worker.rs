@@ -272,6 +272,38 @@ async fn run_until_idle_is_deterministic() {
     b.assert_not_enqueued::<Report>();
 }
 
+/// `run_until_idle` runs every handler in the task that calls it (SPEC's
+/// test mode), not in tasks of its own: a test's task-local state, and
+/// its panics, stay with the test.
+#[tokio::test]
+async fn run_until_idle_runs_handlers_in_the_calling_task() {
+    let (b, _) = store();
+    let tasks = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&tasks);
+    let worker = Worker::builder(dyn_backend(&b))
+        .handle(move |_: Report, _ctx: JobContext<()>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().expect("lock").push(tokio::task::try_id());
+                tokio::task::yield_now().await;
+                seen.lock().expect("lock").push(tokio::task::try_id());
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .build()
+        .expect("build");
+    for id in [1, 2, 3] {
+        b.push(Report { id }.to_job()).await.expect("push");
+    }
+    let caller = tokio::spawn(async move {
+        assert_eq!(worker.run_until_idle().await.expect("run").ran(), 3);
+        tokio::task::id()
+    })
+    .await
+    .expect("the calling task");
+    assert_eq!(*tasks.lock().expect("lock"), vec![Some(caller); 6]);
+}
+
 /// A `run_until_idle` dropped mid-run (here by a timeout) gives its job
 /// back, its attempt with it: the very next call runs it, with no clock
 /// moved and nothing awaited in between.
