@@ -143,6 +143,27 @@ async fn claims_race_cleanly_whatever_the_databases_default_isolation() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A job marked `Cancelled` (a status SPEC reserves, which no call makes
+/// yet) reads back as one: the schema needs no change when it comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_reads_back() {
+    let clock = ManualClock::new(relayq_conformance::EPOCH);
+    let backend = testing::connect(testing::options().clock(Arc::new(clock.clone()))).await;
+    let h = relayq_conformance::Harness::new(Arc::new(backend.clone()), clock.clone());
+    let id = relayq_conformance::observe::push_a_job_to_cancel(&h).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE \"{}\".jobs SET status = 'cancelled', updated_at = $2 WHERE id = $1",
+        backend.schema()
+    )))
+    .bind(id)
+    .bind(h.now())
+    .execute(backend.pool())
+    .await
+    .expect("cancel");
+    relayq_conformance::observe::a_cancelled_job_reads_back(&h, id).await;
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// A backend on a schema of its own holding one pending job, whose
 /// version 4 is pending again: it alters the jobs table's columns (to the
 /// types they already have, so nothing is rewritten), which takes the

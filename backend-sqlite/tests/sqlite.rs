@@ -22,6 +22,30 @@ use tempfile::TempDir;
 use time::Duration;
 use time::macros::datetime;
 
+/// A job marked `Cancelled` (a status SPEC reserves, which no call makes
+/// yet) reads back as one: the schema needs no change when it comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_reads_back() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = relayq_core::ManualClock::new(relayq_conformance::EPOCH);
+    let backend = SqliteBackend::connect_with(
+        SqliteOptions::new(file_url(&dir)).clock(Arc::new(clock.clone())),
+    )
+    .await
+    .expect("connect");
+    let h = relayq_conformance::Harness::new(Arc::new(backend.clone()), clock.clone());
+    let id = relayq_conformance::observe::push_a_job_to_cancel(&h).await;
+    let now = h.now();
+    let micros = now.unix_timestamp() * 1_000_000 + i64::from(now.microsecond());
+    sqlx::query("UPDATE relayq_jobs SET status = 'cancelled', updated_at = ? WHERE id = ?")
+        .bind(micros)
+        .bind(id)
+        .execute(backend.pool())
+        .await
+        .expect("cancel");
+    relayq_conformance::observe::a_cancelled_job_reads_back(&h, id).await;
+}
+
 fn file_url(dir: &TempDir) -> String {
     format!("sqlite://{}", dir.path().join("jobs.db").display())
 }

@@ -165,3 +165,48 @@ pub async fn list_pages_have_no_gaps_or_repeats(h: Harness) {
     }
     assert_eq!(seen, wanted);
 }
+
+/// For a backend's own tests: pushes a job with unique key `"held"` and
+/// returns its id, for the caller to mark `Cancelled` (a status reserved
+/// in SPEC, which no call makes yet) in its store's own way, then to hand
+/// to [`a_cancelled_job_reads_back`].
+pub async fn push_a_job_to_cancel(h: &Harness) -> JobId {
+    h.push(job("k", 1).unique_key("held")).await
+}
+
+/// Checks that a job marked `Cancelled` behind the traits' back (see
+/// [`push_a_job_to_cancel`]) reads back as one: `get`, `list` by status
+/// and `stats` show it; `pull` never leases it; it holds its unique key no
+/// more; and `clean` takes it, as a finished job.
+pub async fn a_cancelled_job_reads_back(h: &Harness, id: JobId) {
+    assert_eq!(h.job(id).await.status, JobStatus::Cancelled);
+    let page = h
+        .backend
+        .list(&ListFilter::new().status(JobStatus::Cancelled))
+        .await
+        .expect("list");
+    assert_eq!(page.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), [id]);
+    let stats = h.backend.stats().await.expect("stats");
+    assert_eq!(stats.queue("default").cancelled, 1, "{stats:?}");
+    assert!(
+        h.pull("default", 10).await.is_empty(),
+        "a cancelled job is never leased"
+    );
+    let again = h
+        .backend
+        .push(job("k", 2).unique_key("held"))
+        .await
+        .expect("push");
+    assert!(
+        !again.is_duplicate(),
+        "a cancelled job holds its key no more"
+    );
+    h.advance(Duration::days(1));
+    let cleaned = h
+        .backend
+        .clean(JobStatus::Cancelled, h.now())
+        .await
+        .expect("clean");
+    assert_eq!(cleaned, 1);
+    assert!(h.backend.get(id).await.expect("get").is_none());
+}
