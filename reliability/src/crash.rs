@@ -784,6 +784,23 @@ impl Fleet {
         Ok(())
     }
 
+    /// Asks worker `id` to shut down (SIGTERM), then SIGKILLs it `after`
+    /// that, mid-shutdown if it is still finishing its jobs or giving them
+    /// back, and reaps it. Returns whether it was still running then.
+    pub async fn kill_while_stopping(&mut self, id: u32, after: Duration) -> std::io::Result<bool> {
+        let Some(pid) = self.pid(id) else {
+            return Ok(false);
+        };
+        signal(pid, "TERM")?;
+        tokio::time::sleep(after).await;
+        let running = match self.procs.get_mut(&id) {
+            Some(p) => p.child.try_wait()?.is_none(),
+            None => false,
+        };
+        self.kill(id)?;
+        Ok(running)
+    }
+
     /// Stops worker `id` with SIGSTOP for `pause`, then resumes it
     /// (SIGCONT): a process frozen past its leases, like a long GC pause
     /// or a VM migration, whose late completions must be refused.

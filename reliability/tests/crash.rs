@@ -80,6 +80,8 @@ async fn crash_run(run: Run) {
     let started = Instant::now();
     let mut kills = 0u32;
     let mut pauses = 0u32;
+    let mut stopping_kills = 0u32;
+    let mut mid_shutdown = 0u32;
     loop {
         if let Err(e) = fleet.check_running() {
             panic!("{e}");
@@ -121,6 +123,20 @@ async fn crash_run(run: Run) {
                 fleet.mark_frozen(live);
             }
             pauses += 1;
+        } else if kills % 4 == 3 {
+            // Killed during its graceful shutdown: while it finishes its
+            // running jobs or gives its buffered ones back.
+            let after = rng.between(Duration::ZERO, Duration::from_millis(300));
+            if fleet
+                .kill_while_stopping(victim, after)
+                .await
+                .expect("kill while stopping")
+            {
+                mid_shutdown += 1;
+            }
+            fleet.spawn().expect("spawn replacement");
+            kills += 1;
+            stopping_kills += 1;
         } else {
             fleet.kill(victim).expect("kill");
             fleet.spawn().expect("spawn replacement");
@@ -146,13 +162,15 @@ async fn crash_run(run: Run) {
         warnings.lines().take(10).collect::<Vec<_>>().join("\n")
     );
     eprintln!(
-        "{total} jobs in {elapsed:?}: {kills} kills, {pauses} pauses; {summary:?}; \
+        "{total} jobs in {elapsed:?}: {kills} kills ({stopping_kills} while stopping, \
+         {mid_shutdown} of them before the shutdown ended), {pauses} pauses; {summary:?}; \
          stale leases refused: {refused_completions} completions, {refused_extensions} extensions"
     );
     // The faults must have landed mid-job, or the run proved nothing.
     assert!(
-        kills >= 5 && pauses >= 1,
-        "only {kills} kills and {pauses} pauses happened before the jobs ran out"
+        kills >= 5 && pauses >= 1 && stopping_kills >= 1,
+        "only {kills} kills ({stopping_kills} while stopping) and {pauses} pauses happened \
+         before the jobs ran out"
     );
     assert!(
         summary.superseded_runs > 0,
