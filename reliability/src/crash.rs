@@ -17,7 +17,7 @@
 //!   job `Done`, none lost; a job ran again only after its holder was
 //!   interrupted; the accepted completion came from the newest lease.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -473,9 +473,10 @@ struct WorkerState {
     long_min: Duration,
     long_max: Duration,
     mode: Mode,
-    /// Runs whose handler returned, by job id and attempt: a lease lost
-    /// after that is a completion the store refused.
-    finished: Arc<Mutex<HashSet<(JobId, i32)>>>,
+    /// Runs whose handler returned, by job id and attempt, and whether it
+    /// failed: a lease lost after that is a completion (or a retry) the
+    /// store refused.
+    finished: Arc<Mutex<HashMap<(JobId, i32), bool>>>,
 }
 
 /// The handler's sleep for a job: spread over `[min, max]` (or the long
@@ -491,6 +492,14 @@ fn sleep_for(state: &WorkerState, id: JobId) -> Duration {
     };
     let spread = max.saturating_sub(min).as_millis() as u64;
     min + Duration::from_millis(hash % (spread + 1))
+}
+
+/// Whether the job numbered `seq` fails its first attempt, by design, once
+/// its run is recorded: one in 40. It is retried, and a worker frozen
+/// while holding one may come back to retry it with a stale lease, which
+/// the store must refuse.
+pub fn fails_first_attempt(seq: i64) -> bool {
+    seq % 40 == 13
 }
 
 async fn handle(
@@ -518,11 +527,15 @@ async fn handle(
                 })
                 .await?;
             tokio::time::sleep(half).await;
+            let fail = ctx.attempt() == 1 && fails_first_attempt(job.seq);
             state
                 .finished
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .insert((ctx.id(), ctx.attempt()));
+                .insert((ctx.id(), ctx.attempt()), fail);
+            if fail {
+                return Err(HandlerError::new("the first attempt fails, by design"));
+            }
             Ok(Some(
                 json!({ "worker": state.worker_id, "token": lease.token }),
             ))
@@ -537,6 +550,11 @@ pub const REFUSED_COMPLETION: &str = "refused-completion";
 /// Printed by a worker (with the job id) when the store refused to extend
 /// a running job's lease: it had been taken over, the handler was stopped.
 pub const REFUSED_EXTENSION: &str = "refused-extension";
+
+/// Printed by a worker (with the job id) when the store refused its retry
+/// of a job whose attempt failed by design ([`fails_first_attempt`]): its
+/// lease had been taken over.
+pub const REFUSED_RETRY: &str = "refused-retry";
 
 /// The body of a worker process: connects (retrying for up to 30 s),
 /// runs a worker for [`CrashJob`]s until SIGTERM, then shuts it down
@@ -594,12 +612,12 @@ pub async fn run_worker(args: WorkerArgs) -> Result<(), String> {
                 _ => {}
             }
             if *outcome == Outcome::LeaseLost {
-                // The store refused this lease: a completion after the
-                // handler returned, or an extension while it ran.
-                if ran {
-                    println!("{REFUSED_COMPLETION} {}", job.id);
-                } else {
-                    println!("{REFUSED_EXTENSION} {}", job.id);
+                // The store refused this lease: a completion or retry after
+                // the handler returned, or an extension while it ran.
+                match ran {
+                    Some(false) => println!("{REFUSED_COMPLETION} {}", job.id),
+                    Some(true) => println!("{REFUSED_RETRY} {}", job.id),
+                    None => println!("{REFUSED_EXTENSION} {}", job.id),
                 }
             }
         })
@@ -835,7 +853,7 @@ impl Fleet {
                 .unwrap_or_default();
             for line in log.lines() {
                 let mut words = line.split(' ');
-                if let (Some(REFUSED_COMPLETION | REFUSED_EXTENSION), Some(job)) =
+                if let (Some(REFUSED_COMPLETION | REFUSED_EXTENSION | REFUSED_RETRY), Some(job)) =
                     (words.next(), words.next())
                     && let Ok(job) = job.parse()
                 {
@@ -1128,6 +1146,14 @@ pub fn check_outcome(
         let Some(last) = runs.iter().max_by_key(|r| r.token) else {
             continue;
         };
+        let fails_first = serde_json::from_value::<CrashJob>((*job.payload).clone())
+            .is_ok_and(|crash| fails_first_attempt(crash.seq));
+        if fails_first && last.attempt == 1 {
+            problems.push(format!(
+                "job {} is Done by its first attempt, which fails by design",
+                job.id
+            ));
+        }
         if last.token != job.lease_token {
             problems.push(format!(
                 "job {}: completed under token {} but the newest run held token {}",
@@ -1142,13 +1168,17 @@ pub fn check_outcome(
             ));
         }
         for r in runs.iter().filter(|r| r.token != last.token) {
-            summary.superseded_runs += 1;
             if r.token > job.lease_token {
                 problems.push(format!(
                     "job {}: worker {} ran it under token {}, above the job's {}",
                     job.id, r.worker_id, r.token, job.lease_token
                 ));
             }
+            if fails_first && r.attempt == 1 {
+                // Retried by design, not run again by mistake.
+                continue;
+            }
+            summary.superseded_runs += 1;
             let Some(i) = interruptions else { continue };
             let frozen = i.frozen.contains(&r.worker_id);
             let died_holding =

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use relayq_core::Backend;
 use relayq_postgres::testing;
 use relayq_reliability::crash::{
-    CrashJob, Fleet, Ledger, REFUSED_COMPLETION, REFUSED_EXTENSION, Rng, Store, WorkerArgs,
-    all_jobs, check_outcome, status_counts,
+    CrashJob, Fleet, Ledger, REFUSED_COMPLETION, REFUSED_EXTENSION, REFUSED_RETRY, Rng, Store,
+    WorkerArgs, all_jobs, check_outcome, status_counts,
 };
 use relayq_sqlite::SqliteBackend;
 
@@ -155,6 +155,7 @@ async fn crash_run(run: Run) {
         .unwrap_or_else(|e| panic!("{e}\nworkers' warnings:\n{}", fleet.warnings()));
     let refused_completions = fleet.count_in_logs(REFUSED_COMPLETION);
     let refused_extensions = fleet.count_in_logs(REFUSED_EXTENSION);
+    let refused_retries = fleet.count_in_logs(REFUSED_RETRY);
     let warnings = fleet.warnings();
     eprintln!(
         "workers' warnings ({} lines, first 10):\n{}",
@@ -164,7 +165,8 @@ async fn crash_run(run: Run) {
     eprintln!(
         "{total} jobs in {elapsed:?}: {kills} kills ({stopping_kills} while stopping, \
          {mid_shutdown} of them before the shutdown ended), {pauses} pauses; {summary:?}; \
-         stale leases refused: {refused_completions} completions, {refused_extensions} extensions"
+         stale leases refused: {refused_completions} completions, {refused_retries} retries, \
+         {refused_extensions} extensions"
     );
     // The faults must have landed mid-job, or the run proved nothing.
     assert!(
