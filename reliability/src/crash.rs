@@ -514,7 +514,15 @@ async fn handle(
         }
         Mode::Ledger => {
             let lease = ctx.lease();
-            let half = sleep_for(state, ctx.id()) / 2;
+            let fail = ctx.attempt() == 1 && fails_first_attempt(job.seq);
+            // A failing attempt is long, as one in `long_one_in` jobs is: a
+            // worker frozen while holding one then often wakes to retry it
+            // after its lease was taken over.
+            let half = if fail {
+                state.long_min.max(sleep_for(state, ctx.id())) / 2
+            } else {
+                sleep_for(state, ctx.id()) / 2
+            };
             tokio::time::sleep(half).await;
             state
                 .ledger
@@ -527,7 +535,6 @@ async fn handle(
                 })
                 .await?;
             tokio::time::sleep(half).await;
-            let fail = ctx.attempt() == 1 && fails_first_attempt(job.seq);
             state
                 .finished
                 .lock()
