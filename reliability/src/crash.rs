@@ -1224,3 +1224,133 @@ pub fn check_outcome(
 pub async fn status_counts(backend: &dyn Backend) -> relayq_core::Result<StatusCounts> {
     Ok(backend.stats().await?.queue(CrashJob::QUEUE))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A run's entry in the ledger.
+    fn run(job_id: JobId, attempt: i32, worker_id: u32, token: i64) -> LedgerEntry {
+        LedgerEntry {
+            job_id,
+            attempt,
+            worker_id,
+            pid: 1000 + worker_id,
+            token,
+        }
+    }
+
+    /// Job `id` (crash job `seq`) done under `token` by `worker`, with the
+    /// result that worker's handler returns.
+    fn done(id: JobId, seq: i64, worker: u32, token: i64) -> Job {
+        let at = time::OffsetDateTime::UNIX_EPOCH;
+        Job {
+            id,
+            queue: CrashJob::QUEUE.into(),
+            kind: CrashJob::KIND.into(),
+            payload: Arc::new(json!({ "seq": seq })),
+            priority: 0,
+            status: JobStatus::Done,
+            attempts: i32::try_from(token).expect("small"),
+            max_attempts: 25,
+            lease_token: token,
+            run_at: at,
+            locked_until: None,
+            unique_key: None,
+            last_error: None,
+            result: Some(json!({ "worker": worker, "token": token })),
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    fn interrupted(killed: &[u32], frozen: &[u32], refused: &[(u32, JobId)]) -> Interruptions {
+        Interruptions {
+            killed: killed.iter().copied().collect(),
+            frozen: frozen.iter().copied().collect(),
+            refused: refused.iter().copied().collect(),
+        }
+    }
+
+    fn check(jobs: &[Job], ledger: &[LedgerEntry], i: &Interruptions) -> Result<Summary, String> {
+        let pushed = jobs.iter().map(|j| j.id).collect();
+        check_outcome(&pushed, jobs, ledger, Some(i))
+    }
+
+    #[test]
+    fn a_clean_run_and_a_rerun_after_a_kill_pass() {
+        let jobs = [done(1, 0, 1, 1), done(2, 1, 2, 2)];
+        // Job 2 ran on worker 1, which was killed holding it; then on 2.
+        let ledger = [run(1, 1, 1, 1), run(2, 1, 1, 1), run(2, 2, 2, 2)];
+        let summary = check(&jobs, &ledger, &interrupted(&[1], &[], &[])).expect("sound");
+        assert_eq!((summary.rerun_jobs, summary.superseded_runs), (1, 1));
+    }
+
+    #[test]
+    fn an_unexplained_rerun_is_flagged() {
+        let jobs = [done(1, 0, 2, 2)];
+        let ledger = [run(1, 1, 1, 1), run(1, 2, 2, 2)];
+        let e = check(&jobs, &ledger, &interrupted(&[], &[], &[])).expect_err("worker 1 ran on");
+        assert!(e.contains("neither frozen nor killed"), "{e}");
+        // Killed, but the store had refused it that lease: it did not die
+        // holding the job.
+        let e = check(&jobs, &ledger, &interrupted(&[1], &[], &[(1, 1)])).expect_err("refused");
+        assert!(e.contains("the store refused it that lease"), "{e}");
+    }
+
+    #[test]
+    fn an_accepted_stale_completion_is_flagged() {
+        // Stored under the newest token, but with the stale run's result.
+        let mut job = done(1, 0, 2, 2);
+        job.result = Some(json!({ "worker": 1, "token": 1 }));
+        let ledger = [run(1, 1, 1, 1), run(1, 2, 2, 2)];
+        let e = check(&[job], &ledger, &interrupted(&[], &[1], &[])).expect_err("stale");
+        assert!(e.contains("a stale completion was accepted"), "{e}");
+        // Completed under a token older than the newest run's.
+        let job = done(1, 0, 1, 1);
+        let e = check(&[job], &ledger, &interrupted(&[], &[1], &[])).expect_err("old token");
+        assert!(e.contains("but the newest run held token 2"), "{e}");
+    }
+
+    #[test]
+    fn a_token_run_twice_a_lost_job_and_an_unfinished_one_are_flagged() {
+        let ledger = [run(1, 1, 1, 1), run(1, 1, 2, 1)];
+        let e =
+            check(&[done(1, 0, 2, 1)], &ledger, &interrupted(&[1], &[], &[])).expect_err("twice");
+        assert!(e.contains("token 1 ran twice"), "{e}");
+        let pushed: BTreeSet<JobId> = [1, 2].into();
+        let e = check_outcome(&pushed, &[done(1, 0, 1, 1)], &[run(1, 1, 1, 1)], None)
+            .expect_err("lost");
+        assert!(e.contains("job 2 was pushed but is gone"), "{e}");
+        let mut pending = done(1, 0, 1, 1);
+        pending.status = JobStatus::Pending;
+        let e = check(&[pending], &[run(1, 1, 1, 1)], &interrupted(&[], &[], &[]))
+            .expect_err("unfinished");
+        assert!(e.contains("not Done"), "{e}");
+    }
+
+    #[test]
+    fn only_the_failing_first_attempt_of_a_failing_job_is_excused() {
+        // Crash job 13 fails its first attempt by design.
+        assert!(fails_first_attempt(13) && !fails_first_attempt(14));
+        let ledger = [run(1, 1, 1, 1), run(1, 2, 1, 2)];
+        let summary = check(&[done(1, 13, 1, 2)], &ledger, &interrupted(&[], &[], &[]))
+            .expect("retried by design");
+        assert_eq!(
+            summary.superseded_runs, 0,
+            "a designed retry is no interruption"
+        );
+        let e = check(&[done(1, 14, 1, 2)], &ledger, &interrupted(&[], &[], &[]))
+            .expect_err("job 14 has no designed failure");
+        assert!(e.contains("neither frozen nor killed"), "{e}");
+        let e = check(
+            &[done(1, 13, 1, 1)],
+            &[run(1, 1, 1, 1)],
+            &interrupted(&[], &[], &[]),
+        )
+        .expect_err("done by the failing attempt");
+        assert!(e.contains("which fails by design"), "{e}");
+    }
+}
