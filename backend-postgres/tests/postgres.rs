@@ -1292,6 +1292,10 @@ async fn every_statement_reads_the_servers_clock() {
     )
     .await;
     let ahead = time::OffsetDateTime::now_utc() + Duration::days(1);
+    let stored = |id: i64| {
+        let backend = backend.clone();
+        async move { backend.get(id).await.expect("get").expect("job") }
+    };
     let near = |at: time::OffsetDateTime, what: &str| {
         assert!(
             (at - ahead).abs() < Duration::minutes(1),
@@ -1322,10 +1326,7 @@ async fn every_statement_reads_the_servers_clock() {
             .id(),
     );
     for &id in &ids[..22] {
-        near(
-            backend.get(id).await.expect("get").expect("job").created_at,
-            "created_at",
-        );
+        near(stored(id).await.created_at, "created_at");
     }
     let leased = backend
         .pull(&PullRequest::queue("default").batch(100))
@@ -1345,38 +1346,14 @@ async fn every_statement_reads_the_servers_clock() {
         .retry(&leased[1].lease, Duration::ZERO, "again")
         .await
         .expect("retry");
-    near(
-        backend
-            .get(leased[1].job.id)
-            .await
-            .expect("get")
-            .expect("job")
-            .run_at,
-        "a retry's run_at",
-    );
+    near(stored(leased[1].job.id).await.run_at, "a retry's run_at");
     backend
         .complete(&leased[2].lease, None)
         .await
         .expect("complete");
-    near(
-        backend
-            .get(leased[2].job.id)
-            .await
-            .expect("get")
-            .expect("job")
-            .updated_at,
-        "a completion",
-    );
+    near(stored(leased[2].job.id).await.updated_at, "a completion");
     backend.release(&leased[3].lease).await.expect("release");
-    near(
-        backend
-            .get(leased[3].job.id)
-            .await
-            .expect("get")
-            .expect("job")
-            .updated_at,
-        "a release",
-    );
+    near(stored(leased[3].job.id).await.updated_at, "a release");
     testing::drop_schema(backend.schema()).await;
     testing::drop_schema(&skew).await;
 }
