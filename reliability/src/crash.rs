@@ -16,6 +16,8 @@
 //! - [`check_outcome`] holds a finished run to the queue's promises: every
 //!   job `Done`, none lost; a job ran again only after its holder was
 //!   interrupted; the accepted completion came from the newest lease.
+//! - [`Failpoint`]s make a worker die between the commits of a job's life;
+//!   [`check_failpoints`] checks what became of each such job.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -24,9 +26,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use relayq_conformance::faults::{Faults, Faulty};
 use relayq_core::{
-    Backend, Event, HandlerError, Job, JobContext, JobId, JobStatus, JobType, ListFilter, NewJob,
-    Outcome, RetryPolicy, StatusCounts, Worker,
+    Backend, Completion, Event, HandlerError, Job, JobContext, JobId, JobStatus, JobType, Lease,
+    LeasedJob, ListFilter, NewJob, Outcome, PullRequest, RetryPolicy, StatusCounts, Worker,
 };
 use relayq_postgres::sqlx::{self, AssertSqlSafe, PgPool, Row};
 use relayq_postgres::{PgBackend, PgOptions};
@@ -114,11 +117,14 @@ pub struct WorkerArgs {
     pub long_max: Duration,
     /// What the handler writes.
     pub mode: Mode,
+    /// One job in this many (by id; 0 for none) makes the process die at
+    /// a failpoint on its first lease: see [`Failpoint`].
+    pub failpoint_one_in: u32,
 }
 
 impl WorkerArgs {
     /// Defaults for `store`: worker 0, concurrency 8, 1 s lease, 500 ms
-    /// poll, pool of 4, sleeps of 5–40 ms, ledger mode.
+    /// poll, pool of 4, sleeps of 5–40 ms, ledger mode, no failpoints.
     pub fn new(store: Store) -> Self {
         Self {
             store,
@@ -133,6 +139,7 @@ impl WorkerArgs {
             long_min: Duration::ZERO,
             long_max: Duration::ZERO,
             mode: Mode::Ledger,
+            failpoint_one_in: 0,
         }
     }
 
@@ -169,6 +176,7 @@ impl WorkerArgs {
             }
             .to_owned(),
         );
+        put("failpoint-one-in", self.failpoint_one_in.to_string());
         args
     }
 
@@ -222,6 +230,7 @@ impl WorkerArgs {
                 Some("count") => Mode::Count,
                 other => return Err(format!("--mode must be ledger or count, got {other:?}")),
             },
+            failpoint_one_in: small("failpoint-one-in", take("failpoint-one-in"))?,
         };
         if let Some(k) = map.keys().next() {
             return Err(format!("unknown argument --{k}"));
@@ -563,6 +572,210 @@ pub const REFUSED_EXTENSION: &str = "refused-extension";
 /// lease had been taken over.
 pub const REFUSED_RETRY: &str = "refused-retry";
 
+/// A point in a job's life where a worker process dies by design, as a
+/// crash could kill it there: between the commits that move the job on,
+/// the windows a random kill only lands in by chance. A worker with
+/// [`WorkerArgs::failpoint_one_in`] dies at one for one job in that many
+/// (by id), on the job's first lease only, so the job then runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Failpoint {
+    /// The claim committed; the handler has not started. The job must run
+    /// again once the lease ends, never under the dead worker's token.
+    Claimed,
+    /// The handler ran; its completion was not sent. The job must run
+    /// again, and be completed under the later lease.
+    Ran,
+    /// The completion committed; the worker had not heard back. The job is
+    /// done and must never run again.
+    Completed,
+}
+
+impl Failpoint {
+    const ALL: [Self; 3] = [Self::Claimed, Self::Ran, Self::Completed];
+
+    /// The failpoint job `id` arms for workers dying at one job in
+    /// `one_in` (0: none): each point in turn.
+    pub fn of(id: JobId, one_in: u32) -> Option<Self> {
+        let one_in = i64::from(one_in);
+        if one_in == 0 || id % one_in != 0 {
+            return None;
+        }
+        Some(Self::ALL[((id / one_in) % 3) as usize])
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Claimed => "claimed",
+            Self::Ran => "ran",
+            Self::Completed => "completed",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// Printed by a worker just before it dies at a failpoint:
+/// `failpoint <claimed|ran|completed> <job id> <token>`.
+pub const FAILPOINT: &str = "failpoint";
+
+/// The exit status of a worker process that died at a failpoint.
+pub const FAILPOINT_EXIT: i32 = 86;
+
+/// The store of a worker that dies at its failpoints: it forwards every
+/// call, and ends the process around the calls that cross one.
+#[derive(Debug)]
+struct Failpoints {
+    one_in: u32,
+}
+
+impl Failpoints {
+    /// Ends the process if one of `leases`, a first lease, arms `point`.
+    fn cross<'a>(&self, point: Failpoint, leases: impl IntoIterator<Item = &'a Lease>) {
+        let armed = leases
+            .into_iter()
+            .find(|l| l.token == 1 && Failpoint::of(l.job_id, self.one_in) == Some(point));
+        if let Some(lease) = armed {
+            die(point, lease);
+        }
+    }
+}
+
+/// Ends the process at once, as a crash would: no destructor runs, no
+/// lease is given back, nothing more is sent.
+fn die(point: Failpoint, lease: &Lease) -> ! {
+    static DYING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    // Two tasks crossing failpoints at once: one ends the process, the
+    // other waits for that (`exit` is not for two threads at once).
+    if DYING.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
+    println!(
+        "{FAILPOINT} {} {} {}",
+        point.name(),
+        lease.job_id,
+        lease.token
+    );
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::process::exit(FAILPOINT_EXIT);
+}
+
+#[async_trait::async_trait]
+impl Faults for Failpoints {
+    async fn pull(
+        &self,
+        inner: &dyn Backend,
+        request: &PullRequest,
+    ) -> relayq_core::Result<Vec<LeasedJob>> {
+        let jobs = inner.pull(request).await?;
+        self.cross(Failpoint::Claimed, jobs.iter().map(|j| &j.lease));
+        Ok(jobs)
+    }
+
+    async fn complete(
+        &self,
+        inner: &dyn Backend,
+        lease: &Lease,
+        result: Option<serde_json::Value>,
+    ) -> relayq_core::Result<()> {
+        self.cross(Failpoint::Ran, [lease]);
+        inner.complete(lease, result).await?;
+        self.cross(Failpoint::Completed, [lease]);
+        Ok(())
+    }
+
+    async fn complete_batch(
+        &self,
+        inner: &dyn Backend,
+        completions: Vec<Completion>,
+    ) -> relayq_core::Result<Vec<Lease>> {
+        self.cross(Failpoint::Ran, completions.iter().map(|c| &c.lease));
+        let leases: Vec<Lease> = completions.iter().map(|c| c.lease).collect();
+        let lost = inner.complete_batch(completions).await?;
+        self.cross(
+            Failpoint::Completed,
+            leases.iter().filter(|l| !lost.contains(l)),
+        );
+        Ok(lost)
+    }
+}
+
+/// A worker's death at a failpoint, as its output records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fired {
+    /// Where it died.
+    pub point: Failpoint,
+    /// The harness's number of the worker.
+    pub worker_id: u32,
+    /// The job whose lease armed the failpoint.
+    pub job_id: JobId,
+    /// That lease's fencing token.
+    pub token: i64,
+}
+
+/// Checks what became of each job whose worker died at a failpoint
+/// (`fired`), from the store's `jobs` and the `ledger`, and counts them by
+/// point:
+/// - [`Failpoint::Claimed`]: the dead worker never ran it, and a later
+///   lease completed it;
+/// - [`Failpoint::Ran`]: the dead worker ran it, and a later lease ran and
+///   completed it;
+/// - [`Failpoint::Completed`]: the dead worker ran and completed it, and no
+///   lease came after.
+pub fn check_failpoints(
+    fired: &[Fired],
+    jobs: &[Job],
+    ledger: &[LedgerEntry],
+) -> Result<BTreeMap<Failpoint, usize>, String> {
+    let mut problems = Vec::new();
+    let mut counts = BTreeMap::new();
+    for f in fired {
+        *counts.entry(f.point).or_insert(0) += 1;
+        let Some(job) = jobs.iter().find(|j| j.id == f.job_id) else {
+            problems.push(format!("job {} (failpoint {f:?}) is gone", f.job_id));
+            continue;
+        };
+        let ran = ledger
+            .iter()
+            .any(|e| e.job_id == f.job_id && e.worker_id == f.worker_id && e.token == f.token);
+        let later = ledger
+            .iter()
+            .any(|e| e.job_id == f.job_id && e.token > f.token);
+        let fine = match f.point {
+            Failpoint::Claimed => !ran && later && job.lease_token > f.token,
+            Failpoint::Ran => ran && later && job.lease_token > f.token,
+            Failpoint::Completed => ran && !later && job.lease_token == f.token,
+        };
+        if !fine || job.status != JobStatus::Done {
+            problems.push(format!(
+                "job {} after its worker died at {f:?}: {:?} under token {}; the dead \
+                 worker's run {}, a later run {}",
+                f.job_id,
+                job.status,
+                job.lease_token,
+                if ran {
+                    "is recorded"
+                } else {
+                    "is not recorded"
+                },
+                if later {
+                    "is recorded"
+                } else {
+                    "is not recorded"
+                },
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(counts)
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
 /// The body of a worker process: connects (retrying for up to 30 s),
 /// runs a worker for [`CrashJob`]s until SIGTERM, then shuts it down
 /// gracefully and closes the store. Prints `ready` once it pulls.
@@ -581,6 +794,16 @@ pub async fn run_worker(args: WorkerArgs) -> Result<(), String> {
             }
             Err(e) => return Err(format!("connect: {e}")),
         }
+    };
+    let backend: Arc<dyn Backend> = if args.failpoint_one_in > 0 {
+        Arc::new(Faulty::new(
+            backend,
+            Failpoints {
+                one_in: args.failpoint_one_in,
+            },
+        ))
+    } else {
+        backend
     };
     let state = WorkerState {
         ledger,
@@ -880,21 +1103,59 @@ impl Fleet {
         self.pids.iter().map(|(&id, &pid)| (pid, id)).collect()
     }
 
-    /// Fails, naming them with their output, if running workers exited
-    /// by themselves.
-    pub fn check_running(&mut self) -> Result<(), String> {
+    /// Reaps the workers that died at a failpoint, counting them as killed
+    /// (they crashed), and returns how many; fails, naming them with their
+    /// output, if other running workers exited by themselves.
+    pub fn check_running(&mut self) -> Result<usize, String> {
         let mut dead = String::new();
-        for (id, p) in &mut self.procs {
-            if let Ok(Some(status)) = p.child.try_wait() {
-                let _ = writeln!(
-                    dead,
-                    "worker {id} (pid {}) exited by itself: {status}\n{}",
-                    p.pid,
-                    tail(&p.log)
-                );
+        let mut crashed = Vec::new();
+        for (&id, p) in &mut self.procs {
+            match p.child.try_wait() {
+                Ok(Some(status)) if status.code() == Some(FAILPOINT_EXIT) => crashed.push(id),
+                Ok(Some(status)) => {
+                    let _ = writeln!(
+                        dead,
+                        "worker {id} (pid {}) exited by itself: {status}\n{}",
+                        p.pid,
+                        tail(&p.log)
+                    );
+                }
+                _ => {}
             }
         }
-        if dead.is_empty() { Ok(()) } else { Err(dead) }
+        for id in &crashed {
+            self.procs.remove(id);
+            self.killed.insert(*id);
+        }
+        if dead.is_empty() {
+            Ok(crashed.len())
+        } else {
+            Err(dead)
+        }
+    }
+
+    /// Every death at a failpoint so far, from the workers' output.
+    pub fn failpoints_fired(&self) -> Vec<Fired> {
+        let mut fired = Vec::new();
+        for worker_id in 1..self.next_id {
+            let log = std::fs::read_to_string(self.logs.join(format!("worker-{worker_id}.log")))
+                .unwrap_or_default();
+            for line in log.lines() {
+                let words: Vec<&str> = line.split(' ').collect();
+                if let [FAILPOINT, point, job, token] = words[..]
+                    && let (Some(point), Ok(job_id), Ok(token)) =
+                        (Failpoint::parse(point), job.parse(), token.parse())
+                {
+                    fired.push(Fired {
+                        point,
+                        worker_id,
+                        job_id,
+                        token,
+                    });
+                }
+            }
+        }
+        fired
     }
 
     /// VmRSS of worker `id` in KiB, from `/proc/<pid>/status`.
@@ -972,7 +1233,7 @@ impl Fleet {
     /// Waits for every running worker to be ready (a worker signalled
     /// before it installed its handler would just die), SIGTERMs them and
     /// waits up to `limit` for each to exit; fails unless all exit
-    /// successfully (graceful shutdown works).
+    /// successfully (graceful shutdown works) or die at a failpoint.
     pub fn shutdown(&mut self, limit: Duration) -> Result<(), String> {
         self.wait_ready(limit)?;
         for p in self.procs.values() {
@@ -984,6 +1245,10 @@ impl Fleet {
             loop {
                 match p.child.try_wait() {
                     Ok(Some(status)) if status.success() => break,
+                    Ok(Some(status)) if status.code() == Some(FAILPOINT_EXIT) => {
+                        self.killed.insert(id);
+                        break;
+                    }
                     Ok(Some(status)) => {
                         let _ = writeln!(
                             problems,
@@ -1352,5 +1617,71 @@ mod tests {
         )
         .expect_err("done by the failing attempt");
         assert!(e.contains("which fails by design"), "{e}");
+    }
+
+    #[test]
+    fn one_job_in_n_arms_each_failpoint_in_turn() {
+        let armed: Vec<_> = (1..=7).map(|id| Failpoint::of(id * 10, 10)).collect();
+        use Failpoint::{Claimed, Completed, Ran};
+        let expected = [Ran, Completed, Claimed, Ran, Completed, Claimed, Ran];
+        assert_eq!(armed, expected.map(Some));
+        assert_eq!(Failpoint::of(11, 10), None);
+        assert_eq!(Failpoint::of(10, 0), None, "0 arms none");
+        for point in Failpoint::ALL {
+            assert_eq!(Failpoint::parse(point.name()), Some(point));
+        }
+        let mut args = WorkerArgs::new(Store::Sqlite {
+            url: "sqlite://x.db".into(),
+        });
+        args.failpoint_one_in = 100;
+        assert_eq!(WorkerArgs::parse(args.to_args()), Ok(args));
+    }
+
+    #[test]
+    fn each_failpoint_holds_its_job_to_its_window() {
+        let fired = |point, job_id| Fired {
+            point,
+            worker_id: 1,
+            job_id,
+            token: 1,
+        };
+        // Job 1: claimed by worker 1, which died before running it.
+        // Job 2: run by worker 1, which died before completing it.
+        // Job 3: run and completed by worker 1, which died then.
+        let jobs = [done(1, 0, 2, 2), done(2, 1, 2, 2), done(3, 2, 1, 1)];
+        let ledger = [
+            run(1, 2, 2, 2),
+            run(2, 1, 1, 1),
+            run(2, 2, 2, 2),
+            run(3, 1, 1, 1),
+        ];
+        let deaths = [
+            fired(Failpoint::Claimed, 1),
+            fired(Failpoint::Ran, 2),
+            fired(Failpoint::Completed, 3),
+        ];
+        let counts = check_failpoints(&deaths, &jobs, &ledger).expect("each in its window");
+        assert_eq!(counts.values().sum::<usize>(), 3);
+        assert_eq!(counts.len(), 3);
+
+        // A claim whose handler ran anyway, under the dead worker's lease.
+        let e = check_failpoints(&deaths[..1], &jobs, &[run(1, 1, 1, 1), run(1, 2, 2, 2)])
+            .expect_err("ran after its worker died");
+        assert!(e.contains("the dead worker's run is recorded"), "{e}");
+        // A job that ran but never ran again.
+        let e = check_failpoints(&deaths[1..2], &[done(2, 1, 1, 1)], &ledger[1..2])
+            .expect_err("completed by the dead worker");
+        assert!(e.contains("a later run is not recorded"), "{e}");
+        // A completed job that ran again.
+        let ledger = [run(3, 1, 1, 1), run(3, 2, 2, 2)];
+        let e = check_failpoints(&deaths[2..], &[done(3, 2, 2, 2)], &ledger)
+            .expect_err("ran after its completion");
+        assert!(e.contains("a later run is recorded"), "{e}");
+        // A job left unfinished.
+        let mut pending = done(1, 0, 2, 2);
+        pending.status = JobStatus::Pending;
+        let e =
+            check_failpoints(&deaths[..1], &[pending], &[run(1, 2, 2, 2)]).expect_err("not done");
+        assert!(e.contains("Pending"), "{e}");
     }
 }

@@ -5,7 +5,8 @@
 //! ```text
 //! relayq-crash-worker --postgres URL --schema S --app NAME | --sqlite URL
 //!     --worker-id N --concurrency N --lease-ms N --poll-ms N --pool N
-//!     --sleep-min-ms N --sleep-max-ms N --mode ledger|count
+//!     --sleep-min-ms N --sleep-max-ms N --long-one-in N --long-min-ms N
+//!     --long-max-ms N --mode ledger|count --failpoint-one-in N
 //! ```
 
 use std::process::ExitCode;
