@@ -250,6 +250,89 @@ mod tests {
         assert!(!format!("{error:?}").contains("hunter2"), "{error:?}");
     }
 
+    /// `url` (a PostgreSQL URL) naming database `name` instead.
+    #[cfg(feature = "postgres")]
+    fn with_database(url: &str, name: &str) -> String {
+        let (base, query) = url
+            .split_once('?')
+            .map_or((url, None), |(b, q)| (b, Some(q)));
+        let server = match base.rsplit_once('/') {
+            // Past the `//` of the scheme: a path names the database.
+            Some((server, _)) if server.len() > base.find("//").map_or(0, |i| i + 1) => server,
+            _ => base,
+        };
+        match query {
+            Some(query) => format!("{server}/{name}?{query}"),
+            None => format!("{server}/{name}"),
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn postgres_urls_open_a_migrated_store_in_the_relayq_schema() {
+        use relayq_postgres::sqlx::{self, AssertSqlSafe, Connection};
+        use relayq_postgres::testing;
+
+        // `connect` takes the default schema, `relayq`: a database of the
+        // test's own keeps it apart from every other test's.
+        let name = testing::unique_schema();
+        let mut admin = testing::admin().await;
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await
+            .expect("create a database");
+        let url = with_database(&testing::database_url(), &name);
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct AddOne(i64);
+        impl JobType for AddOne {
+            const KIND: &'static str = "add_one";
+        }
+        let run = tokio::spawn({
+            let url = url.clone();
+            async move {
+                let backend = connect(&url).await.expect("postgres://");
+                let id = backend.push(AddOne(1).to_job()).await.expect("push").id();
+                let worker = Worker::builder(Arc::clone(&backend))
+                    .handle(|AddOne(n), _ctx| async move { Ok::<_, HandlerError>(n + 1) })
+                    .build()
+                    .expect("worker");
+                worker.run_until_idle().await.expect("run");
+                // The scheme is case-insensitive, `postgresql` too: the same store.
+                let upper = url.replacen("postgres://", "PostgreSQL://", 1);
+                let same = connect(&upper).await.expect("PostgreSQL://");
+                let job = same.get(id).await.expect("get").expect("the job");
+                assert_eq!((job.status, job.result), (JobStatus::Done, Some(2.into())));
+                let mut direct = sqlx::PgConnection::connect(&url).await.expect("connect");
+                let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM relayq.jobs")
+                    .fetch_one(&mut direct)
+                    .await
+                    .expect("the relayq schema holds the jobs");
+                assert_eq!(rows, 1);
+            }
+        })
+        .await;
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP DATABASE \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await
+        .expect("drop the database");
+        if let Err(e) = run {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn the_test_database_is_swapped_in_the_url() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "t"),
+            "postgres://u:p@h:5432/t?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "t"), "postgres://h/t");
+        assert_eq!(with_database("postgres://h/", "t"), "postgres://h/t");
+    }
+
     #[cfg(not(feature = "sqlite"))]
     #[tokio::test]
     async fn a_disabled_backend_names_its_feature() {
