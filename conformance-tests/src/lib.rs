@@ -125,6 +125,7 @@ macro_rules! __for_each_case {
             worker::worker_pair_runs_every_job_exactly_once,
             worker::worker_drains_a_mixed_queue_exactly_once_within_concurrency,
             worker::worker_shutdown_releases_prefetched_jobs,
+            worker::worker_shutdown_gives_up_failing_releases_at_its_deadline,
             worker::worker_gives_back_jobs_held_behind_a_busy_slot,
             worker::worker_renews_the_leases_of_prefetched_jobs,
             worker::worker_renews_a_long_job_leased_with_quick_ones,

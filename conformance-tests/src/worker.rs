@@ -1688,6 +1688,64 @@ pub async fn worker_shutdown_releases_prefetched_jobs(h: Harness) {
     }
 }
 
+/// Releases that fail transiently at every try, and so are made again,
+/// give up at the shutdown's deadline, not a lease later: a store that
+/// stays down does not hold the shutdown up. Its jobs keep their leases
+/// (they come back when those end).
+pub async fn worker_shutdown_gives_up_failing_releases_at_its_deadline(h: Harness) {
+    /// Every release fails, as with the store unreachable.
+    #[derive(Debug)]
+    struct ReleasesDown;
+    #[async_trait::async_trait]
+    impl crate::faults::Faults for ReleasesDown {
+        async fn release(
+            &self,
+            _inner: &dyn Backend,
+            _lease: &relayq_core::Lease,
+        ) -> relayq_core::Result<()> {
+            Err(relayq_core::Error::transient("the store is unreachable"))
+        }
+    }
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(Arc::clone(&h.backend), ReleasesDown));
+    let worker = Worker::builder(backend)
+        .state(h.clone())
+        .concurrency(1)
+        // Failed writes are made again for up to a lease: far longer than
+        // the shutdown may take.
+        .lease(StdDuration::from_secs(3600))
+        .poll_interval(LIVENESS)
+        .handle(|task: Task, ctx: JobContext<Harness>| async move {
+            if task.n == 0 {
+                ctx.shutdown_requested().await;
+            }
+            Ok::<_, HandlerError>(())
+        })
+        .build()
+        .expect("build");
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(h.push(Task { n }.to_job()).await);
+    }
+    let running = worker.start();
+    within("a job leased ahead of the busy slot", async {
+        status_reached(&h, ids[1], JobStatus::Processing).await;
+    })
+    .await;
+    let report = within(
+        "a shutdown whose releases keep failing",
+        running.shutdown_within(StdDuration::from_millis(300)),
+    )
+    .await;
+    assert_eq!((report.finished, report.released), (1, 0), "{report:?}");
+    assert_eq!(h.job(ids[0]).await.status, JobStatus::Done);
+    let held = h.job(ids[1]).await;
+    assert_eq!(
+        (held.status, held.attempts),
+        (JobStatus::Processing, 1),
+        "not given back: its lease stands"
+    );
+}
+
 /// Jobs leased ahead of the only slot, which a slow job then holds, are
 /// given back once they have waited a poll interval, their attempt not
 /// spent: another worker with a free slot runs them meanwhile, and the

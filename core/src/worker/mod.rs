@@ -336,6 +336,11 @@ impl<S: Send + Sync + 'static> WorkerHandle<S> {
     /// Stops pulling, lets in-flight jobs finish within the configured
     /// [`shutdown_timeout`](WorkerBuilder::shutdown_timeout), releases the
     /// rest so another worker takes them at once, and returns what happened.
+    ///
+    /// Past that deadline, outcome writes and releases that fail
+    /// transiently are not made again (each try still waits for the
+    /// store's answer): the jobs they were for keep their leases and run
+    /// again once those end.
     pub async fn shutdown(self) -> ShutdownReport {
         let grace = self.worker.shared.config.shutdown_timeout;
         self.shutdown_within(grace).await

@@ -1007,35 +1007,44 @@ async fn run<S: Send + Sync + 'static>(
         }
         release_all(&shared, &board, unstarted, None).await
     };
-    tokio::pin!(releasing);
-    let at_deadline = tokio::time::sleep_until(deadline);
-    tokio::pin!(at_deadline);
-    let (mut released, mut lanes_running, mut abandoning) = (None, true, false);
-    while released.is_none() || lanes_running {
-        tokio::select! {
-            n = &mut releasing, if released.is_none() => released = Some(n),
-            joined = lane_tasks.join_next(), if lanes_running => match joined {
-                Some(joined) => report.add(joined),
-                None => lanes_running = false,
-            },
-            () = &mut at_deadline, if lanes_running && !abandoning => {
-                abandoning = true;
-                board.abandoning.store(true, Ordering::SeqCst);
-                let _ = phase_tx.send(Phase::Abandoning);
+    let winding_down = async {
+        tokio::pin!(releasing);
+        let (mut released, mut lanes_running) = (None, true);
+        while released.is_none() || lanes_running {
+            tokio::select! {
+                n = &mut releasing, if released.is_none() => released = Some(n),
+                joined = lane_tasks.join_next(), if lanes_running => match joined {
+                    Some(joined) => report.add(joined),
+                    None => lanes_running = false,
+                },
             }
         }
-    }
-    report.released += released.unwrap_or(0);
-    // Given back before the shutdown: not counted in its report.
-    while let Some(joined) = giving_back.join_next().await {
-        if let Err(e) = joined {
-            log_join_error("a release of buffered jobs", &e);
+        report.released += released.unwrap_or(0);
+        // Given back before the shutdown: not counted in its report.
+        while let Some(joined) = giving_back.join_next().await {
+            if let Err(e) = joined {
+                log_join_error("a release of buffered jobs", &e);
+            }
         }
-    }
-    // The batcher ends once every sender is gone: the last is the lanes'.
-    drop(starter);
-    if let Some(Err(e)) = OptionFuture::from(completer).await {
-        log_join_error("the completion batcher", &e);
+        // The batcher ends once every sender is gone: the last is the lanes'.
+        drop(starter);
+        if let Some(Err(e)) = OptionFuture::from(completer).await {
+            log_join_error("the completion batcher", &e);
+        }
+    };
+    // At the deadline, whatever is still going (handlers, releases, the
+    // batcher's last writes, each of which may be trying again after a
+    // transient failure) is told to give up: handlers are stopped and
+    // their jobs given back, and failed writes are not made again.
+    let abandon_at_deadline = async {
+        tokio::time::sleep_until(deadline).await;
+        board.abandoning.store(true, Ordering::SeqCst);
+        let _ = phase_tx.send(Phase::Abandoning);
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        () = winding_down => {}
+        () = abandon_at_deadline => {}
     }
     tracing::info!(
         finished = report.finished,
