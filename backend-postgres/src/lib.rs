@@ -266,7 +266,7 @@
 //! ends: sqlx retries it until then), and the SQLSTATEs of a broken
 //! connection (class `08`), a serialization failure (`40001`), a deadlock
 //! (`40P01`), a lock timeout (`55P03`), a session ended by the server
-//! (`57P01`, `57P02`, `57P05`), a server starting up (`57P03`) and the
+//! (`57P01`, `57P02`, `57P05`, `25P03`), a server starting up (`57P03`) and the
 //! connection limit (`53300`); false for the rest: constraint violations,
 //! a statement cancelled (`57014`), a TLS certificate refused. For your
 //! own statements around [`PgBackend::push_in`], [`error_from`] maps a
@@ -661,15 +661,40 @@ impl PgBackend {
 
     /// Enqueues `jobs` on the caller's connection, in one statement; see
     /// [`Self::push_in`] and [`Pusher::push_batch`].
+    ///
+    /// On a connection outside any transaction the push makes one of its
+    /// own, so that, as with [`Pusher::push_batch`], it is stored whole or
+    /// not at all. A transaction is one begun through sqlx (`begin`, or a
+    /// [`sqlx::Transaction`]): one begun with a plain `BEGIN` statement is
+    /// not seen as one, and this push would commit it.
     pub async fn push_batch_in(
         &self,
         conn: &mut PgConnection,
         jobs: Vec<NewJob>,
     ) -> Result<Vec<PushOutcome>> {
         let jobs = validate_batch(jobs)?;
-        let outcomes = self.push_valid(conn, &jobs).await?;
+        if sqlx::Connection::is_in_transaction(conn) {
+            return self.push_announced(conn, &jobs).await;
+        }
+        // Its statements (the insert, a look for a key's holder, the
+        // notification) would each commit alone: one failing after the
+        // insert would report stored jobs as not stored.
+        let mut tx = sqlx::Connection::begin(conn).await.map_err(error_from)?;
+        let outcomes = self.push_announced(&mut tx, &jobs).await?;
+        tx.commit().await.map_err(error_from)?;
+        Ok(outcomes)
+    }
+
+    /// Stores validated jobs on `conn` and notifies their queues' workers
+    /// there: when its transaction commits.
+    async fn push_announced(
+        &self,
+        conn: &mut PgConnection,
+        jobs: &[ValidJob],
+    ) -> Result<Vec<PushOutcome>> {
+        let outcomes = self.push_valid(conn, jobs).await?;
         // In the caller's transaction: delivered if and only if it commits.
-        let queues = created_queues(&jobs, &outcomes);
+        let queues = created_queues(jobs, &outcomes);
         if !queues.is_empty() {
             sqlx::query(self.inner.sql.notify.clone())
                 .bind(&queues)

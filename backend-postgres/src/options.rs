@@ -23,7 +23,8 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 /// than TCP's own timeout on a dead one.
 pub const DEFAULT_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(60);
 
-/// The longest [`PgOptions::reply_timeout`] accepted.
+/// The longest [`PgOptions::reply_timeout`] and
+/// [`PgOptions::acquire_timeout`] accepted.
 const MAX_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(24 * 60 * 60);
 
 /// Rows changed (claimed, acknowledged, extended, deleted…) through one
@@ -141,7 +142,7 @@ impl PgOptions {
     /// first connection at startup) before failing; also how long one
     /// attempt to (re)connect the LISTEN connection, or to LISTEN on a
     /// subscription's channels, may take before it fails and the listener
-    /// backs off and tries again.
+    /// backs off and tries again. Positive and at most a day.
     pub fn acquire_timeout(mut self, timeout: StdDuration) -> Self {
         self.acquire_timeout = timeout;
         self
@@ -253,8 +254,9 @@ impl PgOptions {
                 self.min_connections, self.max_connections
             )));
         }
-        if self.acquire_timeout.is_zero() {
-            return Err(config("acquire_timeout must be positive"));
+        // The pool adds it to the current instant, which a huge one overflows.
+        if self.acquire_timeout.is_zero() || self.acquire_timeout > MAX_REPLY_TIMEOUT {
+            return Err(config("acquire_timeout must be positive and at most a day"));
         }
         if self
             .reply_timeout

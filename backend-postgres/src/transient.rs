@@ -17,6 +17,7 @@ const TRANSIENT_STATES: &[&str] = &[
     "57P02", // crash_shutdown
     "57P03", // cannot_connect_now (starting up, recovering)
     "57P05", // idle_session_timeout
+    "25P03", // idle_in_transaction_session_timeout (the session is ended)
     "53300", // too_many_connections
 ];
 

@@ -843,6 +843,40 @@ async fn enqueue_in_the_callers_transaction() {
     testing::drop_schema(&schema).await;
 }
 
+/// A caller's transaction the server ended for idling
+/// (`idle_in_transaction_session_timeout`) fails the push transiently: the
+/// session is gone, and the whole transaction made again on a fresh one
+/// succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_in_a_transaction_the_server_ended_for_idling_is_transient() {
+    let backend = testing::connect(testing::options()).await;
+    let mut tx = backend.pool().begin().await.expect("begin");
+    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '100ms'")
+        .execute(&mut *tx)
+        .await
+        .expect("set the timeout");
+    tokio::time::sleep(StdDuration::from_millis(500)).await;
+    let e = backend
+        .push_in(&mut tx, job(1))
+        .await
+        .expect_err("the session was ended");
+    assert!(e.is_transient(), "{e:?}");
+    drop(tx);
+    let mut tx = backend.pool().begin().await.expect("begin again");
+    backend.push_in(&mut tx, job(1)).await.expect("push again");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        backend
+            .stats()
+            .await
+            .expect("stats")
+            .queue("default")
+            .pending,
+        1
+    );
+    testing::drop_schema(backend.schema()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_notification_per_queue_per_transaction() {
     let backend = testing::connect(testing::options()).await;
@@ -1188,6 +1222,10 @@ async fn bad_configuration_is_a_typed_error_without_the_password() {
         (
             PgOptions::new(&url).reply_timeout(Some(StdDuration::from_secs(2 * 86_400))),
             "reply_timeout",
+        ),
+        (
+            PgOptions::new(&url).acquire_timeout(StdDuration::MAX),
+            "acquire_timeout",
         ),
         (
             PgOptions::new(&url).max_connections(2).min_connections(3),
@@ -1711,8 +1749,23 @@ async fn a_batch_racing_an_uncommitted_holder_of_its_key_names_it() {
 /// were, unannounced, while the caller was told the push failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_look_for_a_holder_fails_stores_nothing() {
-    // The advisory lock keys of the gates: (GATES, 1) and (GATES, 2).
-    const GATES: i32 = 7_242;
+    a_batch_whose_look_for_a_holder_fails(false).await;
+}
+
+/// [`a_batch_whose_look_for_a_holder_fails_stores_nothing`] through
+/// `push_batch_in` on a connection outside any transaction: the same, all
+/// or nothing (before, it was not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_on_a_bare_connection_whose_look_for_a_holder_fails_stores_nothing() {
+    a_batch_whose_look_for_a_holder_fails(true).await;
+}
+
+/// The batch made through `push_batch` or (`on_bare_connection`)
+/// `push_batch_in` on a pool connection.
+async fn a_batch_whose_look_for_a_holder_fails(on_bare_connection: bool) {
+    // The advisory lock keys of the gates: (gates_key, 1) and (gates_key, 2),
+    // database-wide, so each variant has its own.
+    let gates_key: i32 = if on_bare_connection { 7_243 } else { 7_242 };
     let backend = testing::connect(testing::options()).await;
     let schema = backend.schema().to_owned();
     // The batch's rows (priority 7) keyed `gate-1` and `gate-2` wait, as
@@ -1720,8 +1773,8 @@ async fn a_batch_whose_look_for_a_holder_fails_stores_nothing() {
     for statement in [
         format!(
             "CREATE FUNCTION \"{schema}\".gate() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-             PERFORM pg_advisory_lock_shared({GATES}, right(NEW.unique_key, 1)::int); \
-             PERFORM pg_advisory_unlock_shared({GATES}, right(NEW.unique_key, 1)::int); \
+             PERFORM pg_advisory_lock_shared({gates_key}, right(NEW.unique_key, 1)::int); \
+             PERFORM pg_advisory_unlock_shared({gates_key}, right(NEW.unique_key, 1)::int); \
              RETURN NEW; END $$"
         ),
         format!(
@@ -1738,7 +1791,7 @@ async fn a_batch_whose_look_for_a_holder_fails_stores_nothing() {
     let mut gates = backend.pool().acquire().await.expect("connection");
     for gate in [1, 2] {
         sqlx::query("SELECT pg_advisory_lock($1, $2)")
-            .bind(GATES)
+            .bind(gates_key)
             .bind(gate)
             .execute(&mut *gates)
             .await
@@ -1746,7 +1799,7 @@ async fn a_batch_whose_look_for_a_holder_fails_stores_nothing() {
     }
     let open = |gate: i32| {
         sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-            .bind(GATES)
+            .bind(gates_key)
             .bind(gate)
     };
     // Waits at that gate (its lock asked for, not granted): not merely
@@ -1760,7 +1813,7 @@ async fn a_batch_whose_look_for_a_holder_fails_stores_nothing() {
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
                  AND classid = $1 AND objid = $2 AND objsubid = 2 AND NOT granted",
                 )
-                .bind(i64::from(GATES))
+                .bind(i64::from(gates_key))
                 .bind(i64::from(gate))
                 .fetch_one(&pool)
                 .await
@@ -1777,7 +1830,14 @@ async fn a_batch_whose_look_for_a_holder_fails_stores_nothing() {
         let jobs = ["before", "gate-1", "gate-2"]
             .map(|key| job(1).priority(7).unique_key(key))
             .to_vec();
-        tokio::spawn(async move { backend.push_batch(jobs).await })
+        tokio::spawn(async move {
+            if on_bare_connection {
+                let mut conn = backend.pool().acquire().await.expect("connection");
+                backend.push_batch_in(&mut conn, jobs).await
+            } else {
+                backend.push_batch(jobs).await
+            }
+        })
     };
     tokio::time::timeout(StdDuration::from_secs(10), at_gate(1))
         .await
