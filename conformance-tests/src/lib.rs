@@ -107,6 +107,7 @@ macro_rules! __for_each_case {
             worker::worker_runs_jobs_that_fall_due_without_a_signal,
             worker::worker_times_out_a_slow_handler,
             worker::worker_times_out_a_started_handler_that_never_wakes,
+            worker::worker_records_a_stopped_handler_that_panics_as_it_is_dropped,
             worker::worker_contains_a_busy_handler,
             worker::worker_contains_a_panic,
             worker::worker_contains_a_panic_before_the_handlers_future,

@@ -630,6 +630,50 @@ pub async fn worker_times_out_a_slow_handler(h: Harness) {
     assert!(error.contains("timed out"), "{error}");
 }
 
+/// A handler stopped by its timeout whose future panics as it is dropped
+/// (a guard asserting it was used up, say) still has its attempt recorded
+/// as timed out, in the test mode and on a started worker: the panic stays
+/// with the handler.
+pub async fn worker_records_a_stopped_handler_that_panics_as_it_is_dropped(h: Harness) {
+    /// Panics when dropped.
+    struct Bomb;
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                panic!("dropped while armed");
+            }
+        }
+    }
+    let handler = |_task: Task, _ctx: JobContext<Harness>| async move {
+        let _bomb = Bomb;
+        std::future::pending::<()>().await;
+        Ok::<_, HandlerError>(())
+    };
+    let timed = || {
+        h.worker()
+            .timeout_for::<Task>(StdDuration::from_millis(50))
+            .handle(handler)
+            .build()
+            .expect("build")
+    };
+    let id = h.push(Task { n: 1 }.to_job().max_attempts(1)).await;
+    let report = within("the timed-out attempt", timed().run_until_idle())
+        .await
+        .expect("run");
+    assert_eq!(report.dead(), 1, "{report:?}");
+    let running = timed().start();
+    let started = h.push(Task { n: 2 }.to_job().max_attempts(1)).await;
+    let job = within("a job under a timeout", running.wait_for(started))
+        .await
+        .expect("wait_for");
+    running.shutdown_within(LIVENESS).await;
+    for job in [h.job(id).await, job] {
+        assert_eq!(job.status, JobStatus::Dead, "{job:?}");
+        let error = job.last_error.expect("an error");
+        assert!(error.contains("timed out"), "{error}");
+    }
+}
+
 /// On a started worker, a handler whose first poll comes back pending and
 /// that nothing ever wakes is still stopped by its timeout; a timeout of
 /// `Duration::MAX` means none, and a job under it runs to its end.

@@ -557,15 +557,31 @@ fn report<S>(shared: &Shared<S>, job: &Job, outcome: &Outcome, observed: bool) {
 }
 
 async fn run_inline(fut: RunFuture, deadline: Option<Deadline>) -> Attempt {
-    let run = AssertUnwindSafe(fut).catch_unwind();
+    let mut run = AssertUnwindSafe(fut).catch_unwind();
     let finished = match deadline {
         None => run.await,
-        Some(deadline) => match tokio::time::timeout_at(deadline.at, run).await {
+        Some(deadline) => match tokio::time::timeout_at(deadline.at, &mut run).await {
             Ok(finished) => finished,
-            Err(_) => return Attempt::TimedOut(deadline.limit),
+            Err(_) => {
+                stop(run);
+                return Attempt::TimedOut(deadline.limit);
+            }
         },
     };
     Attempt::of(finished)
+}
+
+/// Drops a handler's future stopped before its end. A panic of a
+/// destructor it runs (a guard that asserts it was used up, say) is
+/// logged, not let unwind into the worker: the attempt ends as it was
+/// stopped, and its outcome is recorded.
+fn stop(run: impl Sized) {
+    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| drop(run))) {
+        tracing::error!(
+            panic = %panic_message(&*panic),
+            "a handler panicked as it was stopped"
+        );
+    }
 }
 
 /// Runs a handler until it returns, times out, loses its lease (the
@@ -580,7 +596,7 @@ async fn run_spawned(
     // A panic is caught here, so the lane's other jobs go on; a handler
     // that blocks its thread delays no lease's renewal (the keeper renews
     // them from its own task).
-    let run = AssertUnwindSafe(fut).catch_unwind();
+    let mut run = AssertUnwindSafe(fut).catch_unwind();
     // Boxed: a timer is large, and most jobs have no timeout.
     let expiry = async {
         match deadline {
@@ -605,15 +621,17 @@ async fn run_spawned(
     // hog the lane. (`lost` takes no budget.) A handler done as its lease
     // is lost or its time is up keeps its result; its completion is then
     // fenced by the store.
-    tokio::select! {
+    let attempt = tokio::select! {
         biased;
-        finished = run => Attempt::of(finished),
+        finished = &mut run => return Attempt::of(finished),
         () = lease.lost() => Attempt::LeaseLost,
         () = tokio::task::unconstrained(expiry) => {
             Attempt::TimedOut(deadline.map_or(Duration::ZERO, |d| d.limit))
         }
         () = tokio::task::unconstrained(abandoned) => Attempt::Abandoned,
-    }
+    };
+    stop(run);
+    attempt
 }
 
 async fn record_failure<S>(
