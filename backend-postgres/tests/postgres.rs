@@ -3012,6 +3012,73 @@ async fn a_connection_whose_caller_left_returns_to_the_pool_once_answered() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A push whose caller stopped waiting once its statement was on the
+/// server (a timeout, a dropped request) still wakes the workers of every
+/// process when it commits: a job with a unique key, and a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_whose_caller_left_wakes_workers_once_it_commits() {
+    let backend = testing::connect(testing::options()).await;
+    let app = app_name("left");
+    let pusher = testing::connect(
+        PgOptions::new(testing::database_url())
+            .schema(backend.schema())
+            .max_connections(1)
+            .application_name(app.clone()),
+    )
+    .await;
+    let listener = other_process(&backend).await;
+    let mut wakeups = subscribed(&listener, &["default".to_owned()]).await;
+    drain(&mut wakeups, QUIET).await;
+    for (round, batch) in [false, true].into_iter().enumerate() {
+        let key = format!("held-{round}");
+        // A transaction holds the key, so a push of it waits for it.
+        let mut tx = backend.pool().begin().await.expect("begin");
+        backend
+            .push_in(&mut tx, job(1).unique_key(key.clone()))
+            .await
+            .expect("push_in");
+        let push = async {
+            if batch {
+                pusher
+                    .push_batch(vec![job(2).unique_key(key.clone()), job(3)])
+                    .await
+                    .map(drop)
+            } else {
+                pusher.push(job(2).unique_key(key.clone())).await.map(drop)
+            }
+        };
+        let waiting = async {
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND application_name = $1",
+                )
+                .bind(&app)
+                .fetch_one(backend.pool())
+                .await
+                .expect("activity");
+                if waiting > 0 {
+                    return;
+                }
+                tokio::time::sleep(StdDuration::from_millis(10)).await;
+            }
+        };
+        // The caller leaves once its statement waits on the server.
+        tokio::select! {
+            pushed = push => panic!("the push did not wait: {pushed:?}"),
+            () = waiting => {}
+            () = tokio::time::sleep(SIGNAL_DEADLINE) => panic!("the push never waited on the lock"),
+        }
+        // The holder goes: the push goes on, and commits.
+        tx.rollback().await.expect("rollback");
+        expect_signal(&mut wakeups, "a push whose caller left").await;
+        drain(&mut wakeups, QUIET).await;
+    }
+    let stats = backend.stats().await.expect("stats");
+    assert_eq!(stats.queue("default").pending, 3, "{stats:?}");
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// Pool connections ask the server to check, while it runs a statement,
 /// that their client is still there (PostgreSQL 14 and later), so a
 /// statement whose connection was closed for want of an answer does not
