@@ -76,6 +76,56 @@ pub async fn clean_deletes_only_old_terminal_jobs(h: Harness) {
     assert_eq!(h.job(pending).await.status, JobStatus::Pending);
 }
 
+/// A cutoff anywhere in `time`'s range, at any offset, is a cutoff: one
+/// past the years a store holds (1–9999) cleans every job of the status,
+/// one before them none; no store fails on it, or panics.
+pub async fn clean_takes_any_cutoff(h: Harness) {
+    use time::macros::datetime;
+    let done = h.push(job("k", 1)).await;
+    let leased = h.pull_one("default").await;
+    h.backend
+        .complete(&leased.lease, None)
+        .await
+        .expect("complete");
+    for before in [
+        datetime!(-9999-01-01 0:00 UTC),
+        datetime!(0001-01-01 0:00 UTC),
+        datetime!(0001-01-01 0:30 +01:00),
+        datetime!(-9999-01-01 0:00 +23:59:59),
+    ] {
+        assert_eq!(
+            h.backend
+                .clean(JobStatus::Done, before)
+                .await
+                .expect("clean"),
+            0,
+            "cutoff {before}"
+        );
+    }
+    assert_eq!(h.job(done).await.status, JobStatus::Done);
+    for before in [
+        datetime!(9999-12-31 23:00 -05:00),
+        datetime!(+9999-12-31 23:59:59.999_999_999 -23:59:59),
+    ] {
+        assert_eq!(
+            h.backend
+                .clean(JobStatus::Dead, before)
+                .await
+                .expect("clean"),
+            0,
+            "cutoff {before}"
+        );
+    }
+    assert_eq!(
+        h.backend
+            .clean(JobStatus::Done, datetime!(9999-12-31 23:00 -05:00))
+            .await
+            .expect("clean"),
+        1
+    );
+    assert_eq!(h.backend.get(done).await.expect("get"), None);
+}
+
 /// Asking to clean `Pending` or `Processing` jobs is `InvalidInput` naming
 /// `status`, and deletes nothing.
 pub async fn clean_rejects_active_statuses(h: Harness) {

@@ -414,16 +414,28 @@ pub fn check_delay(field: &'static str, delay: Duration) -> Result<()> {
 /// the cutoff a store compares its whole-microsecond `updated_at` with.
 ///
 /// Only terminal statuses can be cleaned (`InvalidInput` naming `status`).
-/// The cutoff is `before` rounded up to a whole microsecond: a job updated
-/// at `t` is cleaned exactly when `t < before`, also when `before` carries
-/// nanoseconds a store does not keep.
+/// The cutoff is `before` in UTC, brought within the years 1–9999 (no
+/// store holds a job outside them, so the same jobs are older; a store
+/// may not even take such an instant), and rounded up to a whole
+/// microsecond: a job updated at `t` is cleaned exactly when
+/// `t < before`, also when `before` carries nanoseconds a store does not
+/// keep.
 pub fn check_clean(status: JobStatus, before: OffsetDateTime) -> Result<OffsetDateTime> {
+    use time::macros::datetime;
+    const FIRST: OffsetDateTime = datetime!(0001-01-01 0:00 UTC);
+    const LAST: OffsetDateTime = datetime!(9999-12-31 23:59:59.999_999 UTC);
     if !status.is_terminal() {
         return Err(Error::invalid(
             "status",
             format!("only terminal jobs can be cleaned, not {status}"),
         ));
     }
+    // Only an instant near the ends of `time`'s range leaves it in UTC.
+    let before = match before.checked_to_offset(time::UtcOffset::UTC) {
+        Some(utc) => utc.clamp(FIRST, LAST),
+        None if before.year() > 0 => LAST,
+        None => FIRST,
+    };
     let down = truncate_to_micros(before);
     Ok(if down == before {
         before
