@@ -267,7 +267,8 @@ impl Backend for MemoryBackend {
             .instant_writes(true)
     }
 
-    async fn subscribe(&self, _queues: &[String]) -> Result<Option<Wakeups>> {
+    async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>> {
+        relayq_core::check_subscription(queues)?;
         // A watch channel cannot lose a signal between two waits: a push
         // that lands while the worker is busy is seen by its next `changed`.
         let rx = self.shared.signals.subscribe();

@@ -1586,9 +1586,7 @@ impl Backend for PgBackend {
     }
 
     async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>> {
-        for queue in queues {
-            relayq_core::check_name("queue", queue)?;
-        }
+        relayq_core::check_subscription(queues)?;
         self.hub()?.subscribe(queues).await.map(Some)
     }
 }

@@ -1480,7 +1480,8 @@ impl Backend for SqliteBackend {
             .in_process_wakeups(true)
     }
 
-    async fn subscribe(&self, _queues: &[String]) -> Result<Option<Wakeups>> {
+    async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>> {
+        relayq_core::check_subscription(queues)?;
         // Jobs stored by others after this point will be signalled; a busy
         // file is waited out as for any other read.
         let baseline = if self.shared.in_memory {

@@ -98,6 +98,7 @@ macro_rules! __for_each_case {
             wakeups::push_wakes_a_subscriber,
             wakeups::push_has_signalled_in_process_subscribers_when_it_returns,
             wakeups::release_and_retry_due_at_once_wake_a_subscriber,
+            wakeups::subscribe_rejects_bad_queue_names,
             worker::worker_retries_follow_the_backoff_schedule,
             worker::worker_retry_overrides_apply,
             worker::worker_retries_by_default_when_the_policy_panics,

@@ -108,3 +108,18 @@ pub async fn release_and_retry_due_at_once_wake_a_subscriber(h: Harness) {
             .expect("subscription open");
     }
 }
+
+/// A subscription naming a queue that could name none (empty, too long,
+/// holding NUL) is `InvalidInput` naming `queue`, on every backend.
+pub async fn subscribe_rejects_bad_queue_names(h: Harness) {
+    for bad in [String::new(), "q".repeat(300), "a\0b".to_owned()] {
+        let queues = vec!["default".to_owned(), bad.clone()];
+        match h.backend.subscribe(&queues).await {
+            Err(relayq_core::Error::InvalidInput { field: "queue", .. }) => {}
+            other => panic!(
+                "{bad:?}: expected InvalidInput naming queue, got {:?}",
+                other.map(|w| w.is_some())
+            ),
+        }
+    }
+}

@@ -301,3 +301,12 @@ impl Stats {
         self.queues.get(queue).copied().unwrap_or_default()
     }
 }
+
+/// Checks the queues of a [`Backend::subscribe`](crate::Backend::subscribe)
+/// call, as every backend does before it subscribes: each a valid queue
+/// name ([`InvalidInput`](crate::Error::InvalidInput) naming `queue`).
+pub fn check_subscription(queues: &[String]) -> Result<()> {
+    queues
+        .iter()
+        .try_for_each(|queue| check_name("queue", queue))
+}

@@ -151,6 +151,9 @@ pub trait Backend: Pusher + Puller + Observer + Cleaner + Debug + Send + Sync {
     /// notifications (callers then poll). Signals are hints: one may be
     /// spurious, and several pushes may yield one signal. A backend that
     /// declares cross-process wake-ups also signals what other processes
-    /// did, possibly later (SQLite: within its poll interval).
+    /// did, possibly later (SQLite: within its poll interval). A queue
+    /// name that could name no queue is
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) (see
+    /// [`check_subscription`](crate::check_subscription)).
     async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>>;
 }
