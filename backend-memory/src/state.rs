@@ -466,9 +466,13 @@ impl State {
         // not as a queue empties: a queue emptied and filled again on every
         // job would make and drop its index each time.
         self.queues.retain(|_, index| !index.is_empty());
-        // The map keeps its peak capacity unless asked.
+        // The maps keep their peak capacity unless asked (the unique keys'
+        // too, released as their jobs finished).
         if self.queues.len() < self.queues.capacity() / 4 {
             self.queues.shrink_to_fit();
+        }
+        if self.unique.len() < self.unique.capacity() / 4 {
+            self.unique.shrink_to_fit();
         }
         (before_len - self.jobs.len()) as u64
     }

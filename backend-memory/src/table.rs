@@ -93,7 +93,9 @@ impl JobTable {
             .chain(self.slots.iter().skip(skip).flatten())
     }
 
-    /// Drops the jobs `keep` says no to.
+    /// Drops the jobs `keep` says no to, and gives back the memory of
+    /// slots no longer needed: a deque never shrinks by itself, so a burst
+    /// of jobs, once cleaned, would hold its peak for the store's life.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Job) -> bool) {
         self.stragglers.retain(|_, job| keep(job));
         for slot in &mut self.slots {
@@ -103,6 +105,9 @@ impl JobTable {
             }
         }
         self.compact();
+        if self.slots.capacity() > COMPACT_ABOVE && self.slots.capacity() / 4 > self.slots.len() {
+            self.slots.shrink_to(self.slots.len() * 2);
+        }
     }
 
     /// Drops the empty slots at the deque's front and, while empty slots
@@ -211,6 +216,10 @@ mod tests {
             assert!(table.slots.len() <= COMPACT_ABOVE, "round {round}");
         }
         assert_eq!(table[1].status, JobStatus::Pending);
+        assert!(
+            table.slots.capacity() <= 4 * COMPACT_ABOVE,
+            "the deque's memory is given back"
+        );
         table[1].status = JobStatus::Done;
         assert_eq!(ids(table.values()), [1]);
         assert_eq!(ids(table.since(1)), [1]);
@@ -225,5 +234,28 @@ mod tests {
         table.retain(|job| job.id != 1);
         assert_eq!(ids(table.values()), [newer]);
         assert_eq!(table.len(), 1);
+    }
+
+    /// A burst of jobs, once cleaned, leaves no slots' memory behind.
+    #[test]
+    fn cleaning_a_burst_gives_its_memory_back() {
+        let mut table = JobTable::default();
+        for _ in 0..100_000 {
+            table.push(job(table.next_id()));
+        }
+        table.retain(|job| job.id > 99_000);
+        assert_eq!(table.len(), 1_000);
+        assert!(
+            table.slots.capacity() < 4 * 1_000,
+            "{}",
+            table.slots.capacity()
+        );
+        table.retain(|_| false);
+        assert!(
+            table.slots.capacity() <= COMPACT_ABOVE,
+            "{}",
+            table.slots.capacity()
+        );
+        assert_eq!(table.next_id(), 100_001);
     }
 }
