@@ -101,6 +101,7 @@ macro_rules! __for_each_case {
             wakeups::subscribe_rejects_bad_queue_names,
             worker::worker_retries_follow_the_backoff_schedule,
             worker::worker_retry_overrides_apply,
+            worker::worker_retry_delays_round_up_to_whole_microseconds,
             worker::worker_retries_by_default_when_the_policy_panics,
             worker::worker_makes_outcome_writes_that_failed_transiently_again,
             worker::worker_marks_dead_after_max_attempts,

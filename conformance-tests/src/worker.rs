@@ -167,6 +167,30 @@ pub async fn worker_retries_follow_the_backoff_schedule(h: Harness) {
     assert_eq!(job.last_error.as_deref(), Some("failure 5 of task 7"));
 }
 
+/// A retry delay with nanoseconds, which stores do not keep, is rounded
+/// up: the job is not due again until the whole delay has passed.
+pub async fn worker_retry_delays_round_up_to_whole_microseconds(h: Harness) {
+    let worker = h
+        .worker()
+        .handle(|_task: Task, _ctx: JobContext<Harness>| async move {
+            Err::<(), _>(HandlerError::new("soon").retry_after(StdDuration::from_nanos(1_500)))
+        })
+        .build()
+        .expect("build");
+    let id = h.push(Task { n: 1 }.to_job().max_attempts(3)).await;
+    let report = worker.run_until_idle().await.expect("run");
+    assert_eq!((report.ran(), report.retrying()), (1, 1), "{report:?}");
+    assert_eq!(h.job(id).await.run_at, h.now() + Duration::microseconds(2));
+    h.advance(Duration::microseconds(1));
+    assert_eq!(
+        worker.run_until_idle().await.expect("run").ran(),
+        0,
+        "not due yet"
+    );
+    h.advance(Duration::microseconds(1));
+    assert_eq!(worker.run_until_idle().await.expect("run").ran(), 1, "due");
+}
+
 /// A per-kind policy replaces the worker's, and a handler's
 /// `retry_after` replaces both.
 pub async fn worker_retry_overrides_apply(h: Harness) {

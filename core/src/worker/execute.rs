@@ -649,9 +649,15 @@ async fn record_failure<S>(
     let delay = failure
         .retry_delay()
         .unwrap_or_else(|| policy_delay(entry.retry.as_ref().unwrap_or(&shared.config.retry), job));
+    // Stores keep whole microseconds: a delay with nanoseconds is rounded
+    // up, so that the job is never due before its delay has passed.
     let backend_delay = time::Duration::try_from(delay)
         .unwrap_or(MAX_DELAY)
         .min(MAX_DELAY);
+    let backend_delay = match backend_delay.subsec_nanoseconds() % 1_000 {
+        0 => backend_delay,
+        rest => backend_delay + time::Duration::nanoseconds(i64::from(1_000 - rest)),
+    };
     // Left `Pending` to run again, or `Dead` with its attempts spent.
     let left = |status| matches!(status, JobStatus::Pending | JobStatus::Dead).then_some(status);
     let written = write_fenced(shared, board, &lease, Some(&error), left, || {
