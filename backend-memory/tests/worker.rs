@@ -82,6 +82,28 @@ fn build_names_each_mistake() {
         field(
             Worker::builder(dyn_backend(&b))
                 .handle(ok_email())
+                .retry(relayq_core::RetryPolicy::exponential().factor(0.5))
+                .build()
+        ),
+        Some("retry")
+    );
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
+                .retry_for::<Email>(
+                    relayq_core::RetryPolicy::exponential()
+                        .base(StdDuration::from_secs(60))
+                        .cap(StdDuration::from_secs(1))
+                )
+                .build()
+        ),
+        Some("retry_for")
+    );
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
                 .timeout_for::<Report>(StdDuration::from_secs(1))
                 .build()
         ),

@@ -27,6 +27,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::error::{Error, Result};
 use crate::job::Job;
 
 /// How much randomness spreads the delays of an exponential policy.
@@ -153,17 +154,40 @@ impl RetryPolicy {
         self
     }
 
-    /// Sets the growth factor of an exponential policy (values below 1, or
-    /// not finite, count as 1). No effect on a custom one.
+    /// Sets the growth factor of an exponential policy: finite and at
+    /// least 1 (a worker given another is not built: see
+    /// [`Self::check`]). No effect on a custom one.
     pub fn factor(mut self, factor: f64) -> Self {
         if let Rule::Exponential { factor: f, .. } = &mut self.rule {
-            *f = if factor.is_finite() && factor >= 1.0 {
-                factor
-            } else {
-                1.0
-            };
+            *f = factor;
         }
         self
+    }
+
+    /// Checks the policy as the worker it is given does when built:
+    /// [`Error::InvalidInput`] naming `field` for an exponential policy
+    /// whose factor is below 1 or not finite, or whose base exceeds its
+    /// cap (each would mean another policy than the one written).
+    pub fn check(&self, field: &'static str) -> Result<()> {
+        let Rule::Exponential {
+            base, factor, cap, ..
+        } = &self.rule
+        else {
+            return Ok(());
+        };
+        if !factor.is_finite() || *factor < 1.0 {
+            return Err(Error::invalid(
+                field,
+                format!("the factor must be finite and at least 1, got {factor}"),
+            ));
+        }
+        if base > cap {
+            return Err(Error::invalid(
+                field,
+                format!("the base ({base:?}) exceeds the cap ({cap:?})"),
+            ));
+        }
+        Ok(())
     }
 
     /// Sets the longest delay of an exponential policy. No effect on a custom one.
@@ -328,15 +352,29 @@ mod tests {
     }
 
     #[test]
-    fn odd_factors_are_clamped() {
+    fn odd_factors_and_a_base_past_the_cap_are_refused() {
+        for factor in [f64::NAN, f64::INFINITY, 0.5, -2.0] {
+            let p = RetryPolicy::exponential().factor(factor);
+            let e = p.check("retry").expect_err("refused");
+            assert_eq!(e.invalid_field(), Some("retry"), "{factor}");
+            // Used anyway, it still yields a delay within the cap.
+            assert!(p.ceiling(10) <= RetryPolicy::DEFAULT_CAP, "{factor}");
+        }
         let p = RetryPolicy::exponential()
-            .factor(f64::NAN)
-            .jitter(Jitter::None);
-        assert_eq!(p.ceiling(10), Duration::from_secs(1));
+            .base(Duration::from_secs(600))
+            .cap(Duration::from_secs(60));
+        assert!(p.check("retry").is_err());
         let p = RetryPolicy::exponential()
             .factor(1e300)
             .jitter(Jitter::None);
+        assert!(p.check("retry").is_ok());
         assert_eq!(p.ceiling(3), RetryPolicy::DEFAULT_CAP);
+        assert!(RetryPolicy::fixed(Duration::ZERO).check("retry").is_ok());
+        assert!(
+            RetryPolicy::custom(|_, _| Duration::ZERO)
+                .check("retry")
+                .is_ok()
+        );
     }
 
     #[test]

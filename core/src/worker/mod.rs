@@ -655,7 +655,8 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     /// [`Error::InvalidInput`] naming the setting: no handler, two handlers
     /// for one kind, a per-kind setting for a kind with no handler, bad
     /// queue names, concurrency out of range, a lease out of range, a zero
-    /// poll interval or timeout.
+    /// poll interval or timeout, a retry policy [`RetryPolicy::check`]
+    /// refuses.
     pub fn build(self) -> Result<Worker<S>> {
         if self.handlers.is_empty() {
             return Err(Error::invalid(
@@ -673,7 +674,9 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
                 ));
             }
         }
+        self.retry.check("retry")?;
         for (kind, policy) in self.retry_for {
+            policy.check("retry_for")?;
             handlers
                 .get_mut(kind)
                 .ok_or_else(|| no_handler("retry_for", kind))?
