@@ -392,6 +392,12 @@ pub async fn invalid_job_fields_are_named_and_nothing_is_written(h: Harness) {
         // A number serde_json would not read back (pre-serialized JSON is
         // not range-checked).
         (NewJob::new("k", &raw_json("[1e400]")), "payload"),
+        // An integer past 64 bits, which serde_json reads back rounded.
+        (NewJob::new("k", &[u128::MAX]), "payload"),
+        (
+            NewJob::new("k", &raw_json("[-9223372036854775809]")),
+            "payload",
+        ),
         (NewJob::new("k", &raw_json(r#"["\ud800"]"#)), "payload"),
         (
             NewJob::new("k", &raw_json(r#"{"s":"\udc00\ud800"}"#)),

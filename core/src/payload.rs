@@ -86,13 +86,15 @@ impl fmt::Display for Payload {
 /// raw NUL byte), no unpaired UTF-16 surrogate escape (serde_json
 /// cannot read one back, nor can `jsonb` hold one), and no value nested
 /// deeper than [`MAX_JSON_DEPTH`] levels, the top-level value being at
-/// level 0, and no number beyond `f64`'s range (a pre-serialized
-/// [`RawValue`] is not range-checked, and serde_json cannot read one back).
+/// level 0, no number beyond `f64`'s range (a pre-serialized
+/// [`RawValue`] is not range-checked, and serde_json cannot read one back),
+/// and no integer beyond 64 bits (serde_json reads one back rounded).
 pub(crate) fn check_json_text(field: &'static str, text: &str) -> Result<()> {
     let bytes = text.as_bytes();
     // Most payloads have no escape that could name a NUL or a surrogate,
     // fewer brackets than the depth allowed, and no number that could pass
-    // `f64`'s range (that takes an exponent after a digit, or 300 digits):
+    // `f64`'s range or 64 bits (that takes an exponent after a digit, or
+    // 19 digits):
     // one pass over the bytes settles them, without reading the text a
     // token at a time.
     let (mut brackets, mut digits, mut suspect) = (0usize, 0usize, false);
@@ -109,7 +111,8 @@ pub(crate) fn check_json_text(field: &'static str, text: &str) -> Result<()> {
         if !byte.is_ascii_digit() {
             digits = 0;
         }
-        suspect |= digits >= 300;
+        // 19 digits may pass 64 bits (`i64::MIN` has 19, `u64::MAX` 20).
+        suspect |= digits >= 19;
         previous = byte;
     }
     if brackets <= MAX_JSON_DEPTH && !suspect {
@@ -142,11 +145,25 @@ pub(crate) fn check_json_text(field: &'static str, text: &str) -> Result<()> {
                 let number = &text[i..end];
                 // serde_json's own reading (it rounds differently from
                 // `str::parse`: `1.7976931348623158e308` overflows there).
+                let shown = || number.chars().take(32).collect::<String>();
                 if serde_json::from_str::<f64>(number).is_err() {
-                    let shown: String = number.chars().take(32).collect();
                     return Err(Error::invalid(
                         field,
-                        format!("number {shown} is beyond the range of f64"),
+                        format!("number {} is beyond the range of f64", shown()),
+                    ));
+                }
+                // serde_json reads an integer past 64 bits as an `f64`,
+                // rounded: it would not read back as written.
+                if !number.contains(['.', 'e', 'E'])
+                    && number.parse::<i64>().is_err()
+                    && number.parse::<u64>().is_err()
+                {
+                    return Err(Error::invalid(
+                        field,
+                        format!(
+                            "integer {} is beyond 64 bits (it would read back rounded)",
+                            shown()
+                        ),
                     ));
                 }
                 i = end;
@@ -228,16 +245,25 @@ mod tests {
     }
 
     #[test]
-    fn numbers_beyond_f64_are_refused_and_the_rest_pass() {
+    fn numbers_beyond_f64_or_integers_beyond_64_bits_are_refused_and_the_rest_pass() {
         let long = format!("[{}]", "9".repeat(400));
-        for bad in ["[1e400]", r#"{"n":-2E+309}"#, long.as_str()] {
+        for bad in [
+            "[1e400]",
+            r#"{"n":-2E+309}"#,
+            long.as_str(),
+            "[123456789012345678901234567890]",
+            "[18446744073709551616]",
+            r#"{"n":-9223372036854775809}"#,
+        ] {
             let err = check_json_text("payload", bad).expect_err(bad);
             assert_eq!(err.invalid_field(), Some("payload"), "{bad}");
         }
         for good in [
             "[1e300, -1.5e-400, 0.1, -0]",
             r#"{"e":"1e400","s":"9e999"}"#,
-            "[123456789012345678901234567890]",
+            "[18446744073709551615, -9223372036854775808]",
+            "[1234567890123456789012345.5, 12345678901234567890123e2]",
+            r#"{"digits":"123456789012345678901234567890"}"#,
         ] {
             check_json_text("payload", good).expect(good);
         }
