@@ -803,11 +803,26 @@ fn claim_sql(queues: usize) -> String {
     let branches = vec![branch; queues].join(" UNION ALL ");
     format!(
         "UPDATE {TABLE} SET status = 'processing', attempts = attempts + 1, \
-         lease_token = lease_token + 1, locked_until = ?, updated_at = ? \
+         lease_token = lease_token + 1, locked_until = ? + {WAITED}, updated_at = ? \
          WHERE id IN (SELECT id FROM ({branches}) ORDER BY priority, run_at, id LIMIT +?) \
          RETURNING {COLUMNS}"
     )
 }
+
+/// How long (µs) a claim waited for the file's write lock, when that is
+/// more than its bound threshold (first parameter; else 0): the host's
+/// time as SQLite reads it at the claim (to the millisecond) less the
+/// time the pull read when it bound the claim (second parameter). The
+/// claim's `now`, and so its lease's end, was read before SQLite's busy
+/// handler waited for another process's write: its leases would end that
+/// much sooner than asked, and, had the wait outlasted them, have ended
+/// already when they were granted, free for any other puller to take (or,
+/// a last attempt, to mark dead unrun). They end the wait later instead.
+/// Measured on the host's clock even where a clock is injected: the wait
+/// is real time. Below the threshold, as always without contention, the
+/// lease ends exactly at `now + lease`.
+const WAITED: &str = "(SELECT CASE WHEN w > ? THEN w ELSE 0 END FROM \
+     (SELECT CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER) - ? AS w))";
 
 /// The two statements of one `pull`, built for its distinct queues.
 struct PullStatements<'r> {
@@ -878,7 +893,13 @@ impl<'r> PullStatements<'r> {
         now: OffsetDateTime,
         until: OffsetDateTime,
     ) -> SqliteQuery<'q> {
-        let mut query = query.bind(micros(until)).bind(micros(now));
+        // A wait of a tenth of the lease is put right (see `WAITED`).
+        let threshold: time::Duration = (until - now) / 10;
+        let mut query = query
+            .bind(micros(until))
+            .bind(i64::try_from(threshold.whole_microseconds()).unwrap_or(i64::MAX))
+            .bind(micros(OffsetDateTime::now_utc()))
+            .bind(micros(now));
         for queue in &self.queues {
             query = query
                 .bind(*queue)
@@ -979,7 +1000,7 @@ impl SqliteBackend {
         let statements = PullStatements::new(&request);
         // Two statements, each atomic alone: the sweep only marks abandoned
         // last attempts `Dead`, and the claim never leases one itself.
-        let (leased, unreadable, waited) = write_each!(self, |conn, now| {
+        write_each!(self, |conn, now| {
             let until = later(now, request.lease, "lease")?;
             let rows = statements
                 .sweep_and_claim(now, until)
@@ -994,51 +1015,8 @@ impl SqliteBackend {
                     Err(Unread::Fail(e)) => return Err(e),
                 }
             }
-            (leased, unreadable, self.shared.clock.now() - now)
-        })?;
-        // `now` was read before SQLite's busy handler waited for the file's
-        // write lock (another process's write): the leases end that much
-        // sooner than asked, already if the wait outlasted them. Rare, so
-        // put right after the fact, not with a transaction begun before
-        // `now` is read (two more round trips on every pull).
-        let leased = if waited > request.lease / 10 {
-            self.renew_claimed(leased, request.lease).await
-        } else {
-            leased
-        };
-        Ok((leased, unreadable))
-    }
-
-    /// Renews the leases of `leased`, just claimed, to `lease` from now;
-    /// drops the jobs whose lease another puller took meanwhile (it had
-    /// ended by the time the claim returned). Should the renewal fail (the
-    /// file's lock is contended, which is why it runs), the jobs are handed
-    /// out as claimed, those whose lease has not ended yet (failing the
-    /// pull would leave them leased to no one; the others any puller may
-    /// take again, and run beside this one's caller).
-    async fn renew_claimed(&self, mut leased: Vec<LeasedJob>, lease: Duration) -> Vec<LeasedJob> {
-        let leases: Vec<Lease> = leased.iter().map(|l| l.lease).collect();
-        let renewed = match self.extend_batch(&leases, lease).await {
-            Ok(renewed) => renewed,
-            Err(e) => {
-                tracing::warn!(
-                    error = %e,
-                    jobs = leases.len(),
-                    "relayq-sqlite: could not renew the leases of a pull that waited for the write lock"
-                );
-                let now = self.shared.clock.now();
-                leased.retain(|l| l.job.locked_until.is_some_and(|until| until > now));
-                return leased;
-            }
-        };
-        leased
-            .into_iter()
-            .zip(renewed)
-            .filter_map(|(mut leased, until)| {
-                leased.job.locked_until = Some(until?);
-                Some(leased)
-            })
-            .collect()
+            (leased, unreadable)
+        })
     }
 }
 

@@ -47,6 +47,8 @@ impl SqliteOptions {
     pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
     /// Default [`Self::poll_interval`].
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+    /// The longest [`Self::poll_interval`] accepted.
+    pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
     /// Options for `url` with every default: 8 connections, a 5 s busy
     /// timeout, a 60 s lock timeout, a 200 ms wake-up poll, the system clock,
@@ -92,7 +94,8 @@ impl SqliteOptions {
 
     /// How often a subscription checks the file for jobs other processes
     /// pushed, released or retried due at once (`PRAGMA data_version` on a
-    /// dedicated connection).
+    /// dedicated connection). Positive and at most
+    /// [`Self::MAX_POLL_INTERVAL`].
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
         self
@@ -134,8 +137,10 @@ impl SqliteOptions {
         if i32::try_from(self.busy_timeout.as_millis()).is_err() {
             return Err(config("busy_timeout is too long"));
         }
-        if self.poll_interval.is_zero() {
-            return Err(config("poll_interval must be positive"));
+        // The poller's timer adds it to the current instant, which a huge
+        // one overflows.
+        if self.poll_interval.is_zero() || self.poll_interval > Self::MAX_POLL_INTERVAL {
+            return Err(config("poll_interval must be positive and at most a day"));
         }
         let rest = strip_scheme(&self.url).ok_or_else(|| {
             config(
@@ -247,6 +252,7 @@ mod tests {
         let bad = [
             SqliteOptions::new("sqlite::memory:").max_connections(0),
             SqliteOptions::new("sqlite::memory:").poll_interval(Duration::ZERO),
+            SqliteOptions::new("sqlite::memory:").poll_interval(Duration::MAX),
             SqliteOptions::new("sqlite::memory:").busy_timeout(Duration::from_secs(u64::MAX / 2)),
         ];
         for options in bad {

@@ -1121,10 +1121,12 @@ async fn a_write_locked_out_past_the_lock_timeout_is_transient() {
 }
 
 /// A pull that waited for the file's write lock (another process's write)
-/// longer than its lease still hands out a live lease of the length
-/// asked for: before, `now` was read before the wait, and the lease it
-/// granted had ended by the time the pull returned, free for any other
-/// puller to take while the first ran the job.
+/// longer than its lease still grants a live lease of the length asked
+/// for, live from the moment it is stored: before, `now` was read before
+/// the wait, and the lease it granted had ended by the time the pull
+/// returned, free for any other puller to take while the first ran the
+/// job (and, until a second write renewed it, had ended as it was stored:
+/// a last attempt could be marked dead unrun).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_that_waited_for_the_write_lock_leases_from_when_it_got_it() {
     const LEASE: Duration = Duration::seconds(2);
@@ -1133,6 +1135,19 @@ async fn a_pull_that_waited_for_the_write_lock_leases_from_when_it_got_it() {
     let holder = SqliteBackend::connect(&url).await.expect("holder");
     let backend = SqliteBackend::connect(&url).await.expect("backend");
     let id = backend.push(job(1)).await.expect("push").id();
+    // Every lease end stored, beside the host's time (µs) as it was stored.
+    sqlx::raw_sql(
+        "CREATE TABLE lease_ends (until INTEGER, at INTEGER);
+         CREATE TRIGGER record_lease_end AFTER UPDATE OF locked_until ON relayq_jobs
+         WHEN NEW.locked_until IS NOT NULL
+         BEGIN
+             INSERT INTO lease_ends VALUES (NEW.locked_until,
+                 CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER));
+         END;",
+    )
+    .execute(holder.pool())
+    .await
+    .expect("record lease ends");
     let mut conn = holder.pool().acquire().await.expect("connection");
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *conn)
@@ -1175,6 +1190,18 @@ async fn a_pull_that_waited_for_the_write_lock_leases_from_when_it_got_it() {
         .await
         .expect("another pull");
     assert!(other.is_empty(), "another puller took the job: {other:?}");
+    let ends: Vec<(i64, i64)> = sqlx::query_as("SELECT until, at FROM lease_ends")
+        .fetch_all(holder.pool())
+        .await
+        .expect("lease ends");
+    assert!(!ends.is_empty());
+    for (until, at) in ends {
+        assert!(
+            until - at > LEASE.whole_microseconds() as i64 * 9 / 10,
+            "a lease was stored ending {} ms after it was stored",
+            (until - at) / 1000
+        );
+    }
     backend
         .complete(&leased[0].lease, None)
         .await
