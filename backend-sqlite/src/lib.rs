@@ -1394,7 +1394,10 @@ impl Observer for SqliteBackend {
         })?;
         let mut stats = Stats::default();
         for row in rows {
-            let queue: String = row.try_get("queue").map_err(Error::backend)?;
+            // Read as bytes, as a job's are: text another program stored
+            // that is not UTF-8 reads with U+FFFD in its place.
+            let queue: &[u8] = row.try_get("queue").map_err(Error::backend)?;
+            let queue = String::from_utf8_lossy(queue).into_owned();
             let status: String = row.try_get("status").map_err(Error::backend)?;
             let n: i64 = row.try_get("n").map_err(Error::backend)?;
             let status: JobStatus = status

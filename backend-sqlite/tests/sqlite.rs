@@ -1252,6 +1252,15 @@ async fn text_that_is_not_utf8_and_counts_beyond_i32_read_as_the_nearest() {
     assert_eq!(stored.status, JobStatus::Dead);
     let page = backend.list(&ListFilter::default()).await.expect("list");
     assert_eq!(page.jobs.len(), 2);
+    // A queue name of such bytes counts in the stats under its reading.
+    let third = backend.push(job(3)).await.expect("push").id();
+    sqlx::query("UPDATE relayq_jobs SET queue = CAST(X'71FF' AS TEXT) WHERE id = ?")
+        .bind(third)
+        .execute(backend.pool())
+        .await
+        .expect("another program's queue");
+    let stats = backend.stats().await.expect("stats");
+    assert_eq!(stats.queue("q\u{FFFD}").pending, 1, "{stats:?}");
 }
 
 /// A job whose times another program stored beyond the years relayq holds
