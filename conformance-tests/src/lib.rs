@@ -106,6 +106,7 @@ macro_rules! __for_each_case {
             worker::worker_makes_outcome_writes_that_failed_transiently_again,
             worker::worker_marks_dead_after_max_attempts,
             worker::worker_kills_unusable_jobs_once,
+            worker::worker_kills_a_job_whose_result_cannot_be_stored,
             worker::started_worker_kills_unusable_jobs_once,
             worker::worker_runs_jobs_that_fall_due_without_a_signal,
             worker::worker_times_out_a_slow_handler,

@@ -487,6 +487,57 @@ pub async fn worker_marks_dead_after_max_attempts(h: Harness) {
     assert_eq!(worker.run_until_idle().await.expect("run").ran(), 0);
 }
 
+/// A handler whose result cannot be stored (a string holding NUL, a map
+/// that does not serialize) ran once: its job is `Dead` with an error
+/// saying why, not retried to do its work again for the same result.
+pub async fn worker_kills_a_job_whose_result_cannot_be_stored(h: Harness) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let worker = h
+        .worker()
+        .handle({
+            let runs = Arc::clone(&runs);
+            move |task: Task, _ctx: JobContext<Harness>| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    /// Serializes as its content.
+                    #[derive(Serialize)]
+                    #[serde(untagged)]
+                    enum Odd {
+                        /// Tuple keys: no JSON object holds them.
+                        Map(std::collections::HashMap<(i32, i32), i32>),
+                        /// NUL: no store keeps it.
+                        Text(String),
+                    }
+                    Ok::<_, HandlerError>(if task.n == 1 {
+                        Odd::Map([((1, 2), 3)].into())
+                    } else {
+                        Odd::Text("nul\0inside".to_owned())
+                    })
+                }
+            }
+        })
+        .build()
+        .expect("build");
+    let ids = [
+        h.push(Task { n: 1 }.to_job().max_attempts(5)).await,
+        h.push(Task { n: 2 }.to_job().max_attempts(5)).await,
+    ];
+    let report = within("the two jobs", worker.run_until_idle())
+        .await
+        .expect("run");
+    assert_eq!((report.ran(), report.dead()), (2, 2), "{report:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "each ran once");
+    for id in ids {
+        let job = h.job(id).await;
+        assert_eq!((job.status, job.attempts), (JobStatus::Dead, 1));
+        let error = job.last_error.expect("an error");
+        assert!(
+            error.contains("cannot be stored") || error.contains("does not serialize"),
+            "{error}"
+        );
+    }
+}
+
 /// A payload that does not deserialize, and a kind with no handler, are
 /// `Dead` after one attempt with an error saying why; the handler never
 /// runs for them and nothing is retried. Good jobs around them complete.

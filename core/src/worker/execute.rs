@@ -227,9 +227,9 @@ impl Deadline {
 
 /// An outcome to record.
 enum Record<'a, S> {
-    /// The attempt failed (its handler erred, panicked, timed out or
-    /// returned a result that cannot be stored): retried or dead, as its
-    /// retry policy says.
+    /// The attempt failed (its handler erred, panicked or timed out):
+    /// retried or dead, as its retry policy says; or it returned a result
+    /// that cannot be stored: dead at once.
     Failure(&'a Entry<S>, HandlerError),
     /// The lease was lost: nothing is recorded.
     LeaseLost,
@@ -423,7 +423,10 @@ impl<'a, S: Send + Sync + 'static> JobRun<'a, S> {
             Attempt::Abandoned => return Err(Record::Abandoned),
         };
         if let Err(e) = check_result(result.as_ref()) {
-            let error = HandlerError::new(format!("the handler's result cannot be stored: {e}"));
+            // Permanent: the handler's work is done, and another attempt
+            // would do it again only to return the same result.
+            let error =
+                HandlerError::permanent(format!("the handler's result cannot be stored: {e}"));
             return Err(Record::Failure(entry, error));
         }
         let completion = Completion {

@@ -462,12 +462,13 @@ fn decode<J: JobType>(payload: &Value) -> Result<J, String> {
 
 /// The handler's result as JSON. Unlike a payload, a result holding NaN or
 /// an infinity is kept (as `null`, serde_json's way): the job's work is
-/// done, and failing the attempt would run it again.
+/// done, and failing the attempt would run it again. One that does not
+/// serialize at all fails the job for good, for the same reason.
 fn encode<R: Serialize>(output: R) -> Result<Option<Value>, HandlerError> {
     match serde_json::to_value(output) {
         Ok(Value::Null) => Ok(None),
         Ok(value) => Ok(Some(value)),
-        Err(e) => Err(HandlerError::new(format!(
+        Err(e) => Err(HandlerError::permanent(format!(
             "the handler's result does not serialize to JSON: {e}"
         ))),
     }
@@ -514,7 +515,11 @@ mod tests {
         assert_eq!(encode(5).unwrap(), Some(json!(5)));
         let mut bad = std::collections::HashMap::new();
         bad.insert((1, 2), 3);
-        assert!(encode(bad).unwrap_err().message().contains("serialize"));
+        let e = encode(bad).unwrap_err();
+        assert!(
+            e.message().contains("serialize") && e.is_permanent(),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -504,6 +504,10 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     /// type. It is called once per job, so each run gets its own future
     /// and state is shared only through the context. Returning a value
     /// stores it as the job's result; `Err` (or a panic) fails the attempt.
+    /// A value no store can keep (one that does not serialize to JSON, or
+    /// holds a NUL character or nests deeper than
+    /// [`MAX_JSON_DEPTH`](crate::MAX_JSON_DEPTH)) makes the job `Dead` at
+    /// once: its work is done, and another attempt would only do it again.
     ///
     /// ```
     /// # use relayq_core::{HandlerError, JobType, Worker};
