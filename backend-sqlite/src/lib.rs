@@ -98,6 +98,22 @@
 //!   another [`Clock`] is injected: SQLite has no server clock.
 //! - Ids come from `AUTOINCREMENT`, so an id is never reused after `clean`
 //!   deletes the newest job, and a stale lease can never match a new job.
+//! - A claim that waited for the write lock (another process's write) a
+//!   tenth of its lease or more stores its leases ending that much later:
+//!   its `now` was read before the wait, and its leases are to run their
+//!   whole length from when they are granted.
+//!
+//! # Cancellation
+//!
+//! sqlx runs each SQLite statement on the connection's own thread, which
+//! finishes a statement it was sent even when the future that sent it is
+//! dropped, waiting in SQLite's busy handler included. So a push dropped
+//! under a timeout may still store its job (a caller that then pushes it
+//! again stores it twice, unless it has a unique key), and a dropped pull
+//! may still lease jobs that no one then holds: they come back when their
+//! lease ends, the attempt spent. A transaction a dropped call left open
+//! is rolled back before its connection is used again. The worker never
+//! drops its own pulls or acknowledgements.
 //!
 //! # In-memory databases
 //!
