@@ -324,4 +324,88 @@ mod tests {
         let again = b.pull(&PullRequest::queue("q0")).await.expect("pull");
         assert_eq!(again.len(), 1);
     }
+
+    /// Thousands of leases ended at once (a worker died holding them) are
+    /// taken back in pull order, each pull taking the first of them from
+    /// an index kept in that order, not sorting them all again.
+    #[tokio::test]
+    async fn ended_leases_are_taken_back_in_pull_order_from_their_own_index() {
+        let clock = relayq_core::ManualClock::new(OffsetDateTime::UNIX_EPOCH + Duration::days(1));
+        let b = MemoryBackend::with_clock(Arc::new(clock.clone()));
+        let jobs: Vec<NewJob> = (0..3_000)
+            .map(|i| NewJob::new("k", &json!({ "i": i })).priority(i % 3))
+            .collect();
+        b.push_batch(jobs).await.expect("push");
+        let lease = Duration::seconds(10);
+        let held = b
+            .pull(&PullRequest::queue("default").batch(3_000).lease(lease))
+            .await
+            .expect("pull");
+        assert_eq!(held.len(), 3_000);
+        let mut order: Vec<(i16, i64)> = held.iter().map(|l| (l.job.priority, l.job.id)).collect();
+        order.sort_unstable();
+        clock.advance(Duration::seconds(20));
+        let mut taken = Vec::new();
+        loop {
+            let leased = b
+                .pull(&PullRequest::queue("default").lease(lease))
+                .await
+                .expect("pull");
+            let [one] = leased.as_slice() else {
+                assert!(leased.is_empty(), "{leased:?}");
+                break;
+            };
+            taken.push((one.job.priority, one.job.id));
+            if taken.len() == 1 {
+                assert_eq!(b.lock().reclaimable_count("default"), 2_999);
+            }
+        }
+        assert_eq!(taken, order, "each taken back once, in pull order");
+        assert_eq!(b.lock().reclaimable_count("default"), 0);
+    }
+
+    /// A lease a pull found ended, but that has not ended on the clock of
+    /// a later pull (moved back), is not taken; its holder still holds it.
+    #[tokio::test]
+    async fn an_ended_lease_not_ended_on_a_clock_moved_back_is_not_taken() {
+        let t0 = OffsetDateTime::UNIX_EPOCH + Duration::days(1);
+        let clock = relayq_core::ManualClock::new(t0);
+        let b = MemoryBackend::with_clock(Arc::new(clock.clone()));
+        for i in 0..2 {
+            b.push(NewJob::new("k", &json!({ "i": i })))
+                .await
+                .expect("push");
+        }
+        let lease = Duration::seconds(10);
+        let held = b
+            .pull(&PullRequest::queue("default").batch(2).lease(lease))
+            .await
+            .expect("pull");
+        clock.set(t0 + Duration::seconds(20));
+        let first = b
+            .pull(&PullRequest::queue("default").lease(lease))
+            .await
+            .expect("pull");
+        assert_eq!(first[0].job.id, held[0].job.id);
+        assert_eq!(b.lock().reclaimable_count("default"), 1);
+        clock.set(t0 + Duration::seconds(5));
+        let none = b
+            .pull(&PullRequest::queue("default").lease(lease))
+            .await
+            .expect("pull");
+        assert!(none.is_empty(), "{none:?}");
+        b.complete(&held[1].lease, None).await.expect("still held");
+        assert_eq!(b.lock().reclaimable_count("default"), 0);
+        // Past the end of the first job's second lease, it is taken again;
+        // the other is done.
+        clock.set(t0 + Duration::seconds(40));
+        let again = b
+            .pull(&PullRequest::queue("default").batch(2).lease(lease))
+            .await
+            .expect("pull");
+        assert_eq!(
+            again.iter().map(|l| l.job.id).collect::<Vec<_>>(),
+            [held[0].job.id]
+        );
+    }
 }

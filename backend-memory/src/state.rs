@@ -28,7 +28,7 @@ fn ts(at: OffsetDateTime) -> Ts {
 type ReadyKey = (i16, Ts, JobId);
 
 /// The indexes of one queue. A job is in at most one of them: `scheduled`
-/// or `ready` while `Pending`, `leased` while `Processing`.
+/// or `ready` while `Pending`, `leased` or `reclaimable` while `Processing`.
 #[derive(Debug, Default)]
 struct QueueIndex {
     /// Pending jobs not yet due when last indexed, by (run_at, id).
@@ -39,6 +39,13 @@ struct QueueIndex {
     ready: BTreeSet<ReadyKey>,
     /// Processing jobs by locked_until.
     leased: Leases,
+    /// Processing jobs whose lease a pull found ended, attempts left, in
+    /// pull order: each later pull takes the first of them back, as it
+    /// takes ready jobs, rather than sorting every ended lease again (a
+    /// worker that died holding thousands of jobs would make each pull
+    /// until they are all taken back sort them all). A pull still checks
+    /// each has ended on its own clock.
+    reclaimable: BTreeSet<ReadyKey>,
 }
 
 /// Processing jobs by the instant their lease ends. A pull leases its whole
@@ -71,8 +78,9 @@ impl Leases {
         }
     }
 
-    /// Forgets the lease of `id` that ends at `until`.
-    fn remove(&mut self, until: Ts, id: JobId) {
+    /// Forgets the lease of `id` that ends at `until`; false if it was
+    /// not here.
+    fn remove(&mut self, until: Ts, id: JobId) -> bool {
         if let Some(ids) = self.0.get_mut(&until)
             && let Some(at) = ids.iter().position(|&held| held == id)
         {
@@ -80,7 +88,9 @@ impl Leases {
             if ids.is_empty() {
                 self.0.remove(&until);
             }
+            return true;
         }
+        false
     }
 
     /// Takes out a lease that ended before `now`, if there is one.
@@ -105,7 +115,10 @@ impl QueueIndex {
     /// Whether it indexes no job (every job of the queue finished, or none
     /// was ever pushed).
     fn is_empty(&self) -> bool {
-        self.scheduled.is_empty() && self.ready.is_empty() && self.leased.0.is_empty()
+        self.scheduled.is_empty()
+            && self.ready.is_empty()
+            && self.leased.0.is_empty()
+            && self.reclaimable.is_empty()
     }
 
     /// Indexes pending job `id`: in `ready` at once if it is due at `now`
@@ -232,22 +245,39 @@ impl State {
         let batch = request.batch as usize;
         let queues: BTreeSet<&str> = request.queues.iter().map(String::as_str).collect();
         let mut candidates: Vec<ReadyKey> = Vec::new();
-        // Expired leases taken out of `leased`; those not chosen go back.
-        let mut expired: Vec<(Ts, JobId)> = Vec::new();
         let (now_ts, until_ts) = (ts(now), ts(until));
         let mut died: Vec<JobId> = Vec::new();
         for queue in &queues {
             let Some(index) = self.queues.get_mut(*queue) else {
                 continue;
             };
-            while let Some((locked_until, id)) = index.leased.pop_expired(now_ts) {
+            while let Some((_, id)) = index.leased.pop_expired(now_ts) {
                 let job = &self.jobs[id];
                 if job.attempts >= job.max_attempts {
                     died.push(id);
                 } else {
-                    expired.push((locked_until, id));
-                    candidates.push((job.priority, ts(job.run_at), id));
+                    index.reclaimable.insert((job.priority, ts(job.run_at), id));
                 }
+            }
+            // The first ended leases in pull order; one whose lease has
+            // not ended on this pull's clock (moved back) is leased again.
+            let mut taken = 0;
+            let mut live = Vec::new();
+            for &key @ (_, _, id) in &index.reclaimable {
+                if taken == batch {
+                    break;
+                }
+                match self.jobs[id].locked_until.map(ts) {
+                    Some(until) if until >= now_ts => live.push((until, key)),
+                    _ => {
+                        candidates.push(key);
+                        taken += 1;
+                    }
+                }
+            }
+            for (until, key @ (_, _, id)) in live {
+                index.reclaimable.remove(&key);
+                index.leased.insert(until, id);
             }
             index.promote(now_ts, &self.jobs);
         }
@@ -299,15 +329,10 @@ impl State {
             if job.status == JobStatus::Pending {
                 index.ready.remove(&key);
             } else {
-                expired.retain(|&(_, e)| e != id);
+                index.reclaimable.remove(&key);
             }
             index.leased.insert(until_ts, id);
             leased.push(grant(job, now, until));
-        }
-        for (locked_until, id) in expired {
-            let queue = &self.jobs[id].queue;
-            let index = self.queues.get_mut(queue).expect("queue indexed");
-            index.leased.insert(locked_until, id);
         }
         leased
     }
@@ -321,11 +346,13 @@ impl State {
             .filter(|job| job.status == JobStatus::Processing && job.lease_token == lease.token)
             .ok_or_else(|| lease.lost())?;
         let locked_until = job.locked_until.expect("processing job has a lease");
-        self.queues
-            .get_mut(&job.queue)
-            .expect("queue indexed")
-            .leased
-            .remove(ts(locked_until), job.id);
+        let index = self.queues.get_mut(&job.queue).expect("queue indexed");
+        if !index.leased.remove(ts(locked_until), job.id) {
+            // A pull found its lease ended, and no pull has taken it back.
+            index
+                .reclaimable
+                .remove(&(job.priority, ts(job.run_at), job.id));
+        }
         job.locked_until = None;
         Ok(job)
     }
@@ -481,5 +508,12 @@ impl State {
     #[cfg(test)]
     pub(crate) fn queue_count(&self) -> usize {
         self.queues.len()
+    }
+
+    /// How many of `queue`'s jobs a pull found with an ended lease and no
+    /// pull has taken back yet.
+    #[cfg(test)]
+    pub(crate) fn reclaimable_count(&self, queue: &str) -> usize {
+        self.queues.get(queue).map_or(0, |q| q.reclaimable.len())
     }
 }
