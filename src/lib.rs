@@ -298,7 +298,8 @@ mod tests {
                     .expect("worker");
                 worker.run_until_idle().await.expect("run");
                 // The scheme is case-insensitive, `postgresql` too: the same store.
-                let upper = url.replacen("postgres://", "PostgreSQL://", 1);
+                let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+                let upper = format!("PostgreSQL://{rest}");
                 let same = connect(&upper).await.expect("PostgreSQL://");
                 let job = same.get(id).await.expect("get").expect("the job");
                 assert_eq!((job.status, job.result), (JobStatus::Done, Some(2.into())));

@@ -364,21 +364,23 @@ mod tests {
         assert_eq!(b.lock().reclaimable_count("default"), 0);
     }
 
-    /// A lease a pull found ended, but that has not ended on the clock of
-    /// a later pull (moved back), is not taken; its holder still holds it.
+    /// A lease a pull found ended but did not take back is still its
+    /// holder's to let go (and is then never leased again), and one that
+    /// has not ended on the clock of a later pull (moved back) is not
+    /// taken.
     #[tokio::test]
-    async fn an_ended_lease_not_ended_on_a_clock_moved_back_is_not_taken() {
+    async fn ended_leases_not_taken_back_stay_their_holders_until_taken() {
         let t0 = OffsetDateTime::UNIX_EPOCH + Duration::days(1);
         let clock = relayq_core::ManualClock::new(t0);
         let b = MemoryBackend::with_clock(Arc::new(clock.clone()));
-        for i in 0..2 {
+        for i in 0..3 {
             b.push(NewJob::new("k", &json!({ "i": i })))
                 .await
                 .expect("push");
         }
         let lease = Duration::seconds(10);
         let held = b
-            .pull(&PullRequest::queue("default").batch(2).lease(lease))
+            .pull(&PullRequest::queue("default").batch(3).lease(lease))
             .await
             .expect("pull");
         clock.set(t0 + Duration::seconds(20));
@@ -387,6 +389,9 @@ mod tests {
             .await
             .expect("pull");
         assert_eq!(first[0].job.id, held[0].job.id);
+        assert_eq!(b.lock().reclaimable_count("default"), 2);
+        // Let go by its holder while waiting to be taken back.
+        b.complete(&held[1].lease, None).await.expect("still held");
         assert_eq!(b.lock().reclaimable_count("default"), 1);
         clock.set(t0 + Duration::seconds(5));
         let none = b
@@ -394,18 +399,17 @@ mod tests {
             .await
             .expect("pull");
         assert!(none.is_empty(), "{none:?}");
-        b.complete(&held[1].lease, None).await.expect("still held");
         assert_eq!(b.lock().reclaimable_count("default"), 0);
-        // Past the end of the first job's second lease, it is taken again;
-        // the other is done.
+        b.release(&held[2].lease).await.expect("still held");
+        // Past the end of the first job's second lease: it and the released
+        // job are leased, the completed one never again.
         clock.set(t0 + Duration::seconds(40));
         let again = b
-            .pull(&PullRequest::queue("default").batch(2).lease(lease))
+            .pull(&PullRequest::queue("default").batch(3).lease(lease))
             .await
             .expect("pull");
-        assert_eq!(
-            again.iter().map(|l| l.job.id).collect::<Vec<_>>(),
-            [held[0].job.id]
-        );
+        let mut ids: Vec<_> = again.iter().map(|l| l.job.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [held[0].job.id, held[2].job.id]);
     }
 }

@@ -46,9 +46,13 @@
 //!   clients that ask for messages see) before it returns: its notification
 //!   leaves at its commit, and no job runs before its insert is durable,
 //!   since a claim commits durably, later in the WAL (unless the claiming
-//!   session set `synchronous_commit` to `off`). A role that may not run
-//!   `pg_logical_emit_message` (PUBLIC may, unless revoked) notifies
-//!   through the task.
+//!   session set `synchronous_commit` to `off`). Should that wait fail (its
+//!   connection lost, say), the push reports the failure though its job is
+//!   stored and may already be running: as for any write that fails
+//!   transiently, it may have taken effect (see
+//!   [`Error::is_transient`](relayq_core::Error::is_transient)). A role
+//!   that may not run `pg_logical_emit_message` (PUBLIC may, unless
+//!   revoked; checked at connect) notifies through the task.
 //!   [`PgBackend::close`] sends those still queued. The task (like the
 //!   LISTEN task) runs on the Tokio runtime of the first call that needed
 //!   it: a backend shared with a runtime that is only driven now and then
@@ -62,8 +66,10 @@
 //!   a server with `synchronous_commit = off`, so that no WAL flush hides
 //!   it: the enqueue-to-start p50 fell from 2.4–2.5 ms to 1.9–2.2 ms).
 //!   A pool push runs on a task of its own, so one whose caller stops
-//!   waiting (a timeout, a dropped request) once it is sent still commits
-//!   and notifies as if its caller had waited.
+//!   waiting once it was called (a timeout, a dropped request) still
+//!   commits and notifies as if its caller had waited (a caller that then
+//!   pushes its jobs again stores them twice, unless they have unique
+//!   keys).
 //!   [`PgBackend::push_in`] notifies inside the caller's transaction, so only a commit wakes
 //!   anyone. A retry due at once notifies its queue the same way as a
 //!   pool push; a release notifies in its own statement, so a worker
@@ -269,7 +275,7 @@
 //! ends: sqlx retries it until then), and the SQLSTATEs of a broken
 //! connection (class `08`), a serialization failure (`40001`), a deadlock
 //! (`40P01`), a lock timeout (`55P03`), a session ended by the server
-//! (`57P01`, `57P02`, `57P05`, `25P03`), a server starting up (`57P03`) and the
+//! (`57P01`, `57P02`, `57P05`, `25P03`, `25P04`), a server starting up (`57P03`) and the
 //! connection limit (`53300`); false for the rest: constraint violations,
 //! a statement cancelled (`57014`), a TLS certificate refused. For your
 //! own statements around [`PgBackend::push_in`], [`error_from`] maps a
@@ -676,6 +682,9 @@ impl PgBackend {
         jobs: Vec<NewJob>,
     ) -> Result<Vec<PushOutcome>> {
         let jobs = validate_batch(jobs)?;
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
         if sqlx::Connection::is_in_transaction(conn) {
             return self.push_announced(conn, &jobs).await;
         }

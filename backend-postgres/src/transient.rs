@@ -18,6 +18,7 @@ const TRANSIENT_STATES: &[&str] = &[
     "57P03", // cannot_connect_now (starting up, recovering)
     "57P05", // idle_session_timeout
     "25P03", // idle_in_transaction_session_timeout (the session is ended)
+    "25P04", // transaction_timeout (PostgreSQL 17; the session is ended)
     "53300", // too_many_connections
 ];
 

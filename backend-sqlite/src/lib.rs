@@ -98,8 +98,8 @@
 //!   another [`Clock`] is injected: SQLite has no server clock.
 //! - Ids come from `AUTOINCREMENT`, so an id is never reused after `clean`
 //!   deletes the newest job, and a stale lease can never match a new job.
-//! - A claim that waited for the write lock (another process's write) a
-//!   tenth of its lease or more stores its leases ending that much later:
+//! - A claim that waited for the write lock (another process's write)
+//!   more than a tenth of its lease stores its leases ending that much later:
 //!   its `now` was read before the wait, and its leases are to run their
 //!   whole length from when they are granted.
 //!

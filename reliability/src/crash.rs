@@ -1109,9 +1109,12 @@ impl Fleet {
     pub fn check_running(&mut self) -> Result<usize, String> {
         let mut dead = String::new();
         let mut crashed = Vec::new();
+        let armed = self.template.failpoint_one_in > 0;
         for (&id, p) in &mut self.procs {
             match p.child.try_wait() {
-                Ok(Some(status)) if status.code() == Some(FAILPOINT_EXIT) => crashed.push(id),
+                Ok(Some(status)) if armed && status.code() == Some(FAILPOINT_EXIT) => {
+                    crashed.push(id);
+                }
                 Ok(Some(status)) => {
                     let _ = writeln!(
                         dead,
@@ -1245,7 +1248,10 @@ impl Fleet {
             loop {
                 match p.child.try_wait() {
                     Ok(Some(status)) if status.success() => break,
-                    Ok(Some(status)) if status.code() == Some(FAILPOINT_EXIT) => {
+                    Ok(Some(status))
+                        if self.template.failpoint_one_in > 0
+                            && status.code() == Some(FAILPOINT_EXIT) =>
+                    {
                         self.killed.insert(id);
                         break;
                     }
