@@ -1496,7 +1496,7 @@ impl Observer for PgBackend {
             .run(|c| query.fetch_optional(c))
             .await
             .map_err(error_from)?;
-        Ok(row.as_ref().map(row::job).transpose()?)
+        row.as_ref().map(row::observed).transpose()
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<JobPage> {
@@ -1526,7 +1526,7 @@ impl Observer for PgBackend {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(error_from)?;
-        let mut jobs = rows.iter().map(row::job).collect::<Result<Vec<_>, _>>()?;
+        let mut jobs = rows.iter().map(row::observed).collect::<Result<Vec<_>>>()?;
         let next = if jobs.len() > limit {
             jobs.truncate(limit);
             jobs.last().map(|job| job.id)

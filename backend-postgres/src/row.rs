@@ -132,8 +132,22 @@ where
     })
 }
 
-/// A job from a row holding [`crate::sql::JOB_COLUMNS`], in their order.
+/// A job from a row holding [`crate::sql::JOB_COLUMNS`], in their order,
+/// for a pull: JSON relayq cannot read is an [`Unread::Json`], so that the
+/// pull kills the job.
 pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
+    read(row, false)
+}
+
+/// [`job`] for an observer (`get`, `list`): JSON relayq cannot read (which
+/// another program stored) reads as a JSON string holding the stored text,
+/// as it is stored once a pull kills the job, rather than failing the
+/// read, and every page of a listing holding the job.
+pub(crate) fn observed(row: &PgRow) -> Result<Job> {
+    Ok(read(row, true)?)
+}
+
+fn read(row: &PgRow, unreadable_as_text: bool) -> Result<Job, Unread> {
     debug_assert!(
         row.columns().iter().map(Column::name).eq(JOB_COLUMN_NAMES),
         "a job row holds JOB_COLUMNS, in order"
@@ -143,14 +157,21 @@ pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
     // Parsed here rather than decoded by sqlx, so that JSON another
     // program stored, which `json` accepts and serde_json refuses, is told
     // apart from a column that does not decode.
-    let json = |name: &'static str, text: &str| {
-        serde_json::from_str::<Value>(text).map_err(|e| {
+    let json = |name: &'static str, text: &str| match serde_json::from_str::<Value>(text) {
+        Ok(value) => Ok(value),
+        Err(_) if unreadable_as_text => Ok(Value::String(text.to_owned())),
+        Err(e) => {
             let lease = Lease {
                 job_id: id,
                 token: lease_token,
             };
-            Unread::Json(Unreadable::new(lease, name, text.as_bytes(), e))
-        })
+            Err(Unread::Json(Unreadable::new(
+                lease,
+                name,
+                text.as_bytes(),
+                e,
+            )))
+        }
     };
     // Borrowed from the row: a status and names of up to 24 bytes cost no
     // allocation.

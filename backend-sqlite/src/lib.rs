@@ -206,7 +206,7 @@ pub use schema::SCHEMA_VERSION;
 pub use sqlx;
 
 use retry::{Backoff, Fail};
-use rows::{COLUMNS, TABLE, Unread, job_from_row, micros};
+use rows::{COLUMNS, TABLE, Unread, job_from_row, micros, observed_job};
 use writer::Writer;
 
 /// URL schemes this backend accepts in a connection URL.
@@ -1357,7 +1357,7 @@ impl Observer for SqliteBackend {
                 .bind(id)
                 .fetch_optional(pool)
                 .await?;
-            row.as_ref().map(job_from_row).transpose()?
+            row.as_ref().map(observed_job).transpose()?
         })
     }
 
@@ -1388,8 +1388,8 @@ impl Observer for SqliteBackend {
                 .fetch_all(pool)
                 .await?;
             rows.iter()
-                .map(job_from_row)
-                .collect::<std::result::Result<Vec<_>, Unread>>()?
+                .map(observed_job)
+                .collect::<std::result::Result<Vec<_>, _>>()?
         })?;
         let next = if jobs.len() > limit {
             jobs.truncate(limit);

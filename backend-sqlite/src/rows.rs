@@ -67,19 +67,37 @@ fn nearest_i32(stored: i64) -> i32 {
     i32::try_from(stored).unwrap_or(if stored < 0 { i32::MIN } else { i32::MAX })
 }
 
-/// Decodes a row selected with [`COLUMNS`].
+/// Decodes a row selected with [`COLUMNS`], for a pull: JSON relayq
+/// cannot read is an [`Unread::Json`], so that the pull kills the job.
 pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job, Unread> {
+    read(row, false)
+}
+
+/// [`job_from_row`] for an observer (`get`, `list`): JSON relayq cannot
+/// read (which another program stored) reads as a JSON string holding the
+/// stored text (bytes that are not UTF-8 replaced by U+FFFD), as it is
+/// stored once a pull kills the job, rather than failing the read, and
+/// every page of a listing holding the job.
+pub(crate) fn observed_job(row: &SqliteRow) -> Result<Job, Fail> {
+    Ok(read(row, true)?)
+}
+
+fn read(row: &SqliteRow, unreadable_as_text: bool) -> Result<Job, Unread> {
     let id = row.try_get("id")?;
     let lease_token = row.try_get("lease_token")?;
     // Bytes, not `&str`: text that is not UTF-8 is unreadable JSON too.
-    let json = |column: &'static str, text: &[u8]| {
-        serde_json::from_slice::<Value>(text).map_err(|e| {
+    let json = |column: &'static str, text: &[u8]| match serde_json::from_slice::<Value>(text) {
+        Ok(value) => Ok(value),
+        Err(_) if unreadable_as_text => {
+            Ok(Value::String(String::from_utf8_lossy(text).into_owned()))
+        }
+        Err(e) => {
             let lease = Lease {
                 job_id: id,
                 token: lease_token,
             };
-            Unread::Json(Unreadable::new(lease, column, text, e))
-        })
+            Err(Unread::Json(Unreadable::new(lease, column, text, e)))
+        }
     };
     let priority: i64 = row.try_get("priority")?;
     // Borrowed from the row: a status and names of up to 24 bytes cost no

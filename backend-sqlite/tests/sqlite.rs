@@ -1322,6 +1322,17 @@ async fn a_pulled_job_with_unreadable_json_is_dead_and_the_rest_are_leased() {
             .await
             .expect("another program's payload");
     }
+    // Before any pull, observers read them with their text as a JSON
+    // string, as they are stored once killed: a listing holding them reads.
+    for (id, payload) in poisoned {
+        let job = backend.get(id).await.expect("get").expect("job");
+        assert_eq!(
+            (job.status, &*job.payload),
+            (JobStatus::Pending, &json!(payload))
+        );
+    }
+    let page = backend.list(&ListFilter::new()).await.expect("list");
+    assert_eq!(page.jobs.len(), 4);
     let leased = backend
         .pull(&PullRequest::queue("default").batch(2))
         .await

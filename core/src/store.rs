@@ -108,6 +108,11 @@ pub trait Puller: Send + Sync {
 #[async_trait]
 pub trait Observer: Send + Sync {
     /// The job with this id, or `None`.
+    ///
+    /// A job whose stored payload or result a database backend cannot
+    /// read as JSON (another program wrote it) reads with that column as a
+    /// JSON string holding the stored text, as a pull stores it once it
+    /// kills the job; so does it in [`Self::list`].
     async fn get(&self, id: JobId) -> Result<Option<Job>>;
 
     /// One page of jobs matching `filter`, by ascending id.
