@@ -29,7 +29,8 @@
 //! - **Transactional enqueue**: [`PgBackend::push_in`] and
 //!   [`PgBackend::push_batch_in`] take the caller's connection or
 //!   transaction, so a job is enqueued if and only if the caller's
-//!   transaction commits.
+//!   transaction commits (on a connection outside any transaction, the
+//!   push makes one of its own).
 //! - **LISTEN/NOTIFY wake-ups.** Every push notifies each queue it added
 //!   jobs to, once it has committed: a pool push hands its queues to one
 //!   background task that notifies them, folding concurrent pushes into
@@ -66,7 +67,7 @@
 //!   a server with `synchronous_commit = off`, so that no WAL flush hides
 //!   it: the enqueue-to-start p50 fell from 2.4–2.5 ms to 1.9–2.2 ms).
 //!   A pool push runs on a task of its own, so one whose caller stops
-//!   waiting once it was called (a timeout, a dropped request) still
+//!   waiting once it was first polled (a timeout, a dropped request) still
 //!   commits and notifies as if its caller had waited (a caller that then
 //!   pushes its jobs again stores them twice, unless they have unique
 //!   keys).
@@ -651,7 +652,8 @@ impl PgBackend {
     /// Enqueues `job` on the caller's connection, typically inside the
     /// caller's transaction (pass `&mut tx`): the job exists, and workers
     /// are woken, only if that transaction commits. Same results as
-    /// [`Pusher::push`].
+    /// [`Pusher::push`]. On a connection outside any transaction it makes
+    /// one of its own (see [`Self::push_batch_in`]).
     ///
     /// The statement runs at the transaction's isolation level (READ
     /// COMMITTED on a pool connection, unless begun otherwise; see
@@ -668,7 +670,9 @@ impl PgBackend {
             .ok_or_else(|| Error::backend("push returned no outcome"))
     }
 
-    /// Enqueues `jobs` on the caller's connection, in one statement; see
+    /// Enqueues `jobs` on the caller's connection, all or nothing (one
+    /// insert, then, for a batch with unique keys, a look for a key's
+    /// holder that committed during it, and the notification); see
     /// [`Self::push_in`] and [`Pusher::push_batch`].
     ///
     /// On a connection outside any transaction the push makes one of its

@@ -128,7 +128,8 @@ impl Error {
     /// True when the same call may succeed if made again, later: the store
     /// could not be reached or did not answer in time (a connection lost or
     /// refused, no pooled connection free within the acquire timeout, the
-    /// server starting up, shutting down or at its connection limit), or
+    /// server starting up, shutting down or at its connection limit, or
+    /// ending the session, idle or past a transaction timeout), or
     /// it turned the call down for contention that passes (a serialization
     /// failure or deadlock, a lock not obtained in time, a SQLite database
     /// locked by another process past the lock timeout).

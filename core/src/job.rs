@@ -183,9 +183,10 @@ pub struct NewJob {
 impl NewJob {
     /// A job of `kind` carrying `payload` serialized to JSON text (see
     /// [`Payload`]), on the default queue, priority 0, due now, with 25
-    /// attempts. A payload that does not serialize, or holds a float that
+    /// attempts. A payload that does not serialize, holds a float that
     /// JSON cannot carry (NaN, an infinity, which serde_json would turn
-    /// into `null`), makes the push an [`Error::InvalidInput`] naming
+    /// into `null`) or an integer beyond 64 bits (which serde_json reads
+    /// back rounded), makes the push an [`Error::InvalidInput`] naming
     /// `payload`. (A `serde_json::Value` cannot hold them: `json!` has
     /// already made them `null`.)
     pub fn new(kind: impl Into<String>, payload: &impl Serialize) -> Self {
@@ -414,9 +415,10 @@ pub fn check_delay(field: &'static str, delay: Duration) -> Result<()> {
 /// the cutoff a store compares its whole-microsecond `updated_at` with.
 ///
 /// Only terminal statuses can be cleaned (`InvalidInput` naming `status`).
-/// The cutoff is `before` in UTC, brought within the years 1–9999 (no
-/// store holds a job outside them, so the same jobs are older; a store
-/// may not even take such an instant), and rounded up to a whole
+/// The cutoff is `before` in UTC, brought within the years 1–9999 (relayq
+/// stamps no job outside them, so the same jobs are older; a store may
+/// not even take such an instant; a row another program stamped outside
+/// them counts as stamped at the nearer end), and rounded up to a whole
 /// microsecond: a job updated at `t` is cleaned exactly when
 /// `t < before`, also when `before` carries nanoseconds a store does not
 /// keep.

@@ -19,7 +19,7 @@ use crate::job::MAX_JSON_DEPTH;
 /// A validated job's payload: compact JSON text that every store can hold
 /// and read back (no `\u0000` in any string or key, no lone UTF-16
 /// surrogate, at most [`MAX_JSON_DEPTH`] levels of nesting, no number
-/// beyond `f64`'s range).
+/// beyond `f64`'s range, no integer beyond 64 bits).
 ///
 /// Only [`NewJob::validate`](crate::NewJob::validate) makes one. Two
 /// payloads are equal when their texts are.

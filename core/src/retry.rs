@@ -146,7 +146,8 @@ impl RetryPolicy {
         }
     }
 
-    /// Sets the first step of an exponential policy. No effect on a custom one.
+    /// Sets the first step of an exponential policy: at most its cap (see
+    /// [`Self::check`]). No effect on a custom one.
     pub fn base(mut self, base: Duration) -> Self {
         if let Rule::Exponential { base: b, .. } = &mut self.rule {
             *b = base;
@@ -190,7 +191,9 @@ impl RetryPolicy {
         Ok(())
     }
 
-    /// Sets the longest delay of an exponential policy. No effect on a custom one.
+    /// Sets the longest delay of an exponential policy: at least its base
+    /// (see [`Self::check`]; the default base is
+    /// [`Self::DEFAULT_BASE`]). No effect on a custom one.
     pub fn cap(mut self, cap: Duration) -> Self {
         if let Rule::Exponential { cap: c, .. } = &mut self.rule {
             *c = cap;

@@ -111,8 +111,10 @@ pub trait Observer: Send + Sync {
     ///
     /// A job whose stored payload or result a database backend cannot
     /// read as JSON (another program wrote it) reads with that column as a
-    /// JSON string holding the stored text, as a pull stores it once it
-    /// kills the job; so does it in [`Self::list`].
+    /// JSON string holding the stored text (on SQLite, bytes that are not
+    /// UTF-8 as U+FFFD), as a pull stores it once it kills the job; so
+    /// does it in [`Self::list`]. Such a column cannot be told apart from
+    /// one that holds that string.
     async fn get(&self, id: JobId) -> Result<Option<Job>>;
 
     /// One page of jobs matching `filter`, by ascending id.
@@ -133,7 +135,10 @@ pub trait Observer: Send + Sync {
 pub trait Cleaner: Send + Sync {
     /// Deletes jobs in the terminal `status` last updated before `before`,
     /// returning how many. A non-terminal status is
-    /// [`Error::InvalidInput`](crate::Error::InvalidInput).
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput). Any `before` is
+    /// taken, in UTC and brought within the years 1–9999 (see
+    /// [`check_clean`](crate::check_clean)): one past them cleans every job
+    /// of the status, one before them none.
     ///
     /// A database backend deletes in chunks, each committed alone, so a
     /// clean of millions of jobs never holds its locks (SQLite's write

@@ -96,8 +96,9 @@ impl HandlerError {
         }
     }
 
-    /// Retries after exactly `delay` instead of the policy's delay (still
-    /// `Dead` once the attempts are used up).
+    /// Retries after `delay` (rounded up to a whole microsecond, at most
+    /// [`MAX_DELAY`](crate::MAX_DELAY)) instead of the policy's delay
+    /// (still `Dead` once the attempts are used up).
     pub fn retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay);
         self
@@ -344,7 +345,9 @@ pub trait Handler<S = ()>: Send + 'static {
     /// The payload type this handler runs.
     type Job: JobType;
     /// What a successful run returns; stored as the job's result (`()` and
-    /// other values serializing to `null` store none).
+    /// other values serializing to `null` store none). One no store can
+    /// keep (it does not serialize, holds NUL or nests too deep) makes the
+    /// job `Dead` at once.
     type Output: Serialize;
 
     /// Runs one attempt. An `Err` or a panic is a failed attempt.

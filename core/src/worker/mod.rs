@@ -338,9 +338,11 @@ impl<S: Send + Sync + 'static> WorkerHandle<S> {
     /// rest so another worker takes them at once, and returns what happened.
     ///
     /// Past that deadline, outcome writes and releases that fail
-    /// transiently are not made again (each try still waits for the
-    /// store's answer): the jobs they were for keep their leases and run
-    /// again once those end.
+    /// transiently are not made again (a try already sent still waits for
+    /// the store's answer, for at most the store's own timeouts): the jobs
+    /// they were for come back when their leases end, as after a crash
+    /// (the attempt spent; a job whose completion was not written runs
+    /// again).
     pub async fn shutdown(self) -> ShutdownReport {
         let grace = self.worker.shared.config.shutdown_timeout;
         self.shutdown_within(grace).await
