@@ -92,21 +92,25 @@ impl Scheme {
             .split_once(':')
             .map(|(scheme, _)| scheme)
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| Error::Config {
-                reason: format!("expected a URL with a scheme, such as {}", Self::KNOWN),
+            .ok_or_else(|| {
+                Error::config(
+                    "url",
+                    format!("expected a URL with a scheme, such as {}", Self::KNOWN),
+                )
             })?;
         match scheme.to_ascii_lowercase().as_str() {
             "memory" => Ok(Self::Memory),
             "sqlite" => Ok(Self::Sqlite),
             "postgres" | "postgresql" => Ok(Self::Postgres),
-            _ => Err(Error::Config {
-                // The scheme only: the rest of the URL may hold a password.
-                reason: format!(
+            // The scheme only: the rest of the URL may hold a password.
+            _ => Err(Error::config(
+                "url",
+                format!(
                     "unknown URL scheme {:?}; relayq connects to {}",
                     scheme.chars().take(32).collect::<String>(),
                     Self::KNOWN
                 ),
-            }),
+            )),
         }
     }
 
@@ -116,21 +120,23 @@ impl Scheme {
 /// The error for a scheme whose backend is compiled out.
 #[cfg(not(all(feature = "memory", feature = "sqlite", feature = "postgres")))]
 fn feature_off(scheme: &str, feature: &str) -> Error {
-    Error::Config {
-        reason: format!(
+    Error::config(
+        "url",
+        format!(
             "{scheme} URLs need relayq's `{feature}` cargo feature, which is not enabled \
              (relayq = {{ features = [\"{feature}\"] }})"
         ),
-    }
+    )
 }
 
 #[cfg(feature = "memory")]
 fn open_memory(url: &str) -> Result<Arc<dyn Backend>> {
     let rest = url.split_once(':').map_or("", |(_, rest)| rest);
     if !matches!(rest, "" | "//") {
-        return Err(Error::Config {
-            reason: "memory:// URLs take no host, path or options".to_owned(),
-        });
+        return Err(Error::config(
+            "url",
+            "memory:// URLs take no host, path or options",
+        ));
     }
     Ok(Arc::new(relayq_memory::MemoryBackend::new()))
 }
@@ -166,7 +172,10 @@ mod tests {
 
     fn config_reason(result: Result<Arc<dyn Backend>>) -> String {
         match result {
-            Err(Error::Config { reason }) => reason,
+            Err(Error::Config {
+                setting: "url",
+                reason,
+            }) => reason,
             other => panic!("expected a configuration error, got {other:?}"),
         }
     }

@@ -246,30 +246,37 @@ impl PgOptions {
     pub(crate) fn validate(&self) -> Result<PgConnectOptions> {
         check_schema(&self.schema)?;
         if self.max_connections == 0 {
-            return Err(config("max_connections must be at least 1"));
+            return Err(Error::config("max_connections", "must be at least 1"));
         }
         if self.min_connections > self.max_connections {
-            return Err(config(format!(
-                "min_connections ({}) exceeds max_connections ({})",
-                self.min_connections, self.max_connections
-            )));
+            return Err(Error::config(
+                "min_connections",
+                format!(
+                    "{} exceeds max_connections ({})",
+                    self.min_connections, self.max_connections
+                ),
+            ));
         }
         // The pool adds it to the current instant, which a huge one overflows.
         if self.acquire_timeout.is_zero() || self.acquire_timeout > MAX_REPLY_TIMEOUT {
-            return Err(config("acquire_timeout must be positive and at most a day"));
+            return Err(Error::config(
+                "acquire_timeout",
+                "must be positive and at most a day",
+            ));
         }
         if self
             .reply_timeout
             .is_some_and(|t| t.is_zero() || t > MAX_REPLY_TIMEOUT)
         {
-            return Err(config(
-                "reply_timeout must be positive and at most a day (None waits as long as the \
-                 network does)",
+            return Err(Error::config(
+                "reply_timeout",
+                "must be positive and at most a day (None waits as long as the network does)",
             ));
         }
         if self.vacuum_threshold == Some(0) {
-            return Err(config(
-                "vacuum_threshold must be at least 1 (None turns vacuuming off)",
+            return Err(Error::config(
+                "vacuum_threshold",
+                "must be at least 1 (None turns vacuuming off)",
             ));
         }
         let name = &self.application_name;
@@ -277,17 +284,14 @@ impl PgOptions {
             || name.len() > MAX_APPLICATION_NAME_LEN
             || !name.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
         {
-            return Err(config(format!(
-                "application_name must be 1 to {MAX_APPLICATION_NAME_LEN} printable ASCII characters, got {name:?}"
-            )));
+            return Err(Error::config(
+                "application_name",
+                format!(
+                    "must be 1 to {MAX_APPLICATION_NAME_LEN} printable ASCII characters, got {name:?}"
+                ),
+            ));
         }
         parse_url(&self.url)
-    }
-}
-
-fn config(reason: impl Into<String>) -> Error {
-    Error::Config {
-        reason: reason.into(),
     }
 }
 
@@ -302,14 +306,16 @@ pub(crate) fn check_schema(schema: &str) -> Result<()> {
             .iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_');
     if !valid {
-        return Err(config(format!(
-            "schema name {schema:?} must match ^[a-z_][a-z0-9_]{{0,62}}$"
-        )));
+        return Err(Error::config(
+            "schema",
+            format!("{schema:?} must match ^[a-z_][a-z0-9_]{{0,62}}$"),
+        ));
     }
     if schema.starts_with("pg_") {
-        return Err(config(format!(
-            "schema name {schema:?} is reserved: names starting with pg_ belong to PostgreSQL"
-        )));
+        return Err(Error::config(
+            "schema",
+            format!("{schema:?} is reserved: names starting with pg_ belong to PostgreSQL"),
+        ));
     }
     Ok(())
 }
@@ -326,9 +332,12 @@ fn parse_url(url: &str) -> Result<PgConnectOptions> {
             format!("{}://{rest}", scheme.to_ascii_lowercase())
         }
         _ => {
-            return Err(config(format!(
-                "{redacted:?} is not a PostgreSQL URL: it must start with postgres:// or postgresql://"
-            )));
+            return Err(Error::config(
+                "url",
+                format!(
+                    "{redacted:?} is not a PostgreSQL URL: it must start with postgres:// or postgresql://"
+                ),
+            ));
         }
     };
     let url = url.as_str();
@@ -337,7 +346,7 @@ fn parse_url(url: &str) -> Result<PgConnectOptions> {
         if let Some(password) = password_of(url) {
             reason = reason.replace(password, "***");
         }
-        config(format!("invalid PostgreSQL URL {redacted:?}: {reason}"))
+        Error::config("url", format!("{redacted:?}: {reason}"))
     })
 }
 

@@ -444,11 +444,12 @@ impl SqliteBackend {
                 .await?
         })?;
         if parse_version(&version) < parse_version(MIN_SQLITE_VERSION) {
-            return Err(Error::Config {
-                reason: format!(
+            return Err(Error::config(
+                "sqlite_version",
+                format!(
                     "SQLite {version} is too old: relayq-sqlite needs {MIN_SQLITE_VERSION} or newer"
                 ),
-            });
+            ));
         }
         Ok(())
     }

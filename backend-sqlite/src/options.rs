@@ -132,19 +132,26 @@ impl SqliteOptions {
     /// Checks every setting and turns the URL into sqlx connect options.
     pub(crate) fn resolve(&self) -> Result<Resolved> {
         if self.max_connections == 0 {
-            return Err(config("max_connections must be at least 1"));
+            return Err(Error::config("max_connections", "must be at least 1"));
         }
         if i32::try_from(self.busy_timeout.as_millis()).is_err() {
-            return Err(config("busy_timeout is too long"));
+            return Err(Error::config(
+                "busy_timeout",
+                format!("must be at most {} ms", i32::MAX),
+            ));
         }
         // The poller's timer adds it to the current instant, which a huge
         // one overflows.
         if self.poll_interval.is_zero() || self.poll_interval > Self::MAX_POLL_INTERVAL {
-            return Err(config("poll_interval must be positive and at most a day"));
+            return Err(Error::config(
+                "poll_interval",
+                "must be positive and at most a day",
+            ));
         }
         let rest = strip_scheme(&self.url).ok_or_else(|| {
-            config(
-                "the URL must start with `sqlite:` (e.g. `sqlite://jobs.db` or `sqlite::memory:`)",
+            Error::config(
+                "url",
+                "must start with `sqlite:` (e.g. `sqlite://jobs.db` or `sqlite::memory:`)",
             )
         })?;
         let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
@@ -154,7 +161,7 @@ impl SqliteOptions {
         // knows the scheme in lower case only.
         let after_scheme = self.url.split_once(':').map_or("", |(_, rest)| rest);
         let parsed = SqliteConnectOptions::from_str(&format!("sqlite:{after_scheme}"))
-            .map_err(|e| config(format!("bad SQLite URL: {e}")))?;
+            .map_err(|e| Error::config("url", e.to_string()))?;
         let connect = if in_memory {
             // One private in-memory database, held by the pool's single
             // connection for the pool's whole life.
@@ -163,8 +170,9 @@ impl SqliteOptions {
                 .shared_cache(false)
         } else {
             if database.is_empty() {
-                return Err(config(
-                    "the URL names no database file (use `sqlite::memory:` for an in-memory one)",
+                return Err(Error::config(
+                    "url",
+                    "names no database file (use `sqlite::memory:` for an in-memory one)",
                 ));
             }
             parsed
@@ -194,12 +202,6 @@ fn strip_scheme(url: &str) -> Option<&str> {
         return None;
     }
     Some(rest.strip_prefix("//").unwrap_or(rest))
-}
-
-fn config(reason: impl Into<String>) -> Error {
-    Error::Config {
-        reason: reason.into(),
-    }
 }
 
 #[cfg(test)]
@@ -245,18 +247,23 @@ mod tests {
             "sqlite://jobs.db?nope=1",
         ] {
             assert!(
-                matches!(resolve(url), Err(Error::Config { .. })),
-                "{url} should be a config error"
+                matches!(resolve(url), Err(Error::Config { setting: "url", .. })),
+                "{url} should be a config error naming the URL"
             );
         }
+        let memory = || SqliteOptions::new("sqlite::memory:");
         let bad = [
-            SqliteOptions::new("sqlite::memory:").max_connections(0),
-            SqliteOptions::new("sqlite::memory:").poll_interval(Duration::ZERO),
-            SqliteOptions::new("sqlite::memory:").poll_interval(Duration::MAX),
-            SqliteOptions::new("sqlite::memory:").busy_timeout(Duration::from_secs(u64::MAX / 2)),
+            (memory().max_connections(0), "max_connections"),
+            (memory().poll_interval(Duration::ZERO), "poll_interval"),
+            (memory().poll_interval(Duration::MAX), "poll_interval"),
+            (
+                memory().busy_timeout(Duration::from_secs(u64::MAX / 2)),
+                "busy_timeout",
+            ),
         ];
-        for options in bad {
-            assert!(matches!(options.resolve(), Err(Error::Config { .. })));
+        for (options, setting) in bad {
+            let e = options.resolve().err().expect("refused");
+            assert_eq!(e.config_setting(), Some(setting), "{e}");
         }
     }
 }

@@ -52,9 +52,7 @@ pub(crate) fn is_lock_contention(e: &sqlx::Error) -> bool {
 /// a full disk and a corrupt file are not: waiting does not mend them.
 pub fn error_from(e: sqlx::Error) -> Error {
     match e {
-        sqlx::Error::Configuration(source) => Error::Config {
-            reason: source.to_string(),
-        },
+        sqlx::Error::Configuration(source) => Error::config("url", source.to_string()),
         e if is_lock_contention(&e)
             || matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed) =>
         {

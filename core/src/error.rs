@@ -66,9 +66,12 @@ pub enum Error {
     },
 
     /// The configuration (a URL, a schema name, a pool setting) is unusable.
-    #[error("invalid configuration: {reason}")]
+    #[error("invalid {setting} setting: {reason}")]
     Config {
-        /// What was wrong. Never contains a password.
+        /// The setting that is unusable, e.g. `"url"`, `"schema"` or
+        /// `"max_connections"`.
+        setting: &'static str,
+        /// What was wrong with it. Never contains a password.
         reason: String,
     },
 
@@ -92,6 +95,22 @@ impl Error {
         Self::InvalidInput {
             field,
             reason: reason.into(),
+        }
+    }
+
+    /// Builds [`Error::Config`].
+    pub fn config(setting: &'static str, reason: impl Into<String>) -> Self {
+        Self::Config {
+            setting,
+            reason: reason.into(),
+        }
+    }
+
+    /// The setting named by an [`Error::Config`], if this is one.
+    pub fn config_setting(&self) -> Option<&'static str> {
+        match self {
+            Self::Config { setting, .. } => Some(setting),
+            _ => None,
         }
     }
 
