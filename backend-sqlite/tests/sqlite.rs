@@ -1324,15 +1324,13 @@ async fn a_pulled_job_with_unreadable_json_is_dead_and_the_rest_are_leased() {
     }
     // Before any pull, observers read them with their text as a JSON
     // string, as they are stored once killed: a listing holding them reads.
-    for (id, payload) in poisoned {
-        let job = backend.get(id).await.expect("get").expect("job");
-        assert_eq!(
-            (job.status, &*job.payload),
-            (JobStatus::Pending, &json!(payload))
-        );
-    }
-    let page = backend.list(&ListFilter::new()).await.expect("list");
-    assert_eq!(page.jobs.len(), 4);
+    relayq_conformance::observe::unreadable_payloads_read_as_text(
+        &backend,
+        &poisoned,
+        JobStatus::Pending,
+        4,
+    )
+    .await;
     let leased = backend
         .pull(&PullRequest::queue("default").batch(2))
         .await
@@ -1350,13 +1348,13 @@ async fn a_pulled_job_with_unreadable_json_is_dead_and_the_rest_are_leased() {
         assert!(error.contains("payload"), "{error}");
     }
     // Their JSON is kept as a string of its text, so they read back.
-    for (id, payload) in poisoned {
-        let job = backend.get(id).await.expect("get").expect("job");
-        assert_eq!(
-            (job.status, &*job.payload),
-            (JobStatus::Dead, &json!(payload))
-        );
-    }
+    relayq_conformance::observe::unreadable_payloads_read_as_text(
+        &backend,
+        &poisoned,
+        JobStatus::Dead,
+        4,
+    )
+    .await;
     // Text that is not UTF-8 is unreadable too, and kept with U+FFFD.
     let bytes = backend.push(job(4)).await.expect("push").id();
     sqlx::query("UPDATE relayq_jobs SET payload = CAST(x'7b22ff227d' AS TEXT) WHERE id = ?")

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use relayq_core::{JobId, JobStatus, ListFilter, StatusCounts};
+use relayq_core::{Backend, JobId, JobStatus, ListFilter, StatusCounts};
 use time::Duration;
 
 use crate::harness::{Harness, job};
@@ -209,4 +209,27 @@ pub async fn a_cancelled_job_reads_back(h: &Harness, id: JobId) {
         .expect("clean");
     assert_eq!(cleaned, 1);
     assert!(h.backend.get(id).await.expect("get").is_none());
+}
+
+/// For a backend's own tests: checks that each job of `unreadable` (its
+/// id, and the payload text another program stored in its place, which
+/// relayq cannot read as JSON) reads through `get` in `status`, its
+/// payload a JSON string holding that text, and that a listing of the
+/// store's `total` jobs, them included, reads.
+pub async fn unreadable_payloads_read_as_text(
+    backend: &dyn Backend,
+    unreadable: &[(JobId, &str)],
+    status: JobStatus,
+    total: usize,
+) {
+    for &(id, payload) in unreadable {
+        let job = backend.get(id).await.expect("get").expect("job");
+        assert_eq!(
+            (job.status, &*job.payload),
+            (status, &serde_json::json!(payload)),
+            "job {id}"
+        );
+    }
+    let page = backend.list(&ListFilter::new()).await.expect("list");
+    assert_eq!(page.jobs.len(), total);
 }
