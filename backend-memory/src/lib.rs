@@ -268,7 +268,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>> {
-        relayq_core::check_subscription(queues)?;
+        relayq_core::check_queue_names(queues)?;
         // A watch channel cannot lose a signal between two waits: a push
         // that lands while the worker is busy is seen by its next `changed`.
         let rx = self.shared.signals.subscribe();

@@ -1599,7 +1599,7 @@ impl Backend for PgBackend {
     }
 
     async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>> {
-        relayq_core::check_subscription(queues)?;
+        relayq_core::check_queue_names(queues)?;
         self.hub()?.subscribe(queues).await.map(Some)
     }
 }

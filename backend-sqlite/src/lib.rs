@@ -1479,7 +1479,7 @@ impl Backend for SqliteBackend {
     }
 
     async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>> {
-        relayq_core::check_subscription(queues)?;
+        relayq_core::check_queue_names(queues)?;
         // Jobs stored by others after this point will be signalled; a busy
         // file is waited out as for any other read.
         let baseline = if self.shared.in_memory {

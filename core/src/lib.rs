@@ -45,7 +45,7 @@ pub use lease::{
 pub use payload::Payload;
 pub use request::{
     Completion, JobPage, ListFilter, MAX_LIST_LIMIT, MAX_PULL_BATCH, MAX_PULL_QUEUES, PullRequest,
-    PushOutcome, Stats, StatusCounts, check_subscription,
+    PushOutcome, Stats, StatusCounts, check_queue_names,
 };
 pub use retry::{Jitter, RetryPolicy};
 pub use store::{Backend, Cleaner, Observer, Puller, Pusher};

@@ -88,9 +88,7 @@ impl PullRequest {
                 ),
             ));
         }
-        for queue in &self.queues {
-            check_name("queue", queue)?;
-        }
+        check_queue_names(&self.queues)?;
         if !(1..=MAX_PULL_BATCH).contains(&self.batch) {
             return Err(Error::invalid(
                 "batch",
@@ -302,10 +300,10 @@ impl Stats {
     }
 }
 
-/// Checks the queues of a [`Backend::subscribe`](crate::Backend::subscribe)
-/// call, as every backend does before it subscribes: each a valid queue
-/// name ([`InvalidInput`](crate::Error::InvalidInput) naming `queue`).
-pub fn check_subscription(queues: &[String]) -> Result<()> {
+/// Checks queue names, as a pull, a worker and every backend's
+/// [`Backend::subscribe`](crate::Backend::subscribe) do: each a valid
+/// queue name ([`InvalidInput`](crate::Error::InvalidInput) naming `queue`).
+pub fn check_queue_names(queues: &[String]) -> Result<()> {
     queues
         .iter()
         .try_for_each(|queue| check_name("queue", queue))

@@ -164,6 +164,6 @@ pub trait Backend: Pusher + Puller + Observer + Cleaner + Debug + Send + Sync {
     /// did, possibly later (SQLite: within its poll interval). A queue
     /// name that could name no queue is
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) (see
-    /// [`check_subscription`](crate::check_subscription)).
+    /// [`check_queue_names`](crate::check_queue_names)).
     async fn subscribe(&self, queues: &[String]) -> Result<Option<Wakeups>>;
 }

@@ -91,7 +91,7 @@ use handler::Entry;
 use crate::error::{Error, Result};
 use crate::job::{Job, JobId, check_name};
 use crate::lease::{Lease, check_lease};
-use crate::request::{MAX_PULL_BATCH, MAX_PULL_QUEUES, PullRequest};
+use crate::request::{MAX_PULL_BATCH, MAX_PULL_QUEUES, PullRequest, check_queue_names};
 use crate::retry::RetryPolicy;
 use crate::store::Backend;
 
@@ -711,9 +711,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
                 format!("name 1 to {MAX_PULL_QUEUES} queues, got {}", queues.len()),
             ));
         }
-        for queue in &queues {
-            check_name("queue", queue)?;
-        }
+        check_queue_names(&queues)?;
         if !(1..=MAX_PULL_BATCH).contains(&self.concurrency) {
             return Err(Error::invalid(
                 "concurrency",
