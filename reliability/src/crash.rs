@@ -1109,12 +1109,9 @@ impl Fleet {
     pub fn check_running(&mut self) -> Result<usize, String> {
         let mut dead = String::new();
         let mut crashed = Vec::new();
-        let armed = self.template.failpoint_one_in > 0;
         for (&id, p) in &mut self.procs {
             match p.child.try_wait() {
-                Ok(Some(status)) if armed && status.code() == Some(FAILPOINT_EXIT) => {
-                    crashed.push(id);
-                }
+                Ok(Some(status)) if died_at_failpoint(&self.template, status) => crashed.push(id),
                 Ok(Some(status)) => {
                     let _ = writeln!(
                         dead,
@@ -1248,10 +1245,7 @@ impl Fleet {
             loop {
                 match p.child.try_wait() {
                     Ok(Some(status)) if status.success() => break,
-                    Ok(Some(status))
-                        if self.template.failpoint_one_in > 0
-                            && status.code() == Some(FAILPOINT_EXIT) =>
-                    {
+                    Ok(Some(status)) if died_at_failpoint(&self.template, status) => {
                         self.killed.insert(id);
                         break;
                     }
@@ -1295,6 +1289,12 @@ impl Drop for Fleet {
             let _ = p.child.wait();
         }
     }
+}
+
+/// Whether a worker started from `template` that exited with `status`
+/// died at a failpoint (only workers with failpoints armed do).
+fn died_at_failpoint(template: &WorkerArgs, status: std::process::ExitStatus) -> bool {
+    template.failpoint_one_in > 0 && status.code() == Some(FAILPOINT_EXIT)
 }
 
 fn signal(pid: u32, name: &str) -> std::io::Result<()> {
