@@ -13,7 +13,9 @@
 //!   `release` (and `complete_batch` and `extend_batch`, one statement for
 //!   many leases) match the id, status `processing` *and* the lease's
 //!   fencing token; anything else is [`Error::LeaseLost`] (or reported lost
-//!   by the batch forms) and changes nothing.
+//!   by the batch forms) and changes nothing. Each finds its rows through
+//!   the primary key, whatever the planner's statistics say about how many
+//!   jobs are leased, so its cost does not grow with the leases held.
 //! - **Batch pushes in one round trip** (`UNNEST` of arrays), with
 //!   `unique_key` enforced by a partial unique index and `ON CONFLICT DO
 //!   NOTHING`, so a duplicate is reported instead of failing the batch.
@@ -283,6 +285,8 @@
 //! sqlx error the same way.
 
 mod deadline;
+#[cfg(all(test, feature = "testing"))]
+mod fence_plans;
 mod fold;
 mod json;
 mod listen;
