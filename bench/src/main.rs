@@ -134,14 +134,22 @@ async fn run(args: &Args) -> Result<bool, String> {
             }
         }
     };
-    let outcome = tokio::time::timeout(workloads::WORKLOAD_DEADLINE, work)
-        .await
-        .map_err(|_| {
+    // A Ctrl-C ends the workload, not the process, so that its schema or
+    // file is removed all the same.
+    let interrupted = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let outcome = tokio::select! {
+        timed = tokio::time::timeout(workloads::WORKLOAD_DEADLINE, work) => timed.map_err(|_| {
             format!(
                 "workload did not finish within {:?}",
                 workloads::WORKLOAD_DEADLINE
             )
-        });
+        }),
+        () = interrupted => Err("interrupted".to_owned()),
+    };
     store.close().await;
     let mut line = outcome??;
     println!("{}", line.render());
