@@ -285,14 +285,14 @@
 //! sqlx error the same way.
 
 mod deadline;
-#[cfg(all(test, feature = "testing"))]
-mod fence_plans;
 mod fold;
 mod json;
 mod listen;
 mod migrate;
 mod notify;
 mod options;
+#[cfg(all(test, feature = "testing"))]
+mod plans;
 mod row;
 mod sql;
 #[cfg(feature = "testing")]
@@ -1571,6 +1571,7 @@ impl Cleaner for PgBackend {
         let mut deleted = 0;
         loop {
             let query = sqlx::query(self.inner.sql.clean.clone())
+                .persistent(false)
                 .bind(status.as_str())
                 .bind(before)
                 .bind(CLEAN_CHUNK as i64);

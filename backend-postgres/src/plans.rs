@@ -1,8 +1,8 @@
-//! Tests of the acknowledgement statements' plans (see `sql::COMPLETE`):
-//! each reads the rows it names, not every leased job, whatever the
-//! planner's statistics say about how many are leased.
+//! Tests of the statements' plans: each reads the rows it needs, not every
+//! leased or finished job, whatever the planner's statistics say and
+//! however many jobs the table keeps.
 
-use relayq_core::{Lease, NewJob, PullRequest, Puller, Pusher};
+use relayq_core::{Cleaner, JobStatus, Lease, NewJob, PullRequest, Puller, Pusher};
 use serde_json::{Value, json};
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
@@ -17,8 +17,11 @@ type Bound = Query<'static, Postgres, PgArguments>;
 /// Binds a statement's parameters after the lease's.
 type Binder = Box<dyn FnOnce(Bound) -> Bound>;
 
-/// Jobs leased when the statements are planned.
+/// Jobs leased when the acknowledgements are planned.
 const LEASED: usize = 3_000;
+
+/// Finished jobs kept beside the active ones.
+const FINISHED: i64 = 20_000;
 
 /// Rows a plan read from the jobs table: at each scan of it, the rows it
 /// returned and those its filter dropped, over all its loops.
@@ -39,15 +42,15 @@ fn rows_read(node: &Value) -> f64 {
 }
 
 /// Runs `sql` under `EXPLAIN ANALYZE` in a transaction rolled back (so
-/// nothing changes), with `now` as `$1` and what `bind` adds, and returns
-/// the rows it read from the jobs table and its plan.
+/// nothing changes), with the parameters `bind` binds, and returns the
+/// rows it read from the jobs table and its plan.
 async fn explain(
     backend: &PgBackend,
     sql: &SqlStr,
     bind: impl FnOnce(Bound) -> Bound,
 ) -> (f64, Value) {
     let explained = AssertSqlSafe(format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", sql.as_str()));
-    let query = bind(sqlx::query(explained).bind(backend.now()));
+    let query = bind(sqlx::query(explained));
     let mut tx = backend.pool().begin().await.expect("begin");
     let plan: Value = query
         .fetch_one(&mut *tx)
@@ -117,7 +120,7 @@ async fn acknowledgements_read_only_their_rows_whatever_the_statistics() {
     let mut over = Vec::new();
     for (name, statement, bind) in single {
         let (read, plan) = explain(&backend, statement, |q| {
-            bind(q.bind(lease.job_id).bind(lease.token))
+            bind(q.bind(backend.now()).bind(lease.job_id).bind(lease.token))
         })
         .await;
         if read > 2.0 {
@@ -129,14 +132,17 @@ async fn acknowledgements_read_only_their_rows_whatever_the_statistics() {
     let tokens: Vec<i64> = batch.iter().map(|lease| lease.token).collect();
     let results: Vec<Option<AsJson<Value>>> = vec![None; batch.len()];
     let (read, plan) = explain(&backend, &sql.complete_batch, |q| {
-        q.bind(ids.clone()).bind(tokens.clone()).bind(results)
+        q.bind(backend.now())
+            .bind(ids.clone())
+            .bind(tokens.clone())
+            .bind(results)
     })
     .await;
     if read > 20.0 {
         over.push(format!("complete_batch read {read} rows:\n{plan:#}"));
     }
     let (read, plan) = explain(&backend, &sql.extend_batch, |q| {
-        q.bind(ids).bind(tokens).bind(micros)
+        q.bind(backend.now()).bind(ids).bind(tokens).bind(micros)
     })
     .await;
     if read > 20.0 {
@@ -144,4 +150,79 @@ async fn acknowledgements_read_only_their_rows_whatever_the_statistics() {
     }
     testing::drop_schema(&schema).await;
     assert!(over.is_empty(), "{}", over.join("\n"));
+}
+
+/// Stores `n` finished jobs of queue `default`, a day old, and refreshes
+/// the statistics.
+async fn keep_finished(backend: &PgBackend, n: i64) {
+    let schema = backend.schema();
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO \"{schema}\".jobs (queue, kind, payload, status, attempts, max_attempts,
+             lease_token, run_at, created_at, updated_at)
+         SELECT 'default', 'k', '{{}}', 'done', 1, 25, 1, now() - interval '1 day',
+                now() - interval '1 day', now() - interval '1 day'
+         FROM generate_series(1, $1)"
+    )))
+    .bind(n)
+    .execute(backend.pool())
+    .await
+    .expect("finished jobs");
+    sqlx::query(AssertSqlSafe(format!("ANALYZE \"{schema}\".jobs")))
+        .execute(backend.pool())
+        .await
+        .expect("analyze");
+}
+
+/// A push that finds its unique key held looks the holder up through the
+/// unique index. Over all jobs with the key, the look-up could use no
+/// index and read every job kept, for each duplicate push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_key_is_found_through_the_unique_index() {
+    let backend = testing::connect(testing::options()).await;
+    keep_finished(&backend, FINISHED).await;
+    let holder = backend
+        .push(NewJob::new("k", &json!({})).unique_key("key"))
+        .await
+        .expect("push")
+        .id();
+    let duplicate = backend
+        .push(NewJob::new("k", &json!({})).unique_key("key"))
+        .await
+        .expect("push");
+    assert_eq!(duplicate.id(), holder);
+    assert!(duplicate.is_duplicate());
+    let (read, plan) = explain(&backend, &backend.inner.sql.find_key_holder, |q| {
+        q.bind("default").bind("key")
+    })
+    .await;
+    testing::drop_schema(backend.schema()).await;
+    assert!(read <= 1.0, "the look-up read {read} rows:\n{plan:#}");
+}
+
+/// A clean is planned with its values for every chunk: prepared, it was
+/// given a generic plan after five chunks, which cannot use the index on
+/// finished jobs (the status is a parameter) and scanned the whole table
+/// for each chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_is_planned_with_its_values() {
+    let backend = testing::connect(testing::options().max_connections(1)).await;
+    keep_finished(&backend, FINISHED).await;
+    let deleted = backend
+        .clean(JobStatus::Done, time::OffsetDateTime::now_utc())
+        .await
+        .expect("clean");
+    assert_eq!(deleted, FINISHED as u64);
+    // The pool's one connection, which made every chunk. (The pattern is
+    // built so that this statement, prepared too, does not match it.)
+    let mut conn = backend.pool().acquire().await.expect("connection");
+    let prepared: Vec<String> = sqlx::query_scalar(
+        "SELECT statement FROM pg_prepared_statements \
+         WHERE statement LIKE '%' || 'DELETE' || ' FROM%'",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .expect("prepared statements");
+    drop(conn);
+    testing::drop_schema(backend.schema()).await;
+    assert!(prepared.is_empty(), "clean was prepared: {prepared:?}");
 }
