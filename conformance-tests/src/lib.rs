@@ -123,6 +123,7 @@ macro_rules! __for_each_case {
             worker::worker_hears_a_push_made_during_its_empty_pull,
             worker::worker_shutdown_report_counts_only_the_grace_period,
             worker::worker_stops_a_handler_no_renewal_reached_for_a_whole_lease,
+            worker::worker_does_not_start_a_job_pulled_too_late_to_hold,
             worker::worker_renews_past_a_renewal_that_hangs,
             worker::worker_without_prefetch_pulls_for_free_slots_only,
             worker::worker_shutdown_finishes_in_flight_then_releases,

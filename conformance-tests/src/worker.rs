@@ -1405,6 +1405,86 @@ impl crate::faults::Faults for FirstRenewalHangs {
     }
 }
 
+/// A job whose pull is answered after its lease could have ended on the
+/// store (a slow store, a stalled process) is not started: another worker
+/// may hold the job by then, and both would run it at once.
+pub async fn worker_does_not_start_a_job_pulled_too_late_to_hold(h: Harness) {
+    let lease = StdDuration::from_millis(600);
+    let late = Arc::new(LatePull {
+        answer_after: lease,
+        leased: tokio::sync::Notify::new(),
+        answered: tokio::sync::Notify::new(),
+        delayed: std::sync::atomic::AtomicBool::new(false),
+    });
+    let backend: Arc<dyn Backend> =
+        Arc::new(Faulty::new(Arc::clone(&h.backend), Arc::clone(&late)));
+    let started = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::builder(backend)
+        .state(h.clone())
+        .queues(["late"])
+        .lease(lease)
+        .handle({
+            let started = Arc::clone(&started);
+            move |_: Task, _ctx: JobContext<Harness>| {
+                started.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, HandlerError>(0) }
+            }
+        })
+        .build()
+        .expect("build");
+    let id = h.push(Task { n: 1 }.to_job().queue("late")).await;
+    let running = worker.start();
+    within("the worker's pull to lease the job", late.leased.notified()).await;
+    // The lease ends on the store, and another worker takes the job over
+    // while the first pull's answer is on its way.
+    h.advance(Duration::milliseconds(700));
+    let rival = h.pull_one("late").await;
+    assert_eq!(rival.lease.job_id, id);
+    within("the late answer", late.answered.notified()).await;
+    // Time for the worker to start the job, were it to.
+    tokio::time::sleep(StdDuration::from_millis(300)).await;
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        0,
+        "the job was started though its lease had ended before its pull returned"
+    );
+    h.backend
+        .complete(&rival.lease, None)
+        .await
+        .expect("the rival's lease holds");
+    running.shutdown_within(LIVENESS).await;
+}
+
+/// The first pull that leases jobs answers `answer_after` it was sent.
+#[derive(Debug)]
+struct LatePull {
+    answer_after: StdDuration,
+    /// Told once that pull has leased its jobs.
+    leased: tokio::sync::Notify,
+    /// Told once it has answered.
+    answered: tokio::sync::Notify,
+    delayed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl crate::faults::Faults for LatePull {
+    async fn pull(
+        &self,
+        inner: &dyn Backend,
+        request: &relayq_core::PullRequest,
+    ) -> relayq_core::Result<Vec<relayq_core::LeasedJob>> {
+        let sent = tokio::time::Instant::now();
+        let jobs = inner.pull(request).await?;
+        if jobs.is_empty() || self.delayed.swap(true, Ordering::SeqCst) {
+            return Ok(jobs);
+        }
+        self.leased.notify_one();
+        tokio::time::sleep_until(sent + self.answer_after).await;
+        self.answered.notify_one();
+        Ok(jobs)
+    }
+}
+
 /// Renewals the store never makes.
 #[derive(Debug, Clone, Copy)]
 enum BrokenRenewals {

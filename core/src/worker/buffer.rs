@@ -124,8 +124,10 @@ impl Buffer {
 
     /// The next job to start and a free slot for it, if there are both,
     /// counted in `running` (the in-flight count of the lane that will run
-    /// it). Skips jobs whose lease was lost while they waited (the store's
-    /// clock jumped, or it was unreachable for a whole lease). With `tell`,
+    /// it). Skips jobs whose lease was lost while they waited, or may have
+    /// ended by `now` (see [`WatchRef::lapsed`]: the store's clock jumped,
+    /// it was unreachable, the pull's answer came late, the process was
+    /// stalled). With `tell`,
     /// taking jobs tells the pull loop when the buffer runs low (a lane
     /// does, unless it pulls for itself; the pull loop itself need not be
     /// told). A job's wait for its slot
@@ -172,7 +174,7 @@ impl Buffer {
             if tell && left < low_water && left + 1 >= low_water {
                 self.board.ended.notify_one();
             }
-            if job.hold.watch.is_lost() {
+            if job.hold.watch.lapsed(now) {
                 running.fetch_sub(1, Ordering::SeqCst);
                 continue;
             }

@@ -67,7 +67,7 @@ pub enum Outcome {
     Released,
     /// The lease was lost (it expired and another worker took the job, or
     /// an extension found it gone), or no renewal of it was answered for
-    /// nearly a whole lease, so it may have ended on the store: the handler
+    /// five sixths of a lease, so it may soon end on the store: the handler
     /// was stopped and its outcome discarded, as a new holder owns (or may
     /// soon own) the job.
     LeaseLost,

@@ -2,9 +2,10 @@
 //! held lease a third of a lease after its last renewal, whether its job
 //! waits in the prefetch buffer, runs, or has finished and waits for its
 //! completion to be recorded, and tells the job's holder when a renewal
-//! finds the lease lost, or when no renewal has reached the store for
-//! nearly a whole lease (it ends there before the next tick), renewals
-//! that fail, hang or panic alike. The leases due at a tick are renewed together
+//! finds the lease lost, or when no renewal has reached the store for five
+//! sixths of a lease (see [`Timing::give_up`]), renewals that fail, hang
+//! or panic alike; a job whose lease has gone that long unrenewed is not
+//! started ([`WatchRef::lapsed`]). The leases due at a tick are renewed together
 //! ([`Puller::extend_batch`]: one statement on PostgreSQL, one transaction
 //! on SQLite), so renewals take one pool connection, not one per job.
 //!
@@ -168,7 +169,7 @@ impl LeaseWatch {
     /// The warning due for a job held for `held`, if any: its kind's
     /// number, if a handler with no timeout runs it and `held` has reached
     /// a doubling of [`LONG_RUN`] it was not warned of yet. Several reached
-    /// since the last look (the keeper looks every sixth of a lease, and a
+    /// since the last look (the keeper looks every twelfth of a lease, and a
     /// lease may be long) make one warning.
     fn long_run_due(&self, held: Duration) -> Option<u32> {
         let kind = self.untimed.load(Ordering::Relaxed);
@@ -211,6 +212,9 @@ pub(crate) struct PulledLeases {
     /// When the pull was sent: its jobs' runs start at most a couple of
     /// poll intervals later (a job buffered longer is given back).
     pulled_at: Instant,
+    /// How long after its last renewal was sent (or its pull) a lease is
+    /// given up ([`Timing::give_up`]).
+    give_up: Duration,
 }
 
 impl PulledLeases {
@@ -235,6 +239,7 @@ impl WatchRef {
             pull: Arc::new(PulledLeases {
                 leases: Box::new([(lease, LeaseWatch::new(deadline))]),
                 pulled_at: Instant::now(),
+                give_up: Duration::MAX,
             }),
             index: 0,
         }
@@ -242,6 +247,33 @@ impl WatchRef {
 
     fn lease(&self) -> Lease {
         self.pull.leases[self.index].0
+    }
+
+    /// Whether the lease may have ended on the store by `now`: a renewal
+    /// found it lost, or none was answered for the keeper's give-up time
+    /// (then it is marked lost here, as the keeper would at its next tick).
+    /// For a job about to start: the keeper looks only once a tick, and a
+    /// job pulled (or stalled) past its give-up time would otherwise start
+    /// before that look, beside another worker that took the lease over.
+    pub(crate) fn lapsed(&self, now: Instant) -> bool {
+        if self.is_lost() {
+            return true;
+        }
+        // No renewal is older than the pull: a lease pulled less than the
+        // give-up time ago has not lapsed, which is all most starts need
+        // to know (without taking the renewal's lock).
+        let give_up = self.pull.give_up;
+        if now.saturating_duration_since(self.pull.pulled_at) < give_up {
+            return false;
+        }
+        let lapsed = self
+            .renewal()
+            .sent
+            .is_some_and(|sent| now.saturating_duration_since(sent) >= give_up);
+        if lapsed {
+            self.mark_lost();
+        }
+        lapsed
     }
 }
 
@@ -290,9 +322,45 @@ fn lock(registry: &Registry) -> MutexGuard<'_, Held> {
     registry.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// When the keeper renews a lease and when it gives one up.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    /// A lease is renewed once this long has passed since its last
+    /// renewal: a third of a lease.
+    every: Duration,
+    /// The keeper looks at every lease this often, a twelfth of a lease:
+    /// each is renewed between a third of a lease and a quarter more after
+    /// the last.
+    period: Duration,
+    /// A lease whose last renewal that the store answered (or whose pull)
+    /// was sent this long ago is given up: its run is stopped, or it is
+    /// not started. The store extended it from a moment after the sending,
+    /// so it ends there a whole lease after, at the earliest. Given up a
+    /// sixth of a lease, two looks, early: the first look past this time
+    /// comes at least a look's period before the lease ends on the store,
+    /// for the run to stop in (and for a look that comes late, its thread
+    /// busy). (Looking every sixth of a lease and giving up one look early,
+    /// the lease could end at the very moment of the look.)
+    give_up: Duration,
+}
+
+impl Timing {
+    fn new(lease_length: Duration, backend_lease: time::Duration) -> Self {
+        let every = lease_length / 3;
+        let period = every / 4;
+        let lapse = Duration::try_from(backend_lease).unwrap_or(Duration::MAX);
+        Self {
+            every,
+            period,
+            give_up: lapse.saturating_sub(2 * period),
+        }
+    }
+}
+
 /// Renews the leases registered with it until dropped.
 pub(crate) struct LeaseKeeper {
     registry: Registry,
+    timing: Timing,
     task: JoinHandle<()>,
 }
 
@@ -307,14 +375,20 @@ impl LeaseKeeper {
         untimed_kinds: Arc<[&'static str]>,
     ) -> Self {
         let registry = Registry::default();
+        let timing = Timing::new(lease, backend_lease);
         let task = tokio::spawn(renew(
             backend,
             Arc::clone(&registry),
             lease,
+            timing,
             backend_lease,
             untimed_kinds,
         ));
-        Self { registry, task }
+        Self {
+            registry,
+            timing,
+            task,
+        }
     }
 
     /// Registers the jobs of one pull (sent at `pulled_at`) as one entry,
@@ -341,6 +415,7 @@ impl LeaseKeeper {
                     })
                     .collect(),
                 pulled_at,
+                give_up: self.timing.give_up,
             });
             let holds = (0..jobs.len())
                 .map(|index| Hold {
@@ -387,22 +462,17 @@ async fn renew(
     backend: Arc<dyn Backend>,
     registry: Registry,
     lease_length: Duration,
+    timing: Timing,
     backend_lease: time::Duration,
     untimed_kinds: Arc<[&'static str]>,
 ) {
-    let every = lease_length / 3;
-    // Ticking twice per renewal period renews each lease between a third
-    // and a half of a lease after the previous renewal.
-    let period = every / 2;
+    let Timing {
+        every,
+        period,
+        give_up,
+    } = timing;
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A lease whose last renewal that the store answered (or whose pull)
-    // was sent this long ago has ended on the store, which extended it
-    // from a moment after the sending. It is given up a tick early: the
-    // next tick may come only after the store's lease has ended, and
-    // another worker may lease the job from then on.
-    let lapse = Duration::try_from(backend_lease).unwrap_or(Duration::MAX);
-    let give_up = lapse.saturating_sub(period);
     // Rounds of renewals are awaited beside the ticks rather than before
     // the next: a store that stops answering must not stall the lapse
     // checks (the handlers of leases it let end would run on beside their
@@ -454,8 +524,8 @@ async fn renew(
                     }
                     let since = now.duration_since(sent);
                     if since >= give_up {
-                        // Renewals failed or went unanswered for (nearly)
-                        // a whole lease: its run stops, or it is not
+                        // Renewals failed or went unanswered for five
+                        // sixths of a lease: its run stops, or it is not
                         // started.
                         watch.mark_lost();
                         lapsed += 1;
@@ -488,7 +558,7 @@ async fn renew(
             tracing::warn!(
                 leases = lapsed,
                 lease_ms = lease_length.as_millis() as u64,
-                "leases lapsed: no renewal was answered for nearly a whole lease; their jobs are stopped, or not started, and another worker may run them"
+                "leases lapsed: no renewal was answered for five sixths of a lease; their jobs are stopped, or not started, and another worker may run them"
             );
         }
         if !due.is_empty() {
@@ -640,6 +710,68 @@ mod tests {
         let later = OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(30);
         watch.renewed(later, Instant::now());
         assert_eq!(watch.deadline(), later);
+    }
+
+    /// Looks come every period, at any phase to a lease's last renewal:
+    /// the first that finds it past the give-up time comes at least a
+    /// period before the lease ends on the store, for the run to stop in.
+    /// (Given up one period early instead, the lease could end at the very
+    /// moment of that look.)
+    #[test]
+    fn a_lapse_is_seen_a_period_before_the_store_ends_the_lease() {
+        for ms in [100, 600, 30_000, 3_600_000] {
+            let lease = Duration::from_millis(ms);
+            let timing = Timing::new(lease, time::Duration::try_from(lease).expect("lease"));
+            for step in 0..100 {
+                let phase = timing.period * step / 100;
+                let first_look = (0..)
+                    .map(|k| phase + timing.period * k)
+                    .find(|&look| look >= timing.give_up)
+                    .expect("a look");
+                assert!(
+                    lease.saturating_sub(first_look) >= timing.period,
+                    "lease {lease:?}: seen at {first_look:?} ({timing:?})"
+                );
+            }
+        }
+    }
+
+    /// A lease unrenewed for the give-up time counts as lapsed for a start,
+    /// before the keeper's next look, and stays lost; a renewal sent since
+    /// the pull moves that time on.
+    #[test]
+    fn a_lease_lapses_for_a_start_at_the_give_up_time() {
+        let pulled_at = Instant::now();
+        let give_up = Duration::from_millis(400);
+        let watch = |renewed: Option<Duration>| {
+            let watch = LeaseWatch::renewed_at(OffsetDateTime::UNIX_EPOCH, Some(pulled_at));
+            if let Some(after) = renewed {
+                watch.renewed(OffsetDateTime::UNIX_EPOCH, pulled_at + after);
+            }
+            WatchRef {
+                pull: Arc::new(PulledLeases {
+                    leases: Box::new([(
+                        Lease {
+                            job_id: 1,
+                            token: 1,
+                        },
+                        watch,
+                    )]),
+                    pulled_at,
+                    give_up,
+                }),
+                index: 0,
+            }
+        };
+        let pulled = watch(None);
+        assert!(!pulled.lapsed(pulled_at + Duration::from_millis(399)));
+        assert!(!pulled.is_lost());
+        assert!(pulled.lapsed(pulled_at + give_up));
+        assert!(pulled.is_lost(), "marked lost for its run and the keeper");
+        assert!(pulled.lapsed(pulled_at), "lost for good");
+        let renewed = watch(Some(Duration::from_millis(300)));
+        assert!(!renewed.lapsed(pulled_at + Duration::from_millis(699)));
+        assert!(renewed.lapsed(pulled_at + Duration::from_millis(700)));
     }
 
     #[test]

@@ -624,7 +624,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     /// warning naming a job whose handler has none and is still running
     /// once it has held the job for ten minutes since its pull, and again
     /// each time that time doubles (seen when its lease keeper looks, every
-    /// sixth of a lease).
+    /// twelfth of a lease).
     pub fn timeout(mut self, limit: Duration) -> Self {
         self.timeout = Some(limit);
         self
