@@ -93,6 +93,13 @@
 //!   the CA of `sslrootcert` (unlike libpq, that CA is added to the roots
 //!   rather than trusted alone, and `require` never verifies). Without the
 //!   feature, `sslmode=require` fails to connect.
+//! - **URLs** take the query parameters sqlx reads (`sslmode`,
+//!   `sslrootcert`, `sslcert`, `sslkey`, `host`, `hostaddr`, `port`,
+//!   `dbname`, `user`, `password`, `application_name`, `options`,
+//!   `options[…]`, `statement-cache-capacity`); any other (libpq's
+//!   `connect_timeout`, `target_session_attrs`, a `schema`), or a list of
+//!   hosts, is [`Error::Config`]: sqlx would connect without it. The
+//!   schema is [`PgOptions::schema`].
 //! - **Server time.** `now` is the server's `statement_timestamp()` unless
 //!   a [`Clock`] is injected with [`PgOptions::clock`]; then it is bound as
 //!   a parameter, which is how the conformance suite moves time.
@@ -510,11 +517,11 @@ impl PgBackend {
     /// the server is reachable, and (unless turned off with
     /// [`PgOptions::migrate`]) applies pending migrations.
     pub async fn connect_with(options: PgOptions) -> Result<Self> {
-        let connect = options.validate()?;
+        let (connect, application_name) = options.validate()?;
         let target = options.redacted_url();
-        let pool_options = connect.clone().application_name(&options.application_name);
+        let pool_options = connect.clone().application_name(&application_name);
         let listen_options =
-            connect.application_name(&format!("{}{LISTENER_SUFFIX}", options.application_name));
+            connect.application_name(&format!("{application_name}{LISTENER_SUFFIX}"));
         let ping_within = (options.acquire_timeout / 2)
             .min(options.reply_timeout.unwrap_or(std::time::Duration::MAX));
         let pool = PgPoolOptions::new()

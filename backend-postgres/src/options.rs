@@ -23,9 +23,36 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 /// than TCP's own timeout on a dead one.
 pub const DEFAULT_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(60);
 
-/// The longest [`PgOptions::reply_timeout`] and
-/// [`PgOptions::acquire_timeout`] accepted.
-const MAX_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(24 * 60 * 60);
+/// The longest [`PgOptions::reply_timeout`], [`PgOptions::acquire_timeout`],
+/// [`PgOptions::idle_timeout`] and [`PgOptions::max_lifetime`] accepted:
+/// the pool adds them to the current instant, which a huge one overflows
+/// (a panic in the pool's own task).
+const MAX_TIMEOUT: StdDuration = StdDuration::from_secs(24 * 60 * 60);
+
+/// The query parameters of a URL that sqlx reads (besides `options[…]`);
+/// it ignores any other, so relayq refuses them rather than connect
+/// without a setting its user asked for (`connect_timeout`,
+/// `target_session_attrs`, a `schema`…).
+const URL_PARAMETERS: [&str; 18] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
 
 /// Rows changed (claimed, acknowledged, extended, deleted…) through one
 /// backend between the VACUUMs it runs, when none is configured: about
@@ -68,7 +95,7 @@ pub struct PgOptions {
     pub(crate) reply_timeout: Option<StdDuration>,
     pub(crate) idle_timeout: Option<StdDuration>,
     pub(crate) max_lifetime: Option<StdDuration>,
-    pub(crate) application_name: String,
+    pub(crate) application_name: Option<String>,
     pub(crate) clock: Option<Arc<dyn Clock>>,
     pub(crate) migrate: bool,
     pub(crate) vacuum_threshold: Option<u64>,
@@ -110,7 +137,7 @@ impl PgOptions {
             reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
             idle_timeout: Some(StdDuration::from_secs(600)),
             max_lifetime: Some(StdDuration::from_secs(1800)),
-            application_name: DEFAULT_APPLICATION_NAME.to_owned(),
+            application_name: None,
             clock: None,
             migrate: true,
             vacuum_threshold: Some(DEFAULT_VACUUM_THRESHOLD),
@@ -198,9 +225,10 @@ impl PgOptions {
 
     /// The `application_name` the pooled connections report to the server
     /// (the LISTEN connection appends [`LISTENER_SUFFIX`]). Printable ASCII,
-    /// at most 54 bytes.
+    /// at most 54 bytes. By default the URL's `application_name` (or
+    /// `PGAPPNAME`'s), else [`DEFAULT_APPLICATION_NAME`].
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
-        self.application_name = name.into();
+        self.application_name = Some(name.into());
         self
     }
 
@@ -242,8 +270,9 @@ impl PgOptions {
         redact_url(&self.url)
     }
 
-    /// Checks every setting and parses the URL.
-    pub(crate) fn validate(&self) -> Result<PgConnectOptions> {
+    /// Checks every setting and parses the URL; returns the connection
+    /// options and the `application_name` the pool's connections report.
+    pub(crate) fn validate(&self) -> Result<(PgConnectOptions, String)> {
         check_schema(&self.schema)?;
         if self.max_connections == 0 {
             return Err(Error::config("max_connections", "must be at least 1"));
@@ -258,7 +287,7 @@ impl PgOptions {
             ));
         }
         // The pool adds it to the current instant, which a huge one overflows.
-        if self.acquire_timeout.is_zero() || self.acquire_timeout > MAX_REPLY_TIMEOUT {
+        if self.acquire_timeout.is_zero() || self.acquire_timeout > MAX_TIMEOUT {
             return Err(Error::config(
                 "acquire_timeout",
                 "must be positive and at most a day",
@@ -266,12 +295,25 @@ impl PgOptions {
         }
         if self
             .reply_timeout
-            .is_some_and(|t| t.is_zero() || t > MAX_REPLY_TIMEOUT)
+            .is_some_and(|t| t.is_zero() || t > MAX_TIMEOUT)
         {
             return Err(Error::config(
                 "reply_timeout",
                 "must be positive and at most a day (None waits as long as the network does)",
             ));
+        }
+        // Zero made the pool's upkeep task spin without sleeping, closing
+        // every connection as it went idle.
+        for (setting, limit) in [
+            ("idle_timeout", self.idle_timeout),
+            ("max_lifetime", self.max_lifetime),
+        ] {
+            if limit.is_some_and(|t| t.is_zero() || t > MAX_TIMEOUT) {
+                return Err(Error::config(
+                    setting,
+                    "must be positive and at most a day (None keeps connections)",
+                ));
+            }
         }
         if self.vacuum_threshold == Some(0) {
             return Err(Error::config(
@@ -279,7 +321,12 @@ impl PgOptions {
                 "must be at least 1 (None turns vacuuming off)",
             ));
         }
-        let name = &self.application_name;
+        let connect = parse_url(&self.url)?;
+        let name = match (&self.application_name, connect.get_application_name()) {
+            (Some(name), _) => name.clone(),
+            (None, Some(name)) => name.to_owned(),
+            (None, None) => DEFAULT_APPLICATION_NAME.to_owned(),
+        };
         if name.is_empty()
             || name.len() > MAX_APPLICATION_NAME_LEN
             || !name.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
@@ -291,7 +338,7 @@ impl PgOptions {
                 ),
             ));
         }
-        parse_url(&self.url)
+        Ok((connect, name))
     }
 }
 
@@ -341,6 +388,8 @@ fn parse_url(url: &str) -> Result<PgConnectOptions> {
         }
     };
     let url = url.as_str();
+    check_url_parameters(url)
+        .map_err(|reason| Error::config("url", format!("{redacted:?}: {reason}")))?;
     PgConnectOptions::from_str(url).map_err(|e| {
         let mut reason = e.to_string();
         if let Some(password) = password_of(url) {
@@ -348,6 +397,43 @@ fn parse_url(url: &str) -> Result<PgConnectOptions> {
         }
         Error::config("url", format!("{redacted:?}: {reason}"))
     })
+}
+
+/// Why sqlx would read `url` otherwise than its user meant, if it would: a
+/// query parameter it ignores, or a list of hosts (libpq's failover,
+/// which sqlx would look up as one host name, and fail again and again).
+fn check_url_parameters(url: &str) -> std::result::Result<(), String> {
+    // A URL `url` cannot parse is left to sqlx, which says why.
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    let list = |hosts: &str| {
+        format!(
+            "lists several hosts ({hosts:?}); relayq connects to one: name the \
+             primary, or a proxy or DNS name that follows it"
+        )
+    };
+    if let Some(host) = parsed.host_str().filter(|host| host.contains(',')) {
+        return Err(list(host));
+    }
+    for (key, value) in parsed.query_pairs() {
+        if key == "host" && value.contains(',') {
+            return Err(list(&value));
+        }
+        let options = key.starts_with("options[") && key.ends_with(']');
+        if !options && !URL_PARAMETERS.contains(&&*key) {
+            let hint = if key == "schema" || key == "search_path" {
+                " (relayq's schema is set with PgOptions::schema)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "unknown parameter {key:?}{hint}; the URL may set {}, and options[…]",
+                URL_PARAMETERS.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The password in a URL's user info, if any.
@@ -452,6 +538,83 @@ mod tests {
             assert!(matches!(err, Error::Config { .. }), "{url}: {text}");
             assert!(!text.contains("s3cret"), "{url}: {text}");
         }
+    }
+
+    #[test]
+    fn pool_lifetimes_are_positive_and_at_most_a_day() {
+        let day = StdDuration::from_secs(24 * 60 * 60);
+        for (setting, options) in [
+            (
+                "idle_timeout",
+                PgOptions::new("postgres://h/db").idle_timeout(Some(StdDuration::ZERO)),
+            ),
+            (
+                "idle_timeout",
+                PgOptions::new("postgres://h/db")
+                    .idle_timeout(Some(StdDuration::MAX))
+                    .max_lifetime(None),
+            ),
+            (
+                "max_lifetime",
+                PgOptions::new("postgres://h/db").max_lifetime(Some(StdDuration::ZERO)),
+            ),
+            (
+                "max_lifetime",
+                PgOptions::new("postgres://h/db").max_lifetime(Some(day * 2)),
+            ),
+        ] {
+            let err = options.validate().unwrap_err();
+            assert_eq!(err.config_setting(), Some(setting), "{err}");
+        }
+        PgOptions::new("postgres://h/db")
+            .idle_timeout(None)
+            .max_lifetime(Some(day))
+            .validate()
+            .expect("None and a day are fine");
+    }
+
+    /// A URL parameter sqlx would ignore, or a list of hosts sqlx would
+    /// look up as one name, is refused; the parameters sqlx reads pass.
+    #[test]
+    fn urls_that_would_connect_otherwise_than_meant_are_refused() {
+        for url in [
+            "postgres://h/db?schema=jobs",
+            "postgres://h/db?search_path=jobs",
+            "postgres://h/db?connect_timeout=5",
+            "postgres://h/db?sslmode=disable&target_session_attrs=read-write",
+            "postgres://db1,db2/app",
+            "postgres://db1:5432,db2:5432/app",
+            "postgres:///app?host=db1,db2",
+        ] {
+            let err = PgOptions::new(url).validate().unwrap_err();
+            assert_eq!(err.config_setting(), Some("url"), "{url}: {err}");
+        }
+        for url in [
+            "postgres://u:p@h:5433/db?sslmode=disable&application_name=x&statement-cache-capacity=10",
+            "postgres:///db?host=/var/run/postgresql&user=u&dbname=d&port=5433",
+            "postgres://h/db?options=-c%20statement_timeout%3D5s&options[lock_timeout]=1s",
+        ] {
+            PgOptions::new(url).validate().expect(url);
+        }
+    }
+
+    /// The pool's connections report the `application_name` set on the
+    /// options, else the URL's, else relayq's own.
+    #[test]
+    fn the_application_name_comes_from_the_options_or_the_url() {
+        let name = |options: PgOptions| options.validate().expect("valid").1;
+        let url = "postgres://h/db?application_name=billing";
+        assert_eq!(name(PgOptions::new(url)), "billing");
+        assert_eq!(name(PgOptions::new(url).application_name("mine")), "mine");
+        if std::env::var_os("PGAPPNAME").is_none() {
+            assert_eq!(
+                name(PgOptions::new("postgres://h/db")),
+                DEFAULT_APPLICATION_NAME
+            );
+        }
+        let long = format!("postgres://h/db?application_name={}", "x".repeat(60));
+        let err = PgOptions::new(long).validate().unwrap_err();
+        assert_eq!(err.config_setting(), Some("application_name"), "{err}");
     }
 
     #[test]

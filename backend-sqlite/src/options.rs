@@ -156,6 +156,9 @@ impl SqliteOptions {
         })?;
         let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
         let in_memory = database == ":memory:" || params.split('&').any(|p| p == "mode=memory");
+        // `mode=rw` (open, never create) and `mode=ro` are the URL's to
+        // keep; without a mode, a missing file is created.
+        let mode_given = params.split('&').any(|p| p.starts_with("mode="));
 
         // Let sqlx validate the URL (unknown parameters, bad values); it
         // knows the scheme in lower case only.
@@ -175,8 +178,12 @@ impl SqliteOptions {
                     "names no database file (use `sqlite::memory:` for an in-memory one)",
                 ));
             }
+            let parsed = if mode_given {
+                parsed
+            } else {
+                parsed.create_if_missing(true)
+            };
             parsed
-                .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(if self.full_sync {
                     SqliteSynchronous::Full

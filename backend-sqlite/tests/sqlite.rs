@@ -46,6 +46,26 @@ async fn a_cancelled_job_reads_back() {
     relayq_conformance::observe::a_cancelled_job_reads_back(&h, id).await;
 }
 
+/// `mode=rw` in the URL opens an existing file and never creates one: a
+/// typo in its path is an error, not a new, empty database. Without a
+/// mode, the file is created (and then opens with `mode=rw`).
+#[tokio::test]
+async fn a_url_with_mode_rw_never_creates_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("jobs.db");
+    let rw = format!("sqlite://{}?mode=rw", path.display());
+    SqliteBackend::connect(&rw)
+        .await
+        .expect_err("no such file to open");
+    assert!(!path.exists(), "mode=rw created {}", path.display());
+    let created = SqliteBackend::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("created");
+    created.close().await;
+    let opened = SqliteBackend::connect(&rw).await.expect("opened");
+    opened.close().await;
+}
+
 fn file_url(dir: &TempDir) -> String {
     format!("sqlite://{}", dir.path().join("jobs.db").display())
 }
