@@ -254,8 +254,8 @@ impl Observer for MemoryBackend {
 #[async_trait]
 impl Cleaner for MemoryBackend {
     async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64> {
-        let before = check_clean(status, before)?;
-        Ok(self.lock().clean(status, before))
+        let cutoff = check_clean(status, before)?;
+        Ok(self.lock().clean(status, cutoff))
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use relayq_core::{
-    CompactString, Job, JobId, JobPage, JobStatus, LEASE_EXPIRED_ERROR, Lease, LeasedJob,
+    CompactString, Cutoff, Job, JobId, JobPage, JobStatus, LEASE_EXPIRED_ERROR, Lease, LeasedJob,
     ListFilter, PullRequest, PushOutcome, Result, Stats, ValidJob,
 };
 use rustc_hash::FxHashMap;
@@ -483,10 +483,10 @@ impl State {
         stats
     }
 
-    pub(crate) fn clean(&mut self, status: JobStatus, before: OffsetDateTime) -> u64 {
+    pub(crate) fn clean(&mut self, status: JobStatus, cutoff: Cutoff) -> u64 {
         let before_len = self.jobs.len();
         self.jobs
-            .retain(|job| !(job.status == status && job.updated_at < before));
+            .retain(|job| !(job.status == status && cutoff.takes(job.updated_at)));
         // The indexes of queues with no job pending or running go too: a
         // long-lived store whose queue names come and go (one per tenant,
         // say) would otherwise keep one for every name it ever saw. Here,

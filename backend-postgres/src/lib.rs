@@ -313,11 +313,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use relayq_core::{
-    Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
-    LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller,
-    PushOutcome, Pusher, Result, Schedule, Stats, Unreadable, ValidJob, Wakeups, check_clean,
-    check_lease, check_result, check_retry, check_text, pull_readable, truncate_to_micros,
-    validate_batch,
+    Backend, Capabilities, Cleaner, Clock, Completion, Cutoff, Error, Job, JobId, JobPage,
+    JobStatus, LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest,
+    Puller, PushOutcome, Pusher, Result, Schedule, Stats, Unreadable, ValidJob, Wakeups,
+    check_clean, check_lease, check_result, check_retry, check_text, pull_readable,
+    truncate_to_micros, validate_batch,
 };
 use sea_query::{Alias, Expr, ExprTrait, Order, PostgresQueryBuilder, Query};
 use sea_query_sqlx::SqlxBinder;
@@ -1574,7 +1574,11 @@ impl Observer for PgBackend {
 #[async_trait]
 impl Cleaner for PgBackend {
     async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64> {
-        let before = check_clean(status, before)?;
+        let before = match check_clean(status, before)? {
+            Cutoff::Nothing => return Ok(0),
+            Cutoff::Before(before) => Some(before),
+            Cutoff::Everything => None,
+        };
         let mut deleted = 0;
         loop {
             let query = sqlx::query(self.inner.sql.clean.clone())

@@ -185,10 +185,11 @@ use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
 use relayq_core::{
-    Backend, Capabilities, Cleaner, Clock, Completion, Error, Job, JobId, JobPage, JobStatus,
-    LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest, Puller,
-    PushOutcome, Pusher, Result, Stats, Unreadable, ValidJob, Wakeups, check_clean, check_lease,
-    check_result, check_retry, check_text, pull_readable, truncate_to_micros, validate_batch,
+    Backend, Capabilities, Cleaner, Clock, Completion, Cutoff, Error, Job, JobId, JobPage,
+    JobStatus, LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest,
+    Puller, PushOutcome, Pusher, Result, Stats, Unreadable, ValidJob, Wakeups, check_clean,
+    check_lease, check_result, check_retry, check_text, pull_readable, truncate_to_micros,
+    validate_batch,
 };
 use sea_query::{Expr, ExprTrait, Iden, Order, Query, SqliteQueryBuilder};
 use sea_query_sqlx::SqlxBinder;
@@ -1437,22 +1438,38 @@ static GET_SQL: LazyLock<String> =
 #[async_trait]
 impl Cleaner for SqliteBackend {
     async fn clean(&self, status: JobStatus, before: OffsetDateTime) -> Result<u64> {
-        let before = check_clean(status, before)?;
+        // The literal IN list lets SQLite use the partial index on finished
+        // jobs; the bound status picks one of them. Everything gets a
+        // statement of its own rather than `(? IS NULL OR updated_at < ?)`,
+        // with which SQLite would read every job of the status to find
+        // the old ones.
+        let (sql, before) = match check_clean(status, before)? {
+            Cutoff::Nothing => return Ok(0),
+            Cutoff::Before(before) => (
+                "DELETE FROM relayq_jobs WHERE id IN (SELECT id FROM relayq_jobs \
+                 WHERE status IN ('done', 'dead', 'cancelled') \
+                 AND status = ?1 AND updated_at < ?3 LIMIT ?2)",
+                Some(micros(before)),
+            ),
+            Cutoff::Everything => (
+                "DELETE FROM relayq_jobs WHERE id IN (SELECT id FROM relayq_jobs \
+                 WHERE status IN ('done', 'dead', 'cancelled') \
+                 AND status = ?1 LIMIT ?2)",
+                None,
+            ),
+        };
         let mut deleted = 0;
         loop {
             // Each chunk in its own transaction: the write lock is free
             // between them for claims and lease renewals.
             let chunk = write_tx!(self, |tx, _now| {
-                // The literal IN list lets SQLite use the partial index on
-                // finished jobs; the bound status picks one of them.
-                sqlx::query(
-                    "DELETE FROM relayq_jobs WHERE id IN (SELECT id FROM relayq_jobs \
-                     WHERE status IN ('done', 'dead', 'cancelled') \
-                     AND status = ? AND updated_at < ? LIMIT ?)",
-                )
-                .bind(status.as_str())
-                .bind(micros(before))
-                .bind(CLEAN_CHUNK as i64)
+                let query = sqlx::query(sql)
+                    .bind(status.as_str())
+                    .bind(CLEAN_CHUNK as i64);
+                match before {
+                    Some(before) => query.bind(before),
+                    None => query,
+                }
                 .execute(&mut *tx)
                 .await?
                 .rows_affected()

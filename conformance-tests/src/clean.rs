@@ -117,6 +117,60 @@ pub async fn clean_takes_any_cutoff(h: Harness) {
     assert_eq!(h.backend.get(done).await.expect("get"), None);
 }
 
+/// A job updated at the last microsecond relayq stamps (the end of the
+/// year 9999) is older than any cutoff past it, and a job updated at the
+/// first (the start of the year 1) is older than none at or before it.
+pub async fn clean_takes_jobs_stamped_at_the_ends_of_the_years(h: Harness) {
+    use time::macros::datetime;
+    let last = datetime!(9999-12-31 23:59:59.999_999 UTC);
+    for past_last in [
+        datetime!(9999-12-31 23:59:59.999_999_5 UTC),
+        datetime!(+9999-12-31 23:59:59.999_999_999 -23:59:59),
+    ] {
+        h.clock.set(last - Duration::hours(1));
+        let done = h.push(job("k", 1)).await;
+        let leased = h.pull_one("default").await;
+        h.clock.set(last);
+        h.backend
+            .complete(&leased.lease, None)
+            .await
+            .expect("complete");
+        assert_eq!(h.job(done).await.updated_at, last);
+        assert_eq!(
+            h.backend.clean(JobStatus::Done, last).await.expect("clean"),
+            0
+        );
+        assert_eq!(
+            h.backend
+                .clean(JobStatus::Done, past_last)
+                .await
+                .expect("clean"),
+            1,
+            "before {past_last}"
+        );
+    }
+    let first = datetime!(0001-01-01 0:00 UTC);
+    h.clock.set(first);
+    let dead = h.push(job("k", 2)).await;
+    let leased = h.pull_one("default").await;
+    h.backend.kill(&leased.lease, "stop").await.expect("kill");
+    assert_eq!(h.job(dead).await.updated_at, first);
+    assert_eq!(
+        h.backend
+            .clean(JobStatus::Dead, first)
+            .await
+            .expect("clean"),
+        0
+    );
+    assert_eq!(
+        h.backend
+            .clean(JobStatus::Dead, first + Duration::nanoseconds(1))
+            .await
+            .expect("clean"),
+        1
+    );
+}
+
 /// Asking to clean `Pending` or `Processing` jobs is `InvalidInput` naming
 /// `status`, and deletes nothing.
 pub async fn clean_rejects_active_statuses(h: Harness) {

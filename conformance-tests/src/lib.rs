@@ -94,6 +94,7 @@ macro_rules! __for_each_case {
             clean::clean_deletes_only_old_terminal_jobs,
             clean::clean_rejects_active_statuses,
             clean::clean_takes_any_cutoff,
+            clean::clean_takes_jobs_stamped_at_the_ends_of_the_years,
             clean::ids_are_not_reused_after_clean,
             wakeups::push_wakes_a_subscriber,
             wakeups::push_has_signalled_in_process_subscribers_when_it_returns,

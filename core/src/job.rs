@@ -411,18 +411,44 @@ pub fn check_delay(field: &'static str, delay: Duration) -> Result<()> {
     Ok(())
 }
 
+/// Which jobs of a status a [`Cleaner::clean`](crate::Cleaner::clean)
+/// deletes, as [`check_clean`] reads its cutoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cutoff {
+    /// None: the cutoff is at or before the first instant of the year 1,
+    /// and no job is stamped earlier.
+    Nothing,
+    /// Those updated before this instant, a whole microsecond in UTC
+    /// within the years 1–9999.
+    Before(OffsetDateTime),
+    /// All: the cutoff is past the last microsecond of the year 9999, and
+    /// no job is stamped later.
+    Everything,
+}
+
+impl Cutoff {
+    /// Whether a job last updated at `updated_at` is deleted.
+    pub fn takes(self, updated_at: OffsetDateTime) -> bool {
+        match self {
+            Self::Nothing => false,
+            Self::Before(before) => updated_at < before,
+            Self::Everything => true,
+        }
+    }
+}
+
 /// Checks a [`Cleaner::clean`](crate::Cleaner::clean) call and returns
-/// the cutoff a store compares its whole-microsecond `updated_at` with.
+/// which jobs of the status it deletes: those updated before `before`.
 ///
 /// Only terminal statuses can be cleaned (`InvalidInput` naming `status`).
-/// The cutoff is `before` in UTC, brought within the years 1–9999 (relayq
-/// stamps no job outside them, so the same jobs are older; a store may
-/// not even take such an instant; a row another program stamped outside
-/// them counts as stamped at the nearer end), and rounded up to a whole
-/// microsecond: a job updated at `t` is cleaned exactly when
-/// `t < before`, also when `before` carries nanoseconds a store does not
-/// keep.
-pub fn check_clean(status: JobStatus, before: OffsetDateTime) -> Result<OffsetDateTime> {
+/// A store keeps whole microseconds within the years 1–9999 (and may not
+/// even take an instant outside them, which a row another program stamped
+/// outside them counts as stamped at the nearer end of): a `before` at or
+/// before the first of them cleans nothing, one past the last everything,
+/// and one within them is rounded up to a whole microsecond in UTC, so a
+/// job updated at `t` is cleaned exactly when `t < before`, also when
+/// `before` carries nanoseconds a store does not keep.
+pub fn check_clean(status: JobStatus, before: OffsetDateTime) -> Result<Cutoff> {
     use time::macros::datetime;
     const FIRST: OffsetDateTime = datetime!(0001-01-01 0:00 UTC);
     const LAST: OffsetDateTime = datetime!(9999-12-31 23:59:59.999_999 UTC);
@@ -434,18 +460,24 @@ pub fn check_clean(status: JobStatus, before: OffsetDateTime) -> Result<OffsetDa
     }
     // Only an instant near the ends of `time`'s range leaves it in UTC.
     let before = match before.checked_to_offset(time::UtcOffset::UTC) {
-        Some(utc) => utc.clamp(FIRST, LAST),
-        None if before.year() > 0 => LAST,
-        None => FIRST,
+        Some(utc) => utc,
+        None if before.year() > 0 => return Ok(Cutoff::Everything),
+        None => return Ok(Cutoff::Nothing),
     };
+    if before <= FIRST {
+        return Ok(Cutoff::Nothing);
+    }
+    if before > LAST {
+        return Ok(Cutoff::Everything);
+    }
     let down = truncate_to_micros(before);
-    Ok(if down == before {
+    // Within the years, `down` is at most LAST, which has a next
+    // microsecond in `time`'s range.
+    Ok(Cutoff::Before(if down == before {
         before
     } else {
-        // At the very end of `time`'s range there is no next microsecond;
-        // nothing is stored that late.
-        down.checked_add(Duration::MICROSECOND).unwrap_or(down)
-    })
+        down + Duration::MICROSECOND
+    }))
 }
 
 /// Checks an instant lies in the range every store can hold (years 1–9999).

@@ -34,7 +34,7 @@ pub use clock::{Clock, ManualClock, SystemClock, from_unix_micros, truncate_to_m
 pub use compact_str::CompactString;
 pub use error::{BoxError, Error, Result};
 pub use job::{
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobId, JobStatus, MAX_DELAY, MAX_JSON_DEPTH,
+    Cutoff, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job, JobId, JobStatus, MAX_DELAY, MAX_JSON_DEPTH,
     MAX_NAME_LEN, NewJob, Schedule, ValidJob, check_clean, check_delay, check_instant, check_json,
     check_name, check_text, validate_batch,
 };

@@ -136,9 +136,9 @@ pub trait Cleaner: Send + Sync {
     /// Deletes jobs in the terminal `status` last updated before `before`,
     /// returning how many. A non-terminal status is
     /// [`Error::InvalidInput`](crate::Error::InvalidInput). Any `before` is
-    /// taken, in UTC and brought within the years 1–9999 (see
-    /// [`check_clean`](crate::check_clean)): one past them cleans every job
-    /// of the status, one before them none.
+    /// taken (see [`check_clean`](crate::check_clean)): one past the years
+    /// 1–9999 cleans every job of the status, one at or before their start
+    /// none.
     ///
     /// A database backend deletes in chunks, each committed alone, so a
     /// clean of millions of jobs never holds its locks (SQLite's write
