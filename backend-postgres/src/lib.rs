@@ -94,9 +94,10 @@
 //!   rather than trusted alone, and `require` never verifies). Without the
 //!   feature, `sslmode=require` fails to connect.
 //! - **URLs** take the query parameters sqlx reads (`sslmode`,
-//!   `sslrootcert`, `sslcert`, `sslkey`, `host`, `hostaddr`, `port`,
-//!   `dbname`, `user`, `password`, `application_name`, `options`,
-//!   `options[…]`, `statement-cache-capacity`); any other (libpq's
+//!   `sslrootcert`, `sslcert`, `sslkey`, also spelt `ssl-mode`,
+//!   `ssl-root-cert` or `ssl-ca`, `ssl-cert`, `ssl-key`; `host`,
+//!   `hostaddr`, `port`, `dbname`, `user`, `password`, `application_name`,
+//!   `options`, `options[…]`, `statement-cache-capacity`); any other (libpq's
 //!   `connect_timeout`, `target_session_attrs`, a `schema`), or a list of
 //!   hosts, is [`Error::Config`]: sqlx would connect without it. The
 //!   schema is [`PgOptions::schema`].

@@ -23,11 +23,14 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 /// than TCP's own timeout on a dead one.
 pub const DEFAULT_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(60);
 
-/// The longest [`PgOptions::reply_timeout`], [`PgOptions::acquire_timeout`],
-/// [`PgOptions::idle_timeout`] and [`PgOptions::max_lifetime`] accepted:
-/// the pool adds them to the current instant, which a huge one overflows
-/// (a panic in the pool's own task).
+/// The longest [`PgOptions::reply_timeout`] and
+/// [`PgOptions::acquire_timeout`] accepted.
 const MAX_TIMEOUT: StdDuration = StdDuration::from_secs(24 * 60 * 60);
+
+/// The longest [`PgOptions::idle_timeout`] and [`PgOptions::max_lifetime`]
+/// accepted: the pool adds them to the current instant, which a huge one
+/// overflows (a panic in the pool's own task).
+const MAX_POOL_LIFETIME: StdDuration = StdDuration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// The query parameters of a URL that sqlx reads (besides `options[…]`);
 /// it ignores any other, so relayq refuses them rather than connect
@@ -303,15 +306,16 @@ impl PgOptions {
             ));
         }
         // Zero made the pool's upkeep task spin without sleeping, closing
-        // every connection as it went idle.
+        // every connection as it went idle; a huge one overflowed the
+        // instant that task computes, a panic in it.
         for (setting, limit) in [
             ("idle_timeout", self.idle_timeout),
             ("max_lifetime", self.max_lifetime),
         ] {
-            if limit.is_some_and(|t| t.is_zero() || t > MAX_TIMEOUT) {
+            if limit.is_some_and(|t| t.is_zero() || t > MAX_POOL_LIFETIME) {
                 return Err(Error::config(
                     setting,
-                    "must be positive and at most a day (None keeps connections)",
+                    "must be positive and at most 100 years (None keeps connections)",
                 ));
             }
         }
@@ -323,21 +327,36 @@ impl PgOptions {
         }
         let connect = parse_url(&self.url)?;
         let name = match (&self.application_name, connect.get_application_name()) {
-            (Some(name), _) => name.clone(),
-            (None, Some(name)) => name.to_owned(),
-            (None, None) => DEFAULT_APPLICATION_NAME.to_owned(),
+            (Some(name), _) => {
+                if name.is_empty()
+                    || name.len() > MAX_APPLICATION_NAME_LEN
+                    || !name.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                {
+                    return Err(Error::config(
+                        "application_name",
+                        format!(
+                            "must be 1 to {MAX_APPLICATION_NAME_LEN} printable ASCII characters, got {name:?}"
+                        ),
+                    ));
+                }
+                name.clone()
+            }
+            // The URL's (or PGAPPNAME's) is taken as PostgreSQL would take
+            // it, not refused: other characters become `?`, and it is cut
+            // to leave room for the LISTEN connection's suffix.
+            (None, Some(name)) if !name.is_empty() => name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_graphic() || c == ' ' {
+                        c
+                    } else {
+                        '?'
+                    }
+                })
+                .take(MAX_APPLICATION_NAME_LEN)
+                .collect(),
+            (None, _) => DEFAULT_APPLICATION_NAME.to_owned(),
         };
-        if name.is_empty()
-            || name.len() > MAX_APPLICATION_NAME_LEN
-            || !name.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
-        {
-            return Err(Error::config(
-                "application_name",
-                format!(
-                    "must be 1 to {MAX_APPLICATION_NAME_LEN} printable ASCII characters, got {name:?}"
-                ),
-            ));
-        }
         Ok((connect, name))
     }
 }
@@ -541,7 +560,7 @@ mod tests {
     }
 
     #[test]
-    fn pool_lifetimes_are_positive_and_at_most_a_day() {
+    fn pool_lifetimes_are_positive_and_bounded() {
         let day = StdDuration::from_secs(24 * 60 * 60);
         for (setting, options) in [
             (
@@ -560,7 +579,7 @@ mod tests {
             ),
             (
                 "max_lifetime",
-                PgOptions::new("postgres://h/db").max_lifetime(Some(day * 2)),
+                PgOptions::new("postgres://h/db").max_lifetime(Some(StdDuration::MAX)),
             ),
         ] {
             let err = options.validate().unwrap_err();
@@ -568,9 +587,9 @@ mod tests {
         }
         PgOptions::new("postgres://h/db")
             .idle_timeout(None)
-            .max_lifetime(Some(day))
+            .max_lifetime(Some(day * 7))
             .validate()
-            .expect("None and a day are fine");
+            .expect("None and a week are fine");
     }
 
     /// A URL parameter sqlx would ignore, or a list of hosts sqlx would
@@ -612,8 +631,26 @@ mod tests {
                 DEFAULT_APPLICATION_NAME
             );
         }
+        // The URL's is taken as the server would take it, not refused.
         let long = format!("postgres://h/db?application_name={}", "x".repeat(60));
-        let err = PgOptions::new(long).validate().unwrap_err();
+        assert_eq!(
+            name(PgOptions::new(long)),
+            "x".repeat(MAX_APPLICATION_NAME_LEN)
+        );
+        assert_eq!(
+            name(PgOptions::new("postgres://h/db?application_name=caf%C3%A9")),
+            "caf?"
+        );
+        if std::env::var_os("PGAPPNAME").is_none() {
+            assert_eq!(
+                name(PgOptions::new("postgres://h/db?application_name=")),
+                DEFAULT_APPLICATION_NAME
+            );
+        }
+        let err = PgOptions::new(url)
+            .application_name("x".repeat(60))
+            .validate()
+            .unwrap_err();
         assert_eq!(err.config_setting(), Some("application_name"), "{err}");
     }
 

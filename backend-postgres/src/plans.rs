@@ -41,8 +41,9 @@ fn rows_read(node: &Value) -> f64 {
     own + children
 }
 
-/// Runs `sql` under `EXPLAIN ANALYZE` in a transaction rolled back (so
-/// nothing changes), with the parameters `bind` binds, and returns the
+/// Runs `sql` under `EXPLAIN ANALYZE`, unprepared (planned with its values,
+/// and left out of the connection's prepared statements), in a transaction
+/// rolled back (so nothing changes), with the parameters `bind` binds, and returns the
 /// rows it read from the jobs table and its plan.
 async fn explain(
     backend: &PgBackend,
@@ -50,7 +51,7 @@ async fn explain(
     bind: impl FnOnce(Bound) -> Bound,
 ) -> (f64, Value) {
     let explained = AssertSqlSafe(format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", sql.as_str()));
-    let query = bind(sqlx::query(explained));
+    let query = bind(sqlx::query(explained).persistent(false));
     let mut tx = backend.pool().begin().await.expect("begin");
     let plan: Value = query
         .fetch_one(&mut *tx)
@@ -195,8 +196,25 @@ async fn a_held_key_is_found_through_the_unique_index() {
         q.bind("default").bind("key")
     })
     .await;
+    // Once the holder has finished, the look-up finds it all the same (a
+    // push that gave up on the key as the holder finished reports it).
+    let leased = backend
+        .pull(&PullRequest::queue("default"))
+        .await
+        .expect("pull");
+    backend
+        .complete(&leased[0].lease, None)
+        .await
+        .expect("complete");
+    let finished: Option<i64> = sqlx::query_scalar(backend.inner.sql.find_key_holder.clone())
+        .bind("default")
+        .bind("key")
+        .fetch_optional(backend.pool())
+        .await
+        .expect("look-up");
     testing::drop_schema(backend.schema()).await;
     assert!(read <= 1.0, "the look-up read {read} rows:\n{plan:#}");
+    assert_eq!(finished, Some(holder));
 }
 
 /// A clean is planned with its values for every chunk: prepared, it was
@@ -207,6 +225,14 @@ async fn a_held_key_is_found_through_the_unique_index() {
 async fn clean_is_planned_with_its_values() {
     let backend = testing::connect(testing::options().max_connections(1)).await;
     keep_finished(&backend, FINISHED).await;
+    // With a cutoff before every job, a chunk reads none of them: the
+    // statement, its values bound, walks the index on finished jobs.
+    let two_days_ago = time::OffsetDateTime::now_utc() - time::Duration::days(2);
+    let (read, plan) = explain(&backend, &backend.inner.sql.clean, |q| {
+        q.bind("done").bind(Some(two_days_ago)).bind(10_000_i64)
+    })
+    .await;
+    assert!(read <= 1.0, "a chunk read {read} rows:\n{plan:#}");
     let deleted = backend
         .clean(JobStatus::Done, time::OffsetDateTime::now_utc())
         .await

@@ -374,7 +374,8 @@ macro_rules! read {
 
 impl SqliteBackend {
     /// Opens the database at `url` with default [`SqliteOptions`] and runs
-    /// [`Self::migrate`]. A file database is created if missing.
+    /// [`Self::migrate`]. A file database is created if missing, unless the
+    /// URL says `mode=rw` (open an existing file only) or `mode=ro`.
     ///
     /// A URL this backend cannot use is [`Error::Config`]; a database that
     /// cannot be opened (missing directory, permissions, not a database) is

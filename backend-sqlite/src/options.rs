@@ -12,7 +12,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 ///
 /// URLs:
 /// - `sqlite://path/to/jobs.db` or `sqlite:jobs.db` — a file, created if
-///   missing, opened in WAL mode;
+///   missing (unless the URL says `mode=rw`, which opens an existing file
+///   only, or `mode=ro`), opened in WAL mode;
 /// - `sqlite::memory:`, `sqlite://:memory:` or `sqlite://?mode=memory` — a
 ///   private in-memory database (see [`SqliteBackend`](crate::SqliteBackend)
 ///   for how it is shared by the backend's clones).

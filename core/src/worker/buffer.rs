@@ -59,6 +59,9 @@ pub(crate) struct Buffer {
     /// The longest wait for a slot among the jobs taken since the pull
     /// loop last asked, in microseconds.
     longest_wait: AtomicU64,
+    /// Jobs not started since the pull loop last asked, their leases
+    /// lapsed (see [`Self::take`]).
+    lapsed: AtomicUsize,
     /// Jobs taken out to be given back (see [`Self::take_all_if_buffered_by`])
     /// whose leases are still held: raised under the lock as they leave.
     leaving: AtomicUsize,
@@ -75,6 +78,7 @@ impl Buffer {
             }),
             low_water: AtomicUsize::new(1),
             longest_wait: AtomicU64::new(0),
+            lapsed: AtomicUsize::new(0),
             leaving: AtomicUsize::new(0),
             board,
         }
@@ -120,6 +124,12 @@ impl Buffer {
     /// The longest a job taken since the last call waited for its slot.
     pub(crate) fn take_longest_wait(&self) -> Duration {
         Duration::from_micros(self.longest_wait.swap(0, Ordering::Relaxed))
+    }
+
+    /// How many jobs were not started since the last call, their leases
+    /// lapsed.
+    pub(crate) fn take_lapsed(&self) -> usize {
+        self.lapsed.swap(0, Ordering::Relaxed)
     }
 
     /// The next job to start and a free slot for it, if there are both,
@@ -176,6 +186,7 @@ impl Buffer {
             }
             if job.hold.watch.lapsed(now) {
                 running.fetch_sub(1, Ordering::SeqCst);
+                self.lapsed.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let waited = now.saturating_duration_since(job.buffered_at).as_micros();

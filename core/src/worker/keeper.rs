@@ -476,8 +476,9 @@ async fn renew(
     // Rounds of renewals are awaited beside the ticks rather than before
     // the next: a store that stops answering must not stall the lapse
     // checks (the handlers of leases it let end would run on beside their
-    // next holders). A round unanswered for a tick no longer holds back
-    // the next, which sends again what it has not renewed (on PostgreSQL,
+    // next holders). A round unanswered for two looks (a sixth of a
+    // lease) no longer holds back the next, which sends again what it has
+    // not renewed (on PostgreSQL,
     // one silent connection must not keep every lease from renewals on
     // the others until they all lapse); at most [`ROUNDS_AT_ONCE`] are
     // under way, and each is dropped once none of its leases could still
@@ -486,7 +487,7 @@ async fn renew(
     let round_limit = give_up.saturating_sub(every).max(period);
     let mut rounds = FuturesUnordered::new();
     // The tick that sent the newest round still under way: ticks keep to
-    // their schedule, so the next one is a whole period after it.
+    // their schedule, so the next ones are whole periods after it.
     let mut newest: Option<Instant> = None;
     loop {
         let ticked = tokio::select! {
@@ -506,7 +507,7 @@ async fn renew(
         };
         let now = Instant::now();
         let renewing = rounds.len() >= ROUNDS_AT_ONCE
-            || newest.is_some_and(|sent| ticked.duration_since(sent) < period);
+            || newest.is_some_and(|sent| ticked.duration_since(sent) < 2 * period);
         let mut lapsed = 0usize;
         let mut due: Vec<WatchRef> = Vec::new();
         let mut long_runs: Vec<(JobId, u32, Duration)> = Vec::new();

@@ -490,6 +490,9 @@ async fn lane<S: Send + Sync + 'static>(
             started += 1;
             if started.is_multiple_of(STARTS_BETWEEN_YIELDS) {
                 tokio::task::yield_now().await;
+                // Time passed in the first polls and the yield: the next
+                // jobs taken are judged against it (see `Buffer::take`).
+                now = Instant::now();
             }
             let start = (job, slot);
             if polled >= FIRST_POLLS_AT_ONCE || acks.len() >= MAX_ACK_BATCH {
@@ -892,6 +895,15 @@ async fn run<S: Send + Sync + 'static>(
             }
         }
         stock.prefetch().waited(buffer.take_longest_wait());
+        let lapsed = buffer.take_lapsed();
+        if lapsed > 0 {
+            tracing::warn!(
+                jobs = lapsed,
+                "jobs not started: their leases went unrenewed for five sixths of a lease \
+                 (a pull answered late, the process stalled, or the store unreachable); \
+                 another worker may run them"
+            );
+        }
 
         // Pull for the free slots and what the buffer lacks, in up to
         // PULLS_AT_ONCE overlapping pulls, each for the free slots and its
