@@ -798,6 +798,37 @@ async fn polls_after_the_subscription_closed(hang_again: bool, instant_writes: b
     );
 }
 
+/// A store whose first subscription is never answered (on PostgreSQL, a
+/// LISTEN connection that cannot be opened while the server is at its
+/// connection limit, for up to the acquire timeout).
+#[derive(Debug)]
+struct SubscriptionNeverAnswered {
+    instant_writes: bool,
+}
+
+#[async_trait::async_trait]
+impl Faults for SubscriptionNeverAnswered {
+    fn capabilities(&self, _inner: &dyn Backend) -> Capabilities {
+        Capabilities::none()
+            .in_process_wakeups(true)
+            .instant_writes(self.instant_writes)
+    }
+
+    async fn subscribe(&self, _inner: &dyn Backend, _queues: &[String]) -> Result<Option<Wakeups>> {
+        std::future::pending().await
+    }
+}
+
+/// A worker pulls from its start, whether or not its subscription to
+/// wake-ups is made yet: one never answered holds up neither its polls
+/// nor its shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_subscription_never_answered_holds_up_nothing() {
+    for instant_writes in [false, true] {
+        runs_pushed_jobs_by_polling(SubscriptionNeverAnswered { instant_writes }).await;
+    }
+}
+
 /// Pushes three jobs, 30 ms apart, to a one-runner worker polling every
 /// 20 ms on the memory store with `faults`; each must run in time, and
 /// the shutdown must not be held up.

@@ -227,6 +227,13 @@ impl Task {
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { return };
+                    // A subscriber that stopped waiting (a worker stopping
+                    // during its renewal, a caller's timeout) is not
+                    // served: during an outage each such command would
+                    // cost a connection attempt ahead of the live ones.
+                    if command.reply.is_closed() {
+                        continue;
+                    }
                     // Bounded: a LISTEN connection whose server went silent
                     // answers nothing, and TCP gives up only after about a
                     // quarter of an hour, while subscribers (a worker

@@ -2708,6 +2708,35 @@ async fn listener_reconnects_after_the_server_was_unreachable() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A subscription whose caller stopped waiting (a worker stopping, a
+/// caller's timeout) is not made: while the server is unreachable, each
+/// would cost a connection attempt of up to the acquire timeout, ahead of
+/// the subscribers still waiting. Ten abandoned ones held a live one up
+/// for about ten acquire timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_subscriptions_do_not_hold_up_the_live_ones() {
+    let acquire = StdDuration::from_millis(500);
+    let (proxy, backend, through) =
+        behind_proxy(|options| options.max_connections(2).acquire_timeout(acquire)).await;
+    let queues = ["default".to_owned()];
+    proxy.cut();
+    for _ in 0..10 {
+        let abandoned =
+            tokio::time::timeout(StdDuration::from_millis(10), through.subscribe(&queues)).await;
+        assert!(abandoned.is_err(), "no subscription while cut off");
+    }
+    let started = std::time::Instant::now();
+    let live = tokio::time::timeout(SIGNAL_DEADLINE, through.subscribe(&queues))
+        .await
+        .expect("answered");
+    let took = started.elapsed();
+    assert!(live.is_err(), "no subscription while cut off");
+    // One attempt, not eleven (with room for a slow machine).
+    assert!(took < acquire * 5, "the live subscription waited {took:?}");
+    proxy.cut();
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// Waits until `backend`'s pool holds `n` idle connections: returned, past
 /// the ping sqlx sends as it takes a connection back.
 async fn idle_connections(backend: &PgBackend, n: usize) {

@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::FutureExt;
+
 use super::execute::contained;
 use crate::store::Backend;
 use crate::wakeups::Wakeups;
@@ -52,6 +54,15 @@ impl Signals {
     /// subscription the runner polls. A backend that declares signals but
     /// failed to subscribe (or whose subscription closes) is tried again
     /// every `retry_after`; one that declares none and returned none is not.
+    ///
+    /// A backend that declares signals is subscribed to beside the
+    /// runner's first pulls, not before them: on PostgreSQL subscribing
+    /// opens the LISTEN connection, which takes up to the acquire timeout
+    /// when the server is at its connection limit (or longer, behind a
+    /// reconnect under way), while the pool could serve pulls at once. Such
+    /// a subscription, once made, is a sign like a signal (pushes made
+    /// before it went unheard), so the runner pulls again. One made at the
+    /// first poll (in process) is in place before the first pull.
     pub(crate) async fn subscribe(
         backend: Arc<dyn Backend>,
         queues: Vec<String>,
@@ -64,9 +75,20 @@ impl Signals {
             retry_after,
             ..Self::none(backend)
         };
-        let state = match try_subscribe(&*signals.backend, &signals.queues).await {
-            Some(wakeups) => State::Open(wakeups),
-            None => signals.after_loss(),
+        let state = if signals.renews {
+            // A subscription made at once (in process) is in place before
+            // the first pull, as a caller would expect.
+            let mut subscribing = renewal(&signals.backend, &signals.queues, Duration::ZERO);
+            match (&mut subscribing).now_or_never() {
+                Some(Some(wakeups)) => State::Open(wakeups),
+                Some(None) => signals.after_loss(),
+                None => State::Renewing(subscribing),
+            }
+        } else {
+            match try_subscribe(&*signals.backend, &signals.queues).await {
+                Some(wakeups) => State::Open(wakeups),
+                None => State::Off,
+            }
         };
         signals.state = Mutex::new(state);
         signals
@@ -161,7 +183,10 @@ async fn try_subscribe(backend: &dyn Backend, queues: &[String]) -> Option<Wakeu
 fn renewal(backend: &Arc<dyn Backend>, queues: &[String], after: Duration) -> Renewal {
     let (backend, queues) = (Arc::clone(backend), queues.to_vec());
     Box::pin(async move {
-        tokio::time::sleep(after).await;
+        // Not even a zero sleep: a timer is pending at its first poll.
+        if !after.is_zero() {
+            tokio::time::sleep(after).await;
+        }
         try_subscribe(&*backend, &queues).await
     })
 }
