@@ -81,10 +81,12 @@
 //!   sqlx `PgListener`, not a pool connection) that reconnects when it
 //!   drops, or when its server stays silent to a check made after an
 //!   acquire timeout with nothing heard. That connection must reach the
-//!   server directly or through a session-mode pooler: through a
-//!   transaction-mode pooler (PgBouncer's `pool_mode = transaction`)
-//!   LISTEN succeeds but hears nothing, and workers find other processes'
-//!   jobs only at their polls.
+//!   server directly or through a session-mode pooler. Through a
+//!   transaction-mode pooler (PgBouncer's `pool_mode = transaction`) do
+//!   not subscribe: each LISTEN lands on whichever server connection the
+//!   pooler picks, which other clients then share, so relayq hears little
+//!   or nothing (its workers find other processes' jobs only at their
+//!   polls) and those clients may receive its notifications.
 //! - **TLS** with the `tls-rustls` feature (the facade's
 //!   `postgres-tls-rustls`), for every connection, the LISTEN connection
 //!   included. The URL's `sslmode` as sqlx reads it: `prefer` (the
