@@ -1547,10 +1547,13 @@ pub async fn worker_shutdown_finishes_in_flight_then_releases(h: Harness) {
         running.shutdown_within(StdDuration::from_secs(3)),
     )
     .await;
-    assert_eq!(
-        (report.finished, report.released),
-        (1, 1),
-        "one finished in the grace period, one released: {report:?}"
+    // One finished in the grace period and one released; and the job
+    // pushed during the shutdown, if a pull sent just before it began (on
+    // a sign that the subscription was made, say) caught it: released too.
+    assert_eq!(report.finished, 1, "{report:?}");
+    assert!(
+        matches!(report.released, 1 | 2),
+        "the stuck job released, perhaps the pushed one: {report:?}"
     );
 
     assert_eq!(h.job(finishing).await.status, JobStatus::Done);
