@@ -91,6 +91,7 @@ macro_rules! __for_each_case {
             observe::stats_count_per_queue_and_status,
             observe::list_filters_by_status_queue_and_kind,
             observe::list_pages_have_no_gaps_or_repeats,
+            observe::list_walks_past_changes_between_pages,
             clean::clean_deletes_only_old_terminal_jobs,
             clean::clean_rejects_active_statuses,
             clean::clean_takes_any_cutoff,

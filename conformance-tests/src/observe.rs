@@ -166,6 +166,91 @@ pub async fn list_pages_have_no_gaps_or_repeats(h: Harness) {
     assert_eq!(seen, wanted);
 }
 
+/// A walk through pages goes on past changes made between them: a job
+/// pushed meanwhile comes on a later page, the cursor's own job cleaned
+/// meanwhile leaves the walk in place, and a walk filtered by status
+/// sees the jobs that have the status when their page is read. `stats`
+/// drops a queue once `clean` has emptied it.
+pub async fn list_walks_past_changes_between_pages(h: Harness) {
+    let mut first = Vec::new();
+    for n in 0..6 {
+        first.push(h.push(job("k", n).queue("walk")).await);
+    }
+    let page = h
+        .backend
+        .list(&ListFilter::new().queue("walk").limit(3))
+        .await
+        .expect("list");
+    assert_eq!(
+        page.jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+        first[..3]
+    );
+    // The cursor's own job finishes and is cleaned; another is pushed.
+    let leased = h.pull("walk", 3).await;
+    for l in &leased {
+        h.backend.complete(&l.lease, None).await.expect("complete");
+    }
+    let later = h.now() + Duration::seconds(1);
+    assert_eq!(
+        h.backend
+            .clean(JobStatus::Done, later)
+            .await
+            .expect("clean"),
+        3
+    );
+    let pushed = h.push(job("k", 6).queue("walk")).await;
+    let mut rest = Vec::new();
+    let mut after = page.next;
+    while let Some(cursor) = after {
+        let page = h
+            .backend
+            .list(&ListFilter::new().queue("walk").after(Some(cursor)).limit(3))
+            .await
+            .expect("list");
+        rest.extend(page.jobs.iter().map(|j| j.id));
+        after = page.next;
+    }
+    let mut expected = first[3..].to_vec();
+    expected.push(pushed);
+    assert_eq!(rest, expected);
+
+    // Filtered by status: the first page's job leaves `Pending` before the
+    // second page is read, a later one as well; neither is seen twice,
+    // and the later one is not seen at all.
+    let pending = |after| {
+        ListFilter::new()
+            .queue("walk")
+            .status(JobStatus::Pending)
+            .after(after)
+            .limit(2)
+    };
+    let page = h.backend.list(&pending(None)).await.expect("list");
+    assert_eq!(
+        page.jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+        first[3..5]
+    );
+    let leased = h.pull("walk", 4).await;
+    assert_eq!(leased.len(), 4);
+    let page = h.backend.list(&pending(page.next)).await.expect("list");
+    assert!(page.jobs.is_empty() && page.next.is_none(), "{page:?}");
+
+    // Emptied by clean, the queue leaves the stats.
+    for l in &leased {
+        h.backend.complete(&l.lease, None).await.expect("complete");
+    }
+    let counts = h.backend.stats().await.expect("stats").queue("walk");
+    assert_eq!(counts.done, 4);
+    assert_eq!(
+        h.backend
+            .clean(JobStatus::Done, later)
+            .await
+            .expect("clean"),
+        4
+    );
+    let stats = h.backend.stats().await.expect("stats");
+    assert!(!stats.queues.contains_key("walk"), "{stats:?}");
+}
+
 /// For a backend's own tests: pushes a job with unique key `"held"` and
 /// returns its id, for the caller to mark `Cancelled` (a status reserved
 /// in SPEC, which no call makes yet) in its store's own way, then to hand

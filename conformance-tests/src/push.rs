@@ -521,6 +521,10 @@ pub async fn arguments_are_refused_just_past_their_bounds(h: Harness) {
         "queue",
     );
     assert_invalid(b.list(&ListFilter::new().kind(long)).await, "kind");
+    assert_invalid(b.list(&ListFilter::new().queue("")).await, "queue");
+    assert_invalid(b.list(&ListFilter::new().kind("")).await, "kind");
+    assert_invalid(b.list(&ListFilter::new().queue("a\0b")).await, "queue");
+    assert_invalid(b.list(&ListFilter::new().kind("a\0b")).await, "kind");
     assert_eq!(
         h.job(id).await.status,
         JobStatus::Pending,
