@@ -1864,12 +1864,7 @@ pub async fn worker_shutdown_releases_prefetched_jobs(h: Harness) {
     // The first job runs on the only slot; the pull that filled it came back
     // full with the slot waiting, so the worker leases one more ahead.
     within("a job leased ahead of the busy slot", async {
-        loop {
-            if h.job(ids[1]).await.status == JobStatus::Processing {
-                return;
-            }
-            tokio::time::sleep(StdDuration::from_millis(10)).await;
-        }
+        status_reached(&h, ids[1], JobStatus::Processing).await;
     })
     .await;
     let report = within(

@@ -75,20 +75,19 @@ impl Signals {
             retry_after,
             ..Self::none(backend)
         };
-        let state = if signals.renews {
-            // A subscription made at once (in process) is in place before
-            // the first pull, as a caller would expect.
-            let mut subscribing = renewal(&signals.backend, &signals.queues, Duration::ZERO);
-            match (&mut subscribing).now_or_never() {
-                Some(Some(wakeups)) => State::Open(wakeups),
-                Some(None) => signals.after_loss(),
-                None => State::Renewing(subscribing),
-            }
+        // A subscription made at once (in process) is in place before the
+        // first pull, as a caller would expect; one a backend that declares
+        // no signals makes is awaited, as nothing renews it.
+        let mut subscribing = renewal(&signals.backend, &signals.queues, Duration::ZERO);
+        let made = if signals.renews {
+            (&mut subscribing).now_or_never()
         } else {
-            match try_subscribe(&*signals.backend, &signals.queues).await {
-                Some(wakeups) => State::Open(wakeups),
-                None => State::Off,
-            }
+            Some(subscribing.as_mut().await)
+        };
+        let state = match made {
+            Some(Some(wakeups)) => State::Open(wakeups),
+            Some(None) => signals.after_loss(),
+            None => State::Renewing(subscribing),
         };
         signals.state = Mutex::new(state);
         signals
