@@ -132,10 +132,20 @@ async fn migrate_once(pool: &PgPool, schema: &str) -> std::result::Result<Vec<i3
     let quoted = format!("\"{schema}\"");
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
-    sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
-        .bind(IDLE_TIMEOUT)
-        .execute(&mut *tx)
-        .await?;
+    // A `statement_timeout` or `lock_timeout` set for the role, the
+    // database or in the URL would end the wait for another migrator's
+    // advisory lock (57014 or 55P03, and every process of a fleet deployed
+    // at once but one failed to start), and a table rewrite longer than
+    // the timeout would fail on every attempt: a migration is made whole,
+    // however long it takes.
+    sqlx::query(
+        "SELECT set_config('idle_in_transaction_session_timeout', $1, true), \
+                set_config('statement_timeout', '0', true), \
+                set_config('lock_timeout', '0', true)",
+    )
+    .bind(IDLE_TIMEOUT)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
         .bind(LOCK_NAMESPACE)
         .bind(schema)
