@@ -33,8 +33,12 @@
 //! would report it, and nothing is retried.
 //!
 //! The statement runs on a spawned task, so a caller that stops waiting
-//! (its future dropped) cannot cancel other callers' inserts halfway; a
-//! push whose caller is gone before its statement is built is not sent.
+//! (its future dropped) cannot cancel other callers' inserts halfway, and
+//! its own push is still inserted, as a lone push on its own task would
+//! be: a caller that gives up after its first poll must find its job
+//! stored, whether or not its push happened to wait for a fold. Only
+//! while the statements under way hang do queued pushes whose callers
+//! left get forgotten (see [`State::forget_left_when_long`]).
 //!
 //! Pushes fold only with pushes made on the same Tokio runtime, and are
 //! inserted by tasks of that runtime: a backend shared by several runtimes
@@ -151,8 +155,8 @@ struct State {
 }
 
 impl State {
-    /// Up to [`MAX_FOLD`] waiting pushes whose callers still wait, oldest
-    /// first, with at most [`MAX_FOLD_BYTES`] of payload (but at least one).
+    /// Up to [`MAX_FOLD`] waiting pushes, oldest first, with at most
+    /// [`MAX_FOLD_BYTES`] of payload (but at least one).
     fn take(&mut self) -> Vec<Entry> {
         self.take_within(MAX_FOLD_BYTES)
     }
@@ -175,7 +179,6 @@ impl State {
         let mut bytes = 0;
         while batch.len() < MAX_FOLD {
             match self.waiting.pop_front() {
-                Some(entry) if entry.reply.is_closed() => {}
                 Some(entry) => {
                     let size = entry.job.payload.as_raw().get().len();
                     if !batch.is_empty() && bytes + size > max_bytes {
@@ -857,12 +860,12 @@ mod tests {
     }
 
     #[test]
-    fn a_fold_skips_pushes_whose_callers_left() {
+    fn a_fold_takes_pushes_whose_callers_left() {
         let mut state = State::default();
         let (gone, answer) = entry(10);
         drop(answer);
         let (kept, _answer) = entry(10);
         state.waiting.extend([gone, kept]);
-        assert_eq!(state.take().len(), 1);
+        assert_eq!(state.take().len(), 2);
     }
 }

@@ -72,7 +72,10 @@
 //!   waiting once it was first polled (a timeout, a dropped request) still
 //!   commits and notifies as if its caller had waited (a caller that then
 //!   pushes its jobs again stores them twice, unless they have unique
-//!   keys).
+//!   keys). So does a push queued to be folded with others, unless the
+//!   statements ahead of it hang (a connection gone silent) while more
+//!   than 2,000 pushes queue behind them: those whose callers left are
+//!   then forgotten, as their callers may be pushing them again.
 //!   [`PgBackend::push_in`] notifies inside the caller's transaction, so only a commit wakes
 //!   anyone. A retry due at once notifies its queue the same way as a
 //!   pool push; a release notifies in its own statement, so a worker

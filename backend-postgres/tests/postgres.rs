@@ -671,6 +671,42 @@ async fn migrate_one_schema_at_once(isolation: Option<&str>) {
     testing::drop_schema(&schema).await;
 }
 
+/// A `statement_timeout` and a `lock_timeout` of the session (set for the
+/// role, the database or, here, in the URL) do not end a migration's wait
+/// for another migrator: each process of a fleet deployed at once starts.
+/// With them, the wait for the advisory lock failed after 200 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_outwaits_the_sessions_statement_and_lock_timeouts() {
+    let schema = testing::unique_schema();
+    // Another migrator of the same schema, holding the migration lock.
+    let mut other = testing::admin().await;
+    let mut tx = sqlx::Connection::begin(&mut other).await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock(x'7271'::int, hashtext($1))")
+        .bind(&schema)
+        .execute(&mut *tx)
+        .await
+        .expect("the migration lock");
+    let url = test_url_with("options=-c%20statement_timeout%3D200ms%20-c%20lock_timeout%3D200ms");
+    let migrating = tokio::spawn(PgBackend::connect_with(
+        PgOptions::new(url)
+            .schema(schema.clone())
+            .max_connections(1),
+    ));
+    tokio::time::sleep(StdDuration::from_secs(1)).await;
+    assert!(!migrating.is_finished(), "the migration waits for the lock");
+    tx.commit().await.expect("release the lock");
+    let backend = migrating
+        .await
+        .expect("task")
+        .expect("migrated once the lock was free");
+    assert_eq!(
+        backend.schema_version().await.expect("version"),
+        SCHEMA_VERSION
+    );
+    backend.push(job(1)).await.expect("push");
+    testing::drop_schema(&schema).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_newer_than_the_crate_is_refused() {
     let options = testing::options();
@@ -3113,6 +3149,82 @@ async fn a_push_whose_caller_left_wakes_workers_once_it_commits() {
     let stats = backend.stats().await.expect("stats");
     assert_eq!(stats.queue("default").pending, 3, "{stats:?}");
     testing::drop_schema(backend.schema()).await;
+}
+
+/// A push queued behind the two statements of folded pushes under way,
+/// whose caller then stops waiting, is still inserted with the next fold,
+/// as a push on a task of its own would be. It was skipped: its job lost,
+/// though the caller was entitled to take it as stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_folded_push_whose_caller_left_is_stored() {
+    let backend = testing::connect(testing::options()).await;
+    let app = app_name("queued");
+    let pusher = testing::connect(
+        PgOptions::new(testing::database_url())
+            .schema(backend.schema())
+            .application_name(app.clone()),
+    )
+    .await;
+    // Inserts wait while this transaction holds the table.
+    let mut tx = backend.pool().begin().await.expect("begin");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE \"{}\".jobs IN SHARE MODE",
+        backend.schema()
+    )))
+    .execute(&mut *tx)
+    .await
+    .expect("lock");
+    let first = tokio::spawn({
+        let pusher = pusher.clone();
+        async move { pusher.push(job(1)).await }
+    });
+    let second = tokio::spawn({
+        let pusher = pusher.clone();
+        async move { pusher.push(job(2)).await }
+    });
+    // Both statements wait on the table: the next push is queued.
+    tokio::time::timeout(SIGNAL_DEADLINE, async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND application_name = $1",
+            )
+            .bind(&app)
+            .fetch_one(backend.pool())
+            .await
+            .expect("activity");
+            if waiting == 2 {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("two statements wait on the lock");
+    let left = tokio::time::timeout(StdDuration::from_millis(50), pusher.push(job(3))).await;
+    assert!(left.is_err(), "the third push waited: {left:?}");
+    tx.commit().await.expect("commit");
+    first.await.expect("task").expect("first push");
+    second.await.expect("task").expect("second push");
+    let stored = tokio::time::timeout(SIGNAL_DEADLINE, async {
+        loop {
+            if backend
+                .stats()
+                .await
+                .expect("stats")
+                .queue("default")
+                .pending
+                == 3
+            {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let stats = backend.stats().await.expect("stats");
+    testing::drop_schema(backend.schema()).await;
+    assert!(stored.is_ok(), "the queued push was not stored: {stats:?}");
 }
 
 /// Pool connections ask the server to check, while it runs a statement,
