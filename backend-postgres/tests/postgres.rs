@@ -196,9 +196,11 @@ async fn a_migration_waiting_on_a_long_transaction_holds_up_no_queue_operation()
             .schema(schema.clone())
             .max_connections(1),
     ));
-    // Wait until the migration has asked for its lock at least once.
+    // Wait until the migration has asked for its lock at least once (each
+    // attempt asks for a second, then pauses for one).
     let mut waited = false;
-    for _ in 0..200 {
+    let asked_by = std::time::Instant::now() + SIGNAL_DEADLINE;
+    while std::time::Instant::now() < asked_by {
         let waiting: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
               JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -2805,7 +2807,9 @@ fn timed_out(e: &Error) -> bool {
 /// while sqlx waited on it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_operations_on_a_silent_connection_fail_within_the_reply_timeout() {
-    const REPLY: StdDuration = StdDuration::from_millis(300);
+    // Long enough that the healthy statements (through the proxy too) are
+    // answered within it on a loaded machine.
+    const REPLY: StdDuration = StdDuration::from_secs(1);
     let (proxy, backend, through) =
         behind_proxy(|options| options.max_connections(1).reply_timeout(Some(REPLY))).await;
     backend
@@ -2894,7 +2898,7 @@ async fn pushes_queued_behind_a_silent_fold_go_in_on_new_connections() {
         options
             .max_connections(2)
             .min_connections(2)
-            .reply_timeout(Some(StdDuration::from_millis(300)))
+            .reply_timeout(Some(StdDuration::from_secs(1)))
     })
     .await;
     // Both connections just used, so that neither is pinged as it is
@@ -3014,7 +3018,7 @@ async fn a_silent_idle_connection_is_replaced_as_it_is_handed_out() {
         options
             .max_connections(1)
             .acquire_timeout(StdDuration::from_secs(30))
-            .reply_timeout(Some(StdDuration::from_millis(300)))
+            .reply_timeout(Some(StdDuration::from_secs(1)))
     })
     .await;
     idle_connections(&through, 1).await;

@@ -1191,17 +1191,17 @@ pub async fn worker_hears_a_push_made_during_its_empty_pull(h: Harness) {
 /// period, not every job the worker ran before it.
 pub async fn worker_shutdown_report_counts_only_the_grace_period(h: Harness) {
     let entered = Arc::new(tokio::sync::Notify::new());
-    let release = Arc::new(tokio::sync::Notify::new());
     let worker = h
         .worker()
         .handle({
-            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
-            move |task: Task, _ctx: JobContext<Harness>| {
-                let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+            let entered = Arc::clone(&entered);
+            move |task: Task, ctx: JobContext<Harness>| {
+                let entered = Arc::clone(&entered);
                 async move {
                     if task.n < 0 {
                         entered.notify_one();
-                        release.notified().await;
+                        // Ends only once the stop has reached the worker.
+                        ctx.shutdown_requested().await;
                     }
                     Ok::<_, HandlerError>(task.n)
                 }
@@ -1218,11 +1218,7 @@ pub async fn worker_shutdown_report_counts_only_the_grace_period(h: Harness) {
     }
     h.push(Task { n: -1 }.to_job()).await;
     within("the long job to start", entered.notified()).await;
-    let shutdown = tokio::spawn(running.shutdown_within(LIVENESS));
-    // Let the stop reach the worker before the long job ends.
-    tokio::time::sleep(StdDuration::from_millis(100)).await;
-    release.notify_one();
-    let report = within("the shutdown", shutdown).await.expect("shutdown");
+    let report = within("the shutdown", running.shutdown_within(LIVENESS)).await;
     assert_eq!((report.finished, report.released), (1, 0), "{report:?}");
 }
 
@@ -1368,9 +1364,12 @@ pub async fn worker_renews_past_a_renewal_that_hangs(h: Harness) {
     ));
     let worker = Worker::builder(backend)
         .state(h.clone())
-        .lease(StdDuration::from_millis(600))
+        // Long enough that the renewal sent after the hung one has half a
+        // second to be answered before the worker gives the lease up, on
+        // a loaded machine too.
+        .lease(StdDuration::from_millis(1_500))
         .handle(|_: Task, _ctx: JobContext<Harness>| async move {
-            tokio::time::sleep(StdDuration::from_millis(2_000)).await;
+            tokio::time::sleep(StdDuration::from_millis(3_000)).await;
             Ok::<_, HandlerError>(())
         })
         .build()
@@ -1419,9 +1418,13 @@ pub async fn worker_does_not_start_a_job_pulled_too_late_to_hold(h: Harness) {
     let backend: Arc<dyn Backend> =
         Arc::new(Faulty::new(Arc::clone(&h.backend), Arc::clone(&late)));
     let started = Arc::new(AtomicUsize::new(0));
+    // One runner and no buffer: no other pull of this worker can take the
+    // job back once its lease has ended.
     let worker = Worker::builder(backend)
         .state(h.clone())
         .queues(["late"])
+        .concurrency(1)
+        .prefetch(0)
         .lease(lease)
         .handle({
             let started = Arc::clone(&started);
@@ -1441,8 +1444,10 @@ pub async fn worker_does_not_start_a_job_pulled_too_late_to_hold(h: Harness) {
     let rival = h.pull_one("late").await;
     assert_eq!(rival.lease.job_id, id);
     within("the late answer", late.answered.notified()).await;
-    // Time for the worker to start the job, were it to.
+    // Time for the worker to start the job, were it to; the shutdown then
+    // ends whatever it started.
     tokio::time::sleep(StdDuration::from_millis(300)).await;
+    running.shutdown_within(LIVENESS).await;
     assert_eq!(
         started.load(Ordering::SeqCst),
         0,
@@ -1452,7 +1457,6 @@ pub async fn worker_does_not_start_a_job_pulled_too_late_to_hold(h: Harness) {
         .complete(&rival.lease, None)
         .await
         .expect("the rival's lease holds");
-    running.shutdown_within(LIVENESS).await;
 }
 
 /// The first pull that leases jobs answers `answer_after` it was sent.
@@ -1739,8 +1743,8 @@ pub async fn worker_stops_a_handler_whose_lease_was_taken(h: Harness) {
     assert_eq!(job.locked_until, Some(h.now() + Duration::seconds(30)));
 }
 
-/// Two workers draining one queue of quick jobs (so each keeps a prefetch
-/// buffer of leased jobs) run every job exactly once, and both get work.
+/// Two workers draining one queue of quick jobs at once (so each keeps a
+/// prefetch buffer of leased jobs) run every job exactly once.
 pub async fn worker_pair_runs_every_job_exactly_once(h: Harness) {
     const JOBS: usize = 1_000;
     let runs: Arc<Vec<AtomicUsize>> = Arc::new((0..JOBS).map(|_| AtomicUsize::new(0)).collect());
