@@ -1,5 +1,7 @@
 //! relayq: background jobs that are never lost, never run twice at once,
-//! and survive crashes.
+//! and survive crashes (the README says exactly what holds: durability on
+//! PostgreSQL, and on SQLite with `full_sync`; one holder at a time while
+//! handlers yield; fencing always).
 //!
 //! This facade re-exports [`relayq_core`] (the job model, the
 //! [`Pusher`]/[`Puller`]/[`Observer`]/[`Cleaner`] traits, leases, clocks,

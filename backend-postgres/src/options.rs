@@ -246,7 +246,11 @@ impl PgOptions {
     /// Whether [`PgBackend::connect_with`](crate::PgBackend::connect_with)
     /// applies pending migrations (the default) or leaves the schema alone,
     /// for deployments that run [`PgBackend::migrate`](crate::PgBackend::migrate)
-    /// as a separate step.
+    /// as a separate step. With it off, connecting does not look at the
+    /// schema at all, its version included: a process started so against
+    /// a schema not yet migrated fails at its first statement; compare
+    /// [`PgBackend::schema_version`](crate::PgBackend::schema_version)
+    /// with [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) where that matters.
     pub fn migrate(mut self, yes: bool) -> Self {
         self.migrate = yes;
         self

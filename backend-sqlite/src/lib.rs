@@ -153,22 +153,15 @@
 //! # Throughput
 //!
 //! The standard workload (`shared/WORKLOAD.md`) on a temporary file, 2 cores,
-//! default settings, release build, measured on 2026-12-01 with
-//! `relayq-bench --backend sqlite --workload … --jobs 50000` while other
-//! builds kept the machine's load at 3.5–5 (so expect more on a quiet
-//! machine; the repository's `BENCHMARKS.md` has the full, quiet run of
-//! 2026-11-22, before the changes noted here):
-//!
-//! | workload | result |
-//! |---|---|
-//! | enqueue, one job per call from 8 tasks | 5,200–9,500 jobs/s, p50 0.40–0.50 ms |
-//! | enqueue_batch, calls of 1,000 | 119,000–212,000 jobs/s (77,000–98,000 before, same load) |
-//! | process, prefetching worker, concurrency 16 | 23,800–30,600 jobs/s |
-//! | latency, enqueue to handler start | p50 0.47–0.67 ms |
+//! default settings, release build, is measured by the repository's
+//! `bench/run`; its README (Performance) and `BENCHMARKS.md` keep the
+//! figures of each run, with the machine and the date. Four runs of
+//! 2026-12-07 gave a worker (prefetching, concurrency 16) 27,500–43,100
+//! finished jobs/s, batches of 1,000 130,000–170,000 jobs/s, and 0.69–0.84
+//! ms p50 from enqueue to handler start.
 //!
 //! Single pushes include SQLite's automatic checkpoints (two `fsync`s per
-//! ~200 pushes); the 2026-11-22 enqueue figure skipped them, letting the
-//! write-ahead log grow without bound.
+//! ~200 pushes), which keep the write-ahead log from growing without bound.
 
 mod options;
 mod retry;

@@ -591,8 +591,11 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
 
     /// How long each lease lasts (at least [`Self::MIN_LEASE`]); while a
     /// handler runs the lease is renewed every third of this, so a job that
-    /// runs longer is never leased to another worker. Shorter leases bring
-    /// a crashed worker's jobs back sooner.
+    /// runs longer is not leased to another worker (as long as its handler
+    /// yields: one that blocks its thread is stopped only at its next
+    /// `.await`, and handlers blocking every runtime thread hold up the
+    /// renewals too). Shorter leases bring a crashed worker's jobs back
+    /// sooner.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
