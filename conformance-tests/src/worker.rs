@@ -1997,12 +1997,18 @@ pub async fn worker_gives_back_jobs_held_behind_a_busy_slot(h: Harness) {
         },
     )
     .await;
-    tokio::time::sleep(2 * POLL).await;
+    // Each job's fencing token now: a lease granted later raises it, even
+    // one given back again (which restores the attempt).
+    let mut tokens = Vec::new();
     for &id in &ids[1..] {
+        tokens.push(h.job(id).await.lease_token);
+    }
+    tokio::time::sleep(2 * POLL).await;
+    for (&id, token) in ids[1..].iter().zip(tokens) {
         let job = h.job(id).await;
         assert_eq!(
-            (job.status, job.attempts),
-            (JobStatus::Pending, 0),
+            (job.status, job.attempts, job.lease_token),
+            (JobStatus::Pending, 0, token),
             "job {id}: given back with its attempt, none leased again by a worker with no free slot"
         );
     }
