@@ -964,7 +964,10 @@ async fn a_lane_feeding_itself_lets_the_keeper_renew_on_one_thread() {
     let worker = Worker::builder(dyn_backend(&b))
         .queues(["default"])
         .concurrency(4)
-        .lease(StdDuration::from_millis(150))
+        // A quarter of the time the quick jobs take here (about 2 s in a
+        // debug build), yet long enough that a loaded machine's stalls do
+        // not end it on the system clock.
+        .lease(StdDuration::from_millis(500))
         .handle(move |_: Email, _ctx: JobContext<()>| {
             done.fetch_add(1, Ordering::SeqCst);
             std::future::ready(Ok::<_, HandlerError>(()))
