@@ -2498,9 +2498,7 @@ impl Proxy {
     }
 
     async fn start_with(upstream: String, stall_on: Option<&'static [u8]>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = proxy_listener().await;
         let port = listener.local_addr().expect("addr").port();
         let proxy = Self {
             port,
@@ -2595,6 +2593,32 @@ impl Proxy {
         let path = hostpath.find(['/', '?']).map_or("", |i| &hostpath[i..]);
         format!("{scheme}://{userinfo}127.0.0.1:{}{path}", self.port)
     }
+}
+
+/// A listener on a port of its own for a [`Proxy`], below the range the
+/// kernel hands out to `bind` on port 0 and to outgoing connections
+/// (32768 and up on Linux), each port used once per test process. While a
+/// proxy is cut its port is free: were it an ephemeral one, another
+/// test's proxy could be given it meanwhile, and a connection meant to be
+/// refused would reach the server through that one (seen once in CI).
+async fn proxy_listener() -> tokio::net::TcpListener {
+    const FIRST: u16 = 20_000;
+    const PORTS: u16 = 10_000;
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    // Spread by process, so that a test process started right after
+    // another (whose sockets may linger) starts elsewhere.
+    let offset = (std::process::id() % u32::from(PORTS)) as u16;
+    for _ in 0..PORTS {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PORTS;
+        let port = FIRST + (offset + n) % PORTS;
+        if let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            return listener;
+        }
+    }
+    panic!(
+        "no free port for a proxy between {FIRST} and {}",
+        FIRST + PORTS
+    );
 }
 
 /// Forwards between `client` and `server` until the client sent `pattern`:
