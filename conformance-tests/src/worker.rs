@@ -181,6 +181,14 @@ pub async fn worker_retry_delays_round_up_to_whole_microseconds(h: Harness) {
     let report = worker.run_until_idle().await.expect("run");
     assert_eq!((report.ran(), report.retrying()), (1, 1), "{report:?}");
     assert_eq!(h.job(id).await.run_at, h.now() + Duration::microseconds(2));
+    // The outcome says the delay the job waits, not the one asked for.
+    assert!(
+        matches!(
+            report.outcomes[0].1,
+            Outcome::Retrying { delay, .. } if delay == StdDuration::from_micros(2)
+        ),
+        "{report:?}"
+    );
     h.advance(Duration::microseconds(1));
     assert_eq!(
         worker.run_until_idle().await.expect("run").ran(),

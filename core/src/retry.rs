@@ -226,6 +226,11 @@ impl RetryPolicy {
             Rule::Exponential {
                 base, factor, cap, ..
             } => {
+                // No wait grows from none (and 0 × ∞, a factor's power
+                // past f64's range, would be NaN, read as the cap).
+                if base.is_zero() {
+                    return Duration::ZERO;
+                }
                 let exponent = attempt.saturating_sub(1).max(0);
                 let scaled = base.as_secs_f64() * factor.powi(exponent);
                 if !scaled.is_finite() || scaled >= cap.as_secs_f64() {
@@ -275,6 +280,17 @@ mod tests {
 
     fn job() -> Job {
         leased_for_tests(1)
+    }
+
+    #[test]
+    fn a_zero_base_waits_nothing_however_many_attempts() {
+        let p = RetryPolicy::exponential()
+            .base(Duration::ZERO)
+            .factor(1e300)
+            .jitter(Jitter::None);
+        for attempt in [1, 2, 3, 1_026, i32::MAX] {
+            assert_eq!(p.ceiling(attempt), Duration::ZERO, "attempt {attempt}");
+        }
     }
 
     #[test]

@@ -669,7 +669,11 @@ async fn record_failure<S>(
     .await;
     match written {
         Fenced::Recorded(JobStatus::Dead) => Outcome::Dead { error },
-        Fenced::Recorded(_) => Outcome::Retrying { error, delay },
+        // The delay stored (capped, rounded up), not the one asked for.
+        Fenced::Recorded(_) => Outcome::Retrying {
+            error,
+            delay: Duration::try_from(backend_delay).unwrap_or(delay),
+        },
         Fenced::LeaseLost => Outcome::LeaseLost,
         Fenced::Failed(e) => unrecorded(e),
     }
