@@ -336,15 +336,17 @@ async fn workers_survive_terminated_connections() {
 /// told was done.
 #[derive(Default)]
 struct Acknowledged {
-    pushed: std::sync::Mutex<Vec<JobId>>,
+    /// Each job pushed, with the `seq` of its payload: an id alone would
+    /// be found again were a lost job's id handed to a later push.
+    pushed: std::sync::Mutex<Vec<(JobId, i64)>>,
     completed: std::sync::Mutex<Vec<JobId>>,
     /// Writes that failed (the crash cut them off).
     failed: std::sync::atomic::AtomicUsize,
 }
 
 impl Acknowledged {
-    fn pushed(&self, ids: impl IntoIterator<Item = JobId>) {
-        self.pushed.lock().expect("lock").extend(ids);
+    fn pushed(&self, jobs: impl IntoIterator<Item = (JobId, i64)>) {
+        self.pushed.lock().expect("lock").extend(jobs);
     }
 
     fn completed(&self, ids: impl IntoIterator<Item = JobId>) {
@@ -369,36 +371,50 @@ async fn crash_under(
     busy: (usize, usize),
 ) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Counted before the crash: what was acknowledged after the restart
+    // says nothing of how busy the writers were when it came.
+    let before = (
+        acked.pushed.lock().expect("lock").len(),
+        acked.completed.lock().expect("lock").len(),
+    );
     // The writers go on until the server is gone, and a little after.
     tokio::task::spawn_blocking(move || cluster.crash())
         .await
         .expect("crash task")
         .expect("crash and restart");
+    // The writers loop for ever: one that ended failed a check of its own
+    // (a panic the shutdown below would discard).
+    while let Some(ended) = writers.try_join_next() {
+        ended.expect("a writer failed");
+    }
     writers.shutdown().await;
     let pushed = acked.pushed.lock().expect("lock").clone();
     let completed = acked.completed.lock().expect("lock").clone();
     let failed = acked.failed.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
-        pushed.len() >= busy.0 && completed.len() >= busy.1 && failed > 0,
+        before.0 >= busy.0 && before.1 >= busy.1 && failed > 0,
         "the writers were busy when the server crashed: {} pushes, {} completions \
-         acknowledged, {failed} writes failed",
-        pushed.len(),
-        completed.len()
+         acknowledged before it, {failed} writes failed",
+        before.0,
+        before.1
     );
     let after = PgBackend::connect_with(options).await.expect("reconnect");
-    let stored: std::collections::HashMap<JobId, String> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT id, status FROM \"{}\".jobs",
-        after.schema()
-    )))
-    .fetch_all(after.pool())
-    .await
-    .expect("read every job")
-    .into_iter()
-    .collect();
+    let stored: std::collections::HashMap<JobId, (String, i64)> =
+        sqlx::query_as::<_, (JobId, String, i64)>(AssertSqlSafe(format!(
+            "SELECT id, status, (payload::jsonb ->> 'seq')::int8 FROM \"{}\".jobs",
+            after.schema()
+        )))
+        .fetch_all(after.pool())
+        .await
+        .expect("read every job")
+        .into_iter()
+        .map(|(id, status, seq)| (id, (status, seq)))
+        .collect();
+    // Stored under its id with its own payload.
     let lost: Vec<JobId> = pushed
         .iter()
-        .filter(|id| !stored.contains_key(id))
-        .copied()
+        .filter(|(id, seq)| stored.get(id).map(|(_, stored)| stored) != Some(seq))
+        .map(|(id, _)| *id)
         .collect();
     assert!(
         lost.is_empty(),
@@ -408,7 +424,7 @@ async fn crash_under(
     );
     let undone: Vec<JobId> = completed
         .iter()
-        .filter(|id| stored.get(id).map(String::as_str) != Some("done"))
+        .filter(|id| stored.get(id).map(|(status, _)| status.as_str()) != Some("done"))
         .copied()
         .collect();
     assert!(
@@ -452,7 +468,7 @@ async fn a_server_crash_loses_no_acknowledged_write() {
     writers.spawn(async move {
         for seq in 0.. {
             match b.push(CrashJob { seq }.to_job()).await {
-                Ok(pushed) => a.pushed([pushed.id()]),
+                Ok(pushed) => a.pushed([(pushed.id(), seq)]),
                 Err(_) => a.failed(),
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -472,7 +488,7 @@ async fn a_server_crash_loses_no_acknowledged_write() {
             for n in 0.. {
                 let seq = 1_000_000 * (task + 1) + n;
                 match b.push(CrashJob { seq }.to_job()).await {
-                    Ok(pushed) => a.pushed([pushed.id()]),
+                    Ok(pushed) => a.pushed([(pushed.id(), seq)]),
                     Err(_) => a.failed(),
                 }
             }
@@ -482,7 +498,7 @@ async fn a_server_crash_loses_no_acknowledged_write() {
     writers.spawn(async move {
         for n in 0.. {
             match b.push_batch(CrashJob::batch(10 * n, 10)).await {
-                Ok(pushed) => a.pushed(pushed.iter().map(|o| o.id())),
+                Ok(pushed) => a.pushed(pushed.iter().map(|o| o.id()).zip(10 * n..)),
                 Err(_) => a.failed(),
             }
         }
