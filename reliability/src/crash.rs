@@ -482,10 +482,20 @@ struct WorkerState {
     long_min: Duration,
     long_max: Duration,
     mode: Mode,
-    /// Runs whose handler returned, by job id and attempt, and whether it
-    /// failed: a lease lost after that is a completion (or a retry) the
-    /// store refused.
-    finished: Arc<Mutex<HashMap<(JobId, i32), bool>>>,
+    /// Runs whose handler returned, by job id and attempt: whether it
+    /// failed, and its lease's token. A lease lost after that is a
+    /// completion (or a retry) the store refused; a completion recorded,
+    /// one the store acknowledged under that token.
+    finished: Arc<Mutex<HashMap<(JobId, i32), Returned>>>,
+}
+
+/// A run whose handler returned (see `WorkerState::finished`).
+#[derive(Debug, Clone, Copy)]
+struct Returned {
+    /// It failed, by design ([`fails_first_attempt`]).
+    failed: bool,
+    /// Its lease's fencing token.
+    token: i64,
 }
 
 /// The handler's sleep for a job: spread over `[min, max]` (or the long
@@ -548,7 +558,13 @@ async fn handle(
                 .finished
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .insert((ctx.id(), ctx.attempt()), fail);
+                .insert(
+                    (ctx.id(), ctx.attempt()),
+                    Returned {
+                        failed: fail,
+                        token: lease.token,
+                    },
+                );
             if fail {
                 return Err(HandlerError::new("the first attempt fails, by design"));
             }
@@ -562,6 +578,11 @@ async fn handle(
 /// Printed by a worker (with the job id) when the store refused its
 /// completion of a job: its lease had been taken over.
 pub const REFUSED_COMPLETION: &str = "refused-completion";
+
+/// Printed by a worker (with the job id and its lease's token) when the
+/// store acknowledged its completion of a job: the job is done, and no
+/// interruption of that worker excuses its running again.
+pub const COMPLETED: &str = "completed";
 
 /// Printed by a worker (with the job id) when the store refused to extend
 /// a running job's lease: it had been taken over, the handler was stopped.
@@ -839,14 +860,25 @@ pub async fn run_worker(args: WorkerArgs) -> Result<(), String> {
             match outcome {
                 Outcome::Unrecorded { error } => println!("unrecorded {} {error}", job.id),
                 Outcome::Retrying { error, .. } => println!("retrying {} {error}", job.id),
+                Outcome::Completed { .. } => {
+                    if let Some(Returned {
+                        failed: false,
+                        token,
+                    }) = ran
+                    {
+                        println!("{COMPLETED} {} {token}", job.id);
+                    }
+                }
                 _ => {}
             }
             if *outcome == Outcome::LeaseLost {
                 // The store refused this lease: a completion or retry after
                 // the handler returned, or an extension while it ran.
                 match ran {
-                    Some(false) => println!("{REFUSED_COMPLETION} {}", job.id),
-                    Some(true) => println!("{REFUSED_RETRY} {}", job.id),
+                    Some(Returned { failed: false, .. }) => {
+                        println!("{REFUSED_COMPLETION} {}", job.id);
+                    }
+                    Some(Returned { failed: true, .. }) => println!("{REFUSED_RETRY} {}", job.id),
                     None => println!("{REFUSED_EXTENSION} {}", job.id),
                 }
             }
@@ -1078,16 +1110,28 @@ impl Fleet {
     /// which worker (from every worker's output, killed ones included).
     pub fn interruptions(&self) -> Interruptions {
         let mut refused = BTreeSet::new();
+        let mut completed = BTreeSet::new();
         for id in 1..self.next_id {
             let log = std::fs::read_to_string(self.logs.join(format!("worker-{id}.log")))
                 .unwrap_or_default();
             for line in log.lines() {
                 let mut words = line.split(' ');
-                if let (Some(REFUSED_COMPLETION | REFUSED_EXTENSION | REFUSED_RETRY), Some(job)) =
-                    (words.next(), words.next())
-                    && let Ok(job) = job.parse()
-                {
-                    refused.insert((id, job));
+                match (words.next(), words.next(), words.next()) {
+                    (
+                        Some(REFUSED_COMPLETION | REFUSED_EXTENSION | REFUSED_RETRY),
+                        Some(job),
+                        _,
+                    ) => {
+                        if let Ok(job) = job.parse() {
+                            refused.insert((id, job));
+                        }
+                    }
+                    (Some(COMPLETED), Some(job), Some(token)) => {
+                        if let (Ok(job), Ok(token)) = (job.parse(), token.parse()) {
+                            completed.insert((job, token));
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
@@ -1095,6 +1139,7 @@ impl Fleet {
             killed: self.killed.clone(),
             frozen: self.paused.clone(),
             refused,
+            completed,
         }
     }
 
@@ -1356,6 +1401,9 @@ pub struct Interruptions {
     /// (worker, job) pairs where the store refused the worker's stale
     /// lease: a late completion or extension.
     pub refused: BTreeSet<(u32, JobId)>,
+    /// (job, token) pairs whose completion the store acknowledged to the
+    /// worker holding that lease.
+    pub completed: BTreeSet<(JobId, i64)>,
 }
 
 /// Checks a finished run: `jobs` (every job of the store) against the
@@ -1458,6 +1506,16 @@ pub fn check_outcome(
             }
             summary.superseded_runs += 1;
             let Some(i) = interruptions else { continue };
+            // Done once the store acknowledged it: nothing excuses a run
+            // after that, whatever befell the worker later.
+            if i.completed.contains(&(job.id, r.token)) {
+                problems.push(format!(
+                    "job {}: the store acknowledged worker {}'s completion under token {}, \
+                     yet it ran again (token {}, worker {})",
+                    job.id, r.worker_id, r.token, last.token, last.worker_id
+                ));
+                continue;
+            }
             let frozen = i.frozen.contains(&r.worker_id);
             let died_holding =
                 i.killed.contains(&r.worker_id) && !i.refused.contains(&(r.worker_id, job.id));
@@ -1542,6 +1600,7 @@ mod tests {
             killed: killed.iter().copied().collect(),
             frozen: frozen.iter().copied().collect(),
             refused: refused.iter().copied().collect(),
+            completed: BTreeSet::new(),
         }
     }
 
@@ -1557,6 +1616,22 @@ mod tests {
         let ledger = [run(1, 1, 1, 1), run(2, 1, 1, 1), run(2, 2, 2, 2)];
         let summary = check(&jobs, &ledger, &interrupted(&[1], &[], &[])).expect("sound");
         assert_eq!((summary.rerun_jobs, summary.superseded_runs), (1, 1));
+    }
+
+    #[test]
+    fn a_rerun_after_an_acknowledged_completion_is_flagged_whatever_befell_its_worker() {
+        let jobs = [done(2, 1, 2, 2)];
+        let ledger = [run(2, 1, 1, 1), run(2, 2, 2, 2)];
+        let mut i = interrupted(&[1], &[1], &[]);
+        assert!(
+            check(&jobs, &ledger, &i).is_ok(),
+            "killed and frozen: excused"
+        );
+        // The store had told worker 1 its completion under token 1 was
+        // done: the job must never have run again.
+        i.completed.insert((2, 1));
+        let e = check(&jobs, &ledger, &i).expect_err("acknowledged, then run again");
+        assert!(e.contains("acknowledged worker 1's completion"), "{e}");
     }
 
     #[test]
