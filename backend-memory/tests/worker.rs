@@ -1537,6 +1537,123 @@ async fn shutdown_while_releasing(delay: StdDuration, panics: bool) -> relayq_co
         .expect("shutdown")
 }
 
+/// A store whose pulls, once armed, take `delay` (a slow store).
+#[derive(Debug)]
+struct SlowPullsWhenArmed {
+    armed: std::sync::atomic::AtomicBool,
+    delay: StdDuration,
+    /// Told when an armed pull has been sent.
+    sent: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl Faults for SlowPullsWhenArmed {
+    async fn pull(
+        &self,
+        inner: &dyn Backend,
+        request: &relayq_core::PullRequest,
+    ) -> Result<Vec<relayq_core::LeasedJob>> {
+        if self.armed.load(Ordering::SeqCst) {
+            self.sent.notify_one();
+            tokio::time::sleep(self.delay).await;
+        }
+        inner.pull(request).await
+    }
+}
+
+/// A shutdown gives buffered jobs back at once, while a pull sent before
+/// it is still out: they went back only once that pull had landed, held
+/// for as long as the slow store took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_jobs_go_back_at_once_while_a_pull_is_out() {
+    let (inner, _) = store();
+    let slow = Arc::new(SlowPullsWhenArmed {
+        armed: std::sync::atomic::AtomicBool::new(false),
+        delay: StdDuration::from_secs(5),
+        sent: tokio::sync::Notify::new(),
+    });
+    let backend: Arc<dyn Backend> = Arc::new(Faulty::new(dyn_backend(&inner), Arc::clone(&slow)));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let worker = Worker::builder(Arc::clone(&backend))
+        .queues(["mail"])
+        .concurrency(1)
+        .prefetch(16)
+        .poll_interval(StdDuration::from_secs(60))
+        .handle({
+            let entered = Arc::clone(&entered);
+            move |e: Email, ctx: JobContext<()>| {
+                let entered = Arc::clone(&entered);
+                async move {
+                    if e.to == "long" {
+                        entered.notify_one();
+                        ctx.shutdown_requested().await;
+                    }
+                    Ok::<_, HandlerError>(())
+                }
+            }
+        })
+        .build()
+        .expect("build");
+    let running = worker.start();
+    // Quick jobs first deepen the buffer, so that the long job's pull
+    // leases the queued ones too.
+    run_quick_jobs(&backend, &running, "warm", 400).await;
+    let jobs: Vec<NewJob> = std::iter::once("long".to_owned())
+        .chain((0..8).map(|i| format!("queued{i}")))
+        .map(|to| Email { to }.to_job())
+        .collect();
+    let ids: Vec<_> = backend
+        .push_batch(jobs)
+        .await
+        .expect("push")
+        .iter()
+        .map(|o| o.id())
+        .collect();
+    tokio::time::timeout(StdDuration::from_secs(20), entered.notified())
+        .await
+        .expect("the long job started");
+    tokio::time::timeout(StdDuration::from_secs(20), async {
+        while inner.stats().await.expect("stats").queue("mail").processing < 9 {
+            tokio::time::sleep(StdDuration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the queued jobs are buffered behind the long one");
+    // A push makes the worker pull again (its buffer has room), slowly.
+    slow.armed.store(true, Ordering::SeqCst);
+    backend
+        .push(Email { to: "more".into() }.to_job())
+        .await
+        .expect("push");
+    tokio::time::timeout(StdDuration::from_secs(20), slow.sent.notified())
+        .await
+        .expect("a pull is out");
+    let shutdown = tokio::spawn(running.shutdown_within(StdDuration::from_secs(20)));
+    let back = tokio::time::timeout(StdDuration::from_secs(2), async {
+        loop {
+            let mut all = true;
+            for &id in &ids[1..] {
+                let job = inner.get(id).await.expect("get").expect("job");
+                all &= (job.status, job.attempts) == (JobStatus::Pending, 0);
+            }
+            if all {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let report = tokio::time::timeout(StdDuration::from_secs(30), shutdown)
+        .await
+        .expect("in time")
+        .expect("shutdown");
+    assert!(
+        back.is_ok(),
+        "the buffered jobs waited for the pull out: {report:?}"
+    );
+    assert_eq!(report.finished, 1, "{report:?}");
+}
+
 /// A store whose second pull panics (a backend's bug).
 #[derive(Debug, Default)]
 struct PanickingSecondPull {

@@ -1009,15 +1009,23 @@ async fn run<S: Send + Sync + 'static>(
     drop(starts);
     // Jobs leased but not started go back at once, for another worker,
     // while the handlers run: however slow the store's releases, the
-    // handlers are told to stop at the deadline.
+    // handlers are told to stop at the deadline. Those of pulls still out
+    // go back as each lands, not holding up the others: a slow pull
+    // would keep them leased for as long as it took.
     let mut unstarted = buffer.close();
     unstarted.append(&mut refused);
     let releasing = async {
-        while let Some(pulled) = pulls.next().await {
-            unstarted.extend(hold(keeper, pulled.jobs.unwrap_or_default(), pulled.sent));
-            stock.landed(pulled.asked as usize);
-        }
-        release_all(&shared, &board, unstarted, None).await
+        let landing = async {
+            let mut released = 0;
+            while let Some(pulled) = pulls.next().await {
+                let late = hold(keeper, pulled.jobs.unwrap_or_default(), pulled.sent);
+                stock.landed(pulled.asked as usize);
+                released += release_all(&shared, &board, late, None).await;
+            }
+            released
+        };
+        let (now, late) = tokio::join!(release_all(&shared, &board, unstarted, None), landing);
+        now + late
     };
     let winding_down = async {
         tokio::pin!(releasing);
