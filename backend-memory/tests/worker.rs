@@ -1455,6 +1455,28 @@ async fn panicking_releases_fail_alone() {
     assert_eq!(report.released, 0, "{report:?}");
 }
 
+/// Runs quick jobs through `running`'s worker (of one slot) to deepen its
+/// buffer, then pushes a job to "long" and eight queued behind it, which
+/// the long job's pull then leases too; returns their ids, the long one's
+/// first.
+async fn push_long_and_queued(
+    backend: &Arc<dyn Backend>,
+    running: &relayq_core::WorkerHandle<()>,
+) -> Vec<relayq_core::JobId> {
+    run_quick_jobs(backend, running, "warm", 400).await;
+    let jobs: Vec<NewJob> = std::iter::once("long".to_owned())
+        .chain((0..8).map(|i| format!("queued{i}")))
+        .map(|to| Email { to }.to_job())
+        .collect();
+    backend
+        .push_batch(jobs)
+        .await
+        .expect("push")
+        .iter()
+        .map(|o| o.id())
+        .collect()
+}
+
 /// Starts a long job with buffered jobs behind it, then shuts down within
 /// 200 ms while each release takes `delay` (and then panics, with
 /// `panics`); checks the long job's handler was stopped at the deadline.
@@ -1498,14 +1520,7 @@ async fn shutdown_while_releasing(delay: StdDuration, panics: bool) -> relayq_co
         .build()
         .expect("build");
     let running = worker.start();
-    // Quick jobs first deepen the buffer, so that the long job's pull
-    // leases more jobs than its one slot.
-    run_quick_jobs(&backend, &running, "warm", 400).await;
-    let jobs: Vec<NewJob> = std::iter::once("long".to_owned())
-        .chain((0..8).map(|i| format!("queued{i}")))
-        .map(|to| Email { to }.to_job())
-        .collect();
-    backend.push_batch(jobs).await.expect("push");
+    push_long_and_queued(&backend, &running).await;
     tokio::time::timeout(StdDuration::from_secs(20), entered.notified())
         .await
         .expect("the long job started");
@@ -1595,20 +1610,7 @@ async fn buffered_jobs_go_back_at_once_while_a_pull_is_out() {
         .build()
         .expect("build");
     let running = worker.start();
-    // Quick jobs first deepen the buffer, so that the long job's pull
-    // leases the queued ones too.
-    run_quick_jobs(&backend, &running, "warm", 400).await;
-    let jobs: Vec<NewJob> = std::iter::once("long".to_owned())
-        .chain((0..8).map(|i| format!("queued{i}")))
-        .map(|to| Email { to }.to_job())
-        .collect();
-    let ids: Vec<_> = backend
-        .push_batch(jobs)
-        .await
-        .expect("push")
-        .iter()
-        .map(|o| o.id())
-        .collect();
+    let ids = push_long_and_queued(&backend, &running).await;
     tokio::time::timeout(StdDuration::from_secs(20), entered.notified())
         .await
         .expect("the long job started");

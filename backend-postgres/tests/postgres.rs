@@ -2093,6 +2093,24 @@ async fn waiting_on_locks(backend: &PgBackend, statements: i64) {
     }
 }
 
+/// Returns once `n` sessions of application `app` wait on a lock.
+async fn app_waiting_on_locks(backend: &PgBackend, app: &str, n: i64) {
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND application_name = $1",
+        )
+        .bind(app)
+        .fetch_one(backend.pool())
+        .await
+        .expect("pg_stat_activity");
+        if waiting >= n {
+            return;
+        }
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
+}
+
 /// Fills a schema with `finished` done/dead jobs and `pending` due jobs.
 async fn fill(backend: &PgBackend, finished: i64, pending: i64) {
     let schema = backend.schema();
@@ -3147,22 +3165,7 @@ async fn a_push_whose_caller_left_wakes_workers_once_it_commits() {
                 pusher.push(job(2).unique_key(key.clone())).await.map(drop)
             }
         };
-        let waiting = async {
-            loop {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE wait_event_type = 'Lock' AND application_name = $1",
-                )
-                .bind(&app)
-                .fetch_one(backend.pool())
-                .await
-                .expect("activity");
-                if waiting > 0 {
-                    return;
-                }
-                tokio::time::sleep(StdDuration::from_millis(10)).await;
-            }
-        };
+        let waiting = app_waiting_on_locks(&backend, &app, 1);
         // The caller leaves once its statement waits on the server.
         tokio::select! {
             pushed = push => panic!("the push did not wait: {pushed:?}"),
@@ -3211,24 +3214,9 @@ async fn a_queued_folded_push_whose_caller_left_is_stored() {
         async move { pusher.push(job(2)).await }
     });
     // Both statements wait on the table: the next push is queued.
-    tokio::time::timeout(SIGNAL_DEADLINE, async {
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND application_name = $1",
-            )
-            .bind(&app)
-            .fetch_one(backend.pool())
-            .await
-            .expect("activity");
-            if waiting == 2 {
-                return;
-            }
-            tokio::time::sleep(StdDuration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("two statements wait on the lock");
+    tokio::time::timeout(SIGNAL_DEADLINE, app_waiting_on_locks(&backend, &app, 2))
+        .await
+        .expect("two statements wait on the lock");
     let left = tokio::time::timeout(StdDuration::from_millis(50), pusher.push(job(3))).await;
     assert!(left.is_err(), "the third push waited: {left:?}");
     tx.commit().await.expect("commit");
