@@ -36,9 +36,11 @@
 //! (its future dropped) cannot cancel other callers' inserts halfway, and
 //! its own push is still inserted, as a lone push on its own task would
 //! be: a caller that gives up after its first poll must find its job
-//! stored, whether or not its push happened to wait for a fold. Only
-//! while the statements under way hang do queued pushes whose callers
-//! left get forgotten (see [`State::forget_left_when_long`]).
+//! stored, whether or not its push happened to wait for a fold. Only once
+//! [`2 × MAX_FOLD`](MAX_FOLD) or more pushes are queued (a burst larger
+//! than the two statements under way take, or statements that hang) are
+//! queued pushes whose callers left forgotten (see
+//! [`State::forget_left_when_long`]).
 //!
 //! Pushes fold only with pushes made on the same Tokio runtime, and are
 //! inserted by tasks of that runtime: a backend shared by several runtimes

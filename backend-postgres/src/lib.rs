@@ -72,10 +72,11 @@
 //!   waiting once it was first polled (a timeout, a dropped request) still
 //!   commits and notifies as if its caller had waited (a caller that then
 //!   pushes its jobs again stores them twice, unless they have unique
-//!   keys). So does a push queued to be folded with others, unless the
-//!   statements ahead of it hang (a connection gone silent) while more
-//!   than 2,000 pushes queue behind them: those whose callers left are
-//!   then forgotten, as their callers may be pushing them again.
+//!   keys). So does a push queued to be folded with others, unless 2,000
+//!   or more pushes are queued at once (a burst larger than two
+//!   statements take, or statements that hang on a connection gone
+//!   silent): those whose callers left are then forgotten, as their
+//!   callers may be pushing them again.
 //!   [`PgBackend::push_in`] notifies inside the caller's transaction, so only a commit wakes
 //!   anyone. A retry due at once notifies its queue the same way as a
 //!   pool push; a release notifies in its own statement, so a worker
@@ -124,7 +125,13 @@
 //!   the table (see [Schema](#schema)). A migrator that hangs inside its
 //!   transaction (a stopped process, a network cut) is ended by the server
 //!   after 10 s idle, releasing its locks, instead of holding them until
-//!   TCP keepalive notices; continued, it migrates again.
+//!   TCP keepalive notices; continued, it migrates again. A
+//!   `statement_timeout` or `lock_timeout` set for the role, the database
+//!   or in the URL does not apply to a migration's transaction: with a
+//!   `statement_timeout`, every process of a fleet deployed at once but
+//!   the migrating one failed to start (its wait for the migration lock
+//!   ended), and a table rewrite longer than the timeout never finished;
+//!   with a `lock_timeout`, they failed after two minutes of retries.
 //!
 //! ```no_run
 //! use relayq_core::{NewJob, PullRequest, Puller, Pusher};

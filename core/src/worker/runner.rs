@@ -1010,22 +1010,29 @@ async fn run<S: Send + Sync + 'static>(
     // Jobs leased but not started go back at once, for another worker,
     // while the handlers run: however slow the store's releases, the
     // handlers are told to stop at the deadline. Those of pulls still out
-    // go back as each lands, not holding up the others: a slow pull
-    // would keep them leased for as long as it took.
+    // go back as each lands, beside the others' releases: behind a slow
+    // pull they would stay leased for as long as it took.
     let mut unstarted = buffer.close();
     unstarted.append(&mut refused);
     let releasing = async {
-        let landing = async {
-            let mut released = 0;
-            while let Some(pulled) = pulls.next().await {
-                let late = hold(keeper, pulled.jobs.unwrap_or_default(), pulled.sent);
-                stock.landed(pulled.asked as usize);
-                released += release_all(&shared, &board, late, None).await;
+        let mut releases = FuturesUnordered::new();
+        releases.push(release_all(&shared, &board, unstarted, None));
+        let mut released = 0;
+        let mut landing = true;
+        while landing || !releases.is_empty() {
+            tokio::select! {
+                pulled = pulls.next(), if landing => match pulled {
+                    Some(pulled) => {
+                        let late = hold(keeper, pulled.jobs.unwrap_or_default(), pulled.sent);
+                        stock.landed(pulled.asked as usize);
+                        releases.push(release_all(&shared, &board, late, None));
+                    }
+                    None => landing = false,
+                },
+                Some(n) = releases.next(), if !releases.is_empty() => released += n,
             }
-            released
-        };
-        let (now, late) = tokio::join!(release_all(&shared, &board, unstarted, None), landing);
-        now + late
+        }
+        released
     };
     let winding_down = async {
         tokio::pin!(releasing);
