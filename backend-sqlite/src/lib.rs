@@ -155,9 +155,9 @@
 //! The standard workload (`shared/WORKLOAD.md`) on a temporary file, 2 cores,
 //! default settings, release build, is measured by the repository's
 //! `bench/run`; its README (Performance) and `BENCHMARKS.md` keep the
-//! figures of each run, with the machine and the date. Four runs of
+//! figures of each run, with the machine and the date. Five runs of
 //! 2026-12-07 gave a worker (prefetching, concurrency 16) 27,500–43,100
-//! finished jobs/s, batches of 1,000 130,000–170,000 jobs/s, and 0.69–0.84
+//! finished jobs/s, batches of 1,000 130,000–175,000 jobs/s, and 0.69–0.84
 //! ms p50 from enqueue to handler start.
 //!
 //! Single pushes include SQLite's automatic checkpoints (two `fsync`s per
