@@ -1445,7 +1445,9 @@ impl Puller for PgBackend {
             .bind(error);
         let (status, queue): (String, String) = self.acknowledge(query, lease).await?;
         let status = row::status(&status)?;
-        if status == JobStatus::Pending && !delay.is_positive() {
+        // The delay is bound in whole microseconds, rounded down: one
+        // under a microsecond leaves the job due at once.
+        if status == JobStatus::Pending && delay < Duration::MICROSECOND {
             self.announce(vec![queue]);
         }
         Ok(status)

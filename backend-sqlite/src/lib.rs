@@ -1109,7 +1109,8 @@ impl Puller for SqliteBackend {
             .bind(lease.token)
             .fetch_optional(&mut *tx)
             .await?;
-            if status.as_deref() == Some("pending") && !delay.is_positive() {
+            // Under a microsecond, the stored run_at is now (see below).
+            if status.as_deref() == Some("pending") && delay < Duration::MICROSECOND {
                 wakeups::announce(&self.shared, &mut tx).await?;
             }
             status
@@ -1120,7 +1121,9 @@ impl Puller for SqliteBackend {
             })?,
             None => return Err(lease.lost()),
         };
-        if status == JobStatus::Pending && !delay.is_positive() {
+        // Stores keep whole microseconds, rounding down: a delay under
+        // one leaves the job due at once, and its subscribers are told.
+        if status == JobStatus::Pending && delay < Duration::MICROSECOND {
             self.shared.signal();
         }
         Ok(status)

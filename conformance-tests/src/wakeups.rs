@@ -87,7 +87,11 @@ pub async fn release_and_retry_due_at_once_wake_a_subscriber(h: Harness) {
         return;
     };
     h.push(job("k", 1)).await;
-    for what in ["a release", "a retry due at once"] {
+    for what in [
+        "a release",
+        "a retry due at once",
+        "a retry due within a microsecond",
+    ] {
         let lease = h.pull_one("default").await.lease;
         // The signals of what came before (a backend may deliver them
         // after a round trip).
@@ -97,8 +101,14 @@ pub async fn release_and_retry_due_at_once_wake_a_subscriber(h: Harness) {
         if what == "a release" {
             h.backend.release(&lease).await.expect("release");
         } else {
+            // Stores keep whole microseconds: 500 ns is due at once too.
+            let delay = if what == "a retry due at once" {
+                time::Duration::ZERO
+            } else {
+                time::Duration::nanoseconds(500)
+            };
             h.backend
-                .retry(&lease, time::Duration::ZERO, "again")
+                .retry(&lease, delay, "again")
                 .await
                 .expect("retry");
         }
