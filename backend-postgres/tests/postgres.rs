@@ -318,7 +318,7 @@ async fn a_migrator_hung_in_its_transaction_is_ended_by_the_server() {
         resumed.schema_version().await.expect("version"),
         SCHEMA_VERSION
     );
-    proxy.cut();
+    proxy.cut().await;
     testing::drop_schema(&schema).await;
 }
 
@@ -2580,11 +2580,25 @@ impl Proxy {
         self.resumed.send_replace(true);
     }
 
-    /// Drops every connection and stops listening.
-    fn cut(&self) {
+    /// Drops every connection and stops listening; returns once a new
+    /// connection is refused. (The listener closes when its aborted task
+    /// is dropped, a moment later: a connection made meanwhile would be
+    /// accepted by the kernel and then reset, which a client gives up on
+    /// at once, where a refused one is tried again.)
+    async fn cut(&self) {
         for task in self.tasks.lock().expect("tasks").drain(..) {
             task.abort();
         }
+        tokio::time::timeout(SIGNAL_DEADLINE, async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                tokio::time::sleep(StdDuration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the proxy stops listening");
     }
 
     /// Stops forwarding on every connection open now, keeping them open;
@@ -2764,7 +2778,7 @@ async fn listener_reconnects_after_the_server_was_unreachable() {
     // Every connection drops and reconnecting fails for longer than one
     // attempt may take: sqlx's own reconnect gives up, so the backend's
     // backoff loop takes over.
-    proxy.cut();
+    proxy.cut().await;
     tokio::time::sleep(StdDuration::from_millis(2500)).await;
     backend.push(job(2)).await.expect("push while cut off");
     proxy.restore().await;
@@ -2784,7 +2798,7 @@ async fn listener_reconnects_after_the_server_was_unreachable() {
             .len(),
         3
     );
-    proxy.cut();
+    proxy.cut().await;
     testing::drop_schema(backend.schema()).await;
 }
 
@@ -2799,7 +2813,7 @@ async fn abandoned_subscriptions_do_not_hold_up_the_live_ones() {
     let (proxy, backend, through) =
         behind_proxy(|options| options.max_connections(2).acquire_timeout(acquire)).await;
     let queues = ["default".to_owned()];
-    proxy.cut();
+    proxy.cut().await;
     for _ in 0..10 {
         let abandoned =
             tokio::time::timeout(StdDuration::from_millis(10), through.subscribe(&queues)).await;
@@ -2813,7 +2827,7 @@ async fn abandoned_subscriptions_do_not_hold_up_the_live_ones() {
     assert!(live.is_err(), "no subscription while cut off");
     // One attempt, not eleven (with room for a slow machine).
     assert!(took < acquire * 5, "the live subscription waited {took:?}");
-    proxy.cut();
+    proxy.cut().await;
     testing::drop_schema(backend.schema()).await;
 }
 
@@ -2927,7 +2941,7 @@ async fn queue_operations_on_a_silent_connection_fail_within_the_reply_timeout()
         .push(job(20))
         .await
         .expect("a push on a new connection");
-    proxy.cut();
+    proxy.cut().await;
     testing::drop_schema(backend.schema()).await;
 }
 
@@ -2969,7 +2983,7 @@ async fn pushes_queued_behind_a_silent_fold_go_in_on_new_connections() {
             (_, Err(e)) => panic!("push {n}, queued behind the silent ones: {e}"),
         }
     }
-    proxy.cut();
+    proxy.cut().await;
     testing::drop_schema(backend.schema()).await;
 }
 
@@ -3001,7 +3015,7 @@ async fn a_subscription_on_a_silent_listener_fails_within_the_acquire_timeout() 
     drain(&mut again, QUIET).await;
     backend.push(job(1).queue("other")).await.expect("push");
     expect_signal(&mut again, "a push after the new subscription").await;
-    proxy.cut();
+    proxy.cut().await;
     testing::drop_schema(backend.schema()).await;
 }
 
@@ -3040,7 +3054,7 @@ async fn a_listener_whose_server_went_silent_is_replaced() {
     backend.push(job(2)).await.expect("push");
     expect_signal(&mut wakeups, "a push heard on the new listener").await;
     resubscribing.abort();
-    proxy.cut();
+    proxy.cut().await;
     testing::drop_schema(backend.schema()).await;
 }
 
@@ -3072,7 +3086,7 @@ async fn a_silent_idle_connection_is_replaced_as_it_is_handed_out() {
         .expect("the ping gave up in time")
         .expect("pushed on a new connection");
     assert!(backend.get(pushed.id()).await.expect("get").is_some());
-    proxy.cut();
+    proxy.cut().await;
     testing::drop_schema(backend.schema()).await;
 }
 
