@@ -1868,6 +1868,7 @@ pub async fn worker_shutdown_releases_prefetched_jobs(h: Harness) {
         })
         .build()
         .expect("build");
+    let mut events = worker.events();
     let mut ids = Vec::new();
     for n in 0..5 {
         ids.push(h.push(Task { n }.to_job()).await);
@@ -1879,6 +1880,8 @@ pub async fn worker_shutdown_releases_prefetched_jobs(h: Harness) {
         status_reached(&h, ids[1], JobStatus::Processing).await;
     })
     .await;
+    // Leased by the same pull as the next, perhaps, so started only now.
+    starts(&mut events, 1, "the first job to start").await;
     let report = within(
         "shutdown",
         running.shutdown_within(StdDuration::from_secs(5)),
@@ -1931,6 +1934,7 @@ pub async fn worker_shutdown_gives_up_failing_releases_at_its_deadline(h: Harnes
         })
         .build()
         .expect("build");
+    let mut events = worker.events();
     let mut ids = Vec::new();
     for n in 0..4 {
         ids.push(h.push(Task { n }.to_job()).await);
@@ -1940,6 +1944,7 @@ pub async fn worker_shutdown_gives_up_failing_releases_at_its_deadline(h: Harnes
         status_reached(&h, ids[1], JobStatus::Processing).await;
     })
     .await;
+    starts(&mut events, 1, "the first job to start").await;
     let report = within(
         "a shutdown whose releases keep failing",
         running.shutdown_within(StdDuration::from_millis(300)),
