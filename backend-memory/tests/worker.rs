@@ -803,6 +803,9 @@ async fn polls_after_the_subscription_closed(hang_again: bool, instant_writes: b
 /// connection limit, for up to the acquire timeout).
 #[derive(Debug)]
 struct SubscriptionNeverAnswered {
+    /// Whether the store declares wake-ups (one that does not may still
+    /// be subscribed to).
+    declared: bool,
     instant_writes: bool,
 }
 
@@ -810,7 +813,7 @@ struct SubscriptionNeverAnswered {
 impl Faults for SubscriptionNeverAnswered {
     fn capabilities(&self, _inner: &dyn Backend) -> Capabilities {
         Capabilities::none()
-            .in_process_wakeups(true)
+            .in_process_wakeups(self.declared)
             .instant_writes(self.instant_writes)
     }
 
@@ -821,11 +824,16 @@ impl Faults for SubscriptionNeverAnswered {
 
 /// A worker pulls from its start, whether or not its subscription to
 /// wake-ups is made yet: one never answered holds up neither its polls
-/// nor its shutdown.
+/// nor its shutdown, also on a store that declares no wake-ups (whose
+/// subscription was awaited before the first pull, for ever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_subscription_never_answered_holds_up_nothing() {
-    for instant_writes in [false, true] {
-        runs_pushed_jobs_by_polling(SubscriptionNeverAnswered { instant_writes }).await;
+    for (declared, instant_writes) in [(true, false), (true, true), (false, false)] {
+        runs_pushed_jobs_by_polling(SubscriptionNeverAnswered {
+            declared,
+            instant_writes,
+        })
+        .await;
     }
 }
 

@@ -76,14 +76,12 @@ impl Signals {
             ..Self::none(backend)
         };
         // A subscription made at once (in process) is in place before the
-        // first pull, as a caller would expect; one a backend that declares
-        // no signals makes is awaited, as nothing renews it.
+        // first pull, as a caller would expect; one not made at once is
+        // made beside the pulls, also for a backend that declares no
+        // signals (awaited here, one that never came held up the worker
+        // and its shutdown for ever); only, failing, it is not made again.
         let mut subscribing = renewal(&signals.backend, &signals.queues, Duration::ZERO);
-        let made = if signals.renews {
-            (&mut subscribing).now_or_never()
-        } else {
-            Some(subscribing.as_mut().await)
-        };
+        let made = (&mut subscribing).now_or_never();
         let state = match made {
             Some(Some(wakeups)) => State::Open(wakeups),
             Some(None) => signals.after_loss(),
