@@ -2104,24 +2104,6 @@ async fn waiting_on_locks(backend: &PgBackend, statements: i64) {
     }
 }
 
-/// Returns once `n` sessions of application `app` wait on a lock.
-async fn app_waiting_on_locks(backend: &PgBackend, app: &str, n: i64) {
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND application_name = $1",
-        )
-        .bind(app)
-        .fetch_one(backend.pool())
-        .await
-        .expect("pg_stat_activity");
-        if waiting >= n {
-            return;
-        }
-        tokio::time::sleep(StdDuration::from_millis(10)).await;
-    }
-}
-
 /// Fills a schema with `finished` done/dead jobs and `pending` due jobs.
 async fn fill(backend: &PgBackend, finished: i64, pending: i64) {
     let schema = backend.schema();
@@ -3161,12 +3143,10 @@ async fn a_connection_whose_caller_left_returns_to_the_pool_once_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_whose_caller_left_wakes_workers_once_it_commits() {
     let backend = testing::connect(testing::options()).await;
-    let app = app_name("left");
     let pusher = testing::connect(
         PgOptions::new(testing::database_url())
             .schema(backend.schema())
-            .max_connections(1)
-            .application_name(app.clone()),
+            .max_connections(1),
     )
     .await;
     let listener = other_process(&backend).await;
@@ -3190,7 +3170,7 @@ async fn a_push_whose_caller_left_wakes_workers_once_it_commits() {
                 pusher.push(job(2).unique_key(key.clone())).await.map(drop)
             }
         };
-        let waiting = app_waiting_on_locks(&backend, &app, 1);
+        let waiting = waiting_on_locks(&backend, 1);
         // The caller leaves once its statement waits on the server.
         tokio::select! {
             pushed = push => panic!("the push did not wait: {pushed:?}"),
@@ -3214,13 +3194,8 @@ async fn a_push_whose_caller_left_wakes_workers_once_it_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_folded_push_whose_caller_left_is_stored() {
     let backend = testing::connect(testing::options()).await;
-    let app = app_name("queued");
-    let pusher = testing::connect(
-        PgOptions::new(testing::database_url())
-            .schema(backend.schema())
-            .application_name(app.clone()),
-    )
-    .await;
+    let pusher =
+        testing::connect(PgOptions::new(testing::database_url()).schema(backend.schema())).await;
     // Inserts wait while this transaction holds the table.
     let mut tx = backend.pool().begin().await.expect("begin");
     sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -3239,7 +3214,7 @@ async fn a_queued_folded_push_whose_caller_left_is_stored() {
         async move { pusher.push(job(2)).await }
     });
     // Both statements wait on the table: the next push is queued.
-    tokio::time::timeout(SIGNAL_DEADLINE, app_waiting_on_locks(&backend, &app, 2))
+    tokio::time::timeout(SIGNAL_DEADLINE, waiting_on_locks(&backend, 2))
         .await
         .expect("two statements wait on the lock");
     let left = tokio::time::timeout(StdDuration::from_millis(50), pusher.push(job(3))).await;
