@@ -330,7 +330,7 @@ use relayq_core::{
     JobStatus, LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest,
     Puller, PushOutcome, Pusher, Result, Schedule, Stats, Unreadable, ValidJob, Wakeups,
     check_clean, check_lease, check_result, check_retry, check_text, pull_readable,
-    truncate_to_micros, validate_batch,
+    retry_due_at_once, truncate_to_micros, validate_batch,
 };
 use sea_query::{Alias, Expr, ExprTrait, Order, PostgresQueryBuilder, Query};
 use sea_query_sqlx::SqlxBinder;
@@ -1445,9 +1445,7 @@ impl Puller for PgBackend {
             .bind(error);
         let (status, queue): (String, String) = self.acknowledge(query, lease).await?;
         let status = row::status(&status)?;
-        // The delay is bound in whole microseconds, rounded down: one
-        // under a microsecond leaves the job due at once.
-        if status == JobStatus::Pending && delay < Duration::MICROSECOND {
+        if status == JobStatus::Pending && retry_due_at_once(delay) {
             self.announce(vec![queue]);
         }
         Ok(status)

@@ -181,8 +181,8 @@ use relayq_core::{
     Backend, Capabilities, Cleaner, Clock, Completion, Cutoff, Error, Job, JobId, JobPage,
     JobStatus, LEASE_EXPIRED_ERROR, Lease, LeasedJob, ListFilter, NewJob, Observer, PullRequest,
     Puller, PushOutcome, Pusher, Result, Stats, Unreadable, ValidJob, Wakeups, check_clean,
-    check_lease, check_result, check_retry, check_text, pull_readable, truncate_to_micros,
-    validate_batch,
+    check_lease, check_result, check_retry, check_text, pull_readable, retry_due_at_once,
+    truncate_to_micros, validate_batch,
 };
 use sea_query::{Expr, ExprTrait, Iden, Order, Query, SqliteQueryBuilder};
 use sea_query_sqlx::SqlxBinder;
@@ -1092,6 +1092,7 @@ impl Puller for SqliteBackend {
 
     async fn retry(&self, lease: &Lease, delay: Duration, error: &str) -> Result<JobStatus> {
         check_retry(delay, error)?;
+        let due_at_once = retry_due_at_once(delay);
         let status: Option<String> = write_tx!(self, |tx, now| {
             let run_at = later(now, delay, "delay")?;
             let status: Option<String> = sqlx::query_scalar(
@@ -1109,8 +1110,7 @@ impl Puller for SqliteBackend {
             .bind(lease.token)
             .fetch_optional(&mut *tx)
             .await?;
-            // Under a microsecond, the stored run_at is now (see below).
-            if status.as_deref() == Some("pending") && delay < Duration::MICROSECOND {
+            if status.as_deref() == Some("pending") && due_at_once {
                 wakeups::announce(&self.shared, &mut tx).await?;
             }
             status
@@ -1121,9 +1121,7 @@ impl Puller for SqliteBackend {
             })?,
             None => return Err(lease.lost()),
         };
-        // Stores keep whole microseconds, rounding down: a delay under
-        // one leaves the job due at once, and its subscribers are told.
-        if status == JobStatus::Pending && delay < Duration::MICROSECOND {
+        if status == JobStatus::Pending && due_at_once {
             self.shared.signal();
         }
         Ok(status)

@@ -185,6 +185,13 @@ pub fn check_retry(delay: Duration, error: &str) -> Result<()> {
     crate::job::check_text("error", error)
 }
 
+/// Whether a retry after `delay` (checked) leaves its job due at once,
+/// so that its queue's subscribers are to be woken: stores keep whole
+/// microseconds, rounding down, so a delay under one is none.
+pub fn retry_due_at_once(delay: Duration) -> bool {
+    delay < Duration::MICROSECOND
+}
+
 /// Checks the result handed to `complete`.
 pub fn check_result(result: Option<&serde_json::Value>) -> Result<()> {
     result.map_or(Ok(()), |r| crate::job::check_json("result", r))

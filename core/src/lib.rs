@@ -40,7 +40,7 @@ pub use job::{
 };
 pub use lease::{
     CLAIM_ROUNDS, Lease, LeasedJob, MAX_LEASE, Unreadable, check_lease, check_result, check_retry,
-    pull_readable,
+    pull_readable, retry_due_at_once,
 };
 pub use payload::Payload;
 pub use request::{

@@ -767,7 +767,6 @@ async fn run<S: Send + Sync + 'static>(
             config.queues.clone(),
             config.poll_interval,
         )
-        .await
     } else {
         Signals::none(Arc::clone(&shared.backend))
     };

@@ -55,15 +55,17 @@ impl Signals {
     /// failed to subscribe (or whose subscription closes) is tried again
     /// every `retry_after`; one that declares none and returned none is not.
     ///
-    /// A backend that declares signals is subscribed to beside the
-    /// runner's first pulls, not before them: on PostgreSQL subscribing
-    /// opens the LISTEN connection, which takes up to the acquire timeout
-    /// when the server is at its connection limit (or longer, behind a
-    /// reconnect under way), while the pool could serve pulls at once. Such
-    /// a subscription, once made, is a sign like a signal (pushes made
-    /// before it went unheard), so the runner pulls again. One made at the
-    /// first poll (in process) is in place before the first pull.
-    pub(crate) async fn subscribe(
+    /// A subscription made at its first poll (in process) is in place
+    /// before the first pull, as a caller would expect. Any other is made
+    /// beside the runner's first pulls, not before them, whatever the
+    /// backend declares: on PostgreSQL subscribing opens the LISTEN
+    /// connection, which takes up to the acquire timeout when the server is
+    /// at its connection limit (or longer, behind a reconnect under way),
+    /// while the pool could serve pulls at once; and one that never came
+    /// would hold up the worker and its shutdown for ever. Such a
+    /// subscription, once made, is a sign like a signal (pushes made
+    /// before it went unheard), so the runner pulls again.
+    pub(crate) fn subscribe(
         backend: Arc<dyn Backend>,
         queues: Vec<String>,
         retry_after: Duration,
@@ -75,14 +77,8 @@ impl Signals {
             retry_after,
             ..Self::none(backend)
         };
-        // A subscription made at once (in process) is in place before the
-        // first pull, as a caller would expect; one not made at once is
-        // made beside the pulls, also for a backend that declares no
-        // signals (awaited here, one that never came held up the worker
-        // and its shutdown for ever); only, failing, it is not made again.
         let mut subscribing = renewal(&signals.backend, &signals.queues, Duration::ZERO);
-        let made = (&mut subscribing).now_or_never();
-        let state = match made {
+        let state = match (&mut subscribing).now_or_never() {
             Some(Some(wakeups)) => State::Open(wakeups),
             Some(None) => signals.after_loss(),
             None => State::Renewing(subscribing),
