@@ -180,18 +180,16 @@ impl State {
         let mut batch = Vec::with_capacity(self.waiting.len().min(MAX_FOLD));
         let mut bytes = 0;
         while batch.len() < MAX_FOLD {
-            match self.waiting.pop_front() {
-                Some(entry) => {
-                    let size = entry.job.payload.as_raw().get().len();
-                    if !batch.is_empty() && bytes + size > max_bytes {
-                        self.waiting.push_front(entry);
-                        break;
-                    }
-                    bytes += size;
-                    batch.push(entry);
-                }
-                None => break,
+            let Some(entry) = self.waiting.pop_front() else {
+                break;
+            };
+            let size = entry.job.payload.as_raw().get().len();
+            if !batch.is_empty() && bytes + size > max_bytes {
+                self.waiting.push_front(entry);
+                break;
             }
+            bytes += size;
+            batch.push(entry);
         }
         batch
     }

@@ -134,10 +134,11 @@ async fn migrate_once(pool: &PgPool, schema: &str) -> std::result::Result<Vec<i3
     let mut tx = conn.begin().await?;
     // A `statement_timeout` or `lock_timeout` set for the role, the
     // database or in the URL would end the wait for another migrator's
-    // advisory lock (57014 or 55P03, and every process of a fleet deployed
-    // at once but one failed to start), and a table rewrite longer than
-    // the timeout would fail on every attempt: a migration is made whole,
-    // however long it takes.
+    // advisory lock (57014, which fails the connect: of a fleet deployed
+    // at once all but one process failed to start; or 55P03, retried for
+    // two minutes only), and a table rewrite longer than the timeout would
+    // fail on every attempt: a migration is made whole, however long it
+    // takes.
     sqlx::query(
         "SELECT set_config('idle_in_transaction_session_timeout', $1, true), \
                 set_config('statement_timeout', '0', true), \
