@@ -1066,6 +1066,13 @@ impl PgBackend {
             .await
             .map_err(error_from)?;
         self.inner.vacuum.record(rows.len() as u64);
+        if let Some(row) = rows.first()
+            && row::passed_over(row)?
+        {
+            // Pullers that came back short while this claim held those
+            // jobs would otherwise wait for the next push or poll.
+            self.announce(request.queues.clone());
+        }
         let mut leased = Vec::with_capacity(rows.len());
         let mut unreadable = Vec::new();
         for row in &rows {
@@ -1140,7 +1147,8 @@ impl PgBackend {
     }
 
     /// Wakes the workers of `queues`, in which a pool push or a retry due
-    /// at once just committed jobs due now: this backend's (and its
+    /// at once just committed jobs due now, or a claim left jobs due that
+    /// other pullers passed by while it held them: this backend's (and its
     /// clones') at once, every process's through NOTIFY.
     fn announce(&self, queues: Vec<String>) {
         if queues.is_empty() {

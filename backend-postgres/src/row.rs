@@ -132,11 +132,17 @@ where
     })
 }
 
-/// A job from a row holding [`crate::sql::JOB_COLUMNS`], in their order,
-/// for a pull: JSON relayq cannot read is an [`Unread::Json`], so that the
-/// pull kills the job.
+/// A job from a row starting with [`crate::sql::JOB_COLUMNS`], in their
+/// order, for a pull: JSON relayq cannot read is an [`Unread::Json`], so
+/// that the pull kills the job.
 pub(crate) fn job(row: &PgRow) -> Result<Job, Unread> {
     read(row, false)
+}
+
+/// Whether the claim that returned `row` locked due jobs it did not keep:
+/// the `passed_over` column following the job's.
+pub(crate) fn passed_over(row: &PgRow) -> Result<bool> {
+    row.try_get(JOB_COLUMN_NAMES.len()).map_err(error_from)
 }
 
 /// [`job`] for an observer (`get`, `list`): JSON relayq cannot read (which
@@ -149,8 +155,12 @@ pub(crate) fn observed(row: &PgRow) -> Result<Job> {
 
 fn read(row: &PgRow, unreadable_as_text: bool) -> Result<Job, Unread> {
     debug_assert!(
-        row.columns().iter().map(Column::name).eq(JOB_COLUMN_NAMES),
-        "a job row holds JOB_COLUMNS, in order"
+        row.columns()
+            .iter()
+            .map(Column::name)
+            .take(JOB_COLUMN_NAMES.len())
+            .eq(JOB_COLUMN_NAMES),
+        "a job row starts with JOB_COLUMNS, in order"
     );
     let id = get(row, ID)?;
     let lease_token = get(row, LEASE_TOKEN)?;

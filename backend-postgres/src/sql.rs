@@ -270,14 +270,17 @@ LIMIT 1
 /// PostgreSQL allows no `FOR UPDATE` in a `UNION`). The `UPDATE …
 /// RETURNING` leases them. The killed and chosen sets are disjoint, so one
 /// statement may update both. Candidates locked but not chosen stay
-/// pending and are unlocked at commit. The leased rows come back in no
+/// pending and are unlocked at commit; meanwhile a concurrent puller passed
+/// them by, and may have come back short, taking its queues for drained.
+/// So each row also says whether any were (`passed_over`), and the caller
+/// then wakes the queues' workers. The leased rows come back in no
 /// order (the caller sorts them): a sort here would sort whole rows,
 /// payloads included, which for large payloads can spill past
 /// `work_mem`.
 ///
 /// `{queue}` is `queue = $2` for one queue or `queue = ANY($2)` for
-/// several; `{levels}` and `{claimable}` choose the due jobs, see
-/// [`CLAIMABLE_ONE_QUEUE`] and [`CLAIMABLE_MANY_QUEUES`].
+/// several; `{levels}`, `{claimable}` and `{claimable_locked}` are a
+/// [`Claimable`]'s.
 const PULL: &str = r#"
 WITH RECURSIVE {levels}expired_last AS (
     SELECT id FROM {s}.jobs
@@ -300,9 +303,9 @@ WITH RECURSIVE {levels}expired_last AS (
     FOR UPDATE SKIP LOCKED
 ), chosen AS (
     SELECT id FROM (
-        SELECT * FROM claimable
+        SELECT id, priority, run_at FROM claimable
         UNION ALL
-        SELECT * FROM reclaimable
+        SELECT id, priority, run_at FROM reclaimable
     ) AS candidates
     ORDER BY priority, run_at, id
     LIMIT $3
@@ -314,7 +317,10 @@ WITH RECURSIVE {levels}expired_last AS (
     WHERE j.id = c.id
     RETURNING j.*
 )
-SELECT {cols} FROM claimed
+SELECT {cols},
+       {claimable_locked} + (SELECT count(*) FROM reclaimable) > (SELECT count(*) FROM chosen)
+           AS passed_over
+FROM claimed
 "#;
 
 /// The due jobs of one queue, in pull order, one priority level at a time.
@@ -327,8 +333,8 @@ SELECT {cols} FROM claimed
 /// before it reached the next level, and all of them whenever fewer jobs
 /// were due than the batch asked for. With 200,000 jobs scheduled for the
 /// next day and one due, that was 1,210 buffers and 16 ms per claim.
-const CLAIMABLE_ONE_QUEUE: (&str, &str) = (
-    r#"levels AS (
+const CLAIMABLE_ONE_QUEUE: Claimable = Claimable {
+    levels: r#"levels AS (
     (SELECT priority FROM {s}.jobs
      WHERE queue = $2::text AND status = 'pending'
      ORDER BY priority LIMIT 1)
@@ -339,7 +345,7 @@ const CLAIMABLE_ONE_QUEUE: (&str, &str) = (
     FROM levels l
     WHERE l.priority IS NOT NULL
 ), "#,
-    r#"
+    due: r#"
     SELECT due.id, due.priority, due.run_at
     FROM levels l
     CROSS JOIN LATERAL (
@@ -351,15 +357,18 @@ const CLAIMABLE_ONE_QUEUE: (&str, &str) = (
         FOR UPDATE SKIP LOCKED
     ) AS due
     LIMIT $3"#,
-);
+    // Each level's rows are locked as the outer LIMIT reads them.
+    locked: "(SELECT count(*) FROM claimable)",
+};
 
 /// The due jobs of several queues, in pull order. `levels` walks the
 /// priorities of all the queues together, one index probe per queue and
 /// level, only as far as the claim reads; at each level every queue's due
 /// jobs are read as an index range in `(run_at, id)` order, locked, and
 /// merged. A level's merge needs all it reads, so it locks up to `$3` jobs
-/// of each queue to keep `$3` (those not kept are unlocked at commit, and
-/// a concurrent puller passes them by meanwhile): at worst queues × batch
+/// of each queue to keep `$3` (those not kept are unlocked at commit, a
+/// concurrent puller passes them by meanwhile, and the claim then wakes
+/// the queues' workers, see [`PULL`]): at worst queues × batch
 /// row locks at a level, each a heap write (18 queues with deep backlogs
 /// and a batch of 1,024: 18,432). Counting first without
 /// locks and then locking only the counted jobs locked less, but a puller
@@ -368,8 +377,8 @@ const CLAIMABLE_ONE_QUEUE: (&str, &str) = (
 /// that, one scan read every pending job of the queues and sorted them
 /// all: 123 ms per claim over two queues holding 200,000 due jobs. `$2`
 /// names each queue once: a queue named twice would be read twice.
-const CLAIMABLE_MANY_QUEUES: (&str, &str) = (
-    r#"levels AS (
+const CLAIMABLE_MANY_QUEUES: Claimable = Claimable {
+    levels: r#"levels AS (
     (SELECT min(f.priority) AS priority
      FROM unnest($2::text[]) AS q(queue)
      CROSS JOIN LATERAL (
@@ -386,11 +395,11 @@ const CLAIMABLE_MANY_QUEUES: (&str, &str) = (
     FROM levels l
     WHERE l.priority IS NOT NULL
 ), "#,
-    r#"
-    SELECT due.id, due.priority, due.run_at
+    due: r#"
+    SELECT due.id, due.priority, due.run_at, due.locked
     FROM levels l
     CROSS JOIN LATERAL (
-        SELECT d.id, d.priority, d.run_at
+        SELECT d.id, d.priority, d.run_at, count(*) OVER () AS locked
         FROM unnest($2::text[]) AS q(queue)
         CROSS JOIN LATERAL (
             SELECT id, priority, run_at FROM {s}.jobs
@@ -404,12 +413,27 @@ const CLAIMABLE_MANY_QUEUES: (&str, &str) = (
         LIMIT $3
     ) AS due
     LIMIT $3"#,
-);
+    // A level's merge locked all it read, whatever the outer LIMIT took
+    // (which took at least one row of each level it reached).
+    locked: "(SELECT coalesce(sum(locked), 0) FROM (SELECT DISTINCT priority, locked FROM claimable) AS l)",
+};
+
+/// How [`PULL`] chooses the due jobs of its queues.
+struct Claimable {
+    /// A CTE, `levels`, of the queues' priority levels, followed by `, `.
+    levels: &'static str,
+    /// `claimable`: the due jobs, locked, in pull order, `$3` at most,
+    /// starting with columns `id, priority, run_at`.
+    due: &'static str,
+    /// How many jobs `claimable` locked, kept or not.
+    locked: &'static str,
+}
 
 /// [`PULL`] for one queue or several.
-fn pull(queue: &str, (levels, claimable): (&str, &str)) -> String {
-    PULL.replace("{levels}", levels)
-        .replace("{claimable}", claimable)
+fn pull(queue: &str, claimable: Claimable) -> String {
+    PULL.replace("{levels}", claimable.levels)
+        .replace("{claimable_locked}", claimable.locked)
+        .replace("{claimable}", claimable.due)
         .replace("{queue}", queue)
 }
 

@@ -1027,6 +1027,45 @@ async fn subscriptions_are_per_queue() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A claim may lock more due jobs than it keeps: a batch from each of
+/// several queues at one priority, or due jobs beside expired leases. A
+/// puller running beside it passes those by and may come back short,
+/// taking its queues for drained, though the jobs are unlocked as soon as
+/// the claim commits. So such a claim wakes the queues' workers, in every
+/// process; a claim that kept every job it locked does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_passed_due_jobs_over_wakes_their_workers() {
+    let clock = ManualClock::new(relayq_conformance::EPOCH);
+    let backend = testing::connect(testing::options().clock(Arc::new(clock.clone()))).await;
+    let other = other_process(&backend).await;
+    let mut woken = subscribed(&other, &["a".to_owned(), "b".to_owned()]).await;
+    for n in 0..2 {
+        backend.push(job(n).queue("a")).await.expect("push");
+        backend.push(job(n).queue("b")).await.expect("push");
+    }
+    drain(&mut woken, QUIET).await;
+
+    let both = PullRequest::queues(["a", "b"]).batch(2);
+    assert_eq!(backend.pull(&both).await.expect("pull").len(), 2);
+    expect_signal(&mut woken, "a claim of 2 over two queues locked 4").await;
+    drain(&mut woken, QUIET).await;
+    assert_eq!(backend.pull(&both).await.expect("pull").len(), 2);
+    expect_quiet(&mut woken, "a claim of the last 2 kept every job it locked").await;
+
+    // Every lease has expired; one job is due beside them in queue a.
+    clock.advance(PullRequest::DEFAULT_LEASE + Duration::seconds(1));
+    backend.push(job(2).queue("a")).await.expect("push");
+    drain(&mut woken, QUIET).await;
+    let one = PullRequest::queue("a");
+    assert_eq!(backend.pull(&one).await.expect("pull").len(), 1);
+    expect_signal(
+        &mut woken,
+        "a claim of 1 locked a due job and an expired lease",
+    )
+    .await;
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// A pool push wakes this process's subscribers of its queue before it
 /// returns, without waiting for its notification's round trip through the
 /// server (which still follows, for other processes).
