@@ -993,9 +993,12 @@ impl PgBackend {
         let rows = self
             .pull_query(request, Some("EXPLAIN (ANALYZE, BUFFERS)"))
             .fetch_all(&mut *tx)
-            .await
-            .map_err(error_from)?;
-        tx.rollback().await.map_err(error_from)?;
+            .await;
+        let rolled_back = tx.rollback().await;
+        // Pullers beside it passed by every job it locked, due again now.
+        self.announce(request.queues.clone());
+        let rows = rows.map_err(error_from)?;
+        rolled_back.map_err(error_from)?;
         let lines = rows
             .iter()
             .map(|row| row.try_get::<String, _>(0).map_err(error_from))
@@ -1066,9 +1069,15 @@ impl PgBackend {
             .await
             .map_err(error_from)?;
         self.inner.vacuum.record(rows.len() as u64);
-        if let Some(row) = rows.first()
-            && row::passed_over(row)?
-        {
+        let passed_over = rows.first().is_some_and(|row| {
+            // The jobs are leased: losing them over this flag would leave
+            // them to their lease's end.
+            row::passed_over(row).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "relayq-postgres: cannot read whether a claim passed jobs over; waking the queues' workers");
+                true
+            })
+        });
+        if passed_over {
             // Pullers that came back short while this claim held those
             // jobs would otherwise wait for the next push or poll.
             self.announce(request.queues.clone());

@@ -1039,30 +1039,67 @@ async fn a_claim_that_passed_due_jobs_over_wakes_their_workers() {
     let backend = testing::connect(testing::options().clock(Arc::new(clock.clone()))).await;
     let other = other_process(&backend).await;
     let mut woken = subscribed(&other, &["a".to_owned(), "b".to_owned()]).await;
-    for n in 0..2 {
-        backend.push(job(n).queue("a")).await.expect("push");
-        backend.push(job(n).queue("b")).await.expect("push");
-    }
-    drain(&mut woken, QUIET).await;
-
+    let push = |queue: &'static str, priority: i16, count: i64| {
+        let backend = backend.clone();
+        async move {
+            for n in 0..count {
+                let job = job(n).queue(queue).priority(priority);
+                backend.push(job).await.expect("push");
+            }
+        }
+    };
     let both = PullRequest::queues(["a", "b"]).batch(2);
+
+    // One level of two queues: 2 locked in each, 2 kept.
+    push("a", 0, 2).await;
+    push("b", 0, 2).await;
+    drain(&mut woken, QUIET).await;
     assert_eq!(backend.pull(&both).await.expect("pull").len(), 2);
     expect_signal(&mut woken, "a claim of 2 over two queues locked 4").await;
     drain(&mut woken, QUIET).await;
     assert_eq!(backend.pull(&both).await.expect("pull").len(), 2);
     expect_quiet(&mut woken, "a claim of the last 2 kept every job it locked").await;
 
-    // Every lease has expired; one job is due beside them in queue a.
-    clock.advance(PullRequest::DEFAULT_LEASE + Duration::seconds(1));
-    backend.push(job(2).queue("a")).await.expect("push");
+    // Two levels: 1 locked at the first, 2 at the second (one in each
+    // queue), 2 kept in all.
+    push("a", 1, 1).await;
+    push("a", 2, 1).await;
+    push("b", 2, 1).await;
     drain(&mut woken, QUIET).await;
-    let one = PullRequest::queue("a");
-    assert_eq!(backend.pull(&one).await.expect("pull").len(), 1);
+    assert_eq!(backend.pull(&both).await.expect("pull").len(), 2);
+    expect_signal(&mut woken, "a claim of 2 over two levels locked 3").await;
+
+    // One queue is read a job at a time, so its claim locks what it keeps.
+    push("b", 3, 3).await;
+    drain(&mut woken, QUIET).await;
+    let b = PullRequest::queue("b").batch(2);
+    assert_eq!(backend.pull(&b).await.expect("pull").len(), 2);
+    expect_quiet(&mut woken, "a claim of 2 from one queue locked 2").await;
+
+    // Every lease has expired, 4 in each queue; 2 jobs of queue b are due
+    // beside them.
+    clock.advance(PullRequest::DEFAULT_LEASE + Duration::seconds(1));
+    assert_eq!(
+        backend
+            .pull(&PullRequest::queue("a").batch(2))
+            .await
+            .expect("pull")
+            .len(),
+        2
+    );
+    expect_quiet(&mut woken, "a claim of 2 expired leases locked 2").await;
+    drain(&mut woken, QUIET).await;
+    assert_eq!(backend.pull(&b).await.expect("pull").len(), 2);
     expect_signal(
         &mut woken,
-        "a claim of 1 locked a due job and an expired lease",
+        "a claim of 2 locked 2 due jobs and 2 expired leases",
     )
     .await;
+
+    // A plan's claim is rolled back: every job it locked is due again.
+    drain(&mut woken, QUIET).await;
+    backend.explain_pull(&b).await.expect("explain");
+    expect_signal(&mut woken, "a claim under EXPLAIN was rolled back").await;
     testing::drop_schema(backend.schema()).await;
 }
 
