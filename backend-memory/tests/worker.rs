@@ -365,6 +365,42 @@ async fn a_dropped_run_until_idle_gives_its_job_back() {
     assert_eq!((job.status, job.attempts), (JobStatus::Done, 1));
 }
 
+/// A run that never idles (its one job retried at once, for ever) ends
+/// under a timeout: it yields between jobs. On the memory store nothing
+/// else in it waits, so a timeout around it never got to fire, and the
+/// thread spun for good.
+#[test]
+fn a_timeout_ends_a_run_that_never_idles() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let (b, _) = store();
+            let worker = Worker::builder(dyn_backend(&b))
+                .handle(|_: Email, _ctx: JobContext<()>| async {
+                    Err::<(), _>(HandlerError::new("again").retry_after(StdDuration::ZERO))
+                })
+                .build()
+                .expect("build");
+            let job = Email { to: "a".into() }.to_job().max_attempts(i32::MAX);
+            b.push(job).await.expect("push");
+            let run = worker.run_until_idle();
+            let timed_out = tokio::time::timeout(StdDuration::from_millis(100), run)
+                .await
+                .is_err();
+            let _ = tx.send(timed_out);
+        });
+    });
+    assert_eq!(
+        rx.recv_timeout(StdDuration::from_secs(20)),
+        Ok(true),
+        "the timeout ended the run"
+    );
+}
+
 #[tokio::test]
 async fn inline_push_runs_the_handler_at_once() {
     let (b, clock) = store();

@@ -190,8 +190,10 @@ impl<S: Send + Sync + 'static> Worker<S> {
     /// delay is not due again until the backend's clock (a
     /// [`ManualClock`](crate::ManualClock) in tests) has moved past it; jobs
     /// pushed by handlers run in the same call when due. Leases are not
-    /// extended. Works on any backend. Dropped before it returns (under a
-    /// `tokio::time::timeout`, say), it stops the job it was running and
+    /// extended. Works on any backend. It yields to the runtime after each
+    /// job, so a `tokio::time::timeout` around it ends even a run that
+    /// never idles. Dropped before it returns (under a timeout, say), it
+    /// stops the job it was running and
     /// gives it back, as a shutdown would, rather than leave it leased: on
     /// the memory backend before the drop returns, elsewhere from a
     /// spawned task (should the runtime end first, the job comes back when
@@ -223,6 +225,11 @@ impl<S: Send + Sync + 'static> Worker<S> {
                 unreachable!("an inline run records its own outcome")
             };
             report.outcomes.push((info, outcome));
+            // On the memory store nothing else in a run waits: without
+            // this, a run that never idles (a job retried at once for
+            // ever, a handler pushing a follow-up each run) would never
+            // let a timeout around it fire.
+            tokio::task::yield_now().await;
         }
     }
 
