@@ -1510,6 +1510,41 @@ impl Backend for SqliteBackend {
 mod tests {
     use super::*;
 
+    /// A subscription made while the runtime shuts down, whose spawn drops
+    /// the new poller at once, returns: the dropped poller marks itself
+    /// stopped, which took the lock `subscribe` held around the spawn,
+    /// and the thread hung for good (and the runtime's drop with it).
+    #[test]
+    fn subscribing_on_a_runtime_shutting_down_returns() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
+        let opened = tokio::runtime::Runtime::new().expect("runtime");
+        let backend = opened
+            .block_on(SqliteBackend::connect(&url))
+            .expect("connect");
+        let closed = tokio::runtime::Runtime::new().expect("runtime");
+        let handle = closed.handle().clone();
+        drop(closed);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::clone(&backend.shared);
+        std::thread::spawn(move || {
+            let _entered = handle.enter();
+            let wakeups = wakeups::subscribe(&shared, wakeups::Marks::default());
+            drop(wakeups);
+            let _ = tx.send(());
+        });
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(20)),
+            Ok(()),
+            "subscribe returned"
+        );
+        assert!(
+            wakeups::poller_stopped(&backend.shared),
+            "the dropped poller is marked stopped"
+        );
+        opened.block_on(backend.close());
+    }
+
     /// Planner statistics gathered while no job is leased (the lease index
     /// then looks empty, e.g. `checkpoint` after a bulk load) must not turn
     /// `complete_batch` or `extend_batch` into a scan of the leased jobs

@@ -131,28 +131,38 @@ pub(crate) async fn announce(
 /// Wake-ups for a new subscriber; `baseline` is where the [`Marks`] stood
 /// when it subscribed (what others do after it is signalled).
 pub(crate) fn subscribe(shared: &Arc<Shared>, baseline: Marks) -> Wakeups {
-    let rx = {
+    let (rx, start) = {
         let mut state = lock(&shared.poller);
         // Subscribe and check the poller under one lock, so the poller
         // cannot decide it has no subscribers in between and stop.
         let rx = shared.signals.subscribe();
-        if !shared.in_memory && state.running.is_none() {
+        let start = (!shared.in_memory && state.running.is_none()).then(|| {
             state.started += 1;
             state.running = Some(state.started);
-            let running = Running {
+            Running {
                 shared: Arc::downgrade(shared),
                 generation: state.started,
-            };
-            tokio::spawn(poll(running, baseline));
-        }
-        rx
+            }
+        });
+        (rx, start)
     };
+    // Spawned with the lock released: a runtime shutting down drops the
+    // task inside `spawn`, and `Running`'s drop takes the lock.
+    if let Some(running) = start {
+        tokio::spawn(poll(running, baseline));
+    }
     // A watch channel cannot lose a signal between two waits: a push that
     // lands while the worker is busy is seen by its next `changed`.
     Wakeups::from_stream(futures::stream::unfold(rx, |mut rx| async move {
         rx.changed().await.ok()?;
         Some(((), rx))
     }))
+}
+
+/// Whether no poller runs on `shared`'s file.
+#[cfg(test)]
+pub(crate) fn poller_stopped(shared: &Shared) -> bool {
+    lock(&shared.poller).running.is_none()
 }
 
 async fn poll(running: Running, mut last_marks: Marks) {
