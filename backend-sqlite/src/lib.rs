@@ -450,7 +450,8 @@ impl SqliteBackend {
     }
 
     /// Applies every pending migration, idempotently: creates the tables
-    /// on first use, does nothing when up to date. Runs in one
+    /// on first use, only reads the version when up to date (so a
+    /// connection that cannot write opens a migrated file). Migrates in one
     /// `BEGIN IMMEDIATE` transaction, which holds the write lock from the
     /// start, so concurrent callers in any number of processes are safe. A
     /// schema newer than this crate knows is [`Error::SchemaTooNew`].
@@ -463,6 +464,17 @@ impl SqliteBackend {
     /// a table, so older processes run on it unchanged, but their
     /// releases and retries wake other processes only at their next poll.
     pub async fn migrate(&self) -> Result<()> {
+        // Answered by a read when there is nothing to do, so that a
+        // connection that cannot write (`mode=ro`, a file this user may
+        // only read) opens a migrated file; the write lock is taken only
+        // to migrate, and the version read again under it.
+        let up_to_date = read!(self, |pool| {
+            let mut conn = pool.acquire().await?;
+            schema::up_to_date(schema::current_version(&mut conn).await?)?
+        })?;
+        if up_to_date {
+            return Ok(());
+        }
         write_tx!(self, |tx, now| { schema::migrate(&mut tx, now).await? }).map(drop)
     }
 

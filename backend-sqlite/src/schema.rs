@@ -59,6 +59,19 @@ pub(crate) async fn current_version(conn: &mut SqliteConnection) -> Result<i64, 
     )
 }
 
+/// Whether a database at version `current` needs no migration; one newer
+/// than this build knows is [`relayq_core::Error::SchemaTooNew`].
+pub(crate) fn up_to_date(current: i64) -> Result<bool, Fail> {
+    let latest = latest_version();
+    if current > latest {
+        return Err(Fail::Core(relayq_core::Error::SchemaTooNew {
+            found: current,
+            supported: latest,
+        }));
+    }
+    Ok(current == latest)
+}
+
 /// Applies every migration newer than the database's version, inside the
 /// caller's `BEGIN IMMEDIATE` transaction. Returns the versions applied.
 pub(crate) async fn migrate(
@@ -75,13 +88,7 @@ pub(crate) async fn migrate(
     .execute(&mut *conn)
     .await?;
     let current = current_version(conn).await?;
-    let latest = latest_version();
-    if current > latest {
-        return Err(Fail::Core(relayq_core::Error::SchemaTooNew {
-            found: current,
-            supported: latest,
-        }));
-    }
+    up_to_date(current)?;
     let mut applied = Vec::new();
     for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
         sqlx::raw_sql(migration.sql).execute(&mut *conn).await?;

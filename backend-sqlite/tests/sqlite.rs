@@ -46,6 +46,52 @@ async fn a_cancelled_job_reads_back() {
     relayq_conformance::observe::a_cancelled_job_reads_back(&h, id).await;
 }
 
+/// Connecting to a migrated file only reads its version. So it opens
+/// while another connection holds the write lock for longer than the lock
+/// timeout (a long batch, say), where it waited for the lock and failed
+/// before; and it opens read-only (`mode=ro`, as a dashboard would), where
+/// reads work and a push fails, writing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_a_migrated_file_takes_no_write_lock() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = file_url(&dir);
+    let writer = SqliteBackend::connect(&url).await.expect("connect");
+    writer.push(job(1)).await.expect("push");
+    let pending = |stats: relayq_core::Stats| stats.queue("default").pending;
+
+    let mut holder = writer.pool().acquire().await.expect("connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *holder)
+        .await
+        .expect("begin");
+    let beside = SqliteBackend::connect_with(
+        SqliteOptions::new(url.clone())
+            .busy_timeout(StdDuration::from_millis(50))
+            .lock_timeout(StdDuration::from_millis(200)),
+    )
+    .await
+    .expect("opens while another connection holds the write lock");
+    assert_eq!(pending(beside.stats().await.expect("stats")), 1);
+    sqlx::query("ROLLBACK")
+        .execute(&mut *holder)
+        .await
+        .expect("rollback");
+    drop(holder);
+    beside.close().await;
+
+    let reader = SqliteBackend::connect(&format!("{url}?mode=ro"))
+        .await
+        .expect("a read-only connection opens a migrated file");
+    assert_eq!(pending(reader.stats().await.expect("stats")), 1);
+    assert!(matches!(
+        reader.push(job(2)).await,
+        Err(Error::Backend { .. })
+    ));
+    assert_eq!(pending(writer.stats().await.expect("stats")), 1);
+    reader.close().await;
+    writer.close().await;
+}
+
 /// `mode=rw` in the URL opens an existing file and never creates one: a
 /// typo in its path is an error, not a new, empty database. Without a
 /// mode, the file is created (and then opens with `mode=rw`).
