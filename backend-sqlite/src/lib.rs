@@ -192,7 +192,7 @@ use sqlx::{AssertSqlSafe, Connection as _, Row, Sqlite, SqliteConnection, Transa
 use time::{Duration, OffsetDateTime};
 use tokio::sync::watch;
 
-pub use options::SqliteOptions;
+pub use options::{SqliteOptions, WAL_SIZE_LIMIT};
 pub use retry::error_from;
 pub use schema::SCHEMA_VERSION;
 /// The sqlx this crate is built on, for naming its types

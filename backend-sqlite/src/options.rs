@@ -7,6 +7,10 @@ use std::time::Duration;
 use relayq_core::{Clock, Error, Result, SystemClock};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
+/// The size the write-ahead log file is cut back to once checkpointed
+/// (`PRAGMA journal_size_limit`), in bytes: 64 MiB.
+pub const WAL_SIZE_LIMIT: u64 = 64 << 20;
+
 /// How to open a [`SqliteBackend`](crate::SqliteBackend): the URL plus pool,
 /// locking, wake-up and clock settings. Every setter has a sensible default.
 ///
@@ -186,6 +190,9 @@ impl SqliteOptions {
             };
             parsed
                 .journal_mode(SqliteJournalMode::Wal)
+                // A checkpoint rewinds the log but keeps its file at its
+                // largest (one big batch's worth) unless this caps it.
+                .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
                 .synchronous(if self.full_sync {
                     SqliteSynchronous::Full
                 } else {

@@ -15,7 +15,9 @@ use relayq_core::{
     Backend, Cleaner, Completion, Error, JobStatus, Lease, ListFilter, ManualClock, NewJob,
     Observer, PullRequest, Puller, PushOutcome, Pusher, Wakeups,
 };
-use relayq_sqlite::{MIN_SQLITE_VERSION, SCHEMA_VERSION, SqliteBackend, SqliteOptions};
+use relayq_sqlite::{
+    MIN_SQLITE_VERSION, SCHEMA_VERSION, SqliteBackend, SqliteOptions, WAL_SIZE_LIMIT,
+};
 use serde_json::json;
 use sqlx::Row;
 use tempfile::TempDir;
@@ -90,6 +92,29 @@ async fn connecting_to_a_migrated_file_takes_no_write_lock() {
     assert_eq!(pending(writer.stats().await.expect("stats")), 1);
     reader.close().await;
     writer.close().await;
+}
+
+/// The write-ahead log file is cut back to `WAL_SIZE_LIMIT` once SQLite's
+/// own checkpoints have copied it into the database: one large batch no
+/// longer leaves it at its largest for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_file_shrinks_after_a_large_batch() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = SqliteBackend::connect(&file_url(&dir))
+        .await
+        .expect("connect");
+    let wal = dir.path().join("jobs.db-wal");
+    let filler = "x".repeat(2_000);
+    let batch = (0..45_000)
+        .map(|n| NewJob::new("k", &json!({ "n": n, "filler": filler })))
+        .collect();
+    backend.push_batch(batch).await.expect("push_batch");
+    let size = || std::fs::metadata(&wal).expect("log file").len();
+    assert!(size() > WAL_SIZE_LIMIT, "the batch's log: {} bytes", size());
+    for n in 0..3 {
+        backend.push(job(n)).await.expect("push");
+    }
+    assert!(size() <= WAL_SIZE_LIMIT, "the log kept {} bytes", size());
 }
 
 /// `mode=rw` in the URL opens an existing file and never creates one: a
