@@ -78,6 +78,48 @@ fn build_names_each_mistake() {
         ),
         Some("retry_for")
     );
+    // Another type of a handled kind: its settings would apply to a
+    // handler it is not.
+    #[derive(Serialize, Deserialize)]
+    struct EmailV2 {
+        to: String,
+    }
+    impl JobType for EmailV2 {
+        const KIND: &'static str = "email";
+    }
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
+                .retry_for::<EmailV2>(relayq_core::RetryPolicy::default())
+                .build()
+        ),
+        Some("retry_for")
+    );
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
+                .timeout_for::<EmailV2>(StdDuration::from_secs(1))
+                .build()
+        ),
+        Some("timeout_for")
+    );
+    // A type whose every `to_job` push would be refused.
+    #[derive(Serialize, Deserialize)]
+    struct Never;
+    impl JobType for Never {
+        const KIND: &'static str = "never";
+        const MAX_ATTEMPTS: i32 = 0;
+    }
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(|_: Never, _ctx: JobContext<()>| async { Ok::<_, HandlerError>(()) })
+                .build()
+        ),
+        Some("max_attempts")
+    );
     assert_eq!(
         field(
             Worker::builder(dyn_backend(&b))

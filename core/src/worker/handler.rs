@@ -1,7 +1,7 @@
 //! Typed jobs and their handlers: [`JobType`], [`Handler`], [`JobContext`],
 //! [`HandlerError`], and the type-erased registry the worker dispatches on.
 
-use std::any::type_name;
+use std::any::{TypeId, type_name};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -367,10 +367,29 @@ pub(crate) type RunFuture =
 pub(crate) type ErasedHandler<S> =
     Arc<dyn Fn(&Value, JobContext<S>) -> Result<RunFuture, String> + Send + Sync>;
 
+/// The Rust type a handler or a per-type setting was registered for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TypeOf {
+    pub(crate) id: TypeId,
+    pub(crate) name: &'static str,
+}
+
+impl TypeOf {
+    pub(crate) fn of<J: 'static>() -> Self {
+        Self {
+            id: TypeId::of::<J>(),
+            name: type_name::<J>(),
+        }
+    }
+}
+
 /// One registered kind.
 pub(crate) struct Entry<S> {
     pub(crate) run: ErasedHandler<S>,
     pub(crate) kind: &'static str,
+    /// The job type registered for `kind`, and its `MAX_ATTEMPTS`.
+    pub(crate) job_type: TypeOf,
+    pub(crate) max_attempts: i32,
     /// What a lease keeper knows this kind by while its handler runs with
     /// no timeout: its place in [`Config::untimed_kinds`](super::execute::Config)
     /// plus one; 0 if the handler has a timeout.
@@ -385,6 +404,8 @@ impl<S> Clone for Entry<S> {
         Self {
             run: Arc::clone(&self.run),
             kind: self.kind,
+            job_type: self.job_type,
+            max_attempts: self.max_attempts,
             untimed: self.untimed,
             queue: self.queue,
             timeout: self.timeout,
@@ -428,6 +449,8 @@ impl<S: Send + Sync + 'static> Entry<S> {
         Self {
             run,
             kind: J::KIND,
+            job_type: TypeOf::of::<J>(),
+            max_attempts: J::MAX_ATTEMPTS,
             untimed: 0,
             queue: J::QUEUE,
             timeout: None,
@@ -445,6 +468,8 @@ impl<S: Send + Sync + 'static> Entry<S> {
         Entry {
             run,
             kind: self.kind,
+            job_type: self.job_type,
+            max_attempts: self.max_attempts,
             untimed: self.untimed,
             queue: self.queue,
             timeout: self.timeout,

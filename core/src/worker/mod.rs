@@ -86,7 +86,7 @@ pub use handler::{Handler, HandlerError, JobContext, JobType};
 pub use runner::ShutdownReport;
 
 use execute::{Config, Ended, Hook, Mode, Shared, contained, execute};
-use handler::Entry;
+use handler::{Entry, TypeOf};
 
 use crate::error::{Error, Result};
 use crate::job::{Job, JobId, check_name};
@@ -408,9 +408,9 @@ pub struct WorkerBuilder<S = ()> {
     lease: Duration,
     poll_interval: Duration,
     retry: RetryPolicy,
-    retry_for: HashMap<&'static str, RetryPolicy>,
+    retry_for: HashMap<&'static str, (TypeOf, RetryPolicy)>,
     timeout: Option<Duration>,
-    timeout_for: HashMap<&'static str, Duration>,
+    timeout_for: HashMap<&'static str, (TypeOf, Duration)>,
     shutdown_timeout: Duration,
     hooks: Vec<Hook>,
 }
@@ -625,7 +625,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
 
     /// The retry policy for jobs of type `J`.
     pub fn retry_for<J: JobType>(mut self, policy: RetryPolicy) -> Self {
-        self.retry_for.insert(J::KIND, policy);
+        self.retry_for.insert(J::KIND, (TypeOf::of::<J>(), policy));
         self
     }
 
@@ -642,7 +642,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
 
     /// The longest a handler for `J` may run before its attempt fails.
     pub fn timeout_for<J: JobType>(mut self, limit: Duration) -> Self {
-        self.timeout_for.insert(J::KIND, limit);
+        self.timeout_for.insert(J::KIND, (TypeOf::of::<J>(), limit));
         self
     }
 
@@ -669,7 +669,9 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
 
     /// Checks the configuration and builds the worker. Every mistake is an
     /// [`Error::InvalidInput`] naming the setting: no handler, two handlers
-    /// for one kind, a per-kind setting for a kind with no handler, bad
+    /// for one kind, a type whose `MAX_ATTEMPTS` is below 1, a per-type
+    /// setting for a type with no handler (another type of the same kind
+    /// does not count), bad
     /// queue names, concurrency out of range, a lease out of range, a zero
     /// poll interval or timeout, a retry policy [`RetryPolicy::check`]
     /// refuses.
@@ -683,6 +685,15 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
         let mut handlers: FxHashMap<String, Entry<S>> = FxHashMap::default();
         for (kind, entry) in self.handlers {
             check_name("kind", kind)?;
+            if entry.max_attempts < 1 {
+                return Err(Error::invalid(
+                    "max_attempts",
+                    format!(
+                        "{}::MAX_ATTEMPTS must be at least 1, got {}",
+                        entry.job_type.name, entry.max_attempts
+                    ),
+                ));
+            }
             if handlers.insert(kind.to_owned(), entry).is_some() {
                 return Err(Error::invalid(
                     "kind",
@@ -691,19 +702,13 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
             }
         }
         self.retry.check("retry")?;
-        for (kind, policy) in self.retry_for {
+        for (kind, (job_type, policy)) in self.retry_for {
             policy.check("retry_for")?;
-            handlers
-                .get_mut(kind)
-                .ok_or_else(|| no_handler("retry_for", kind))?
-                .retry = Some(policy);
+            handler_for(&mut handlers, "retry_for", kind, job_type)?.retry = Some(policy);
         }
-        for (kind, limit) in self.timeout_for {
+        for (kind, (job_type, limit)) in self.timeout_for {
             check_positive("timeout_for", limit)?;
-            handlers
-                .get_mut(kind)
-                .ok_or_else(|| no_handler("timeout_for", kind))?
-                .timeout = Some(limit);
+            handler_for(&mut handlers, "timeout_for", kind, job_type)?.timeout = Some(limit);
         }
         let queues = match self.queues {
             Some(queues) => queues,
@@ -829,8 +834,27 @@ pub(crate) fn after(start: Instant, by: Duration) -> Instant {
         .unwrap_or_else(|| start + Duration::from_secs(86_400 * 365 * 30))
 }
 
-fn no_handler(field: &'static str, kind: &str) -> Error {
-    Error::invalid(field, format!("no handler is registered for kind {kind:?}"))
+/// The handler that per-type setting `field`, given for `job_type` of
+/// `kind`, applies to: the one registered for that very type.
+fn handler_for<'a, S>(
+    handlers: &'a mut FxHashMap<String, Entry<S>>,
+    field: &'static str,
+    kind: &str,
+    job_type: TypeOf,
+) -> Result<&'a mut Entry<S>> {
+    let entry = handlers.get_mut(kind).ok_or_else(|| {
+        Error::invalid(field, format!("no handler is registered for kind {kind:?}"))
+    })?;
+    if entry.job_type.id != job_type.id {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "names {}, but kind {kind:?} is handled for {}",
+                job_type.name, entry.job_type.name
+            ),
+        ));
+    }
+    Ok(entry)
 }
 
 fn check_positive(field: &'static str, value: Duration) -> Result<()> {
