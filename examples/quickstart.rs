@@ -25,6 +25,10 @@ struct SendEmail {
 
 impl JobType for SendEmail {
     const KIND: &'static str = "send_email";
+    // A queue of its own: on a store other programs use too, a worker
+    // pulling theirs would make each job of a kind it has no handler for
+    // `Dead` (SPEC).
+    const QUEUE: &'static str = "quickstart";
     const MAX_ATTEMPTS: i32 = 3;
 }
 
@@ -42,7 +46,14 @@ async fn main() -> relayq::Result<()> {
             (url, Some(path))
         }
     };
-    println!("store: {}", url.split('@').next_back().unwrap_or_default());
+    // The scheme and what follows any credentials, without the query
+    // (which may hold a password too).
+    let shown = url.split('?').next().unwrap_or_default();
+    let shown = match shown.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit('@').next().unwrap_or(rest)),
+        None => shown.to_owned(),
+    };
+    println!("store: {shown}");
     let backend = relayq::connect(&url).await?;
 
     let mut ids = Vec::new();
