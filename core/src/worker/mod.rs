@@ -186,14 +186,17 @@ impl<S: Send + Sync + 'static> Worker<S> {
     ///
     /// Deterministic: jobs run in pull order (priority, `run_at`, id); no
     /// timer runs but a configured handler timeout and the pauses before
-    /// an outcome write that failed transiently is made again; a job retried with a
-    /// delay is not due again until the backend's clock (a
-    /// [`ManualClock`](crate::ManualClock) in tests) has moved past it; jobs
-    /// pushed by handlers run in the same call when due. Leases are not
-    /// extended. Works on any backend. It yields to the runtime after each
-    /// job, so a `tokio::time::timeout` around it ends even a run that
-    /// never idles. Dropped before it returns (under a timeout, say), it
-    /// stops the job it was running and
+    /// an outcome write that failed transiently is made again (both on
+    /// Tokio's clock: moving a [`ManualClock`](crate::ManualClock) times
+    /// out no handler); a job retried with a delay is not due again until
+    /// the backend's clock (a `ManualClock` in tests) has moved past it
+    /// (the default [`RetryPolicy`] jitters its delays: move the clock by
+    /// [`RetryPolicy::ceiling`], or set [`Jitter::None`](crate::Jitter::None));
+    /// jobs pushed by handlers run in the same call when due. Leases are
+    /// not extended. Works on any backend. It yields to the runtime after
+    /// each job, so a `tokio::time::timeout` around it ends even a run
+    /// that never idles. Dropped before it returns (under a timeout, say),
+    /// it stops the job it was running and
     /// gives it back, as a shutdown would, rather than leave it leased: on
     /// the memory backend before the drop returns, elsewhere from a
     /// spawned task (should the runtime end first, the job comes back when
