@@ -183,6 +183,13 @@ impl SqliteOptions {
                     "names no database file (use `sqlite::memory:` for an in-memory one)",
                 ));
             }
+            // Every connection the pool, the writer and the wake-up poller
+            // open later opens this path: a relative one would be read
+            // from the working directory then, and a process that changed
+            // it (a daemon, say) would create a new, empty file there.
+            let file = std::path::absolute(parsed.get_filename())
+                .map_err(|e| Error::config("url", format!("names no usable path: {e}")))?;
+            let parsed = parsed.filename(file);
             let parsed = if mode_given {
                 parsed
             } else {
@@ -244,11 +251,10 @@ mod tests {
         ] {
             let resolved = resolve(url).expect(url);
             assert!(!resolved.in_memory, "{url}");
-            assert_eq!(
-                resolved.connect.get_filename(),
-                std::path::Path::new(file),
-                "{url}"
-            );
+            // Relative paths are fixed when resolved: later connections
+            // must open the same file whatever the working directory.
+            let cwd = std::env::current_dir().expect("working directory");
+            assert_eq!(resolved.connect.get_filename(), cwd.join(file), "{url}");
         }
     }
 
