@@ -286,7 +286,9 @@
 //!
 //! # Errors
 //!
-//! A bad URL, schema name or pool setting is [`Error::Config`]; a server
+//! A bad URL, schema name or pool setting is [`Error::Config`], and so is
+//! a database not encoded in UTF8 (or SQL_ASCII), which could refuse a
+//! payload's or result's characters; a server
 //! that cannot be reached, or any failure of the database, is
 //! [`Error::Backend`]. Neither, nor `Debug` of [`PgBackend`] or
 //! [`PgOptions`], ever shows a password.
@@ -367,6 +369,25 @@ const CLIENT_CHECK_INTERVAL: &str = "1s";
 /// The settings [`set_up_connection`] makes on every server.
 const REQUIRED_SETTINGS: &str = "set_config('default_transaction_isolation', 'read committed', false), \
      set_config('jit', 'off', false)";
+
+/// Refuses a database whose encoding cannot hold every character (LATIN1,
+/// say): payloads, results and errors are stored in it, and one holding a
+/// character it lacks would be refused; for a result or an error, every
+/// time the job's outcome was written, so the job ran again and again.
+/// UTF8 holds every character; SQL_ASCII stores the bytes unchecked.
+async fn check_encoding(pool: &sqlx::PgPool, target: &str) -> Result<()> {
+    let encoding: String = sqlx::query_scalar("SELECT current_setting('server_encoding')")
+        .fetch_one(pool)
+        .await
+        .map_err(error_from)?;
+    if encoding != "UTF8" && encoding != "SQL_ASCII" {
+        return Err(Error::config(
+            "database",
+            format!("{target} is encoded {encoding}: relayq-postgres needs a UTF8 database"),
+        ));
+    }
+    Ok(())
+}
 
 /// Sets up a new pool connection, in one round trip on current servers:
 ///
@@ -580,6 +601,7 @@ impl PgBackend {
                     },
                 )
             })?;
+        check_encoding(&pool, &target).await?;
         let sql = sql::Statements::new(&options.schema);
         let deadline = deadline::Deadline::new(options.reply_timeout).map_err(Error::backend)?;
         let early_notify = can_await_flush(&pool, deadline.as_ref()).await;

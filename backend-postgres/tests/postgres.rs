@@ -1027,6 +1027,37 @@ async fn subscriptions_are_per_queue() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A database whose encoding lacks characters (LATIN1) is refused at
+/// connect, naming the setting: it would refuse a result holding one each
+/// time the job's outcome was written, and the job would run again and
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_not_encoded_in_utf8_is_refused() {
+    let name = testing::unique_schema();
+    let mut admin = testing::admin().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("create a LATIN1 database");
+    let url = testing::database_url();
+    let (base, query) = url.split_once('?').unwrap_or((&url, ""));
+    let (server, _) = base.rsplit_once('/').expect("a database in the URL");
+    let latin1 = format!("{server}/{name}?{query}");
+    let refused = PgBackend::connect(&latin1).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("drop the database");
+    match refused {
+        Err(e) => assert_eq!(e.config_setting(), Some("database"), "{e}"),
+        Ok(_) => panic!("a LATIN1 database was accepted"),
+    }
+}
+
 /// A claim may lock more due jobs than it keeps: a batch from each of
 /// several queues at one priority, or due jobs beside expired leases. A
 /// puller running beside it passes those by and may come back short,
