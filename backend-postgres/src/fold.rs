@@ -427,6 +427,10 @@ impl PgBackend {
             }
             Err(e) => {
                 *conn = None;
+                // Perhaps committed, its reply lost (see insert_plain).
+                if !refused_before_commit(&e) {
+                    self.announce(distinct_queues(&jobs));
+                }
                 answer_all(replies, e);
             }
         }
@@ -442,9 +446,15 @@ impl PgBackend {
         job: &ValidJob,
         at: (Option<OffsetDateTime>, i64),
     ) -> sqlx::Result<JobId> {
-        let id = conn.run(|c| self.push_one_raw(c, now, job, at)).await?;
-        self.announce(vec![job.queue.clone()]);
-        Ok(id)
+        let inserted = conn.run(|c| self.push_one_raw(c, now, job, at)).await;
+        // A failure other than a refusal may come after the commit, its
+        // reply lost: the job is then due, and a wake-up too many costs
+        // only a pull.
+        match &inserted {
+            Err(e) if refused_before_commit(e) => {}
+            _ => self.announce(vec![job.queue.clone()]),
+        }
+        inserted
     }
 
     /// Inserts one job after a quiet spell of the backend's folded pushes (no

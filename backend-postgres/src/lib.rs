@@ -790,11 +790,23 @@ impl PgBackend {
                 tx.commit().await.map_err(error_from)?;
                 Ok(outcomes)
             })
-            .await?;
+            .await;
         drop(conn);
-        // Committed: wake the listeners, off this call's path.
-        self.announce(created_queues(&jobs, &outcomes));
-        Ok(outcomes)
+        match outcomes {
+            // Committed: wake the listeners, off this call's path.
+            Ok(outcomes) => {
+                self.announce(created_queues(&jobs, &outcomes));
+                Ok(outcomes)
+            }
+            Err(e) => {
+                // Perhaps committed, its reply lost: a wake-up too many
+                // costs a pull, one too few leaves the jobs to the poll.
+                if e.is_transient() {
+                    self.announce(distinct_queues(&jobs));
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Stores validated jobs on `conn` and notifies their queues' workers

@@ -1027,6 +1027,52 @@ async fn subscriptions_are_per_queue() {
     testing::drop_schema(backend.schema()).await;
 }
 
+/// A push whose reply is lost after the server committed it (here the
+/// proxy passes the batch on, then nothing more, and the reply timeout
+/// passes) fails transiently, and still wakes the queue's workers, in
+/// every process: its jobs are stored and due, and without a wake-up they
+/// were found only at the next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_whose_reply_was_lost_wakes_the_workers() {
+    let backend = testing::connect(testing::options()).await;
+    let mut woken = subscribed(&backend, &["default".to_owned()]).await;
+    let url = testing::database_url();
+    let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
+    let proxy = Proxy::stalling_on(
+        format!("{}:{}", target.get_host(), target.get_port()),
+        b"the-reply-is-lost",
+    )
+    .await;
+    // In clear text, so the proxy sees the payload.
+    let clear = proxy.url(&url);
+    let clear = format!(
+        "{clear}{}sslmode=disable",
+        if clear.contains('?') { '&' } else { '?' }
+    );
+    let through = testing::connect(
+        PgOptions::new(clear)
+            .schema(backend.schema())
+            .max_connections(2)
+            .reply_timeout(Some(StdDuration::from_secs(1))),
+    )
+    .await;
+    drain(&mut woken, QUIET).await;
+    let batch = vec![
+        NewJob::new("k", &json!({ "note": "the-reply-is-lost" })),
+        job(2),
+    ];
+    let e = through
+        .push_batch(batch)
+        .await
+        .expect_err("the reply never came");
+    assert!(e.is_transient(), "{e}");
+    expect_signal(&mut woken, "the stored jobs wake the workers").await;
+    let stats = backend.stats().await.expect("stats");
+    assert_eq!(stats.queue("default").pending, 2, "the batch was stored");
+    proxy.resume();
+    testing::drop_schema(backend.schema()).await;
+}
+
 /// A database whose encoding lacks characters (LATIN1) is refused at
 /// connect, naming the setting: it would refuse a result holding one each
 /// time the job's outcome was written, and the job would run again and
