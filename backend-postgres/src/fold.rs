@@ -428,7 +428,7 @@ impl PgBackend {
             Err(e) => {
                 *conn = None;
                 // Perhaps committed, its reply lost (see insert_plain).
-                if !refused_before_commit(&e) {
+                if transient::is_transient(&e) {
                     self.announce(distinct_queues(&jobs));
                 }
                 answer_all(replies, e);
@@ -436,9 +436,11 @@ impl PgBackend {
         }
     }
 
-    /// Inserts one job, committed durably, and wakes its queue's workers:
-    /// this process's before it returns (so the caller's workers are awake
-    /// when its push returns), other processes' through the notifier.
+    /// Inserts one job, committed durably, and wakes its queue's workers
+    /// (also after a transient failure, which may have come after the
+    /// commit): this process's before it returns (so the caller's workers
+    /// are awake when its push returns), other processes' through the
+    /// notifier.
     async fn insert_plain(
         &self,
         conn: &mut Conn,
@@ -447,12 +449,14 @@ impl PgBackend {
         at: (Option<OffsetDateTime>, i64),
     ) -> sqlx::Result<JobId> {
         let inserted = conn.run(|c| self.push_one_raw(c, now, job, at)).await;
-        // A failure other than a refusal may come after the commit, its
-        // reply lost: the job is then due, and a wake-up too many costs
-        // only a pull.
-        match &inserted {
-            Err(e) if refused_before_commit(e) => {}
-            _ => self.announce(vec![job.queue.clone()]),
+        // A transient failure may come after the commit, its reply lost:
+        // the job is then due, and a wake-up too many costs only a pull.
+        let perhaps_stored = match &inserted {
+            Ok(_) => true,
+            Err(e) => transient::is_transient(e),
+        };
+        if perhaps_stored {
+            self.announce(vec![job.queue.clone()]);
         }
         inserted
     }

@@ -1020,7 +1020,9 @@ impl PgBackend {
     /// Runs the claim statement for `request` under `EXPLAIN (ANALYZE,
     /// BUFFERS)` inside a transaction that is rolled back, and returns the
     /// plan: for operators checking that claims walk the partial indexes
-    /// (see the crate docs). Nothing is leased.
+    /// (see the crate docs). Nothing is leased; the queues' workers, in
+    /// every process, are woken after the rollback, as the claim held due
+    /// jobs that they may have passed by.
     pub async fn explain_pull(&self, request: &PullRequest) -> Result<String> {
         request.validate()?;
         let mut tx = self.inner.pool.begin().await.map_err(error_from)?;
@@ -1190,9 +1192,10 @@ impl PgBackend {
     }
 
     /// Wakes the workers of `queues`, in which a pool push or a retry due
-    /// at once just committed jobs due now, or a claim left jobs due that
-    /// other pullers passed by while it held them: this backend's (and its
-    /// clones') at once, every process's through NOTIFY.
+    /// at once just committed jobs due now (or a push that failed
+    /// transiently may have), or a claim left jobs due that other pullers
+    /// passed by while it held them: this backend's (and its clones') at
+    /// once, every process's through NOTIFY.
     fn announce(&self, queues: Vec<String>) {
         if queues.is_empty() {
             return;

@@ -1027,20 +1027,16 @@ async fn subscriptions_are_per_queue() {
     testing::drop_schema(backend.schema()).await;
 }
 
-/// A push whose reply is lost after the server committed it (here the
-/// proxy passes the batch on, then nothing more, and the reply timeout
-/// passes) fails transiently, and still wakes the queue's workers, in
-/// every process: its jobs are stored and due, and without a wake-up they
-/// were found only at the next poll.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_whose_reply_was_lost_wakes_the_workers() {
-    let backend = testing::connect(testing::options()).await;
-    let mut woken = subscribed(&backend, &["default".to_owned()]).await;
+/// A backend on `backend`'s schema, as another process's, whose
+/// connections go through a proxy that passes on what holds
+/// [`REPLY_LOST`] and then nothing more either way: its statement commits,
+/// and its reply never comes (the reply timeout is 1 s).
+async fn losing_replies(backend: &PgBackend) -> (Proxy, PgBackend) {
     let url = testing::database_url();
     let target: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
     let proxy = Proxy::stalling_on(
         format!("{}:{}", target.get_host(), target.get_port()),
-        b"the-reply-is-lost",
+        REPLY_LOST.as_bytes(),
     )
     .await;
     // In clear text, so the proxy sees the payload.
@@ -1056,11 +1052,23 @@ async fn a_push_whose_reply_was_lost_wakes_the_workers() {
             .reply_timeout(Some(StdDuration::from_secs(1))),
     )
     .await;
+    (proxy, through)
+}
+
+/// What a payload holds for [`losing_replies`] to lose its push's reply.
+const REPLY_LOST: &str = "the-reply-is-lost";
+
+/// A push whose reply is lost after the server committed it fails
+/// transiently, and still wakes the queue's workers, in every process:
+/// its jobs are stored and due, and without a wake-up they were found only
+/// at the next poll. Here a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_whose_reply_was_lost_wakes_the_workers() {
+    let backend = testing::connect(testing::options()).await;
+    let mut woken = subscribed(&backend, &["default".to_owned()]).await;
+    let (proxy, through) = losing_replies(&backend).await;
     drain(&mut woken, QUIET).await;
-    let batch = vec![
-        NewJob::new("k", &json!({ "note": "the-reply-is-lost" })),
-        job(2),
-    ];
+    let batch = vec![NewJob::new("k", &json!({ "note": REPLY_LOST })), job(2)];
     let e = through
         .push_batch(batch)
         .await
@@ -1069,6 +1077,27 @@ async fn a_push_whose_reply_was_lost_wakes_the_workers() {
     expect_signal(&mut woken, "the stored jobs wake the workers").await;
     let stats = backend.stats().await.expect("stats");
     assert_eq!(stats.queue("default").pending, 2, "the batch was stored");
+    proxy.resume();
+    testing::drop_schema(backend.schema()).await;
+}
+
+/// [`a_push_whose_reply_was_lost_wakes_the_workers`] for a single push
+/// folded behind another one under way, which is inserted without its
+/// notification (sent once the insert is answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folded_push_whose_reply_was_lost_wakes_the_workers() {
+    let backend = testing::connect(testing::options()).await;
+    let mut woken = subscribed(&backend, &["lost".to_owned()]).await;
+    let (proxy, through) = losing_replies(&backend).await;
+    drain(&mut woken, QUIET).await;
+    let lost = NewJob::new("k", &json!({ "note": REPLY_LOST })).queue("lost");
+    let (first, lost) = tokio::join!(through.push(job(1)), through.push(lost));
+    first.expect("the first push");
+    let e = lost.expect_err("the reply never came");
+    assert!(e.is_transient(), "{e}");
+    expect_signal(&mut woken, "the stored job wakes the workers").await;
+    let stats = backend.stats().await.expect("stats");
+    assert_eq!(stats.queue("lost").pending, 1, "the job was stored");
     proxy.resume();
     testing::drop_schema(backend.schema()).await;
 }
