@@ -25,8 +25,10 @@
 //!   `sqlite` feature compiles in its own copy of SQLite (3.51.x with
 //!   sqlx 0.9.1 / libsqlite3-sys 0.37), and connecting checks the version.
 //! - **WAL**, `synchronous = NORMAL` (or `FULL`, see
-//!   [`SqliteOptions::full_sync`]), `foreign_keys = ON` and a busy timeout
-//!   on every connection: readers never block the writer or each other.
+//!   [`SqliteOptions::full_sync`]), `foreign_keys = ON`, a busy timeout and
+//!   a cap on the log file's size once checkpointed
+//!   ([`SqliteOptions::wal_size_limit`]) on every connection: readers never
+//!   block the writer or each other.
 //! - **Every multi-statement write is one `BEGIN IMMEDIATE` transaction**
 //!   (`pull`'s two statements, `complete_batch`'s one and the one `INSERT`
 //!   of a push of at most 1,000 jobs without unique keys are each atomic
@@ -192,7 +194,7 @@ use sqlx::{AssertSqlSafe, Connection as _, Row, Sqlite, SqliteConnection, Transa
 use time::{Duration, OffsetDateTime};
 use tokio::sync::watch;
 
-pub use options::{SqliteOptions, WAL_SIZE_LIMIT};
+pub use options::SqliteOptions;
 pub use retry::error_from;
 pub use schema::SCHEMA_VERSION;
 /// The sqlx this crate is built on, for naming its types
@@ -468,11 +470,13 @@ impl SqliteBackend {
         // connection that cannot write (`mode=ro`, a file this user may
         // only read) opens a migrated file; the write lock is taken only
         // to migrate, and the version read again under it.
-        let up_to_date = read!(self, |pool| {
+        let current = read!(self, |pool| {
             let mut conn = pool.acquire().await?;
-            schema::up_to_date(schema::current_version(&mut conn).await?)?
+            let current = schema::current_version(&mut conn).await?;
+            schema::check_not_newer(current)?;
+            current
         })?;
-        if up_to_date {
+        if current == schema::latest_version() {
             return Ok(());
         }
         write_tx!(self, |tx, now| { schema::migrate(&mut tx, now).await? }).map(drop)

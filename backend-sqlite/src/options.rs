@@ -7,10 +7,6 @@ use std::time::Duration;
 use relayq_core::{Clock, Error, Result, SystemClock};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
-/// The size the write-ahead log file is cut back to once checkpointed
-/// (`PRAGMA journal_size_limit`), in bytes: 64 MiB.
-pub const WAL_SIZE_LIMIT: u64 = 64 << 20;
-
 /// How to open a [`SqliteBackend`](crate::SqliteBackend): the URL plus pool,
 /// locking, wake-up and clock settings. Every setter has a sensible default.
 ///
@@ -41,6 +37,7 @@ pub struct SqliteOptions {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) migrate: bool,
     pub(crate) full_sync: bool,
+    pub(crate) wal_size_limit: u64,
 }
 
 impl SqliteOptions {
@@ -54,6 +51,11 @@ impl SqliteOptions {
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
     /// The longest [`Self::poll_interval`] accepted.
     pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+    /// Default [`Self::wal_size_limit`]: 64 MiB, far above what the log
+    /// holds between SQLite's own checkpoints (every 1,000 pages, 4 MiB),
+    /// so only a transaction larger than that (a bulk push) leaves work to
+    /// cut back.
+    pub const DEFAULT_WAL_SIZE_LIMIT: u64 = 64 << 20;
 
     /// Options for `url` with every default: 8 connections, a 5 s busy
     /// timeout, a 60 s lock timeout, a 200 ms wake-up poll, the system clock,
@@ -68,6 +70,7 @@ impl SqliteOptions {
             clock: Arc::new(SystemClock),
             migrate: true,
             full_sync: false,
+            wal_size_limit: Self::DEFAULT_WAL_SIZE_LIMIT,
         }
     }
 
@@ -134,6 +137,16 @@ impl SqliteOptions {
         self
     }
 
+    /// The size, in bytes, the write-ahead log file is cut back to once
+    /// SQLite has copied it into the database (`PRAGMA
+    /// journal_size_limit`). A checkpoint rewinds the log but keeps its
+    /// file at its largest, one large transaction's worth, unless this
+    /// caps it. [`Self::DEFAULT_WAL_SIZE_LIMIT`] by default.
+    pub fn wal_size_limit(mut self, bytes: u64) -> Self {
+        self.wal_size_limit = bytes;
+        self
+    }
+
     /// Checks every setting and turns the URL into sqlx connect options.
     pub(crate) fn resolve(&self) -> Result<Resolved> {
         if self.max_connections == 0 {
@@ -197,9 +210,7 @@ impl SqliteOptions {
             };
             parsed
                 .journal_mode(SqliteJournalMode::Wal)
-                // A checkpoint rewinds the log but keeps its file at its
-                // largest (one big batch's worth) unless this caps it.
-                .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
+                .pragma("journal_size_limit", self.wal_size_limit.to_string())
                 .synchronous(if self.full_sync {
                     SqliteSynchronous::Full
                 } else {

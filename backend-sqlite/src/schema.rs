@@ -36,7 +36,7 @@ const MIGRATIONS: &[Migration] = &[
 ];
 
 /// The newest schema version this build knows.
-fn latest_version() -> i64 {
+pub(crate) fn latest_version() -> i64 {
     MIGRATIONS.last().map_or(0, |m| m.version)
 }
 
@@ -59,9 +59,9 @@ pub(crate) async fn current_version(conn: &mut SqliteConnection) -> Result<i64, 
     )
 }
 
-/// Whether a database at version `current` needs no migration; one newer
-/// than this build knows is [`relayq_core::Error::SchemaTooNew`].
-pub(crate) fn up_to_date(current: i64) -> Result<bool, Fail> {
+/// Refuses a database at a version newer than this build knows
+/// ([`relayq_core::Error::SchemaTooNew`]).
+pub(crate) fn check_not_newer(current: i64) -> Result<(), Fail> {
     let latest = latest_version();
     if current > latest {
         return Err(Fail::Core(relayq_core::Error::SchemaTooNew {
@@ -69,7 +69,7 @@ pub(crate) fn up_to_date(current: i64) -> Result<bool, Fail> {
             supported: latest,
         }));
     }
-    Ok(current == latest)
+    Ok(())
 }
 
 /// Applies every migration newer than the database's version, inside the
@@ -88,7 +88,7 @@ pub(crate) async fn migrate(
     .execute(&mut *conn)
     .await?;
     let current = current_version(conn).await?;
-    up_to_date(current)?;
+    check_not_newer(current)?;
     let mut applied = Vec::new();
     for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
         sqlx::raw_sql(migration.sql).execute(&mut *conn).await?;

@@ -15,9 +15,7 @@ use relayq_core::{
     Backend, Cleaner, Completion, Error, JobStatus, Lease, ListFilter, ManualClock, NewJob,
     Observer, PullRequest, Puller, PushOutcome, Pusher, Wakeups,
 };
-use relayq_sqlite::{
-    MIN_SQLITE_VERSION, SCHEMA_VERSION, SqliteBackend, SqliteOptions, WAL_SIZE_LIMIT,
-};
+use relayq_sqlite::{MIN_SQLITE_VERSION, SCHEMA_VERSION, SqliteBackend, SqliteOptions};
 use serde_json::json;
 use sqlx::Row;
 use tempfile::TempDir;
@@ -94,27 +92,29 @@ async fn connecting_to_a_migrated_file_takes_no_write_lock() {
     writer.close().await;
 }
 
-/// The write-ahead log file is cut back to `WAL_SIZE_LIMIT` once SQLite's
+/// The write-ahead log file is cut back to its size limit once SQLite's
 /// own checkpoints have copied it into the database: one large batch no
 /// longer leaves it at its largest for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_file_shrinks_after_a_large_batch() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let backend = SqliteBackend::connect(&file_url(&dir))
-        .await
-        .expect("connect");
+    let limit = 1 << 20;
+    let backend =
+        SqliteBackend::connect_with(SqliteOptions::new(file_url(&dir)).wal_size_limit(limit))
+            .await
+            .expect("connect");
     let wal = dir.path().join("jobs.db-wal");
     let filler = "x".repeat(2_000);
-    let batch = (0..45_000)
+    let batch = (0..2_000)
         .map(|n| NewJob::new("k", &json!({ "n": n, "filler": filler })))
         .collect();
     backend.push_batch(batch).await.expect("push_batch");
     let size = || std::fs::metadata(&wal).expect("log file").len();
-    assert!(size() > WAL_SIZE_LIMIT, "the batch's log: {} bytes", size());
+    assert!(size() > limit, "the batch's log: {} bytes", size());
     for n in 0..3 {
         backend.push(job(n)).await.expect("push");
     }
-    assert!(size() <= WAL_SIZE_LIMIT, "the log kept {} bytes", size());
+    assert!(size() <= limit, "the log kept {} bytes", size());
 }
 
 /// `mode=rw` in the URL opens an existing file and never creates one: a
