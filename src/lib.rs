@@ -261,23 +261,6 @@ mod tests {
         assert!(!format!("{error:?}").contains("hunter2"), "{error:?}");
     }
 
-    /// `url` (a PostgreSQL URL) naming database `name` instead.
-    #[cfg(feature = "postgres")]
-    fn with_database(url: &str, name: &str) -> String {
-        let (base, query) = url
-            .split_once('?')
-            .map_or((url, None), |(b, q)| (b, Some(q)));
-        let server = match base.rsplit_once('/') {
-            // Past the `//` of the scheme: a path names the database.
-            Some((server, _)) if server.len() > base.find("//").map_or(0, |i| i + 1) => server,
-            _ => base,
-        };
-        match query {
-            Some(query) => format!("{server}/{name}?{query}"),
-            None => format!("{server}/{name}"),
-        }
-    }
-
     #[cfg(feature = "postgres")]
     #[tokio::test]
     async fn postgres_urls_open_a_migrated_store_in_the_relayq_schema() {
@@ -292,7 +275,7 @@ mod tests {
             .execute(&mut admin)
             .await
             .expect("create a database");
-        let url = with_database(&testing::database_url(), &name);
+        let url = testing::url_of_database(&name);
         #[derive(serde::Serialize, serde::Deserialize)]
         struct AddOne(i64);
         impl JobType for AddOne {
@@ -332,17 +315,6 @@ mod tests {
         if let Err(e) = run {
             std::panic::resume_unwind(e.into_panic());
         }
-    }
-
-    #[cfg(feature = "postgres")]
-    #[test]
-    fn the_test_database_is_swapped_in_the_url() {
-        assert_eq!(
-            with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "t"),
-            "postgres://u:p@h:5432/t?sslmode=disable"
-        );
-        assert_eq!(with_database("postgres://h", "t"), "postgres://h/t");
-        assert_eq!(with_database("postgres://h/", "t"), "postgres://h/t");
     }
 
     #[cfg(not(feature = "sqlite"))]

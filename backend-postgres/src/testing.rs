@@ -53,42 +53,87 @@ pub async fn admin() -> PgConnection {
     }
 }
 
-/// Drops test schemas left by earlier runs, once per process.
+/// Drops test schemas, and test databases (named as schemas are, see
+/// [`unique_schema`] and [`url_of_database`]), left by earlier runs, once
+/// per process.
 pub async fn sweep_stale_schemas() {
     static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     SWEPT
         .get_or_init(|| async {
             let mut conn = admin().await;
-            let names: Vec<String> = sqlx::query_scalar(
+            let schemas: Vec<String> = sqlx::query_scalar(
                 "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'relayq\\_test\\_%'",
             )
             .fetch_all(&mut conn)
             .await
             .expect("list test schemas");
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
-            for name in names {
-                // Only names this module made: relayq_test_<secs>_<pid>_<n>_<hex>.
-                let parts: Vec<&str> = name.split('_').collect();
-                let Some(born) = parts
-                    .get(2)
-                    .filter(|_| parts.len() == 6)
-                    .and_then(|s| s.parse::<u64>().ok())
-                else {
-                    continue;
-                };
-                if now.as_secs().saturating_sub(born) > STALE_AFTER.as_secs() {
-                    // Another process may be sweeping too: ignore failures.
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
-                    )))
+            let databases: Vec<String> = sqlx::query_scalar(
+                "SELECT datname::text FROM pg_database WHERE datname LIKE 'relayq\\_test\\_%'",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .expect("list test databases");
+            let drops = schemas
+                .into_iter()
+                .filter(|name| is_stale(name))
+                .map(|name| format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+                .chain(
+                    databases
+                        .into_iter()
+                        .filter(|name| is_stale(name))
+                        .map(|name| format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")),
+                );
+            for drop in drops {
+                // Another process may be sweeping too: ignore failures.
+                let _ = sqlx::query(sqlx::AssertSqlSafe(drop))
                     .execute(&mut conn)
                     .await;
-                }
             }
         })
         .await;
+}
+
+/// Whether `name` is one [`unique_schema`] made, longer than
+/// [`STALE_AFTER`] ago.
+fn is_stale(name: &str) -> bool {
+    // relayq_test_<secs>_<pid>_<n>_<hex>.
+    let parts: Vec<&str> = name.split('_').collect();
+    let Some(born) = parts
+        .get(2)
+        .filter(|_| parts.len() == 6)
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_secs().saturating_sub(born) > STALE_AFTER.as_secs()
+}
+
+/// The test database's URL ([`database_url`]) naming database `name`
+/// instead, for a test that needs a database of its own (name it with
+/// [`unique_schema`], so that a run that dies before dropping it leaves it
+/// to the next run's sweep).
+pub fn url_of_database(name: &str) -> String {
+    with_database(&database_url(), name)
+}
+
+/// `url`, a PostgreSQL URL, naming database `name` instead (whether it
+/// named one or not).
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let server = match base.rsplit_once('/') {
+        // Past the `//` of the scheme: a path names the database.
+        Some((server, _)) if server.len() > base.find("//").map_or(0, |i| i + 1) => server,
+        _ => base,
+    };
+    match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    }
 }
 
 /// Options for a fresh schema with a small pool, so parallel tests stay

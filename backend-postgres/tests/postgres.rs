@@ -1102,6 +1102,22 @@ async fn a_folded_push_whose_reply_was_lost_wakes_the_workers() {
     testing::drop_schema(backend.schema()).await;
 }
 
+#[test]
+fn the_test_database_is_swapped_in_the_url() {
+    assert_eq!(
+        testing::with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "t"),
+        "postgres://u:p@h:5432/t?sslmode=disable"
+    );
+    assert_eq!(
+        testing::with_database("postgres://h", "t"),
+        "postgres://h/t"
+    );
+    assert_eq!(
+        testing::with_database("postgres://h/", "t"),
+        "postgres://h/t"
+    );
+}
+
 /// A database whose encoding lacks characters (LATIN1) is refused at
 /// connect, naming the setting: it would refuse a result holding one each
 /// time the job's outcome was written, and the job would run again and
@@ -1116,11 +1132,7 @@ async fn a_database_not_encoded_in_utf8_is_refused() {
     .execute(&mut admin)
     .await
     .expect("create a LATIN1 database");
-    let url = testing::database_url();
-    let (base, query) = url.split_once('?').unwrap_or((&url, ""));
-    let (server, _) = base.rsplit_once('/').expect("a database in the URL");
-    let latin1 = format!("{server}/{name}?{query}");
-    let refused = PgBackend::connect(&latin1).await;
+    let refused = PgBackend::connect(&testing::url_of_database(&name)).await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE \"{name}\" WITH (FORCE)"
     )))
