@@ -105,6 +105,17 @@ fn build_names_each_mistake() {
         ),
         Some("timeout_for")
     );
+    // Named after the handled type's own setting, it is not overwritten.
+    assert_eq!(
+        field(
+            Worker::builder(dyn_backend(&b))
+                .handle(ok_email())
+                .retry_for::<EmailV2>(relayq_core::RetryPolicy::default())
+                .retry_for::<Email>(relayq_core::RetryPolicy::default())
+                .build()
+        ),
+        Some("retry_for")
+    );
     // A type whose every `to_job` push would be refused.
     #[derive(Serialize, Deserialize)]
     struct Never;

@@ -249,12 +249,7 @@ impl NewJob {
             .payload
             .map_err(|e| Error::invalid("payload", format!("does not serialize to JSON: {e}")))?;
         let payload = Payload::checked("payload", payload)?;
-        if self.max_attempts < 1 {
-            return Err(Error::invalid(
-                "max_attempts",
-                format!("must be at least 1, got {}", self.max_attempts),
-            ));
-        }
+        check_max_attempts(self.max_attempts)?;
         match self.schedule {
             Schedule::After(d) => check_delay("delay", d)?,
             Schedule::At(at) => check_instant("run_at", at)?,
@@ -324,6 +319,17 @@ pub fn validate_batch(jobs: Vec<NewJob>) -> Result<Vec<ValidJob>> {
             })
         })
         .collect()
+}
+
+/// Refuses a job allowing fewer than one attempt.
+pub(crate) fn check_max_attempts(max_attempts: i32) -> Result<()> {
+    if max_attempts < 1 {
+        return Err(Error::invalid(
+            "max_attempts",
+            format!("must be at least 1, got {max_attempts}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a name-like string: `kind`, `queue`, `unique_key`.

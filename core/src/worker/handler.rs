@@ -387,8 +387,9 @@ impl TypeOf {
 pub(crate) struct Entry<S> {
     pub(crate) run: ErasedHandler<S>,
     pub(crate) kind: &'static str,
-    /// The job type registered for `kind`, and its `MAX_ATTEMPTS`.
+    /// The job type registered for `kind`: per-type settings must name it.
     pub(crate) job_type: TypeOf,
+    /// Its `MAX_ATTEMPTS`, checked when the worker is built.
     pub(crate) max_attempts: i32,
     /// What a lease keeper knows this kind by while its handler runs with
     /// no timeout: its place in [`Config::untimed_kinds`](super::execute::Config)

@@ -68,6 +68,7 @@ mod signals;
 mod slots;
 mod stock;
 
+use std::any::TypeId;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -89,7 +90,7 @@ use execute::{Config, Ended, Hook, Mode, Shared, contained, execute};
 use handler::{Entry, TypeOf};
 
 use crate::error::{Error, Result};
-use crate::job::{Job, JobId, check_name};
+use crate::job::{Job, JobId, check_max_attempts, check_name};
 use crate::lease::{Lease, check_lease};
 use crate::request::{MAX_PULL_BATCH, MAX_PULL_QUEUES, PullRequest, check_queue_names};
 use crate::retry::RetryPolicy;
@@ -411,9 +412,9 @@ pub struct WorkerBuilder<S = ()> {
     lease: Duration,
     poll_interval: Duration,
     retry: RetryPolicy,
-    retry_for: HashMap<&'static str, (TypeOf, RetryPolicy)>,
+    retry_for: HashMap<TypeId, (&'static str, TypeOf, RetryPolicy)>,
     timeout: Option<Duration>,
-    timeout_for: HashMap<&'static str, (TypeOf, Duration)>,
+    timeout_for: HashMap<TypeId, (&'static str, TypeOf, Duration)>,
     shutdown_timeout: Duration,
     hooks: Vec<Hook>,
 }
@@ -626,9 +627,12 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
         self
     }
 
-    /// The retry policy for jobs of type `J`.
+    /// The retry policy for jobs of type `J`, a type with a handler
+    /// ([`Self::build`] refuses another, one of the same kind included).
     pub fn retry_for<J: JobType>(mut self, policy: RetryPolicy) -> Self {
-        self.retry_for.insert(J::KIND, (TypeOf::of::<J>(), policy));
+        let job_type = TypeOf::of::<J>();
+        self.retry_for
+            .insert(job_type.id, (J::KIND, job_type, policy));
         self
     }
 
@@ -643,9 +647,12 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
         self
     }
 
-    /// The longest a handler for `J` may run before its attempt fails.
+    /// The longest a handler for `J` may run before its attempt fails; `J`
+    /// must have a handler, as for [`Self::retry_for`].
     pub fn timeout_for<J: JobType>(mut self, limit: Duration) -> Self {
-        self.timeout_for.insert(J::KIND, (TypeOf::of::<J>(), limit));
+        let job_type = TypeOf::of::<J>();
+        self.timeout_for
+            .insert(job_type.id, (J::KIND, job_type, limit));
         self
     }
 
@@ -688,13 +695,13 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
         let mut handlers: FxHashMap<String, Entry<S>> = FxHashMap::default();
         for (kind, entry) in self.handlers {
             check_name("kind", kind)?;
-            if entry.max_attempts < 1 {
+            // Every `to_job` push of the type would be refused.
+            if let Err(Error::InvalidInput { reason, .. }) = check_max_attempts(entry.max_attempts)
+            {
+                let name = entry.job_type.name;
                 return Err(Error::invalid(
                     "max_attempts",
-                    format!(
-                        "{}::MAX_ATTEMPTS must be at least 1, got {}",
-                        entry.job_type.name, entry.max_attempts
-                    ),
+                    format!("{name}::MAX_ATTEMPTS {reason}"),
                 ));
             }
             if handlers.insert(kind.to_owned(), entry).is_some() {
@@ -705,11 +712,11 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
             }
         }
         self.retry.check("retry")?;
-        for (kind, (job_type, policy)) in self.retry_for {
+        for (kind, job_type, policy) in self.retry_for.into_values() {
             policy.check("retry_for")?;
             handler_for(&mut handlers, "retry_for", kind, job_type)?.retry = Some(policy);
         }
-        for (kind, (job_type, limit)) in self.timeout_for {
+        for (kind, job_type, limit) in self.timeout_for.into_values() {
             check_positive("timeout_for", limit)?;
             handler_for(&mut handlers, "timeout_for", kind, job_type)?.timeout = Some(limit);
         }
