@@ -275,8 +275,9 @@ LIMIT 1
 /// So each row also says whether any were (`passed_over`), and the caller
 /// then wakes the queues' workers. Not counted: a row that changed between
 /// the claim's snapshot and its lock (an expired lease released meanwhile)
-/// fails the lock's re-check but stays locked, so a puller passing it by
-/// waits for the next push or poll. The leased rows come back in no
+/// fails the lock's re-check but stays locked; and a claim that fails
+/// wakes no one. A puller that passed such rows by waits for the next push
+/// or poll. The leased rows come back in no
 /// order (the caller sorts them): a sort here would sort whole rows,
 /// payloads included, which for large payloads can spill past
 /// `work_mem`.
