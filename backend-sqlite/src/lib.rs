@@ -160,8 +160,8 @@
 //! figures of each run, with the machine and the date. Five runs of
 //! 2026-12-07 gave a worker (prefetching, concurrency 16) 27,500–43,100
 //! finished jobs/s, batches of 1,000 130,000–175,000 jobs/s, and 0.69–0.84
-//! ms p50 from enqueue to handler start; two later that day, on a host
-//! about twice as fast, 67,300–76,700, 324,000–331,000 and 0.56–0.69 ms.
+//! ms p50 from enqueue to handler start; three later that day, on a host
+//! about twice as fast, 67,300–76,700, 324,000–380,000 and 0.56–0.69 ms.
 //!
 //! Single pushes include SQLite's automatic checkpoints (two `fsync`s per
 //! ~200 pushes), which keep the write-ahead log from growing without bound.
