@@ -260,17 +260,18 @@ pub async fn worker_retries_by_default_when_the_policy_panics(h: Harness) {
 /// twice (a job finishing in a shutdown's grace period included), and each
 /// outcome is reported as it was recorded, also where the
 /// failed try had taken effect and only its reply was lost (the next try
-/// then finds the lease gone).
+/// then finds the lease gone, or is refused for good).
 pub async fn worker_makes_outcome_writes_that_failed_transiently_again(h: Harness) {
-    for lose_replies in [false, true] {
-        outcome_writes_made_again(&h, lose_replies).await;
+    for (lose_replies, refuse_last) in [(false, false), (true, false), (true, true)] {
+        outcome_writes_made_again(&h, lose_replies, refuse_last).await;
     }
 }
 
-async fn outcome_writes_made_again(h: &Harness, lose_replies: bool) {
+async fn outcome_writes_made_again(h: &Harness, lose_replies: bool, refuse_last: bool) {
     let flaky = Arc::new(FlakyWrites {
         left: AtomicUsize::new(0),
         lose_replies,
+        refuse_last,
     });
     let backend: Arc<dyn Backend> =
         Arc::new(Faulty::new(Arc::clone(&h.backend), Arc::clone(&flaky)));
@@ -298,10 +299,10 @@ async fn outcome_writes_made_again(h: &Harness, lose_replies: bool) {
         })
         .build()
         .expect("build");
-    let case = if lose_replies {
-        "replies lost"
-    } else {
-        "writes failed"
+    let case = match (lose_replies, refuse_last) {
+        (true, true) => "replies lost, then refused",
+        (true, false) => "replies lost",
+        _ => "writes failed",
     };
     // The test mode records each outcome alone.
     let mut ids = Vec::new();
@@ -358,12 +359,15 @@ async fn outcome_writes_made_again(h: &Harness, lose_replies: bool) {
 
 /// Fails the next outcome writes (completions, alone or batched, retries
 /// and kills) transiently: without making them, or, with `lose_replies`,
-/// after making them, as a reply lost after the commit. Declares no
-/// instant writes, so that a worker batches its completions on any store.
+/// after making them, as a reply lost after the commit; with
+/// `refuse_last`, the last of them fails for good instead, without making
+/// it. Declares no instant writes, so that a worker batches its
+/// completions on any store.
 #[derive(Debug)]
 struct FlakyWrites {
     left: AtomicUsize,
     lose_replies: bool,
+    refuse_last: bool,
 }
 
 impl FlakyWrites {
@@ -376,12 +380,14 @@ impl FlakyWrites {
         &self,
         write: impl Future<Output = relayq_core::Result<T>>,
     ) -> relayq_core::Result<T> {
-        let fails = self
+        let Ok(failures_left) = self
             .left
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if !fails {
+        else {
             return write.await;
+        };
+        if self.refuse_last && failures_left == 1 {
+            return Err(relayq_core::Error::backend("the store refuses the write"));
         }
         if self.lose_replies {
             // Lost with its reply: a lease it found gone is no failure to keep.

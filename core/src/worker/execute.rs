@@ -874,15 +874,20 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
     };
     let (recorded, gone) = match result {
         Ok(lost) if retried && !lost.is_empty() => {
-            (Ok(()), still_lost(&*shared.backend, lost).await)
+            (Ok(()), settle(&*shared.backend, lost, None).await)
         }
         Ok(lost) => (
             Ok(()),
             Gone {
                 lost,
-                unread: Vec::new(),
+                unrecorded: Vec::new(),
             },
         ),
+        // An earlier try may have completed them, its reply lost.
+        Err(e) if retried => {
+            let leases = rest.iter().map(|(lease, ..)| *lease).collect();
+            (Ok(()), settle(&*shared.backend, leases, Some(&e)).await)
+        }
         Err(e) => (Err(e), Gone::default()),
     };
     for (lease, job, reported, hold) in rest {
@@ -891,10 +896,13 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
         // Also told to whoever subscribed since the handler returned (a
         // `wait_for` that read the job as still processing).
         let observed = reported.is_some() || shared.is_observed();
-        let unread = gone.unread.iter().find(|(gone, _)| *gone == lease);
-        let outcome = match (&recorded, unread) {
-            (Err(e), _) | (Ok(()), Some((_, e))) => Outcome::Unrecorded {
+        let unrecorded = gone.unrecorded.iter().find(|(gone, _)| *gone == lease);
+        let outcome = match (&recorded, unrecorded) {
+            (Err(e), _) => Outcome::Unrecorded {
                 error: e.to_string(),
+            },
+            (Ok(()), Some((_, error))) => Outcome::Unrecorded {
+                error: error.clone(),
             },
             (Ok(()), None) if gone.lost.contains(&lease) => Outcome::LeaseLost,
             (Ok(()), None) => Outcome::Completed {
@@ -912,37 +920,40 @@ async fn record_completions<S>(shared: &Shared<S>, board: &Board, batch: Vec<Ack
     board.recorded(n);
 }
 
-/// What became of the leases a retried batch of completions found gone
-/// (see [`still_lost`]).
+/// What became of the leases of a batch of completions that an earlier,
+/// transiently failed try may have recorded (see [`settle`]).
 #[derive(Default)]
 struct Gone {
     /// Lost: their job was not completed under them.
     lost: Vec<Lease>,
-    /// Their job could not be read: whether an earlier try completed it is
-    /// unknown.
-    unread: Vec<(Lease, Error)>,
+    /// Not known to be recorded, and why: their job could not be read, or
+    /// the last try failed and the job shows no completion.
+    unrecorded: Vec<(Lease, String)>,
 }
 
-/// Of the leases a retried batch of completions found gone, those whose
-/// job an earlier try completed (its reply lost) are not lost.
-async fn still_lost(backend: &dyn Backend, found_gone: Vec<Lease>) -> Gone {
-    let read: Vec<(Lease, Result<Option<JobStatus>, Error>)> = futures::stream::iter(found_gone)
+/// Reads the jobs of `leases`, whose completion an earlier try may have
+/// recorded, its reply lost: those it completed are recorded. Of the rest,
+/// with `failure` (the last try failed), none is; without (the last try
+/// found their leases gone), each is lost.
+async fn settle(backend: &dyn Backend, leases: Vec<Lease>, failure: Option<&Error>) -> Gone {
+    let read: Vec<(Lease, Result<Option<JobStatus>, Error>)> = futures::stream::iter(leases)
         .map(|lease| async move { (lease, effect(backend, &lease, None).await) })
         .buffered(READS_AT_ONCE)
         .collect()
         .await;
     let mut gone = Gone::default();
     for (lease, status) in read {
-        match status {
-            Ok(Some(JobStatus::Done)) => {}
-            Ok(_) => gone.lost.push(lease),
-            Err(e) => gone.unread.push((lease, e)),
+        match (status, failure) {
+            (Ok(Some(JobStatus::Done)), _) => {}
+            (Ok(_), None) => gone.lost.push(lease),
+            (Ok(_), Some(failure)) => gone.unrecorded.push((lease, failure.to_string())),
+            (Err(e), _) => gone.unrecorded.push((lease, e.to_string())),
         }
     }
     gone
 }
 
-/// How many jobs [`still_lost`] reads at once.
+/// How many jobs [`settle`] reads at once.
 const READS_AT_ONCE: usize = 8;
 
 /// Makes a message storable: NUL (which PostgreSQL's `text` rejects) becomes

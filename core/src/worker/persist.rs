@@ -79,8 +79,8 @@ pub(crate) enum Fenced<T> {
 }
 
 /// [`persist`]s the write `write` under `lease`; should a try after one
-/// that failed transiently find the lease gone, reads the job to learn
-/// whether that earlier try took effect, its reply lost: `shows` names
+/// that failed transiently find the lease gone, or fail, reads the job to
+/// learn whether that earlier try took effect, its reply lost: `shows` names
 /// what the write returns when the job is in the status given (writing
 /// `error` as its last error, if any), and `None` for a status it does not
 /// leave.
@@ -98,11 +98,22 @@ where
     let written = persist(shared, board, write).await;
     match written.result {
         Ok(out) => Fenced::Recorded(out),
-        Err(e) if e.is_lease_lost() && written.retried => {
+        // An earlier try may have taken effect, its reply lost: the last
+        // found the lease gone, or failed.
+        Err(e) if written.retried => {
+            let lost = e.is_lease_lost();
+            let not_shown = || {
+                if lost {
+                    Fenced::LeaseLost
+                } else {
+                    Fenced::Failed(e)
+                }
+            };
             match effect(&*shared.backend, lease, error).await {
-                Ok(Some(status)) => shows(status).map_or(Fenced::LeaseLost, Fenced::Recorded),
-                Ok(None) => Fenced::LeaseLost,
-                Err(e) => Fenced::Failed(e),
+                Ok(Some(status)) => shows(status).map_or_else(not_shown, Fenced::Recorded),
+                Ok(None) => not_shown(),
+                Err(read) if lost => Fenced::Failed(read),
+                Err(_) => not_shown(),
             }
         }
         Err(e) if e.is_lease_lost() => Fenced::LeaseLost,
