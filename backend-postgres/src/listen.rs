@@ -242,9 +242,15 @@ impl Task {
                     let result = within(limit, self.subscribe(command.queues, command.signal)).await;
                     if let Err(e) = &result {
                         tracing::warn!(error = %e, "relayq-postgres: LISTEN failed");
-                        self.listener = None;
-                        if connected {
-                            state = lost();
+                        // A connection lost or silent is replaced; one the
+                        // server answered with a refusal (of this
+                        // subscription's queries) still serves the others,
+                        // whose channels it still LISTENs on.
+                        if e.is_transient() || self.listener.is_none() {
+                            self.listener = None;
+                            if connected {
+                                state = lost();
+                            }
                         }
                     } else if !connected {
                         // A new connection. (A subscription on one already
@@ -483,6 +489,39 @@ mod tests {
             .collect();
         channels.sort();
         channels
+    }
+
+    /// A subscription the server refuses on a healthy connection (here its
+    /// channels query fails) fails alone: the listener is kept, so the
+    /// other subscriptions are not woken as after a reconnection, and they
+    /// still hear their queues' notifications.
+    #[tokio::test]
+    async fn a_refused_subscription_keeps_the_listener() {
+        let backend = testing::connect(testing::options()).await;
+        let inner = &backend.inner;
+        let refusing = sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(format!(
+            "SELECT q AS queue, CASE WHEN q = 'bad' THEN (1 / (length(q) - 3))::text \
+             ELSE \"{}\".notify_channel(q) END AS channel FROM unnest($1::text[]) AS q",
+            inner.schema
+        )));
+        let hub = Hub::start(inner.listen_options.clone(), inner.listen_timeout, refusing);
+        let mut a = hub.subscribe(&["a".to_owned()]).await.expect("subscribe");
+        hub.subscribe(&["bad".to_owned()])
+            .await
+            .expect_err("the server refuses it");
+        let quiet = tokio::time::timeout(Duration::from_millis(500), a.next()).await;
+        assert!(quiet.is_err(), "woken as after a reconnection: {quiet:?}");
+        relayq_core::Pusher::push(
+            &backend,
+            relayq_core::NewJob::new("k", &serde_json::json!(1)).queue("a"),
+        )
+        .await
+        .expect("push");
+        tokio::time::timeout(Duration::from_secs(10), a.next())
+            .await
+            .expect("the push's notification")
+            .expect("a signal");
+        testing::drop_schema(backend.schema()).await;
     }
 
     /// The LISTEN set follows the live subscriptions: a channel only
