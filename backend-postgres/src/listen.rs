@@ -234,12 +234,7 @@ impl Task {
                     if command.reply.is_closed() {
                         continue;
                     }
-                    // Bounded: a LISTEN connection whose server went silent
-                    // answers nothing, and TCP gives up only after about a
-                    // quarter of an hour, while subscribers (a worker
-                    // starting up) wait on this task.
-                    let limit = self.connect_timeout;
-                    let result = within(limit, self.subscribe(command.queues, command.signal)).await;
+                    let result = self.serve(command.queues, command.signal).await;
                     if let Err(e) = &result {
                         tracing::warn!(error = %e, "relayq-postgres: LISTEN failed");
                         // A connection lost or silent is replaced; one the
@@ -387,6 +382,33 @@ impl Task {
         self.ensure_connected().await.map(drop)
     }
 
+    /// [`Self::subscribe`], bounded by the connect timeout: a LISTEN
+    /// connection whose server went silent answers nothing, and TCP gives
+    /// up only after about a quarter of an hour, while subscribers (a
+    /// worker starting up) wait on this task. A connection that fails it
+    /// at once may have died before the task read its end (a server
+    /// restarted, a backend terminated): the subscription is then tried
+    /// once more, on a new connection, within what is left of the bound,
+    /// rather than failed until the subscriber's next try.
+    async fn serve(&mut self, queues: Vec<String>, signal: mpsc::Sender<()>) -> Result<()> {
+        let until = Instant::now() + self.connect_timeout;
+        let had_listener = self.listener.is_some();
+        let first = within(
+            self.connect_timeout,
+            self.subscribe(queues.clone(), signal.clone()),
+        )
+        .await;
+        let left = until.saturating_duration_since(Instant::now());
+        match first {
+            Err(e) if had_listener && e.is_transient() && !left.is_zero() => {
+                tracing::debug!(error = %e, "relayq-postgres: LISTEN failed; trying a new connection");
+                self.listener = None;
+                within(left, self.subscribe(queues, signal)).await
+            }
+            first => first,
+        }
+    }
+
     async fn subscribe(&mut self, queues: Vec<String>, signal: mpsc::Sender<()>) -> Result<()> {
         let sql = self.channels_sql.clone();
         let reconnected = self.ensure_connected().await?;
@@ -521,6 +543,53 @@ mod tests {
             .await
             .expect("the push's notification")
             .expect("a signal");
+        testing::drop_schema(backend.schema()).await;
+    }
+
+    /// A subscription made after the listener's server process ended, but
+    /// before the task read the connection's end, is made on a new
+    /// connection (it failed, and the subscriber tried again only at its
+    /// next poll), and the other subscriptions are woken, as after any
+    /// reconnection: notifications may have been missed meanwhile.
+    #[tokio::test]
+    async fn a_subscription_on_a_listener_just_ended_reconnects() {
+        let backend = testing::connect(testing::options()).await;
+        let inner = &backend.inner;
+        let mut task = Task {
+            connect: inner.listen_options.clone(),
+            connect_timeout: inner.listen_timeout,
+            channels_sql: inner.sql.channels.clone(),
+            listener: None,
+            channels: HashMap::new(),
+            subscribers: Subscribers::default(),
+        };
+        let (first, mut first_rx) = mpsc::channel(1);
+        task.serve(vec!["a".to_owned()], first)
+            .await
+            .expect("subscribe");
+        let listener = task.listener.as_mut().expect("connected");
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *listener)
+            .await
+            .expect("pid");
+        let mut admin = testing::admin().await;
+        let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&mut admin)
+            .await
+            .expect("terminate");
+        assert!(ended);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (second, _second_rx) = mpsc::channel(1);
+        task.serve(vec!["b".to_owned()], second)
+            .await
+            .expect("made on a new connection");
+        let channels = channels_of(&task, &["a", "b"]);
+        assert_eq!(listening(&mut task).await, channels);
+        assert!(
+            first_rx.try_recv().is_ok(),
+            "the first subscription is woken"
+        );
         testing::drop_schema(backend.schema()).await;
     }
 
