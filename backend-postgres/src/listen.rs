@@ -492,6 +492,19 @@ mod tests {
     use super::*;
     use crate::testing;
 
+    /// A listener task, not started, for `backend`'s schema.
+    fn task_of(backend: &crate::PgBackend) -> Task {
+        let inner = &backend.inner;
+        Task {
+            connect: inner.listen_options.clone(),
+            connect_timeout: inner.listen_timeout,
+            channels_sql: inner.sql.channels.clone(),
+            listener: None,
+            channels: HashMap::new(),
+            subscribers: Subscribers::default(),
+        }
+    }
+
     /// The channels the task's connection LISTENs on, as the server has them.
     async fn listening(task: &mut Task) -> Vec<String> {
         let listener = task.listener.as_mut().expect("connected");
@@ -554,15 +567,7 @@ mod tests {
     #[tokio::test]
     async fn a_subscription_on_a_listener_just_ended_reconnects() {
         let backend = testing::connect(testing::options()).await;
-        let inner = &backend.inner;
-        let mut task = Task {
-            connect: inner.listen_options.clone(),
-            connect_timeout: inner.listen_timeout,
-            channels_sql: inner.sql.channels.clone(),
-            listener: None,
-            channels: HashMap::new(),
-            subscribers: Subscribers::default(),
-        };
+        let mut task = task_of(&backend);
         let (first, mut first_rx) = mpsc::channel(1);
         task.serve(vec!["a".to_owned()], first)
             .await
@@ -600,15 +605,7 @@ mod tests {
     #[tokio::test]
     async fn only_the_channels_of_live_subscriptions_are_listened_on() {
         let backend = testing::connect(testing::options()).await;
-        let inner = &backend.inner;
-        let mut task = Task {
-            connect: inner.listen_options.clone(),
-            connect_timeout: inner.listen_timeout,
-            channels_sql: inner.sql.channels.clone(),
-            listener: None,
-            channels: HashMap::new(),
-            subscribers: Subscribers::default(),
-        };
+        let mut task = task_of(&backend);
         let queues = |names: &[&str]| names.iter().map(|q| (*q).to_owned()).collect::<Vec<_>>();
 
         let (first, first_rx) = mpsc::channel(1);
@@ -665,7 +662,7 @@ mod tests {
         );
         assert!(fifth_rx.try_recv().is_err(), "not the new one, added after");
 
-        let schema = inner.schema.clone();
+        let schema = backend.inner.schema.clone();
         drop(task);
         backend.close().await;
         testing::drop_schema(&schema).await;
