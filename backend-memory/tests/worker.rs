@@ -55,24 +55,19 @@ fn ok_email() -> impl Fn(Email, JobContext<()>) -> std::future::Ready<Result<Str
 fn build_names_each_mistake() {
     let (b, _) = store();
     let field = |r: relayq_core::Result<Worker<()>>| r.expect_err("must fail").invalid_field();
+    let email_worker = || Worker::builder(dyn_backend(&b)).handle(ok_email());
 
     assert_eq!(
         field(Worker::builder(dyn_backend(&b)).build()),
         Some("handlers")
     );
     assert_eq!(
-        field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
-                .handle(ok_email())
-                .build()
-        ),
+        field(email_worker().handle(ok_email()).build()),
         Some("kind")
     );
     assert_eq!(
         field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
+            email_worker()
                 .retry_for::<Report>(relayq_core::RetryPolicy::default())
                 .build()
         ),
@@ -89,8 +84,7 @@ fn build_names_each_mistake() {
     }
     assert_eq!(
         field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
+            email_worker()
                 .retry_for::<EmailV2>(relayq_core::RetryPolicy::default())
                 .build()
         ),
@@ -98,8 +92,7 @@ fn build_names_each_mistake() {
     );
     assert_eq!(
         field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
+            email_worker()
                 .timeout_for::<EmailV2>(StdDuration::from_secs(1))
                 .build()
         ),
@@ -108,8 +101,7 @@ fn build_names_each_mistake() {
     // Named after the handled type's own setting, it is not overwritten.
     assert_eq!(
         field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
+            email_worker()
                 .retry_for::<EmailV2>(relayq_core::RetryPolicy::default())
                 .retry_for::<Email>(relayq_core::RetryPolicy::default())
                 .build()
@@ -133,8 +125,7 @@ fn build_names_each_mistake() {
     );
     assert_eq!(
         field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
+            email_worker()
                 .retry(relayq_core::RetryPolicy::exponential().factor(0.5))
                 .build()
         ),
@@ -142,8 +133,7 @@ fn build_names_each_mistake() {
     );
     assert_eq!(
         field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
+            email_worker()
                 .retry_for::<Email>(
                     relayq_core::RetryPolicy::exponential()
                         .base(StdDuration::from_secs(60))
@@ -155,58 +145,33 @@ fn build_names_each_mistake() {
     );
     assert_eq!(
         field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
+            email_worker()
                 .timeout_for::<Report>(StdDuration::from_secs(1))
                 .build()
         ),
         Some("timeout_for")
     );
     assert_eq!(
-        field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
-                .concurrency(0)
-                .build()
-        ),
+        field(email_worker().concurrency(0).build()),
         Some("concurrency")
     );
     assert_eq!(
-        field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
-                .lease(StdDuration::from_millis(10))
-                .build()
-        ),
+        field(email_worker().lease(StdDuration::from_millis(10)).build()),
         Some("lease")
     );
     assert_eq!(
         field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
+            email_worker()
                 .lease(StdDuration::from_secs(2 * 86_400))
                 .build()
         ),
         Some("lease")
     );
     assert_eq!(
-        field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
-                .poll_interval(StdDuration::ZERO)
-                .build()
-        ),
+        field(email_worker().poll_interval(StdDuration::ZERO).build()),
         Some("poll_interval")
     );
-    assert_eq!(
-        field(
-            Worker::builder(dyn_backend(&b))
-                .handle(ok_email())
-                .queue("")
-                .build()
-        ),
-        Some("queue")
-    );
+    assert_eq!(field(email_worker().queue("").build()), Some("queue"));
 }
 
 #[test]
