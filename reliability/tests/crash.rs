@@ -101,7 +101,7 @@ async fn crash_run(run: Run) {
             // worker may hold the write lock, so nobody takes its jobs):
             // another round of jobs and faults until it has happened, as
             // long as there is time for one.
-            let more_time = started.elapsed() < LIVENESS / 2;
+            let more_time = started.elapsed() < LIVENESS * 2 / 3;
             if run.expect_refused_completion
                 && more_time
                 && fleet.count_in_logs(REFUSED_COMPLETION) == 0
@@ -121,7 +121,10 @@ async fn crash_run(run: Run) {
             .await;
         let live = fleet.live();
         let victim = live[rng.below(live.len() as u64) as usize];
-        if (kills + pauses) % run.pause_every == run.pause_every - 1 {
+        // Extra rounds are for a frozen worker waking with a finished
+        // handler: every fault of theirs is a freeze.
+        let extra_round = total > run.jobs as u64;
+        if extra_round || (kills + pauses) % run.pause_every == run.pause_every - 1 {
             let freeze = run.template.lease
                 + rng.between(Duration::from_millis(300), Duration::from_millis(800));
             fleet.pause(victim, freeze).await.expect("pause");
